@@ -1,0 +1,47 @@
+# charlm: the two commands a new user needs are `make train` and `make test`.
+# Each sets up its own virtual environment. TORCH_SPEC pins torch: the default
+# takes the CPU build that these machines keep on disk; elsewhere choose your
+# own, e.g. `make test TORCH_SPEC='torch>=2.6'`.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+CHARLM := $(BIN)/charlm
+CORPUS := data/shakespeare.txt
+RUN ?= runs/shakespeare
+TRAIN_SECONDS ?= 180
+
+.PHONY: all venv data train test bench clean
+
+all: test
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+venv: $(BIN)/.installed
+
+data: $(CORPUS)
+
+$(CORPUS): scripts/build_shakespeare.py | $(BIN)/.installed
+	$(BIN)/python scripts/build_shakespeare.py --out $@
+
+train: $(BIN)/.installed $(CORPUS)
+	$(CHARLM) train --config configs/char_shakespeare.yaml --corpus $(CORPUS) \
+		--out $(RUN) --max-time $(TRAIN_SECONDS)
+	$(CHARLM) sample $(RUN) --max-length 400 --seed 1
+	$(CHARLM) score $(RUN) "To be, or not to be, that is the question." \
+		"question the is that be, to not or be, To"
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest
+
+bench: $(BIN)/.installed
+	$(BIN)/python scripts/bench_standard.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,263 @@
+"""The run folder: atomic checkpoints in safetensors, a SHA-256 manifest, safe loading.
+
+    RUN_DIR/
+      config.yaml  vocab.json  metrics.jsonl     the run's settings and its log
+      last/        the newest checkpoint: resume from here
+      best/        the checkpoint with the lowest validation loss: sample and score from here
+
+Each checkpoint folder is self-contained: `model.safetensors` (weights only),
+`config.yaml`, `vocab.json`, `trainer.pt` (optimizer, schedule, step, data
+position, RNG states: tensors and plain values, read back with
+`torch.load(weights_only=True)`), and `manifest.json` with the SHA-256 of each
+file. A checkpoint is written to a temporary folder, every file and the
+folder fsynced, then swapped in by renames; at every instant either the new
+folder or the previous one (`last.old`) is complete, so a crash, kill -9 or
+full disk never loses the newest good checkpoint. Loading checks every hash
+before any weight is used, and refuses non-finite weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import config as config_mod
+from .errors import RunFailure, UsageError
+from .tokenizer import TextCodec
+
+FORMAT = 1
+MODEL_FILE, TRAINER_FILE, CONFIG_FILE, VOCAB_FILE, MANIFEST_FILE = (
+    "model.safetensors", "trainer.pt", "config.yaml", "vocab.json", "manifest.json")
+NAMES = ("last", "best")
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file so that readers see the old or the new content, never a part."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights for safetensors: contiguous CPU copies, a tied weight stored once."""
+    tensors, seen = {}, {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tensor.shape)
+        if key in seen:
+            continue  # tied: the decoder shares the embedding's storage
+        seen[key] = name
+        tensors[name] = tensor.detach().to("cpu").contiguous()
+    return tensors
+
+
+def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise RunFailure(f"{where}: weight {name} holds NaN or infinite values")
+
+
+def save_checkpoint(run_dir: Path, name: str, model: torch.nn.Module, cfg, codec: TextCodec,
+                    trainer_state: dict | None = None, info: dict | None = None) -> Path:
+    """Write checkpoint `name` (last or best) of a run, atomically. Returns its folder."""
+    run_dir = Path(run_dir)
+    tensors = state_tensors(model)
+    check_finite(tensors, f"checkpoint {name} not saved")
+    tmp = run_dir / f".tmp-{name}-{os.getpid()}"
+    final, old = run_dir / name, run_dir / f"{name}.old"
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": str(FORMAT)})
+        (tmp / CONFIG_FILE).write_text(config_mod.dump_yaml(cfg), encoding="utf-8")
+        (tmp / VOCAB_FILE).write_text(codec.to_json(), encoding="utf-8")
+        files = [MODEL_FILE, CONFIG_FILE, VOCAB_FILE]
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / TRAINER_FILE)
+            files.append(TRAINER_FILE)
+        for f in files:
+            _fsync_file(tmp / f)
+        manifest = {"format": FORMAT, "files": {f: sha256(tmp / f) for f in files}, **(info or {})}
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        _fsync_file(tmp / MANIFEST_FILE)
+        fsync_dir(tmp)
+        # Swap: `final` (if any) becomes `old`, then `tmp` becomes `final`. Should we die
+        # between the two renames, `old` is complete and `recover` renames it back.
+        if final.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.rename(final, old)
+            fsync_dir(run_dir)
+        os.rename(tmp, final)
+        fsync_dir(run_dir)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RunFailure(f"could not write checkpoint {name} in {run_dir}: {exc.strerror or exc}; "
+                         f"the previous checkpoint is intact") from None
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def recover(run_dir: Path) -> None:
+    """Clean up after a crash: drop half-written folders, restore a checkpoint caught mid-swap."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return
+    for stray in run_dir.glob(".tmp-*"):
+        shutil.rmtree(stray, ignore_errors=True) if stray.is_dir() else stray.unlink(missing_ok=True)
+    for stray in run_dir.glob(".*.tmp-*"):
+        stray.unlink(missing_ok=True)
+    for name in NAMES:
+        final, old = run_dir / name, run_dir / f"{name}.old"
+        if old.exists():
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(old, final)
+    fsync_dir(run_dir)
+
+
+def find_checkpoint(path: Path, which: str = "best") -> Path:
+    """A checkpoint folder from a run folder (`best`, falling back to `last`) or a checkpoint folder itself."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"run folder not found: {path}")
+    if (path / MANIFEST_FILE).exists():
+        return path
+    order = {"best": ("best", "last", "best.old", "last.old"), "last": ("last", "last.old")}[which]
+    for name in order:
+        if (path / name / MANIFEST_FILE).exists():
+            return path / name
+    raise UsageError(f"{path} holds no checkpoint (no {which}/manifest.json): train into it first")
+
+
+@dataclass
+class Checkpoint:
+    folder: Path
+    cfg: "config_mod.Config"
+    codec: TextCodec
+    tensors: dict[str, torch.Tensor]
+    manifest: dict
+
+    def trainer_state(self) -> dict:
+        path = self.folder / TRAINER_FILE
+        if not path.exists():
+            raise UsageError(f"checkpoint {self.folder} has no trainer state: resume from a run's last/ folder")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # the unpickler refuses anything but tensors and plain values
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UsageError(f"refusing {path}: it holds more than tensors and plain values ({first[:200]})") from None
+
+
+def read_manifest(folder: Path) -> dict:
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"checkpoint {folder}: unreadable {MANIFEST_FILE} ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise UsageError(f"checkpoint {folder} has format {found!r}; this charlm reads format {FORMAT}")
+    return manifest
+
+
+def verify(folder: Path, manifest: dict) -> None:
+    files = manifest.get("files")
+    if not isinstance(files, dict) or MODEL_FILE not in files:
+        raise UsageError(f"checkpoint {folder}: {MANIFEST_FILE} lists no {MODEL_FILE}")
+    for name, digest in files.items():
+        if "/" in name or "\\" in name or name.startswith("."):
+            raise UsageError(f"checkpoint {folder}: {MANIFEST_FILE} names an unexpected file {name!r}")
+        path = folder / name
+        if not path.exists():
+            raise UsageError(f"checkpoint {folder}: {name} is missing")
+        if sha256(path) != digest:
+            raise UsageError(f"checkpoint {folder}: {name} does not match its SHA-256 in {MANIFEST_FILE} "
+                             f"(corrupted or altered); refusing to load it")
+
+
+def load_checkpoint(path: Path, which: str = "best") -> Checkpoint:
+    """Find, verify and read a checkpoint. Nothing in it can run code."""
+    folder = find_checkpoint(path, which)
+    manifest = read_manifest(folder)
+    verify(folder, manifest)
+    cfg = config_mod.from_dict(config_mod.read_yaml(folder / CONFIG_FILE))
+    codec = TextCodec.load(folder / VOCAB_FILE)
+    try:
+        tensors = load_file(str(folder / MODEL_FILE))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UsageError(f"checkpoint {folder}: {MODEL_FILE} is not a valid safetensors file ({exc})") from None
+    check_finite(tensors, f"checkpoint {folder} refused")
+    return Checkpoint(folder, cfg, codec, tensors, manifest)
+
+
+def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    """Copy saved tensors into a model; a tied decoder weight is filled through the embedding."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in tensors and not _is_tied_alias(model, k)]
+    unexpected = [k for k in tensors if k not in expected]
+    if missing or unexpected:
+        raise UsageError(f"checkpoint {where}: weights do not fit the model in its config "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for name, tensor in tensors.items():
+        if expected[name].shape != tensor.shape:
+            raise UsageError(f"checkpoint {where}: weight {name} has shape {tuple(tensor.shape)}, "
+                             f"the config builds {tuple(expected[name].shape)}")
+    model.load_state_dict(tensors, strict=False)
+
+
+def _is_tied_alias(model: torch.nn.Module, key: str) -> bool:
+    return key == "decoder.weight" and getattr(model, "cfg", None) is not None and model.cfg.tie_weights
+
+
+def load_run(path: Path, device: torch.device | str = "cpu", which: str = "best"):
+    """A ready model (eval mode, on `device`), its TextCodec and Checkpoint, from a run or checkpoint folder."""
+    from .model import build_model  # model sits above checkpoint in the import order
+
+    saved = load_checkpoint(path, which)
+    model = build_model(saved.cfg.model, len(saved.codec.vocab))
+    load_weights(model, saved.tensors, saved.folder)
+    return model.to(device).eval(), saved.codec, saved

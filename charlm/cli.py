@@ -1,0 +1,324 @@
+"""The command-line tool: parse, call one library function, print.
+
+Every command turns a `CharlmError` into one line on stderr and its exit
+code (0 ok, 1 failure while running, 2 bad input, 130 SIGINT, 143 SIGTERM);
+`--debug` shows the traceback instead. torch is imported inside the commands,
+so `charlm --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import __version__
+from .errors import EXIT_FAILURE, EXIT_SIGINT, CharlmError
+
+app = typer.Typer(add_completion=True, no_args_is_help=True, rich_markup_mode=None,
+                  help="Train, sample and score character- and word-level RNN / GRU / LSTM language models.",
+                  context_settings={"help_option_names": ["-h", "--help"]})
+_debug = {"on": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"charlm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback of an error.")] = False,
+) -> None:
+    _debug["on"] = debug
+
+
+def _err(message: str) -> None:
+    print(f"charlm: error: {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def _errors():
+    """Map library errors to one stderr line and an exit code."""
+    try:
+        yield
+    except CharlmError as exc:
+        if _debug["on"]:
+            raise
+        _err(exc.message)
+        raise typer.Exit(exc.exit_code) from None
+    except BrokenPipeError:
+        # The reader went away (`charlm sample | head -1`): stop quietly.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise typer.Exit(0) from None
+    except KeyboardInterrupt:
+        _err("interrupted")
+        raise typer.Exit(EXIT_SIGINT) from None
+    except (typer.Exit, typer.Abort, SystemExit):
+        raise
+    except Exception as exc:  # a bug or an environment failure: still one line unless --debug
+        if _debug["on"]:
+            raise
+        text = str(exc).strip().splitlines()
+        if "out of memory" in str(exc).lower():
+            _err("out of memory: use a smaller batch_size or seq_len")
+        else:
+            _err(f"{type(exc).__name__}: {text[0] if text else ''} (run with --debug for the traceback)")
+        raise typer.Exit(EXIT_FAILURE) from None
+
+
+def _out(line: str = "") -> None:
+    print(line, flush=False)
+
+
+# ---------------------------------------------------------------- train
+@app.command()
+def train(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (sections data, model, train).")] = None,
+    corpus: Annotated[Optional[Path], typer.Option(help="UTF-8 text file to train on.")] = None,
+    val: Annotated[Optional[Path], typer.Option(help="Validation text file (default: the last data.val_fraction of the corpus).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder to create (default: runs/<corpus name>).")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this folder from its last checkpoint.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N (model.device).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed (train.seed).")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps (train.max_steps).")] = None,
+    max_epochs: Annotated[Optional[float], typer.Option(help="Stop after this many epochs (train.max_epochs).")] = None,
+    max_time: Annotated[Optional[float], typer.Option(help="Wall-clock budget in seconds (train.max_time).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config field: section.field=value (repeatable).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or log lines.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+) -> None:
+    """Train a language model.
+
+    Example: charlm train --config configs/char_shakespeare.yaml --corpus data/shakespeare.txt --max-time 180
+    """
+    with _errors():
+        from .config import load_config
+        from .train import train as run_training
+
+        extra = {"model.device": device, "train.seed": seed, "train.max_steps": max_steps,
+                 "train.max_epochs": max_epochs, "train.max_time": max_time}
+        base = None
+        if resume is not None and config is None:
+            from .checkpoint import CONFIG_FILE, find_checkpoint
+            base = find_checkpoint(resume, "last") / CONFIG_FILE
+        cfg = load_config(config, set_, extra, base=base)
+        result = run_training(cfg, corpus, out=out, val=val, resume=resume, show_progress=not quiet)
+        if as_json:
+            _out(json.dumps(asdict(result)))
+            return
+        _out(f"run folder      {result.run_dir}")
+        _out(f"steps           {result.steps} ({result.epochs:.2f} epochs, {result.elapsed:.1f} s, stopped by {result.stopped_by})")
+        _out(f"train loss      {result.train_loss:.4f}")
+        if result.val_loss is not None:
+            _out(f"val loss        {result.val_loss:.4f} nats/token, perplexity {result.val_perplexity:.2f}, "
+                 f"{result.val_bits_per_char:.4f} bits/char (best {result.best_val_loss:.4f})")
+        _out(f"tokens/second   {result.tokens_per_second:,.0f}")
+        _out(f"parameters      {result.parameters:,}")
+
+
+# ---------------------------------------------------------------- sample
+@app.command()
+def sample(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint folder inside it).")],
+    prime: Annotated[str, typer.Option(help="Text to start from; generation continues it.")] = "",
+    max_length: Annotated[int, typer.Option(help="Stop after this many generated tokens.")] = 500,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Sample among the k most likely tokens (0: all).")] = 0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling: the smallest set with this much probability.")] = 1.0,
+    num_samples: Annotated[int, typer.Option(help="How many samples.")] = 1,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed, for reproducible samples.")] = None,
+    allow_unk: Annotated[bool, typer.Option("--allow-unk", help="Let <unk> be sampled (masked by default).")] = False,
+    checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "cpu",
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per sample, with its log-probability.")] = False,
+) -> None:
+    """Generate text from a trained model, stopping at <eos> or --max-length.
+
+    Example: charlm sample runs/shakespeare --prime "ROMEO:" --temperature 0.8 --seed 1
+    """
+    with _errors():
+        from .checkpoint import load_run
+        from .runtime import resolve_device
+        from .sample import check_options, generate
+
+        check_options(max_length, temperature, top_k, top_p, num_samples)
+        dev = resolve_device(device)
+        model, codec, _ = load_run(run_dir, dev, _which(checkpoint))
+        samples = generate(model, codec, prime, max_length, temperature, top_k, top_p, num_samples, seed,
+                           allow_unk, dev)
+        for s in samples:
+            if as_json:
+                _out(json.dumps({"text": s.text, "generated": s.generated, "logprob": s.logprob,
+                                 "tokens": len(s.tokens), "stopped_at": s.stopped_at, "prime_unk": s.prime_unk},
+                                ensure_ascii=False))
+            else:
+                _out(s.text)
+        sys.stdout.flush()
+
+
+def _which(checkpoint: str) -> str:
+    from .errors import UsageError
+    if checkpoint not in ("best", "last"):
+        raise UsageError(f"--checkpoint must be best or last, got '{checkpoint}'")
+    return checkpoint
+
+
+# ---------------------------------------------------------------- score
+@app.command()
+def score(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint folder inside it).")],
+    text: Annotated[Optional[list[str]], typer.Argument(help="Sentences to score (default: --file, else stdin).")] = None,
+    file: Annotated[Optional[Path], typer.Option("--file", "-f", help="Score every line of this file.")] = None,
+    per_token: Annotated[bool, typer.Option("--per-token", help="Also give every token's log-probability.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per sentence.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Sentences scored together.")] = 128,
+    checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "cpu",
+) -> None:
+    """Give each sentence its probability: log P(tokens + <eos>), from a fresh start.
+
+    Example: charlm score runs/shakespeare "To be, or not to be." --per-token
+    """
+    with _errors():
+        from .checkpoint import load_run
+        from .data import read_text
+        from .errors import UsageError
+        from .runtime import resolve_device
+        from .score import score_sentences
+
+        if batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+        dev = resolve_device(device)
+        model, codec, _ = load_run(run_dir, dev, _which(checkpoint))
+        if text:
+            sentences = [line for t in text for line in (codec.tokenizer.lines(t) or [""])]
+        elif file is not None:
+            sentences = codec.tokenizer.lines(read_text(file))
+        else:
+            sentences = codec.tokenizer.lines(sys.stdin.read())
+        results = score_sentences(model, codec, sentences, batch_size, dev)
+        _print_scores(results, per_token, as_json)
+
+
+def _print_scores(results, per_token: bool, as_json: bool) -> None:
+    import math
+
+    for r in results:
+        if as_json:
+            record = {"text": r.text, "logprob": r.logprob, "log10prob": r.log10prob, "tokens": len(r.tokens),
+                      "oov": r.oov, "perplexity": r.perplexity, "bits_per_token": r.bits_per_token}
+            if per_token:
+                record["token_logprobs"] = [[t, lp] for t, lp in zip(r.tokens, r.token_logprobs)]
+            _out(json.dumps(record, ensure_ascii=False))
+            continue
+        if per_token:
+            _out("\t".join(f"{t}={lp / math.log(10):.4f}" for t, lp in zip(r.tokens, r.token_logprobs)))
+        _out(f"ln P {r.logprob:10.4f}  log10 P {r.log10prob:9.4f}  tokens {len(r.tokens):4d}  OOV {r.oov:3d}  "
+             f"ppl {r.perplexity:9.3f}  bits/token {r.bits_per_token:6.3f}  | {r.text}")
+    if not as_json and results:
+        total = math.fsum(r.logprob for r in results)
+        tokens = sum(len(r.tokens) for r in results)
+        oov = sum(r.oov for r in results)
+        known = [lp for r in results for lp, t in zip(r.token_logprobs, r.tokens) if t != "<unk>"]
+        _out(f"Total: ln P {total:.4f}  log10 P {total / math.log(10):.4f}  tokens {tokens}  OOV {oov}")
+        _out(f"Perplexity including OOVs: {math.exp(-total / tokens):.4f}")
+        if known:
+            _out(f"Perplexity excluding OOVs: {math.exp(-math.fsum(known) / len(known)):.4f}")
+
+
+# ---------------------------------------------------------------- eval
+@app.command("eval")
+def eval_(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint folder inside it).")],
+    file: Annotated[Path, typer.Option("--file", "-f", help="Text file to evaluate, read as one stream.")],
+    streams: Annotated[int, typer.Option(help="Parallel streams; 1 (default) is the exact likelihood of the file.")] = 1,
+    checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "cpu",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Corpus-level loss, perplexity and bits per character of a text file.
+
+    Example: charlm eval runs/shakespeare --file val.txt
+    """
+    with _errors():
+        from .checkpoint import load_run
+        from .errors import UsageError
+        from .runtime import resolve_device
+        from .score import evaluate_file
+
+        if streams < 1:
+            raise UsageError(f"--streams must be at least 1, got {streams}")
+        dev = resolve_device(device)
+        model, codec, saved = load_run(run_dir, dev, _which(checkpoint))
+        r = evaluate_file(model, codec, file, streams, saved.cfg.data.encoding, "strict", dev)
+        if as_json:
+            _out(json.dumps(asdict(r)))
+            return
+        _out(f"file            {r.file}")
+        _out(f"tokens          {r.tokens:,} ({r.characters:,} characters, {r.lines:,} lines, {r.oov:,} OOV)")
+        _out(f"loss            {r.loss:.4f} nats/token")
+        _out(f"perplexity      {r.perplexity:.3f}")
+        _out(f"bits per token  {r.bits_per_token:.4f}")
+        _out(f"bits per char   {r.bits_per_char:.4f}")
+
+
+# ---------------------------------------------------------------- info
+@app.command()
+def info(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint folder inside it).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Describe a run: config, parameters, vocabulary, steps, best validation loss, training time.
+
+    Example: charlm info runs/shakespeare
+    """
+    with _errors():
+        from .checkpoint import load_run
+        from .config import dump_yaml
+        from .model import count_parameters
+
+        model, codec, saved = load_run(run_dir, "cpu", "best")
+        m = saved.manifest
+        record = {"checkpoint": str(saved.folder), "parameters": count_parameters(model),
+                  "vocab_size": len(codec.vocab), "level": codec.tokenizer.level, "step": m.get("step"),
+                  "epoch": m.get("epoch"), "val_loss": m.get("val_loss"), "elapsed": m.get("elapsed"),
+                  "config": saved.cfg.to_dict()}
+        if as_json:
+            _out(json.dumps(record, ensure_ascii=False))
+            return
+        for key in ("checkpoint", "parameters", "vocab_size", "level", "step", "epoch", "val_loss", "elapsed"):
+            value = record[key]
+            _out(f"{key:15s} {value:,}" if isinstance(value, int) else f"{key:15s} {value}")
+        _out("config:")
+        for line in dump_yaml(saved.cfg).splitlines():
+            _out(f"  {line}")
+
+
+def main() -> None:
+    """Console entry point: output survives ASCII terminals and closed pipes."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError):
+            pass
+    try:
+        app()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

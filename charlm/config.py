@@ -1,0 +1,252 @@
+"""Typed configuration: YAML in, validated, command-line overrides applied.
+
+A config has three sections, `data`, `model` and `train`, each a dataclass
+below. Every field carries its range in `metadata`, so validation, error
+messages and the config reference in the README come from one place. YAML is
+read with `yaml.safe_load` only: a file with a `!!python/...` tag is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UsageError
+
+
+def _f(default: Any, help: str, *, choices: tuple | None = None, low: float | None = None,
+       high: float | None = None, low_open: bool = False, high_open: bool = False,
+       optional: bool = False) -> Any:
+    """A dataclass field with its documentation and valid range."""
+    meta = dict(help=help, choices=choices, low=low, high=high, low_open=low_open,
+                high_open=high_open, optional=optional)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    level: str = _f("char", "tokenize into characters or words", choices=("char", "word"))
+    lowercase: bool = _f(False, "lowercase text before tokenizing")
+    word_split: str = _f("punct", "word level: 'punct' splits words from punctuation and each CJK character; "
+                         "'space' splits on white space only (for pre-tokenized corpora)", choices=("punct", "space"))
+    min_freq: int = _f(1, "drop tokens seen fewer times than this in the training split (they become <unk>)", low=1)
+    max_size: int | None = _f(None, "keep at most this many tokens, specials included (null: no limit)",
+                              low=3, optional=True)
+    val_fraction: float = _f(0.05, "without --val, hold out this last fraction of the corpus for validation",
+                             low=0.0, high=0.5)
+    encoding: str = _f("utf-8", "text encoding of the corpus")
+    errors: str = _f("strict", "undecodable bytes: 'strict' refuses the file, 'replace' puts U+FFFD in their place",
+                     choices=("strict", "replace"))
+
+
+@dataclass
+class ModelConfig:
+    cell: str = _f("lstm", "recurrent cell", choices=("rnn", "gru", "lstm"))
+    impl: str = _f("torch", "'torch': nn.RNN / nn.GRU / nn.LSTM; 'custom': charlm's hand-written cells",
+                   choices=("torch", "custom"))
+    layers: int = _f(1, "number of stacked recurrent layers", low=1, high=64)
+    embedding_size: int = _f(64, "size of the token embedding", low=1)
+    hidden_size: int = _f(256, "size of the hidden state of each layer", low=1)
+    dropout: float = _f(0.0, "dropout on the embedding, between layers and before the decoder",
+                        low=0.0, high=1.0, high_open=True)
+    tie_weights: bool = _f(False, "share the embedding and decoder weights (needs embedding_size == hidden_size)")
+    nonlinearity: str = _f("tanh", "activation of the plain RNN cell", choices=("tanh", "relu"))
+    gru_form: str = _f("classic", "custom GRU: 'classic' textbook form or 'torch' (r applied after W_hn h; "
+                       "matches nn.GRU weight for weight)", choices=("classic", "torch"))
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = _f(32, "parallel token streams per step", low=1)
+    seq_len: int = _f(64, "tokens per window of truncated back-propagation through time", low=1)
+    optimizer: str = _f("adamw", "optimizer", choices=("adamw", "adam", "sgd"))
+    lr: float = _f(3e-3, "peak learning rate", low=0.0, low_open=True)
+    weight_decay: float = _f(0.0, "decoupled weight decay (adamw) or L2 penalty (adam, sgd)", low=0.0)
+    momentum: float = _f(0.0, "SGD momentum", low=0.0, high=1.0, high_open=True)
+    clip: float = _f(1.0, "clip the gradient norm to this (0: no clipping)", low=0.0)
+    schedule: str = _f("cosine", "learning-rate schedule after warm-up", choices=("constant", "cosine", "plateau"))
+    warmup_steps: int = _f(0, "steps of linear warm-up from 0 to lr", low=0)
+    final_lr_fraction: float = _f(0.0, "cosine: the learning rate ends at lr times this", low=0.0, high=1.0)
+    plateau_factor: float = _f(0.25, "plateau: multiply lr by this when validation stops improving",
+                               low=0.0, high=1.0, low_open=True, high_open=True)
+    plateau_patience: int = _f(0, "plateau: evaluations without improvement before lr is cut", low=0)
+    max_steps: int | None = _f(None, "stop after this many optimizer steps", low=1, optional=True)
+    max_epochs: float | None = _f(None, "stop after this many passes over the training split (default 1 "
+                                  "when no limit is set)", low=0.0, low_open=True, optional=True)
+    max_time: float | None = _f(None, "wall-clock budget in seconds; training stops cleanly, evaluates and saves",
+                                low=0.0, low_open=True, optional=True)
+    eval_interval: int = _f(200, "evaluate on the validation split every this many steps (0: only at the end)",
+                            low=0)
+    eval_tokens: int | None = _f(None, "evaluate during training on at most this many validation tokens "
+                                 "(the final evaluation always uses all of them)", low=1, optional=True)
+    eval_batch_size: int = _f(1, "parallel streams for validation; 1 scores the split as one exact stream", low=1)
+    log_interval: int = _f(20, "write a metrics line every this many steps", low=1)
+    seed: int = _f(1234, "seed of every random generator", low=0)
+    precision: str = _f("fp32", "fp32, or bf16 autocast (CUDA only)", choices=("fp32", "bf16"))
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+
+
+def _check_value(section: str, f: dataclasses.Field, value: Any) -> Any:
+    """Coerce one value to its field's type and check its range; raise UsageError naming the key."""
+    name = f"{section}.{f.name}"
+    meta = f.metadata
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    if value is None:
+        if meta["optional"]:
+            return None
+        raise UsageError(f"config: {name} must not be empty")
+    base = kind.split("|")[0].strip()
+    if base == "bool":
+        if not isinstance(value, bool):
+            raise UsageError(f"config: {name} must be true or false, got {value!r}")
+    elif base == "int":
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise UsageError(f"config: {name} must be a whole number, got {value!r}")
+        value = int(value)
+    elif base == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UsageError(f"config: {name} must be a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise UsageError(f"config: {name} must be a finite number, got {value!r}")
+    elif base == "str":
+        if not isinstance(value, str):
+            raise UsageError(f"config: {name} must be a string, got {value!r}")
+    if meta["choices"] and value not in meta["choices"]:
+        raise UsageError(f"config: {name} must be one of {', '.join(meta['choices'])}; got {value!r}")
+    low, high = meta["low"], meta["high"]
+    if low is not None and (value < low or (meta["low_open"] and value == low)):
+        op = ">" if meta["low_open"] else ">="
+        raise UsageError(f"config: {name} must be {op} {low:g}, got {value!r}")
+    if high is not None and (value > high or (meta["high_open"] and value == high)):
+        op = "<" if meta["high_open"] else "<="
+        raise UsageError(f"config: {name} must be {op} {high:g}, got {value!r}")
+    return value
+
+
+def _build_section(section: str, values: dict) -> Any:
+    cls = SECTIONS[section]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if not isinstance(values, dict):
+        raise UsageError(f"config: section '{section}' must be a mapping of keys to values")
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise UsageError(f"config: unknown key {section}.{unknown[0]} (known keys: {', '.join(fields)})")
+    checked = {k: _check_value(section, fields[k], v) for k, v in values.items()}
+    return cls(**checked)
+
+
+def from_dict(raw: dict) -> Config:
+    """Build and validate a Config from nested plain values (as read from YAML)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UsageError("config: the top level must be a mapping with sections data, model, train")
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise UsageError(f"config: unknown section '{unknown[0]}' (known: data, model, train)")
+    cfg = Config(**{name: _build_section(name, raw.get(name) or {}) for name in SECTIONS})
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that involve more than one field."""
+    m = cfg.model
+    if m.tie_weights and m.embedding_size != m.hidden_size:
+        raise UsageError(f"config: model.tie_weights needs model.embedding_size == model.hidden_size "
+                         f"(got {m.embedding_size} and {m.hidden_size})")
+    if cfg.train.precision == "bf16" and m.device == "cpu":
+        raise UsageError("config: train.precision bf16 is for CUDA; use fp32 on the CPU")
+
+
+def read_yaml(path: Path) -> dict:
+    """Read a YAML mapping with safe_load, turning every failure into a one-line UsageError."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read config file {path}: {exc}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UsageError(f"config file {path} is not plain YAML ({first}); python tags are never loaded") from None
+    return {} if raw is None else raw
+
+
+def parse_override(item: str) -> tuple[str, str, Any]:
+    """Split `section.field=value`; the value is read as a YAML scalar (3, 1e-3, true, null, text)."""
+    key, sep, text = item.partition("=")
+    section, dot, name = key.strip().partition(".")
+    if not sep or not dot or not name:
+        raise UsageError(f"--set expects section.field=value, got '{item}'")
+    if section not in SECTIONS:
+        raise UsageError(f"--set {item}: unknown section '{section}' (known: data, model, train)")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    if isinstance(value, (dict, list)):
+        raise UsageError(f"--set {item}: the value must be a single number, word or true/false")
+    return section, name, value
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None,
+                extra: dict[str, Any] | None = None, base: Path | None = None) -> Config:
+    """Read a YAML config (or `base`, or the defaults), apply `--set` overrides then `extra` {'section.field': value}."""
+    raw = read_yaml(path) if path is not None else (read_yaml(base) if base is not None else {})
+    if not isinstance(raw, dict):
+        raise UsageError(f"config file {path}: the top level must be a mapping with sections data, model, train")
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    items = [parse_override(o) for o in overrides or []]
+    items += [(*k.split(".", 1), v) for k, v in (extra or {}).items() if v is not None]
+    for section, name, value in items:
+        current = raw.setdefault(section, {})
+        if not isinstance(current, dict):
+            raise UsageError(f"config: section '{section}' must be a mapping of keys to values")
+        current[name] = value
+    return from_dict(raw)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+def describe_fields() -> list[tuple[str, Any, str, str]]:
+    """(key, default, range, help) for every field: the source of the README's config reference."""
+    rows = []
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            m = f.metadata
+            if m["choices"]:
+                rng = " | ".join(m["choices"])
+            elif m["low"] is not None or m["high"] is not None:
+                lo = "" if m["low"] is None else ("(" if m["low_open"] else "[") + f"{m['low']:g}"
+                hi = "∞)" if m["high"] is None else f"{m['high']:g}" + (")" if m["high_open"] else "]")
+                rng = f"{lo or '(-∞'}, {hi}"
+            else:
+                rng = str(f.type).split("|")[0].strip()
+            if m["optional"]:
+                rng += " or null"
+            rows.append((f"{section}.{f.name}", f.default, rng, m["help"]))
+    return rows

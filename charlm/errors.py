@@ -1,0 +1,41 @@
+"""The one error type the library raises for a user's mistake or a failed run.
+
+`cli` turns it into a single line on stderr and the exit code it carries:
+0 success, 1 a failure while running (NaN, out of memory, disk full),
+2 a usage error or bad input, 130 interrupted (SIGINT), 143 terminated (SIGTERM).
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+
+class CharlmError(Exception):
+    """An error with a one-line message for the user and a process exit code."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_USAGE):
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+
+class UsageError(CharlmError):
+    """Bad input: a missing file, a wrong option, an invalid config (exit 2)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, EXIT_USAGE)
+
+
+class RunFailure(CharlmError):
+    """Something went wrong while running: NaN loss, out of memory, disk full (exit 1)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, EXIT_FAILURE)
+
+
+class Interrupted(CharlmError):
+    """Training was stopped by a signal after saving a checkpoint (exit 130 or 143)."""

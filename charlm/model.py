@@ -1,0 +1,109 @@
+"""The language model: Embedding -> stacked recurrent layers -> dropout -> Linear.
+
+`build_model` is the factory: `impl: torch` takes nn.RNN / nn.GRU / nn.LSTM,
+`impl: custom` takes `cells.CustomRNN`; both have the same parameter names and
+the same forward interface, so the rest of charlm never asks which it holds.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+from torch import Tensor, nn
+
+from .cells import CustomRNN
+from .config import ModelConfig
+
+State = Union[Tensor, tuple[Tensor, Tensor]]
+
+
+class RNNLM(nn.Module):
+    """forward(tokens (B, T), state) -> (logits (B, T, V), state)."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.encoder = nn.Embedding(vocab_size, cfg.embedding_size)
+        self.drop = nn.Dropout(cfg.dropout)
+        between = cfg.dropout if cfg.layers > 1 else 0.0
+        if cfg.impl == "custom":
+            self.rnn = CustomRNN(cfg.cell, cfg.embedding_size, cfg.hidden_size, cfg.layers, between,
+                                 cfg.nonlinearity, cfg.gru_form)
+        elif cfg.cell == "rnn":
+            self.rnn = nn.RNN(cfg.embedding_size, cfg.hidden_size, cfg.layers, nonlinearity=cfg.nonlinearity,
+                              dropout=between, batch_first=True)
+        else:
+            module = nn.LSTM if cfg.cell == "lstm" else nn.GRU
+            self.rnn = module(cfg.embedding_size, cfg.hidden_size, cfg.layers, dropout=between, batch_first=True)
+        self.decoder = nn.Linear(cfg.hidden_size, vocab_size)
+        nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
+        if cfg.tie_weights:
+            self.decoder.weight = self.encoder.weight  # Press & Wolf (2017), "Using the Output Embedding..."
+
+    def forward(self, tokens: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        emb = self.drop(self.encoder(tokens))  # (B, T, E)
+        out, state = self.rnn(emb, state)      # (B, T, H)
+        return self.decoder(self.drop(out)), state  # (B, T, V)
+
+    def step(self, token: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        """One token per stream (B,) -> logits (B, V): constant work per generated token."""
+        logits, state = self.forward(token.unsqueeze(1), state)
+        return logits[:, 0], state
+
+    def init_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
+        h = torch.zeros(self.cfg.layers, batch_size, self.cfg.hidden_size, device=device)
+        return (h, h.clone()) if self.cfg.cell == "lstm" else h
+
+
+def build_model(cfg: ModelConfig, vocab_size: int) -> RNNLM:
+    return RNNLM(cfg, vocab_size)
+
+
+def detach_state(state: State | None) -> State | None:
+    """Cut the graph between windows of truncated BPTT, keeping the values."""
+    if state is None:
+        return None
+    if isinstance(state, tuple):
+        return tuple(s.detach() for s in state)
+    return state.detach()
+
+
+def select_state(state: State, index: Tensor) -> State:
+    """Keep the streams `index` of a state (batch dimension 1)."""
+    if isinstance(state, tuple):
+        return tuple(s[:, index] for s in state)
+    return state[:, index]
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters (a tied embedding / decoder weight counts once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def stream_nll(model: RNNLM, rows: Tensor, mask: Tensor, window: int = 256,
+               device: torch.device | str = "cpu") -> tuple[float, int]:
+    """Summed negative log-likelihood (nats) and target count of streams read left to right.
+
+    rows (S, L) and mask (S, L) come from `data.eval_streams`; the state is
+    carried from window to window, so the result does not depend on `window`.
+    """
+    was_training = model.training
+    model.eval()
+    total, count, state = 0.0, 0, None
+    try:
+        for start in range(0, rows.shape[1] - 1, window):
+            end = min(start + window, rows.shape[1] - 1)
+            x = rows[:, start:end].to(device)
+            y = rows[:, start + 1:end + 1].to(device)
+            m = mask[:, start + 1:end + 1].to(device)
+            logits, state = model(x, state)
+            nll = nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                              reduction="none")
+            total += float((nll * m.reshape(-1)).sum(dtype=torch.float64))
+            count += int(m.sum())
+    finally:
+        model.train(was_training)
+    return total, count

@@ -1,0 +1,208 @@
+"""Vocabulary and the character / word tokenizers.
+
+Every line of text becomes its tokens followed by `<eos>`. `<eos>` is also the
+start symbol: a model reads `<eos>` first, so the first token of a text is
+predicted from the state after `<eos>` (training, sampling and scoring alike).
+Anything outside the vocabulary becomes `<unk>` and is counted.
+
+Text is normalised to Unicode NFC before it is split, the same way at train,
+sample and score time, so "é" typed as one code point or as "e" + accent is the
+same token.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UsageError
+
+UNK = "<unk>"
+EOS = "<eos>"
+SPECIALS = (UNK, EOS)
+UNK_ID, EOS_ID = 0, 1
+VOCAB_FORMAT = 1
+
+# CJK ideographs, kana, hangul and CJK punctuation: each such character is a word of its own.
+_CJK = ("\u2e80-\u2fff\u3000-\u303f\u3040-\u30ff\u3100-\u312f\u3190-\u31ff\u3400-\u4dbf"
+        "\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef\U00020000-\U0002fa1f")
+# A literal <unk> in a corpus (WikiText writes them) stays one token; then a CJK
+# character; then a word (letters and digits, with inner apostrophes: "don't");
+# then any other single non-space character (punctuation, symbols, emoji).
+_WORD_RE = re.compile(rf"<unk>|[{_CJK}]|(?:(?![{_CJK}])\w)+(?:['’](?:(?![{_CJK}])\w)+)*|[^\s{_CJK}]")
+_NO_SPACE_BEFORE = set(".,;:!?)]}%'’”»…")
+_NO_SPACE_AFTER = set("([{¿¡“«")
+_IS_CJK = re.compile(rf"^[{_CJK}]$")
+
+
+def normalize(text: str, lowercase: bool = False) -> str:
+    text = unicodedata.normalize("NFC", text)
+    return text.lower() if lowercase else text
+
+
+@dataclass
+class Tokenizer:
+    """Splits a line of text into token strings and joins tokens back into text."""
+
+    level: str = "char"
+    lowercase: bool = False
+    word_split: str = "punct"
+
+    def split(self, line: str) -> list[str]:
+        """Tokens of one line (no `<eos>`); the line must not contain a newline."""
+        line = normalize(line, self.lowercase)
+        if self.level == "char":
+            return list(line)
+        if self.word_split == "space":
+            return line.split()
+        return _WORD_RE.findall(line)
+
+    def join(self, tokens: Iterable[str]) -> str:
+        """Text from tokens, such that `split(join(t)) == t` for tokens that `split` produces."""
+        tokens = list(tokens)
+        if self.level == "char":
+            return "".join(tokens)
+        if self.word_split == "space":
+            return " ".join(tokens)
+        out: list[str] = []
+        prev = None
+        for tok in tokens:
+            if prev is not None and not (
+                tok[0] in _NO_SPACE_BEFORE or prev[-1] in _NO_SPACE_AFTER
+                or (_IS_CJK.match(tok) and _IS_CJK.match(prev))
+            ):
+                out.append(" ")
+            out.append(tok)
+            prev = tok
+        return "".join(out)
+
+    def lines(self, text: str) -> list[str]:
+        """Lines of a text: split at '\\n', a trailing '\\r' removed, no empty last line after a final newline."""
+        parts = text.split("\n")
+        if parts and parts[-1] == "":
+            parts.pop()
+        return [p[:-1] if p.endswith("\r") else p for p in parts]
+
+    def to_dict(self) -> dict:
+        return {"level": self.level, "lowercase": self.lowercase, "word_split": self.word_split}
+
+
+@dataclass
+class Vocabulary:
+    """Token strings <-> integer ids. Ids 0 and 1 are always `<unk>` and `<eos>`."""
+
+    tokens: list[str] = field(default_factory=lambda: list(SPECIALS))
+
+    def __post_init__(self) -> None:
+        if tuple(self.tokens[:2]) != SPECIALS:
+            raise UsageError("vocabulary: the first two tokens must be <unk> and <eos>")
+        self.index = {tok: i for i, tok in enumerate(self.tokens)}
+        if len(self.index) != len(self.tokens):
+            raise UsageError("vocabulary: a token appears twice")
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def id(self, token: str) -> int:
+        return self.index.get(token, UNK_ID)
+
+    def encode(self, tokens: Iterable[str]) -> list[int]:
+        return [self.index.get(t, UNK_ID) for t in tokens]
+
+    def decode(self, ids: Iterable[int]) -> list[str]:
+        return [self.tokens[i] for i in ids]
+
+    @classmethod
+    def build(cls, counts: Counter, min_freq: int = 1, max_size: int | None = None) -> "Vocabulary":
+        """Most frequent first (ties in order of first appearance), cut by min_freq and max_size."""
+        kept = [tok for tok, n in counts.most_common() if n >= min_freq and tok not in SPECIALS]
+        if max_size is not None:
+            kept = kept[: max(0, max_size - len(SPECIALS))]
+        return cls(list(SPECIALS) + kept)
+
+
+@dataclass
+class Encoded:
+    """A text turned into ids: every line's tokens then `<eos>`, and how many were `<unk>`."""
+
+    ids: list[int]
+    unk_count: int
+    lines: int
+
+
+class TextCodec:
+    """A Tokenizer and a Vocabulary together: the one way text becomes ids and back."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab: Vocabulary):
+        self.tokenizer = tokenizer
+        self.vocab = vocab
+
+    def encode_line(self, line: str) -> list[int]:
+        return self.vocab.encode(self.tokenizer.split(line))
+
+    def encode_text(self, text: str) -> Encoded:
+        ids: list[int] = []
+        lines = self.tokenizer.lines(text)
+        for line in lines:
+            ids.extend(self.encode_line(line))
+            ids.append(EOS_ID)
+        return Encoded(ids, sum(1 for i in ids if i == UNK_ID), len(lines))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ids; `<eos>` becomes a newline."""
+        out, line = [], []
+        for i in ids:
+            if i == EOS_ID:
+                out.append(self.tokenizer.join(line) + "\n")
+                line = []
+            else:
+                line.append(self.vocab.tokens[i])
+        out.append(self.tokenizer.join(line))
+        return "".join(out)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(self.to_json(), encoding="utf-8")
+
+    def to_json(self) -> str:
+        payload = {"format": VOCAB_FORMAT, "tokenizer": self.tokenizer.to_dict(), "tokens": self.vocab.tokens}
+        return json.dumps(payload, ensure_ascii=False, indent=0)
+
+    @classmethod
+    def load(cls, path: Path) -> "TextCodec":
+        try:
+            payload = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UsageError(f"vocabulary file not found: {path}") from None
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"vocabulary file {path} is not valid JSON: {exc}") from None
+        if not isinstance(payload, dict) or payload.get("format") != VOCAB_FORMAT:
+            found = payload.get("format") if isinstance(payload, dict) else None
+            raise UsageError(f"vocabulary file {path} has format {found!r}; this charlm reads format {VOCAB_FORMAT}")
+        tok = payload.get("tokenizer", {})
+        tokens = payload.get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+            raise UsageError(f"vocabulary file {path}: 'tokens' must be a list of strings")
+        try:
+            tokenizer = Tokenizer(level=tok["level"], lowercase=bool(tok["lowercase"]), word_split=tok["word_split"])
+        except (KeyError, TypeError):
+            raise UsageError(f"vocabulary file {path}: 'tokenizer' must give level, lowercase, word_split") from None
+        if tokenizer.level not in ("char", "word") or tokenizer.word_split not in ("punct", "space"):
+            raise UsageError(f"vocabulary file {path}: unknown tokenizer settings {tok}")
+        return cls(tokenizer, Vocabulary(tokens))
+
+
+def count_tokens(tokenizer: Tokenizer, text: str) -> Counter:
+    """Token frequencies of a text, `<eos>` not included."""
+    counts: Counter = Counter()
+    if tokenizer.level == "char":
+        counts.update(normalize(text, tokenizer.lowercase).replace("\r\n", "\n"))
+        counts.pop("\n", None)
+        return counts
+    for line in tokenizer.lines(text):
+        counts.update(tokenizer.split(line))
+    return counts

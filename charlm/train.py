@@ -1,0 +1,419 @@
+"""The training loop: truncated BPTT with clipping, a learning-rate schedule,
+validation, checkpoints, exact resume and clean stops.
+
+`train()` returns a `TrainResult`; it prints nothing but the progress bar and
+log lines (to stderr), which `cli` may silence.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from .config import Config, dump_yaml
+from .data import Splits, batchify, check_trainable, eval_streams, prepare, window, windows_per_epoch
+from .errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, RunFailure, UsageError
+from .model import RNNLM, State, build_model, count_parameters, detach_state, stream_nll
+from .runtime import resolve_device, seed_everything
+
+TRAINER_FORMAT = 1
+LN2 = math.log(2.0)
+# Fields that may change when a run is resumed; any other difference is refused.
+RESUMABLE_CHANGES = {"train.max_steps", "train.max_epochs", "train.max_time", "train.log_interval",
+                     "train.eval_interval", "train.eval_tokens", "train.eval_batch_size", "model.device"}
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    steps: int
+    epochs: float
+    train_loss: float
+    val_loss: float | None
+    best_val_loss: float | None
+    val_bits_per_char: float | None
+    val_perplexity: float | None
+    tokens_per_second: float
+    elapsed: float
+    parameters: int
+    stopped_by: str
+
+
+@dataclass
+class Progress:
+    """Everything about where training is, saved in the trainer state for an exact resume."""
+
+    step: int = 0
+    epoch: int = 0
+    window: int = 0
+    elapsed: float = 0.0
+    tokens: int = 0
+    best_val_loss: float = math.inf
+    plateau_scale: float = 1.0
+    plateau_bad: int = 0
+
+
+def learning_rate(cfg: Config, p: Progress, fraction_done: float) -> float:
+    """Linear warm-up, then constant, cosine (over the run's budget) or the plateau-cut rate."""
+    t = cfg.train
+    lr = t.lr * p.plateau_scale
+    if t.warmup_steps and p.step < t.warmup_steps:
+        return lr * (p.step + 1) / t.warmup_steps
+    if t.schedule == "cosine":
+        span = 1.0 - (t.warmup_steps / t.max_steps if t.max_steps else 0.0)
+        done = fraction_done - (1.0 - span)
+        q = min(max(done / span if span > 0 else 1.0, 0.0), 1.0)
+        return t.lr * (t.final_lr_fraction + (1 - t.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * q)))
+    return lr
+
+
+def fraction_done(cfg: Config, p: Progress, windows: int) -> float:
+    """How much of the budget is used: the largest fraction among the limits that are set."""
+    t = cfg.train
+    parts = []
+    if t.max_steps:
+        parts.append(p.step / t.max_steps)
+    if t.max_time:
+        parts.append(p.elapsed / t.max_time)
+    epochs = t.max_epochs if t.max_epochs else (None if (t.max_steps or t.max_time) else 1.0)
+    if epochs:
+        parts.append((p.epoch + p.window / windows) / epochs)
+    return max(parts) if parts else 0.0
+
+
+def evaluate(model: RNNLM, ids: torch.Tensor, streams: int, device, max_tokens: int | None = None) -> float:
+    """Mean negative log-likelihood (nats per token) of a stream, `<eos>` first."""
+    if max_tokens is not None and ids.numel() > max_tokens + 1:
+        ids = ids[: max_tokens + 1]
+    rows, mask = eval_streams(ids, streams)
+    total, count = stream_nll(model, rows, mask, device=device)
+    return total / max(count, 1)
+
+
+class _Signals:
+    """Turns the first SIGINT / SIGTERM into a flag the loop checks; later ones wait for the save."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._old = {}
+
+    def _handler(self, signum, frame):
+        if self.received is None:
+            self.received = signum
+
+    @contextmanager
+    def installed(self):
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handler)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+        try:
+            yield self
+        finally:
+            for sig, old in self._old.items():
+                signal.signal(sig, old)
+
+
+def _state_to_cpu(state: State | None):
+    if state is None:
+        return None
+    if isinstance(state, tuple):
+        return tuple(s.detach().cpu() for s in state)
+    return state.detach().cpu()
+
+
+def _state_to(state, device):
+    if state is None:
+        return None
+    if isinstance(state, (tuple, list)):
+        return tuple(s.to(device) for s in state)
+    return state.to(device)
+
+
+def _sha256_of(path: Path | None) -> str | None:
+    return ckpt.sha256(path) if path is not None else None
+
+
+def _conflicts(old: Config, new: Config) -> list[str]:
+    a, b = old.to_dict(), new.to_dict()
+    return [f"{s}.{k}" for s in a for k in a[s] if a[s][k] != b[s][k] and f"{s}.{k}" not in RESUMABLE_CHANGES]
+
+
+def _make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    t = cfg.train
+    params = list(model.parameters())
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    if t.optimizer == "adam":
+        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def _check_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{id(run_dir)}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"cannot write to run folder {run_dir}: {exc.strerror or exc}") from None
+
+
+class _Log:
+    """metrics.jsonl, one JSON object per line; on resume, lines after the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        if resume_step is not None and path.exists():
+            kept = [ln for ln in path.read_text(encoding="utf-8").splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            ckpt.atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+        elif resume_step is None:
+            path.write_text("", encoding="utf-8")
+        self.fh = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self.fh.write(json.dumps(record) + "\n")
+        self.fh.flush()
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def train(cfg: Config, corpus: Path | None, out: Path | None = None, val: Path | None = None,
+          resume: Path | None = None, show_progress: bool = True, log_stream=None) -> TrainResult:
+    """Train a model on `corpus` into the run folder `out` (or continue the run `resume`)."""
+    log_stream = log_stream or sys.stderr
+    trainer_state = None
+    if resume is not None:
+        resume = Path(resume)
+        if not resume.is_dir():
+            raise UsageError(f"--resume: run folder not found: {resume}")
+        ckpt.recover(resume)
+        saved = ckpt.load_checkpoint(resume, "last")
+        conflicts = _conflicts(saved.cfg, cfg)
+        if conflicts:
+            raise UsageError(f"--resume {resume}: the config differs from the checkpoint in "
+                             f"{', '.join(conflicts)}; only limits, intervals and device may change")
+        trainer_state = saved.trainer_state()
+        if trainer_state.get("format") != TRAINER_FORMAT:
+            raise UsageError(f"--resume {resume}: trainer state format {trainer_state.get('format')!r}; "
+                             f"this charlm reads format {TRAINER_FORMAT}")
+        corpus = Path(corpus) if corpus is not None else Path(trainer_state["corpus"])
+        if val is None and trainer_state.get("val"):
+            val = Path(trainer_state["val"])
+        out = resume
+    if corpus is None:
+        raise UsageError("no corpus: pass --corpus PATH")
+    run_dir = Path(out) if out is not None else Path("runs") / Path(corpus).stem
+    _check_writable(run_dir)
+    if resume is None:
+        ckpt.recover(run_dir)
+        if (run_dir / "last").exists() or (run_dir / "best").exists():
+            raise UsageError(f"run folder {run_dir} already holds a run: continue it with --resume {run_dir} "
+                             f"or choose another --out")
+
+    device = resolve_device(cfg.model.device)
+    seed_everything(cfg.train.seed)
+    splits: Splits = prepare(cfg.data, Path(corpus), Path(val) if val else None,
+                             codec=saved.codec if resume is not None else None)
+    if resume is not None:
+        digest = _sha256_of(Path(corpus))
+        if digest != trainer_state["corpus_sha256"]:
+            raise UsageError(f"--resume {resume}: corpus {corpus} is not the text this run was trained on "
+                             f"(SHA-256 differs); resume with the original corpus")
+    t = cfg.train
+    check_trainable(splits.train, t.batch_size, t.seq_len)
+    rows = batchify(splits.train, t.batch_size).to(device)  # (B, N // B)
+    n_windows = windows_per_epoch(rows, t.seq_len)
+
+    model = build_model(cfg.model, len(splits.codec.vocab)).to(device)
+    optimizer = _make_optimizer(cfg, model)
+    p = Progress()
+    hidden = None
+    if resume is not None:
+        ckpt.load_weights(model, saved.tensors, saved.folder)
+        try:
+            optimizer.load_state_dict(trainer_state["optimizer"])
+        except (ValueError, KeyError) as exc:
+            raise UsageError(f"--resume {resume}: the optimizer state does not fit ({exc})") from None
+        p = Progress(**trainer_state["progress"])
+        hidden = _state_to(trainer_state.get("hidden"), device)
+        torch.set_rng_state(trainer_state["rng_cpu"])
+        if device.type == "cuda" and trainer_state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(trainer_state["rng_cuda"], device)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write_text(run_dir / ckpt.CONFIG_FILE, dump_yaml(cfg))
+        ckpt.atomic_write_text(run_dir / ckpt.VOCAB_FILE, splits.codec.to_json())
+
+    n_params = count_parameters(model)
+    corpus_digest = trainer_state["corpus_sha256"] if trainer_state else _sha256_of(Path(corpus))
+    log = _Log(run_dir / "metrics.jsonl", p.step if resume is not None else None)
+    if resume is None:
+        log.write({"event": "start", "step": 0, "parameters": n_params, "vocab_size": len(splits.codec.vocab),
+                   "train_tokens": splits.train.numel(), "device": str(device)})
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if t.precision == "bf16" and device.type == "cuda"
+                else nullcontext())
+
+    def trainer_payload() -> dict:
+        return {
+            "format": TRAINER_FORMAT, "progress": asdict(p), "optimizer": optimizer.state_dict(),
+            "hidden": _state_to_cpu(hidden), "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "corpus": str(corpus), "val": str(val) if val else None, "corpus_sha256": corpus_digest,
+        }
+
+    def save(name: str, val_loss: float | None) -> None:
+        info = {"step": p.step, "epoch": p.epoch + p.window / n_windows, "val_loss": val_loss,
+                "elapsed": p.elapsed, "parameters": n_params}
+        ckpt.save_checkpoint(run_dir, name, model, cfg, splits.codec,
+                             trainer_payload() if name == "last" else None, info)
+
+    def bits_per_char(loss: float) -> float:
+        # nats per token -> bits per character of the validation text (the same at char level)
+        return loss * (splits.val.numel() - 1) / max(splits.val_chars, 1) / LN2
+
+    def validate(limit: int | None) -> float | None:
+        if splits.val is None:
+            return None
+        return evaluate(model, splits.val, t.eval_batch_size, device, limit)
+
+    def after_validation(val_loss: float | None) -> None:
+        nonlocal_best = val_loss is not None and val_loss < p.best_val_loss
+        if val_loss is not None:
+            log.write({"step": p.step, "epoch": round(p.epoch + p.window / n_windows, 4), "elapsed": round(p.elapsed, 3),
+                       "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700)),
+                       "val_bpc": bits_per_char(val_loss)})
+            if nonlocal_best:
+                p.best_val_loss = val_loss
+                p.plateau_bad = 0
+            elif t.schedule == "plateau":
+                p.plateau_bad += 1
+                if p.plateau_bad > t.plateau_patience:
+                    p.plateau_scale *= t.plateau_factor
+                    p.plateau_bad = 0
+        if nonlocal_best or splits.val is None:
+            save("best", val_loss)
+        save("last", val_loss)
+
+    def limit_reached() -> str | None:
+        if t.max_steps and p.step >= t.max_steps:
+            return "max_steps"
+        if t.max_time and p.elapsed >= t.max_time:
+            return "max_time"
+        epochs = t.max_epochs if t.max_epochs else (None if (t.max_steps or t.max_time) else 1.0)
+        if epochs and p.epoch + p.window / n_windows >= epochs - 1e-12:
+            return "max_epochs"
+        return None
+
+    interactive = show_progress and getattr(log_stream, "isatty", lambda: False)()
+    bar = tqdm(total=t.max_steps, initial=p.step, unit="step", file=log_stream, dynamic_ncols=True,
+               disable=not interactive, leave=True)
+    model.train()
+    last_loss, stopped_by = math.nan, None
+    signals = _Signals()
+    window_start, window_tokens, loss_sum, loss_count = time.perf_counter(), 0, 0.0, 0
+    start_elapsed, clock = p.elapsed, time.perf_counter()
+    try:
+        with signals.installed():
+            while True:
+                stopped_by = limit_reached()
+                if stopped_by or signals.received:
+                    break
+                x, y = window(rows, p.window, t.seq_len)
+                hidden = detach_state(hidden)
+                try:
+                    with autocast:
+                        logits, hidden = model(x, hidden)
+                        loss = nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                                           y.reshape(-1))
+                    if not torch.isfinite(loss):
+                        raise _NonFinite("loss")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), t.clip if t.clip > 0 else math.inf)
+                    if not torch.isfinite(grad_norm):
+                        raise _NonFinite("gradient")
+                except _NonFinite as exc:
+                    last = run_dir / "last"
+                    where = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved"
+                    raise RunFailure(f"training stopped at step {p.step + 1}: the {exc.args[0]} is NaN or infinite "
+                                     f"(try a lower train.lr or train.clip); {where}") from None
+                except torch.OutOfMemoryError:
+                    raise RunFailure(f"out of memory at step {p.step + 1}: use a smaller train.batch_size or "
+                                     f"train.seq_len (or model.hidden_size); the last checkpoint is kept") from None
+                lr = learning_rate(cfg, p, fraction_done(cfg, p, n_windows))
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                optimizer.step()
+                p.step += 1
+                p.window += 1
+                if p.window >= n_windows:  # a new epoch reads the streams from their start, from a zero state
+                    p.window, p.epoch, hidden = 0, p.epoch + 1, None
+                p.tokens += y.numel()
+                window_tokens += y.numel()
+                last_loss = loss.item()
+                loss_sum += last_loss
+                loss_count += 1
+                p.elapsed = start_elapsed + time.perf_counter() - clock
+                bar.update(1)
+                if p.step % t.log_interval == 0:
+                    now = time.perf_counter()
+                    tps = window_tokens / max(now - window_start, 1e-9)
+                    mean = loss_sum / loss_count
+                    record = {"step": p.step, "epoch": round(p.epoch + p.window / n_windows, 4),
+                              "elapsed": round(p.elapsed, 3), "train_loss": mean, "lr": lr,
+                              "grad_norm": float(grad_norm), "tokens_per_second": tps}
+                    log.write(record)
+                    rate = (f"bpc={mean / LN2:.3f}" if cfg.data.level == "char"
+                            else f"ppl={math.exp(min(mean, 50)):.1f}")
+                    bar.set_postfix_str(f"loss={mean:.3f} {rate} tok/s={tps:,.0f} lr={lr:.2e}")
+                    if not interactive and show_progress:
+                        print(f"step {p.step} loss {mean:.4f} {rate} tok/s {tps:,.0f} lr {lr:.3g} "
+                              f"elapsed {p.elapsed:.0f}s", file=log_stream, flush=True)
+                    window_start, window_tokens, loss_sum, loss_count = now, 0, 0.0, 0
+                if t.eval_interval and p.step % t.eval_interval == 0:
+                    val_loss = validate(t.eval_tokens)
+                    if val_loss is not None and not interactive and show_progress:
+                        print(f"step {p.step} val_loss {val_loss:.4f}", file=log_stream, flush=True)
+                    after_validation(val_loss)
+                    p.elapsed = start_elapsed + time.perf_counter() - clock
+            if signals.received:
+                save("last", None)
+                code = EXIT_SIGINT if signals.received == signal.SIGINT else EXIT_SIGTERM
+                name = "SIGINT" if signals.received == signal.SIGINT else "SIGTERM"
+                raise Interrupted(f"interrupted by {name} at step {p.step}; saved {run_dir / 'last'} "
+                                  f"(continue with --resume {run_dir})", code)
+            final_val = validate(None)
+            after_validation(final_val)
+    finally:
+        bar.close()
+        log.close()
+
+    val_bpc = bits_per_char(final_val) if final_val is not None else None
+    trained = max(p.elapsed - start_elapsed, 1e-9)
+    tokens_this_run = p.tokens - (trainer_state["progress"]["tokens"] if trainer_state else 0)
+    best = p.best_val_loss if math.isfinite(p.best_val_loss) else None
+    result = TrainResult(str(run_dir), p.step, p.epoch + p.window / n_windows, last_loss, final_val, best, val_bpc,
+                         math.exp(min(final_val, 700)) if final_val is not None else None,
+                         tokens_this_run / trained, p.elapsed, n_params, stopped_by or "done")
+    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"event": "end", **asdict(result)}) + "\n")
+    return result
+
+
+class _NonFinite(Exception):
+    pass
