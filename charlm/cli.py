@@ -95,6 +95,8 @@ def train(
     max_epochs: Annotated[Optional[float], typer.Option(help="Stop after this many epochs (train.max_epochs).")] = None,
     max_time: Annotated[Optional[float], typer.Option(help="Wall-clock budget in seconds (train.max_time).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config field: section.field=value (repeatable).")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Folder for token files, reused while the corpus and tokenizer settings are unchanged.")] = Path(".charlm-cache"),
+    nproc: Annotated[int, typer.Option(help="Train data-parallel on this many local processes (launches torchrun).")] = 1,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or log lines.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
 ) -> None:
@@ -106,6 +108,12 @@ def train(
         from .config import load_config
         from .train import train as run_training
 
+        if nproc > 1:
+            raise typer.Exit(_launch_torchrun(nproc))
+        if nproc < 1:
+            from .errors import UsageError
+            raise UsageError(f"--nproc must be at least 1, got {nproc}")
+
         extra = {"model.device": device, "train.seed": seed, "train.max_steps": max_steps,
                  "train.max_epochs": max_epochs, "train.max_time": max_time}
         base = None
@@ -113,7 +121,10 @@ def train(
             from .checkpoint import CONFIG_FILE, find_checkpoint
             base = find_checkpoint(resume, "last") / CONFIG_FILE
         cfg = load_config(config, set_, extra, base=base)
-        result = run_training(cfg, corpus, out=out, val=val, resume=resume, show_progress=not quiet)
+        result = run_training(cfg, corpus, out=out, val=val, resume=resume, show_progress=not quiet,
+                              cache_dir=cache_dir)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return  # under torchrun only rank 0 reports
         if as_json:
             _out(json.dumps(asdict(result)))
             return
@@ -125,6 +136,26 @@ def train(
                  f"{result.val_bits_per_char:.4f} bits/char (best {result.best_val_loss:.4f})")
         _out(f"tokens/second   {result.tokens_per_second:,.0f}")
         _out(f"parameters      {result.parameters:,}")
+
+
+def _launch_torchrun(nproc: int) -> int:
+    """`charlm train --nproc N ...` = `torchrun --standalone --nproc_per_node N -m charlm train ...`."""
+    import subprocess
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if arg == "--nproc":
+            skip = True
+            continue
+        if arg.startswith("--nproc="):
+            continue
+        args.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "charlm", *args]
+    return subprocess.call(cmd)
 
 
 # ---------------------------------------------------------------- sample

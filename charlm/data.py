@@ -11,105 +11,227 @@ each line's tokens followed by `<eos>`. For training the stream is cut into
 
 The hidden state at the end of one window starts the next (detached), so
 every stream is read as one long text.
+
+Corpora may be larger than memory: the text is read in blocks (bounded
+memory, however long a line), the vocabulary counted in one streaming pass,
+and the ids written once to a token file in a cache folder keyed by the
+corpus's SHA-256 and the tokenizer settings. Training reads that file through
+a memory map, in the smallest integer type that holds the vocabulary.
 """
 
 from __future__ import annotations
 
+import codecs
+import hashlib
+import io
+import json
 import math
+import os
+import unicodedata
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 import torch
 from torch import Tensor
 
 from .config import DataConfig
 from .errors import UsageError
-from .tokenizer import EOS_ID, UNK_ID, TextCodec, Tokenizer, Vocabulary, count_tokens, normalize
+from .tokenizer import EOS_ID, UNK_ID, SPECIALS, TextCodec, Tokenizer, Vocabulary, normalize
+
+BLOCK_BYTES = 8 << 20   # read the corpus 8 MiB at a time
+CACHE_FORMAT = 1
 
 
-def read_text(path: Path, encoding: str = "utf-8", errors: str = "strict") -> str:
-    """Read a whole text file; a decoding error names the byte offset and how to proceed."""
+# ---------------------------------------------------------------- reading text
+def check_text_file(path: Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise UsageError(f"file not found: {path}")
     if path.is_dir():
         raise UsageError(f"{path} is a folder, not a text file")
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as fh:
+            head = fh.read(65536)
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if b"\x00" in raw[:65536] and not encoding.lower().startswith("utf-16"):
+    if b"\x00" in head:
         raise UsageError(f"{path} looks like a binary file (it holds NUL bytes), not text")
+    return path
+
+
+def _decode_error(path: Path, offset: int, byte: bytes, encoding: str) -> UsageError:
+    return UsageError(f"{path} is not valid {encoding}: byte offset {offset} ({byte!r}); pass --encoding to name "
+                      f"its encoding or --errors replace to substitute bad bytes")
+
+
+def read_text(path: Path, encoding: str = "utf-8", errors: str = "strict") -> str:
+    """Read a whole (small) text file; a decoding error names the byte offset and how to proceed."""
+    path = check_text_file(path)
+    raw = path.read_bytes()
     try:
         return raw.decode(encoding, errors=errors)
     except LookupError:
         raise UsageError(f"unknown text encoding '{encoding}'") from None
     except UnicodeDecodeError as exc:
-        raise UsageError(f"{path} is not valid {encoding}: byte offset {exc.start} ({raw[exc.start:exc.start + 1]!r}); "
-                         f"pass --encoding to name its encoding or --errors replace to substitute bad bytes") from None
+        raise _decode_error(path, exc.start, raw[exc.start:exc.start + 1], encoding) from None
+
+
+def _safe_cut(text: str, level: str) -> int:
+    """Where a block of text may end without splitting a token, a CRLF or an NFC sequence."""
+    nl = text.rfind("\n")
+    if nl >= 0:
+        return nl + 1
+    if level == "word":  # a word never spans white space
+        for i in range(len(text) - 1, 0, -1):
+            if text[i].isspace() and text[i] != "\r":
+                return i + 1
+    i = len(text) - 1
+    while i > 0 and (unicodedata.combining(text[i]) or text[i] == "\r"):
+        i -= 1
+    return max(i, 1) if len(text) > 1 else len(text)
+
+
+def iter_text(path: Path, start: int = 0, end: int | None = None, encoding: str = "utf-8",
+              errors: str = "strict", level: str = "char", progress=None) -> Iterator[str]:
+    """Text of bytes [start, end) of a file, in pieces that end at safe places (bounded memory)."""
+    try:
+        decoder = codecs.getincrementaldecoder(encoding)(errors=errors)
+    except LookupError:
+        raise UsageError(f"unknown text encoding '{encoding}'") from None
+    carry = ""
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        offset = start
+        remaining = None if end is None else end - start
+        while True:
+            size = BLOCK_BYTES if remaining is None else min(BLOCK_BYTES, remaining)
+            block = fh.read(size) if size > 0 else b""
+            final = not block
+            try:
+                text = carry + decoder.decode(block, final=final)
+            except UnicodeDecodeError as exc:
+                raise _decode_error(path, offset + exc.start, block[exc.start:exc.start + 1], encoding) from None
+            if progress is not None:
+                progress(len(block))
+            offset += len(block)
+            if remaining is not None:
+                remaining -= len(block)
+            if final:
+                if text:
+                    yield text
+                return
+            cut = _safe_cut(text, level)
+            if cut:
+                yield text[:cut]
+            carry = text[cut:]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def split_point(path: Path, fraction: float) -> int:
+    """Byte offset where the validation part (the last `fraction`) starts, at a line boundary; 0 if none."""
+    size = path.stat().st_size
+    if fraction <= 0 or size == 0:
+        return size
+    with open(path, "rb") as fh:
+        cut = int(size * (1 - fraction))
+        fh.seek(cut)
+        while True:
+            block = fh.read(1 << 16)
+            if not block:
+                return size
+            nl = block.find(b"\n")
+            if nl >= 0:
+                return cut + nl + 1
+            cut += len(block)
+
+
+# ---------------------------------------------------------------- encoding
+def storage_dtype(vocab_size: int) -> torch.dtype:
+    """The smallest integer type that holds every id."""
+    if vocab_size <= 256:
+        return torch.uint8
+    if vocab_size <= 65536:
+        return torch.uint16
+    return torch.int32
+
+
+class StreamEncoder:
+    """Turns pieces of text into ids, keeping what must carry across pieces (a line cut short)."""
+
+    def __init__(self, codec: TextCodec):
+        self.codec = codec
+        self.dtype = storage_dtype(len(codec.vocab))
+        self.tokens = 0
+        self.unk = 0
+        self.chars = 0
+        self.ends_line = True
+        self._pending_cr = False
+        if codec.tokenizer.level == "char":
+            singles = {ord(t): i for i, t in enumerate(codec.vocab.tokens) if len(t) == 1 and t not in SPECIALS}
+            top = max(singles, default=0) + 1
+            table = torch.full((top + 1,), UNK_ID, dtype=torch.int32)  # last slot: any code point beyond
+            for point, i in singles.items():
+                table[point] = i
+            table[ord("\n")] = EOS_ID if top > ord("\n") else UNK_ID
+            self._table, self._top = table, top
+
+    def encode(self, text: str) -> Tensor:
+        """Ids of a piece of text: '\\n' (or '\\r\\n') ends a line and becomes `<eos>`."""
+        if self._pending_cr:
+            text = "\r" + text
+            self._pending_cr = False
+        if text.endswith("\r"):
+            text, self._pending_cr = text[:-1], True
+        text = normalize(text, self.codec.tokenizer.lowercase).replace("\r\n", "\n")
+        if not text:
+            return torch.zeros(0, dtype=self.dtype)
+        self.chars += len(text)
+        self.ends_line = text.endswith("\n")
+        if self.codec.tokenizer.level == "char":
+            points = torch.frombuffer(bytearray(text.encode("utf-32-le")), dtype=torch.int32)
+            ids = self._table.index_select(0, points.clamp(max=self._top))
+            ids[points == ord("\n")] = EOS_ID
+        else:
+            out: list[int] = []
+            lines = text.split("\n")
+            for i, line in enumerate(lines):
+                if i == len(lines) - 1:
+                    if line:  # a line cut short: its tokens now, its <eos> with a later piece
+                        out.extend(self.codec.encode_line(line))
+                    break
+                out.extend(self.codec.encode_line(line))
+                out.append(EOS_ID)
+            ids = torch.tensor(out, dtype=torch.int32)
+        self.tokens += ids.numel()
+        self.unk += int((ids == UNK_ID).sum())
+        return ids.to(self.dtype)
+
+    def finish(self) -> Tensor:
+        """The final `<eos>` of a text that does not end with a newline."""
+        if self._pending_cr:
+            self._pending_cr = False
+        if self.chars and not self.ends_line:
+            self.ends_line = True
+            self.tokens += 1
+            self.chars += 1
+            return torch.tensor([EOS_ID], dtype=self.dtype)
+        return torch.zeros(0, dtype=self.dtype)
 
 
 def encode(codec: TextCodec, text: str) -> Tensor:
-    """All of a text as one int64 id stream, `<eos>` first and after every line."""
-    if codec.tokenizer.level == "char":
-        body = _encode_chars(codec, text)
-    else:
-        body = torch.tensor(codec.encode_text(text).ids, dtype=torch.int64)
-    return torch.cat([torch.tensor([EOS_ID]), body])
-
-
-def _encode_chars(codec: TextCodec, text: str) -> Tensor:
-    """Character level, vectorised: code points looked up with searchsorted instead of a Python loop.
-
-    Gives exactly what `TextCodec.encode_text` gives (tested), at C speed.
-    """
-    text = normalize(text, codec.tokenizer.lowercase).replace("\r\n", "\n")
-    if text.endswith("\r"):
-        text = text[:-1]
-    if not text:
-        return torch.zeros(0, dtype=torch.int64)
-    if not text.endswith("\n"):
-        text += "\n"
-    points = torch.frombuffer(bytearray(text.encode("utf-32-le")), dtype=torch.int32).to(torch.int64)
-    singles = [(ord(tok), i) for i, tok in enumerate(codec.vocab.tokens) if len(tok) == 1]
-    ids = torch.full_like(points, UNK_ID)
-    if singles:
-        singles.sort()
-        keys = torch.tensor([p for p, _ in singles], dtype=torch.int64)
-        values = torch.tensor([i for _, i in singles], dtype=torch.int64)
-        pos = torch.searchsorted(keys, points).clamp_(max=len(keys) - 1)
-        hit = keys[pos] == points
-        ids[hit] = values[pos[hit]]
-    ids[points == ord("\n")] = EOS_ID
-    return ids
-
-
-@dataclass
-class Splits:
-    codec: TextCodec
-    train: Tensor          # (N,) int64, <eos> first
-    val: Tensor | None     # (M,) int64, <eos> first; None without validation
-    train_chars: int
-    val_chars: int
-
-
-def split_text(text: str, fraction: float) -> tuple[str, str]:
-    """The last `fraction` of the characters as validation, cut at a line boundary."""
-    if fraction <= 0:
-        return text, ""
-    cut = int(len(text) * (1 - fraction))
-    newline = text.find("\n", cut)
-    if newline < 0 or newline + 1 >= len(text):
-        newline = text.rfind("\n", 0, cut)
-    if newline < 0:
-        return text, ""
-    return text[: newline + 1], text[newline + 1:]
-
-
-def build_codec(cfg: DataConfig, train_text: str) -> TextCodec:
-    tokenizer = Tokenizer(cfg.level, cfg.lowercase, cfg.word_split)
-    vocab = Vocabulary.build(count_tokens(tokenizer, train_text), cfg.min_freq, cfg.max_size)
-    return TextCodec(tokenizer, vocab)
+    """All of a text (in memory) as one int64 id stream, `<eos>` first and after every line."""
+    enc = StreamEncoder(codec)
+    body = enc.encode(text) if text else torch.zeros(0, dtype=enc.dtype)
+    return torch.cat([torch.tensor([EOS_ID]), body.long(), enc.finish().long()])
 
 
 def char_count(text: str) -> int:
@@ -118,23 +240,172 @@ def char_count(text: str) -> int:
     return len(text) + (0 if not text or text.endswith("\n") else 1)
 
 
-def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextCodec | None = None) -> Splits:
-    """Read the corpus (and validation file), build the vocabulary from the training split, encode both."""
-    text = read_text(corpus, cfg.encoding, cfg.errors)
-    if not text.strip():
-        raise UsageError(f"corpus {corpus} is empty (or white space only): nothing to learn from")
-    if val is not None:
-        train_text, val_text = text, read_text(val, cfg.encoding, cfg.errors)
+def count_vocabulary(path: Path, cfg: DataConfig, start: int, end: int, progress=None) -> Counter:
+    """Token frequencies of bytes [start, end) of a file, in one streaming pass."""
+    tokenizer = Tokenizer(cfg.level, cfg.lowercase, cfg.word_split)
+    counts: Counter = Counter()
+    dense = torch.zeros(0, dtype=torch.int64)
+    for piece in iter_text(path, start, end, cfg.encoding, cfg.errors, cfg.level, progress):
+        piece = normalize(piece, cfg.lowercase)
+        if cfg.level == "char":
+            points = torch.frombuffer(bytearray(piece.encode("utf-32-le")), dtype=torch.int32)
+            found = torch.bincount(points)
+            if found.numel() > dense.numel():
+                dense = torch.cat([dense, torch.zeros(found.numel() - dense.numel(), dtype=torch.int64)])
+            dense[: found.numel()] += found
+        else:
+            for line in piece.split("\n"):
+                counts.update(tokenizer.split(line))
+    if cfg.level == "char":
+        nonzero = torch.nonzero(dense).flatten().tolist()
+        counts.update({chr(p): int(dense[p]) for p in nonzero})
+        for ch in ("\n", "\r"):
+            counts.pop(ch, None)
+    return counts
+
+
+def build_vocabulary(counts: Counter, cfg: DataConfig) -> TextCodec:
+    tokenizer = Tokenizer(cfg.level, cfg.lowercase, cfg.word_split)
+    return TextCodec(tokenizer, Vocabulary.build(counts, cfg.min_freq, cfg.max_size))
+
+
+def build_codec(cfg: DataConfig, train_text: str) -> TextCodec:
+    """The vocabulary of an in-memory text (the same as a streaming count of the same text)."""
+    tokenizer = Tokenizer(cfg.level, cfg.lowercase, cfg.word_split)
+    counts: Counter = Counter()
+    if cfg.level == "char":
+        counts.update(normalize(train_text, cfg.lowercase))
+        counts.pop("\n", None)
+        counts.pop("\r", None)
     else:
-        train_text, val_text = split_text(text, cfg.val_fraction)
-    codec = codec or build_codec(cfg, train_text)
-    train_ids = encode(codec, train_text)
-    val_ids = encode(codec, val_text) if val_text.strip() else None
-    return Splits(codec, train_ids, val_ids, char_count(train_text), char_count(val_text))
+        for line in tokenizer.lines(train_text):
+            counts.update(tokenizer.split(line))
+    return build_vocabulary(counts, cfg)
 
 
+def encode_to_file(path: Path, cfg: DataConfig, codec: TextCodec, start: int, end: int, out: BinaryIO,
+                   progress=None) -> StreamEncoder:
+    """Stream-encode bytes [start, end) of a file into `out` (raw ids), `<eos>` first."""
+    enc = StreamEncoder(codec)
+    out.write(_to_bytes(torch.tensor([EOS_ID], dtype=enc.dtype)))
+    for piece in iter_text(path, start, end, cfg.encoding, cfg.errors, cfg.level, progress):
+        out.write(_to_bytes(enc.encode(piece)))
+    out.write(_to_bytes(enc.finish()))
+    return enc
+
+
+def _to_bytes(t: Tensor) -> bytearray:
+    """Raw bytes of a tensor without numpy: copy it into a tensor that views a bytearray."""
+    buf = bytearray(t.numel() * t.element_size())
+    if buf:
+        torch.frombuffer(buf, dtype=t.dtype).copy_(t.reshape(-1))
+    return buf
+
+
+def map_tokens(path: Path, dtype: torch.dtype, count: int) -> Tensor:
+    """A token file as a read-only-by-convention tensor backed by a memory map."""
+    if count == 0:
+        return torch.zeros(0, dtype=dtype)
+    return torch.from_file(str(path), shared=False, size=count, dtype=dtype)
+
+
+@dataclass
+class Splits:
+    codec: TextCodec
+    train: Tensor          # (N,) ids in the storage dtype (memory-mapped), <eos> first
+    val: Tensor | None     # (M,) likewise; None without validation
+    train_chars: int
+    val_chars: int
+    corpus_sha256: str
+    cache: Path | None = None
+
+
+def _cache_key(cfg: DataConfig, corpus_digest: str, val_digest: str | None, codec: TextCodec | None) -> str:
+    settings = {"format": CACHE_FORMAT, "corpus": corpus_digest, "val": val_digest, "level": cfg.level,
+                "lowercase": cfg.lowercase, "word_split": cfg.word_split, "min_freq": cfg.min_freq,
+                "max_size": cfg.max_size, "val_fraction": None if val_digest else cfg.val_fraction,
+                "encoding": cfg.encoding, "errors": cfg.errors,
+                "vocab": hashlib.sha256(codec.to_json().encode()).hexdigest() if codec else None}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextCodec | None = None,
+            cache_dir: Path | None = None, show_progress: bool = False) -> Splits:
+    """Tokenize a corpus (and validation file) into token files, or reuse them; map them into memory.
+
+    The vocabulary comes from the training split only, unless `codec` is given
+    (a resumed run keeps its own). Token files live in `cache_dir` (default
+    `.charlm-cache` in the working folder) under a key of the corpus's SHA-256
+    and every setting that changes the ids.
+    """
+    corpus = check_text_file(corpus)
+    if val is not None:
+        val = check_text_file(val)
+    digest = file_sha256(corpus)
+    val_digest = file_sha256(val) if val is not None else None
+    folder = Path(cache_dir if cache_dir is not None else ".charlm-cache") / _cache_key(cfg, digest, val_digest, codec)
+    meta_path = folder / "meta.json"
+    if meta_path.exists():
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            cached = TextCodec.load(folder / "vocab.json")
+            dtype = getattr(torch, meta["dtype"])
+            return Splits(cached, map_tokens(folder / "train.bin", dtype, meta["train_tokens"]),
+                          map_tokens(folder / "val.bin", dtype, meta["val_tokens"]) if meta["val_tokens"] else None,
+                          meta["train_chars"], meta["val_chars"], digest, folder)
+        except (OSError, ValueError, KeyError, UsageError, RuntimeError):
+            pass  # a damaged cache entry is rebuilt below
+    size = corpus.stat().st_size
+    cut = size if val is not None else split_point(corpus, cfg.val_fraction)
+    total = size + (val.stat().st_size if val is not None else 0)
+    bar = _progress_bar(total * (2 if codec is None else 1), show_progress)
+    try:
+        if codec is None:
+            codec = build_vocabulary(count_vocabulary(corpus, cfg, 0, cut, bar.update), cfg)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".tmp-{os.getpid()}"
+        tmp.mkdir(exist_ok=True)
+        with open(tmp / "train.bin", "wb") as out:
+            train_enc = encode_to_file(corpus, cfg, codec, 0, cut, out, bar.update)
+        with open(tmp / "val.bin", "wb") as out:
+            if val is not None:
+                val_enc = encode_to_file(val, cfg, codec, 0, None, out, bar.update)
+            else:
+                val_enc = encode_to_file(corpus, cfg, codec, cut, size, out, bar.update)
+    finally:
+        bar.close()
+    if train_enc.chars == 0 or not _has_text(train_enc):
+        raise UsageError(f"corpus {corpus} is empty (or white space only): nothing to learn from")
+    val_tokens = val_enc.tokens + 1 if val_enc.chars and val_enc.tokens else 0
+    meta = {"format": CACHE_FORMAT, "dtype": str(train_enc.dtype).replace("torch.", ""),
+            "train_tokens": train_enc.tokens + 1, "val_tokens": val_tokens,
+            "train_chars": train_enc.chars, "val_chars": val_enc.chars, "train_unk": train_enc.unk,
+            "val_unk": val_enc.unk, "corpus_sha256": digest}
+    (tmp / "vocab.json").write_text(codec.to_json(), encoding="utf-8")
+    (tmp / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    for name in ("train.bin", "val.bin", "vocab.json", "meta.json"):  # meta.json last: it marks the entry done
+        os.replace(tmp / name, folder / name)
+    tmp.rmdir()
+    dtype = train_enc.dtype
+    return Splits(codec, map_tokens(folder / "train.bin", dtype, meta["train_tokens"]),
+                  map_tokens(folder / "val.bin", dtype, val_tokens) if val_tokens else None,
+                  train_enc.chars, val_enc.chars, digest, folder)
+
+
+def _has_text(enc: StreamEncoder) -> bool:
+    return enc.tokens > 0 and enc.chars > 0
+
+
+def _progress_bar(total: int, show: bool):
+    from tqdm import tqdm
+    import sys
+    return tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", leave=False, file=sys.stderr,
+                disable=not (show and sys.stderr.isatty()))
+
+
+# ---------------------------------------------------------------- batches and windows
 def batchify(ids: Tensor, batch_size: int) -> Tensor:
-    """(N,) -> (B, N // B): B parallel streams, the tail that does not fill a row dropped."""
+    """(N,) -> (B, N // B): B parallel streams, the tail that does not fill a row dropped (a view)."""
     per_row = ids.numel() // batch_size
     return ids[: per_row * batch_size].view(batch_size, per_row)
 
@@ -153,10 +424,10 @@ def windows_per_epoch(rows: Tensor, seq_len: int) -> int:
 
 
 def window(rows: Tensor, index: int, seq_len: int) -> tuple[Tensor, Tensor]:
-    """Inputs and targets (B, T) of window `index`; the last window of an epoch may be shorter."""
+    """Inputs and targets (B, T) as int64 of window `index`; the last window of an epoch may be shorter."""
     start = index * seq_len
     end = min(start + seq_len, rows.shape[1] - 1)
-    return rows[:, start:end], rows[:, start + 1:end + 1]
+    return rows[:, start:end].long(), rows[:, start + 1:end + 1].long()
 
 
 def eval_streams(ids: Tensor, streams: int) -> tuple[Tensor, Tensor]:
@@ -177,3 +448,15 @@ def eval_streams(ids: Tensor, streams: int) -> tuple[Tensor, Tensor]:
         rows[s, : piece.numel()] = piece
         mask[s, 1: piece.numel()] = True
     return rows, mask
+
+
+def split_text(text: str, fraction: float) -> tuple[str, str]:
+    """In memory, what `split_point` does on a file: the last `fraction` (of the UTF-8 bytes) as validation."""
+    raw = text.encode("utf-8")
+    if fraction <= 0 or not raw:
+        return text, ""
+    cut = int(len(raw) * (1 - fraction))
+    nl = raw.find(b"\n", cut)
+    if nl < 0:
+        return text, ""
+    return raw[: nl + 1].decode("utf-8"), raw[nl + 1:].decode("utf-8")

@@ -96,8 +96,8 @@ def stream_nll(model: RNNLM, rows: Tensor, mask: Tensor, window: int = 256,
     try:
         for start in range(0, rows.shape[1] - 1, window):
             end = min(start + window, rows.shape[1] - 1)
-            x = rows[:, start:end].to(device)
-            y = rows[:, start + 1:end + 1].to(device)
+            x = rows[:, start:end].long().to(device)
+            y = rows[:, start + 1:end + 1].long().to(device)
             m = mask[:, start + 1:end + 1].to(device)
             logits, state = model(x, state)
             nll = nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),

@@ -119,8 +119,13 @@ class Vocabulary:
 
     @classmethod
     def build(cls, counts: Counter, min_freq: int = 1, max_size: int | None = None) -> "Vocabulary":
-        """Most frequent first (ties in order of first appearance), cut by min_freq and max_size."""
-        kept = [tok for tok, n in counts.most_common() if n >= min_freq and tok not in SPECIALS]
+        """Most frequent first (ties in code-point order of the token), cut by min_freq and max_size.
+
+        The order depends only on the counts, so a streaming count and an
+        in-memory count of the same text give the same vocabulary.
+        """
+        ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+        kept = [tok for tok, n in ranked if n >= min_freq and tok not in SPECIALS]
         if max_size is not None:
             kept = kept[: max(0, max_size - len(SPECIALS))]
         return cls(list(SPECIALS) + kept)

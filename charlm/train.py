@@ -1,8 +1,16 @@
 """The training loop: truncated BPTT with clipping, a learning-rate schedule,
-validation, checkpoints, exact resume and clean stops.
+validation, checkpoints, exact resume, clean stops, and data parallelism.
 
 `train()` returns a `TrainResult`; it prints nothing but the progress bar and
 log lines (to stderr), which `cli` may silence.
+
+Under torchrun (WORLD_SIZE > 1) every rank runs this same loop on its share
+of the parallel streams (rank r takes rows r*B/W .. (r+1)*B/W of the batch),
+DistributedDataParallel averages the gradients, so the global batch is the
+batch of one process. Validation sums are all-reduced; only rank 0 writes
+checkpoints, logs and the progress bar. Every decision that could differ
+between ranks (a signal arrived, the time budget ran out) is taken on the
+summed flags of all ranks, so they always stop at the same step.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from .config import Config, dump_yaml
 from .data import Splits, batchify, check_trainable, eval_streams, prepare, window, windows_per_epoch
 from .errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, RunFailure, UsageError
 from .model import RNNLM, State, build_model, count_parameters, detach_state, stream_nll
-from .runtime import resolve_device, seed_everything
+from .runtime import Distributed, init_distributed, seed_everything
 
 TRAINER_FORMAT = 1
 LN2 = math.log(2.0)
@@ -78,6 +86,12 @@ def learning_rate(cfg: Config, p: Progress, fraction_done: float) -> float:
     return lr
 
 
+def epoch_limit(cfg: Config) -> float | None:
+    """max_epochs, or 1 when no limit at all is set."""
+    t = cfg.train
+    return t.max_epochs if t.max_epochs else (None if (t.max_steps or t.max_time) else 1.0)
+
+
 def fraction_done(cfg: Config, p: Progress, windows: int) -> float:
     """How much of the budget is used: the largest fraction among the limits that are set."""
     t = cfg.train
@@ -86,18 +100,29 @@ def fraction_done(cfg: Config, p: Progress, windows: int) -> float:
         parts.append(p.step / t.max_steps)
     if t.max_time:
         parts.append(p.elapsed / t.max_time)
-    epochs = t.max_epochs if t.max_epochs else (None if (t.max_steps or t.max_time) else 1.0)
+    epochs = epoch_limit(cfg)
     if epochs:
         parts.append((p.epoch + p.window / windows) / epochs)
     return max(parts) if parts else 0.0
 
 
-def evaluate(model: RNNLM, ids: torch.Tensor, streams: int, device, max_tokens: int | None = None) -> float:
-    """Mean negative log-likelihood (nats per token) of a stream, `<eos>` first."""
+def evaluate(model: RNNLM, ids: torch.Tensor, streams: int, device, max_tokens: int | None = None,
+             dist: Distributed | None = None) -> float:
+    """Mean negative log-likelihood (nats per token) of a stream, `<eos>` first.
+
+    Under torchrun the streams are shared out between ranks and the sums all-reduced.
+    """
     if max_tokens is not None and ids.numel() > max_tokens + 1:
         ids = ids[: max_tokens + 1]
     rows, mask = eval_streams(ids, streams)
-    total, count = stream_nll(model, rows, mask, device=device)
+    total, count = 0.0, 0
+    if dist is None or not dist.enabled:
+        total, count = stream_nll(model, rows, mask, device=device)
+    else:
+        mine = list(range(dist.rank, rows.shape[0], dist.world))
+        if mine:
+            total, count = stream_nll(model, rows[mine], mask[mine], device=device)
+        total, count = dist.sum([total, float(count)])
     return total / max(count, 1)
 
 
@@ -126,24 +151,12 @@ class _Signals:
                 signal.signal(sig, old)
 
 
-def _state_to_cpu(state: State | None):
-    if state is None:
-        return None
-    if isinstance(state, tuple):
-        return tuple(s.detach().cpu() for s in state)
-    return state.detach().cpu()
-
-
-def _state_to(state, device):
+def _map_state(state, fn):
     if state is None:
         return None
     if isinstance(state, (tuple, list)):
-        return tuple(s.to(device) for s in state)
-    return state.to(device)
-
-
-def _sha256_of(path: Path | None) -> str | None:
-    return ckpt.sha256(path) if path is not None else None
+        return tuple(fn(s) for s in state)
+    return fn(state)
 
 
 def _conflicts(old: Config, new: Config) -> list[str]:
@@ -164,7 +177,7 @@ def _make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
 def _check_writable(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{id(run_dir)}"
+        probe = run_dir / ".write-test"
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as exc:
@@ -174,43 +187,74 @@ def _check_writable(run_dir: Path) -> None:
 class _Log:
     """metrics.jsonl, one JSON object per line; on resume, lines after the checkpoint's step are dropped."""
 
-    def __init__(self, path: Path, resume_step: int | None):
-        self.path = path
+    def __init__(self, path: Path | None, resume_step: int | None):
+        self.fh = None
+        if path is None:
+            return
         if resume_step is not None and path.exists():
-            kept = [ln for ln in path.read_text(encoding="utf-8").splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            kept = []
+            for ln in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(ln)
+                except ValueError:
+                    continue  # a line cut short by a crash
+                if record.get("event") != "end" and record.get("step", 0) <= resume_step:
+                    kept.append(ln)
             ckpt.atomic_write_text(path, "".join(ln + "\n" for ln in kept))
         elif resume_step is None:
             path.write_text("", encoding="utf-8")
         self.fh = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
-        self.fh.write(json.dumps(record) + "\n")
-        self.fh.flush()
+        if self.fh is not None:
+            self.fh.write(json.dumps(record) + "\n")
+            self.fh.flush()
 
     def close(self) -> None:
-        self.fh.close()
+        if self.fh is not None:
+            self.fh.close()
+
+
+class _NonFinite(Exception):
+    pass
+
+
+def _resume_state(resume: Path, cfg: Config):
+    if not resume.is_dir():
+        raise UsageError(f"--resume: run folder not found: {resume}")
+    saved = ckpt.load_checkpoint(resume, "last")
+    conflicts = _conflicts(saved.cfg, cfg)
+    if conflicts:
+        raise UsageError(f"--resume {resume}: the config differs from the checkpoint in "
+                         f"{', '.join(conflicts)}; only limits, intervals and device may change")
+    state = saved.trainer_state()
+    if not isinstance(state, dict) or state.get("format") != TRAINER_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else None
+        raise UsageError(f"--resume {resume}: trainer state format {found!r}; this charlm reads format {TRAINER_FORMAT}")
+    return saved, state
 
 
 def train(cfg: Config, corpus: Path | None, out: Path | None = None, val: Path | None = None,
-          resume: Path | None = None, show_progress: bool = True, log_stream=None) -> TrainResult:
+          resume: Path | None = None, show_progress: bool = True, log_stream=None,
+          cache_dir: Path | None = None) -> TrainResult:
     """Train a model on `corpus` into the run folder `out` (or continue the run `resume`)."""
     log_stream = log_stream or sys.stderr
-    trainer_state = None
+    dist, device = init_distributed(cfg.model.device)
+    try:
+        return _train(cfg, corpus, out, val, resume, show_progress and dist.is_main, log_stream, cache_dir,
+                      dist, device)
+    finally:
+        dist.close()
+
+
+def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, dist, device) -> TrainResult:
+    saved, trainer_state = None, None
     if resume is not None:
         resume = Path(resume)
-        if not resume.is_dir():
-            raise UsageError(f"--resume: run folder not found: {resume}")
-        ckpt.recover(resume)
-        saved = ckpt.load_checkpoint(resume, "last")
-        conflicts = _conflicts(saved.cfg, cfg)
-        if conflicts:
-            raise UsageError(f"--resume {resume}: the config differs from the checkpoint in "
-                             f"{', '.join(conflicts)}; only limits, intervals and device may change")
-        trainer_state = saved.trainer_state()
-        if trainer_state.get("format") != TRAINER_FORMAT:
-            raise UsageError(f"--resume {resume}: trainer state format {trainer_state.get('format')!r}; "
-                             f"this charlm reads format {TRAINER_FORMAT}")
+        if dist.is_main:
+            ckpt.recover(resume)
+        dist.barrier()
+        saved, trainer_state = _resume_state(resume, cfg)
         corpus = Path(corpus) if corpus is not None else Path(trainer_state["corpus"])
         if val is None and trainer_state.get("val"):
             val = Path(trainer_state["val"])
@@ -218,94 +262,106 @@ def train(cfg: Config, corpus: Path | None, out: Path | None = None, val: Path |
     if corpus is None:
         raise UsageError("no corpus: pass --corpus PATH")
     run_dir = Path(out) if out is not None else Path("runs") / Path(corpus).stem
-    _check_writable(run_dir)
-    if resume is None:
-        ckpt.recover(run_dir)
-        if (run_dir / "last").exists() or (run_dir / "best").exists():
-            raise UsageError(f"run folder {run_dir} already holds a run: continue it with --resume {run_dir} "
-                             f"or choose another --out")
-
-    device = resolve_device(cfg.model.device)
-    seed_everything(cfg.train.seed)
-    splits: Splits = prepare(cfg.data, Path(corpus), Path(val) if val else None,
-                             codec=saved.codec if resume is not None else None)
-    if resume is not None:
-        digest = _sha256_of(Path(corpus))
-        if digest != trainer_state["corpus_sha256"]:
-            raise UsageError(f"--resume {resume}: corpus {corpus} is not the text this run was trained on "
-                             f"(SHA-256 differs); resume with the original corpus")
+    if dist.is_main:
+        _check_writable(run_dir)
+        if resume is None:
+            ckpt.recover(run_dir)
+            if (run_dir / "last").exists() or (run_dir / "best").exists():
+                raise UsageError(f"run folder {run_dir} already holds a run: continue it with --resume {run_dir} "
+                                 f"or choose another --out")
     t = cfg.train
+    if t.batch_size % dist.world:
+        raise UsageError(f"train.batch_size {t.batch_size} must be a multiple of the number of processes "
+                         f"({dist.world}): each takes an equal share of the parallel streams")
+    seed_everything(t.seed)
+
+    # Rank 0 tokenizes (or finds the cache); the others then read the same token files.
+    splits: Splits | None = None
+    if dist.is_main:
+        splits = prepare(cfg.data, Path(corpus), Path(val) if val else None,
+                         codec=saved.codec if saved else None, cache_dir=cache_dir, show_progress=show_progress)
+    dist.barrier()
+    if not dist.is_main:
+        splits = prepare(cfg.data, Path(corpus), Path(val) if val else None,
+                         codec=saved.codec if saved else None, cache_dir=cache_dir)
+    if trainer_state is not None and splits.corpus_sha256 != trainer_state["corpus_sha256"]:
+        raise UsageError(f"--resume {resume}: corpus {corpus} is not the text this run was trained on "
+                         f"(SHA-256 differs); resume with the original corpus")
     check_trainable(splits.train, t.batch_size, t.seq_len)
-    rows = batchify(splits.train, t.batch_size).to(device)  # (B, N // B)
+    share = t.batch_size // dist.world
+    rows = batchify(splits.train, t.batch_size)[dist.rank * share:(dist.rank + 1) * share]  # (B/W, N // B)
     n_windows = windows_per_epoch(rows, t.seq_len)
 
     model = build_model(cfg.model, len(splits.codec.vocab)).to(device)
-    optimizer = _make_optimizer(cfg, model)
-    p = Progress()
-    hidden = None
-    if resume is not None:
+    p, hidden = Progress(), None
+    if saved is not None:
         ckpt.load_weights(model, saved.tensors, saved.folder)
+    net = model
+    if dist.enabled:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = _make_optimizer(cfg, model)
+    if trainer_state is not None:
         try:
             optimizer.load_state_dict(trainer_state["optimizer"])
         except (ValueError, KeyError) as exc:
             raise UsageError(f"--resume {resume}: the optimizer state does not fit ({exc})") from None
         p = Progress(**trainer_state["progress"])
-        hidden = _state_to(trainer_state.get("hidden"), device)
+        hidden = _map_state(trainer_state.get("hidden"),
+                            lambda s: s[:, dist.rank * share:(dist.rank + 1) * share].to(device))
         torch.set_rng_state(trainer_state["rng_cpu"])
         if device.type == "cuda" and trainer_state.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(trainer_state["rng_cuda"], device)
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    elif dist.is_main:
         ckpt.atomic_write_text(run_dir / ckpt.CONFIG_FILE, dump_yaml(cfg))
         ckpt.atomic_write_text(run_dir / ckpt.VOCAB_FILE, splits.codec.to_json())
 
     n_params = count_parameters(model)
-    corpus_digest = trainer_state["corpus_sha256"] if trainer_state else _sha256_of(Path(corpus))
-    log = _Log(run_dir / "metrics.jsonl", p.step if resume is not None else None)
-    if resume is None:
+    start_tokens = p.tokens
+    log = _Log(run_dir / "metrics.jsonl" if dist.is_main else None, p.step if saved is not None else None)
+    if saved is None:
         log.write({"event": "start", "step": 0, "parameters": n_params, "vocab_size": len(splits.codec.vocab),
-                   "train_tokens": splits.train.numel(), "device": str(device)})
+                   "train_tokens": splits.train.numel(), "device": str(device), "processes": dist.world})
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if t.precision == "bf16" and device.type == "cuda"
                 else nullcontext())
-
-    def trainer_payload() -> dict:
-        return {
-            "format": TRAINER_FORMAT, "progress": asdict(p), "optimizer": optimizer.state_dict(),
-            "hidden": _state_to_cpu(hidden), "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "corpus": str(corpus), "val": str(val) if val else None, "corpus_sha256": corpus_digest,
-        }
-
-    def save(name: str, val_loss: float | None) -> None:
-        info = {"step": p.step, "epoch": p.epoch + p.window / n_windows, "val_loss": val_loss,
-                "elapsed": p.elapsed, "parameters": n_params}
-        ckpt.save_checkpoint(run_dir, name, model, cfg, splits.codec,
-                             trainer_payload() if name == "last" else None, info)
 
     def bits_per_char(loss: float) -> float:
         # nats per token -> bits per character of the validation text (the same at char level)
         return loss * (splits.val.numel() - 1) / max(splits.val_chars, 1) / LN2
 
+    def save(name: str, val_loss: float | None) -> None:
+        full_hidden = _map_state(hidden, lambda s: dist.gather_batch(s.detach()).cpu()) if name == "last" else None
+        if not dist.is_main:
+            return
+        info = {"step": p.step, "epoch": p.epoch + p.window / n_windows, "val_loss": val_loss,
+                "elapsed": p.elapsed, "parameters": n_params}
+        state = None
+        if name == "last":
+            state = {"format": TRAINER_FORMAT, "progress": asdict(p), "optimizer": optimizer.state_dict(),
+                     "hidden": full_hidden, "rng_cpu": torch.get_rng_state(),
+                     "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                     "corpus": str(corpus), "val": str(val) if val else None,
+                     "corpus_sha256": splits.corpus_sha256}
+        ckpt.save_checkpoint(run_dir, name, model, cfg, splits.codec, state, info)
+
     def validate(limit: int | None) -> float | None:
         if splits.val is None:
             return None
-        return evaluate(model, splits.val, t.eval_batch_size, device, limit)
+        return evaluate(model, splits.val, t.eval_batch_size, device, limit, dist)
 
     def after_validation(val_loss: float | None) -> None:
-        nonlocal_best = val_loss is not None and val_loss < p.best_val_loss
+        improved = val_loss is not None and val_loss < p.best_val_loss
         if val_loss is not None:
-            log.write({"step": p.step, "epoch": round(p.epoch + p.window / n_windows, 4), "elapsed": round(p.elapsed, 3),
-                       "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700)),
-                       "val_bpc": bits_per_char(val_loss)})
-            if nonlocal_best:
-                p.best_val_loss = val_loss
-                p.plateau_bad = 0
+            log.write({"step": p.step, "epoch": round(p.epoch + p.window / n_windows, 4),
+                       "elapsed": round(p.elapsed, 3), "val_loss": val_loss,
+                       "val_ppl": math.exp(min(val_loss, 700)), "val_bpc": bits_per_char(val_loss)})
+            if improved:
+                p.best_val_loss, p.plateau_bad = val_loss, 0
             elif t.schedule == "plateau":
                 p.plateau_bad += 1
                 if p.plateau_bad > t.plateau_patience:
                     p.plateau_scale *= t.plateau_factor
                     p.plateau_bad = 0
-        if nonlocal_best or splits.val is None:
+        if improved or splits.val is None:
             save("best", val_loss)
         save("last", val_loss)
 
@@ -314,7 +370,7 @@ def train(cfg: Config, corpus: Path | None, out: Path | None = None, val: Path |
             return "max_steps"
         if t.max_time and p.elapsed >= t.max_time:
             return "max_time"
-        epochs = t.max_epochs if t.max_epochs else (None if (t.max_steps or t.max_time) else 1.0)
+        epochs = epoch_limit(cfg)
         if epochs and p.epoch + p.window / n_windows >= epochs - 1e-12:
             return "max_epochs"
         return None
@@ -322,22 +378,29 @@ def train(cfg: Config, corpus: Path | None, out: Path | None = None, val: Path |
     interactive = show_progress and getattr(log_stream, "isatty", lambda: False)()
     bar = tqdm(total=t.max_steps, initial=p.step, unit="step", file=log_stream, dynamic_ncols=True,
                disable=not interactive, leave=True)
-    model.train()
-    last_loss, stopped_by = math.nan, None
+    net.train()
+    last_loss, stopped_by, final_val = math.nan, None, None
     signals = _Signals()
     window_start, window_tokens, loss_sum, loss_count = time.perf_counter(), 0, 0.0, 0
     start_elapsed, clock = p.elapsed, time.perf_counter()
     try:
         with signals.installed():
             while True:
+                if dist.enabled:  # all ranks agree on the clock of rank 0 and on any signal
+                    flag, elapsed = dist.sum([1.0 if signals.received else 0.0,
+                                              p.elapsed if dist.is_main else 0.0])
+                    p.elapsed = elapsed
+                    if flag and signals.received is None:
+                        signals.received = signal.SIGTERM
                 stopped_by = limit_reached()
                 if stopped_by or signals.received:
                     break
                 x, y = window(rows, p.window, t.seq_len)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 hidden = detach_state(hidden)
                 try:
                     with autocast:
-                        logits, hidden = model(x, hidden)
+                        logits, hidden = net(x, hidden)
                         loss = nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                                                            y.reshape(-1))
                     if not torch.isfinite(loss):
@@ -363,8 +426,8 @@ def train(cfg: Config, corpus: Path | None, out: Path | None = None, val: Path |
                 p.window += 1
                 if p.window >= n_windows:  # a new epoch reads the streams from their start, from a zero state
                     p.window, p.epoch, hidden = 0, p.epoch + 1, None
-                p.tokens += y.numel()
-                window_tokens += y.numel()
+                p.tokens += y.numel() * dist.world
+                window_tokens += y.numel() * dist.world
                 last_loss = loss.item()
                 loss_sum += last_loss
                 loss_count += 1
@@ -373,21 +436,21 @@ def train(cfg: Config, corpus: Path | None, out: Path | None = None, val: Path |
                 if p.step % t.log_interval == 0:
                     now = time.perf_counter()
                     tps = window_tokens / max(now - window_start, 1e-9)
+                    loss_sum, loss_count = dist.sum([loss_sum, float(loss_count)])  # the global batch's loss
                     mean = loss_sum / loss_count
-                    record = {"step": p.step, "epoch": round(p.epoch + p.window / n_windows, 4),
-                              "elapsed": round(p.elapsed, 3), "train_loss": mean, "lr": lr,
-                              "grad_norm": float(grad_norm), "tokens_per_second": tps}
-                    log.write(record)
+                    log.write({"step": p.step, "epoch": round(p.epoch + p.window / n_windows, 4),
+                               "elapsed": round(p.elapsed, 3), "train_loss": mean, "lr": lr,
+                               "grad_norm": float(grad_norm), "tokens_per_second": tps})
                     rate = (f"bpc={mean / LN2:.3f}" if cfg.data.level == "char"
                             else f"ppl={math.exp(min(mean, 50)):.1f}")
                     bar.set_postfix_str(f"loss={mean:.3f} {rate} tok/s={tps:,.0f} lr={lr:.2e}")
-                    if not interactive and show_progress:
+                    if show_progress and not interactive:
                         print(f"step {p.step} loss {mean:.4f} {rate} tok/s {tps:,.0f} lr {lr:.3g} "
                               f"elapsed {p.elapsed:.0f}s", file=log_stream, flush=True)
                     window_start, window_tokens, loss_sum, loss_count = now, 0, 0.0, 0
                 if t.eval_interval and p.step % t.eval_interval == 0:
                     val_loss = validate(t.eval_tokens)
-                    if val_loss is not None and not interactive and show_progress:
+                    if val_loss is not None and show_progress and not interactive:
                         print(f"step {p.step} val_loss {val_loss:.4f}", file=log_stream, flush=True)
                     after_validation(val_loss)
                     p.elapsed = start_elapsed + time.perf_counter() - clock
@@ -397,23 +460,20 @@ def train(cfg: Config, corpus: Path | None, out: Path | None = None, val: Path |
                 name = "SIGINT" if signals.received == signal.SIGINT else "SIGTERM"
                 raise Interrupted(f"interrupted by {name} at step {p.step}; saved {run_dir / 'last'} "
                                   f"(continue with --resume {run_dir})", code)
+            last_loss = dist.sum([last_loss])[0] / dist.world
             final_val = validate(None)
             after_validation(final_val)
     finally:
         bar.close()
         log.close()
 
-    val_bpc = bits_per_char(final_val) if final_val is not None else None
     trained = max(p.elapsed - start_elapsed, 1e-9)
-    tokens_this_run = p.tokens - (trainer_state["progress"]["tokens"] if trainer_state else 0)
     best = p.best_val_loss if math.isfinite(p.best_val_loss) else None
-    result = TrainResult(str(run_dir), p.step, p.epoch + p.window / n_windows, last_loss, final_val, best, val_bpc,
+    result = TrainResult(str(run_dir), p.step, p.epoch + p.window / n_windows, last_loss, final_val, best,
+                         bits_per_char(final_val) if final_val is not None else None,
                          math.exp(min(final_val, 700)) if final_val is not None else None,
-                         tokens_this_run / trained, p.elapsed, n_params, stopped_by or "done")
-    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
-        fh.write(json.dumps({"event": "end", **asdict(result)}) + "\n")
+                         (p.tokens - start_tokens) / trained, p.elapsed, n_params, stopped_by or "done")
+    if dist.is_main:
+        with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"event": "end", **asdict(result)}) + "\n")
     return result
-
-
-class _NonFinite(Exception):
-    pass
