@@ -27,6 +27,7 @@ import io
 import json
 import math
 import os
+import shutil
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
@@ -83,10 +84,11 @@ def _safe_cut(text: str, level: str) -> int:
     nl = text.rfind("\n")
     if nl >= 0:
         return nl + 1
-    if level == "word":  # a word never spans white space
-        for i in range(len(text) - 1, 0, -1):
+    if level == "word":  # a word never spans white space; without any, wait for more text
+        for i in range(len(text) - 1, -1, -1):
             if text[i].isspace() and text[i] != "\r":
                 return i + 1
+        return 0
     i = len(text) - 1
     while i > 0 and (unicodedata.combining(text[i]) or text[i] == "\r"):
         i -= 1
@@ -142,7 +144,7 @@ def split_point(path: Path, fraction: float) -> int:
     if fraction <= 0 or size == 0:
         return size
     with open(path, "rb") as fh:
-        cut = int(size * (1 - fraction))
+        cut = max(int(size * (1 - fraction)) - 1, 0)  # from the byte before: a cut at a line start stays there
         fh.seek(cut)
         while True:
             block = fh.read(1 << 16)
@@ -174,15 +176,19 @@ class StreamEncoder:
         self.unk = 0
         self.chars = 0
         self.ends_line = True
+        self.nonblank = False   # seen anything but white space
         self._pending_cr = False
         if codec.tokenizer.level == "char":
             singles = {ord(t): i for i, t in enumerate(codec.vocab.tokens) if len(t) == 1 and t not in SPECIALS}
-            top = max(singles, default=0) + 1
+            top = max(max(singles, default=0), ord("\n")) + 1
             table = torch.full((top + 1,), UNK_ID, dtype=torch.int32)  # last slot: any code point beyond
             for point, i in singles.items():
                 table[point] = i
-            table[ord("\n")] = EOS_ID if top > ord("\n") else UNK_ID
+            table[ord("\n")] = EOS_ID
             self._table, self._top = table, top
+            # ASCII text skips decoding entirely: bytes.translate maps each byte to its id at memcpy speed.
+            ascii_ids = [int(table[min(b, top)]) for b in range(128)] + [UNK_ID] * 128
+            self._ascii = bytes(ascii_ids) if self.dtype == torch.uint8 else None
 
     def encode(self, text: str) -> Tensor:
         """Ids of a piece of text: '\\n' (or '\\r\\n') ends a line and becomes `<eos>`."""
@@ -196,10 +202,13 @@ class StreamEncoder:
             return torch.zeros(0, dtype=self.dtype)
         self.chars += len(text)
         self.ends_line = text.endswith("\n")
+        self.nonblank = self.nonblank or not text.isspace()
         if self.codec.tokenizer.level == "char":
-            points = torch.frombuffer(bytearray(text.encode("utf-32-le")), dtype=torch.int32)
-            ids = self._table.index_select(0, points.clamp(max=self._top))
-            ids[points == ord("\n")] = EOS_ID
+            if self._ascii is not None and text.isascii():
+                ids = torch.frombuffer(bytearray(text.encode("ascii").translate(self._ascii)), dtype=torch.uint8)
+            else:
+                points = torch.frombuffer(bytearray(text.encode("utf-32-le")), dtype=torch.int32)
+                ids = self._table.index_select(0, points.clamp_(max=self._top))
         else:
             out: list[int] = []
             lines = text.split("\n")
@@ -248,8 +257,10 @@ def count_vocabulary(path: Path, cfg: DataConfig, start: int, end: int, progress
     for piece in iter_text(path, start, end, cfg.encoding, cfg.errors, cfg.level, progress):
         piece = normalize(piece, cfg.lowercase)
         if cfg.level == "char":
-            points = torch.frombuffer(bytearray(piece.encode("utf-32-le")), dtype=torch.int32)
-            found = torch.bincount(points)
+            if piece.isascii():
+                found = torch.bincount(torch.frombuffer(bytearray(piece.encode("ascii")), dtype=torch.uint8))
+            else:
+                found = torch.bincount(torch.frombuffer(bytearray(piece.encode("utf-32-le")), dtype=torch.int32))
             if found.numel() > dense.numel():
                 dense = torch.cat([dense, torch.zeros(found.numel() - dense.numel(), dtype=torch.int64)])
             dense[: found.numel()] += found
@@ -359,12 +370,11 @@ def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextC
     cut = size if val is not None else split_point(corpus, cfg.val_fraction)
     total = size + (val.stat().st_size if val is not None else 0)
     bar = _progress_bar(total * (2 if codec is None else 1), show_progress)
+    tmp = folder / f".tmp-{os.getpid()}"
     try:
         if codec is None:
             codec = build_vocabulary(count_vocabulary(corpus, cfg, 0, cut, bar.update), cfg)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".tmp-{os.getpid()}"
-        tmp.mkdir(exist_ok=True)
+        tmp.mkdir(parents=True, exist_ok=True)
         with open(tmp / "train.bin", "wb") as out:
             train_enc = encode_to_file(corpus, cfg, codec, 0, cut, out, bar.update)
         with open(tmp / "val.bin", "wb") as out:
@@ -372,9 +382,13 @@ def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextC
                 val_enc = encode_to_file(val, cfg, codec, 0, None, out, bar.update)
             else:
                 val_enc = encode_to_file(corpus, cfg, codec, cut, size, out, bar.update)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     finally:
         bar.close()
-    if train_enc.chars == 0 or not _has_text(train_enc):
+    if not _has_text(train_enc):
+        shutil.rmtree(tmp, ignore_errors=True)
         raise UsageError(f"corpus {corpus} is empty (or white space only): nothing to learn from")
     val_tokens = val_enc.tokens + 1 if val_enc.chars and val_enc.tokens else 0
     meta = {"format": CACHE_FORMAT, "dtype": str(train_enc.dtype).replace("torch.", ""),
@@ -393,7 +407,7 @@ def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextC
 
 
 def _has_text(enc: StreamEncoder) -> bool:
-    return enc.tokens > 0 and enc.chars > 0
+    return enc.tokens > 0 and enc.nonblank
 
 
 def _progress_bar(total: int, show: bool):
@@ -455,7 +469,7 @@ def split_text(text: str, fraction: float) -> tuple[str, str]:
     raw = text.encode("utf-8")
     if fraction <= 0 or not raw:
         return text, ""
-    cut = int(len(raw) * (1 - fraction))
+    cut = max(int(len(raw) * (1 - fraction)) - 1, 0)
     nl = raw.find(b"\n", cut)
     if nl < 0:
         return text, ""

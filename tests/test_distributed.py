@@ -1,0 +1,105 @@
+"""Data-parallel training with torchrun on the CPU (gloo), two processes on this machine."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+CONFIG = """\
+data: {level: char, val_fraction: 0.1}
+model: {cell: lstm, impl: torch, embedding_size: 8, hidden_size: 16, device: cpu}
+train: {batch_size: 4, seq_len: 8, lr: 0.01, schedule: constant, eval_interval: 5, log_interval: 5, seed: 7}
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("ddp")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"the cat {i % 7} sat on the mat {i % 5}\n" for i in range(60)), encoding="utf-8")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(CONFIG, encoding="utf-8")
+    return tmp_path, corpus, config
+
+
+@pytest.fixture(scope="module")
+def two_process_run(setup):
+    """10 steps on two processes: shared by the tests below, since each torchrun start costs seconds."""
+    tmp, corpus, config = setup
+    result = charlm(["--config", str(config), "--corpus", str(corpus), "--out", str(tmp / "two"),
+                     "--max-steps", "10"], tmp, nproc=2)
+    assert result.returncode == 0, result.stderr
+    return tmp / "two"
+
+
+def charlm(args, cwd, nproc=1, env=None, timeout=240):
+    cmd = [sys.executable, "-m", "charlm", "train", *args, "--quiet"]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "charlm", "train", *args, "--quiet"]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "CHARLM_DIST_TIMEOUT": "60", **(env or {})}
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def weights(run: Path, which: str = "last") -> dict[str, torch.Tensor]:
+    return load_file(str(run / which / "model.safetensors"))
+
+
+def assert_close(a: dict, b: dict, tol: float = 1e-5) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=tol, rtol=0, msg=k)
+
+
+def test_two_processes_give_the_weights_of_one_with_the_same_global_batch(setup, two_process_run):
+    tmp, corpus, config = setup
+    one = charlm(["--config", str(config), "--corpus", str(corpus), "--max-steps", "10", "--out", str(tmp / "one")], tmp)
+    assert one.returncode == 0, one.stderr
+    assert_close(weights(tmp / "one"), weights(two_process_run))
+    # only rank 0 wrote the log: one start line, not two
+    log = (two_process_run / "metrics.jsonl").read_text().splitlines()
+    assert sum('"event": "start"' in line for line in log) == 1
+
+
+def test_a_two_process_run_resumes_to_the_same_weights(setup, two_process_run):
+    tmp, corpus, config = setup
+    first = charlm(["--config", str(config), "--corpus", str(corpus), "--out", str(tmp / "split"),
+                    "--max-steps", "5"], tmp, nproc=2)
+    assert first.returncode == 0, first.stderr
+    second = charlm(["--resume", str(tmp / "split"), "--max-steps", "10"], tmp, nproc=2)
+    assert second.returncode == 0, second.stderr
+    assert_close(weights(two_process_run), weights(tmp / "split"))
+
+
+def test_a_rank_that_fails_ends_the_whole_job(setup):
+    tmp, corpus, config = setup
+    hook = tmp / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(textwrap.dedent("""
+        import os
+        if os.environ.get("RANK") == "1":
+            import charlm.train
+            def broken(*args, **kwargs):
+                raise RuntimeError("injected failure on rank 1")
+            charlm.train.evaluate = broken
+    """))
+    env = {"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
+    result = charlm(["--config", str(config), "--corpus", str(corpus), "--out", str(tmp / "failing"),
+                     "--max-steps", "12"], tmp, nproc=2, env=env, timeout=180)
+    assert result.returncode != 0
+    assert "injected failure on rank 1" in result.stderr
+
+
+def test_batch_not_divisible_by_processes_is_refused(setup):
+    tmp, corpus, config = setup
+    result = charlm(["--config", str(config), "--corpus", str(corpus), "--out", str(tmp / "odd"),
+                     "--set", "train.batch_size=3", "--max-steps", "2"], tmp, nproc=2)
+    assert result.returncode != 0
+    assert "multiple of the number of processes" in result.stderr
