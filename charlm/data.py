@@ -65,7 +65,7 @@ def _encode_chars(codec: TextCodec, text: str) -> Tensor:
     """
     text = normalize(text, codec.tokenizer.lowercase).replace("\r\n", "\n")
     if text.endswith("\r"):
-        text = text[:-1]
+        text = text[:-1] + "\n"  # a final '\r' ends the last line, as in Tokenizer.lines ("a\n\r": two lines)
     if not text:
         return torch.zeros(0, dtype=torch.int64)
     if not text.endswith("\n"):
