@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny corpora written into tmp_path, tiny configs, one tiny trained run.
+
+Everything here is small enough to run in seconds on a CPU; nothing reads or
+writes outside pytest's temporary folders.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from charlm.config import load_config
+from charlm.tokenizer import TextCodec, Tokenizer, Vocabulary
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+# A few short lines with repeats, so a small model learns something in a few steps.
+TINY_TEXT = "the cat sat on the mat.\nthe dog sat on the log.\na cat and a dog.\n" * 12
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def write_corpus(tmp_path):
+    """write_corpus(text, name='corpus.txt') -> Path of a UTF-8 file holding `text`."""
+
+    def write(text: str, name: str = "corpus.txt") -> Path:
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8", newline="")
+        return path
+
+    return write
+
+
+def tiny_config(**fields):
+    """A small, fast Config; keyword arguments are 'section__field' overrides (train__max_steps=5)."""
+    extra = {
+        "data.val_fraction": 0.1,
+        "model.embedding_size": 16, "model.hidden_size": 32, "model.device": "cpu",
+        "train.batch_size": 4, "train.seq_len": 16, "train.lr": 0.01, "train.max_steps": 20,
+        "train.eval_interval": 10, "train.log_interval": 5, "train.seed": 0,
+    }
+    extra.update({k.replace("__", "."): v for k, v in fields.items()})
+    return load_config(None, None, extra)
+
+
+@pytest.fixture
+def make_config():
+    return tiny_config
+
+
+def char_codec(symbols: str) -> TextCodec:
+    """A character-level codec whose vocabulary is <unk>, <eos> and `symbols` in that order."""
+    return TextCodec(Tokenizer("char"), Vocabulary(["<unk>", "<eos>", *symbols]))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A run folder trained for a few steps on TINY_TEXT (shared, read-only for the tests that use it)."""
+    from charlm.train import train
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    corpus = root / "corpus.txt"
+    corpus.write_text(TINY_TEXT, encoding="utf-8")
+    run_dir = root / "run"
+    result = train(tiny_config(), corpus, out=run_dir, show_progress=False)
+    return {"run_dir": run_dir, "corpus": corpus, "result": result}

@@ -1,0 +1,165 @@
+"""From text to id streams and BPTT windows: the fast char encoder, splits, batching, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from charlm.config import DataConfig
+from charlm.data import (batchify, char_count, check_trainable, encode, eval_streams, prepare, read_text,
+                         split_text, window, windows_per_epoch)
+from charlm.errors import UsageError
+from charlm.tokenizer import EOS_ID, UNK_ID, TextCodec, Tokenizer, Vocabulary, count_tokens
+
+TRICKY = [
+    "",
+    "\n",
+    "\n\n",
+    "plain\ntext\n",
+    "no final newline",
+    "windows\r\nline ends\r\n",
+    "windows without final\r\nnewline",
+    "lone\rcarriage return inside",
+    "ends in carriage return\r",
+    "two at the end\r\r",
+    "a\r\r\n",
+    "newline then cr\n\r",
+    "\r",
+    "unknown: Ωμέγα ✓ and ☃\n",
+    "astral emoji 😀🐍🎉 and 𝔘𝔫𝔦 outside the BMP\nand 🏽 modifiers 👍🏽\n",
+    "decomposed e\u0301 and composed \u00e9\n",
+    "中文字符和 mixed 文本\r\n第二行",
+    "   leading and trailing spaces   \n\t tab\n",
+]
+
+
+def char_codec_from(text: str, lowercase: bool = False) -> TextCodec:
+    tokenizer = Tokenizer("char", lowercase=lowercase)
+    return TextCodec(tokenizer, Vocabulary.build(count_tokens(tokenizer, text)))
+
+
+@pytest.mark.parametrize("text", TRICKY)
+@pytest.mark.parametrize("lowercase", [False, True])
+def test_fast_char_encoder_matches_encode_text(text, lowercase):
+    # The vocabulary knows only part of the characters, so unknown ones (<unk>) appear too.
+    codec = char_codec_from("plain text windows 中文 😀 é ABC\n", lowercase)
+    fast = encode(codec, text)
+    assert fast.dtype == torch.int64
+    assert fast[0].item() == EOS_ID
+    assert fast[1:].tolist() == codec.encode_text(text).ids
+
+
+def test_fast_char_encoder_matches_on_a_vocabulary_with_every_character():
+    text = "".join(TRICKY)
+    codec = char_codec_from(text)
+    assert encode(codec, text)[1:].tolist() == codec.encode_text(text).ids
+    assert UNK_ID in encode(char_codec_from("x"), text).tolist()
+
+
+def test_word_level_encode_starts_with_eos_and_matches_encode_text():
+    tokenizer = Tokenizer("word")
+    text = "the cat sat.\n猫が座った\n"
+    codec = TextCodec(tokenizer, Vocabulary.build(count_tokens(tokenizer, "the cat")))
+    ids = encode(codec, text)
+    assert ids.tolist() == [EOS_ID] + codec.encode_text(text).ids
+
+
+def test_char_count_counts_each_line_end_once():
+    assert char_count("ab\r\ncd") == 6  # a b \n c d + the missing final line end
+    assert char_count("ab\n") == 3
+    assert char_count("") == 0
+
+
+# ---------------------------------------------------------------- reading files
+def test_read_text_missing_file_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="not found") as info:
+        read_text(tmp_path / "missing.txt")
+    assert info.value.exit_code == 2
+
+
+def test_read_text_names_the_offset_of_bad_utf8(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("abc caf\u00e9".encode("latin-1"))
+    with pytest.raises(UsageError, match="byte offset 7"):
+        read_text(path)
+    assert read_text(path, errors="replace") == "abc caf\ufffd"
+    assert read_text(path, encoding="latin-1") == "abc caf\u00e9"
+
+
+def test_read_text_refuses_binary_files_and_folders(tmp_path):
+    path = tmp_path / "blob.bin"
+    path.write_bytes(b"ab\x00cd")
+    with pytest.raises(UsageError, match="binary"):
+        read_text(path)
+    with pytest.raises(UsageError, match="folder"):
+        read_text(tmp_path)
+
+
+# ---------------------------------------------------------------- splits
+def test_split_text_cuts_at_a_line_boundary():
+    text = "".join(f"line {i}\n" for i in range(10))
+    train, val = split_text(text, 0.25)
+    assert train + val == text
+    assert train.endswith("\n") and val
+    assert 0.15 < len(val) / len(text) < 0.35
+
+
+def test_split_text_with_zero_fraction_keeps_everything():
+    assert split_text("a\nb\n", 0.0) == ("a\nb\n", "")
+
+
+def test_vocabulary_comes_from_the_training_split_only(write_corpus):
+    corpus = write_corpus("aaaa\nbbbb\n" * 9 + "zzzz\n")
+    splits = prepare(DataConfig(val_fraction=0.1), corpus)
+    assert "z" not in splits.codec.vocab.tokens
+    assert splits.val is not None and (splits.val == UNK_ID).sum().item() == 4
+
+
+def test_separate_validation_file(write_corpus):
+    corpus = write_corpus("abab\n" * 5)
+    val = write_corpus("ba\n", "val.txt")
+    splits = prepare(DataConfig(), corpus, val)
+    assert splits.train.numel() == 1 + 5 * 5
+    assert splits.val.tolist() == [EOS_ID, splits.codec.vocab.id("b"), splits.codec.vocab.id("a"), EOS_ID]
+    assert splits.val_chars == 3
+
+
+def test_empty_corpus_is_refused(write_corpus):
+    with pytest.raises(UsageError, match="empty"):
+        prepare(DataConfig(), write_corpus(" \n\n"))
+
+
+# ---------------------------------------------------------------- batches and windows
+def test_batchify_makes_parallel_rows_and_drops_the_tail():
+    ids = torch.arange(11)
+    rows = batchify(ids, 3)
+    assert rows.tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+
+
+def test_windows_give_targets_one_step_ahead_and_cover_each_row():
+    rows = batchify(torch.arange(22), 2)  # (2, 11)
+    n = windows_per_epoch(rows, 4)
+    assert n == 3  # targets 1..10 in windows of 4, 4, 2
+    inputs, targets = zip(*(window(rows, i, 4) for i in range(n)))
+    assert [x.shape[1] for x in inputs] == [4, 4, 2]
+    x, y = torch.cat(inputs, dim=1), torch.cat(targets, dim=1)
+    assert torch.equal(x, rows[:, :-1]) and torch.equal(y, rows[:, 1:])
+
+
+def test_check_trainable_refuses_a_corpus_too_short_for_one_window():
+    check_trainable(torch.zeros(2 * 5), batch_size=2, seq_len=4)
+    with pytest.raises(UsageError, match="too short"):
+        check_trainable(torch.zeros(2 * 5 - 1), batch_size=2, seq_len=4)
+
+
+@pytest.mark.parametrize("streams", [1, 2, 3, 7, 50])
+def test_eval_streams_score_every_token_exactly_once(streams):
+    ids = torch.arange(23)
+    rows, mask = eval_streams(ids, streams)
+    targets = []
+    for s in range(rows.shape[0]):
+        targets += rows[s][mask[s]].tolist()
+        # the input before each target is the token before it in the text
+        positions = mask[s].nonzero().flatten()
+        assert torch.equal(rows[s, positions - 1], rows[s, positions] - 1)
+    assert targets == list(range(1, 23))
