@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from charlm.config import load_config
+from charlm.config import ModelConfig, load_config
+from charlm.model import build_model
 from charlm.tokenizer import TextCodec, Tokenizer, Vocabulary
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -53,14 +54,20 @@ def tiny_config(**fields):
     return load_config(None, None, extra)
 
 
-@pytest.fixture
-def make_config():
-    return tiny_config
-
-
 def char_codec(symbols: str) -> TextCodec:
     """A character-level codec whose vocabulary is <unk>, <eos> and `symbols` in that order."""
     return TextCodec(Tokenizer("char"), Vocabulary(["<unk>", "<eos>", *symbols]))
+
+
+def random_model(cell: str = "lstm", impl: str = "torch", vocab_size: int = 4, scale: float = 0.7, seed: int = 0):
+    """A small model with random weights, spread wide enough that its distributions are far from uniform."""
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig(cell=cell, impl=impl, layers=2, embedding_size=4, hidden_size=5,
+                                    device="cpu", gru_form="torch"), vocab_size)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, scale)
+    return model.eval()
 
 
 @pytest.fixture(scope="session")

@@ -8,23 +8,10 @@ import math
 import pytest
 import torch
 
-from charlm.config import ModelConfig
 from charlm.errors import UsageError
-from charlm.model import build_model
 from charlm.score import evaluate_file, score_sentences
 from charlm.tokenizer import EOS_ID, UNK_ID, TextCodec, Tokenizer, Vocabulary, count_tokens
-from conftest import char_codec
-
-
-def random_model(cell: str = "lstm", impl: str = "torch", vocab_size: int = 4, scale: float = 0.7, seed: int = 0):
-    """A small model with random weights, spread wide enough that its distributions are far from uniform."""
-    torch.manual_seed(seed)
-    model = build_model(ModelConfig(cell=cell, impl=impl, layers=2, embedding_size=4, hidden_size=5,
-                                    device="cpu", gru_form="torch"), vocab_size)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, scale)
-    return model.eval()
+from conftest import char_codec, random_model
 
 
 def prefix_logprobs(model, prefixes: list[list[int]]) -> torch.Tensor:
