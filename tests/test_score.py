@@ -93,6 +93,14 @@ def test_score_fields_are_consistent():
     assert r.perplexity_no_oov == pytest.approx(math.exp(-sum(known) / 3))
 
 
+def test_decomposed_accents_score_like_composed_ones():
+    codec = char_codec("ab\u00e9")
+    model = random_model(vocab_size=len(codec.vocab))
+    composed, decomposed = score_sentences(model, codec, ["ab\u00e9a", "abe\u0301a"])
+    assert decomposed.oov == 0
+    assert decomposed.token_logprobs == composed.token_logprobs
+
+
 def test_word_level_scores_words_with_unk_counted():
     tokenizer = Tokenizer("word")
     codec = TextCodec(tokenizer, Vocabulary.build(count_tokens(tokenizer, "the cat sat 猫")))

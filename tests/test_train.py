@@ -154,3 +154,21 @@ def test_learning_rate_warms_up_then_follows_the_cosine():
     assert learning_rate(cfg, Progress(step=110), 1.0) == pytest.approx(0.1)
     cfg.train.schedule = "constant"
     assert learning_rate(cfg, Progress(step=60, plateau_scale=0.5), 60 / 110) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("level", ["char", "word"])
+def test_chinese_and_emoji_corpus_trains_samples_and_scores(write_corpus, tmp_path, level):
+    from charlm.checkpoint import load_run
+    from charlm.sample import generate
+    from charlm.score import score_sentences
+
+    text = "我爱北京天安门 😀\n北京欢迎你，朋友 🐍\nthe cat sat 北京\n" * 20
+    cfg = tiny_config(data__level=level, train__max_steps=30, train__seq_len=8)
+    result = train(cfg, write_corpus(text), out=tmp_path / "run", show_progress=False)
+    assert math.isfinite(result.val_loss)
+    model, codec, _ = load_run(tmp_path / "run")
+    assert codec.tokenizer.level == level and "北" in codec.vocab.tokens and "😀" in codec.vocab.tokens
+    (score,) = score_sentences(model, codec, ["北京欢迎你 😀"])
+    assert score.oov == 0 and math.isfinite(score.logprob)
+    samples = generate(model, codec, max_length=20, num_samples=3, seed=0)
+    assert all("<unk>" not in s.tokens for s in samples)
