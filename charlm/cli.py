@@ -95,7 +95,7 @@ def train(
     max_epochs: Annotated[Optional[float], typer.Option(help="Stop after this many epochs (train.max_epochs).")] = None,
     max_time: Annotated[Optional[float], typer.Option(help="Wall-clock budget in seconds (train.max_time).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config field: section.field=value (repeatable).")] = None,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Folder for token files, reused while the corpus and tokenizer settings are unchanged.")] = Path(".charlm-cache"),
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Folder for token files, reused while the corpus and tokenizer settings are unchanged (default: $CHARLM_CACHE_DIR, else .charlm-cache).")] = None,
     nproc: Annotated[int, typer.Option(help="Train data-parallel on this many local processes (launches torchrun).")] = 1,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or log lines.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,

@@ -114,6 +114,12 @@ def _check_value(section: str, f: dataclasses.Field, value: Any) -> Any:
             return None
         raise UsageError(f"config: {name} must not be empty")
     base = kind.split("|")[0].strip()
+    if base in ("int", "float") and isinstance(value, str):
+        # PyYAML follows YAML 1.1, which reads 1e-3 (no dot) as text: take such numbers as numbers.
+        try:
+            value = float(value.strip())
+        except ValueError:
+            pass
     if base == "bool":
         if not isinstance(value, bool):
             raise UsageError(f"config: {name} must be true or false, got {value!r}")

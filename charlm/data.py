@@ -226,9 +226,9 @@ class StreamEncoder:
 
     def finish(self) -> Tensor:
         """The final `<eos>` of a text that does not end with a newline."""
-        if self._pending_cr:
+        if self._pending_cr or (self.chars and not self.ends_line):
+            # a final '\r' ends a line too, as in Tokenizer.lines ("a\n\r" is two lines)
             self._pending_cr = False
-        if self.chars and not self.ends_line:
             self.ends_line = True
             self.tokens += 1
             self.chars += 1
@@ -345,8 +345,8 @@ def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextC
     """Tokenize a corpus (and validation file) into token files, or reuse them; map them into memory.
 
     The vocabulary comes from the training split only, unless `codec` is given
-    (a resumed run keeps its own). Token files live in `cache_dir` (default
-    `.charlm-cache` in the working folder) under a key of the corpus's SHA-256
+    (a resumed run keeps its own). Token files live in `cache_dir` (default:
+    $CHARLM_CACHE_DIR, else `.charlm-cache` in the working folder) under a key of the corpus's SHA-256
     and every setting that changes the ids.
     """
     corpus = check_text_file(corpus)
@@ -354,7 +354,9 @@ def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextC
         val = check_text_file(val)
     digest = file_sha256(corpus)
     val_digest = file_sha256(val) if val is not None else None
-    folder = Path(cache_dir if cache_dir is not None else ".charlm-cache") / _cache_key(cfg, digest, val_digest, codec)
+    if cache_dir is None:
+        cache_dir = os.environ.get("CHARLM_CACHE_DIR") or ".charlm-cache"
+    folder = Path(cache_dir) / _cache_key(cfg, digest, val_digest, codec)
     meta_path = folder / "meta.json"
     if meta_path.exists():
         try:

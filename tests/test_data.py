@@ -1,140 +1,165 @@
-"""Streaming tokenization, the token-file cache and the BPTT batching."""
+"""From text to id streams and BPTT windows: the fast char encoder, splits, batching, errors."""
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from charlm import data
 from charlm.config import DataConfig
+from charlm.data import (batchify, char_count, check_trainable, encode, eval_streams, prepare, read_text,
+                         split_text, window, windows_per_epoch)
 from charlm.errors import UsageError
-from charlm.tokenizer import EOS_ID, UNK_ID
+from charlm.tokenizer import EOS_ID, UNK_ID, TextCodec, Tokenizer, Vocabulary, count_tokens
 
-TRICKY = "Hello, world!\r\nÉté\u0301 naïve 😀 emoji\n中文也可以。\n\nlast line without newline"
-
-
-def write(path: Path, text: str) -> Path:
-    path.write_bytes(text.encode("utf-8"))
-    return path
-
-
-@pytest.mark.parametrize("level", ["char", "word"])
-@pytest.mark.parametrize("block", [3, 7, 1 << 20])
-def test_streaming_prepare_matches_in_memory_encoding(tmp_path, monkeypatch, level, block):
-    monkeypatch.setattr(data, "BLOCK_BYTES", block)  # tiny blocks split lines and multi-byte characters
-    cfg = DataConfig(level=level, val_fraction=0.0)
-    corpus = write(tmp_path / "c.txt", TRICKY * 3)
-    splits = data.prepare(cfg, corpus, cache_dir=tmp_path / "cache")
-    text = corpus.read_bytes().decode("utf-8")
-    codec = data.build_codec(cfg, text)
-    assert splits.codec.vocab.tokens == codec.vocab.tokens
-    assert torch.equal(splits.train.long(), data.encode(codec, text))
-    assert splits.train[0] == EOS_ID and splits.train[-1] == EOS_ID
-    assert splits.train_chars == data.char_count(text)
-
-
-def test_validation_split_is_the_last_fraction_at_a_line_boundary(tmp_path):
-    lines = [f"line number {i}" for i in range(100)]
-    corpus = write(tmp_path / "c.txt", "\n".join(lines) + "\n")
-    cfg = DataConfig(level="char", val_fraction=0.1)
-    splits = data.prepare(cfg, corpus, cache_dir=tmp_path / "cache")
-    train_text, val_text = data.split_text(corpus.read_text(encoding="utf-8"), 0.1)
-    assert val_text and val_text.startswith("line number") and train_text.endswith("\n")
-    assert torch.equal(splits.val.long(), data.encode(splits.codec, val_text))
-    assert torch.equal(splits.train.long(), data.encode(splits.codec, train_text))
+TRICKY = [
+    "",
+    "\n",
+    "\n\n",
+    "plain\ntext\n",
+    "no final newline",
+    "windows\r\nline ends\r\n",
+    "windows without final\r\nnewline",
+    "lone\rcarriage return inside",
+    "ends in carriage return\r",
+    "two at the end\r\r",
+    "a\r\r\n",
+    "newline then cr\n\r",
+    "\r",
+    "unknown: Ωμέγα ✓ and ☃\n",
+    "astral emoji 😀🐍🎉 and 𝔘𝔫𝔦 outside the BMP\nand 🏽 modifiers 👍🏽\n",
+    "decomposed e\u0301 and composed \u00e9\n",
+    "中文字符和 mixed 文本\r\n第二行",
+    "   leading and trailing spaces   \n\t tab\n",
+]
 
 
-def test_vocabulary_comes_from_the_training_split_only(tmp_path):
-    corpus = write(tmp_path / "c.txt", "aaaa\nbbbb\n" * 20 + "zzzz\n")
-    splits = data.prepare(DataConfig(val_fraction=0.02), corpus, cache_dir=tmp_path / "cache")
+def char_codec_from(text: str, lowercase: bool = False) -> TextCodec:
+    tokenizer = Tokenizer("char", lowercase=lowercase)
+    return TextCodec(tokenizer, Vocabulary.build(count_tokens(tokenizer, text)))
+
+
+@pytest.mark.parametrize("text", TRICKY)
+@pytest.mark.parametrize("lowercase", [False, True])
+def test_fast_char_encoder_matches_encode_text(text, lowercase):
+    # The vocabulary knows only part of the characters, so unknown ones (<unk>) appear too.
+    codec = char_codec_from("plain text windows 中文 😀 é ABC\n", lowercase)
+    fast = encode(codec, text)
+    assert fast.dtype == torch.int64
+    assert fast[0].item() == EOS_ID
+    assert fast[1:].tolist() == codec.encode_text(text).ids
+
+
+def test_fast_char_encoder_matches_on_a_vocabulary_with_every_character():
+    text = "".join(TRICKY)
+    codec = char_codec_from(text)
+    assert encode(codec, text)[1:].tolist() == codec.encode_text(text).ids
+    assert UNK_ID in encode(char_codec_from("x"), text).tolist()
+
+
+def test_word_level_encode_starts_with_eos_and_matches_encode_text():
+    tokenizer = Tokenizer("word")
+    text = "the cat sat.\n猫が座った\n"
+    codec = TextCodec(tokenizer, Vocabulary.build(count_tokens(tokenizer, "the cat")))
+    ids = encode(codec, text)
+    assert ids.tolist() == [EOS_ID] + codec.encode_text(text).ids
+
+
+def test_char_count_counts_each_line_end_once():
+    assert char_count("ab\r\ncd") == 6  # a b \n c d + the missing final line end
+    assert char_count("ab\n") == 3
+    assert char_count("") == 0
+
+
+# ---------------------------------------------------------------- reading files
+def test_read_text_missing_file_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="not found") as info:
+        read_text(tmp_path / "missing.txt")
+    assert info.value.exit_code == 2
+
+
+def test_read_text_names_the_offset_of_bad_utf8(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("abc caf\u00e9".encode("latin-1"))
+    with pytest.raises(UsageError, match="byte offset 7"):
+        read_text(path)
+    assert read_text(path, errors="replace") == "abc caf\ufffd"
+    assert read_text(path, encoding="latin-1") == "abc caf\u00e9"
+
+
+def test_read_text_refuses_binary_files_and_folders(tmp_path):
+    path = tmp_path / "blob.bin"
+    path.write_bytes(b"ab\x00cd")
+    with pytest.raises(UsageError, match="binary"):
+        read_text(path)
+    with pytest.raises(UsageError, match="folder"):
+        read_text(tmp_path)
+
+
+# ---------------------------------------------------------------- splits
+def test_split_text_cuts_at_a_line_boundary():
+    text = "".join(f"line {i}\n" for i in range(10))
+    train, val = split_text(text, 0.25)
+    assert train + val == text
+    assert train.endswith("\n") and val
+    assert 0.15 < len(val) / len(text) < 0.35
+
+
+def test_split_text_with_zero_fraction_keeps_everything():
+    assert split_text("a\nb\n", 0.0) == ("a\nb\n", "")
+
+
+def test_vocabulary_comes_from_the_training_split_only(write_corpus):
+    corpus = write_corpus("aaaa\nbbbb\n" * 9 + "zzzz\n")
+    splits = prepare(DataConfig(val_fraction=0.1), corpus)
     assert "z" not in splits.codec.vocab.tokens
-    assert (splits.val == UNK_ID).sum() == 4
+    assert splits.val is not None and (splits.val == UNK_ID).sum().item() == 4
 
 
-def test_token_files_are_reused_until_the_corpus_changes(tmp_path, monkeypatch):
-    corpus = write(tmp_path / "c.txt", "some text to learn\n" * 10)
-    cfg = DataConfig(val_fraction=0.1)
-    first = data.prepare(cfg, corpus, cache_dir=tmp_path / "cache")
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the corpus was tokenized again")
-
-    monkeypatch.setattr(data, "count_vocabulary", refuse)
-    again = data.prepare(cfg, corpus, cache_dir=tmp_path / "cache")
-    assert again.cache == first.cache and torch.equal(again.train, first.train)
-    write(corpus, "other text entirely\n" * 10)
-    with pytest.raises(AssertionError, match="tokenized again"):
-        data.prepare(cfg, corpus, cache_dir=tmp_path / "cache")
+def test_separate_validation_file(write_corpus):
+    corpus = write_corpus("abab\n" * 5)
+    val = write_corpus("ba\n", "val.txt")
+    splits = prepare(DataConfig(), corpus, val)
+    assert splits.train.numel() == 1 + 5 * 5
+    assert splits.val.tolist() == [EOS_ID, splits.codec.vocab.id("b"), splits.codec.vocab.id("a"), EOS_ID]
+    assert splits.val_chars == 3
 
 
-def test_changed_tokenizer_settings_get_their_own_token_files(tmp_path):
-    corpus = write(tmp_path / "c.txt", "Some Text\n" * 10)
-    a = data.prepare(DataConfig(val_fraction=0.0), corpus, cache_dir=tmp_path / "cache")
-    b = data.prepare(DataConfig(val_fraction=0.0, lowercase=True), corpus, cache_dir=tmp_path / "cache")
-    assert a.cache != b.cache
-    assert "S" in a.codec.vocab.tokens and "S" not in b.codec.vocab.tokens
-
-
-def test_token_files_use_the_smallest_integer_type(tmp_path):
-    small = write(tmp_path / "small.txt", "abc\n")
-    assert data.prepare(DataConfig(val_fraction=0.0), small, cache_dir=tmp_path / "c").train.dtype == torch.uint8
-    many = write(tmp_path / "many.txt", "".join(chr(0x4E00 + i) for i in range(400)) + "\n")
-    splits = data.prepare(DataConfig(val_fraction=0.0), many, cache_dir=tmp_path / "c")
-    assert splits.train.dtype == torch.uint16
-    assert torch.equal(splits.train.long(), data.encode(splits.codec, many.read_text(encoding="utf-8")))
-    meta = json.loads((splits.cache / "meta.json").read_text())
-    assert meta["dtype"] == "uint16" and (splits.cache / "train.bin").stat().st_size == 2 * splits.train.numel()
-
-
-def test_a_long_line_is_read_in_bounded_pieces_without_splitting_words(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "BLOCK_BYTES", 64)
-    line = " ".join(f"word{i % 50}" for i in range(2000))
-    corpus = write(tmp_path / "c.txt", line + "\n")
-    pieces = list(data.iter_text(corpus, level="word"))
-    assert len(pieces) > 10 and max(len(p) for p in pieces) < 200
-    assert "".join(pieces) == line + "\n"
-    assert all(p[-1].isspace() for p in pieces[:-1])
-    cfg = DataConfig(level="word", val_fraction=0.0)
-    splits = data.prepare(cfg, corpus, cache_dir=tmp_path / "cache")
-    assert splits.train.numel() == 2000 + 2  # <eos>, the words, <eos>
-
-
-def test_invalid_utf8_reports_the_byte_offset_across_blocks(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "BLOCK_BYTES", 16)
-    corpus = tmp_path / "bad.txt"
-    corpus.write_bytes(b"good text line\n" * 5 + b"bad \xff byte\n")
-    with pytest.raises(UsageError, match=r"byte offset 79 "):
-        data.prepare(DataConfig(), corpus, cache_dir=tmp_path / "cache")
-    replaced = data.prepare(DataConfig(errors="replace", val_fraction=0.0), corpus, cache_dir=tmp_path / "cache")
-    assert "\ufffd" in replaced.codec.vocab.tokens
-
-
-def test_empty_and_missing_corpora_are_refused(tmp_path):
-    with pytest.raises(UsageError, match="not found"):
-        data.prepare(DataConfig(), tmp_path / "missing.txt", cache_dir=tmp_path / "cache")
+def test_empty_corpus_is_refused(write_corpus):
     with pytest.raises(UsageError, match="empty"):
-        data.prepare(DataConfig(), write(tmp_path / "e.txt", " \n\t\n"), cache_dir=tmp_path / "cache")
+        prepare(DataConfig(), write_corpus(" \n\n"))
 
 
-def test_batchify_and_windows_read_each_stream_in_order():
-    ids = torch.arange(2 * 10, dtype=torch.uint8)
-    rows = data.batchify(ids, 2)
-    assert rows.tolist() == [list(range(10)), list(range(10, 20))]
-    assert data.windows_per_epoch(rows, 4) == 3
-    x, y = data.window(rows, 2, 4)  # the last window is shorter
-    assert x.dtype == torch.int64 and x.tolist() == [[8], [18]] and y.tolist() == [[9], [19]]
-    x, y = data.window(rows, 0, 4)
-    assert torch.equal(y[:, :-1], x[:, 1:])
+# ---------------------------------------------------------------- batches and windows
+def test_batchify_makes_parallel_rows_and_drops_the_tail():
+    ids = torch.arange(11)
+    rows = batchify(ids, 3)
+    assert rows.tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
 
 
-@pytest.mark.parametrize("streams", [1, 2, 3, 7])
-def test_eval_streams_cover_every_target_exactly_once(streams):
+def test_windows_give_targets_one_step_ahead_and_cover_each_row():
+    rows = batchify(torch.arange(22), 2)  # (2, 11)
+    n = windows_per_epoch(rows, 4)
+    assert n == 3  # targets 1..10 in windows of 4, 4, 2
+    inputs, targets = zip(*(window(rows, i, 4) for i in range(n)))
+    assert [x.shape[1] for x in inputs] == [4, 4, 2]
+    x, y = torch.cat(inputs, dim=1), torch.cat(targets, dim=1)
+    assert torch.equal(x, rows[:, :-1]) and torch.equal(y, rows[:, 1:])
+
+
+def test_check_trainable_refuses_a_corpus_too_short_for_one_window():
+    check_trainable(torch.zeros(2 * 5), batch_size=2, seq_len=4)
+    with pytest.raises(UsageError, match="too short"):
+        check_trainable(torch.zeros(2 * 5 - 1), batch_size=2, seq_len=4)
+
+
+@pytest.mark.parametrize("streams", [1, 2, 3, 7, 50])
+def test_eval_streams_score_every_token_exactly_once(streams):
     ids = torch.arange(23)
-    rows, mask = data.eval_streams(ids, streams)
-    targets = rows[mask].tolist()
-    assert sorted(targets) == list(range(1, 23))
-    first_inputs = rows[:, 0].tolist()
-    assert first_inputs[0] == 0
+    rows, mask = eval_streams(ids, streams)
+    targets = []
+    for s in range(rows.shape[0]):
+        targets += rows[s][mask[s]].tolist()
+        # the input before each target is the token before it in the text
+        positions = mask[s].nonzero().flatten()
+        assert torch.equal(rows[s, positions - 1], rows[s, positions] - 1)
+    assert targets == list(range(1, 23))

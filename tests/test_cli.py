@@ -1,0 +1,224 @@
+"""The command-line tool through Typer's test runner, and once for real in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from charlm.checkpoint import load_run
+from charlm.cli import app
+from charlm.score import evaluate_file, score_sentences
+from conftest import PROJECT_ROOT, TINY_TEXT
+
+TINY_CONFIG = str(PROJECT_ROOT / "configs" / "tiny.yaml")
+
+
+@pytest.fixture
+def cli():
+    runner = CliRunner()
+
+    def invoke(*args, input=None):
+        return runner.invoke(app, [str(a) for a in args], input=input)
+
+    return invoke
+
+
+def json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def assert_usage_error(result, fragment: str) -> None:
+    """Exit 2, stdout empty, and exactly one line on stderr: `charlm: error: ...`."""
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("charlm: error: ") and fragment in lines[0], lines[0]
+    assert "Traceback" not in result.output
+
+
+# ---------------------------------------------------------------- the commands
+def test_train_json_reports_the_run(cli, write_corpus, tmp_path):
+    corpus = write_corpus(TINY_TEXT)
+    out = tmp_path / "run"
+    result = cli("train", "--config", TINY_CONFIG, "--corpus", corpus, "--out", out, "--max-steps", 8,
+                 "--seed", 3, "--set", "train.eval_interval=4", "--set", "model.cell=gru", "--quiet", "--json")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["steps"] == 8 and record["stopped_by"] == "max_steps"
+    assert record["run_dir"] == str(out)
+    assert math.isfinite(record["val_loss"]) and record["parameters"] > 0
+    saved = (out / "config.yaml").read_text()
+    assert "cell: gru" in saved and "seed: 3" in saved and "max_steps: 8" in saved
+
+
+def test_train_human_output_names_the_run_folder(cli, write_corpus, tmp_path):
+    out = tmp_path / "run"
+    result = cli("train", "--config", TINY_CONFIG, "--corpus", write_corpus(TINY_TEXT), "--out", out,
+                 "--max-steps", 3, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert f"run folder      {out}" in result.stdout
+    assert "tokens/second" in result.stdout
+
+
+def test_sample_json_gives_reproducible_samples_with_logprobs(cli, tiny_run):
+    args = ("sample", tiny_run["run_dir"], "--num-samples", 3, "--seed", 7, "--max-length", 30, "--json")
+    first, second = cli(*args), cli(*args)
+    assert first.exit_code == 0, first.output
+    records = json_lines(first.stdout)
+    assert len(records) == 3
+    for r in records:
+        assert r["stopped_at"] in ("eos", "max_length") and r["logprob"] <= 0
+        assert 1 <= r["tokens"] <= 30 and "<unk>" not in r["text"]
+    assert second.stdout == first.stdout
+
+
+def test_sample_with_prime_and_greedy(cli, tiny_run):
+    result = cli("sample", tiny_run["run_dir"], "--prime", "the ", "--temperature", 0, "--max-length", 10)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("the ")
+
+
+def test_score_json_matches_the_library(cli, tiny_run):
+    sentences = ["the cat sat on the mat.", "zebra ☃"]
+    result = cli("score", tiny_run["run_dir"], *sentences, "--json", "--per-token")
+    assert result.exit_code == 0, result.output
+    records = json_lines(result.stdout)
+    model, codec, _ = load_run(tiny_run["run_dir"])
+    expected = score_sentences(model, codec, sentences)
+    assert [r["text"] for r in records] == sentences
+    for r, e in zip(records, expected):
+        assert r["logprob"] == pytest.approx(e.logprob, abs=1e-9)
+        assert r["tokens"] == len(e.tokens) and r["oov"] == e.oov
+        assert r["log10prob"] == pytest.approx(r["logprob"] / math.log(10))
+        assert [t for t, _ in r["token_logprobs"]] == e.tokens
+        assert math.fsum(lp for _, lp in r["token_logprobs"]) == pytest.approx(r["logprob"], abs=1e-9)
+    assert records[1]["oov"] >= 2  # 'z' and '☃' are not in the tiny corpus
+
+
+def test_score_reads_a_file_or_stdin(cli, tiny_run, write_corpus):
+    path = write_corpus("the cat.\na dog.\n", "sentences.txt")
+    from_file = cli("score", tiny_run["run_dir"], "--file", path, "--json")
+    from_stdin = cli("score", tiny_run["run_dir"], "--json", input="the cat.\na dog.\n")
+    assert from_file.exit_code == 0 and from_stdin.exit_code == 0
+    assert len(json_lines(from_file.stdout)) == 2
+    assert from_file.stdout == from_stdin.stdout
+
+
+def test_score_table_has_totals_and_perplexities(cli, tiny_run):
+    result = cli("score", tiny_run["run_dir"], "the cat.", "a dog.", "--per-token")
+    assert result.exit_code == 0, result.output
+    assert "Total: ln P" in result.stdout
+    assert "Perplexity including OOVs" in result.stdout and "Perplexity excluding OOVs" in result.stdout
+    assert "<eos>=" in result.stdout
+
+
+def test_eval_json_matches_the_library(cli, tiny_run):
+    result = cli("eval", tiny_run["run_dir"], "--file", tiny_run["corpus"], "--json")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    model, codec, _ = load_run(tiny_run["run_dir"])
+    expected = evaluate_file(model, codec, tiny_run["corpus"])
+    assert record["loss"] == pytest.approx(expected.loss, rel=1e-12)
+    assert record["tokens"] == expected.tokens == len(TINY_TEXT)
+    assert record["bits_per_char"] == pytest.approx(record["loss"] / math.log(2))
+
+
+def test_info_json_describes_the_run(cli, tiny_run):
+    result = cli("info", tiny_run["run_dir"], "--json")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    vocab = json.loads((tiny_run["run_dir"] / "vocab.json").read_text())["tokens"]
+    assert record["vocab_size"] == len(vocab)
+    assert record["parameters"] == tiny_run["result"].parameters
+    assert record["level"] == "char" and record["config"]["model"]["hidden_size"] == 32
+    assert record["val_loss"] == pytest.approx(tiny_run["result"].best_val_loss)
+
+
+def test_version_and_help(cli):
+    version = cli("--version")
+    assert version.exit_code == 0 and version.stdout.startswith("charlm ")
+    helped = cli("--help")
+    assert helped.exit_code == 0
+    for command in ("train", "sample", "score", "eval", "info"):
+        assert command in helped.stdout
+
+
+# ---------------------------------------------------------------- bad input: exit 2, one line
+def test_missing_corpus_is_exit_2(cli, tmp_path):
+    result = cli("train", "--config", TINY_CONFIG, "--corpus", tmp_path / "missing.txt", "--out", tmp_path / "r")
+    assert_usage_error(result, "not found")
+
+
+def test_no_corpus_at_all_is_exit_2(cli, tmp_path):
+    assert_usage_error(cli("train", "--config", TINY_CONFIG, "--out", tmp_path / "r"), "no corpus")
+
+
+def test_unknown_config_key_is_exit_2(cli, write_corpus, tmp_path):
+    result = cli("train", "--corpus", write_corpus(TINY_TEXT), "--out", tmp_path / "r", "--set", "model.cells=gru")
+    assert_usage_error(result, "unknown key model.cells")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("item,fragment", [("train.lr=-1", "train.lr must be > 0"),
+                                           ("model.dropout=1.5", "model.dropout must be < 1"),
+                                           ("model.layers=0", "model.layers must be >= 1")])
+def test_out_of_range_value_is_exit_2(cli, write_corpus, tmp_path, item, fragment):
+    result = cli("train", "--corpus", write_corpus(TINY_TEXT), "--out", tmp_path / "r", "--set", item)
+    assert_usage_error(result, fragment)
+
+
+def test_non_utf8_corpus_is_exit_2(cli, tmp_path):
+    corpus = tmp_path / "latin1.txt"
+    corpus.write_bytes("caf\u00e9\n".encode("latin-1") * 100)
+    result = cli("train", "--config", TINY_CONFIG, "--corpus", corpus, "--out", tmp_path / "r")
+    assert_usage_error(result, "not valid utf-8")
+
+
+def test_commands_on_a_folder_without_checkpoint_are_exit_2(cli, tmp_path):
+    for args in (("sample", tmp_path), ("score", tmp_path, "x"), ("eval", tmp_path, "--file", tmp_path),
+                 ("info", tmp_path)):
+        assert_usage_error(cli(*args), "no checkpoint")
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (("--temperature", "-1"), "--temperature"),
+    (("--top-p", "0"), "--top-p"),
+    (("--max-length", "0"), "--max-length"),
+    (("--checkpoint", "newest"), "--checkpoint"),
+])
+def test_bad_sample_options_are_exit_2(cli, tiny_run, args, fragment):
+    assert_usage_error(cli("sample", tiny_run["run_dir"], *args), fragment)
+
+
+def test_eval_of_a_missing_file_is_exit_2(cli, tiny_run, tmp_path):
+    assert_usage_error(cli("eval", tiny_run["run_dir"], "--file", tmp_path / "missing.txt"), "not found")
+
+
+# ---------------------------------------------------------------- a real process
+def test_train_sample_score_eval_in_a_real_process(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TINY_TEXT, encoding="utf-8")
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
+
+    def charlm(*args):
+        done = subprocess.run([sys.executable, "-m", "charlm", *map(str, args)], capture_output=True, text=True,
+                              encoding="utf-8", env=env, cwd=tmp_path, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    trained = json.loads(charlm("train", "--config", TINY_CONFIG, "--corpus", corpus, "--out", run,
+                                "--max-steps", 10, "--quiet", "--json"))
+    assert trained["steps"] == 10 and (run / "best" / "manifest.json").is_file()
+    samples = json_lines(charlm("sample", run, "--num-samples", 2, "--seed", 1, "--max-length", 20, "--json"))
+    assert len(samples) == 2
+    scores = json_lines(charlm("score", run, "the cat sat.", "--json"))
+    assert len(scores) == 1 and scores[0]["logprob"] < 0 and scores[0]["tokens"] == len("the cat sat.") + 1
+    evaluated = json.loads(charlm("eval", run, "--file", corpus, "--json"))
+    assert evaluated["tokens"] == len(TINY_TEXT) and math.isfinite(evaluated["loss"])

@@ -1,0 +1,135 @@
+"""Configuration: YAML in, validated, overrides applied; every shipped config loads."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from charlm.config import Config, describe_fields, dump_yaml, from_dict, load_config, parse_override
+from charlm.errors import UsageError
+from conftest import PROJECT_ROOT
+
+SHIPPED = sorted((PROJECT_ROOT / "configs").glob("*.yaml"))
+
+
+def test_the_project_ships_configs():
+    assert {p.name for p in SHIPPED} >= {"tiny.yaml", "char_shakespeare.yaml", "word_wikitext.yaml"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    # the YAML names only known keys: dumping and reading back gives the same config
+    assert from_dict(yaml.safe_load(dump_yaml(cfg))) == cfg
+
+
+def test_defaults_without_a_file():
+    cfg = load_config()
+    assert cfg == Config()
+    assert cfg.data.level == "char" and cfg.model.cell == "lstm"
+
+
+def test_yaml_values_override_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  cell: gru\n  hidden_size: 17\ntrain:\n  lr: 1.0e-4\n", encoding="utf-8")
+    cfg = load_config(path)
+    assert (cfg.model.cell, cfg.model.hidden_size, cfg.train.lr) == ("gru", 17, 1e-4)
+    assert cfg.model.layers == Config().model.layers
+
+
+def test_set_overrides_apply_after_the_file_with_yaml_scalars(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  cell: gru\n", encoding="utf-8")
+    cfg = load_config(path, ["model.cell=rnn", "data.level=word", "train.lr=2e-3", "model.tie_weights=false",
+                             "train.max_steps=null", "model.hidden_size=64", "model.embedding_size=64"])
+    assert cfg.model.cell == "rnn" and cfg.data.level == "word"
+    assert cfg.train.lr == 2e-3 and cfg.train.max_steps is None and cfg.model.hidden_size == 64
+
+
+def test_exponent_numbers_without_a_dot_are_numbers(tmp_path):
+    # YAML 1.1 (PyYAML) reads 3e-4 as a string; a config must still take it as a number.
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 3e-4\n  max_steps: 1e3\n", encoding="utf-8")
+    cfg = load_config(path)
+    assert cfg.train.lr == 3e-4 and cfg.train.max_steps == 1000
+    assert load_config(None, ["train.lr=1e-3"]).train.lr == 1e-3
+    with pytest.raises(UsageError, match="must be a number"):
+        load_config(None, ["train.lr=fast"])
+
+
+def test_extra_values_override_set_and_none_means_unset():
+    cfg = load_config(None, ["train.seed=1"], {"train.seed": 5, "train.max_steps": None})
+    assert cfg.train.seed == 5 and cfg.train.max_steps is None
+
+
+def test_int_fields_accept_whole_floats_and_float_fields_accept_ints():
+    cfg = from_dict({"model": {"hidden_size": 32.0}, "train": {"lr": 1}})
+    assert cfg.model.hidden_size == 32 and isinstance(cfg.model.hidden_size, int)
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+
+
+@pytest.mark.parametrize("raw,message", [
+    ({"model": {"cells": "gru"}}, "unknown key model.cells"),
+    ({"modle": {}}, "unknown section 'modle'"),
+    ({"model": {"cell": "transformer"}}, "model.cell must be one of"),
+    ({"model": {"hidden_size": 0}}, "model.hidden_size must be >= 1"),
+    ({"model": {"hidden_size": 2.5}}, "whole number"),
+    ({"model": {"dropout": 1.0}}, "model.dropout must be < 1"),
+    ({"train": {"lr": 0}}, "train.lr must be > 0"),
+    ({"train": {"lr": "fast"}}, "must be a number"),
+    ({"train": {"lr": float("nan")}}, "finite"),
+    ({"data": {"val_fraction": 0.9}}, "data.val_fraction must be <= 0.5"),
+    ({"model": {"tie_weights": "yes"}}, "true or false"),
+    ({"model": {"cell": None}}, "must not be empty"),
+    ({"model": {"tie_weights": True, "embedding_size": 8, "hidden_size": 16}}, "tie_weights"),
+    ({"model": {"device": "cpu"}, "train": {"precision": "bf16"}}, "bf16"),
+    ([1, 2], "top level"),
+])
+def test_bad_configs_are_usage_errors_naming_the_key(raw, message):
+    with pytest.raises(UsageError, match=message) as info:
+        from_dict(raw)
+    assert info.value.exit_code == 2
+    assert "\n" not in info.value.message
+
+
+@pytest.mark.parametrize("item,message", [
+    ("model.cell", "section.field=value"),
+    ("cell=gru", "section.field=value"),
+    ("optim.lr=1", "unknown section"),
+    ("model.cell=[a, b]", "single number"),
+])
+def test_bad_overrides_are_usage_errors(item, message):
+    with pytest.raises(UsageError, match=message):
+        parse_override(item)
+
+
+def test_unknown_key_in_an_override_is_refused():
+    with pytest.raises(UsageError, match="unknown key train.learning_rate"):
+        load_config(None, ["train.learning_rate=0.1"])
+
+
+def test_yaml_with_python_tags_is_refused_not_run(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("model: !!python/object/apply:os.system ['echo hacked']\n", encoding="utf-8")
+    with pytest.raises(UsageError, match="not plain YAML"):
+        load_config(path)
+
+
+def test_missing_config_file_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_empty_yaml_file_gives_the_defaults(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("", encoding="utf-8")
+    assert load_config(path) == Config()
+
+
+def test_describe_fields_covers_every_field_with_help():
+    rows = describe_fields()
+    keys = [key for key, *_ in rows]
+    expected = {f"{section}.{name}" for section, values in Config().to_dict().items() for name in values}
+    assert set(keys) == expected and len(keys) == len(expected)
+    assert all(help_text for *_, help_text in rows)

@@ -1,0 +1,140 @@
+"""Streaming tokenization, the token-file cache and the BPTT batching."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from charlm import data
+from charlm.config import DataConfig
+from charlm.errors import UsageError
+from charlm.tokenizer import EOS_ID, UNK_ID
+
+TRICKY = "Hello, world!\r\nÉté\u0301 naïve 😀 emoji\n中文也可以。\n\nlast line without newline"
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_bytes(text.encode("utf-8"))
+    return path
+
+
+@pytest.mark.parametrize("level", ["char", "word"])
+@pytest.mark.parametrize("block", [3, 7, 1 << 20])
+def test_streaming_prepare_matches_in_memory_encoding(tmp_path, monkeypatch, level, block):
+    monkeypatch.setattr(data, "BLOCK_BYTES", block)  # tiny blocks split lines and multi-byte characters
+    cfg = DataConfig(level=level, val_fraction=0.0)
+    corpus = write(tmp_path / "c.txt", TRICKY * 3)
+    splits = data.prepare(cfg, corpus, cache_dir=tmp_path / "cache")
+    text = corpus.read_bytes().decode("utf-8")
+    codec = data.build_codec(cfg, text)
+    assert splits.codec.vocab.tokens == codec.vocab.tokens
+    assert torch.equal(splits.train.long(), data.encode(codec, text))
+    assert splits.train[0] == EOS_ID and splits.train[-1] == EOS_ID
+    assert splits.train_chars == data.char_count(text)
+
+
+def test_validation_split_is_the_last_fraction_at_a_line_boundary(tmp_path):
+    lines = [f"line number {i}" for i in range(100)]
+    corpus = write(tmp_path / "c.txt", "\n".join(lines) + "\n")
+    cfg = DataConfig(level="char", val_fraction=0.1)
+    splits = data.prepare(cfg, corpus, cache_dir=tmp_path / "cache")
+    train_text, val_text = data.split_text(corpus.read_text(encoding="utf-8"), 0.1)
+    assert val_text and val_text.startswith("line number") and train_text.endswith("\n")
+    assert torch.equal(splits.val.long(), data.encode(splits.codec, val_text))
+    assert torch.equal(splits.train.long(), data.encode(splits.codec, train_text))
+
+
+def test_vocabulary_comes_from_the_training_split_only(tmp_path):
+    corpus = write(tmp_path / "c.txt", "aaaa\nbbbb\n" * 20 + "zzzz\n")
+    splits = data.prepare(DataConfig(val_fraction=0.02), corpus, cache_dir=tmp_path / "cache")
+    assert "z" not in splits.codec.vocab.tokens
+    assert (splits.val == UNK_ID).sum() == 4
+
+
+def test_token_files_are_reused_until_the_corpus_changes(tmp_path, monkeypatch):
+    corpus = write(tmp_path / "c.txt", "some text to learn\n" * 10)
+    cfg = DataConfig(val_fraction=0.1)
+    first = data.prepare(cfg, corpus, cache_dir=tmp_path / "cache")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the corpus was tokenized again")
+
+    monkeypatch.setattr(data, "count_vocabulary", refuse)
+    again = data.prepare(cfg, corpus, cache_dir=tmp_path / "cache")
+    assert again.cache == first.cache and torch.equal(again.train, first.train)
+    write(corpus, "other text entirely\n" * 10)
+    with pytest.raises(AssertionError, match="tokenized again"):
+        data.prepare(cfg, corpus, cache_dir=tmp_path / "cache")
+
+
+def test_changed_tokenizer_settings_get_their_own_token_files(tmp_path):
+    corpus = write(tmp_path / "c.txt", "Some Text\n" * 10)
+    a = data.prepare(DataConfig(val_fraction=0.0), corpus, cache_dir=tmp_path / "cache")
+    b = data.prepare(DataConfig(val_fraction=0.0, lowercase=True), corpus, cache_dir=tmp_path / "cache")
+    assert a.cache != b.cache
+    assert "S" in a.codec.vocab.tokens and "S" not in b.codec.vocab.tokens
+
+
+def test_token_files_use_the_smallest_integer_type(tmp_path):
+    small = write(tmp_path / "small.txt", "abc\n")
+    assert data.prepare(DataConfig(val_fraction=0.0), small, cache_dir=tmp_path / "c").train.dtype == torch.uint8
+    many = write(tmp_path / "many.txt", "".join(chr(0x4E00 + i) for i in range(400)) + "\n")
+    splits = data.prepare(DataConfig(val_fraction=0.0), many, cache_dir=tmp_path / "c")
+    assert splits.train.dtype == torch.uint16
+    assert torch.equal(splits.train.long(), data.encode(splits.codec, many.read_text(encoding="utf-8")))
+    meta = json.loads((splits.cache / "meta.json").read_text())
+    assert meta["dtype"] == "uint16" and (splits.cache / "train.bin").stat().st_size == 2 * splits.train.numel()
+
+
+def test_a_long_line_is_read_in_bounded_pieces_without_splitting_words(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "BLOCK_BYTES", 64)
+    line = " ".join(f"word{i % 50}" for i in range(2000))
+    corpus = write(tmp_path / "c.txt", line + "\n")
+    pieces = list(data.iter_text(corpus, level="word"))
+    assert len(pieces) > 10 and max(len(p) for p in pieces) < 200
+    assert "".join(pieces) == line + "\n"
+    assert all(p[-1].isspace() for p in pieces[:-1])
+    cfg = DataConfig(level="word", val_fraction=0.0)
+    splits = data.prepare(cfg, corpus, cache_dir=tmp_path / "cache")
+    assert splits.train.numel() == 2000 + 2  # <eos>, the words, <eos>
+
+
+def test_invalid_utf8_reports_the_byte_offset_across_blocks(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "BLOCK_BYTES", 16)
+    corpus = tmp_path / "bad.txt"
+    corpus.write_bytes(b"good text line\n" * 5 + b"bad \xff byte\n")
+    with pytest.raises(UsageError, match=r"byte offset 79 "):
+        data.prepare(DataConfig(), corpus, cache_dir=tmp_path / "cache")
+    replaced = data.prepare(DataConfig(errors="replace", val_fraction=0.0), corpus, cache_dir=tmp_path / "cache")
+    assert "\ufffd" in replaced.codec.vocab.tokens
+
+
+def test_empty_and_missing_corpora_are_refused(tmp_path):
+    with pytest.raises(UsageError, match="not found"):
+        data.prepare(DataConfig(), tmp_path / "missing.txt", cache_dir=tmp_path / "cache")
+    with pytest.raises(UsageError, match="empty"):
+        data.prepare(DataConfig(), write(tmp_path / "e.txt", " \n\t\n"), cache_dir=tmp_path / "cache")
+
+
+def test_batchify_and_windows_read_each_stream_in_order():
+    ids = torch.arange(2 * 10, dtype=torch.uint8)
+    rows = data.batchify(ids, 2)
+    assert rows.tolist() == [list(range(10)), list(range(10, 20))]
+    assert data.windows_per_epoch(rows, 4) == 3
+    x, y = data.window(rows, 2, 4)  # the last window is shorter
+    assert x.dtype == torch.int64 and x.tolist() == [[8], [18]] and y.tolist() == [[9], [19]]
+    x, y = data.window(rows, 0, 4)
+    assert torch.equal(y[:, :-1], x[:, 1:])
+
+
+@pytest.mark.parametrize("streams", [1, 2, 3, 7])
+def test_eval_streams_cover_every_target_exactly_once(streams):
+    ids = torch.arange(23)
+    rows, mask = data.eval_streams(ids, streams)
+    targets = rows[mask].tolist()
+    assert sorted(targets) == list(range(1, 23))
+    first_inputs = rows[:, 0].tolist()
+    assert first_inputs[0] == 0

@@ -1,0 +1,106 @@
+"""The model factory: shapes, custom == torch, step == forward, tied weights, exact stream likelihood."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from charlm.config import ModelConfig
+from charlm.data import eval_streams
+from charlm.model import build_model, count_parameters, detach_state, select_state, stream_nll
+
+CELLS = ["rnn", "gru", "lstm"]
+
+
+def model_config(**kw) -> ModelConfig:
+    base = dict(embedding_size=6, hidden_size=8, layers=2, device="cpu", gru_form="torch")
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@pytest.mark.parametrize("impl", ["torch", "custom"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_forward_shapes(cell, impl):
+    model = build_model(model_config(cell=cell, impl=impl), vocab_size=11)
+    tokens = torch.randint(0, 11, (3, 5))
+    logits, state = model(tokens)
+    assert logits.shape == (3, 5, 11)
+    states = state if isinstance(state, tuple) else (state,)
+    assert len(states) == (2 if cell == "lstm" else 1)
+    assert all(s.shape == (2, 3, 8) for s in states)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_custom_and_torch_models_agree_with_the_same_weights(cell):
+    torch.manual_seed(0)
+    ref = build_model(model_config(cell=cell, impl="torch"), 9)
+    custom = build_model(model_config(cell=cell, impl="custom"), 9)
+    assert set(ref.state_dict()) == set(custom.state_dict())
+    custom.load_state_dict(ref.state_dict())
+    tokens = torch.randint(0, 9, (4, 7))
+    torch.testing.assert_close(custom(tokens)[0], ref(tokens)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["torch", "custom"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_step_by_step_equals_one_forward_pass(cell, impl):
+    torch.manual_seed(1)
+    model = build_model(model_config(cell=cell, impl=impl), 7).eval()
+    tokens = torch.randint(0, 7, (2, 6))
+    full, full_state = model(tokens)
+    state = model.init_state(2)
+    steps = []
+    for t in range(tokens.shape[1]):
+        logits, state = model.step(tokens[:, t], state)
+        steps.append(logits)
+    torch.testing.assert_close(torch.stack(steps, dim=1), full, atol=1e-6, rtol=1e-6)
+    for a, b in zip(state if isinstance(state, tuple) else (state,),
+                    full_state if isinstance(full_state, tuple) else (full_state,)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_tied_weights_share_one_parameter_counted_once():
+    tied = build_model(model_config(embedding_size=8, tie_weights=True), 13)
+    untied = build_model(model_config(embedding_size=8), 13)
+    assert tied.decoder.weight is tied.encoder.weight
+    assert count_parameters(untied) - count_parameters(tied) == 13 * 8
+    # a gradient step moves both ends together
+    loss = tied(torch.tensor([[1, 2, 3]]))[0].sum()
+    loss.backward()
+    with torch.no_grad():
+        tied.encoder.weight -= 0.1 * tied.encoder.weight.grad
+    assert torch.equal(tied.decoder.weight, tied.encoder.weight)
+
+
+def test_rnn_nonlinearity_reaches_torch_and_custom_modules():
+    torch_relu = build_model(model_config(cell="rnn", impl="torch", nonlinearity="relu"), 5)
+    custom_relu = build_model(model_config(cell="rnn", impl="custom", nonlinearity="relu"), 5)
+    assert torch_relu.rnn.nonlinearity == "relu"
+    assert custom_relu.rnn.nonlinearity == "relu"
+
+
+def test_detach_and_select_state_keep_values():
+    h = torch.randn(2, 3, 4, requires_grad=True) * 2
+    c = torch.randn(2, 3, 4)
+    detached = detach_state((h, c))
+    assert not detached[0].requires_grad and torch.equal(detached[0], h.detach())
+    assert detach_state(None) is None
+    picked = select_state((h, c), torch.tensor([2, 0]))
+    assert torch.equal(picked[1], c[:, [2, 0]])
+    assert torch.equal(select_state(c, torch.tensor([1])), c[:, [1]])
+
+
+@pytest.mark.parametrize("window", [1, 3, 256])
+def test_stream_nll_is_the_exact_likelihood_whatever_the_window(window):
+    torch.manual_seed(2)
+    model = build_model(model_config(cell="lstm"), 6)
+    ids = torch.randint(0, 6, (30,))
+    rows, mask = eval_streams(ids, 1)
+    total, count = stream_nll(model, rows, mask, window=window)
+    logits, _ = model.eval()(ids[None, :-1])
+    expected = nn.functional.cross_entropy(logits[0].double(), ids[1:], reduction="sum").item()
+    assert count == 29
+    assert math.isclose(total, expected, rel_tol=1e-6)

@@ -1,0 +1,217 @@
+"""Generation: stops where it should, never says <unk>, is reproducible, and samples what `score` predicts."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import math
+
+import pytest
+import torch
+
+from charlm.errors import UsageError
+from charlm.sample import check_options, generate, next_token_distribution
+from charlm.score import score_sentences
+from charlm.tokenizer import EOS, EOS_ID, UNK, UNK_ID
+from conftest import char_codec, random_model
+
+
+def unk_loving_model(cell: str = "lstm"):
+    """A model for which <unk> is by far the likeliest next token everywhere."""
+    model = random_model(cell, vocab_size=5)
+    with torch.no_grad():
+        model.decoder.bias[UNK_ID] += 8.0
+    return model
+
+
+# ---------------------------------------------------------------- sampling frequencies
+def test_sampling_frequencies_match_score_probabilities():
+    """Counts of every string up to length 2 (and of 'longer') against the probabilities `score` gives.
+
+    Each count is binomial; a |z| above 6 in any of the 14 categories has
+    probability < 14 * 2e-9, and the Pearson statistic bound below fails by
+    chance with probability about 1e-6.
+    """
+    model = random_model("gru", vocab_size=4)
+    codec = char_codec("ab")
+    n = 50000
+    samples = generate(model, codec, max_length=3, temperature=1.0, num_samples=n, seed=123, allow_unk=True)
+    counts = collections.Counter(
+        tuple(s.tokens[:-1]) if s.stopped_at == "eos" else "longer" for s in samples)
+
+    symbols = {"a": "a", "b": "b", UNK: "x"}  # x is outside the vocabulary: the codec reads it as <unk>
+    strings = [s for k in range(3) for s in itertools.product(list(symbols), repeat=k)]
+    scores = score_sentences(model, codec, ["".join(symbols[t] for t in s) for s in strings])
+    probs = {s: math.exp(r.logprob) for s, r in zip(strings, scores)}
+    probs["longer"] = 1.0 - math.fsum(probs.values())
+    assert min(probs.values()) > 0.001  # every category expects 50+ draws: the normal bound holds
+    assert sum(counts.values()) == n and set(counts) <= set(probs)
+
+    chi2 = 0.0
+    for key, p in probs.items():
+        expected = n * p
+        z = (counts[key] - expected) / math.sqrt(expected * (1 - p))
+        assert abs(z) < 6, (key, counts[key], expected)
+        chi2 += (counts[key] - expected) ** 2 / expected
+    # Wilson-Hilferty: the chi-square quantile for k degrees of freedom at tail 1e-6 (normal 4.75).
+    k = len(probs) - 1
+    bound = k * (1 - 2 / (9 * k) + 4.75 * math.sqrt(2 / (9 * k))) ** 3
+    assert chi2 < bound
+
+
+def test_sample_logprob_is_the_score_of_the_sample():
+    model = random_model("lstm", vocab_size=4)
+    codec = char_codec("ab")
+    samples = generate(model, codec, max_length=20, num_samples=20, seed=5)
+    finished = [s for s in samples if s.stopped_at == "eos"]
+    assert finished
+    scores = score_sentences(model, codec, [s.generated for s in finished])
+    for s, r in zip(finished, scores):
+        assert s.logprob == pytest.approx(r.logprob, abs=1e-5)
+
+
+# ---------------------------------------------------------------- stopping and <unk>
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_samples_stop_at_eos_or_at_max_length(cell):
+    model = random_model(cell, vocab_size=4)
+    samples = generate(model, char_codec("ab"), max_length=6, num_samples=200, seed=0, allow_unk=True)
+    reasons = collections.Counter(s.stopped_at for s in samples)
+    assert reasons["eos"] > 0 and reasons["max_length"] > 0
+    for s in samples:
+        if s.stopped_at == "eos":
+            assert s.tokens[-1] == EOS and EOS not in s.tokens[:-1] and len(s.tokens) <= 6
+        else:
+            assert len(s.tokens) == 6 and EOS not in s.tokens
+        assert "\n" not in s.generated
+
+
+def test_unk_is_never_sampled_unless_allowed():
+    model = unk_loving_model()
+    codec = char_codec("abc")
+    samples = generate(model, codec, max_length=30, num_samples=50, seed=0)
+    assert all(UNK not in s.tokens and UNK not in s.generated for s in samples)
+    assert sum(len(s.tokens) for s in samples) > 50  # something was generated
+    allowed = generate(model, codec, max_length=30, num_samples=50, seed=0, allow_unk=True)
+    assert sum(s.tokens.count(UNK) for s in allowed) > 100  # the model does want to say <unk>
+
+
+def test_greedy_never_picks_unk_either():
+    model = unk_loving_model()
+    (s,) = generate(model, char_codec("abc"), max_length=30, temperature=0.0)
+    assert UNK not in s.tokens
+
+
+def test_the_same_seed_gives_the_same_samples():
+    model = random_model("lstm", vocab_size=4)
+    codec = char_codec("ab")
+    a = generate(model, codec, max_length=40, num_samples=8, seed=42)
+    b = generate(model, codec, max_length=40, num_samples=8, seed=42)
+    c = generate(model, codec, max_length=40, num_samples=8, seed=43)
+    assert [s.tokens for s in a] == [s.tokens for s in b]
+    assert [s.logprob for s in a] == [s.logprob for s in b]
+    assert [s.tokens for s in a] != [s.tokens for s in c]
+
+
+def test_a_seed_does_not_touch_the_global_generator():
+    model = random_model("lstm", vocab_size=4)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    generate(model, char_codec("ab"), max_length=10, num_samples=4, seed=1)
+    assert torch.equal(torch.rand(3), expected)
+
+
+# ---------------------------------------------------------------- temperature 0, top-k, top-p
+def greedy_path(model, max_length: int) -> list[int]:
+    """The argmax path computed step by step, <unk> excluded."""
+    ids, state = [], None
+    token = torch.tensor([EOS_ID])
+    with torch.no_grad():
+        for _ in range(max_length):
+            logits, state = model.step(token, state)
+            logits[:, UNK_ID] = -math.inf
+            token = logits.argmax(dim=-1)
+            ids.append(int(token))
+            if ids[-1] == EOS_ID:
+                break
+    return ids
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_temperature_zero_follows_the_argmax_path(seed):
+    model = random_model("lstm", vocab_size=6, seed=seed)
+    codec = char_codec("abcd")
+    expected = codec.vocab.decode(greedy_path(model, 25))
+    samples = generate(model, codec, max_length=25, temperature=0.0, num_samples=3, seed=seed)
+    assert all(s.tokens == expected for s in samples)
+
+
+def test_top_k_one_is_greedy():
+    model = random_model("gru", vocab_size=6, seed=3)
+    codec = char_codec("abcd")
+    greedy = generate(model, codec, max_length=25, temperature=0.0)[0].tokens
+    top1 = generate(model, codec, max_length=25, temperature=1.0, top_k=1, num_samples=4, seed=9)
+    assert all(s.tokens == greedy for s in top1)
+
+
+def test_top_k_keeps_the_k_likeliest_tokens():
+    logits = torch.tensor([[0.0, 1.0, 3.0, 2.0, -1.0]])
+    probs = next_token_distribution(logits, 1.0, 2, 1.0, allow_unk=True)
+    assert (probs[0] > 0).tolist() == [False, False, True, True, False]
+    expected = torch.softmax(torch.tensor([3.0, 2.0]), dim=0)
+    torch.testing.assert_close(probs[0, [2, 3]], expected)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs_in = torch.tensor([[0.0, 0.5, 0.3, 0.15, 0.05]])
+    logits = probs_in.clamp_min(1e-30).log()
+    # 0.5 alone is not 0.6; 0.5 + 0.3 reaches it: two tokens kept, renormalised
+    probs = next_token_distribution(logits, 1.0, 0, 0.6, allow_unk=True)
+    torch.testing.assert_close(probs[0], torch.tensor([0.0, 0.625, 0.375, 0.0, 0.0]))
+    probs = next_token_distribution(logits, 1.0, 0, 0.5, allow_unk=True)
+    torch.testing.assert_close(probs[0], torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0]))
+
+
+def test_temperature_sharpens_and_flattens():
+    logits = torch.tensor([[0.0, 0.0, 1.0, 2.0]])
+    cold = next_token_distribution(logits, 0.5, 0, 1.0, allow_unk=True)
+    warm = next_token_distribution(logits, 2.0, 0, 1.0, allow_unk=True)
+    torch.testing.assert_close(cold, torch.softmax(logits * 2, dim=-1))
+    assert cold[0, 3] > torch.softmax(logits, -1)[0, 3] > warm[0, 3]
+
+
+def test_unk_is_masked_in_the_distribution():
+    probs = next_token_distribution(torch.tensor([[5.0, 0.0, 0.0]]), 1.0, 0, 1.0, allow_unk=False)
+    assert probs[0, UNK_ID] == 0 and probs.sum().item() == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- prime and options
+def test_prime_is_kept_in_front_of_the_generated_text():
+    model = random_model("lstm", vocab_size=4)
+    codec = char_codec("ab")
+    (s,) = generate(model, codec, prime="abz", max_length=5, seed=0)
+    assert s.text == "ab" + UNK + s.generated
+    assert s.prime_unk == 1
+
+
+def test_prime_conditions_the_continuation_like_the_score():
+    """ln P(generated + <eos> | <eos> prime) is the score of prime + generated minus the prime's own part."""
+    model = random_model("lstm", vocab_size=4)
+    codec = char_codec("ab")
+    samples = [s for s in generate(model, codec, prime="ab", max_length=20, num_samples=20, seed=2)
+               if s.stopped_at == "eos"]
+    assert samples
+    (whole_scores) = score_sentences(model, codec, ["ab" + s.generated for s in samples])
+    for s, r in zip(samples, whole_scores):
+        assert s.logprob == pytest.approx(math.fsum(r.token_logprobs[2:]), abs=1e-5)
+
+
+@pytest.mark.parametrize("options", [
+    dict(max_length=0), dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5),
+    dict(num_samples=0), dict(temperature=float("nan")),
+])
+def test_bad_sampling_options_are_usage_errors(options):
+    values = dict(max_length=10, temperature=1.0, top_k=0, top_p=1.0, num_samples=1)
+    values.update(options)
+    with pytest.raises(UsageError):
+        check_options(**values)

@@ -1,0 +1,148 @@
+"""Sentence scores and corpus evaluation: exact probabilities under the <eos>-start convention."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from charlm.errors import UsageError
+from charlm.score import evaluate_file, score_sentences
+from charlm.tokenizer import EOS_ID, UNK_ID, TextCodec, Tokenizer, Vocabulary, count_tokens
+from conftest import char_codec, random_model
+
+
+def prefix_logprobs(model, prefixes: list[list[int]]) -> torch.Tensor:
+    """ln P(prefix) of equal-length id sequences that do not end the text: the model read from <eos>."""
+    ids = torch.tensor(prefixes, dtype=torch.long)  # (N, n)
+    inputs = torch.cat([torch.full((len(prefixes), 1), EOS_ID), ids[:, :-1]], dim=1)
+    with torch.no_grad():
+        logits, _ = model(inputs)
+    logp = torch.log_softmax(logits.double(), dim=-1).gather(2, ids.unsqueeze(2)).squeeze(2)
+    return logp.sum(dim=1)
+
+
+@pytest.mark.parametrize("impl", ["torch", "custom"])
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_score_probabilities_sum_to_one(cell, impl):
+    """Over the vocabulary <unk>, <eos>, a, b: every string of length <= L, plus P(length > L), sums to 1.
+
+    A text can hold <unk> too, so the strings run over a, b and x, a character
+    outside the vocabulary that the codec reads as <unk>.
+    """
+    L = 5
+    model = random_model(cell, impl)
+    with torch.no_grad():
+        model.decoder.bias[EOS_ID] -= 1.0  # longer strings, so that P(length > L) is not negligible
+    codec = char_codec("ab")
+    assert codec.encode_line("x") == [UNK_ID]
+    strings = ["".join(s) for n in range(L + 1) for s in itertools.product("abx", repeat=n)]
+    scores = score_sentences(model, codec, strings, batch_size=50)
+    assert [s.text for s in scores] == strings
+    p_stopped = math.fsum(math.exp(s.logprob) for s in scores)
+    # P(length > L): the first L + 1 tokens are all a, b or <unk>, whatever follows.
+    longer = [list(p) for p in itertools.product([UNK_ID, 2, 3], repeat=L + 1)]
+    p_longer = float(prefix_logprobs(model, longer).exp().sum())
+    assert 0.01 < p_longer < 0.99 and 0.01 < p_stopped < 0.99  # both parts matter
+    assert p_stopped + p_longer == pytest.approx(1.0, abs=1e-5)
+
+
+def test_score_is_the_sum_of_next_token_log_probabilities_from_eos():
+    model = random_model()
+    codec = char_codec("ab")
+    (result,) = score_sentences(model, codec, ["abba"])
+    ids = [2, 3, 3, 2]
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([[EOS_ID] + ids]))
+    logp = torch.log_softmax(logits[0].double(), dim=-1)
+    expected = [float(logp[t, tok]) for t, tok in enumerate(ids + [EOS_ID])]
+    assert result.tokens == ["a", "b", "b", "a", "<eos>"]
+    assert result.token_logprobs == pytest.approx(expected, abs=1e-6)
+    assert result.logprob == pytest.approx(sum(expected), abs=1e-6)
+
+
+def test_empty_sentence_is_the_probability_of_eos_after_eos():
+    model = random_model()
+    (result,) = score_sentences(model, char_codec("ab"), [""])
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([[EOS_ID]]))
+    assert result.tokens == ["<eos>"]
+    assert result.logprob == pytest.approx(float(torch.log_softmax(logits[0, 0].double(), -1)[EOS_ID]), abs=1e-6)
+
+
+def test_batch_size_and_padding_do_not_change_scores():
+    model = random_model(cell="gru", impl="custom")
+    codec = char_codec("ab")
+    sentences = ["", "a", "abbab", "bbbbbbbbba", "xa", "ab"]
+    one_at_a_time = [score_sentences(model, codec, [s])[0].logprob for s in sentences]
+    for batch_size in (1, 2, 128):
+        together = [r.logprob for r in score_sentences(model, codec, sentences, batch_size=batch_size)]
+        assert together == pytest.approx(one_at_a_time, abs=1e-5)
+
+
+def test_score_fields_are_consistent():
+    model = random_model()
+    (r,) = score_sentences(model, char_codec("ab"), ["abzz"])
+    assert r.oov == 2 and len(r.tokens) == 5 and r.tokens.count("<unk>") == 2
+    assert r.log10prob == pytest.approx(r.logprob / math.log(10))
+    assert r.perplexity == pytest.approx(math.exp(-r.logprob / 5))
+    assert r.bits_per_token == pytest.approx(-r.logprob / 5 / math.log(2))
+    known = [lp for lp, t in zip(r.token_logprobs, r.tokens) if t != "<unk>"]
+    assert r.perplexity_no_oov == pytest.approx(math.exp(-sum(known) / 3))
+
+
+def test_decomposed_accents_score_like_composed_ones():
+    codec = char_codec("ab\u00e9")
+    model = random_model(vocab_size=len(codec.vocab))
+    composed, decomposed = score_sentences(model, codec, ["ab\u00e9a", "abe\u0301a"])
+    assert decomposed.oov == 0
+    assert decomposed.token_logprobs == composed.token_logprobs
+
+
+def test_word_level_scores_words_with_unk_counted():
+    tokenizer = Tokenizer("word")
+    codec = TextCodec(tokenizer, Vocabulary.build(count_tokens(tokenizer, "the cat sat 猫")))
+    model = random_model(vocab_size=len(codec.vocab))
+    (r,) = score_sentences(model, codec, ["the dog sat 猫。"])
+    assert r.tokens == ["the", "<unk>", "sat", "猫", "<unk>", "<eos>"]
+    assert r.oov == 2
+
+
+# ---------------------------------------------------------------- corpus evaluation
+def test_evaluating_a_one_line_file_gives_that_sentence_score(tmp_path):
+    model = random_model()
+    codec = char_codec("ab")
+    path = tmp_path / "one.txt"
+    path.write_text("abab\n", encoding="utf-8")
+    result = evaluate_file(model, codec, path)
+    (sentence,) = score_sentences(model, codec, ["abab"])
+    assert result.tokens == 5 and result.lines == 1 and result.characters == 5
+    assert -result.loss * result.tokens == pytest.approx(sentence.logprob, abs=1e-5)
+    assert result.bits_per_char == pytest.approx(result.loss / math.log(2))  # char level: a token is a char
+
+
+def test_evaluation_carries_the_state_across_lines(tmp_path):
+    model = random_model()
+    codec = char_codec("ab")
+    path = tmp_path / "two.txt"
+    path.write_text("ab\nba\n", encoding="utf-8")
+    ids = [EOS_ID, 2, 3, EOS_ID, 3, 2, EOS_ID]
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([ids[:-1]]))
+    nll = torch.nn.functional.cross_entropy(logits[0].double(), torch.tensor(ids[1:]), reduction="sum").item()
+    result = evaluate_file(model, codec, path)
+    assert result.tokens == 6 and result.lines == 2 and result.oov == 0
+    assert result.loss == pytest.approx(nll / 6, abs=1e-6)
+    assert result.perplexity == pytest.approx(math.exp(nll / 6), rel=1e-6)
+    # two sentences scored separately restart from <eos> with a zero state: a different number
+    separate = sum(r.logprob for r in score_sentences(model, codec, ["ab", "ba"]))
+    assert abs(-separate - nll) > 1e-4
+
+
+def test_evaluating_an_empty_file_is_a_usage_error(tmp_path):
+    path = tmp_path / "empty.txt"
+    path.write_text("", encoding="utf-8")
+    with pytest.raises(UsageError, match="no text"):
+        evaluate_file(random_model(), char_codec("ab"), path)

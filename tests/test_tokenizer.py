@@ -1,0 +1,220 @@
+"""Tokenizer and Vocabulary: round trips, Unicode, <unk> / <eos>, limits, JSON."""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from collections import Counter
+
+import pytest
+
+from charlm.errors import UsageError
+from charlm.tokenizer import (EOS, EOS_ID, UNK, UNK_ID, TextCodec, Tokenizer, Vocabulary, count_tokens,
+                              normalize)
+
+MIXED = "Hello, world! 你好，世界。 Emoji 😀👍🏽 and café.\n北京欢迎你 🐍\nlast line"
+
+
+def codec_for(text: str, level: str = "char", **kw) -> TextCodec:
+    tokenizer = Tokenizer(level, **kw)
+    return TextCodec(tokenizer, Vocabulary.build(count_tokens(tokenizer, text)))
+
+
+# ---------------------------------------------------------------- round trips
+def test_char_round_trip_keeps_cjk_and_emoji():
+    codec = codec_for(MIXED)
+    encoded = codec.encode_text(MIXED)
+    assert encoded.unk_count == 0
+    assert encoded.lines == 3
+    assert codec.decode(encoded.ids) == MIXED + "\n"  # every line ends with <eos>, decoded as '\n'
+
+
+def test_char_level_splits_astral_emoji_into_one_token_each():
+    tokens = Tokenizer("char").split("a😀🐍b")
+    assert tokens == ["a", "😀", "🐍", "b"]
+
+
+def test_word_round_trip_keeps_cjk_and_emoji():
+    # Word level joins tokens with the usual spacing, so the text is written that way
+    # (adjacent emoji would come back separated by a space).
+    text = "Hello, world! 你好，世界。 Emoji 😀 and café.\n北京欢迎你 🐍\nlast line"
+    codec = codec_for(text, "word")
+    encoded = codec.encode_text(text)
+    assert encoded.unk_count == 0
+    assert codec.decode(encoded.ids) == text + "\n"
+
+
+@pytest.mark.parametrize("text", [
+    "Hello, world! don't stop.",
+    "I love 北京.",
+    "(quoted) \"x\" 3.14 <unk> café",
+    "東京は日本の首都です。",
+    "emoji 😀 inside 👍🏽 text!",
+])
+def test_word_split_of_join_gives_the_tokens_back(text):
+    tok = Tokenizer("word")
+    tokens = tok.split(text)
+    assert tok.split(tok.join(tokens)) == tokens
+
+
+def test_word_level_makes_each_cjk_character_a_token():
+    tok = Tokenizer("word")
+    assert tok.split("我爱北京天安门") == ["我", "爱", "北", "京", "天", "安", "门"]
+    assert tok.split("I love 北京, ok?") == ["I", "love", "北", "京", ",", "ok", "?"]
+
+
+def test_word_level_splits_punctuation_but_keeps_inner_apostrophes():
+    assert Tokenizer("word").split("Don't, (stop)!") == ["Don't", ",", "(", "stop", ")", "!"]
+
+
+def test_word_level_keeps_a_literal_unk_as_one_token_mapped_to_unk_id():
+    codec = codec_for("a <unk> b", "word")
+    assert codec.tokenizer.split("a <unk> b") == ["a", UNK, "b"]
+    assert codec.encode_line("a <unk> b") == [codec.vocab.id("a"), UNK_ID, codec.vocab.id("b")]
+    assert codec.vocab.tokens.count(UNK) == 1
+
+
+def test_space_split_splits_on_white_space_only():
+    tok = Tokenizer("word", word_split="space")
+    assert tok.split("a,b  c. 北京") == ["a,b", "c.", "北京"]
+    assert tok.join(["a,b", "c."]) == "a,b c."
+
+
+def test_lowercase_option_lowercases_before_splitting():
+    tok = Tokenizer("word", lowercase=True)
+    assert tok.split("The CAT") == ["the", "cat"]
+
+
+# ---------------------------------------------------------------- Unicode normalisation
+def test_nfc_makes_composed_and_decomposed_accents_the_same_token():
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    assert composed != decomposed and normalize(decomposed) == composed
+    for level in ("char", "word"):
+        codec = codec_for(composed, level)
+        assert codec.encode_line(decomposed) == codec.encode_line(composed)
+        assert UNK_ID not in codec.encode_line(decomposed)
+
+
+def test_vocabulary_is_built_from_nfc_text():
+    counts = count_tokens(Tokenizer("char"), "e\u0301e\u0301")
+    assert counts == Counter({"\u00e9": 2})
+    assert all(unicodedata.is_normalized("NFC", t) for t in counts)
+
+
+# ---------------------------------------------------------------- <unk> and <eos>
+def test_specials_have_fixed_ids():
+    vocab = Vocabulary.build(Counter("abc"))
+    assert vocab.tokens[:2] == [UNK, EOS]
+    assert (vocab.id(UNK), vocab.id(EOS)) == (UNK_ID, EOS_ID) == (0, 1)
+
+
+def test_unknown_input_maps_to_unk_and_is_counted():
+    codec = codec_for("abc")
+    encoded = codec.encode_text("abz\nyy\n")
+    a, b = codec.vocab.id("a"), codec.vocab.id("b")
+    assert encoded.ids == [a, b, UNK_ID, EOS_ID, UNK_ID, UNK_ID, EOS_ID]
+    assert encoded.unk_count == 3
+    assert encoded.lines == 2
+
+
+def test_unknown_words_map_to_unk_at_word_level():
+    codec = codec_for("the cat", "word")
+    encoded = codec.encode_text("the dog 狗")
+    assert encoded.ids == [codec.vocab.id("the"), UNK_ID, UNK_ID, EOS_ID]
+    assert encoded.unk_count == 2
+
+
+def test_every_line_ends_with_eos_whatever_the_line_endings():
+    codec = codec_for("ab")
+    for text in ("a\nb\n", "a\nb", "a\r\nb\r\n", "a\r\nb"):
+        assert codec.encode_text(text).ids == [codec.vocab.id("a"), EOS_ID, codec.vocab.id("b"), EOS_ID]
+
+
+def test_empty_lines_are_just_eos():
+    codec = codec_for("a")
+    assert codec.encode_text("\n\na\n").ids == [EOS_ID, EOS_ID, codec.vocab.id("a"), EOS_ID]
+    assert codec.encode_text("").ids == []
+
+
+def test_decode_turns_eos_into_newlines():
+    codec = codec_for("ab")
+    a, b = codec.vocab.id("a"), codec.vocab.id("b")
+    assert codec.decode([a, EOS_ID, b]) == "a\nb"
+    assert codec.decode([a, UNK_ID]) == "a" + UNK
+
+
+# ---------------------------------------------------------------- vocabulary limits
+def test_vocabulary_orders_by_frequency_then_first_appearance():
+    vocab = Vocabulary.build(Counter("cbbaaa" + "d"))  # a:3 b:2 c:1 d:1, c before d
+    assert vocab.tokens == [UNK, EOS, "a", "b", "c", "d"]
+
+
+def test_min_freq_drops_rare_tokens():
+    vocab = Vocabulary.build(Counter("aaabbc"), min_freq=2)
+    assert vocab.tokens == [UNK, EOS, "a", "b"]
+    assert vocab.id("c") == UNK_ID
+
+
+def test_max_size_counts_the_specials():
+    vocab = Vocabulary.build(Counter("aaaabbbccd"), max_size=4)
+    assert len(vocab) == 4
+    assert vocab.tokens == [UNK, EOS, "a", "b"]
+
+
+def test_max_size_and_min_freq_together():
+    vocab = Vocabulary.build(Counter("aaaabbbccd"), min_freq=2, max_size=10)
+    assert vocab.tokens == [UNK, EOS, "a", "b", "c"]
+
+
+def test_specials_in_the_counts_are_not_added_twice():
+    vocab = Vocabulary.build(Counter({UNK: 9, EOS: 9, "x": 1}))
+    assert vocab.tokens == [UNK, EOS, "x"]
+
+
+def test_vocabulary_refuses_missing_specials_or_duplicates():
+    with pytest.raises(UsageError):
+        Vocabulary(["a", UNK, EOS])
+    with pytest.raises(UsageError):
+        Vocabulary([UNK, EOS, "a", "a"])
+
+
+def test_count_tokens_at_char_level_ignores_line_ends():
+    counts = count_tokens(Tokenizer("char"), "ab\r\nb\n")
+    assert counts == Counter({"a": 1, "b": 2})
+
+
+# ---------------------------------------------------------------- JSON
+def test_vocab_json_round_trip(tmp_path):
+    codec = codec_for(MIXED, "word", lowercase=True)
+    path = tmp_path / "vocab.json"
+    codec.save(path)
+    loaded = TextCodec.load(path)
+    assert loaded.vocab.tokens == codec.vocab.tokens
+    assert loaded.tokenizer == codec.tokenizer
+    assert loaded.encode_text(MIXED).ids == codec.encode_text(MIXED).ids
+    assert "你" in path.read_text(encoding="utf-8")  # stored as text, not \\u escapes
+
+
+def test_vocab_json_with_another_format_is_refused(tmp_path):
+    path = tmp_path / "vocab.json"
+    path.write_text(json.dumps({"format": 99, "tokens": [UNK, EOS]}), encoding="utf-8")
+    with pytest.raises(UsageError, match="format"):
+        TextCodec.load(path)
+
+
+@pytest.mark.parametrize("content", ["not json", json.dumps({"format": 1, "tokens": "abc",
+                                                             "tokenizer": {"level": "char"}}),
+                                     json.dumps({"format": 1, "tokens": [UNK, EOS],
+                                                 "tokenizer": {"level": "bytes", "lowercase": False,
+                                                               "word_split": "punct"}})])
+def test_broken_vocab_json_is_a_usage_error(tmp_path, content):
+    path = tmp_path / "vocab.json"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(UsageError) as info:
+        TextCodec.load(path)
+    assert info.value.exit_code == 2
+
+
+def test_missing_vocab_json_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="not found"):
+        TextCodec.load(tmp_path / "nope.json")

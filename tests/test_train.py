@@ -1,0 +1,174 @@
+"""The training loop: it learns, it writes a complete run folder, it stops where told, it resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from charlm.config import Config
+from charlm.errors import UsageError
+from charlm.train import Progress, learning_rate, train
+from conftest import TINY_TEXT, tiny_config
+
+REPEATED = "hello world, the cat sat.\n" * 30
+
+
+@pytest.mark.parametrize("impl", ["torch", "custom"])
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_training_memorises_a_repeated_text(write_corpus, tmp_path, cell, impl):
+    corpus = write_corpus(REPEATED)
+    cfg = tiny_config(model__cell=cell, model__impl=impl, train__max_steps=100, train__lr=0.02,
+                      train__schedule="constant", train__seq_len=32, train__eval_interval=0,
+                      train__log_interval=10)
+    result = train(cfg, corpus, out=tmp_path / "run", show_progress=False)
+    assert result.steps == 100 and result.stopped_by == "max_steps"
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[1])["train_loss"]
+    assert first > 1.0                  # it started from ignorance (ln 13 ≈ 2.6 nats for 13 symbols) ...
+    assert result.train_loss < 0.1      # ... and ended knowing the text by heart
+    assert result.val_loss < 0.1        # the held-out copies of the line, read from a fresh state
+
+
+def test_run_folder_holds_config_vocab_metrics_and_two_checkpoints(tiny_run):
+    run_dir, result = tiny_run["run_dir"], tiny_run["result"]
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "vocab.json").is_file()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["event"] == "start" and records[-1]["event"] == "end"
+    steps = [r for r in records if "train_loss" in r and "event" not in r]
+    assert [r["step"] for r in steps] == [5, 10, 15, 20]
+    assert all(r["tokens_per_second"] > 0 and r["lr"] > 0 for r in steps)
+    evals = [r for r in records if "val_loss" in r and "event" not in r]
+    assert [r["step"] for r in evals] == [10, 20, 20]  # at the interval, then the final evaluation
+    assert records[-1]["steps"] == result.steps == 20
+    for name in ("last", "best"):
+        folder = run_dir / name
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert {"model.safetensors", "config.yaml", "vocab.json"} <= set(manifest["files"])
+        assert all((folder / f).is_file() for f in manifest["files"])
+    assert (run_dir / "last" / "trainer.pt").is_file()
+    assert not (run_dir / "best" / "trainer.pt").exists()
+    state = torch.load(run_dir / "last" / "trainer.pt", weights_only=True)  # plain values and tensors only
+    assert state["progress"]["step"] == 20
+    assert not list(run_dir.glob(".tmp-*"))
+
+
+def test_training_lowers_the_validation_loss(tiny_run):
+    result = tiny_run["result"]
+    vocab = json.loads((tiny_run["run_dir"] / "vocab.json").read_text())["tokens"]
+    assert result.val_loss < math.log(len(vocab))  # better than a uniform guess
+    assert result.best_val_loss <= result.val_loss + 1e-12
+
+
+def test_char_level_bits_per_char_is_the_loss_in_bits(tiny_run):
+    result = tiny_run["result"]
+    assert result.val_bits_per_char == pytest.approx(result.val_loss / math.log(2), rel=1e-9)
+    assert result.val_perplexity == pytest.approx(math.exp(result.val_loss), rel=1e-9)
+
+
+def test_best_checkpoint_holds_the_lowest_validation_loss(tiny_run):
+    run_dir = tiny_run["run_dir"]
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["val_loss"] for r in evals if "val_loss" in r and "event" not in r]
+    best = json.loads((run_dir / "best" / "manifest.json").read_text())
+    assert best["val_loss"] == min(losses)
+
+
+def test_max_epochs_stops_after_whole_passes(write_corpus, tmp_path):
+    cfg = tiny_config(train__max_steps=None, train__max_epochs=2, data__val_fraction=0.0)
+    result = train(cfg, write_corpus(TINY_TEXT), out=tmp_path / "run", show_progress=False)
+    assert result.stopped_by == "max_epochs"
+    assert result.epochs == pytest.approx(2.0)
+    assert result.val_loss is None
+    assert (tmp_path / "run" / "best" / "manifest.json").is_file()  # without validation, best is the last
+
+
+def test_max_time_stops_cleanly_and_saves(write_corpus, tmp_path):
+    cfg = tiny_config(train__max_steps=None, train__max_time=0.2)
+    result = train(cfg, write_corpus(TINY_TEXT), out=tmp_path / "run", show_progress=False)
+    assert result.stopped_by == "max_time"
+    assert result.steps >= 1 and result.val_loss is not None
+    assert (tmp_path / "run" / "last" / "manifest.json").is_file()
+
+
+def test_resume_continues_exactly_where_the_run_stopped(write_corpus, tmp_path):
+    """10 steps + 10 resumed steps give the same weights as 20 steps in one go (dropout draws included)."""
+    corpus = write_corpus(TINY_TEXT)
+    fields = dict(model__dropout=0.2, model__layers=2, train__schedule="constant", train__eval_interval=5)
+    straight = train(tiny_config(train__max_steps=20, **fields), corpus, out=tmp_path / "a", show_progress=False)
+    train(tiny_config(train__max_steps=10, **fields), corpus, out=tmp_path / "b", show_progress=False)
+    resumed = train(tiny_config(train__max_steps=20, **fields), None, resume=tmp_path / "b", show_progress=False)
+    assert resumed.steps == straight.steps == 20
+    a = load_file(str(tmp_path / "a" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "last" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
+    records = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "train_loss" in r and "event" not in r]
+    assert steps == [5, 10, 15, 20]  # the log continues, without repeated lines
+
+
+def test_resume_refuses_a_changed_model(tiny_run, tmp_path):
+    with pytest.raises(UsageError, match="model.hidden_size"):
+        train(tiny_config(model__hidden_size=64), None, resume=tiny_run["run_dir"], show_progress=False)
+
+
+def test_resume_refuses_another_corpus(tiny_run, write_corpus, tmp_path):
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run["run_dir"], copy)
+    other = write_corpus(TINY_TEXT.upper())
+    with pytest.raises(UsageError, match="SHA-256"):
+        train(tiny_config(train__max_steps=30), other, resume=copy, show_progress=False)
+
+
+def test_an_existing_run_folder_is_not_overwritten(tiny_run):
+    before = (tiny_run["run_dir"] / "last" / "model.safetensors").read_bytes()
+    with pytest.raises(UsageError, match="already holds a run"):
+        train(tiny_config(), tiny_run["corpus"], out=tiny_run["run_dir"], show_progress=False)
+    assert (tiny_run["run_dir"] / "last" / "model.safetensors").read_bytes() == before
+
+
+def test_a_corpus_too_short_for_one_window_is_a_usage_error(write_corpus, tmp_path):
+    with pytest.raises(UsageError, match="too short"):
+        train(tiny_config(), write_corpus("ab\n"), out=tmp_path / "run", show_progress=False)
+
+
+def test_missing_corpus_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="not found"):
+        train(tiny_config(), tmp_path / "missing.txt", out=tmp_path / "run", show_progress=False)
+    with pytest.raises(UsageError, match="no corpus"):
+        train(tiny_config(), None, out=tmp_path / "run", show_progress=False)
+
+
+def test_learning_rate_warms_up_then_follows_the_cosine():
+    cfg = Config()
+    cfg.train.lr, cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.final_lr_fraction = 1.0, 10, 110, 0.1
+    assert learning_rate(cfg, Progress(step=0), 0.0) == pytest.approx(0.1)
+    assert learning_rate(cfg, Progress(step=9), 9 / 110) == pytest.approx(1.0)
+    assert learning_rate(cfg, Progress(step=10), 10 / 110) == pytest.approx(1.0)
+    assert learning_rate(cfg, Progress(step=60), 60 / 110) == pytest.approx(0.55)
+    assert learning_rate(cfg, Progress(step=110), 1.0) == pytest.approx(0.1)
+    cfg.train.schedule = "constant"
+    assert learning_rate(cfg, Progress(step=60, plateau_scale=0.5), 60 / 110) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("level", ["char", "word"])
+def test_chinese_and_emoji_corpus_trains_samples_and_scores(write_corpus, tmp_path, level):
+    from charlm.checkpoint import load_run
+    from charlm.sample import generate
+    from charlm.score import score_sentences
+
+    text = "我爱北京天安门 😀\n北京欢迎你，朋友 🐍\nthe cat sat 北京\n" * 20
+    cfg = tiny_config(data__level=level, train__max_steps=30, train__seq_len=8)
+    result = train(cfg, write_corpus(text), out=tmp_path / "run", show_progress=False)
+    assert math.isfinite(result.val_loss)
+    model, codec, _ = load_run(tmp_path / "run")
+    assert codec.tokenizer.level == level and "北" in codec.vocab.tokens and "😀" in codec.vocab.tokens
+    (score,) = score_sentences(model, codec, ["北京欢迎你 😀"])
+    assert score.oov == 0 and math.isfinite(score.logprob)
+    samples = generate(model, codec, max_length=20, num_samples=3, seed=0)
+    assert all("<unk>" not in s.tokens for s in samples)
