@@ -237,7 +237,12 @@ def score(
         elif file is not None:
             sentences = codec.tokenizer.lines(read_text(file))
         else:
-            sentences = codec.tokenizer.lines(sys.stdin.read())
+            raw = sys.stdin.buffer.read()
+            try:
+                sentences = codec.tokenizer.lines(raw.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                raise UsageError(f"standard input is not valid UTF-8: byte offset {exc.start} "
+                                 f"({raw[exc.start:exc.start + 1]!r})") from None
         results = score_sentences(model, codec, sentences, batch_size, dev)
         _print_scores(results, per_token, as_json)
 
