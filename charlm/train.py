@@ -275,13 +275,13 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
                          f"({dist.world}): each takes an equal share of the parallel streams")
     seed_everything(t.seed)
 
-    # Rank 0 tokenizes (or finds the cache); the others then read the same token files.
+    # The first process of each machine tokenizes (or finds the cache); the others then read its token files.
     splits: Splits | None = None
-    if dist.is_main:
+    if dist.local_rank == 0:
         splits = prepare(cfg.data, Path(corpus), Path(val) if val else None,
                          codec=saved.codec if saved else None, cache_dir=cache_dir, show_progress=show_progress)
     dist.barrier()
-    if not dist.is_main:
+    if dist.local_rank != 0:
         splits = prepare(cfg.data, Path(corpus), Path(val) if val else None,
                          codec=saved.codec if saved else None, cache_dir=cache_dir)
     if trainer_state is not None and splits.corpus_sha256 != trainer_state["corpus_sha256"]:
