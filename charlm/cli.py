@@ -341,6 +341,118 @@ def info(
             _out(f"  {line}")
 
 
+# ---------------------------------------------------------------- runs
+@app.command()
+def runs(
+    folder: Annotated[Path, typer.Argument(help="Folder to search for run folders (a run folder itself is fine).")] = Path("runs"),
+    sort: Annotated[str, typer.Option(help="Column to sort by: name, status, level, cell, impl, size, parameters, "
+                                            "steps, val_loss, bpc, time; a leading '-' sorts descending.")] = "name",
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per run.")] = False,
+) -> None:
+    """List the runs under a folder: cell, size, parameters, steps, best validation loss, time.
+
+    Reads only config.yaml, metrics.jsonl and the checkpoints' manifest.json; a damaged run is listed as broken.
+
+    Example: charlm runs runs --sort val_loss
+    """
+    with _errors():
+        from .runs import list_runs
+
+        summaries = list_runs(folder, sort)
+        if as_json:
+            for s in summaries:
+                _out(json.dumps(asdict(s), ensure_ascii=False))
+            return
+        if not summaries:
+            _out(f"no runs under {folder}")
+            return
+        _print_runs(summaries)
+
+
+def _print_runs(summaries) -> None:
+    def fmt(value, spec: str = "") -> str:
+        return "-" if value is None else format(value, spec)
+
+    def clock(seconds) -> str:
+        if seconds is None:
+            return "-"
+        minutes, sec = divmod(int(round(seconds)), 60)
+        hours, minutes = divmod(minutes, 60)
+        return f"{hours}:{minutes:02d}:{sec:02d}" if hours else f"{minutes}:{sec:02d}"
+
+    header = ("name", "status", "level", "cell", "impl", "size", "parameters", "steps", "val_loss", "bpc", "time")
+    rows = [header]
+    for s in summaries:
+        size = f"{s.layers}x{s.hidden_size}" if s.layers is not None and s.hidden_size is not None else "-"
+        rows.append((s.name, s.status, fmt(s.level), fmt(s.cell), fmt(s.impl), size, fmt(s.parameters, ","),
+                     fmt(s.steps, ","), fmt(s.best_val_loss, ".4f"), fmt(s.best_val_bpc, ".4f"), clock(s.elapsed)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    numeric = {6, 7, 8, 9, 10}
+    for r in rows:
+        _out("  ".join(c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+    for s in summaries:
+        if s.problem:
+            _out(f"{s.name}: broken: {s.problem}")
+
+
+# ---------------------------------------------------------------- plot
+@app.command()
+def plot(
+    run_dirs: Annotated[list[Path], typer.Argument(help="One or more run folders, drawn on one figure.")],
+    out: Annotated[Path, typer.Option(help="PNG file to write.")] = Path("curves.png"),
+) -> None:
+    """Draw training and validation loss (and bits per character) against steps and time, as a PNG.
+
+    Needs matplotlib: pip install 'charlm[plot]'.
+
+    Example: charlm plot runs/lstm runs/gru --out curves.png
+    """
+    with _errors():
+        from .plot import plot_runs
+
+        result = plot_runs(run_dirs, out)
+        for name in result.skipped:
+            _err_note(f"{name}: no steps logged yet, left out")
+        _out(f"wrote {result.out} ({result.width}x{result.height} px, {len(result.runs)} run"
+             f"{'s' if len(result.runs) != 1 else ''})")
+
+
+def _err_note(message: str) -> None:
+    print(f"charlm: note: {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- export
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint folder inside it).")],
+    out: Annotated[Path, typer.Option(help="File to write (e.g. model.pt or model.onnx).")],
+    format_: Annotated[str, typer.Option("--format", help="torchscript, or onnx (needs pip install 'charlm[export]').")] = "torchscript",
+    checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+) -> None:
+    """Export one generation step (tokens and state in, logits and state out) that runs without charlm.
+
+    The file is read back and checked against charlm's model over a few steps.
+
+    Example: charlm export runs/shakespeare --format torchscript --out shakespeare.pt
+    """
+    with _errors():
+        from .export import export_model
+
+        r = export_model(run_dir, format_, out, _which(checkpoint))
+        if as_json:
+            _out(json.dumps(asdict(r)))
+            return
+        s, layers, _, hidden = r.state_shape
+        _out(f"wrote           {r.out} ({r.format}, from {r.checkpoint})")
+        _out(f"signature       step(tokens (B,) int64, state ({s}, {layers}, B, {hidden}) float32) "
+             f"-> (logits (B, {r.vocab_size}), state)")
+        if r.max_abs_diff is None:
+            _out("check           skipped: onnxruntime is not installed")
+        else:
+            _out(f"check           max |difference| from charlm over {r.check_steps} steps: {r.max_abs_diff:.3g}")
+
+
 def main() -> None:
     """Console entry point: output survives ASCII terminals and closed pipes."""
     for stream in (sys.stdout, sys.stderr):

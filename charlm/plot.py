@@ -1,0 +1,137 @@
+"""Training curves as a PNG: loss (and bits per character) against steps and against time.
+
+One figure, several runs, one colour per run; a solid line is the training
+loss (the mean over each logging interval), a dashed line with dots the
+validation loss. The top row is the loss in nats per token; the bottom row,
+drawn when there is something to put in it, is bits per character: the
+validation `val_bpc` of every run, and the training loss / ln 2 of char-level
+runs (where a token is a character).
+
+matplotlib is an optional extra (`pip install 'charlm[plot]'`). The figure is
+drawn with the Agg canvas directly, not through pyplot, so no window opens and
+no global backend is switched in the caller's process.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UsageError
+from .runs import Metrics, read_metrics, summarize
+
+LN2 = math.log(2.0)
+INSTALL_HINT = "pip install 'charlm[plot]'"
+
+
+@dataclass
+class PlotResult:
+    out: str
+    runs: list[str]        # the labels drawn
+    skipped: list[str]     # runs with no metrics lines yet
+    width: int             # pixels
+    height: int
+
+
+@dataclass
+class _Curves:
+    label: str
+    level: str | None
+    metrics: Metrics
+
+
+def _matplotlib():
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.lines import Line2D
+    except ImportError:
+        raise UsageError(f"charlm plot needs matplotlib, which is not installed: {INSTALL_HINT}") from None
+    return Figure, FigureCanvasAgg, Line2D
+
+
+def _labels(run_dirs: list[Path]) -> list[str]:
+    """Folder names, or the paths as given where two runs share a name."""
+    names = [Path(p).name or str(p) for p in run_dirs]
+    return [str(p) if names.count(n) > 1 else n for p, n in zip(run_dirs, names)]
+
+
+def _time_unit(seconds: float) -> tuple[float, str]:
+    if seconds < 180:
+        return 1.0, "s"
+    if seconds < 3 * 3600:
+        return 60.0, "min"
+    return 3600.0, "h"
+
+
+def _xy(records: list[dict], x: str, y: str, scale: float = 1.0) -> tuple[list[float], list[float]]:
+    points = [(r[x], r[y]) for r in records
+              if isinstance(r.get(x), (int, float)) and isinstance(r.get(y), (int, float))
+              and math.isfinite(r[y])]
+    return [p[0] / scale for p in points], [p[1] for p in points]
+
+
+def plot_runs(run_dirs: list[Path], out: Path, dpi: int = 100) -> PlotResult:
+    """Draw the curves of `run_dirs` into the PNG file `out`; returns what was drawn."""
+    if not run_dirs:
+        raise UsageError("plot: name at least one run folder")
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"plot: --out must name a .png file, got {out}")
+    Figure, FigureCanvasAgg, Line2D = _matplotlib()
+
+    curves, skipped = [], []
+    for path, label in zip(run_dirs, _labels(run_dirs)):
+        metrics = read_metrics(path)  # UsageError if the folder has no metrics.jsonl
+        if not metrics.train and not metrics.val:
+            skipped.append(label)
+            continue
+        curves.append(_Curves(label, summarize(path).level, metrics))
+    if not curves:
+        raise UsageError("plot: no run has logged a step yet (metrics.jsonl holds no loss lines)")
+
+    longest = max((r.get("elapsed") or 0.0) for c in curves for r in c.metrics.train + c.metrics.val)
+    scale, unit = _time_unit(float(longest))
+    has_bpc = any(c.level == "char" or any("val_bpc" in r for r in c.metrics.val) for c in curves)
+    rows = 2 if has_bpc else 1
+    width_in, height_in = 12.0, 4.0 * rows + 0.8
+    fig = Figure(figsize=(width_in, height_in), dpi=dpi)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, 2, squeeze=False)
+    colours = [f"C{i % 10}" for i in range(len(curves))]
+
+    for c, colour in zip(curves, colours):
+        for col, (x, xscale) in enumerate((("step", 1.0), ("elapsed", scale))):
+            ax = axes[0][col]
+            ax.plot(*_xy(c.metrics.train, x, "train_loss", xscale), color=colour, lw=1.4, alpha=0.9)
+            ax.plot(*_xy(c.metrics.val, x, "val_loss", xscale), color=colour, lw=1.4, ls="--", marker="o", ms=3)
+            if rows == 2:
+                ax = axes[1][col]
+                if c.level == "char":
+                    xs, ys = _xy(c.metrics.train, x, "train_loss", xscale)
+                    ax.plot(xs, [y / LN2 for y in ys], color=colour, lw=1.4, alpha=0.9)
+                ax.plot(*_xy(c.metrics.val, x, "val_bpc", xscale), color=colour, lw=1.4, ls="--", marker="o", ms=3)
+
+    for r in range(rows):
+        for col in range(2):
+            ax = axes[r][col]
+            ax.grid(True, alpha=0.3)
+            ax.set_xlabel("step" if col == 0 else f"wall-clock time ({unit})")
+            ax.set_ylabel("loss (nats / token)" if r == 0 else "bits per character")
+    axes[0][0].set_title("against steps")
+    axes[0][1].set_title("against wall-clock time")
+
+    handles = [Line2D([], [], color=colour, lw=2.5, label=c.label) for c, colour in zip(curves, colours)]
+    handles += [Line2D([], [], color="0.3", lw=1.4, label="training"),
+                Line2D([], [], color="0.3", lw=1.4, ls="--", marker="o", ms=3, label="validation")]
+    fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 6), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / height_in))
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, format="png")
+    except OSError as exc:
+        raise UsageError(f"plot: cannot write {out}: {exc.strerror or exc}") from None
+    return PlotResult(str(out), [c.label for c in curves], skipped,
+                      int(round(width_in * dpi)), int(round(height_in * dpi)))

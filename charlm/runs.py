@@ -1,0 +1,231 @@
+"""Run folders at a glance: find the runs under a folder and summarise each one.
+
+Only the small text files of a run are read (`config.yaml`, `metrics.jsonl`,
+the checkpoints' `manifest.json`), never the weights, so listing a hundred runs
+is instant. A run that cannot be read is still listed, marked broken with the
+reason, because a listing that crashes on one bad folder hides all the others.
+
+`read_metrics` is also what `plot` draws from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import UsageError
+
+# The run-folder file names of `checkpoint.py`, repeated here so that listing runs
+# does not import torch (checkpoint.py does); tests/test_runs.py checks they agree.
+CONFIG_FILE, MANIFEST_FILE, METRICS_FILE = "config.yaml", "manifest.json", "metrics.jsonl"
+CHECKPOINTS = ("best", "last")
+
+
+@dataclass
+class Metrics:
+    """The lines of a metrics.jsonl, sorted by kind. Each record is the JSON object as written."""
+
+    train: list[dict] = field(default_factory=list)   # lines with train_loss
+    val: list[dict] = field(default_factory=list)     # lines with val_loss
+    start: dict | None = None                          # {"event": "start", ...}
+    end: dict | None = None                            # {"event": "end", ...}: the run finished
+    bad_lines: int = 0                                 # lines that are not JSON objects (a torn last line)
+
+
+def read_metrics(run_dir: Path) -> Metrics:
+    """Parse RUN_DIR/metrics.jsonl; a missing file raises UsageError, a bad line is counted and skipped."""
+    path = Path(run_dir) / METRICS_FILE
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        raise UsageError(f"{run_dir} has no {METRICS_FILE}: is it a run folder?") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    m = Metrics()
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            m.bad_lines += 1
+            continue
+        if not isinstance(record, dict):
+            m.bad_lines += 1
+        elif record.get("event") == "start":
+            m.start = record
+        elif record.get("event") == "end":
+            m.end = record
+        elif _number(record.get("train_loss")) is not None:
+            m.train.append(record)
+        elif _number(record.get("val_loss")) is not None:
+            m.val.append(record)
+    return m
+
+
+@dataclass
+class RunSummary:
+    """One row of `charlm runs`. Fields are None where the run does not say."""
+
+    name: str
+    path: str
+    status: str                      # "done", "unfinished" (no end record: still running, or stopped) or "broken"
+    level: str | None = None
+    cell: str | None = None
+    impl: str | None = None
+    layers: int | None = None
+    hidden_size: int | None = None
+    parameters: int | None = None
+    steps: int | None = None
+    best_val_loss: float | None = None
+    best_val_bpc: float | None = None
+    elapsed: float | None = None
+    problem: str | None = None       # why a run is broken
+
+
+# `--sort` names, mapped to the field they sort by.
+SORT_KEYS = {"name": "name", "status": "status", "level": "level", "cell": "cell", "impl": "impl",
+             "size": "hidden_size", "layers": "layers", "hidden_size": "hidden_size", "parameters": "parameters",
+             "steps": "steps", "val_loss": "best_val_loss", "bpc": "best_val_bpc", "time": "elapsed"}
+
+
+def is_run_dir(path: Path) -> bool:
+    """A run folder has a metrics log, or a config beside a best/ or last/ checkpoint folder."""
+    if (path / METRICS_FILE).is_file():
+        return True
+    return (path / CONFIG_FILE).is_file() and any((path / c).is_dir() for c in CHECKPOINTS)
+
+
+def find_runs(folder: Path) -> list[Path]:
+    """Every run folder at or below `folder` (not descending into a run once found)."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise UsageError(f"folder not found: {folder}")
+    if not folder.is_dir():
+        raise UsageError(f"{folder} is not a folder")
+    if is_run_dir(folder):
+        return [folder]
+    found = []
+    for root, dirs, _ in os.walk(folder):
+        here = Path(root)
+        dirs.sort()
+        keep = []
+        for d in dirs:
+            if d.startswith("."):
+                continue  # .tmp-* checkpoint folders being written, hidden folders
+            if is_run_dir(here / d):
+                found.append(here / d)
+            else:
+                keep.append(d)
+        dirs[:] = keep
+    return found
+
+
+def summarize(run_dir: Path, name: str | None = None) -> RunSummary:
+    """A RunSummary from the text files of one run; never raises for a damaged run."""
+    run_dir = Path(run_dir)
+    s = RunSummary(name=name or run_dir.name, path=str(run_dir), status="done")
+    problems = []
+
+    try:
+        raw = yaml.safe_load((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+        model = raw.get("model") or {}
+        data = raw.get("data") or {}
+        s.cell, s.impl = model.get("cell"), model.get("impl")
+        s.layers, s.hidden_size = _int(model.get("layers")), _int(model.get("hidden_size"))
+        s.level = data.get("level")
+    except FileNotFoundError:
+        problems.append(f"no {CONFIG_FILE}")
+    except (OSError, ValueError, yaml.YAMLError, AttributeError):
+        problems.append(f"unreadable {CONFIG_FILE}")
+
+    manifest = _best_manifest(run_dir)
+    if manifest is None:
+        problems.append("no checkpoint")
+    else:
+        s.parameters = _int(manifest.get("parameters"))
+        s.steps = _int(manifest.get("step"))
+        s.elapsed = _number(manifest.get("elapsed"))
+
+    try:
+        m = read_metrics(run_dir)
+    except UsageError:
+        m = None
+        problems.append(f"no {METRICS_FILE}")
+    if m is not None:
+        if m.start:
+            s.parameters = _int(m.start.get("parameters")) or s.parameters
+        steps = [_int(r.get("step")) for r in m.train + m.val]
+        times = [_number(r.get("elapsed")) for r in m.train + m.val]
+        if m.end:
+            steps.append(_int(m.end.get("steps")))
+            times.append(_number(m.end.get("elapsed")))
+        steps = [x for x in steps if x is not None]
+        times = [x for x in times if x is not None]
+        if steps:
+            s.steps = max(steps + ([s.steps] if s.steps is not None else []))
+        if times:
+            s.elapsed = max(times + ([s.elapsed] if s.elapsed is not None else []))
+        vals = [r for r in m.val if _number(r.get("val_loss")) is not None and math.isfinite(r["val_loss"])]
+        if vals:
+            best = min(vals, key=lambda r: r["val_loss"])
+            s.best_val_loss, s.best_val_bpc = float(best["val_loss"]), _number(best.get("val_bpc"))
+        if m.end is None:
+            s.status = "unfinished"
+    if s.best_val_loss is None and manifest is not None:
+        s.best_val_loss = _number(manifest.get("val_loss"))
+
+    if problems:
+        s.status, s.problem = "broken", "; ".join(problems)
+    return s
+
+
+def list_runs(folder: Path, sort: str = "name") -> list[RunSummary]:
+    """Summaries of every run under `folder`, sorted by a SORT_KEYS column ('-' in front: descending)."""
+    descending = sort.startswith("-")
+    key = sort.lstrip("-")
+    if key not in SORT_KEYS:
+        raise UsageError(f"--sort: unknown column '{key}' (known: {', '.join(SORT_KEYS)})")
+    folder = Path(folder)
+    runs = [summarize(p, _display_name(p, folder)) for p in find_runs(folder)]
+    attr = SORT_KEYS[key]
+    present = [r for r in runs if getattr(r, attr) is not None]
+    missing = [r for r in runs if getattr(r, attr) is None]
+    present.sort(key=lambda r: r.name)
+    present.sort(key=lambda r: getattr(r, attr), reverse=descending)  # stable: ties stay in name order
+    return present + sorted(missing, key=lambda r: r.name)  # runs without the value always last
+
+
+def _display_name(path: Path, folder: Path) -> str:
+    try:
+        rel = path.relative_to(folder)
+    except ValueError:
+        rel = path
+    return path.name if str(rel) == "." else rel.as_posix()
+
+
+def _best_manifest(run_dir: Path) -> dict | None:
+    for name in CHECKPOINTS:
+        try:
+            manifest = json.loads((run_dir / name / MANIFEST_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(manifest, dict):
+            return manifest
+    return None
+
+
+def _number(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def _int(value) -> int | None:
+    number = _number(value)
+    return int(number) if number is not None and math.isfinite(number) else None

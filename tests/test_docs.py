@@ -1,0 +1,87 @@
+"""The documentation cannot drift from the code: config tables, command list, links to functions."""
+
+import importlib.util
+import re
+from pathlib import Path
+
+import typer
+
+from charlm.cli import app
+from charlm.config import describe_fields
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+README_ZH = ROOT / "README.zh-CN.md"
+EQUATIONS = ROOT / "docs" / "equations.md"
+
+
+def config_reference_script():
+    spec = importlib.util.spec_from_file_location("config_reference", ROOT / "scripts" / "config_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def table_between_markers(text: str, module) -> str:
+    start, end = text.index(module.BEGIN) + len(module.BEGIN), text.index(module.END)
+    return text[start:end].strip()
+
+
+def table_rows(table: str) -> list[list[str]]:
+    """Cells of each data row of a markdown table (`\\|` inside a cell kept as |)."""
+    rows = []
+    for line in table.splitlines()[2:]:
+        cells = re.split(r"(?<!\\)\|", line.strip().strip("|"))
+        rows.append([c.strip().replace("\\|", "|") for c in cells])
+    return rows
+
+
+def test_readme_config_reference_matches_the_code():
+    module = config_reference_script()
+    readme = README.read_text(encoding="utf-8")
+    assert table_between_markers(readme, module) == module.markdown_table(), (
+        "README.md's config table is stale: run `python scripts/config_reference.py --write`")
+
+
+def test_chinese_readme_lists_every_field_with_its_default_and_range():
+    module = config_reference_script()
+    rows = table_rows(table_between_markers(README_ZH.read_text(encoding="utf-8"), module))
+    expected = [[f"`{key}`", f"`{module.format_default(default)}`", rng]
+                for key, default, rng, _ in describe_fields()]
+    assert [row[:3] for row in rows] == expected, "README.zh-CN.md's config table differs from describe_fields()"
+    assert all(row[3] for row in rows), "every field needs its description in Chinese"
+
+
+def test_readmes_show_every_command():
+    commands = typer.main.get_command(app).commands
+    for path in (README, README_ZH):
+        text = path.read_text(encoding="utf-8")
+        missing = [c for c in commands if f"charlm {c}" not in text]
+        assert not missing, f"{path.name} does not show {missing}"
+        assert "make train" in text and "make test" in text
+
+
+def test_readmes_name_the_exit_codes():
+    for path in (README, README_ZH):
+        text = path.read_text(encoding="utf-8")
+        for code in ("| 0 |", "| 1 |", "| 2 |", "| 130 |", "| 143 |"):
+            assert code in text, f"{path.name} lacks exit code {code}"
+
+
+def test_links_to_functions_point_at_their_definitions():
+    """`[name](../charlm/file.py#L12)` must land on the line that defines `name`."""
+    for doc in (EQUATIONS, README, README_ZH):
+        for name, target, line in re.findall(r"\[`?([\w.]+)`?\]\(([^)#]+\.py)#L(\d+)\)", doc.read_text(encoding="utf-8")):
+            source = (doc.parent / target).resolve()
+            assert source.is_file(), f"{doc.name}: {target} does not exist"
+            lines = source.read_text(encoding="utf-8").splitlines()
+            short = name.split(".")[-1]
+            found = [i + 1 for i, text in enumerate(lines) if re.match(rf"\s*(def|class) {short}\b", text)]
+            assert int(line) in found, (f"{doc.name}: {name} links to {target}#L{line}, "
+                                        f"but it is defined at line(s) {found}: update the link")
+
+
+def test_relative_links_in_docs_exist():
+    for doc in (README, README_ZH, EQUATIONS):
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", doc.read_text(encoding="utf-8")):
+            assert (doc.parent / target).exists(), f"{doc.name} links to missing {target}"

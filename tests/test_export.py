@@ -1,0 +1,119 @@
+"""charlm export: the single-step model runs without charlm and gives charlm's logits and state."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from charlm.checkpoint import load_run
+from charlm.cli import app
+from charlm.config import load_config
+from charlm.export import export_model
+from charlm.train import train
+
+STEPS = 6
+TOLERANCE = 1e-4
+
+
+def make_run(tmp_path, cell, impl, layers=2):
+    corpus = tmp_path / "corpus.txt"
+    if not corpus.exists():
+        corpus.write_text("\n".join(f"abc {i % 5} xyz, cab {i % 3}." for i in range(120)) + "\n", encoding="utf-8")
+    out = tmp_path / f"{cell}-{impl}"
+    overrides = [f"model.cell={cell}", f"model.impl={impl}", f"model.layers={layers}", "model.hidden_size=12",
+                 "model.embedding_size=6", "train.batch_size=2", "train.seq_len=8", "model.device=cpu"]
+    train(load_config(overrides=overrides, extra={"train.max_steps": 3}), corpus, out=out, show_progress=False)
+    return out
+
+
+def charlm_steps(run_dir, tokens):
+    """Logits and packed state after each step of charlm's own model, from the zero state."""
+    model, _, _ = load_run(run_dir)
+    state, logits_seq, state_seq = None, [], []
+    with torch.no_grad():
+        for step_tokens in tokens:
+            logits, state = model.step(step_tokens, state)
+            logits_seq.append(logits)
+            state_seq.append(torch.stack(state) if isinstance(state, tuple) else state.unsqueeze(0))
+    return logits_seq, state_seq
+
+
+def test_torchscript_export_runs_without_charlm_and_matches_its_logits(tmp_path):
+    combos = [("lstm", "torch"), ("lstm", "custom"), ("gru", "torch"), ("gru", "custom")]
+    generator = torch.Generator().manual_seed(0)
+    jobs = []
+    for cell, impl in combos:
+        run = make_run(tmp_path, cell, impl)
+        _, codec, _ = load_run(run)
+        tokens = [torch.full((3,), 1, dtype=torch.long)]  # <eos> first, as in generation
+        tokens += [torch.randint(0, len(codec.vocab), (3,), generator=generator) for _ in range(STEPS - 1)]
+        path = tmp_path / f"{cell}-{impl}.pt"
+        result = CliRunner().invoke(app, ["export", str(run), "--format", "torchscript", "--out", str(path), "--json"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["max_abs_diff"] < TOLERANCE
+        torch.save(torch.stack(tokens), tmp_path / f"{cell}-{impl}.tokens.pt")
+        jobs.append((cell, impl, run, path, tokens, codec.vocab.tokens))
+
+    # A separate interpreter that never imports charlm loads every export and runs it.
+    script = textwrap.dedent("""
+        import json, sys, torch
+        for stem in sys.argv[1:]:
+            extra = {"charlm.json": ""}
+            step = torch.jit.load(stem + ".pt", _extra_files=extra)
+            meta = json.loads(extra["charlm.json"])
+            tokens = torch.load(stem + ".tokens.pt", weights_only=True)
+            s, layers, _, hidden = meta["state_shape"]
+            state = torch.zeros(s, layers, tokens.shape[1], hidden)
+            logits_seq, state_seq = [], []
+            for t in tokens:
+                logits, state = step(t, state)
+                logits_seq.append(logits)
+                state_seq.append(state)
+            torch.save({"logits": logits_seq, "state": state_seq, "tokens": meta["tokens"]}, stem + ".out.pt")
+        assert not any(name == "charlm" or name.startswith("charlm.") for name in sys.modules), "charlm was imported"
+    """)
+    stems = [str(tmp_path / f"{cell}-{impl}") for cell, impl, *_ in jobs]
+    done = subprocess.run([sys.executable, "-c", script, *stems], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+
+    for (cell, impl, run, path, tokens, vocab), stem in zip(jobs, stems):
+        theirs = torch.load(stem + ".out.pt", weights_only=True)
+        ours_logits, ours_state = charlm_steps(run, tokens)
+        assert theirs["tokens"] == vocab, f"{cell}/{impl}: the vocabulary travels with the export"
+        for ours, exported in zip(ours_logits + ours_state, theirs["logits"] + theirs["state"]):
+            assert ours.shape == exported.shape
+            assert (ours - exported).abs().max() < TOLERANCE, f"{cell}/{impl} differs"
+
+
+def test_onnx_export_matches_charlm_in_onnxruntime(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    for cell, impl in (("lstm", "custom"), ("gru", "torch")):
+        run = make_run(tmp_path, cell, impl)
+        path = tmp_path / f"{cell}.onnx"
+        result = export_model(run, "onnx", path)
+        assert result.max_abs_diff is not None and result.max_abs_diff < TOLERANCE
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        meta = json.loads(session.get_modelmeta().custom_metadata_map["charlm"])
+        s, layers, _, hidden = meta["state_shape"]
+        tokens = [torch.full((4,), 1, dtype=torch.long)] + [torch.tensor([2, 3, 4, 5]) + k for k in range(STEPS - 1)]
+        ours_logits, ours_state = charlm_steps(run, tokens)
+        state = torch.zeros(s, layers, 4, hidden).numpy()
+        for t, ours_l, ours_s in zip(tokens, ours_logits, ours_state):
+            logits, state = session.run(None, {"tokens": t.numpy(), "state": state})
+            assert abs(torch.from_numpy(logits) - ours_l).max() < TOLERANCE
+            assert abs(torch.from_numpy(state) - ours_s).max() < TOLERANCE
+
+
+def test_export_refuses_an_unknown_format_and_a_folder_without_checkpoint(tmp_path):
+    runner = CliRunner()
+    run = make_run(tmp_path, "rnn", "torch", layers=1)
+    bad = runner.invoke(app, ["export", str(run), "--format", "tflite", "--out", str(tmp_path / "m")])
+    assert bad.exit_code == 2 and "--format must be one of torchscript, onnx" in bad.stderr
+    empty = runner.invoke(app, ["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "m.pt")])
+    assert empty.exit_code == 2 and "run folder not found" in empty.stderr

@@ -1,0 +1,81 @@
+"""charlm plot: the PNG is written, has the promised size and is not blank; a clear error without matplotlib."""
+
+import builtins
+
+import pytest
+from typer.testing import CliRunner
+
+from charlm.cli import app
+from charlm.config import load_config
+from charlm.train import train
+
+
+def make_run(tmp_path, name, *settings, steps=8):
+    corpus = tmp_path / "corpus.txt"
+    if not corpus.exists():
+        text = "\n".join(f"line {i % 7} of a small corpus, said the cat" for i in range(150))
+        corpus.write_text(text + "\n", encoding="utf-8")
+    overrides = ["model.hidden_size=16", "model.embedding_size=8", "train.batch_size=2", "train.seq_len=8",
+                 "train.eval_interval=4", "train.log_interval=2", "model.device=cpu", *settings]
+    cfg = load_config(overrides=overrides, extra={"train.max_steps": steps})
+    train(cfg, corpus, out=tmp_path / name, show_progress=False)
+    return tmp_path / name
+
+
+def test_plot_writes_a_png_of_the_stated_size_that_is_not_blank(tmp_path):
+    pytest.importorskip("matplotlib")
+    from matplotlib.image import imread
+
+    runs = [make_run(tmp_path, "lstm"), make_run(tmp_path, "gru", "model.cell=gru")]
+    out = tmp_path / "figs" / "curves.png"
+    result = CliRunner().invoke(app, ["plot", *map(str, runs), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "2 runs" in result.stdout
+    pixels = imread(str(out))  # (height, width, channels), floats in [0, 1]
+    assert pixels.shape[0] == 880 and pixels.shape[1] == 1200  # two rows of panels: loss and bits per char
+    assert pixels[..., :3].std() > 0.05  # curves, axes and text, not a blank canvas
+    # both runs' colours are drawn: matplotlib's first two cycle colours C0 (blue) and C1 (orange)
+    rgb = (pixels[..., :3] * 255).round()
+    for colour in ((31, 119, 180), (255, 127, 14)):
+        assert (abs(rgb - colour).sum(axis=-1) < 30).sum() > 200
+
+
+def test_plot_leaves_out_runs_without_steps_and_refuses_when_none_has_any(tmp_path):
+    pytest.importorskip("matplotlib")
+    good = make_run(tmp_path, "good")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "metrics.jsonl").write_text('{"event": "start", "step": 0}\n', encoding="utf-8")
+    runner = CliRunner()
+    ok = runner.invoke(app, ["plot", str(good), str(empty), "--out", str(tmp_path / "a.png")])
+    assert ok.exit_code == 0 and "1 run" in ok.stdout
+    assert "empty: no steps logged yet" in ok.stderr
+    none = runner.invoke(app, ["plot", str(empty), "--out", str(tmp_path / "b.png")])
+    assert none.exit_code == 2 and "no run has logged a step" in none.stderr
+    assert not (tmp_path / "b.png").exists()
+
+
+def test_plot_refuses_a_folder_that_is_not_a_run_and_a_non_png_name(tmp_path):
+    runner = CliRunner()
+    missing = runner.invoke(app, ["plot", str(tmp_path), "--out", str(tmp_path / "a.png")])
+    assert missing.exit_code == 2 and "no metrics.jsonl" in missing.stderr
+    wrong = runner.invoke(app, ["plot", str(tmp_path), "--out", str(tmp_path / "a.pdf")])
+    assert wrong.exit_code == 2 and ".png" in wrong.stderr
+
+
+def test_plot_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "elapsed": 0.1, "train_loss": 2.0}\n', encoding="utf-8")
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    result = CliRunner().invoke(app, ["plot", str(run), "--out", str(tmp_path / "c.png")])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == ("charlm: error: charlm plot needs matplotlib, which is not installed: "
+                                     "pip install 'charlm[plot]'")

@@ -1,0 +1,104 @@
+"""charlm runs: finding run folders and summarising them from their text files alone."""
+
+import json
+
+from typer.testing import CliRunner
+
+from charlm import checkpoint
+from charlm import runs as runs_mod
+from charlm.cli import app
+from charlm.config import load_config
+from charlm.runs import find_runs, list_runs, read_metrics, summarize
+from charlm.train import train
+
+
+def make_corpus(path, lines=120):
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran"]
+    text = "\n".join(" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(6)) for i in range(lines))
+    path.write_text(text + "\n", encoding="utf-8")
+    return path
+
+
+def make_run(tmp_path, out, *settings, steps=6):
+    corpus = tmp_path / "corpus.txt"
+    if not corpus.exists():
+        make_corpus(corpus)
+    overrides = ["model.hidden_size=16", "model.embedding_size=8", "train.batch_size=2", "train.seq_len=8",
+                 "train.eval_interval=3", "train.log_interval=2", "model.device=cpu", *settings]
+    cfg = load_config(overrides=overrides, extra={"train.max_steps": steps})
+    return train(cfg, corpus, out=out, show_progress=False)
+
+
+def test_file_names_agree_with_checkpoint_module():
+    assert runs_mod.CONFIG_FILE == checkpoint.CONFIG_FILE
+    assert runs_mod.MANIFEST_FILE == checkpoint.MANIFEST_FILE
+    assert set(runs_mod.CHECKPOINTS) == set(checkpoint.NAMES)
+
+
+def test_summary_reads_config_metrics_and_manifest(tmp_path):
+    result = make_run(tmp_path, tmp_path / "runs" / "a", "model.cell=gru", "model.layers=2")
+    s = summarize(tmp_path / "runs" / "a")
+    assert (s.status, s.cell, s.impl, s.layers, s.hidden_size, s.level) == ("done", "gru", "torch", 2, 16, "char")
+    assert s.parameters == result.parameters
+    assert s.steps == result.steps == 6
+    assert s.best_val_loss == result.best_val_loss
+    vals = read_metrics(tmp_path / "runs" / "a").val
+    assert s.best_val_bpc == min(vals, key=lambda r: r["val_loss"])["val_bpc"]
+    assert s.elapsed is not None and s.elapsed > 0
+
+
+def test_runs_are_found_below_a_folder_and_sorted_by_a_column(tmp_path):
+    make_run(tmp_path, tmp_path / "runs" / "short", steps=2)
+    make_run(tmp_path, tmp_path / "runs" / "group" / "long", steps=8)
+    found = find_runs(tmp_path / "runs")
+    assert sorted(p.name for p in found) == ["long", "short"]
+    by_steps = list_runs(tmp_path / "runs", "steps")
+    assert [r.name for r in by_steps] == ["short", "group/long"]
+    assert [r.name for r in list_runs(tmp_path / "runs", "-steps")] == ["group/long", "short"]
+    # a run folder given directly lists itself
+    assert [r.name for r in list_runs(tmp_path / "runs" / "short")] == ["short"]
+
+
+def test_broken_and_unfinished_runs_are_listed_not_fatal(tmp_path):
+    make_run(tmp_path, tmp_path / "runs" / "good")
+    bad = tmp_path / "runs" / "bad"
+    (bad / "last").mkdir(parents=True)
+    (bad / "config.yaml").write_text("model: [unclosed\n", encoding="utf-8")
+    (bad / "metrics.jsonl").write_text('{"step": 2, "elapsed": 1.0, "train_loss": 3.0}\n{"step": 4, "ela', encoding="utf-8")
+    unfinished = tmp_path / "runs" / "unfinished"
+    make_run(tmp_path, unfinished)
+    lines = (unfinished / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    (unfinished / "metrics.jsonl").write_text("\n".join(lines[:-1]) + "\n", encoding="utf-8")  # drop the end record
+
+    by_name = {r.name: r for r in list_runs(tmp_path / "runs")}
+    assert by_name["good"].status == "done"
+    assert by_name["unfinished"].status == "unfinished"
+    assert by_name["bad"].status == "broken"
+    assert "config.yaml" in by_name["bad"].problem and "no checkpoint" in by_name["bad"].problem
+    assert by_name["bad"].steps == 2  # what could be read is still shown
+    assert read_metrics(bad).bad_lines == 1
+
+
+def test_runs_command_prints_a_table_and_json(tmp_path):
+    make_run(tmp_path, tmp_path / "runs" / "lstm")
+    make_run(tmp_path, tmp_path / "runs" / "rnn", "model.cell=rnn")
+    (tmp_path / "runs" / "empty").mkdir()  # not a run: ignored
+    runner = CliRunner()
+    table = runner.invoke(app, ["runs", str(tmp_path / "runs"), "--sort", "parameters"])
+    assert table.exit_code == 0, table.output
+    lines = table.stdout.splitlines()
+    assert lines[0].split()[:3] == ["name", "status", "level"]
+    assert [ln.split()[0] for ln in lines[1:]] == ["rnn", "lstm"]  # the RNN has fewer parameters
+    assert "1x16" in lines[1]
+    js = runner.invoke(app, ["runs", str(tmp_path / "runs"), "--json"])
+    records = [json.loads(ln) for ln in js.stdout.splitlines()]
+    assert [r["name"] for r in records] == ["lstm", "rnn"]
+    assert all(r["status"] == "done" and r["steps"] == 6 for r in records)
+
+
+def test_runs_command_refuses_unknown_column_and_missing_folder(tmp_path):
+    runner = CliRunner()
+    bad_sort = runner.invoke(app, ["runs", str(tmp_path), "--sort", "colour"])
+    assert bad_sort.exit_code == 2 and "unknown column 'colour'" in bad_sort.stderr
+    missing = runner.invoke(app, ["runs", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "folder not found" in missing.stderr
