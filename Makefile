@@ -9,7 +9,8 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 CHARLM := $(BIN)/charlm
 CORPUS := data/shakespeare.txt
-RUN ?= runs/shakespeare
+STAMP := $(shell date +%Y%m%d-%H%M%S)
+RUN ?= runs/shakespeare-$(STAMP)
 TRAIN_SECONDS ?= 180
 
 .PHONY: all venv data train test bench clean
@@ -33,7 +34,7 @@ $(CORPUS): scripts/build_shakespeare.py | $(BIN)/.installed
 train: $(BIN)/.installed $(CORPUS)
 	$(CHARLM) train --config configs/char_shakespeare.yaml --corpus $(CORPUS) \
 		--out $(RUN) --max-time $(TRAIN_SECONDS)
-	$(CHARLM) sample $(RUN) --max-length 400 --seed 1
+	$(CHARLM) sample $(RUN) --num-samples 8 --max-length 300 --temperature 0.8 --seed 1
 	$(CHARLM) score $(RUN) "To be, or not to be, that is the question." \
 		"question the is that be, to not or be, To"
 

@@ -78,7 +78,7 @@ def test_links_to_functions_point_at_their_definitions():
             short = name.split(".")[-1]
             found = [i + 1 for i, text in enumerate(lines) if re.match(rf"\s*(def|class) {short}\b", text)]
             assert int(line) in found, (f"{doc.name}: {name} links to {target}#L{line}, "
-                                        f"but it is defined at line(s) {found}: update the link")
+                                        f"but it is defined at line(s) {found}: run scripts/update_doc_links.py")
 
 
 def test_relative_links_in_docs_exist():
