@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import signal
 import sys
 import time
@@ -60,8 +62,11 @@ class Progress:
     elapsed: float = 0.0
     tokens: int = 0
     best_val_loss: float = math.inf
+    plateau_best: float = math.inf    # best of the periodic evaluations only: the plateau schedule's reference
     plateau_scale: float = 1.0
     plateau_bad: int = 0
+    log_loss_sum: float = 0.0         # training losses since the last metrics line, so that a
+    log_loss_count: int = 0           # resumed run writes the same means as an uninterrupted one
 
 
 def learning_rate(cfg: Config, p: Progress, fraction_done: float) -> float:
@@ -162,23 +167,57 @@ def _make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def _check_writable(run_dir: Path) -> None:
+    """Fail before training, not at the first checkpoint, when the run folder cannot be written."""
+    probe = run_dir / f".write-test-{os.getpid()}"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{id(run_dir)}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
+        with open(probe, "wb") as fh:
+            fh.write(b"charlm write test\n")
+            fh.flush()
+            os.fsync(fh.fileno())
     except OSError as exc:
-        raise UsageError(f"cannot write to run folder {run_dir}: {exc.strerror or exc}") from None
+        raise UsageError(f"cannot write to run folder {run_dir} ({ckpt.reason(exc)}): choose another --out "
+                         f"or fix its permissions") from None
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def _check_space(run_dir: Path, model: nn.Module) -> None:
+    """Refuse to start when the disk cannot hold the checkpoints this run will write.
+
+    A checkpoint holds the weights and, in last/, the optimizer state (up to two
+    more copies for Adam); while one is swapped in, the new and the old copy of
+    last/ and best/ exist at once: about eight copies of the weights in all.
+    """
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    need = 8 * weights + (1 << 20)
+    try:
+        free = shutil.disk_usage(run_dir).free
+    except OSError:
+        return  # cannot tell: the checkpoint writes will report a full disk themselves
+    if free < need:
+        raise RunFailure(f"not enough disk space in {run_dir}: {free / 2**20:,.1f} MiB free, the checkpoints of "
+                         f"this model need about {need / 2**20:,.1f} MiB; free some space or choose another --out")
 
 
 class _Log:
-    """metrics.jsonl, one JSON object per line; on resume, lines after the checkpoint's step are dropped."""
+    """metrics.jsonl, one JSON object per line; on resume, lines after the checkpoint's step are dropped,
+    and so is a line cut short by a crash."""
 
     def __init__(self, path: Path, resume_step: int | None):
         self.path = path
         if resume_step is not None and path.exists():
-            kept = [ln for ln in path.read_text(encoding="utf-8").splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            kept = []
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # a partial last line, written when the process was killed
+                if isinstance(record, dict) and record.get("step", 0) <= resume_step:
+                    kept.append(line)
             ckpt.atomic_write_text(path, "".join(ln + "\n" for ln in kept))
         elif resume_step is None:
             path.write_text("", encoding="utf-8")
@@ -211,7 +250,12 @@ def train(cfg: Config, corpus: Path | None, out: Path | None = None, val: Path |
         if trainer_state.get("format") != TRAINER_FORMAT:
             raise UsageError(f"--resume {resume}: trainer state format {trainer_state.get('format')!r}; "
                              f"this charlm reads format {TRAINER_FORMAT}")
-        corpus = Path(corpus) if corpus is not None else Path(trainer_state["corpus"])
+        if corpus is None:
+            corpus = Path(trainer_state["corpus"])
+            if not corpus.exists():
+                raise UsageError(f"--resume {resume}: the run's corpus {corpus} is not found; "
+                                 f"pass --corpus PATH to the same text")
+        corpus = Path(corpus)
         if val is None and trainer_state.get("val"):
             val = Path(trainer_state["val"])
         out = resume
@@ -241,30 +285,51 @@ def train(cfg: Config, corpus: Path | None, out: Path | None = None, val: Path |
 
     model = build_model(cfg.model, len(splits.codec.vocab)).to(device)
     optimizer = _make_optimizer(cfg, model)
+    _check_space(run_dir, model)
     p = Progress()
     hidden = None
     if resume is not None:
         ckpt.load_weights(model, saved.tensors, saved.folder)
-        try:
-            optimizer.load_state_dict(trainer_state["optimizer"])
-        except (ValueError, KeyError) as exc:
-            raise UsageError(f"--resume {resume}: the optimizer state does not fit ({exc})") from None
-        p = Progress(**trainer_state["progress"])
-        hidden = _state_to(trainer_state.get("hidden"), device)
-        torch.set_rng_state(trainer_state["rng_cpu"])
-        if device.type == "cuda" and trainer_state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(trainer_state["rng_cuda"], device)
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        p, hidden = _restore(resume, trainer_state, optimizer, device)
+    try:
+        return _loop(cfg, run_dir, corpus, val, resume, splits, rows, n_windows, model, optimizer, p, hidden,
+                     device, trainer_state, show_progress, log_stream)
+    except OSError as exc:  # the metrics log or the run folder's files (checkpoints report their own)
+        where = exc.filename or run_dir
+        raise RunFailure(f"could not write {where} ({ckpt.reason(exc)}); the last checkpoint in {run_dir} is "
+                         f"intact: make room (or fix the folder) and continue with --resume {run_dir}") from None
+
+
+def _restore(resume: Path, state: dict, optimizer: torch.optim.Optimizer, device) -> tuple[Progress, State | None]:
+    """Optimizer, progress, hidden state and RNG from a trainer state; a state that does not fit is refused."""
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        p = Progress(**state["progress"])
+        hidden = _state_to(state.get("hidden"), device)
+        torch.set_rng_state(state["rng_cpu"])
+        if device.type == "cuda" and state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(state["rng_cuda"], device)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise UsageError(f"--resume {resume}: the trainer state in last/{ckpt.TRAINER_FILE} does not fit this "
+                         f"run ({type(exc).__name__}: {ckpt.reason(exc)})") from None
+    return p, hidden
+
+
+def _loop(cfg: Config, run_dir: Path, corpus: Path, val, resume, splits: Splits, rows: torch.Tensor,
+          n_windows: int, model: RNNLM, optimizer: torch.optim.Optimizer, p: Progress, hidden,
+          device, trainer_state: dict | None, show_progress: bool, log_stream) -> TrainResult:
+    t = cfg.train
+    if resume is None:
         ckpt.atomic_write_text(run_dir / ckpt.CONFIG_FILE, dump_yaml(cfg))
         ckpt.atomic_write_text(run_dir / ckpt.VOCAB_FILE, splits.codec.to_json())
-
     n_params = count_parameters(model)
     corpus_digest = trainer_state["corpus_sha256"] if trainer_state else _sha256_of(Path(corpus))
     log = _Log(run_dir / "metrics.jsonl", p.step if resume is not None else None)
     if resume is None:
         log.write({"event": "start", "step": 0, "parameters": n_params, "vocab_size": len(splits.codec.vocab),
                    "train_tokens": splits.train.numel(), "device": str(device)})
+    else:
+        log.write({"event": "resume", "step": p.step, "device": str(device)})
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if t.precision == "bf16" and device.type == "cuda"
                 else nullcontext())
 
@@ -276,7 +341,15 @@ def train(cfg: Config, corpus: Path | None, out: Path | None = None, val: Path |
             "corpus": str(corpus), "val": str(val) if val else None, "corpus_sha256": corpus_digest,
         }
 
+    def failure(step: int, what: str) -> RunFailure:
+        last = run_dir / "last"
+        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved"
+        return RunFailure(f"training stopped at step {step}: {what}; {kept}")
+
     def save(name: str, val_loss: float | None) -> None:
+        bad = next((n for n, w in model.named_parameters() if not torch.isfinite(w).all()), None)
+        if bad is not None:  # never save non-finite weights over a good checkpoint
+            raise failure(p.step, f"weight {bad} became NaN or infinite (try a lower train.lr or train.clip)")
         info = {"step": p.step, "epoch": p.epoch + p.window / n_windows, "val_loss": val_loss,
                 "elapsed": p.elapsed, "parameters": n_params}
         ckpt.save_checkpoint(run_dir, name, model, cfg, splits.codec,
@@ -291,21 +364,25 @@ def train(cfg: Config, corpus: Path | None, out: Path | None = None, val: Path |
             return None
         return evaluate(model, splits.val, t.eval_batch_size, device, limit)
 
-    def after_validation(val_loss: float | None) -> None:
-        nonlocal_best = val_loss is not None and val_loss < p.best_val_loss
+    def after_validation(val_loss: float | None, periodic: bool) -> None:
+        improved = val_loss is not None and val_loss < p.best_val_loss
         if val_loss is not None:
             log.write({"step": p.step, "epoch": round(p.epoch + p.window / n_windows, 4), "elapsed": round(p.elapsed, 3),
                        "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700)),
                        "val_bpc": bits_per_char(val_loss)})
-            if nonlocal_best:
+            if improved:
                 p.best_val_loss = val_loss
-                p.plateau_bad = 0
-            elif t.schedule == "plateau":
-                p.plateau_bad += 1
-                if p.plateau_bad > t.plateau_patience:
-                    p.plateau_scale *= t.plateau_factor
-                    p.plateau_bad = 0
-        if nonlocal_best or splits.val is None:
+            # Only the periodic evaluations drive the plateau schedule: the extra one at the end of a
+            # run must not change what a resumed run does (resume is exact).
+            if periodic and t.schedule == "plateau":
+                if val_loss < p.plateau_best:
+                    p.plateau_best, p.plateau_bad = val_loss, 0
+                else:
+                    p.plateau_bad += 1
+                    if p.plateau_bad > t.plateau_patience:
+                        p.plateau_scale *= t.plateau_factor
+                        p.plateau_bad = 0
+        if improved or splits.val is None:
             save("best", val_loss)
         save("last", val_loss)
 
@@ -324,8 +401,9 @@ def train(cfg: Config, corpus: Path | None, out: Path | None = None, val: Path |
                disable=not interactive, leave=True)
     model.train()
     last_loss, stopped_by = math.nan, None
+    last_eval: tuple[int, float | None] | None = None  # (step, loss) of the latest full evaluation
     signals = _Signals()
-    window_start, window_tokens, loss_sum, loss_count = time.perf_counter(), 0, 0.0, 0
+    window_start, window_tokens = time.perf_counter(), 0
     start_elapsed, clock = p.elapsed, time.perf_counter()
     try:
         with signals.installed():
@@ -348,13 +426,8 @@ def train(cfg: Config, corpus: Path | None, out: Path | None = None, val: Path |
                     if not torch.isfinite(grad_norm):
                         raise _NonFinite("gradient")
                 except _NonFinite as exc:
-                    last = run_dir / "last"
-                    where = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved"
-                    raise RunFailure(f"training stopped at step {p.step + 1}: the {exc.args[0]} is NaN or infinite "
-                                     f"(try a lower train.lr or train.clip); {where}") from None
-                except torch.OutOfMemoryError:
-                    raise RunFailure(f"out of memory at step {p.step + 1}: use a smaller train.batch_size or "
-                                     f"train.seq_len (or model.hidden_size); the last checkpoint is kept") from None
+                    raise failure(p.step + 1, f"the {exc.args[0]} is NaN or infinite (try a lower train.lr "
+                                              f"or train.clip)") from None
                 lr = learning_rate(cfg, p, fraction_done(cfg, p, n_windows))
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -366,14 +439,14 @@ def train(cfg: Config, corpus: Path | None, out: Path | None = None, val: Path |
                 p.tokens += y.numel()
                 window_tokens += y.numel()
                 last_loss = loss.item()
-                loss_sum += last_loss
-                loss_count += 1
+                p.log_loss_sum += last_loss
+                p.log_loss_count += 1
                 p.elapsed = start_elapsed + time.perf_counter() - clock
                 bar.update(1)
                 if p.step % t.log_interval == 0:
                     now = time.perf_counter()
                     tps = window_tokens / max(now - window_start, 1e-9)
-                    mean = loss_sum / loss_count
+                    mean = p.log_loss_sum / p.log_loss_count
                     record = {"step": p.step, "epoch": round(p.epoch + p.window / n_windows, 4),
                               "elapsed": round(p.elapsed, 3), "train_loss": mean, "lr": lr,
                               "grad_norm": float(grad_norm), "tokens_per_second": tps}
@@ -384,12 +457,14 @@ def train(cfg: Config, corpus: Path | None, out: Path | None = None, val: Path |
                     if not interactive and show_progress:
                         print(f"step {p.step} loss {mean:.4f} {rate} tok/s {tps:,.0f} lr {lr:.3g} "
                               f"elapsed {p.elapsed:.0f}s", file=log_stream, flush=True)
-                    window_start, window_tokens, loss_sum, loss_count = now, 0, 0.0, 0
+                    window_start, window_tokens = now, 0
+                    p.log_loss_sum, p.log_loss_count = 0.0, 0
                 if t.eval_interval and p.step % t.eval_interval == 0:
                     val_loss = validate(t.eval_tokens)
                     if val_loss is not None and not interactive and show_progress:
                         print(f"step {p.step} val_loss {val_loss:.4f}", file=log_stream, flush=True)
-                    after_validation(val_loss)
+                    after_validation(val_loss, periodic=True)
+                    last_eval = (p.step, val_loss) if t.eval_tokens is None else None
                     p.elapsed = start_elapsed + time.perf_counter() - clock
             if signals.received:
                 save("last", None)
@@ -397,8 +472,14 @@ def train(cfg: Config, corpus: Path | None, out: Path | None = None, val: Path |
                 name = "SIGINT" if signals.received == signal.SIGINT else "SIGTERM"
                 raise Interrupted(f"interrupted by {name} at step {p.step}; saved {run_dir / 'last'} "
                                   f"(continue with --resume {run_dir})", code)
-            final_val = validate(None)
-            after_validation(final_val)
+            if last_eval is not None and last_eval[0] == p.step:
+                final_val = last_eval[1]  # just evaluated on the whole split and saved: nothing new to do
+            else:
+                final_val = validate(None)
+                after_validation(final_val, periodic=False)
+    except torch.OutOfMemoryError:
+        raise failure(p.step + 1, "out of memory; use a smaller train.batch_size or train.seq_len "
+                                  "(or model.hidden_size)") from None
     finally:
         bar.close()
         log.close()
