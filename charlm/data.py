@@ -39,14 +39,19 @@ def read_text(path: Path, encoding: str = "utf-8", errors: str = "strict") -> st
         raw = path.read_bytes()
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if b"\x00" in raw[:65536] and not encoding.lower().startswith("utf-16"):
-        raise UsageError(f"{path} looks like a binary file (it holds NUL bytes), not text")
+    return decode(raw, str(path), encoding, errors)
+
+
+def decode(raw: bytes, name: str, encoding: str = "utf-8", errors: str = "strict") -> str:
+    """Bytes to text; a binary file or an undecodable byte gets a message naming it and what to do."""
+    if b"\x00" in raw[:65536] and not encoding.lower().replace("_", "-").startswith(("utf-16", "utf-32")):
+        raise UsageError(f"{name} looks like a binary file (it holds NUL bytes), not text")
     try:
         return raw.decode(encoding, errors=errors)
     except LookupError:
-        raise UsageError(f"unknown text encoding '{encoding}'") from None
+        raise UsageError(f"unknown text encoding '{encoding}' (try utf-8, latin-1, cp1252, utf-16)") from None
     except UnicodeDecodeError as exc:
-        raise UsageError(f"{path} is not valid {encoding}: byte offset {exc.start} ({raw[exc.start:exc.start + 1]!r}); "
+        raise UsageError(f"{name} is not valid {encoding}: byte offset {exc.start} ({raw[exc.start:exc.start + 1]!r}); "
                          f"pass --encoding to name its encoding or --errors replace to substitute bad bytes") from None
 
 
