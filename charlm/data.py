@@ -135,8 +135,13 @@ def char_count(text: str) -> int:
     return len(text) + (0 if not text or text.endswith("\n") else 1)
 
 
-def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextCodec | None = None) -> Splits:
-    """Read the corpus (and validation file), build the vocabulary from the training split, encode both."""
+def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextCodec | None = None,
+            check_codec: bool = False) -> Splits:
+    """Read the corpus (and validation file), build the vocabulary from the training split, encode both.
+
+    With `codec`, encode with it instead; with `check_codec` too (a resumed run), first check that it
+    is the vocabulary this corpus and these settings build, so that a mismatch is never silent.
+    """
     text = read_text(corpus, cfg.encoding, cfg.errors)
     if not text or text.isspace():  # (isspace, not strip: no copy of a large text)
         raise UsageError(f"corpus {corpus} is empty (or white space only): nothing to learn from")
@@ -144,10 +149,22 @@ def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextC
         train_text, val_text = text, read_text(val, cfg.encoding, cfg.errors)
     else:
         train_text, val_text = split_text(text, cfg.val_fraction)
+    if codec is not None and check_codec:
+        _check_vocabulary(codec, build_codec(cfg, train_text), corpus)
     codec = codec or build_codec(cfg, train_text)
     train_ids = encode(codec, train_text)
     val_ids = encode(codec, val_text) if val_text and not val_text.isspace() else None
     return Splits(codec, train_ids, val_ids, char_count(train_text), char_count(val_text))
+
+
+def _check_vocabulary(saved: TextCodec, fresh: TextCodec, corpus: Path) -> None:
+    if saved.tokenizer.to_dict() == fresh.tokenizer.to_dict() and saved.vocab.tokens == fresh.vocab.tokens:
+        return
+    a, b = saved.vocab.tokens, fresh.vocab.tokens
+    first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    raise UsageError(f"the run's vocabulary does not match the tokenization of {corpus}: {len(a)} tokens saved, "
+                     f"{len(b)} built from the corpus, first difference at id {first}; the run's vocab.json "
+                     f"belongs to another corpus or other data settings")
 
 
 def batchify(ids: Tensor, batch_size: int) -> Tensor:

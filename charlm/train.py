@@ -271,13 +271,11 @@ def train(cfg: Config, corpus: Path | None, out: Path | None = None, val: Path |
 
     device = resolve_device(cfg.model.device)
     seed_everything(cfg.train.seed)
+    if resume is not None and Path(corpus).is_file() and _sha256_of(Path(corpus)) != trainer_state["corpus_sha256"]:
+        raise UsageError(f"--resume {resume}: corpus {corpus} is not the text this run was trained on "
+                         f"(SHA-256 differs); resume with the original corpus")
     splits: Splits = prepare(cfg.data, Path(corpus), Path(val) if val else None,
-                             codec=saved.codec if resume is not None else None)
-    if resume is not None:
-        digest = _sha256_of(Path(corpus))
-        if digest != trainer_state["corpus_sha256"]:
-            raise UsageError(f"--resume {resume}: corpus {corpus} is not the text this run was trained on "
-                             f"(SHA-256 differs); resume with the original corpus")
+                             codec=saved.codec if resume is not None else None, check_codec=resume is not None)
     t = cfg.train
     check_trainable(splits.train, t.batch_size, t.seq_len)
     rows = batchify(splits.train, t.batch_size).to(device)  # (B, N // B)
