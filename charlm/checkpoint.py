@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -248,9 +249,36 @@ def verify(folder: Path, manifest: dict) -> None:
                              f"(corrupted or altered); refusing to load it")
 
 
+def _identity(folder: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def load_checkpoint(path: Path, which: str = "best") -> Checkpoint:
-    """Find, verify and read a checkpoint. Nothing in it can run code."""
-    folder = find_checkpoint(path, which)
+    """Find, verify and read a checkpoint. Nothing in it can run code.
+
+    A training run may swap in a new checkpoint folder while we read (`charlm sample` during training):
+    the folder's identity is compared before and after, and a read that straddled a swap is done again.
+    """
+    for _ in range(5):
+        folder = find_checkpoint(path, which)
+        before = _identity(folder)
+        try:
+            saved = _read_checkpoint(folder)
+        except UsageError:
+            if _identity(folder) == before:
+                raise  # nothing moved: the checkpoint itself is bad
+        else:
+            if _identity(folder) == before:
+                return saved
+        time.sleep(0.05)
+    raise UsageError(f"checkpoint {folder} kept changing while it was read (a run is saving into it); try again")
+
+
+def _read_checkpoint(folder: Path) -> Checkpoint:
     manifest = read_manifest(folder)
     verify(folder, manifest)
     cfg = config_mod.from_dict(config_mod.read_yaml(folder / CONFIG_FILE))

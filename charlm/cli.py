@@ -52,8 +52,13 @@ class _Terminated(BaseException):
     """SIGTERM outside the training loop (which saves first): unwinds like Ctrl-C, exits 143."""
 
 
-def _on_sigterm(signum, frame) -> None:
-    raise _Terminated()
+class _Interrupted(BaseException):
+    """SIGINT outside the training loop. Not a KeyboardInterrupt, which Click would turn into
+    'Aborted!' and exit 1 while the command line is being parsed."""
+
+
+def _on_signal(signum, frame) -> None:
+    raise _Terminated() if signum == signal.SIGTERM else _Interrupted()
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -76,7 +81,7 @@ def _errors():
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         raise typer.Exit(0) from None
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Interrupted):
         raise _fail("interrupted", EXIT_SIGINT) from None
     except _Terminated:
         raise _fail("terminated", EXIT_SIGTERM) from None
@@ -345,7 +350,8 @@ def main() -> None:
         except (AttributeError, ValueError):
             pass
     try:
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _on_signal)
     except ValueError:  # not the main thread
         pass
     try:
@@ -354,6 +360,12 @@ def main() -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         sys.exit(0)
+    except _Interrupted:  # while the command line was parsed, before a command ran
+        _err("interrupted")
+        sys.exit(EXIT_SIGINT)
+    except _Terminated:
+        _err("terminated")
+        sys.exit(EXIT_SIGTERM)
 
 
 if __name__ == "__main__":

@@ -368,6 +368,8 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, resume, splits: Splits,
             log.write({"step": p.step, "epoch": round(p.epoch + p.window / n_windows, 4), "elapsed": round(p.elapsed, 3),
                        "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700)),
                        "val_bpc": bits_per_char(val_loss)})
+            if not math.isfinite(val_loss):  # finite weights, but a broken model: do not save it
+                raise failure(p.step, "the validation loss is NaN or infinite (try a lower train.lr or train.clip)")
             if improved:
                 p.best_val_loss = val_loss
             # Only the periodic evaluations drive the plateau schedule: the extra one at the end of a
@@ -429,7 +431,13 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, resume, splits: Splits,
                 lr = learning_rate(cfg, p, fraction_done(cfg, p, n_windows))
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                optimizer.step()
+                try:
+                    optimizer.step()
+                except RuntimeError as exc:  # e.g. Adam's lr / (1 - beta1) beyond the float range
+                    if "overflow" not in str(exc):
+                        raise
+                    raise failure(p.step + 1, f"the update overflowed ({ckpt.reason(exc)}); use a lower "
+                                              f"train.lr") from None
                 p.step += 1
                 p.window += 1
                 if p.window >= n_windows:  # a new epoch reads the streams from their start, from a zero state
