@@ -263,11 +263,15 @@ def load_checkpoint(path: Path, which: str = "best") -> Checkpoint:
     A training run may swap in a new checkpoint folder while we read (`charlm sample` during training):
     the folder's identity is compared before and after, and a read that straddled a swap is done again.
     """
-    for _ in range(5):
+    for _ in range(10):
         folder = find_checkpoint(path, which)
         before = _identity(folder)
         try:
-            saved = _read_checkpoint(folder)
+            try:
+                saved = _read_checkpoint(folder)
+            except OSError as exc:  # a file vanished or cannot be read
+                raise UsageError(f"checkpoint {folder}: cannot read {Path(exc.filename or '').name or 'a file'} "
+                                 f"({reason(exc)})") from None
         except UsageError:
             if _identity(folder) == before:
                 raise  # nothing moved: the checkpoint itself is bad
