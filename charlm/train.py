@@ -401,7 +401,6 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, resume, splits: Splits,
                disable=not interactive, leave=True)
     model.train()
     last_loss, stopped_by = math.nan, None
-    last_eval: tuple[int, float | None] | None = None  # (step, loss) of the latest full evaluation
     signals = _Signals()
     window_start, window_tokens = time.perf_counter(), 0
     start_elapsed, clock = p.elapsed, time.perf_counter()
@@ -470,7 +469,6 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, resume, splits: Splits,
                     if val_loss is not None and not interactive and show_progress:
                         print(f"step {p.step} val_loss {val_loss:.4f}", file=log_stream, flush=True)
                     after_validation(val_loss, periodic=True)
-                    last_eval = (p.step, val_loss) if t.eval_tokens is None else None
                     p.elapsed = start_elapsed + time.perf_counter() - clock
             if signals.received:
                 save("last", None)
@@ -478,11 +476,8 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, resume, splits: Splits,
                 name = "SIGINT" if signals.received == signal.SIGINT else "SIGTERM"
                 raise Interrupted(f"interrupted by {name} at step {p.step}; saved {run_dir / 'last'} "
                                   f"(continue with --resume {run_dir})", code)
-            if last_eval is not None and last_eval[0] == p.step:
-                final_val = last_eval[1]  # just evaluated on the whole split and saved: nothing new to do
-            else:
-                final_val = validate(None)
-                after_validation(final_val, periodic=False)
+            final_val = validate(None)
+            after_validation(final_val, periodic=False)
     except torch.OutOfMemoryError:
         raise failure(p.step + 1, "out of memory; use a smaller train.batch_size or train.seq_len "
                                   "(or model.hidden_size)") from None
