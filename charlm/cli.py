@@ -343,7 +343,8 @@ def info(
 
 
 def main() -> None:
-    """Console entry point: output survives ASCII terminals and closed pipes."""
+    """Console entry point: output survives ASCII terminals and closed pipes; a bad command line,
+    like every other error, is one line on stderr (Click's own display takes four)."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.reconfigure(errors="backslashreplace")
@@ -355,7 +356,16 @@ def main() -> None:
     except ValueError:  # not the main thread
         pass
     try:
-        app()
+        code = app(standalone_mode=False)
+    except Exception as exc:
+        if not _is_usage_error(exc):
+            raise
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `charlm` or `charlm train` alone: the help
+            exc.show()
+        else:
+            where = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else "charlm"
+            _err(f"{exc.format_message()} (see {where} -h)")
+        sys.exit(exc.exit_code)
     except BrokenPipeError:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
@@ -366,6 +376,18 @@ def main() -> None:
     except _Terminated:
         _err("terminated")
         sys.exit(EXIT_SIGTERM)
+    except typer.Abort:
+        _err("aborted")
+        sys.exit(EXIT_FAILURE)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _is_usage_error(exc: BaseException) -> bool:
+    """A Click error about the command line (a bad option value, a missing argument, an unknown command).
+
+    Recognised by its interface: Typer ships Click under another name in some versions.
+    """
+    return callable(getattr(exc, "format_message", None)) and isinstance(getattr(exc, "exit_code", None), int)
 
 
 if __name__ == "__main__":

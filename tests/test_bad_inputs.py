@@ -277,3 +277,17 @@ def test_ascii_terminal_gets_escapes_not_a_crash(tmp_path):
                              capture_output=True, env=child_env(env), cwd=ROOT, timeout=120)
     assert missing.returncode == 2 and b"Traceback" not in missing.stderr
     assert missing.stderr.startswith(b"charlm: error: file not found") and missing.stderr.isascii()
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (("train", "--max-steps", "abc"), "--max-steps"),
+    (("train", "--bogus", "1"), "--bogus"),
+    (("sample",), "run_dir"),
+    (("bogus",), "bogus"),
+])
+def test_bad_command_line_is_one_line_and_exit_2(args, fragment):
+    """Click's own usage errors too: one line naming the option, exit 2 (through the real entry point)."""
+    result = subprocess.run([sys.executable, "-m", "charlm", *args], capture_output=True, text=True,
+                            env=child_env(), cwd=ROOT, timeout=60)
+    line = assert_one_line_error(result, 2, fragment)
+    assert line.endswith("-h)")
