@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,12 @@ def fsync_dir(path: Path) -> None:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb+") as fh:
         os.fsync(fh.fileno())
+
+
+def reason(exc: BaseException) -> str:
+    """The short cause of an I/O error: 'No space left on device', not a traceback."""
+    text = getattr(exc, "strerror", None) or str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -93,10 +100,20 @@ def state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+def check_finite(tensors: dict[str, torch.Tensor], where: str, error: type = RunFailure) -> None:
+    """Raise `error` naming the first weight that holds NaN or an infinity."""
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise RunFailure(f"{where}: weight {name} holds NaN or infinite values")
+            raise error(f"{where}: weight {name} holds NaN or infinite values")
+
+
+def _format_message(what: str, found) -> str:
+    if isinstance(found, int) and not isinstance(found, bool) and found > FORMAT:
+        return f"{what} has format {found}, written by a newer charlm; this charlm reads format {FORMAT}: upgrade charlm"
+    if isinstance(found, int) and not isinstance(found, bool):
+        return (f"{what} has format {found}, written by an older charlm; this charlm reads format {FORMAT}: "
+                f"retrain, or use the charlm version that wrote it")
+    return f"{what} has no valid format number ({found!r}); this charlm reads format {FORMAT}"
 
 
 def save_checkpoint(run_dir: Path, name: str, model: torch.nn.Module, cfg, codec: TextCodec,
@@ -107,6 +124,7 @@ def save_checkpoint(run_dir: Path, name: str, model: torch.nn.Module, cfg, codec
     check_finite(tensors, f"checkpoint {name} not saved")
     tmp = run_dir / f".tmp-{name}-{os.getpid()}"
     final, old = run_dir / name, run_dir / f"{name}.old"
+    done = False
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -132,11 +150,22 @@ def save_checkpoint(run_dir: Path, name: str, model: torch.nn.Module, cfg, codec
             os.rename(final, old)
             fsync_dir(run_dir)
         os.rename(tmp, final)
+        done = True
         fsync_dir(run_dir)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise RunFailure(f"could not write checkpoint {name} in {run_dir}: {exc.strerror or exc}; "
-                         f"the previous checkpoint is intact") from None
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        # Disk full, file too large, a read-only folder: torch.save reports these as RuntimeError,
+        # safetensors as SafetensorError or OSError.
+        kept = "the previous checkpoint is intact" if (final.exists() or old.exists()) else "none was saved yet"
+        raise RunFailure(f"could not write checkpoint {name} in {run_dir} ({reason(exc)}); {kept}: make room "
+                         f"(or fix the folder) and continue with --resume {run_dir}") from None
+    finally:
+        if not done:  # a failure or a signal: leave no partial folder, put the previous checkpoint back
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old.exists() and not final.exists():
+                try:
+                    os.rename(old, final)
+                except OSError:
+                    pass  # `recover` and `find_checkpoint` still find it as name.old
     shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -148,8 +177,9 @@ def recover(run_dir: Path) -> None:
         return
     for stray in run_dir.glob(".tmp-*"):
         shutil.rmtree(stray, ignore_errors=True) if stray.is_dir() else stray.unlink(missing_ok=True)
-    for stray in run_dir.glob(".*.tmp-*"):
-        stray.unlink(missing_ok=True)
+    for pattern in (".*.tmp-*", ".write-test-*"):
+        for stray in run_dir.glob(pattern):
+            stray.unlink(missing_ok=True)
     for name in NAMES:
         final, old = run_dir / name, run_dir / f"{name}.old"
         if old.exists():
@@ -200,7 +230,7 @@ def read_manifest(folder: Path) -> dict:
         raise UsageError(f"checkpoint {folder}: unreadable {MANIFEST_FILE} ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else None
-        raise UsageError(f"checkpoint {folder} has format {found!r}; this charlm reads format {FORMAT}")
+        raise UsageError(_format_message(f"checkpoint {folder}", found))
     return manifest
 
 
@@ -219,18 +249,58 @@ def verify(folder: Path, manifest: dict) -> None:
                              f"(corrupted or altered); refusing to load it")
 
 
+def _identity(folder: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def load_checkpoint(path: Path, which: str = "best") -> Checkpoint:
-    """Find, verify and read a checkpoint. Nothing in it can run code."""
-    folder = find_checkpoint(path, which)
+    """Find, verify and read a checkpoint. Nothing in it can run code.
+
+    A training run may swap in a new checkpoint folder while we read (`charlm sample` during training):
+    the folder's identity is compared before and after, and a read that straddled a swap is done again.
+    """
+    for _ in range(10):
+        folder = find_checkpoint(path, which)
+        before = _identity(folder)
+        try:
+            try:
+                saved = _read_checkpoint(folder)
+            except OSError as exc:  # a file vanished or cannot be read
+                raise UsageError(f"checkpoint {folder}: cannot read {Path(exc.filename or '').name or 'a file'} "
+                                 f"({reason(exc)})") from None
+        except UsageError:
+            if _identity(folder) == before:
+                raise  # nothing moved: the checkpoint itself is bad
+        else:
+            if _identity(folder) == before:
+                return saved
+        time.sleep(0.05)
+    raise UsageError(f"checkpoint {folder} kept changing while it was read (a run is saving into it); try again")
+
+
+def _read_checkpoint(folder: Path) -> Checkpoint:
     manifest = read_manifest(folder)
     verify(folder, manifest)
     cfg = config_mod.from_dict(config_mod.read_yaml(folder / CONFIG_FILE))
     codec = TextCodec.load(folder / VOCAB_FILE)
+    data = cfg.data
+    if codec.tokenizer.to_dict() != {"level": data.level, "lowercase": data.lowercase, "word_split": data.word_split}:
+        raise UsageError(f"checkpoint {folder}: {VOCAB_FILE} was made by tokenizer {codec.tokenizer.to_dict()} but "
+                         f"{CONFIG_FILE} asks for level={data.level}, lowercase={data.lowercase}, "
+                         f"word_split={data.word_split}; the two files do not belong together")
     try:
         tensors = load_file(str(folder / MODEL_FILE))
     except (SafetensorError, OSError, ValueError) as exc:
         raise UsageError(f"checkpoint {folder}: {MODEL_FILE} is not a valid safetensors file ({exc})") from None
-    check_finite(tensors, f"checkpoint {folder} refused")
+    check_finite(tensors, f"checkpoint {folder} refused", UsageError)
+    rows = tensors.get("encoder.weight")
+    if rows is not None and rows.shape[0] != len(codec.vocab):
+        raise UsageError(f"checkpoint {folder}: {VOCAB_FILE} holds {len(codec.vocab)} tokens but the weights were "
+                         f"trained with a vocabulary of {rows.shape[0]}; the two files do not belong together")
     return Checkpoint(folder, cfg, codec, tensors, manifest)
 
 

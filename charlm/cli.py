@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import traceback
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -19,7 +21,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import __version__
-from .errors import EXIT_FAILURE, EXIT_SIGINT, CharlmError
+from .errors import EXIT_FAILURE, EXIT_SIGINT, EXIT_SIGTERM, CharlmError
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, rich_markup_mode=None,
                   help="Train, sample and score character- and word-level RNN / GRU / LSTM language models.",
@@ -46,35 +48,54 @@ def _err(message: str) -> None:
     print(f"charlm: error: {message}", file=sys.stderr, flush=True)
 
 
+class _Terminated(BaseException):
+    """SIGTERM outside the training loop (which saves first): unwinds like Ctrl-C, exits 143."""
+
+
+class _Interrupted(BaseException):
+    """SIGINT outside the training loop. Not a KeyboardInterrupt, which Click would turn into
+    'Aborted!' and exit 1 while the command line is being parsed."""
+
+
+def _on_signal(signum, frame) -> None:
+    raise _Terminated() if signum == signal.SIGTERM else _Interrupted()
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    """One line on stderr (after the traceback with --debug) and the exit code to raise."""
+    if _debug["on"]:
+        traceback.print_exc(file=sys.stderr)
+    _err(message)
+    return typer.Exit(code)
+
+
 @contextmanager
 def _errors():
     """Map library errors to one stderr line and an exit code."""
     try:
         yield
     except CharlmError as exc:
-        if _debug["on"]:
-            raise
-        _err(exc.message)
-        raise typer.Exit(exc.exit_code) from None
+        raise _fail(exc.message, exc.exit_code) from None
     except BrokenPipeError:
         # The reader went away (`charlm sample | head -1`): stop quietly.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         raise typer.Exit(0) from None
-    except KeyboardInterrupt:
-        _err("interrupted")
-        raise typer.Exit(EXIT_SIGINT) from None
+    except (KeyboardInterrupt, _Interrupted):
+        raise _fail("interrupted", EXIT_SIGINT) from None
+    except _Terminated:
+        raise _fail("terminated", EXIT_SIGTERM) from None
     except (typer.Exit, typer.Abort, SystemExit):
         raise
-    except Exception as exc:  # a bug or an environment failure: still one line unless --debug
-        if _debug["on"]:
-            raise
+    except Exception as exc:  # a bug or an environment failure: still one line, the traceback with --debug
         text = str(exc).strip().splitlines()
-        if "out of memory" in str(exc).lower():
-            _err("out of memory: use a smaller batch_size or seq_len")
+        low = str(exc).lower()
+        if "out of memory" in low or "not enough memory" in low or isinstance(exc, MemoryError):
+            message = ("out of memory: use a smaller train.batch_size or train.seq_len (or model.hidden_size), "
+                       "or a smaller --batch-size")
         else:
-            _err(f"{type(exc).__name__}: {text[0] if text else ''} (run with --debug for the traceback)")
-        raise typer.Exit(EXIT_FAILURE) from None
+            message = f"{type(exc).__name__}: {text[0] if text else ''} (run with --debug for the traceback)"
+        raise _fail(message, EXIT_FAILURE) from None
 
 
 def _out(line: str = "") -> None:
@@ -94,6 +115,8 @@ def train(
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps (train.max_steps).")] = None,
     max_epochs: Annotated[Optional[float], typer.Option(help="Stop after this many epochs (train.max_epochs).")] = None,
     max_time: Annotated[Optional[float], typer.Option(help="Wall-clock budget in seconds (train.max_time).")] = None,
+    encoding: Annotated[Optional[str], typer.Option(help="Text encoding of the corpus, e.g. latin-1 (data.encoding).")] = None,
+    errors: Annotated[Optional[str], typer.Option(help="Undecodable bytes: strict refuses the file, replace substitutes U+FFFD (data.errors).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config field: section.field=value (repeatable).")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Folder for token files, reused while the corpus and tokenizer settings are unchanged (default: $CHARLM_CACHE_DIR, else .charlm-cache).")] = None,
     nproc: Annotated[int, typer.Option(help="Train data-parallel on this many local processes (launches torchrun).")] = 1,
@@ -115,7 +138,8 @@ def train(
             raise UsageError(f"--nproc must be at least 1, got {nproc}")
 
         extra = {"model.device": device, "train.seed": seed, "train.max_steps": max_steps,
-                 "train.max_epochs": max_epochs, "train.max_time": max_time}
+                 "train.max_epochs": max_epochs, "train.max_time": max_time, "data.encoding": encoding,
+                 "data.errors": errors}
         base = None
         if resume is not None and config is None:
             from .checkpoint import CONFIG_FILE, find_checkpoint
@@ -198,6 +222,12 @@ def sample(
         sys.stdout.flush()
 
 
+def _check_errors(errors: str) -> None:
+    from .errors import UsageError
+    if errors not in ("strict", "replace"):
+        raise UsageError(f"--errors must be strict or replace, got '{errors}'")
+
+
 def _which(checkpoint: str) -> str:
     from .errors import UsageError
     if checkpoint not in ("best", "last"):
@@ -214,6 +244,8 @@ def score(
     per_token: Annotated[bool, typer.Option("--per-token", help="Also give every token's log-probability.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per sentence.")] = False,
     batch_size: Annotated[int, typer.Option(help="Sentences scored together.")] = 128,
+    encoding: Annotated[Optional[str], typer.Option(help="Text encoding of --file (default: the run's data.encoding).")] = None,
+    errors: Annotated[str, typer.Option(help="Undecodable bytes in --file: strict refuses it, replace substitutes U+FFFD.")] = "strict",
     checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "cpu",
 ) -> None:
@@ -223,26 +255,23 @@ def score(
     """
     with _errors():
         from .checkpoint import load_run
-        from .data import read_text
+        from .data import decode, read_text
         from .errors import UsageError
         from .runtime import resolve_device
         from .score import score_sentences
 
         if batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+        _check_errors(errors)
         dev = resolve_device(device)
-        model, codec, _ = load_run(run_dir, dev, _which(checkpoint))
+        model, codec, saved = load_run(run_dir, dev, _which(checkpoint))
         if text:
             sentences = [line for t in text for line in (codec.tokenizer.lines(t) or [""])]
         elif file is not None:
-            sentences = codec.tokenizer.lines(read_text(file))
+            sentences = codec.tokenizer.lines(read_text(file, encoding or saved.cfg.data.encoding, errors))
         else:
-            raw = sys.stdin.buffer.read()
-            try:
-                sentences = codec.tokenizer.lines(raw.decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                raise UsageError(f"standard input is not valid UTF-8: byte offset {exc.start} "
-                                 f"({raw[exc.start:exc.start + 1]!r})") from None
+            sentences = codec.tokenizer.lines(decode(sys.stdin.buffer.read(), "standard input",
+                                                     encoding or saved.cfg.data.encoding, errors))
         results = score_sentences(model, codec, sentences, batch_size, dev)
         _print_scores(results, per_token, as_json)
 
@@ -279,6 +308,8 @@ def eval_(
     run_dir: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint folder inside it).")],
     file: Annotated[Path, typer.Option("--file", "-f", help="Text file to evaluate, read as one stream.")],
     streams: Annotated[int, typer.Option(help="Parallel streams; 1 (default) is the exact likelihood of the file.")] = 1,
+    encoding: Annotated[Optional[str], typer.Option(help="Text encoding of --file (default: the run's data.encoding).")] = None,
+    errors: Annotated[str, typer.Option(help="Undecodable bytes in --file: strict refuses it, replace substitutes U+FFFD.")] = "strict",
     checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
@@ -295,9 +326,10 @@ def eval_(
 
         if streams < 1:
             raise UsageError(f"--streams must be at least 1, got {streams}")
+        _check_errors(errors)
         dev = resolve_device(device)
         model, codec, saved = load_run(run_dir, dev, _which(checkpoint))
-        r = evaluate_file(model, codec, file, streams, saved.cfg.data.encoding, "strict", dev)
+        r = evaluate_file(model, codec, file, streams, encoding or saved.cfg.data.encoding, errors, dev)
         if as_json:
             _out(json.dumps(asdict(r)))
             return
@@ -454,18 +486,51 @@ def export(
 
 
 def main() -> None:
-    """Console entry point: output survives ASCII terminals and closed pipes."""
+    """Console entry point: output survives ASCII terminals and closed pipes; a bad command line,
+    like every other error, is one line on stderr (Click's own display takes four)."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.reconfigure(errors="backslashreplace")
         except (AttributeError, ValueError):
             pass
     try:
-        app()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _on_signal)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        code = app(standalone_mode=False)
+    except Exception as exc:
+        if not _is_usage_error(exc):
+            raise
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `charlm` or `charlm train` alone: the help
+            exc.show()
+        else:
+            where = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else "charlm"
+            _err(f"{exc.format_message()} (see {where} -h)")
+        sys.exit(exc.exit_code)
     except BrokenPipeError:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         sys.exit(0)
+    except _Interrupted:  # while the command line was parsed, before a command ran
+        _err("interrupted")
+        sys.exit(EXIT_SIGINT)
+    except _Terminated:
+        _err("terminated")
+        sys.exit(EXIT_SIGTERM)
+    except typer.Abort:
+        _err("aborted")
+        sys.exit(EXIT_FAILURE)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _is_usage_error(exc: BaseException) -> bool:
+    """A Click error about the command line (a bad option value, a missing argument, an unknown command).
+
+    Recognised by its interface: Typer ships Click under another name in some versions.
+    """
+    return callable(getattr(exc, "format_message", None)) and isinstance(getattr(exc, "exit_code", None), int)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ a memory map, in the smallest integer type that holds the vocabulary.
 from __future__ import annotations
 
 import codecs
+from array import array
 import hashlib
 import io
 import json
@@ -41,12 +42,18 @@ from .config import DataConfig
 from .errors import UsageError
 from .tokenizer import EOS_ID, UNK_ID, SPECIALS, TextCodec, Tokenizer, Vocabulary, normalize
 
-BLOCK_BYTES = 8 << 20   # read the corpus 8 MiB at a time
+BLOCK_BYTES = 8 << 20   # read the corpus 8 MiB at a time (characters) ...
+WORD_BLOCK_BYTES = 1 << 20  # ... or 1 MiB (words: a token as a Python string costs ~50 bytes while it is counted)
 CACHE_FORMAT = 1
 
 
 # ---------------------------------------------------------------- reading text
-def check_text_file(path: Path) -> Path:
+def _is_wide(encoding: str) -> bool:
+    return encoding.lower().replace("_", "-").startswith(("utf-16", "utf-32"))
+
+
+def check_text_file(path: Path, encoding: str = "utf-8") -> Path:
+    """A readable file that does not look binary, or a UsageError that says what is wrong."""
     path = Path(path)
     if not path.exists():
         raise UsageError(f"file not found: {path}")
@@ -57,26 +64,36 @@ def check_text_file(path: Path) -> Path:
             head = fh.read(65536)
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if b"\x00" in head:
+    if b"\x00" in head and not _is_wide(encoding):
         raise UsageError(f"{path} looks like a binary file (it holds NUL bytes), not text")
     return path
 
 
-def _decode_error(path: Path, offset: int, byte: bytes, encoding: str) -> UsageError:
-    return UsageError(f"{path} is not valid {encoding}: byte offset {offset} ({byte!r}); pass --encoding to name "
+def _decode_error(name, offset: int, byte: bytes, encoding: str) -> UsageError:
+    return UsageError(f"{name} is not valid {encoding}: byte offset {offset} ({byte!r}); pass --encoding to name "
                       f"its encoding or --errors replace to substitute bad bytes")
+
+
+def decode(raw: bytes, name: str, encoding: str = "utf-8", errors: str = "strict") -> str:
+    """Bytes to text; a binary file or an undecodable byte gets a message naming it and what to do."""
+    if b"\x00" in raw[:65536] and not _is_wide(encoding):
+        raise UsageError(f"{name} looks like a binary file (it holds NUL bytes), not text")
+    try:
+        return raw.decode(encoding, errors=errors)
+    except LookupError:
+        raise UsageError(f"unknown text encoding '{encoding}' (try utf-8, latin-1, cp1252, utf-16)") from None
+    except UnicodeDecodeError as exc:
+        raise _decode_error(name, exc.start, raw[exc.start:exc.start + 1], encoding) from None
 
 
 def read_text(path: Path, encoding: str = "utf-8", errors: str = "strict") -> str:
     """Read a whole (small) text file; a decoding error names the byte offset and how to proceed."""
-    path = check_text_file(path)
-    raw = path.read_bytes()
+    path = check_text_file(path, encoding)
     try:
-        return raw.decode(encoding, errors=errors)
-    except LookupError:
-        raise UsageError(f"unknown text encoding '{encoding}'") from None
-    except UnicodeDecodeError as exc:
-        raise _decode_error(path, exc.start, raw[exc.start:exc.start + 1], encoding) from None
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return decode(raw, str(path), encoding, errors)
 
 
 def _safe_cut(text: str, level: str) -> int:
@@ -101,14 +118,15 @@ def iter_text(path: Path, start: int = 0, end: int | None = None, encoding: str 
     try:
         decoder = codecs.getincrementaldecoder(encoding)(errors=errors)
     except LookupError:
-        raise UsageError(f"unknown text encoding '{encoding}'") from None
+        raise UsageError(f"unknown text encoding '{encoding}' (try utf-8, latin-1, cp1252, utf-16)") from None
     carry = ""
     with open(path, "rb") as fh:
         fh.seek(start)
         offset = start
         remaining = None if end is None else end - start
+        block_size = BLOCK_BYTES if level == "char" else min(BLOCK_BYTES, WORD_BLOCK_BYTES)
         while True:
-            size = BLOCK_BYTES if remaining is None else min(BLOCK_BYTES, remaining)
+            size = block_size if remaining is None else min(block_size, remaining)
             block = fh.read(size) if size > 0 else b""
             final = not block
             try:
@@ -210,16 +228,14 @@ class StreamEncoder:
                 points = torch.frombuffer(bytearray(text.encode("utf-32-le")), dtype=torch.int32)
                 ids = self._table.index_select(0, points.clamp_(max=self._top))
         else:
-            out: list[int] = []
+            out = array("i")  # 4 bytes an id, not a Python int object each
+            index, split = self.codec.vocab.index, self.codec.tokenizer.iter_split
             lines = text.split("\n")
             for i, line in enumerate(lines):
-                if i == len(lines) - 1:
-                    if line:  # a line cut short: its tokens now, its <eos> with a later piece
-                        out.extend(self.codec.encode_line(line))
-                    break
-                out.extend(self.codec.encode_line(line))
-                out.append(EOS_ID)
-            ids = torch.tensor(out, dtype=torch.int32)
+                out.extend(index.get(tok, UNK_ID) for tok in split(line))
+                if i < len(lines) - 1:  # the last piece is a line cut short: its <eos> comes later
+                    out.append(EOS_ID)
+            ids = torch.frombuffer(out, dtype=torch.int32) if out else torch.zeros(0, dtype=torch.int32)
         self.tokens += ids.numel()
         self.unk += int((ids == UNK_ID).sum())
         return ids.to(self.dtype)
@@ -266,7 +282,7 @@ def count_vocabulary(path: Path, cfg: DataConfig, start: int, end: int, progress
             dense[: found.numel()] += found
         else:
             for line in piece.split("\n"):
-                counts.update(tokenizer.split(line))
+                counts.update(tokenizer.iter_split(line))
     if cfg.level == "char":
         nonzero = torch.nonzero(dense).flatten().tolist()
         counts.update({chr(p): int(dense[p]) for p in nonzero})
@@ -349,9 +365,9 @@ def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextC
     $CHARLM_CACHE_DIR, else `.charlm-cache` in the working folder) under a key of the corpus's SHA-256
     and every setting that changes the ids.
     """
-    corpus = check_text_file(corpus)
+    corpus = check_text_file(corpus, cfg.encoding)
     if val is not None:
-        val = check_text_file(val)
+        val = check_text_file(val, cfg.encoding)
     digest = file_sha256(corpus)
     val_digest = file_sha256(val) if val is not None else None
     if cache_dir is None:
@@ -406,6 +422,17 @@ def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextC
     return Splits(codec, map_tokens(folder / "train.bin", dtype, meta["train_tokens"]),
                   map_tokens(folder / "val.bin", dtype, val_tokens) if val_tokens else None,
                   train_enc.chars, val_enc.chars, digest, folder)
+
+
+def check_vocabulary(saved: TextCodec, fresh: TextCodec, corpus: Path) -> None:
+    """A resumed run's vocabulary must be the one its corpus and data settings build: never a silent mismatch."""
+    if saved.tokenizer.to_dict() == fresh.tokenizer.to_dict() and saved.vocab.tokens == fresh.vocab.tokens:
+        return
+    a, b = saved.vocab.tokens, fresh.vocab.tokens
+    first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    raise UsageError(f"the run's vocabulary does not match the tokenization of {corpus}: {len(a)} tokens saved, "
+                     f"{len(b)} built from the corpus, first difference at id {first}; the run's vocab.json "
+                     f"belongs to another corpus or other data settings")
 
 
 def _has_text(enc: StreamEncoder) -> bool:

@@ -38,6 +38,26 @@ _WORD_RE = re.compile(rf"<unk>|[{_CJK}]|(?:(?![{_CJK}])\w)+(?:['’](?:(?![{_CJK
 _NO_SPACE_BEFORE = set(".,;:!?)]}%'’”»…")
 _NO_SPACE_AFTER = set("([{¿¡“«")
 _IS_CJK = re.compile(rf"^[{_CJK}]$")
+_SPACE = re.compile(r"\s")
+# A long line is split into pieces of about this many characters, cut just after
+# a white-space character: no token contains white space, so the tokens are the
+# same, and the list of token strings alive at once stays small (a 50 MB line
+# would otherwise become tens of millions of strings in one list).
+PIECE_CHARS = 1 << 20
+
+
+def _pieces(line: str, size: int = PIECE_CHARS) -> Iterable[str]:
+    start, n = 0, len(line)
+    while start < n:
+        if n - start <= size:
+            yield line[start:] if start else line
+            return
+        space = _SPACE.search(line, start + size)
+        if space is None:
+            yield line[start:]
+            return
+        yield line[start:space.end()]
+        start = space.end()
 
 
 def normalize(text: str, lowercase: bool = False) -> str:
@@ -55,12 +75,16 @@ class Tokenizer:
 
     def split(self, line: str) -> list[str]:
         """Tokens of one line (no `<eos>`); the line must not contain a newline."""
+        return list(self.iter_split(line))
+
+    def iter_split(self, line: str) -> Iterable[str]:
+        """The tokens of `split`, produced piece by piece so that a huge line needs little memory."""
         line = normalize(line, self.lowercase)
         if self.level == "char":
-            return list(line)
-        if self.word_split == "space":
-            return line.split()
-        return _WORD_RE.findall(line)
+            yield from line
+            return
+        for piece in _pieces(line):
+            yield from (piece.split() if self.word_split == "space" else _WORD_RE.findall(piece))
 
     def join(self, tokens: Iterable[str]) -> str:
         """Text from tokens, such that `split(join(t)) == t` for tokens that `split` produces."""
@@ -148,7 +172,7 @@ class TextCodec:
         self.vocab = vocab
 
     def encode_line(self, line: str) -> list[int]:
-        return self.vocab.encode(self.tokenizer.split(line))
+        return self.vocab.encode(self.tokenizer.iter_split(line))
 
     def encode_text(self, text: str) -> Encoded:
         ids: list[int] = []
@@ -209,5 +233,5 @@ def count_tokens(tokenizer: Tokenizer, text: str) -> Counter:
         counts.pop("\n", None)
         return counts
     for line in tokenizer.lines(text):
-        counts.update(tokenizer.split(line))
+        counts.update(tokenizer.iter_split(line))
     return counts

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import signal
 import sys
 import time
@@ -30,7 +32,8 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .config import Config, dump_yaml
-from .data import Splits, batchify, check_trainable, eval_streams, prepare, window, windows_per_epoch
+from .data import (Splits, batchify, check_text_file, check_trainable, check_vocabulary, eval_streams, file_sha256, prepare, window,
+                   windows_per_epoch)
 from .errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, RunFailure, UsageError
 from .model import RNNLM, State, build_model, count_parameters, detach_state, stream_nll
 from .runtime import Distributed, init_distributed, seed_everything
@@ -68,8 +71,11 @@ class Progress:
     elapsed: float = 0.0
     tokens: int = 0
     best_val_loss: float = math.inf
+    plateau_best: float = math.inf    # best of the periodic evaluations only: the plateau schedule's reference
     plateau_scale: float = 1.0
     plateau_bad: int = 0
+    log_loss_sum: float = 0.0         # training losses since the last metrics line, so that a
+    log_loss_count: int = 0           # resumed run writes the same means as an uninterrupted one
 
 
 def learning_rate(cfg: Config, p: Progress, fraction_done: float) -> float:
@@ -175,30 +181,57 @@ def _make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def _check_writable(run_dir: Path) -> None:
+    """Fail before training, not at the first checkpoint, when the run folder cannot be written."""
+    probe = run_dir / f".write-test-{os.getpid()}"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_bytes(b"ok")
-        probe.unlink()
+        with open(probe, "wb") as fh:
+            fh.write(b"charlm write test\n")
+            fh.flush()
+            os.fsync(fh.fileno())
     except OSError as exc:
-        raise UsageError(f"cannot write to run folder {run_dir}: {exc.strerror or exc}") from None
+        raise UsageError(f"cannot write to run folder {run_dir} ({ckpt.reason(exc)}): choose another --out "
+                         f"or fix its permissions") from None
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def _check_space(run_dir: Path, model: nn.Module) -> None:
+    """Refuse to start when the disk cannot hold the checkpoints this run will write.
+
+    A checkpoint holds the weights and, in last/, the optimizer state (up to two
+    more copies for Adam); while one is swapped in, the new and the old copy of
+    last/ and best/ exist at once: about eight copies of the weights in all.
+    """
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    need = 8 * weights + (1 << 20)
+    try:
+        free = shutil.disk_usage(run_dir).free
+    except OSError:
+        return  # cannot tell: the checkpoint writes will report a full disk themselves
+    if free < need:
+        raise RunFailure(f"not enough disk space in {run_dir}: {free / 2**20:,.1f} MiB free, the checkpoints of "
+                         f"this model need about {need / 2**20:,.1f} MiB; free some space or choose another --out")
 
 
 class _Log:
     """metrics.jsonl, one JSON object per line; on resume, lines after the checkpoint's step are dropped."""
 
     def __init__(self, path: Path | None, resume_step: int | None):
-        self.fh = None
+        self.path, self.fh = path, None  # no path: a rank other than 0 logs nothing
         if path is None:
             return
         if resume_step is not None and path.exists():
             kept = []
-            for ln in path.read_text(encoding="utf-8").splitlines():
+            for ln in path.read_text(encoding="utf-8", errors="replace").splitlines():
                 try:
                     record = json.loads(ln)
                 except ValueError:
-                    continue  # a line cut short by a crash
-                if record.get("event") != "end" and record.get("step", 0) <= resume_step:
+                    continue  # a partial last line, written when the process was killed
+                if isinstance(record, dict) and record.get("event") != "end" and record.get("step", 0) <= resume_step:
                     kept.append(ln)
             ckpt.atomic_write_text(path, "".join(ln + "\n" for ln in kept))
         elif resume_step is None:
@@ -255,7 +288,12 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
             ckpt.recover(resume)
         dist.barrier()
         saved, trainer_state = _resume_state(resume, cfg)
-        corpus = Path(corpus) if corpus is not None else Path(trainer_state["corpus"])
+        if corpus is None:
+            corpus = Path(trainer_state["corpus"])
+            if not corpus.exists():
+                raise UsageError(f"--resume {resume}: the run's corpus {corpus} is not found; "
+                                 f"pass --corpus PATH to the same text")
+        corpus = Path(corpus)
         if val is None and trainer_state.get("val"):
             val = Path(trainer_state["val"])
         out = resume
@@ -277,16 +315,17 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
 
     # The first process of each machine tokenizes (or finds the cache); the others then read its token files.
     splits: Splits | None = None
-    if dist.local_rank == 0:
-        splits = prepare(cfg.data, Path(corpus), Path(val) if val else None,
-                         codec=saved.codec if saved else None, cache_dir=cache_dir, show_progress=show_progress)
-    dist.barrier()
-    if dist.local_rank != 0:
-        splits = prepare(cfg.data, Path(corpus), Path(val) if val else None,
-                         codec=saved.codec if saved else None, cache_dir=cache_dir)
-    if trainer_state is not None and splits.corpus_sha256 != trainer_state["corpus_sha256"]:
+    if trainer_state is not None and file_sha256(check_text_file(Path(corpus))) != trainer_state["corpus_sha256"]:
         raise UsageError(f"--resume {resume}: corpus {corpus} is not the text this run was trained on "
                          f"(SHA-256 differs); resume with the original corpus")
+    if dist.local_rank == 0:
+        splits = prepare(cfg.data, Path(corpus), Path(val) if val else None, cache_dir=cache_dir,
+                         show_progress=show_progress)
+    dist.barrier()
+    if dist.local_rank != 0:
+        splits = prepare(cfg.data, Path(corpus), Path(val) if val else None, cache_dir=cache_dir)
+    if saved is not None:  # the run's vocabulary must be the one this corpus builds
+        check_vocabulary(saved.codec, splits.codec, Path(corpus))
     check_trainable(splits.train, t.batch_size, t.seq_len)
     share = t.batch_size // dist.world
     rows = batchify(splits.train, t.batch_size)[dist.rank * share:(dist.rank + 1) * share]  # (B/W, N // B)
@@ -300,27 +339,50 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
     if dist.enabled:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = _make_optimizer(cfg, model)
+    if dist.is_main:
+        _check_space(run_dir, model)
     if trainer_state is not None:
-        try:
-            optimizer.load_state_dict(trainer_state["optimizer"])
-        except (ValueError, KeyError) as exc:
-            raise UsageError(f"--resume {resume}: the optimizer state does not fit ({exc})") from None
-        p = Progress(**trainer_state["progress"])
-        hidden = _map_state(trainer_state.get("hidden"),
-                            lambda s: s[:, dist.rank * share:(dist.rank + 1) * share].to(device))
-        torch.set_rng_state(trainer_state["rng_cpu"])
-        if device.type == "cuda" and trainer_state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(trainer_state["rng_cuda"], device)
+        p, hidden = _restore(resume, trainer_state, optimizer, device, slice(dist.rank * share, (dist.rank + 1) * share))
     elif dist.is_main:
         ckpt.atomic_write_text(run_dir / ckpt.CONFIG_FILE, dump_yaml(cfg))
         ckpt.atomic_write_text(run_dir / ckpt.VOCAB_FILE, splits.codec.to_json())
 
+    try:
+        return _loop(cfg, run_dir, corpus, val, splits, rows, n_windows, model, net, optimizer, p, hidden, device,
+                     saved is not None, show_progress, log_stream, dist)
+    except OSError as exc:  # the metrics log or the run folder's files (checkpoints report their own)
+        where = exc.filename or run_dir
+        raise RunFailure(f"could not write {where} ({ckpt.reason(exc)}); the last checkpoint in {run_dir} is "
+                         f"intact: make room (or fix the folder) and continue with --resume {run_dir}") from None
+
+
+def _restore(resume: Path, state: dict, optimizer: torch.optim.Optimizer, device, rows: slice):
+    """Optimizer, progress, this rank's hidden state and RNG from a trainer state; one that does not fit is refused."""
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        p = Progress(**state["progress"])
+        hidden = _map_state(state.get("hidden"), lambda s: s[:, rows].to(device))
+        torch.set_rng_state(state["rng_cpu"])
+        if device.type == "cuda" and state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(state["rng_cuda"], device)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise UsageError(f"--resume {resume}: the trainer state in last/{ckpt.TRAINER_FILE} does not fit this "
+                         f"run ({type(exc).__name__}: {ckpt.reason(exc)})") from None
+    return p, hidden
+
+
+def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: torch.Tensor, n_windows: int,
+          model: RNNLM, net: nn.Module, optimizer: torch.optim.Optimizer, p: Progress, hidden, device,
+          resumed: bool, show_progress: bool, log_stream, dist: Distributed) -> TrainResult:
+    t = cfg.train
     n_params = count_parameters(model)
     start_tokens = p.tokens
-    log = _Log(run_dir / "metrics.jsonl" if dist.is_main else None, p.step if saved is not None else None)
-    if saved is None:
+    log = _Log(run_dir / "metrics.jsonl" if dist.is_main else None, p.step if resumed else None)
+    if not resumed:
         log.write({"event": "start", "step": 0, "parameters": n_params, "vocab_size": len(splits.codec.vocab),
                    "train_tokens": splits.train.numel(), "device": str(device), "processes": dist.world})
+    else:
+        log.write({"event": "resume", "step": p.step, "device": str(device)})
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if t.precision == "bf16" and device.type == "cuda"
                 else nullcontext())
 
@@ -328,7 +390,15 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
         # nats per token -> bits per character of the validation text (the same at char level)
         return loss * (splits.val.numel() - 1) / max(splits.val_chars, 1) / LN2
 
+    def failure(step: int, what: str) -> RunFailure:
+        last = run_dir / "last"
+        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved"
+        return RunFailure(f"training stopped at step {step}: {what}; {kept}")
+
     def save(name: str, val_loss: float | None) -> None:
+        bad = next((n for n, w in model.named_parameters() if not torch.isfinite(w).all()), None)
+        if bad is not None:  # never save non-finite weights over a good checkpoint
+            raise failure(p.step, f"weight {bad} became NaN or infinite (try a lower train.lr or train.clip)")
         full_hidden = _map_state(hidden, lambda s: dist.gather_batch(s.detach()).cpu()) if name == "last" else None
         if not dist.is_main:
             return
@@ -348,19 +418,26 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
             return None
         return evaluate(model, splits.val, t.eval_batch_size, device, limit, dist)
 
-    def after_validation(val_loss: float | None) -> None:
+    def after_validation(val_loss: float | None, periodic: bool) -> None:
         improved = val_loss is not None and val_loss < p.best_val_loss
         if val_loss is not None:
             log.write({"step": p.step, "epoch": round(p.epoch + p.window / n_windows, 4),
                        "elapsed": round(p.elapsed, 3), "val_loss": val_loss,
                        "val_ppl": math.exp(min(val_loss, 700)), "val_bpc": bits_per_char(val_loss)})
+            if not math.isfinite(val_loss):  # finite weights, but a broken model: do not save it
+                raise failure(p.step, "the validation loss is NaN or infinite (try a lower train.lr or train.clip)")
             if improved:
-                p.best_val_loss, p.plateau_bad = val_loss, 0
-            elif t.schedule == "plateau":
-                p.plateau_bad += 1
-                if p.plateau_bad > t.plateau_patience:
-                    p.plateau_scale *= t.plateau_factor
-                    p.plateau_bad = 0
+                p.best_val_loss = val_loss
+            # Only the periodic evaluations drive the plateau schedule: the extra one at the end of a
+            # run must not change what a resumed run does (resume is exact).
+            if periodic and t.schedule == "plateau":
+                if val_loss < p.plateau_best:
+                    p.plateau_best, p.plateau_bad = val_loss, 0
+                else:
+                    p.plateau_bad += 1
+                    if p.plateau_bad > t.plateau_patience:
+                        p.plateau_scale *= t.plateau_factor
+                        p.plateau_bad = 0
         if improved or splits.val is None:
             save("best", val_loss)
         save("last", val_loss)
@@ -381,7 +458,7 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
     net.train()
     last_loss, stopped_by, final_val = math.nan, None, None
     signals = _Signals()
-    window_start, window_tokens, loss_sum, loss_count = time.perf_counter(), 0, 0.0, 0
+    window_start, window_tokens = time.perf_counter(), 0
     start_elapsed, clock = p.elapsed, time.perf_counter()
     try:
         with signals.installed():
@@ -411,17 +488,18 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
                     if not torch.isfinite(grad_norm):
                         raise _NonFinite("gradient")
                 except _NonFinite as exc:
-                    last = run_dir / "last"
-                    where = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved"
-                    raise RunFailure(f"training stopped at step {p.step + 1}: the {exc.args[0]} is NaN or infinite "
-                                     f"(try a lower train.lr or train.clip); {where}") from None
-                except torch.OutOfMemoryError:
-                    raise RunFailure(f"out of memory at step {p.step + 1}: use a smaller train.batch_size or "
-                                     f"train.seq_len (or model.hidden_size); the last checkpoint is kept") from None
+                    raise failure(p.step + 1, f"the {exc.args[0]} is NaN or infinite (try a lower train.lr "
+                                              f"or train.clip)") from None
                 lr = learning_rate(cfg, p, fraction_done(cfg, p, n_windows))
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                optimizer.step()
+                try:
+                    optimizer.step()
+                except RuntimeError as exc:  # e.g. Adam's lr / (1 - beta1) beyond the float range
+                    if "overflow" not in str(exc):
+                        raise
+                    raise failure(p.step + 1, f"the update overflowed ({ckpt.reason(exc)}); use a lower "
+                                              f"train.lr") from None
                 p.step += 1
                 p.window += 1
                 if p.window >= n_windows:  # a new epoch reads the streams from their start, from a zero state
@@ -429,14 +507,14 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
                 p.tokens += y.numel() * dist.world
                 window_tokens += y.numel() * dist.world
                 last_loss = loss.item()
-                loss_sum += last_loss
-                loss_count += 1
+                p.log_loss_sum += last_loss
+                p.log_loss_count += 1
                 p.elapsed = start_elapsed + time.perf_counter() - clock
                 bar.update(1)
                 if p.step % t.log_interval == 0:
                     now = time.perf_counter()
                     tps = window_tokens / max(now - window_start, 1e-9)
-                    loss_sum, loss_count = dist.sum([loss_sum, float(loss_count)])  # the global batch's loss
+                    loss_sum, loss_count = dist.sum([p.log_loss_sum, float(p.log_loss_count)])  # global batch
                     mean = loss_sum / loss_count
                     log.write({"step": p.step, "epoch": round(p.epoch + p.window / n_windows, 4),
                                "elapsed": round(p.elapsed, 3), "train_loss": mean, "lr": lr,
@@ -447,12 +525,13 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
                     if show_progress and not interactive:
                         print(f"step {p.step} loss {mean:.4f} {rate} tok/s {tps:,.0f} lr {lr:.3g} "
                               f"elapsed {p.elapsed:.0f}s", file=log_stream, flush=True)
-                    window_start, window_tokens, loss_sum, loss_count = now, 0, 0.0, 0
+                    window_start, window_tokens = now, 0
+                    p.log_loss_sum, p.log_loss_count = 0.0, 0
                 if t.eval_interval and p.step % t.eval_interval == 0:
                     val_loss = validate(t.eval_tokens)
                     if val_loss is not None and show_progress and not interactive:
                         print(f"step {p.step} val_loss {val_loss:.4f}", file=log_stream, flush=True)
-                    after_validation(val_loss)
+                    after_validation(val_loss, periodic=True)
                     p.elapsed = start_elapsed + time.perf_counter() - clock
             if signals.received:
                 save("last", None)
@@ -462,7 +541,10 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
                                   f"(continue with --resume {run_dir})", code)
             last_loss = dist.sum([last_loss])[0] / dist.world
             final_val = validate(None)
-            after_validation(final_val)
+            after_validation(final_val, periodic=False)
+    except torch.OutOfMemoryError:
+        raise failure(p.step + 1, "out of memory; use a smaller train.batch_size or train.seq_len "
+                                  "(or model.hidden_size)") from None
     finally:
         bar.close()
         log.close()

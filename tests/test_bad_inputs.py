@@ -1,0 +1,293 @@
+"""Every bad input gets one clear line on stderr and exit 2 (or a clean run where the input is usable).
+
+Corpora, configs, options and run folders that a user can get wrong; the
+checkpoint files themselves are in test_checkpoint_safety.py.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from helpers_reliability import (ROOT, assert_one_line_error, child_env, cli, corpus_text, one_thread,  # noqa: F401
+                                 peak_memory, train_run, write_config, write_corpus)
+
+
+def train_args(tmp_path, corpus, *extra):
+    return ("train", "--config", write_config(tmp_path), "--corpus", corpus, "--out", tmp_path / "run", "-q",
+            "--max-steps", "2", *extra)
+
+
+# ---------------------------------------------------------------- corpora
+def test_missing_corpus_is_exit_2_naming_the_file(tmp_path):
+    result = cli(*train_args(tmp_path, tmp_path / "nowhere.txt"))
+    assert_one_line_error(result, 2, "not found", "nowhere.txt")
+    assert not (tmp_path / "run" / "last").exists()
+
+
+@pytest.mark.parametrize("content", ["", "   \n\t\n  \r\n"])
+def test_empty_or_white_space_corpus_is_exit_2(tmp_path, content):
+    corpus = tmp_path / "blank.txt"
+    corpus.write_text(content, encoding="utf-8")
+    assert_one_line_error(cli(*train_args(tmp_path, corpus)), 2, "empty", "blank.txt")
+
+
+def test_corpus_shorter_than_one_window_is_exit_2(tmp_path):
+    corpus = tmp_path / "short.txt"
+    corpus.write_text("a cat.\n", encoding="utf-8")
+    line = assert_one_line_error(cli(*train_args(tmp_path, corpus)), 2, "too short", "seq_len")
+    assert "batch_size" in line
+
+
+def test_non_utf8_corpus_reports_the_byte_offset_and_encoding_or_errors_let_it_through(tmp_path):
+    text = corpus_text(200)
+    offset = len(text.encode("utf-8")) // 2
+    raw = text.encode("utf-8")
+    raw = raw[:offset] + "é".encode("latin-1") + raw[offset:]  # one byte that is not UTF-8
+    corpus = tmp_path / "latin.txt"
+    corpus.write_bytes(raw)
+
+    line = assert_one_line_error(cli(*train_args(tmp_path, corpus)), 2, "latin.txt", "--encoding", "--errors")
+    assert f"byte offset {offset}" in line
+
+    as_latin = cli(*train_args(tmp_path, corpus, "--encoding", "latin-1", "--out", tmp_path / "latin"))
+    assert as_latin.exit_code == 0, as_latin.stderr
+    vocab = json.loads((tmp_path / "latin" / "vocab.json").read_text(encoding="utf-8"))["tokens"]
+    assert "é" in vocab
+
+    replaced = cli(*train_args(tmp_path, corpus, "--errors", "replace", "--out", tmp_path / "replaced"))
+    assert replaced.exit_code == 0, replaced.stderr
+    vocab = json.loads((tmp_path / "replaced" / "vocab.json").read_text(encoding="utf-8"))["tokens"]
+    assert "\ufffd" in vocab and "é" not in vocab
+
+
+def test_unknown_encoding_and_errors_value_are_exit_2(tmp_path):
+    corpus = write_corpus(tmp_path)
+    assert_one_line_error(cli(*train_args(tmp_path, corpus, "--encoding", "klingon")), 2, "klingon")
+    assert_one_line_error(cli(*train_args(tmp_path, corpus, "--errors", "ignore")), 2, "data.errors")
+
+
+def test_score_and_eval_take_encoding_and_errors_for_their_files(tmp_path):
+    run = train_run(tmp_path, corpus=write_corpus(tmp_path))
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("the cat sat on the mat caf\u00e9.\n".encode("latin-1"))
+    for command in ("score", "eval"):
+        refused = cli(command, run, "--file", latin)
+        assert_one_line_error(refused, 2, "byte offset 26", "--encoding")
+        for option in (("--encoding", "latin-1"), ("--errors", "replace")):
+            ok = cli(command, run, "--file", latin, "--json", *option)
+            assert ok.exit_code == 0, ok.stderr
+            record = json.loads(ok.stdout.splitlines()[0])
+            assert record.get("oov", 0) >= 1 and record.get("tokens", 0) > 20  # é / U+FFFD unseen: <unk>
+
+
+def test_binary_file_is_refused(tmp_path):
+    corpus = tmp_path / "image.png"
+    corpus.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 64)
+    assert_one_line_error(cli(*train_args(tmp_path, corpus)), 2, "binary", "image.png")
+    # --errors replace does not turn a binary file into a corpus
+    assert_one_line_error(cli(*train_args(tmp_path, corpus, "--errors", "replace")), 2, "binary")
+
+
+@pytest.fixture(scope="module")
+def baseline_rss(tmp_path_factory):
+    """Peak memory of the same command on a small corpus: the cost of Python, torch and a tiny model."""
+    tmp = tmp_path_factory.mktemp("baseline")
+    corpus = tmp / "small.txt"
+    corpus.write_bytes(b"the cat sat on the mat " * 2000 + b"\n")
+    code, rss, err = peak_memory("train", "--config", write_config(tmp), "--corpus", corpus, "--out", tmp / "run",
+                                 "-q", "--max-steps", "1", "--set", "train.eval_interval=0", cwd=tmp)
+    assert code == 0, err
+    return rss
+
+
+@pytest.mark.parametrize("level,megabytes,bytes_per_byte", [("char", 50, 16), ("word", 8, 4)])
+def test_one_huge_line_keeps_memory_bounded(tmp_path, baseline_rss, level, megabytes, bytes_per_byte):
+    """A corpus that is one line of `megabytes` MB: peak memory grows by at most a few bytes per byte.
+
+    Measured (docs/reliability.md): the character path needs 8.0 bytes per corpus
+    byte (the int64 id stream), the word path 2.1; the encoders before this test
+    needed 40 (char, 50 MB) and 8.0 (word, 8 MB; 21 at 50 MB).
+    """
+    size = megabytes * 1_000_000
+    corpus = tmp_path / "one_line.txt"
+    corpus.write_bytes((b"the cat sat on the mat " * (size // 23 + 1))[:size] + b"\n")
+    code, rss, err = peak_memory("train", "--config", write_config(tmp_path, data__level=level), "--corpus",
+                                 corpus, "--out", tmp_path / "run", "-q", "--max-steps", "1",
+                                 "--set", "train.eval_interval=0", cwd=tmp_path)
+    assert code == 0, err
+    grown = (rss - baseline_rss) * 2**20
+    assert grown < bytes_per_byte * size, f"peak {rss:.0f} MiB vs baseline {baseline_rss:.0f} MiB"
+
+
+# ---------------------------------------------------------------- configs and options
+@pytest.mark.parametrize("option,fragment", [
+    (("--set", "model.hidden_size=0"), "model.hidden_size"),
+    (("--set", "model.embedding_size=-3"), "model.embedding_size"),
+    (("--set", "model.layers=0"), "model.layers"),
+    (("--set", "train.batch_size=0"), "train.batch_size"),
+    (("--set", "train.seq_len=-1"), "train.seq_len"),
+    (("--max-steps", "0"), "train.max_steps"),
+    (("--max-steps", "-5"), "train.max_steps"),
+    (("--set", "train.lr=0"), "train.lr"),
+    (("--set", "train.lr=-0.1"), "train.lr"),
+    (("--set", "train.lr=.nan"), "train.lr"),
+    (("--set", "train.lr=nan"), "train.lr"),
+    (("--set", "train.lr=.inf"), "train.lr"),
+    (("--max-time", "nan"), "train.max_time"),
+    (("--set", "model.dropout=1.0"), "model.dropout"),
+    (("--set", "model.dropout=-0.1"), "model.dropout"),
+    (("--set", "model.dropout=1.5"), "model.dropout"),
+    (("--set", "train.clip=-1"), "train.clip"),
+    (("--seed", "-1"), "train.seed"),
+])
+def test_invalid_hyperparameter_is_exit_2_naming_it(tmp_path, option, fragment):
+    corpus = write_corpus(tmp_path)
+    assert_one_line_error(cli(*train_args(tmp_path, corpus, *option)), 2, fragment)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("yaml_text,fragment", [
+    ("model:\n  hiden_size: 32\n", "model.hiden_size"),
+    ("modle:\n  hidden_size: 32\n", "modle"),
+    ("train:\n  lr: 0.01\n  learning_rate: 0.1\n", "train.learning_rate"),
+])
+def test_unknown_config_key_is_exit_2_naming_it(tmp_path, yaml_text, fragment):
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml_text, encoding="utf-8")
+    result = cli("train", "--config", config, "--corpus", write_corpus(tmp_path), "--out", tmp_path / "run")
+    assert_one_line_error(result, 2, fragment)
+
+
+def test_unknown_set_key_is_exit_2_naming_it(tmp_path):
+    result = cli(*train_args(tmp_path, write_corpus(tmp_path), "--set", "model.bogus=3"))
+    assert_one_line_error(result, 2, "model.bogus")
+
+
+@pytest.mark.parametrize("tag", ["!!python/object/apply:os.system", "!!python/object/new:os.system"])
+def test_yaml_with_a_python_tag_is_refused_and_never_run(tmp_path, tag):
+    marker = tmp_path / "pwned"
+    config = tmp_path / "evil.yaml"
+    config.write_text(f"model: {tag} [\"touch {marker}\"]\n", encoding="utf-8")
+    result = cli("train", "--config", config, "--corpus", write_corpus(tmp_path), "--out", tmp_path / "run")
+    assert_one_line_error(result, 2, "evil.yaml", "python tags are never loaded")
+    assert not marker.exists()
+
+
+def test_yaml_python_object_tag_on_a_whole_document_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    config = tmp_path / "evil.yaml"
+    config.write_text(f"!!python/object/apply:subprocess.call [[\"touch\", \"{marker}\"]]\n", encoding="utf-8")
+    result = cli("train", "--config", config, "--corpus", write_corpus(tmp_path), "--out", tmp_path / "run")
+    assert_one_line_error(result, 2, "not plain YAML")
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------- run folders
+def test_commands_on_a_run_folder_without_checkpoint_are_exit_2(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "metrics.jsonl").write_text("")
+    text = write_corpus(tmp_path)
+    for args in (("sample", empty), ("score", empty, "a cat"), ("eval", empty, "--file", text),
+                 ("info", empty), ("train", "--resume", empty)):
+        assert_one_line_error(cli(*args), 2, "no checkpoint", str(empty))
+
+
+def test_resume_of_a_missing_folder_is_exit_2(tmp_path):
+    assert_one_line_error(cli("train", "--resume", tmp_path / "gone"), 2, "not found", "gone")
+    result = cli("train", "--resume", tmp_path / "gone", "--config", write_config(tmp_path))
+    assert_one_line_error(result, 2, "--resume", "not found")
+
+
+def test_out_folder_that_already_holds_a_run_is_exit_2(tmp_path):
+    run = train_run(tmp_path)
+    result = cli(*train_args(tmp_path, write_corpus(tmp_path), "--out", run))
+    assert_one_line_error(result, 2, "already holds a run", "--resume")
+
+
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(tmp_path):
+    plain = cli(*train_args(tmp_path, tmp_path / "nowhere.txt"))
+    debug = cli("--debug", *train_args(tmp_path, tmp_path / "nowhere.txt"))
+    assert "Traceback" not in plain.stderr
+    assert debug.exit_code == plain.exit_code == 2
+    assert "Traceback (most recent call last)" in debug.stderr and "UsageError" in debug.stderr
+    assert debug.stderr.strip().splitlines()[-1] == plain.stderr.strip()
+
+
+# ---------------------------------------------------------------- unseen text, pipes, terminals
+@pytest.fixture(scope="module")
+def char_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("char_run")
+    return train_run(tmp, corpus=write_corpus(tmp))
+
+
+def test_scoring_text_of_unseen_characters_counts_them_as_unk(char_run):
+    text = "ZQX☃☃ 日本"  # none of these was in the training text
+    result = cli("score", char_run, text, "--json", "--per-token")
+    assert result.exit_code == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["oov"] == len(text.replace(" ", "")) and record["tokens"] == len(text) + 1
+    assert [t for t, _ in record["token_logprobs"]].count("<unk>") == record["oov"]
+    assert record["logprob"] < 0 and record["perplexity"] > 1
+
+
+def test_sampling_from_a_prime_of_unseen_characters_works(char_run):
+    result = cli("sample", char_run, "--prime", "☃☃☃ ZQX", "--json", "--max-length", "20", "--seed", "3")
+    assert result.exit_code == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["prime_unk"] == 6 and record["tokens"] >= 1
+    assert "<unk>" not in record["generated"]
+
+
+def test_output_to_a_closed_pipe_exits_0_without_traceback(char_run, tmp_path):
+    """`charlm sample ... | head -1` (and score): the reader leaves early; charlm stops quietly with 0."""
+    lines = tmp_path / "lines.txt"
+    lines.write_text(corpus_text(3000, seed=5), encoding="utf-8")
+    script = (f'"{sys.executable}" -m charlm sample "{char_run}" --json --num-samples 1000 --max-length 200 '
+              f'--seed 1 2> sample.err | head -1 > sample.out; echo "${{PIPESTATUS[0]}}" > sample.status\n'
+              f'"{sys.executable}" -m charlm score "{char_run}" --file "{lines}" 2> score.err | head -1 > score.out; '
+              f'echo "${{PIPESTATUS[0]}}" > score.status\n')
+    subprocess.run(["bash", "-c", script], cwd=tmp_path, env=child_env(), check=True, timeout=120)
+    for name in ("sample", "score"):
+        assert (tmp_path / f"{name}.status").read_text().strip() == "0", (tmp_path / f"{name}.err").read_text()
+        assert (tmp_path / f"{name}.err").read_text() == ""
+        assert len((tmp_path / f"{name}.out").read_text().splitlines()) == 1
+    assert json.loads((tmp_path / "sample.out").read_text())["tokens"] >= 1
+
+
+def test_ascii_terminal_gets_escapes_not_a_crash(tmp_path):
+    corpus = tmp_path / "unicode.txt"
+    corpus.write_text(("café crème ☃ 日本語 naïve\n" + corpus_text(60)) * 3, encoding="utf-8")
+    run = train_run(tmp_path, corpus=corpus)
+    env = {"PYTHONIOENCODING": "ascii"}
+    sample = subprocess.run([sys.executable, "-m", "charlm", "sample", str(run), "--prime", "café ☃",
+                             "--max-length", "30", "--seed", "2"], capture_output=True, env=child_env(env),
+                            cwd=ROOT, timeout=120)
+    assert sample.returncode == 0, sample.stderr
+    assert sample.stdout.isascii() and b"caf\\xe9 \\u2603" in sample.stdout
+    score = subprocess.run([sys.executable, "-m", "charlm", "score", str(run), "日本語 ☃", "--per-token"],
+                           capture_output=True, env=child_env(env), cwd=ROOT, timeout=120)
+    assert score.returncode == 0, score.stderr
+    assert score.stdout.isascii() and b"\\u65e5" in score.stdout
+    missing = subprocess.run([sys.executable, "-m", "charlm", "train", "--corpus", str(tmp_path / "nö☃.txt")],
+                             capture_output=True, env=child_env(env), cwd=ROOT, timeout=120)
+    assert missing.returncode == 2 and b"Traceback" not in missing.stderr
+    assert missing.stderr.startswith(b"charlm: error: file not found") and missing.stderr.isascii()
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (("train", "--max-steps", "abc"), "--max-steps"),
+    (("train", "--bogus", "1"), "--bogus"),
+    (("sample",), "run_dir"),
+    (("bogus",), "bogus"),
+])
+def test_bad_command_line_is_one_line_and_exit_2(args, fragment):
+    """Click's own usage errors too: one line naming the option, exit 2 (through the real entry point)."""
+    result = subprocess.run([sys.executable, "-m", "charlm", *args], capture_output=True, text=True,
+                            env=child_env(), cwd=ROOT, timeout=60)
+    line = assert_one_line_error(result, 2, fragment)
+    assert line.endswith("-h)")

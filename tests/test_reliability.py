@@ -1,0 +1,340 @@
+"""Faults injected into training: kill -9, SIGINT / SIGTERM, NaN, a full disk, an unwritable folder,
+out of memory. Afterwards the newest complete checkpoint loads and training resumes.
+
+The signal and kill tests run `charlm train` as a child process on a tiny model.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from charlm import checkpoint as ckpt
+from charlm import train as train_mod
+from charlm.checkpoint import load_checkpoint, recover
+from charlm.model import RNNLM
+from helpers_reliability import (ROOT, assert_one_line_error, child_env, cli, one_thread, sha256,  # noqa: F401
+                                 train_run, write_config, write_corpus)
+
+
+def start_training(tmp_path, *args, preexec_fn=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "charlm", "train", "-q", *map(str, args)], cwd=ROOT,
+                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=preexec_fn)
+
+
+def wait_for(condition, proc, timeout=90.0, poll=0.0005):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended early ({proc.returncode}): {proc.stderr.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("timed out waiting for training")
+        time.sleep(poll)
+
+
+def stray_files(run):
+    return sorted(p.name for p in run.iterdir() if p.name.startswith(".") or p.name.endswith(".old"))
+
+
+def snapshot(folder):
+    return {p.name: sha256(p) for p in sorted(folder.iterdir())}
+
+
+def saved_step(run) -> int:
+    return load_checkpoint(run, "last").manifest["step"]
+
+
+def step_on_disk(run) -> int:
+    """The step in last/manifest.json while a trainer may be swapping the folder (-1 if caught mid-swap)."""
+    try:
+        return json.loads((run / "last" / "manifest.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+# ---------------------------------------------------------------- kill -9
+def test_kill_9_while_saving_never_loses_the_newest_complete_checkpoint(tmp_path):
+    """Killed three times: while a checkpoint is written, while it is swapped in, at a random moment.
+    Each time the newest complete checkpoint loads, and the next run resumes from it."""
+    corpus = write_corpus(tmp_path, lines=600)
+    config = write_config(tmp_path, model__hidden_size=48, train__eval_interval=1, train__eval_tokens=64,
+                          train__log_interval=1, train__max_steps=100_000)
+    run = tmp_path / "run"
+    rng = random.Random(4)
+    step, caught = 0, []
+    for round_ in range(3):
+        args = ("--config", config, "--corpus", corpus, "--out", run) if round_ == 0 else ("--resume", run)
+        proc = start_training(tmp_path, *args)
+        if round_ == 0:    # while a new checkpoint folder is being written
+            wait_for(lambda: (run / "last").exists() and any(run.glob(".tmp-*")), proc, poll=0.001)
+        elif round_ == 1:  # while the new folder is swapped in: old one renamed aside, new one not yet in place
+            wait_for(lambda: any(run.glob("*.old")), proc, poll=0.0005)
+        else:              # some random moment after the first save of this run
+            wait_for(lambda: step_on_disk(run) > step, proc, poll=0.01)
+            time.sleep(rng.uniform(0.0, 0.3))
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+        assert proc.returncode == -signal.SIGKILL
+        caught.append(stray_files(run))
+        # what a later start sees: the newest complete checkpoint, never an older one
+        recover(run)
+        assert stray_files(run) == []
+        saved = load_checkpoint(run, "last")
+        saved.trainer_state()
+        assert saved.manifest["step"] >= step
+        step = saved.manifest["step"]
+    print("left behind by each kill:", caught)
+    assert any(caught), "no kill landed in the middle of a save: the test did not test it"
+    result = cli("train", "--resume", run, "--max-steps", step + 3, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["steps"] == step + 3
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]  # all whole lines
+    assert sum(1 for r in lines if r.get("event") == "resume") == 3
+
+
+# ---------------------------------------------------------------- SIGINT / SIGTERM
+@pytest.mark.parametrize("signum,code,name", [(signal.SIGINT, 130, "SIGINT"), (signal.SIGTERM, 143, "SIGTERM")])
+def test_signal_during_training_saves_a_checkpoint_and_exits_130_or_143(tmp_path, signum, code, name):
+    """No periodic save (eval_interval 0): the checkpoint can only come from the signal handler.
+
+    A second signal follows the first at once, while the checkpoint is being written.
+    """
+    corpus = write_corpus(tmp_path, lines=600)
+    config = write_config(tmp_path, train__eval_interval=0, train__log_interval=1, train__max_steps=100_000)
+    run = tmp_path / "run"
+    proc = start_training(tmp_path, "--config", config, "--corpus", corpus, "--out", run)
+    metrics = run / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and metrics.read_text().count("train_loss") >= 3, proc)
+    proc.send_signal(signum)
+    wait_for(lambda: any(run.glob(".tmp-last-*")) or (run / "last").exists(), proc, poll=0.0001)
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == code, stderr
+    line = assert_one_line_error(subprocess.CompletedProcess([], code, "", stderr), code, name, "--resume")
+    step = saved_step(run)
+    assert f"at step {step};" in line and step >= 3
+    assert stray_files(run) == []
+    assert load_checkpoint(run, "last").trainer_state()["progress"]["step"] == step
+    result = cli("train", "--resume", run, "--max-steps", step + 2, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["steps"] == step + 2
+
+
+def _catches_sigterm(pid: int) -> bool:
+    """Whether a process has its own SIGTERM handler (charlm's main installs one, Python's start-up does not)."""
+    try:
+        status = open(f"/proc/{pid}/status").read()
+    except OSError:
+        time.sleep(1.0)  # no /proc: give the start-up a second
+        return True
+    caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(caught >> (signal.SIGTERM - 1) & 1)
+
+
+@pytest.mark.parametrize("signum,code,message", [(signal.SIGINT, 130, "interrupted"),
+                                                 (signal.SIGTERM, 143, "terminated")])
+def test_signal_before_training_starts_is_130_or_143_without_traceback(tmp_path, signum, code, message):
+    """While torch loads: nothing to save, but still the exit code and one line."""
+    corpus = write_corpus(tmp_path, lines=600)
+    proc = start_training(tmp_path, "--config", write_config(tmp_path), "--corpus", corpus, "--out", tmp_path / "r")
+    wait_for(lambda: _catches_sigterm(proc.pid), proc, poll=0.001)  # charlm's handlers are in place
+    proc.send_signal(signum)  # while the command imports torch and reads the corpus
+    _, stderr = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("training finished before the signal arrived")
+    assert_one_line_error(subprocess.CompletedProcess([], proc.returncode, "", stderr), code, message)
+
+
+# ---------------------------------------------------------------- NaN
+def test_forced_nan_stops_with_exit_1_at_that_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    """A huge learning rate (Adam, lr 1e36, no clipping): weights of order 1e36 after each step, and the
+    loss overflows to NaN at step 3. A checkpoint is saved after every step until then."""
+    corpus = write_corpus(tmp_path)
+    config = write_config(tmp_path, train__lr=1e36, train__clip=0.0, train__eval_interval=1, train__max_steps=50)
+    run = tmp_path / "run"
+    result = cli("train", "--config", config, "--corpus", corpus, "--out", run, "-q")
+    line = assert_one_line_error(result, 1, "NaN or infinite", "train.lr", str(run / "last"))
+    failed_at = int(line.split("at step ")[1].split(":")[0])
+    assert failed_at > 1
+    saved = load_checkpoint(run, "last")  # loads, so its weights are finite (load refuses NaN)
+    assert saved.manifest["step"] == failed_at - 1
+    assert load_checkpoint(run, "best").manifest["step"] <= failed_at - 1
+    assert stray_files(run) == []
+
+
+@pytest.mark.parametrize("fields,fragment", [
+    (dict(model__cell="rnn", model__nonlinearity="relu", train__optimizer="sgd", train__lr=1e6,
+          train__clip=0.0), "validation loss is NaN"),
+    (dict(train__lr=1e38, train__clip=0.0), "overflowed"),
+])
+def test_other_numeric_blow_ups_are_exit_1_naming_the_step(tmp_path, fields, fragment):
+    """An exploding ReLU RNN whose training loss is still finite, and an lr beyond float32 in Adam's update."""
+    config = write_config(tmp_path, train__eval_interval=1, **fields)
+    run = tmp_path / "run"
+    result = cli("train", "--config", config, "--corpus", write_corpus(tmp_path), "--out", run, "-q")
+    assert_one_line_error(result, 1, fragment, "at step 1", "train.lr", "no checkpoint was saved")
+    assert not (run / "last").exists() and stray_files(run) == []
+
+
+def test_weights_that_become_non_finite_are_never_saved(tmp_path, monkeypatch):
+    """Loss and gradient finite, but the update overflows a weight: the save refuses, naming the step."""
+    real = train_mod._make_optimizer
+
+    def make_optimizer(cfg, model):
+        optimizer = real(cfg, model)
+        step = optimizer.step
+        count = {"n": 0}
+
+        def poisoned_step(*args, **kwargs):
+            out = step(*args, **kwargs)
+            count["n"] += 1
+            if count["n"] == 3:
+                with torch.no_grad():
+                    model.decoder.weight[0, 0] = float("inf")
+            return out
+        optimizer.step = poisoned_step
+        return optimizer
+    monkeypatch.setattr(train_mod, "_make_optimizer", make_optimizer)
+    corpus = write_corpus(tmp_path)
+    run = tmp_path / "run"
+    result = cli("train", "--config", write_config(tmp_path, train__eval_interval=1), "--corpus", corpus,
+                 "--out", run, "-q")
+    assert_one_line_error(result, 1, "at step 3", "decoder.weight", "NaN or infinite")
+    assert saved_step(run) == 2 and load_checkpoint(run, "best").manifest["step"] == 2
+
+
+# ---------------------------------------------------------------- a full disk, an unwritable folder
+def _limit_file_size(limit):
+    def preexec():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, not a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return preexec
+
+
+def test_disk_full_while_training_is_exit_1_with_the_previous_checkpoint_intact(tmp_path):
+    """RLIMIT_FSIZE smaller than model.safetensors: the first checkpoint of the resumed run cannot be written."""
+    corpus = write_corpus(tmp_path)
+    run = train_run(tmp_path, corpus=corpus, model__hidden_size=64, train__max_steps=4)
+    before = {name: snapshot(run / name) for name in ("last", "best")}
+    assert (run / "last" / "model.safetensors").stat().st_size > 40_000
+    proc = start_training(tmp_path, "--resume", run, "--max-steps", "12", preexec_fn=_limit_file_size(20_000))
+    _, stderr = proc.communicate(timeout=120)
+    line = assert_one_line_error(subprocess.CompletedProcess([], proc.returncode, "", stderr), 1,
+                                 "could not write checkpoint", "File too large", "previous checkpoint is intact")
+    assert "--resume" in line
+    assert {name: snapshot(run / name) for name in ("last", "best")} == before
+    assert stray_files(run) == []
+    result = cli("train", "--resume", run, "--max-steps", "6", "--json")  # room again: it continues
+    assert result.exit_code == 0, result.stderr
+
+
+def test_disk_full_at_a_later_checkpoint_keeps_the_earlier_one(tmp_path, monkeypatch):
+    """The third safetensors write of a run fails with ENOSPC after writing part of the file."""
+    real, calls = ckpt.save_file, {"n": 0}
+
+    def save_file(tensors, path, metadata=None):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            with open(path, "wb") as fh:
+                fh.write(b"\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, metadata=metadata)
+    monkeypatch.setattr(ckpt, "save_file", save_file)
+    corpus = write_corpus(tmp_path)
+    run = tmp_path / "run"
+    # eval_interval 4: step 4 saves best (call 1) and last (call 2); step 8 saves best (call 3): fails
+    result = cli("train", "--config", write_config(tmp_path), "--corpus", corpus, "--out", run, "-q")
+    assert_one_line_error(result, 1, "No space left on device", "previous checkpoint is intact")
+    assert saved_step(run) == 4 and load_checkpoint(run, "best").manifest["step"] == 4
+    assert stray_files(run) == []
+
+
+def test_metrics_write_failure_is_exit_1_naming_the_file(tmp_path, monkeypatch):
+    def write(self, record):
+        if record.get("step", 0) >= 6:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+        self.fh.write(json.dumps(record) + "\n")
+    monkeypatch.setattr(train_mod._Log, "write", write)
+    run = tmp_path / "run"
+    result = cli("train", "--config", write_config(tmp_path), "--corpus", write_corpus(tmp_path), "--out", run,
+                 "-q")
+    assert_one_line_error(result, 1, "metrics.jsonl", "No space left on device", "--resume")
+    assert saved_step(run) == 4
+
+
+def test_unwritable_run_folder_is_detected_before_training(tmp_path):
+    corpus = write_corpus(tmp_path)
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+    result = cli("train", "--config", write_config(tmp_path), "--corpus", corpus, "--out", not_a_folder / "run")
+    assert_one_line_error(result, 2, "cannot write to run folder", "--out")
+    # a file-size limit of 0 bytes: not even the write probe fits (works when the tests run as root)
+    proc = start_training(tmp_path, "--config", write_config(tmp_path), "--corpus", corpus, "--out",
+                          tmp_path / "run", preexec_fn=_limit_file_size(0))
+    _, stderr = proc.communicate(timeout=120)
+    assert_one_line_error(subprocess.CompletedProcess([], proc.returncode, "", stderr), 2,
+                          "cannot write to run folder", "File too large")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []  # no probe left, nothing trained
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through a read-only mode")
+def test_read_only_run_folder_is_detected_before_training(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        result = cli("train", "--config", write_config(tmp_path), "--corpus", write_corpus(tmp_path), "--out",
+                     folder / "run")
+        assert_one_line_error(result, 2, "cannot write to run folder", "Permission denied")
+    finally:
+        folder.chmod(0o700)
+
+
+def test_too_little_free_space_is_detected_before_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_mod.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 5000))
+    run = tmp_path / "run"
+    result = cli("train", "--config", write_config(tmp_path), "--corpus", write_corpus(tmp_path), "--out", run,
+                 "-q")
+    assert_one_line_error(result, 1, "not enough disk space", "MiB free")
+    assert not (run / "metrics.jsonl").exists() and not (run / "last").exists()
+
+
+# ---------------------------------------------------------------- out of memory
+def test_out_of_memory_during_training_is_exit_1_with_a_suggestion(tmp_path, monkeypatch):
+    real, calls = RNNLM.forward, {"n": 0}
+
+    def forward(self, tokens, state=None):
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 6:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(self, tokens, state)
+    monkeypatch.setattr(RNNLM, "forward", forward)
+    run = tmp_path / "run"
+    result = cli("train", "--config", write_config(tmp_path), "--corpus", write_corpus(tmp_path), "--out", run,
+                 "-q")
+    assert_one_line_error(result, 1, "out of memory", "at step 6", "train.batch_size", "train.seq_len",
+                          str(run / "last"))
+    assert saved_step(run) == 4
+
+
+def test_out_of_memory_while_sampling_is_exit_1_with_a_suggestion(tmp_path, monkeypatch):
+    run = train_run(tmp_path)
+
+    def forward(self, tokens, state=None):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    monkeypatch.setattr(RNNLM, "forward", forward)
+    assert_one_line_error(cli("sample", run), 1, "out of memory", "batch")

@@ -1,0 +1,195 @@
+"""Resume is exact: N steps in one run equal k steps, a stop, and a resume to N, bit for bit on the CPU;
+a resume that cannot be exact (another config, another corpus, another format) is refused by name."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from charlm import train as train_mod
+from charlm.errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted
+from charlm.train import train
+from helpers_reliability import (assert_one_line_error, cli, metric_lines, one_thread, rehash,  # noqa: F401
+                                 tiny_config, train_run, write_corpus)
+
+N = 12
+
+
+def weights(run, name="last"):
+    return load_file(str(run / name / "model.safetensors"))
+
+
+def assert_same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key  # bitwise, not approximately
+
+
+def trainer_state(run):
+    return torch.load(run / "last" / "trainer.pt", weights_only=True)
+
+
+def without_stop_evaluation(lines, k):
+    """The split run's metrics without the final evaluation that ended its first part at step k."""
+    last = max(i for i, r in enumerate(lines) if "val_loss" in r and r["step"] == k)
+    return lines[:last] + lines[last + 1:]
+
+
+SETTINGS = {
+    "constant_dropout": dict(model__dropout=0.3, model__layers=2),
+    "warmup_only": dict(train__warmup_steps=8, model__dropout=0.2),
+    "plateau": dict(train__schedule="plateau", train__plateau_patience=0, train__plateau_factor=0.5,
+                    train__eval_interval=2, model__dropout=0.1),
+    "custom_gru_sgd_momentum": dict(model__cell="gru", model__impl="custom", model__dropout=0.25,
+                                    train__optimizer="sgd", train__momentum=0.9, train__lr=0.5),
+    "word_level_rnn": dict(data__level="word", model__cell="rnn", model__dropout=0.3, train__seq_len=4),
+}
+
+
+@pytest.mark.parametrize("k", [5, 8])
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+def test_k_steps_stop_and_resume_to_n_equals_n_steps_bitwise(tmp_path, setting, k):
+    corpus = write_corpus(tmp_path)
+    fields = SETTINGS[setting]
+    one = train_run(tmp_path, "one", corpus, train__max_steps=N, **fields)
+    split = train_run(tmp_path, "split", corpus, train__max_steps=k, **fields)
+    assert trainer_state(split)["progress"]["step"] == k
+    result = train(tiny_config(train__max_steps=N, **fields), None, resume=split, show_progress=False)
+    assert result.steps == N and result.stopped_by == "max_steps"
+    assert_same_weights(one, split)
+    a, b = trainer_state(one), trainer_state(split)
+    assert a["progress"] | {"elapsed": 0} == b["progress"] | {"elapsed": 0}
+    assert torch.equal(a["rng_cpu"], b["rng_cpu"])
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[key], sb[key]) for key in sa)
+    assert metric_lines(one) == without_stop_evaluation(metric_lines(split), k)
+    assert len(metric_lines(one)) >= N // 2  # the comparison above compared something
+
+
+def test_resume_after_a_stop_is_not_the_same_as_a_fresh_start(tmp_path):
+    """The control: without the saved optimizer and RNG state, the weights would differ."""
+    corpus = write_corpus(tmp_path)
+    one = train_run(tmp_path, "one", corpus, train__max_steps=N, model__dropout=0.3)
+    split = train_run(tmp_path, "split", corpus, train__max_steps=5, model__dropout=0.3)
+    state = trainer_state(split)
+    state["rng_cpu"] = torch.manual_seed(99).get_state()  # only the dropout RNG differs
+    torch.save(state, split / "last" / "trainer.pt")
+    rehash(split / "last", "trainer.pt")
+    train(tiny_config(train__max_steps=N, model__dropout=0.3), None, resume=split, show_progress=False)
+    assert not all(torch.equal(weights(one)[k], weights(split)[k]) for k in weights(one))
+
+
+def _signal_at_step(monkeypatch, step, signum):
+    """Send ourselves `signum` in the middle of training step `step` (from inside the loop)."""
+    real = train_mod.learning_rate
+
+    def learning_rate(cfg, p, fraction):
+        if p.step + 1 == step:
+            os.kill(os.getpid(), signum)
+        return real(cfg, p, fraction)
+    monkeypatch.setattr(train_mod, "learning_rate", learning_rate)
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, EXIT_SIGINT), (signal.SIGTERM, EXIT_SIGTERM)])
+def test_stop_by_signal_then_resume_equals_one_run_bitwise_even_with_cosine(tmp_path, monkeypatch, signum, code):
+    fields = dict(train__schedule="cosine", train__warmup_steps=2, model__dropout=0.3)
+    corpus = write_corpus(tmp_path)
+    one = train_run(tmp_path, "one", corpus, train__max_steps=N, **fields)
+    _signal_at_step(monkeypatch, 7, signum)
+    with pytest.raises(Interrupted) as info:
+        train_run(tmp_path, "split", corpus, train__max_steps=N, **fields)
+    assert info.value.exit_code == code and "at step 7" in info.value.message
+    monkeypatch.undo()
+    split = tmp_path / "split"
+    assert trainer_state(split)["progress"]["step"] == 7
+    train(tiny_config(train__max_steps=N, **fields), None, resume=split, show_progress=False)
+    assert_same_weights(one, split)
+    assert metric_lines(one) == metric_lines(split)  # a stop by signal adds no evaluation
+
+
+# ---------------------------------------------------------------- what may and may not change
+@pytest.fixture
+def stopped(tmp_path):
+    corpus = write_corpus(tmp_path)
+    return train_run(tmp_path, "run", corpus, train__max_steps=6), corpus
+
+
+@pytest.mark.parametrize("changes,named", [
+    (["model.hidden_size=32"], ["model.hidden_size"]),
+    (["model.cell=gru"], ["model.cell"]),
+    (["model.layers=2", "model.impl=custom"], ["model.layers", "model.impl"]),
+    (["data.level=word"], ["data.level"]),
+    (["data.lowercase=true", "data.word_split=space"], ["data.lowercase", "data.word_split"]),
+    (["data.min_freq=3"], ["data.min_freq"]),
+    (["data.max_size=10"], ["data.max_size"]),
+    (["train.lr=0.5", "train.batch_size=8"], ["train.lr", "train.batch_size"]),
+])
+def test_resume_with_a_conflicting_config_is_exit_2_naming_the_fields(stopped, changes, named):
+    run, _ = stopped
+    args = [a for c in changes for a in ("--set", c)]
+    line = assert_one_line_error(cli("train", "--resume", run, "-q", *args), 2, "--resume", *named)
+    assert "config differs" in line
+    assert trainer_state(run)["progress"]["step"] == 6  # nothing was trained or saved
+
+
+def test_resume_accepts_harmless_changes(stopped):
+    run, _ = stopped
+    result = cli("train", "--resume", run, "-q", "--json", "--max-steps", "9", "--max-time", "600",
+                 "--set", "train.log_interval=3", "--set", "train.eval_interval=5", "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["steps"] == 9
+
+
+def test_resume_with_another_corpus_is_refused(stopped, tmp_path):
+    run, corpus = stopped
+    other = write_corpus(tmp_path, "other.txt", seed=3)
+    assert_one_line_error(cli("train", "--resume", run, "--corpus", other), 2, "other.txt", "SHA-256")
+    corpus.write_text(corpus.read_text() + "one more line.\n")  # the same file, changed since
+    assert_one_line_error(cli("train", "--resume", run), 2, "not the text this run was trained on")
+
+
+def test_resume_when_the_corpus_has_moved_asks_for_it(stopped, tmp_path):
+    run, corpus = stopped
+    moved = tmp_path / "moved.txt"
+    shutil.move(corpus, moved)
+    assert_one_line_error(cli("train", "--resume", run), 2, "--corpus", corpus.name)
+    result = cli("train", "--resume", run, "--corpus", moved, "-q", "--max-steps", "8")
+    assert result.exit_code == 0, result.stderr
+
+
+def test_resume_with_a_vocabulary_that_does_not_fit_is_refused(stopped):
+    run, _ = stopped
+    vocab = json.loads((run / "last" / "vocab.json").read_text(encoding="utf-8"))
+    vocab["tokens"] = vocab["tokens"][:2] + vocab["tokens"][3:] + ["q"]  # one token swapped for another
+    (run / "last" / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    rehash(run / "last", "vocab.json")
+    result = cli("train", "--resume", run, "-q", "--max-steps", "8")
+    assert_one_line_error(result, 2, "vocabulary", "does not match")
+
+
+@pytest.mark.parametrize("found,fragment", [(2, "newer charlm"), (0, "older charlm")])
+def test_resume_of_a_run_folder_of_another_format_is_refused(stopped, found, fragment):
+    run, _ = stopped
+    for name in ("last", "best"):
+        manifest = json.loads((run / name / "manifest.json").read_text())
+        manifest["format"] = found
+        (run / name / "manifest.json").write_text(json.dumps(manifest))
+    assert_one_line_error(cli("train", "--resume", run, "--max-steps", "8"), 2, fragment)
+
+
+def test_resume_drops_a_metrics_line_cut_short_by_a_crash(stopped):
+    run, _ = stopped
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 7, "train_lo')  # what kill -9 in the middle of a write leaves
+    result = cli("train", "--resume", run, "-q", "--max-steps", "8")
+    assert result.exit_code == 0, result.stderr
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"event": "resume", "step": 6, "device": "cpu"} in records
+    assert [r["step"] for r in records if "train_loss" in r and "event" not in r] == [2, 4, 6, 8]
