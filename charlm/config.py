@@ -56,6 +56,13 @@ class ModelConfig:
                         low=0.0, high=1.0, high_open=True)
     tie_weights: bool = _f(False, "share the embedding and decoder weights (needs embedding_size == hidden_size)")
     nonlinearity: str = _f("tanh", "activation of the plain RNN cell", choices=("tanh", "relu"))
+    softmax: str = _f("full", "output layer: 'full' softmax, or 'adaptive' (nn.AdaptiveLogSoftmaxWithLoss: "
+                      "frequent tokens in a head, rare ones in smaller clusters; exact probabilities, much "
+                      "less work for large vocabularies)", choices=("full", "adaptive"))
+    adaptive_cutoffs: str = _f("2000,10000", "adaptive softmax: ids where the head and each tail cluster end "
+                               "(comma-separated, increasing; those not below the vocabulary size are dropped)")
+    adaptive_div: float = _f(4.0, "adaptive softmax: each tail cluster's projection is this much narrower",
+                             low=1.0)
     gru_form: str = _f("classic", "custom GRU: 'classic' textbook form or 'torch' (r applied after W_hn h; "
                        "matches nn.GRU weight for weight)", choices=("classic", "torch"))
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
@@ -177,6 +184,17 @@ def from_dict(raw: dict) -> Config:
 def validate(cfg: Config) -> None:
     """Checks that involve more than one field."""
     m = cfg.model
+    if m.softmax == "adaptive":
+        try:
+            cutoffs = [int(c) for c in m.adaptive_cutoffs.split(",")]
+        except ValueError:
+            raise UsageError(f"config: model.adaptive_cutoffs must be whole numbers separated by commas, "
+                             f"got {m.adaptive_cutoffs!r}") from None
+        if not cutoffs or cutoffs != sorted(set(cutoffs)) or cutoffs[0] < 1:
+            raise UsageError(f"config: model.adaptive_cutoffs must be increasing positive numbers, "
+                             f"got {m.adaptive_cutoffs!r}")
+        if m.tie_weights:
+            raise UsageError("config: model.tie_weights works with model.softmax full only")
     if m.tie_weights and m.embedding_size != m.hidden_size:
         raise UsageError(f"config: model.tie_weights needs model.embedding_size == model.hidden_size "
                          f"(got {m.embedding_size} and {m.hidden_size})")

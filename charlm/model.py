@@ -19,7 +19,14 @@ State = Union[Tensor, tuple[Tensor, Tensor]]
 
 
 class RNNLM(nn.Module):
-    """forward(tokens (B, T), state) -> (logits (B, T, V), state)."""
+    """forward(tokens (B, T), state) -> (logits (B, T, V), state);
+    forward(tokens, state, targets (B, T)) -> (negative log-likelihood of each target (B, T), state).
+
+    "Logits" are scores whose log_softmax is the model's log-probability: with
+    the adaptive softmax they are the log-probabilities themselves. Training and
+    evaluation pass `targets`, which the adaptive softmax answers without
+    computing the whole distribution.
+    """
 
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
@@ -37,15 +44,34 @@ class RNNLM(nn.Module):
         else:
             module = nn.LSTM if cfg.cell == "lstm" else nn.GRU
             self.rnn = module(cfg.embedding_size, cfg.hidden_size, cfg.layers, dropout=between, batch_first=True)
-        self.decoder = nn.Linear(cfg.hidden_size, vocab_size)
+        cutoffs = [int(c) for c in cfg.adaptive_cutoffs.split(",") if 0 < int(c) < vocab_size - 1]
+        if cfg.softmax == "adaptive" and cutoffs:
+            self.decoder = nn.AdaptiveLogSoftmaxWithLoss(cfg.hidden_size, vocab_size, cutoffs,
+                                                         div_value=cfg.adaptive_div, head_bias=True)
+        else:  # a vocabulary smaller than the first cutoff needs no clusters
+            self.decoder = nn.Linear(cfg.hidden_size, vocab_size)
+        self.adaptive = isinstance(self.decoder, nn.AdaptiveLogSoftmaxWithLoss)
         nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
         if cfg.tie_weights:
             self.decoder.weight = self.encoder.weight  # Press & Wolf (2017), "Using the Output Embedding..."
 
-    def forward(self, tokens: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+    def forward(self, tokens: Tensor, state: State | None = None,
+                targets: Tensor | None = None) -> tuple[Tensor, State]:
         emb = self.drop(self.encoder(tokens))  # (B, T, E)
         out, state = self.rnn(emb, state)      # (B, T, H)
-        return self.decoder(self.drop(out)), state  # (B, T, V)
+        out = self.drop(out)
+        B, T, H = out.shape
+        if targets is None:
+            if self.adaptive:
+                return self.decoder.log_prob(out.reshape(B * T, H)).view(B, T, -1), state  # (B, T, V)
+            return self.decoder(out), state  # (B, T, V)
+        if self.adaptive:
+            nll = -self.decoder(out.reshape(B * T, H), targets.reshape(-1)).output  # log p of each target
+        else:
+            logits = self.decoder(out)
+            nll = nn.functional.cross_entropy(logits.float().reshape(B * T, -1), targets.reshape(-1),
+                                              reduction="none")
+        return nll.view(B, T), state
 
     def step(self, token: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         """One token per stream (B,) -> logits (B, V): constant work per generated token."""
@@ -99,10 +125,8 @@ def stream_nll(model: RNNLM, rows: Tensor, mask: Tensor, window: int = 256,
             x = rows[:, start:end].long().to(device)
             y = rows[:, start + 1:end + 1].long().to(device)
             m = mask[:, start + 1:end + 1].to(device)
-            logits, state = model(x, state)
-            nll = nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
-                                              reduction="none")
-            total += float((nll * m.reshape(-1)).sum(dtype=torch.float64))
+            nll, state = model(x, state, targets=y)
+            total += float((nll.float() * m).sum(dtype=torch.float64))
             count += int(m.sum())
     finally:
         model.train(was_training)

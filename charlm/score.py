@@ -54,9 +54,8 @@ def score_sentences(model: RNNLM, codec: TextCodec, sentences: list[str], batch_
             ids = encoded[i]
             inputs[row, 1:len(ids) + 1] = torch.tensor(ids, dtype=torch.long)
             targets[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)  # then <eos>
-        logits, _ = model(inputs.to(device))
-        logp = torch.log_softmax(logits.float(), dim=-1).gather(2, targets.to(device).unsqueeze(2)).squeeze(2)
-        logp = logp.double().cpu()
+        nll, _ = model(inputs.to(device), targets=targets.to(device))
+        logp = (-nll).double().cpu()
         for row, i in enumerate(batch):
             logps[i] = logp[row, : len(encoded[i]) + 1].tolist()
     results = []

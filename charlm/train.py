@@ -477,9 +477,8 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
                 hidden = detach_state(hidden)
                 try:
                     with autocast:
-                        logits, hidden = net(x, hidden)
-                        loss = nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                                           y.reshape(-1))
+                        nll, hidden = net(x, hidden, targets=y)
+                        loss = nll.float().mean()
                     if not torch.isfinite(loss):
                         raise _NonFinite("loss")
                     optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,107 @@
+"""The adaptive softmax output layer: exact probabilities, cheaper training, the same interfaces."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from charlm.checkpoint import load_run
+from charlm.config import ModelConfig, load_config
+from charlm.errors import UsageError
+from charlm.model import build_model
+from charlm.sample import generate
+from charlm.score import score_sentences
+from charlm.tokenizer import EOS_ID, TextCodec, Tokenizer, Vocabulary
+from charlm.train import train
+
+
+def adaptive_model(cell="lstm", impl="torch", seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(cell=cell, impl=impl, layers=1, embedding_size=4, hidden_size=6, softmax="adaptive",
+                      adaptive_cutoffs="3,5", adaptive_div=2.0, device="cpu")
+    model = build_model(cfg, 7)  # <unk>, <eos>, a..e: a head of 3 ids and two tail clusters
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.8)
+    return model.eval()
+
+
+def codec():
+    return TextCodec(Tokenizer("char"), Vocabulary(["<unk>", "<eos>", "a", "b", "c", "d", "e"]))
+
+
+def test_adaptive_model_builds_clusters_and_returns_log_probabilities():
+    model = adaptive_model()
+    assert isinstance(model.decoder, torch.nn.AdaptiveLogSoftmaxWithLoss)
+    x = torch.randint(0, 7, (2, 5))
+    with torch.no_grad():
+        scores, _ = model(x)
+        nll, _ = model(x, targets=x)
+    assert torch.allclose(scores.exp().sum(-1), torch.ones(2, 5), atol=1e-5)  # already normalised
+    gathered = -torch.log_softmax(scores, -1).gather(2, x.unsqueeze(2)).squeeze(2)
+    torch.testing.assert_close(nll, gathered, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("impl", ["torch", "custom"])
+def test_adaptive_scores_sum_to_one(impl):
+    model = adaptive_model(impl=impl)
+    with torch.no_grad():
+        model.decoder.head.bias[EOS_ID] -= 0.5
+    L = 3
+    strings = ["".join(s) for n in range(L + 1) for s in itertools.product("abcde", repeat=n)]
+    p_stopped = math.fsum(math.exp(s.logprob) for s in score_sentences(model, codec(), strings))
+    longer = torch.tensor(list(itertools.product(range(2, 7), repeat=L + 1)))
+    inputs = torch.cat([torch.full((len(longer), 1), EOS_ID), longer[:, :-1]], dim=1)
+    with torch.no_grad():
+        nll, _ = model(inputs, targets=longer)
+    # strings over a..e only; <unk> continuations are counted through its own probability below
+    unk_mass = 0.0
+    for n in range(L + 1):
+        prefixes = list(itertools.product(range(2, 7), repeat=n))
+        for prefix in prefixes:
+            ids = torch.tensor([[EOS_ID, *prefix]])
+            with torch.no_grad():
+                scores, _ = model(ids)
+            logp_prefix = sum(float(torch.log_softmax(scores[0, t], -1)[tok]) for t, tok in enumerate(prefix))
+            unk_mass += math.exp(logp_prefix + float(scores[0, -1, 0]))
+    p_longer = float((-nll.double().sum(1)).exp().sum())
+    assert p_stopped + p_longer + unk_mass == pytest.approx(1.0, abs=1e-5)
+
+
+def test_adaptive_sampling_and_scoring_agree_on_a_sample():
+    model = adaptive_model()
+    samples = generate(model, codec(), max_length=50, seed=3, num_samples=20)
+    finished = [s for s in samples if s.stopped_at == "eos"]
+    assert finished
+    scored = score_sentences(model, codec(), [s.text for s in finished])
+    assert [r.logprob for r in scored] == pytest.approx([s.logprob for s in finished], abs=1e-4)
+
+
+def test_adaptive_softmax_cannot_be_tied_and_needs_increasing_cutoffs():
+    with pytest.raises(UsageError, match="tie_weights"):
+        load_config(overrides=["model.softmax=adaptive", "model.tie_weights=true", "model.embedding_size=256"])
+    with pytest.raises(UsageError, match="increasing"):
+        load_config(overrides=["model.softmax=adaptive", "model.adaptive_cutoffs=10,5"])
+
+
+def test_an_adaptive_run_trains_saves_and_reloads(tmp_path):
+    corpus = tmp_path / "c.txt"
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    corpus.write_text("".join(" ".join(words[(i + j) % 12] for j in range(6)) + "\n" for i in range(200)))
+    cfg = load_config(overrides=["data.level=word", "model.softmax=adaptive", "model.adaptive_cutoffs=4,8",
+                                 "model.embedding_size=8", "model.hidden_size=16", "model.device=cpu",
+                                 "train.batch_size=4", "train.seq_len=8", "train.max_steps=150", "train.lr=0.02",
+                                 "train.eval_interval=0", "data.val_fraction=0.1"])
+    result = train(cfg, corpus, tmp_path / "run", show_progress=False, cache_dir=tmp_path / "cache")
+    assert result.val_loss < 1.0  # a cyclic text: far below the uniform log(15) = 2.7
+    model, loaded_codec, _ = load_run(tmp_path / "run")
+    assert model.adaptive
+    line = "beta gamma delta epsilon zeta eta"  # a line of the corpus: only its first word is a guess
+    (a,) = score_sentences(model, loaded_codec, [line])
+    model2, _, _ = load_run(tmp_path / "run")
+    (b,) = score_sentences(model2, loaded_codec, [line])
+    assert a.logprob == b.logprob
+    assert a.logprob > 7 * math.log(1 / 15)  # better than uniform over the 15 ids
