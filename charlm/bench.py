@@ -57,7 +57,7 @@ class BenchSettings:
     vocab_size: int = 65
     seconds: float = 3.0          # timed seconds per model and measurement, split over the rounds
     rounds: int = 5
-    warmup_seconds: float = 0.5   # per model and measurement, after at least two untimed calls
+    warmup_seconds: float = 0.5   # per model and measurement (at most `seconds`), at least two calls
     device: str = "cpu"
     threads: int = 0              # CPU threads for torch; 0 keeps torch's default
     seed: int = 0
@@ -100,7 +100,8 @@ class BenchResult:
     sample_tokens_per_s: float
     peak_memory_bytes: int | None
     memory_measure: str
-    # this impl's figure divided by torch's for the same cell (None when torch was not measured)
+    # this impl's tokens/s divided by torch's for the same cell, the median of the per-round
+    # ratios (None when torch was not measured)
     train_ratio: float | None = None
     infer_ratio: float | None = None
     sample_ratio: float | None = None
@@ -217,7 +218,7 @@ def run_bench(s: BenchSettings, progress: Callable[[str], None] | None = None) -
     for what, pick in steps.items():
         for i, x in enumerate(subjects):
             say(f"warm-up {what} {x.cell}/{x.impl}")
-            _timed(x, pick(x), s.warmup_seconds, min_calls=2)
+            _timed(x, pick(x), min(s.warmup_seconds, s.seconds), min_calls=2)
         for r in range(s.rounds):
             say(f"{what} round {r + 1}/{s.rounds}")
             order = subjects if r % 2 == 0 else subjects[::-1]  # alternate who goes first
@@ -238,13 +239,19 @@ def run_bench(s: BenchSettings, progress: Callable[[str], None] | None = None) -
 
 
 def _add_ratios(results: list[BenchResult]) -> None:
+    """Each impl against torch for the same cell: the median over rounds of the ratio within a round.
+
+    The two ran one after the other in every round, so a burst of load from another process
+    mostly hits both; the per-round ratio cancels it where the ratio of medians would not.
+    """
     reference = {r.cell: r for r in results if r.impl == "torch"}
     for r in results:
         ref = reference.get(r.cell)
-        if ref is not None:
-            r.train_ratio = r.train_tokens_per_s / ref.train_tokens_per_s
-            r.infer_ratio = r.infer_tokens_per_s / ref.infer_tokens_per_s
-            r.sample_ratio = r.sample_tokens_per_s / ref.sample_tokens_per_s
+        if ref is None:
+            continue
+        for what in ("train", "infer", "sample"):
+            mine, theirs = getattr(r, f"{what}_rounds"), getattr(ref, f"{what}_rounds")
+            setattr(r, f"{what}_ratio", statistics.median(a / b for a, b in zip(mine, theirs)))
 
 
 # ---------------------------------------------------------------- end-to-end figures

@@ -152,26 +152,22 @@ class CustomRNN(nn.Module):
 
     def _forward_fast(self, x: Tensor, h0: Tensor, c0: Tensor | None):
         """The same layers with cells_fast's Functions, time-major inside: (T, B, ...) buffers."""
-        B, T, _ = x.shape
         h_last, c_last = [], []
-        layer_input = x.transpose(0, 1)  # (T, B, E)
+        layer_input = x.transpose(0, 1).contiguous()  # (T, B, E)
         for k in range(self.num_layers):
             w_ih, w_hh, b_ih, b_hh = self.layer_params(k)
             if k > 0 and self.dropout > 0 and self.training:
                 layer_input = nn.functional.dropout(layer_input, self.dropout, training=True)
-            torch_gru = self.cell == "gru" and self.gru_form != "classic"
-            # b_hh only adds, except in torch's GRU form, where r multiplies W_hn h + b_hn
-            bias = b_ih if torch_gru else b_ih + b_hh
-            x_proj = torch.addmm(bias, layer_input.reshape(T * B, -1), w_ih.t()).view(T, B, -1)  # (T, B, G*H)
-            if self.cell == "lstm":
-                hs, c = cells_fast.lstm_layer(x_proj, h0[k], c0[k], w_hh)
-                c_last.append(c)
-            elif torch_gru:
-                hs = cells_fast.gru_torch_layer(x_proj, h0[k], w_hh, b_hh)
+            if self.cell == "gru" and self.gru_form != "classic":
+                # torch's form: r multiplies W_hn h + b_hn, so b_hh does not simply add to b_ih
+                hs = cells_fast.gru_torch_layer(layer_input, w_ih, b_ih, h0[k], w_hh, b_hh)
             elif self.cell == "gru":
-                hs = cells_fast.gru_layer(x_proj, h0[k], w_hh)
+                hs = cells_fast.gru_layer(layer_input, w_ih, b_ih + b_hh, h0[k], w_hh)
+            elif self.cell == "lstm":
+                hs, c = cells_fast.lstm_layer(layer_input, w_ih, b_ih + b_hh, h0[k], c0[k], w_hh)
+                c_last.append(c)
             else:
-                hs = cells_fast.rnn_layer(x_proj, h0[k], w_hh, self.nonlinearity == "relu")
+                hs = cells_fast.rnn_layer(layer_input, w_ih, b_ih + b_hh, h0[k], w_hh, self.nonlinearity == "relu")
             h_last.append(hs[-1])
             layer_input = hs  # (T, B, H)
         output = layer_input.transpose(0, 1)  # (B, T, H)

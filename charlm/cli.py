@@ -48,8 +48,11 @@ def _err(message: str) -> None:
 
 @contextmanager
 def _errors():
-    """Map library errors to one stderr line and an exit code."""
+    """Map library errors to one stderr line and an exit code (and set up the process for torch)."""
     try:
+        from .runtime import keep_freed_memory  # imports torch: here, so that --help stays fast
+
+        keep_freed_memory()  # big buffers are reused, not page-faulted in at every step
         yield
     except CharlmError as exc:
         if _debug["on"]:

@@ -113,25 +113,32 @@ def _double(*shape, seed):
                        requires_grad=True)
 
 
+# x (T, B, E) = (8, 2, 2), hidden 3: small enough for finite differences, T >= 8 for the copied W^T
+def _x():
+    return _double(8, 2, 2, seed=0)
+
+
 def test_lstm_function_passes_gradcheck():
-    args = (_double(8, 2, 4 * 3, seed=0), _double(2, 3, seed=1), _double(2, 3, seed=2), _double(4 * 3, 3, seed=3))
+    args = (_x(), _double(4 * 3, 2, seed=1), _double(4 * 3, seed=2), _double(2, 3, seed=3), _double(2, 3, seed=4),
+            _double(4 * 3, 3, seed=5))
     assert torch.autograd.gradcheck(cells_fast.LSTMLayer.apply, args)
 
 
 def test_classic_gru_function_passes_gradcheck():
-    args = (_double(8, 2, 3 * 3, seed=0), _double(2, 3, seed=1), _double(3 * 3, 3, seed=3))
+    args = (_x(), _double(3 * 3, 2, seed=1), _double(3 * 3, seed=2), _double(2, 3, seed=3), _double(3 * 3, 3, seed=5))
     assert torch.autograd.gradcheck(cells_fast.GRULayer.apply, args)
 
 
 def test_torch_form_gru_function_passes_gradcheck():
-    args = (_double(8, 2, 3 * 3, seed=0), _double(2, 3, seed=1), _double(3 * 3, 3, seed=3), _double(3 * 3, seed=4))
+    args = (_x(), _double(3 * 3, 2, seed=1), _double(3 * 3, seed=2), _double(2, 3, seed=3), _double(3 * 3, 3, seed=5),
+            _double(3 * 3, seed=6))
     assert torch.autograd.gradcheck(cells_fast.GRUTorchLayer.apply, args)
 
 
 @pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
 def test_rnn_function_passes_gradcheck(relu):
-    args = (_double(8, 2, 3, seed=0), _double(2, 3, seed=1), _double(3, 3, seed=3))
-    assert torch.autograd.gradcheck(lambda x, h, w: cells_fast.RNNLayer.apply(x, h, w, relu), args)
+    args = (_x(), _double(3, 2, seed=1), _double(3, seed=2), _double(2, 3, seed=3), _double(3, 3, seed=5))
+    assert torch.autograd.gradcheck(lambda *a: cells_fast.RNNLayer.apply(*a, relu), args)
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
