@@ -1,7 +1,9 @@
 """The benchmark: tokens per second of every cell x implementation, measured the same way.
 
-For each cell (rnn, gru, lstm) and implementation (custom, torch) a full
-language model is built by `model.build_model` and fed random tokens:
+For each cell (rnn, gru, lstm) and implementation (custom, torch, or
+reference: the custom model running the step functions of cells.py under
+autograd, as before the fast path existed) a full language model is built by
+`model.build_model` and fed random tokens:
 
 - training: forward, cross-entropy, backward, gradient clipping and an AdamW
   step on windows of (B, T) tokens, the state carried (detached) from window
@@ -37,7 +39,7 @@ from .score import score_sentences
 from .tokenizer import EOS_ID, TextCodec, Tokenizer, Vocabulary
 
 CELLS = ("rnn", "gru", "lstm")
-IMPLS = ("custom", "torch")
+IMPLS = ("custom", "torch", "reference")  # reference: the custom cells' step functions under autograd
 MEMORY_MEASURE = {
     "cpu": "peak live tensor bytes during one training step, above those live before it "
            "(torch.profiler per-operator memory accounting)",
@@ -48,7 +50,7 @@ MEMORY_MEASURE = {
 @dataclass
 class BenchSettings:
     cells: tuple[str, ...] = CELLS
-    impls: tuple[str, ...] = IMPLS
+    impls: tuple[str, ...] = ("custom", "torch")
     hidden_size: int = 256
     embedding_size: int = 64
     layers: int = 1
@@ -111,15 +113,23 @@ class BenchResult:
     sample_rounds: list[float] = field(default_factory=list)
 
 
+def _build(cell: str, impl: str, s: BenchSettings, device: torch.device) -> RNNLM:
+    """The model of `model.build_model`; impl 'reference' is 'custom' running cells.py's step functions."""
+    cfg = ModelConfig(cell=cell, impl="torch" if impl == "torch" else "custom", layers=s.layers,
+                      embedding_size=s.embedding_size, hidden_size=s.hidden_size, dropout=0.0, device=str(device))
+    torch.manual_seed(s.seed)
+    model = build_model(cfg, s.vocab_size).to(device)
+    if impl == "reference":
+        model.rnn.fast = False
+    return model
+
+
 class _Subject:
     """One model under test with its optimizer, data and carried states."""
 
     def __init__(self, cell: str, impl: str, s: BenchSettings, device: torch.device):
         self.cell, self.impl, self.s, self.device = cell, impl, s, device
-        cfg = ModelConfig(cell=cell, impl=impl, layers=s.layers, embedding_size=s.embedding_size,
-                          hidden_size=s.hidden_size, dropout=0.0, device=str(device))
-        torch.manual_seed(s.seed)
-        self.model: RNNLM = build_model(cfg, s.vocab_size).to(device)
+        self.model = _build(cell, impl, s, device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
         g = torch.Generator().manual_seed(s.seed)
         # a few distinct windows, so that no cache sees the same input twice in a row
@@ -302,10 +312,7 @@ def synthetic_lines(codec: TextCodec, count: int, min_tokens: int = 10, max_toke
 
 
 def _extras_model(cell: str, impl: str, s: BenchSettings, device: torch.device) -> RNNLM:
-    cfg = ModelConfig(cell=cell, impl=impl, layers=s.layers, embedding_size=s.embedding_size,
-                      hidden_size=s.hidden_size, device=str(device))
-    torch.manual_seed(s.seed)
-    model = build_model(cfg, s.vocab_size).to(device).eval()
+    model = _build(cell, impl, s, device).eval()
     with torch.no_grad():
         # An untrained model would draw <eos> about once in V tokens and stop early; this keeps it
         # going for the full length without changing the work done per token.

@@ -312,7 +312,8 @@ def info(
 @app.command()
 def bench(
     cells: Annotated[str, typer.Option(help="Cells to measure, comma-separated: rnn,gru,lstm.")] = "rnn,gru,lstm",
-    impls: Annotated[str, typer.Option(help="Implementations, comma-separated: custom,torch.")] = "custom,torch",
+    impls: Annotated[str, typer.Option(help="Implementations, comma-separated: custom, torch, and reference "
+                                            "(the custom cells' step functions under autograd).")] = "custom,torch",
     hidden_size: Annotated[int, typer.Option(help="Hidden size of each layer.")] = 256,
     embedding_size: Annotated[int, typer.Option(help="Embedding size.")] = 64,
     layers: Annotated[int, typer.Option(help="Stacked recurrent layers.")] = 1,

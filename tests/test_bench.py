@@ -6,9 +6,12 @@ import json
 import statistics
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
-from charlm.bench import BenchSettings, generate_speed, parse_list, run_bench, score_speed
+
+from charlm.bench import BenchSettings, _build, generate_speed, parse_list, run_bench, score_speed
+from charlm.cells import CustomRNN
 from charlm.cli import app
 from charlm.errors import UsageError
 
@@ -39,6 +42,12 @@ def test_bench_measures_every_cell_and_impl_against_torch():
 def test_bench_without_torch_has_no_ratio():
     (result,) = run_bench(BenchSettings(cells=("gru",), impls=("custom",), **TINY))
     assert result.train_ratio is None and result.sample_ratio is None
+
+
+def test_bench_reference_impl_is_the_custom_model_on_its_step_functions():
+    model = _build("gru", "reference", BenchSettings(**TINY), torch.device("cpu"))
+    assert isinstance(model.rnn, CustomRNN) and not model.rnn.fast
+    assert _build("gru", "custom", BenchSettings(**TINY), torch.device("cpu")).rnn.fast
 
 
 def test_bench_refuses_unknown_names_and_sizes():
