@@ -9,7 +9,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-
 from charlm.bench import BenchSettings, _build, generate_speed, parse_list, run_bench, score_speed
 from charlm.cells import CustomRNN
 from charlm.cli import app
