@@ -12,6 +12,7 @@ CORPUS := data/shakespeare.txt
 STAMP := $(shell date +%Y%m%d-%H%M%S)
 RUN ?= runs/shakespeare-$(STAMP)
 TRAIN_SECONDS ?= 180
+BENCH_ARGS ?=
 
 .PHONY: all venv data train test bench clean
 
@@ -41,8 +42,9 @@ train: $(BIN)/.installed $(CORPUS)
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest
 
+# The standard benchmark set (docs/benchmarks.md), e.g. `make bench BENCH_ARGS='--threads 1'`.
 bench: $(BIN)/.installed
-	$(BIN)/python scripts/bench_standard.py
+	$(BIN)/python scripts/bench_standard.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -6,6 +6,11 @@ weights, `W_ih x<t> + b_ih` of shape (B, G*H) with G gates. The layer computes
 that product for every time step at once before the loop (one large matrix
 product instead of T small ones), which changes nothing in the equations.
 
+These step functions are the reference. `CustomRNN` runs by default the fast
+form of the same equations in `cells_fast.py` (a whole layer's time loop as an
+autograd Function with a hand-written backward pass), tested against them;
+`CustomRNN(..., fast=False)` runs the step functions here under autograd.
+
 Parameters follow torch's names, shapes and gate order (`weight_ih_l{k}`,
 `weight_hh_l{k}`, `bias_ih_l{k}`, `bias_hh_l{k}`; LSTM gates i, f, g, o; GRU
 r, z, n), so a state_dict moves between `CustomRNN` and nn.RNN / nn.GRU /
@@ -19,6 +24,8 @@ import math
 
 import torch
 from torch import Tensor, nn
+
+from . import cells_fast
 
 GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 
@@ -73,16 +80,22 @@ class CustomRNN(nn.Module):
 
     forward(x (B, T, E), state) -> (output (B, T, H), state), where state is
     h (L, B, H), or (h, c) for the LSTM, or None for zeros.
+
+    `fast=True` (the default) runs each layer as one autograd Function of
+    cells_fast.py; `fast=False` runs the step functions of this file, every
+    operation recorded by autograd: slower, the equations in plain sight.
+    Dropout between layers is applied outside the Functions, on a layer's output.
     """
 
     def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int = 1,
-                 dropout: float = 0.0, nonlinearity: str = "tanh", gru_form: str = "classic"):
+                 dropout: float = 0.0, nonlinearity: str = "tanh", gru_form: str = "classic", fast: bool = True):
         super().__init__()
         if cell not in GATES:
             raise ValueError(f"unknown cell {cell!r}")
         self.cell, self.input_size, self.hidden_size = cell, input_size, hidden_size
         self.num_layers, self.dropout = num_layers, dropout
         self.nonlinearity, self.gru_form = nonlinearity, gru_form
+        self.fast = fast
         gates = GATES[cell] * hidden_size
         for k in range(num_layers):
             in_size = input_size if k == 0 else hidden_size
@@ -108,6 +121,8 @@ class CustomRNN(nn.Module):
             zeros = x.new_zeros(self.num_layers, B, self.hidden_size)
             state = (zeros, zeros.clone()) if self.cell == "lstm" else zeros
         h0, c0 = state if self.cell == "lstm" else (state, None)
+        if self.fast:
+            return self._forward_fast(x, h0, c0)
         h_last, c_last = [], []
         layer_input = x
         for k in range(self.num_layers):
@@ -134,6 +149,32 @@ class CustomRNN(nn.Module):
         if self.cell == "lstm":
             return layer_input, (h_n, torch.stack(c_last))
         return layer_input, h_n
+
+    def _forward_fast(self, x: Tensor, h0: Tensor, c0: Tensor | None):
+        """The same layers with cells_fast's Functions, time-major inside: (T, B, ...) buffers."""
+        h_last, c_last = [], []
+        layer_input = x.transpose(0, 1).contiguous()  # (T, B, E)
+        for k in range(self.num_layers):
+            w_ih, w_hh, b_ih, b_hh = self.layer_params(k)
+            if k > 0 and self.dropout > 0 and self.training:
+                layer_input = nn.functional.dropout(layer_input, self.dropout, training=True)
+            if self.cell == "gru" and self.gru_form != "classic":
+                # torch's form: r multiplies W_hn h + b_hn, so b_hh does not simply add to b_ih
+                hs = cells_fast.gru_torch_layer(layer_input, w_ih, b_ih, h0[k], w_hh, b_hh)
+            elif self.cell == "gru":
+                hs = cells_fast.gru_layer(layer_input, w_ih, b_ih + b_hh, h0[k], w_hh)
+            elif self.cell == "lstm":
+                hs, c = cells_fast.lstm_layer(layer_input, w_ih, b_ih + b_hh, h0[k], c0[k], w_hh)
+                c_last.append(c)
+            else:
+                hs = cells_fast.rnn_layer(layer_input, w_ih, b_ih + b_hh, h0[k], w_hh, self.nonlinearity == "relu")
+            h_last.append(hs[-1])
+            layer_input = hs  # (T, B, H)
+        output = layer_input.transpose(0, 1)  # (B, T, H)
+        h_n = torch.stack(h_last)  # (L, B, H)
+        if self.cell == "lstm":
+            return output, (h_n, torch.stack(c_last))
+        return output, h_n
 
     def extra_repr(self) -> str:
         return (f"{self.cell}, {self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "

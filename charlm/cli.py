@@ -71,8 +71,11 @@ def _fail(message: str, code: int) -> typer.Exit:
 
 @contextmanager
 def _errors():
-    """Map library errors to one stderr line and an exit code."""
+    """Map library errors to one stderr line and an exit code (and set up the process for torch)."""
     try:
+        from .runtime import keep_freed_memory  # imports torch: here, so that --help stays fast
+
+        keep_freed_memory()  # big buffers are reused, not page-faulted in at every step
         yield
     except CharlmError as exc:
         raise _fail(exc.message, exc.exit_code) from None
@@ -483,6 +486,100 @@ def export(
             _out("check           skipped: onnxruntime is not installed")
         else:
             _out(f"check           max |difference| from charlm over {r.check_steps} steps: {r.max_abs_diff:.3g}")
+
+
+# ---------------------------------------------------------------- bench
+@app.command()
+def bench(
+    cells: Annotated[str, typer.Option(help="Cells to measure, comma-separated: rnn,gru,lstm.")] = "rnn,gru,lstm",
+    impls: Annotated[str, typer.Option(help="Implementations, comma-separated: custom, torch, and reference "
+                                            "(the custom cells' step functions under autograd).")] = "custom,torch",
+    hidden_size: Annotated[int, typer.Option(help="Hidden size of each layer.")] = 256,
+    embedding_size: Annotated[int, typer.Option(help="Embedding size.")] = 64,
+    layers: Annotated[int, typer.Option(help="Stacked recurrent layers.")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Parallel streams.")] = 32,
+    seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 64,
+    vocab_size: Annotated[int, typer.Option(help="Vocabulary size (random tokens).")] = 65,
+    seconds: Annotated[float, typer.Option(help="Timed seconds per model and measurement, split over the rounds.")] = 3.0,
+    rounds: Annotated[int, typer.Option(help="Timed rounds; the median is reported.")] = 5,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    threads: Annotated[int, typer.Option(help="CPU threads for torch (0: torch's default, one per core).")] = 0,
+    grid: Annotated[bool, typer.Option("--grid/--no-grid", help="Measure every cell x impl (skip with --no-grid "
+                                                                 "to run only --generate / --score-lines).")] = True,
+    generate_tokens: Annotated[int, typer.Option("--generate", help="Also time generating this many tokens with "
+                                                                   "`charlm sample`'s code (batch 1); 0: off.")] = 0,
+    score_lines: Annotated[int, typer.Option(help="Also time scoring this many random lines batched against one "
+                                                  "at a time; 0: off.")] = 0,
+    score_batch_size: Annotated[int, typer.Option(help="Lines scored together for --score-lines.")] = 128,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line instead of a table.")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Markdown tables instead of plain text.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines on stderr.")] = False,
+) -> None:
+    """Tokens per second of training, inference and sampling for every cell x impl, and custom / torch ratios.
+
+    Example: charlm bench --cells lstm --hidden-size 512 --seconds 10
+    """
+    with _errors():
+        from .bench import CELLS, IMPLS, BenchSettings, generate_speed, parse_list, run_bench, score_speed
+        from .errors import UsageError
+
+        s = BenchSettings(parse_list(cells, CELLS, "--cells"), parse_list(impls, IMPLS, "--impls"), hidden_size,
+                          embedding_size, layers, batch_size, seq_len, vocab_size, seconds, rounds, device=device,
+                          threads=threads)
+        s.check()
+        if generate_tokens < 0 or score_lines < 0 or score_batch_size < 1:
+            raise UsageError("--generate and --score-lines must be >= 0, --score-batch-size >= 1")
+        say = (lambda m: None) if quiet else (lambda m: print(f"bench: {m}", file=sys.stderr, flush=True))
+        results = run_bench(s, say) if grid else []
+        gen = [generate_speed(c, i, s, generate_tokens) for c in s.cells for i in s.impls] if generate_tokens else []
+        sco = ([score_speed(c, i, s, score_lines, score_batch_size) for c in s.cells for i in s.impls]
+               if score_lines else [])
+        if as_json:
+            for kind, rows in (("model", results), ("generate", gen), ("score", sco)):
+                for r in rows:
+                    _out(json.dumps({"measure": kind, **asdict(r)}))
+            return
+        _print_bench(results, gen, sco, markdown)
+
+
+def _print_bench(results, gen, sco, markdown: bool) -> None:
+    def table(head: list[str], rows: list[list[str]]) -> None:
+        if markdown:
+            _out("| " + " | ".join(head) + " |")
+            _out("|" + "|".join("---:" if i > 1 else "---" for i in range(len(head))) + "|")
+            for row in rows:
+                _out("| " + " | ".join(row) + " |")
+        else:
+            widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+            for row in [head, *rows]:
+                _out("  ".join(x.rjust(w) if i > 1 else x.ljust(w) for i, (x, w) in enumerate(zip(row, widths))))
+        _out()
+
+    def ratio(x) -> str:
+        return "-" if x is None else f"{x:.2f}"
+
+    if results:
+        r0 = results[0]
+        _out(f"device {r0.device} ({r0.threads} threads), hidden {r0.hidden_size}, embedding {r0.embedding_size}, "
+             f"layers {r0.layers}, "
+             f"batch {r0.batch_size}, window {r0.seq_len}, vocabulary {r0.vocab_size}; tokens/s are medians of "
+             f"{len(r0.train_rounds)} rounds; ratio = this impl / torch; memory: {r0.memory_measure}")
+        _out()
+        table(["cell", "impl", "train tok/s", "infer tok/s", "sample tok/s", "train ratio", "infer ratio",
+               "sample ratio", "peak MiB", "parameters"],
+              [[r.cell, r.impl, f"{r.train_tokens_per_s:,.0f}", f"{r.infer_tokens_per_s:,.0f}",
+                f"{r.sample_tokens_per_s:,.0f}", ratio(r.train_ratio), ratio(r.infer_ratio), ratio(r.sample_ratio),
+                "-" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**20:.1f}", f"{r.parameters:,}"]
+               for r in results])
+    if gen:
+        table(["cell", "impl", "hidden", "layers", "vocabulary", "tokens generated", "seconds", "tokens/s"],
+              [[g.cell, g.impl, str(g.hidden_size), str(g.layers), str(g.vocab_size), f"{g.tokens:,}",
+                f"{g.seconds:.3f}", f"{g.tokens_per_s:,.0f}"] for g in gen])
+    if sco:
+        table(["cell", "impl", "hidden", "layers", "lines", "tokens", "batched lines/s", "one-at-a-time lines/s",
+               "speedup"],
+              [[c.cell, c.impl, str(c.hidden_size), str(c.layers), f"{c.lines:,}", f"{c.tokens:,}",
+                f"{c.batched_lines_per_s:,.0f}", f"{c.single_lines_per_s:,.1f}", f"{c.speedup:.1f}x"] for c in sco])
 
 
 def main() -> None:

@@ -98,6 +98,10 @@ def export_model(run_dir: Path, fmt: str, out: Path, which: str = "best", check_
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
     model, codec, saved = load_run(run_dir, "cpu", which)
+    if hasattr(model.rnn, "fast"):
+        # The fast layers fill buffers in place, sized by the batch they first see: a trace would fix
+        # that size. The step functions compute the same values and trace into plain operations.
+        model.rnn.fast = False
     wrapper = SingleStep(model).eval()
     meta = metadata(model, codec)
     example = (torch.full((2,), EOS_ID, dtype=torch.long), zero_state(model, 2))

@@ -7,6 +7,7 @@ the same forward interface, so the rest of charlm never asks which it holds.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Union
 
 import torch
@@ -75,12 +76,26 @@ class RNNLM(nn.Module):
 
     def step(self, token: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         """One token per stream (B,) -> logits (B, V): constant work per generated token."""
-        logits, state = self.forward(token.unsqueeze(1), state)
+        with _without_onednn():
+            logits, state = self.forward(token.unsqueeze(1), state)
         return logits[:, 0], state
 
     def init_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
         h = torch.zeros(self.cfg.layers, batch_size, self.cfg.hidden_size, device=device)
         return (h, h.clone()) if self.cfg.cell == "lstm" else h
+
+
+@contextmanager
+def _without_onednn():
+    """nn.LSTM / nn.GRU / nn.RNN on a CPU run through oneDNN, which re-lays out the weights on every
+    call: for one time step that costs more than the step (LSTM 512: 1.2 ms a token against 0.6 ms
+    on torch's own kernels). Turned off for the duration of one step."""
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = previous
 
 
 def build_model(cfg: ModelConfig, vocab_size: int) -> RNNLM:

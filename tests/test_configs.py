@@ -53,6 +53,8 @@ def test_every_command_runs_once(tmp_path):
         "runs": ["runs", str(tmp_path), "--sort", "val_loss"],
         "plot": ["plot", run, "--out", str(tmp_path / "curves.png")],
         "export": ["export", run, "--format", "torchscript", "--out", str(tmp_path / "step.pt")],
+        "bench": ["bench", "--cells", "gru", "--impls", "custom,torch", "--hidden-size", "8", "--embedding-size", "4",
+                  "--batch-size", "2", "--seq-len", "4", "--seconds", "0.05", "--rounds", "1", "--quiet"],
     }
     commands = set(typer.main.get_command(app).commands)
     assert commands <= set(invocations), f"add an invocation for {sorted(commands - set(invocations))} here"

@@ -316,12 +316,12 @@ def test_too_little_free_space_is_detected_before_training(tmp_path, monkeypatch
 def test_out_of_memory_during_training_is_exit_1_with_a_suggestion(tmp_path, monkeypatch):
     real, calls = RNNLM.forward, {"n": 0}
 
-    def forward(self, tokens, state=None):
+    def forward(self, tokens, state=None, targets=None):
         if self.training:
             calls["n"] += 1
             if calls["n"] == 6:
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return real(self, tokens, state)
+        return real(self, tokens, state, targets)
     monkeypatch.setattr(RNNLM, "forward", forward)
     run = tmp_path / "run"
     result = cli("train", "--config", write_config(tmp_path), "--corpus", write_corpus(tmp_path), "--out", run,
@@ -334,7 +334,7 @@ def test_out_of_memory_during_training_is_exit_1_with_a_suggestion(tmp_path, mon
 def test_out_of_memory_while_sampling_is_exit_1_with_a_suggestion(tmp_path, monkeypatch):
     run = train_run(tmp_path)
 
-    def forward(self, tokens, state=None):
+    def forward(self, tokens, state=None, targets=None):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
     monkeypatch.setattr(RNNLM, "forward", forward)
     assert_one_line_error(cli("sample", run), 1, "out of memory", "batch")

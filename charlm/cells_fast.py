@@ -1,0 +1,384 @@
+"""The fast form of the custom cells: one layer's whole time loop as a torch.autograd.Function.
+
+`cells.py` writes each cell as a function of one time step and lets autograd
+record every operation of every step; that is the reference. Here the same
+equations run over all T steps of one layer with
+
+- the input projection W_ih x<t> + b of all T steps as one matrix product,
+  written into the gate buffer, to which each step adds W_hh a<t-1> in place
+  (one product per step for all gates; two for the classic GRU, whose
+  candidate needs the reset state first);
+- time-major buffers (T, B, ...) allocated once, each step writing into its
+  slice (no torch.stack, few temporaries), the per-step views made by one
+  `unbind` before the loop;
+- a hand-written backward pass through time that carries only da (and dc),
+  with the weight gradients of all steps as one matrix product after the loop.
+
+Shapes: T time, B batch, E input, H hidden, G = (number of gates) * H. Every
+Function takes the layer input x (T, B, E) time-major, the weights in torch's
+layout, and the initial state. The recurrent bias b_hh is added to b_ih by the
+caller wherever it only adds (RNN, LSTM, classic GRU): `bias` = b_ih + b_hh;
+torch's GRU form multiplies W_hn h + b_hn by r, so there b_hh comes in apart.
+
+Notation as in cells.py: a<t> hidden state, c<t> memory cell, Γ gates, c~ the
+candidate; "da" is the gradient of the loss with respect to a<t>.
+`tests/test_cells_fast.py` checks every Function against the step functions of
+cells.py, against torch.nn, and with torch.autograd.gradcheck.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.amp import custom_bwd, custom_fwd
+from torch.autograd.function import once_differentiable
+
+_aten = torch.ops.aten
+
+
+def _dsigmoid(grad: Tensor, y: Tensor, out: Tensor | None = None) -> Tensor:
+    """grad * y * (1 - y): the chain rule through y = σ(x), in one kernel."""
+    if out is None:
+        return _aten.sigmoid_backward(grad, y)
+    return _aten.sigmoid_backward.grad_input(grad, y, grad_input=out)
+
+
+def _dtanh(grad: Tensor, y: Tensor, out: Tensor | None = None) -> Tensor:
+    """grad * (1 - y²): the chain rule through y = tanh(x), in one kernel."""
+    if out is None:
+        return _aten.tanh_backward(grad, y)
+    return _aten.tanh_backward.grad_input(grad, y, grad_input=out)
+
+
+def _transposed(w: Tensor, steps: int) -> Tensor:
+    """W^T for the per-step products a<t-1> W^T: a row-major copy runs them faster (by 15-25% on a
+    CPU), which pays for the copy over a window but not for the one step of sampling."""
+    return w.t().contiguous() if steps >= 8 else w.t()
+
+
+def _project(x: Tensor, w_ih: Tensor, bias: Tensor) -> Tensor:
+    """W_ih x<t> + b for every step: (T, B, E) -> (T, B, G), one matrix product."""
+    T, B, _ = x.shape
+    return torch.addmm(bias, x.reshape(T * B, -1), w_ih.t()).view(T, B, -1)
+
+
+def _input_grads(ctx, d_proj: Tensor, x: Tensor, w_ih: Tensor) -> tuple:
+    """dx, dW_ih, db from the gradient of the projection, for the Function inputs 0, 1, 2 (x, w_ih, b)."""
+    need = ctx.needs_input_grad
+    d_x = (d_proj.flatten(0, 1) @ w_ih).view(x.shape) if need[0] else None
+    d_w = _weight_grad(d_proj, x) if need[1] else None
+    d_b = d_proj.sum((0, 1)) if need[2] else None
+    return d_x, d_w, d_b
+
+
+def _previous(first: Tensor, steps: Tensor) -> Tensor:
+    """(B, H) and (T, B, H) -> the values at t-1 for every t: [first, steps[0], ..., steps[T-2]]."""
+    return torch.cat([first.unsqueeze(0), steps[:-1]])
+
+
+def _weight_grad(d_pre: Tensor, inputs: Tensor) -> Tensor:
+    """dW = sum over t of d_pre<t>^T inputs<t>: one (G, T*B) x (T*B, H) product for all steps."""
+    return d_pre.flatten(0, 1).t() @ inputs.flatten(0, 1)
+
+
+def _recurrent_weight_grad(d_pre: Tensor, h0: Tensor, hs: Tensor) -> Tensor:
+    """dW_hh = sum over t of d_pre<t>^T a<t-1>, with a<0> = h0: two products, no copy of hs."""
+    return torch.addmm(d_pre[0].t() @ h0, d_pre[1:].flatten(0, 1).t(), hs[:-1].flatten(0, 1))
+
+
+# ---------------------------------------------------------------- plain RNN
+def rnn_layer_forward(x: Tensor, w_ih: Tensor, bias: Tensor, h0: Tensor, w_hh: Tensor,
+                      relu: bool = False) -> Tensor:
+    """a<t> = tanh(W_ax x<t> + W_aa a<t-1> + b) for t = 1..T; returns all a<t>, (T, B, H)."""
+    hs = _project(x, w_ih, bias)  # W_ax x<t> + b; each step adds W_aa a<t-1> and applies tanh in place
+    w_t = _transposed(w_hh, x.shape[0])
+    h = h0
+    for a in hs.unbind(0):
+        h = a.addmm_(h, w_t)
+        h.relu_() if relu else h.tanh_()
+    return hs
+
+
+class RNNLayer(torch.autograd.Function):
+    """(x (T, B, E), w_ih (H, E), bias (H), h0 (B, H), w_hh (H, H), relu) -> hs (T, B, H)."""
+
+    @staticmethod
+    @custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+    def forward(ctx, x, w_ih, bias, h0, w_hh, relu):
+        hs = rnn_layer_forward(x, w_ih, bias, h0, w_hh, relu)
+        ctx.relu = relu
+        ctx.save_for_backward(x, w_ih, hs, h0, w_hh)
+        return hs
+
+    @staticmethod
+    @once_differentiable
+    @custom_bwd(device_type="cuda")
+    def backward(ctx, grad_hs):
+        x, w_ih, hs, h0, w_hh = ctx.saved_tensors
+        T = hs.shape[0]
+        d_pre = torch.empty_like(hs)  # dL/d(pre-activation) of every step, (T, B, H)
+        D_PRE, HS, GRAD_HS = d_pre.unbind(0), hs.unbind(0), grad_hs.unbind(0)
+        for t in range(T - 1, -1, -1):
+            # da<t> = (from the output) + (from step t+1: W_aa^T d_pre<t+1>)
+            da = GRAD_HS[t] if t == T - 1 else torch.addmm(GRAD_HS[t], D_PRE[t + 1], w_hh)
+            if ctx.relu:
+                _aten.threshold_backward.grad_input(da, HS[t], 0, grad_input=D_PRE[t])
+            else:
+                _dtanh(da, HS[t], out=D_PRE[t])
+        d_h0 = d_pre[0] @ w_hh if ctx.needs_input_grad[3] else None
+        d_w = _recurrent_weight_grad(d_pre, h0, hs) if ctx.needs_input_grad[4] else None
+        return (*_input_grads(ctx, d_pre, x, w_ih), d_h0, d_w, None)
+
+
+# ---------------------------------------------------------------- LSTM
+def lstm_layer_forward(x: Tensor, w_ih: Tensor, bias: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, save: bool):
+    """The LSTM over T steps; gates in torch's order i, f, g, o.
+
+    Returns hs (T, B, H), c<T> and the activated gates (T, B, 4H); with `save`
+    also the cells c<0..T> (T+1, B, H) and tanh(c<t>) (T, B, H) that backward
+    needs (without it, for inference and sampling, those buffers are a step or
+    two long).
+    """
+    T, B, _ = x.shape
+    H = h0.shape[1]
+    gates = _project(x, w_ih, bias)  # (T, B, 4H); each step adds W_hh a<t-1> and activates in place
+    hs = x.new_empty(T, B, H)
+    cs = x.new_empty(T + 1 if save else 2, B, H)  # with save, cs[t] = c<t>, cs[0] = c<0>
+    if save:
+        cs[0] = c0
+    tanh_cs = x.new_empty(T if save else 1, B, H)
+    w_t = _transposed(w_hh, T)
+    # Per-step views made once by unbind: indexing and slicing in the loop cost more than the math.
+    gate = gates.unflatten(2, (4, H))
+    Z, UF, U, F, C_TILDE, O = (gates.unbind(0), gates[..., : 2 * H].unbind(0),
+                               *(gate[:, :, k].unbind(0) for k in range(4)))
+    HS, CS, TANH_CS = hs.unbind(0), cs.unbind(0), tanh_cs.unbind(0)
+    h, c = h0, c0
+    for t in range(T):
+        Z[t].addmm_(h, w_t)                            # W [a<t-1>, x<t>] + b for all gates, (B, 4H)
+        UF[t].sigmoid_()                               # Γu, Γf
+        C_TILDE[t].tanh_()                             # c~<t>
+        O[t].sigmoid_()                                # Γo
+        c = torch.mul(U[t], C_TILDE[t], out=CS[t + 1 if save else t % 2]).addcmul_(F[t], c)  # c<t> = Γu c~ + Γf c<t-1>
+        h = torch.mul(O[t], torch.tanh(c, out=TANH_CS[t if save else 0]), out=HS[t])       # a<t> = Γo * tanh(c<t>)
+    return hs, c, (gates, cs, tanh_cs)
+
+
+class LSTMLayer(torch.autograd.Function):
+    """(x (T, B, E), w_ih (4H, E), bias (4H), h0 (B, H), c0 (B, H), w_hh (4H, H)) -> (hs (T, B, H), c<T>)."""
+
+    @staticmethod
+    @custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+    def forward(ctx, x, w_ih, bias, h0, c0, w_hh):
+        hs, c_last, (gates, cs, tanh_cs) = lstm_layer_forward(x, w_ih, bias, h0, c0, w_hh, save=True)
+        ctx.save_for_backward(x, w_ih, gates, cs, tanh_cs, hs, h0, w_hh)
+        return hs, c_last.clone()
+
+    @staticmethod
+    @once_differentiable
+    @custom_bwd(device_type="cuda")
+    def backward(ctx, grad_hs, grad_c_last):
+        x, w_ih, gates, cs, tanh_cs, hs, h0, w_hh = ctx.saved_tensors
+        T, B, G = gates.shape
+        H = G // 4
+        gate = gates.unflatten(2, (4, H))
+        U, F, C_TILDE, O = (gate[:, :, k].unbind(0) for k in range(4))  # Γu, Γf, c~, Γo at each step
+        C_PREV, TANH_CS = cs.unbind(0), tanh_cs.unbind(0)  # C_PREV[t] = c<t-1> for the step t (from 0)
+        d_pre = torch.empty_like(gates)               # dL/d(gate pre-activations), (T, B, 4H)
+        d_gate = d_pre.unflatten(2, (4, H))
+        D_PRE, D_U, D_F, D_C, D_O = d_pre.unbind(0), *(d_gate[:, :, k].unbind(0) for k in range(4))
+        GRAD_HS = grad_hs.unbind(0)
+        # The factors are computed step by step rather than for all steps before the loop: each
+        # step's values are then read once while in cache, which measured faster on a CPU.
+        dc = grad_c_last
+        for t in range(T - 1, -1, -1):
+            # da<t> = (from the output) + (from step t+1: W_hh^T d_pre<t+1>)
+            da = GRAD_HS[t] if t == T - 1 else torch.addmm(GRAD_HS[t], D_PRE[t + 1], w_hh)
+            _dsigmoid(da * TANH_CS[t], O[t], out=D_O[t])      # dΓo-pre = da * tanh(c<t>) * Γo (1 - Γo)
+            dc = dc + _dtanh(da * O[t], TANH_CS[t])           # dc<t> = dc from t+1 + da * Γo * (1 - tanh²(c<t>))
+            _dsigmoid(dc * C_TILDE[t], U[t], out=D_U[t])      # dΓu-pre = dc * c~<t> * Γu (1 - Γu)
+            _dsigmoid(dc * C_PREV[t], F[t], out=D_F[t])       # dΓf-pre = dc * c<t-1> * Γf (1 - Γf)
+            _dtanh(dc * U[t], C_TILDE[t], out=D_C[t])         # dc~-pre = dc * Γu * (1 - c~²)
+            dc = dc * F[t]                                    # what c<t-1> receives: dc<t> * Γf
+        d_h0 = d_pre[0] @ w_hh if ctx.needs_input_grad[3] else None
+        d_c0 = dc if ctx.needs_input_grad[4] else None
+        d_w = _recurrent_weight_grad(d_pre, h0, hs) if ctx.needs_input_grad[5] else None
+        return (*_input_grads(ctx, d_pre, x, w_ih), d_h0, d_c0, d_w)
+
+
+# ---------------------------------------------------------------- GRU, classic form
+def gru_layer_forward(x: Tensor, w_ih: Tensor, bias: Tensor, h0: Tensor, w_hh: Tensor, save: bool):
+    """The classic GRU over T steps (gates r, u, c~ in torch's slots r, z, n).
+
+    Returns hs (T, B, H), the activated gates Γr, Γu, c~ (T, B, 3H) and, with
+    `save`, Γr * h<t-1> (T, B, H) for dW_c.
+    """
+    T, B, _ = x.shape
+    H = h0.shape[1]
+    gates = _project(x, w_ih, bias)  # (T, B, 3H); each step adds its recurrent terms in place
+    hs = x.new_empty(T, B, H)
+    rh = x.new_empty(T if save else 1, B, H)
+    w_ru_t, w_c_t = _transposed(w_hh[: 2 * H], T), _transposed(w_hh[2 * H:], T)
+    RU, R, U, C_TILDE = (gates[..., : 2 * H].unbind(0), gates[..., :H].unbind(0),
+                         gates[..., H: 2 * H].unbind(0), gates[..., 2 * H:].unbind(0))
+    HS, RH = hs.unbind(0), rh.unbind(0)
+    h = h0
+    for t in range(T):
+        RU[t].addmm_(h, w_ru_t).sigmoid_()                             # Γr, Γu = σ(W [h<t-1>, x<t>] + b)
+        r_h = torch.mul(R[t], h, out=RH[t if save else 0])            # Γr * h<t-1>
+        C_TILDE[t].addmm_(r_h, w_c_t).tanh_()                         # c~<t> = tanh(W_c [Γr * h<t-1>, x<t>] + b_c)
+        h = torch.sub(C_TILDE[t], h, out=HS[t]).mul_(U[t]).add_(h)  # h<t> = h<t-1> + Γu (c~<t> - h<t-1>)
+    return hs, (gates, rh)
+
+
+class GRULayer(torch.autograd.Function):
+    """Classic GRU: (x (T, B, E), w_ih (3H, E), bias (3H), h0 (B, H), w_hh (3H, H)) -> hs (T, B, H)."""
+
+    @staticmethod
+    @custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+    def forward(ctx, x, w_ih, bias, h0, w_hh):
+        hs, (gates, rh) = gru_layer_forward(x, w_ih, bias, h0, w_hh, save=True)
+        ctx.save_for_backward(x, w_ih, gates, rh, hs, h0, w_hh)
+        return hs
+
+    @staticmethod
+    @once_differentiable
+    @custom_bwd(device_type="cuda")
+    def backward(ctx, grad_hs):
+        x, w_ih, gates, rh, hs, h0, w_hh = ctx.saved_tensors
+        T, B, H = hs.shape
+        w_ru, w_c = w_hh[: 2 * H], w_hh[2 * H:]
+        r, u, cand = gates[..., :H], gates[..., H: 2 * H], gates[..., 2 * H:]
+        h_prev = _previous(h0, hs)
+        # Factors that do not depend on the recurrence, for all steps at once:
+        #   dc~-pre = dh * Γu (1 - c~²)              = dh * a_c
+        #   dΓu-pre = dh * (c~ - h<t-1>) Γu (1 - Γu)  = dh * a_u
+        #   dΓr-pre = d(Γr h) * h<t-1> Γr (1 - Γr)    = d(Γr h) * a_r
+        A_C, A_U, A_R = _dtanh(u, cand).unbind(0), _dsigmoid(cand - h_prev, u).unbind(0), \
+            _dsigmoid(h_prev, r).unbind(0)
+        KEEP, R = (1 - u).unbind(0), r.unbind(0)      # h<t-1> passes (1 - Γu) of dh straight through
+        d_pre = hs.new_empty(T, B, 3 * H)            # dL/d(pre-activations of r, u, c~), (T, B, 3H)
+        D_RU, D_R, D_U, D_C = (d_pre[..., : 2 * H].unbind(0), d_pre[..., :H].unbind(0),
+                               d_pre[..., H: 2 * H].unbind(0), d_pre[..., 2 * H:].unbind(0))
+        GRAD_HS = grad_hs.unbind(0)
+        dh = GRAD_HS[T - 1]
+        for t in range(T - 1, -1, -1):
+            torch.mul(dh, A_C[t], out=D_C[t])
+            torch.mul(dh, A_U[t], out=D_U[t])
+            d_rh = D_C[t] @ w_c                      # d(Γr * h<t-1>) = W_c^T dc~-pre
+            torch.mul(d_rh, A_R[t], out=D_R[t])
+            if t == 0 and not ctx.needs_input_grad[3]:
+                break
+            # dh<t-1> = (1 - Γu) dh + Γr d(Γr h) + W_ru^T [dΓr-pre, dΓu-pre] (+ from the output at t-1)
+            carry = torch.mul(dh, KEEP[t]) if t == 0 else torch.addcmul(GRAD_HS[t - 1], dh, KEEP[t])
+            dh = torch.addmm(carry.addcmul_(d_rh, R[t]), D_RU[t], w_ru)
+        d_h0 = dh if ctx.needs_input_grad[3] else None
+        d_w = None
+        if ctx.needs_input_grad[4]:
+            d_w = torch.cat([_weight_grad(d_pre[..., : 2 * H], h_prev), _weight_grad(d_pre[..., 2 * H:], rh)])
+        return (*_input_grads(ctx, d_pre, x, w_ih), d_h0, d_w)
+
+
+# ---------------------------------------------------------------- GRU, torch's form
+def gru_torch_layer_forward(x: Tensor, w_ih: Tensor, b_ih: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor,
+                            save: bool):
+    """nn.GRU's equations over T steps.
+
+    Returns hs (T, B, H), the gates r, z, n (T, B, 3H) and, with `save`,
+    W_h h<t-1> + b_h (T, B, 3H).
+    """
+    T, B, _ = x.shape
+    H = h0.shape[1]
+    gates = _project(x, w_ih, b_ih)  # W_i x<t> + b_i, (T, B, 3H); each step completes it in place
+    hs = x.new_empty(T, B, H)
+    gh = x.new_empty(T if save else 1, B, 3 * H)
+    w_t = _transposed(w_hh, T)
+    RZ, R, Z, N = (gates[..., : 2 * H].unbind(0), gates[..., :H].unbind(0), gates[..., H: 2 * H].unbind(0),
+                   gates[..., 2 * H:].unbind(0))
+    GH, GH_RZ, GH_N = gh.unbind(0), gh[..., : 2 * H].unbind(0), gh[..., 2 * H:].unbind(0)
+    HS = hs.unbind(0)
+    h = h0
+    for t in range(T):
+        k = t if save else 0
+        torch.addmm(b_hh, h, w_t, out=GH[k])                   # W_h h<t-1> + b_h, (B, 3H)
+        RZ[t].add_(GH_RZ[k]).sigmoid_()                        # r<t>, z<t> = σ(W_i x + b_i + W_h h + b_h)
+        n = N[t].addcmul_(R[t], GH_N[k]).tanh_()               # n<t> = tanh(W_in x + b_in + r (W_hn h + b_hn))
+        h = torch.sub(h, n, out=HS[t]).mul_(Z[t]).add_(n)      # h<t> = n + z (h<t-1> - n) = (1 - z) n + z h<t-1>
+    return hs, (gates, gh)
+
+
+class GRUTorchLayer(torch.autograd.Function):
+    """nn.GRU's form: (x (T, B, E), w_ih (3H, E), b_ih (3H), h0 (B, H), w_hh (3H, H), b_hh (3H)) -> hs."""
+
+    @staticmethod
+    @custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+    def forward(ctx, x, w_ih, b_ih, h0, w_hh, b_hh):
+        hs, (gates, gh) = gru_torch_layer_forward(x, w_ih, b_ih, h0, w_hh, b_hh, save=True)
+        ctx.save_for_backward(x, w_ih, gates, gh, hs, h0, w_hh)
+        return hs
+
+    @staticmethod
+    @once_differentiable
+    @custom_bwd(device_type="cuda")
+    def backward(ctx, grad_hs):
+        x, w_ih, gates, gh, hs, h0, w_hh = ctx.saved_tensors
+        T, B, H = hs.shape
+        r, z, ns = gates[..., :H], gates[..., H: 2 * H], gates[..., 2 * H:]
+        h_prev = _previous(h0, hs)
+        # Factors that do not depend on the recurrence, for all steps at once:
+        #   dn-pre  = dh * (1 - z) (1 - n²)                         = dh * a_n
+        #   dz-pre  = dh * (h<t-1> - n) z (1 - z)                   = dh * a_z
+        #   dr-pre  = dn-pre * (W_hn h + b_hn) r (1 - r)  and  d(W_hn h + b_hn) = dn-pre * r,  = dn-pre * f_rn
+        A_N, A_Z = _dtanh(1 - z, ns).unbind(0), _dsigmoid(h_prev - ns, z).unbind(0)
+        f_rn = hs.new_empty(T, B, 2, H)
+        _dsigmoid(gh[..., 2 * H:], r, out=f_rn[:, :, 0])
+        f_rn[:, :, 1].copy_(r)
+        F_RN, Z = f_rn.unbind(0), z.unbind(0)
+        d_gh = hs.new_empty(T, B, 3 * H)             # dL/d(W_h h<t-1> + b_h), slots r, z, n
+        d_proj = hs.new_empty(T, B, 3 * H)           # dL/d(W_i x<t> + b_i): r and z as above, n = dn-pre
+        D_GH, D_GH_Z = d_gh.unbind(0), d_gh[..., H: 2 * H].unbind(0)
+        D_GH_RN = d_gh.unflatten(2, (3, H))[:, :, ::2].unbind(0)  # the r and n slots, (B, 2, H) per step
+        D_N = d_proj[..., 2 * H:].unbind(0)
+        GRAD_HS = grad_hs.unbind(0)
+        dh = GRAD_HS[T - 1]
+        for t in range(T - 1, -1, -1):
+            if t < T - 1:
+                # dh<t> = (from the output) + z<t+1> dh<t+1> + W_h^T d_gh<t+1>
+                dh = torch.addmm(torch.addcmul(GRAD_HS[t], dh, Z[t + 1]), D_GH[t + 1], w_hh)
+            torch.mul(dh, A_Z[t], out=D_GH_Z[t])
+            dn = torch.mul(dh, A_N[t], out=D_N[t])
+            torch.mul(F_RN[t], dn.unsqueeze(1), out=D_GH_RN[t])
+        d_proj[..., : 2 * H] = d_gh[..., : 2 * H]   # r and z pre-activations take x and h alike
+        d_h0 = torch.addmm(dh * z[0], d_gh[0], w_hh) if ctx.needs_input_grad[3] else None
+        d_w = _weight_grad(d_gh, h_prev) if ctx.needs_input_grad[4] else None
+        d_b_hh = d_gh.sum((0, 1)) if ctx.needs_input_grad[5] else None
+        return (*_input_grads(ctx, d_proj, x, w_ih), d_h0, d_w, d_b_hh)
+
+
+def _needs_graph(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def rnn_layer(x: Tensor, w_ih: Tensor, bias: Tensor, h0: Tensor, w_hh: Tensor, relu: bool = False) -> Tensor:
+    if _needs_graph(x, w_ih, bias, h0, w_hh):
+        return RNNLayer.apply(x, w_ih, bias, h0, w_hh, relu)
+    return rnn_layer_forward(x, w_ih, bias, h0, w_hh, relu)
+
+
+def lstm_layer(x: Tensor, w_ih: Tensor, bias: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor) -> tuple[Tensor, Tensor]:
+    if _needs_graph(x, w_ih, bias, h0, c0, w_hh):
+        return LSTMLayer.apply(x, w_ih, bias, h0, c0, w_hh)
+    hs, c, _ = lstm_layer_forward(x, w_ih, bias, h0, c0, w_hh, save=False)
+    return hs, c
+
+
+def gru_layer(x: Tensor, w_ih: Tensor, bias: Tensor, h0: Tensor, w_hh: Tensor) -> Tensor:
+    if _needs_graph(x, w_ih, bias, h0, w_hh):
+        return GRULayer.apply(x, w_ih, bias, h0, w_hh)
+    return gru_layer_forward(x, w_ih, bias, h0, w_hh, save=False)[0]
+
+
+def gru_torch_layer(x: Tensor, w_ih: Tensor, b_ih: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor) -> Tensor:
+    if _needs_graph(x, w_ih, b_ih, h0, w_hh, b_hh):
+        return GRUTorchLayer.apply(x, w_ih, b_ih, h0, w_hh, b_hh)
+    return gru_torch_layer_forward(x, w_ih, b_ih, h0, w_hh, b_hh, save=False)[0]

@@ -1,0 +1,221 @@
+"""The fast custom cells (cells_fast.py) against the step functions of cells.py and against torch.nn."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from charlm import cells, cells_fast
+from charlm.cells import CustomRNN
+
+# (cell, gru_form, nonlinearity): every equation set the custom layer knows
+VARIANTS = [("lstm", "classic", "tanh"), ("gru", "classic", "tanh"), ("gru", "torch", "tanh"),
+            ("rnn", "classic", "tanh"), ("rnn", "classic", "relu")]
+IDS = ["lstm", "gru-classic", "gru-torch", "rnn-tanh", "rnn-relu"]
+B, T, E, H = 3, 9, 4, 6  # T >= 8 takes the copied-W^T branch of cells_fast, T = 1 (below) the other
+
+
+def _pair(cell: str, gru_form: str, nonlinearity: str, layers: int, dropout: float = 0.0, dtype=torch.float32):
+    """A reference (step functions) and a fast CustomRNN with the same weights."""
+    torch.manual_seed(0)
+    ref = CustomRNN(cell, E, H, layers, dropout, nonlinearity, gru_form, fast=False).to(dtype)
+    fast = CustomRNN(cell, E, H, layers, dropout, nonlinearity, gru_form, fast=True).to(dtype)
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def _state(cell: str, layers: int, dtype=torch.float32, requires_grad: bool = True):
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(layers, B, H, generator=g, dtype=dtype).requires_grad_(requires_grad)
+    if cell == "lstm":
+        return h, torch.randn(layers, B, H, generator=g, dtype=dtype).requires_grad_(requires_grad)
+    return h
+
+
+def _as_tuple(state):
+    return state if isinstance(state, tuple) else (state,)
+
+
+def _run(module: nn.Module, x: torch.Tensor, state):
+    """Output, final state and the gradients of a loss that uses all of them, w.r.t. x, state and weights."""
+    x = x.clone().requires_grad_(True)
+    out, last = module(x, state)
+    # a weighted sum with fixed random weights: every output and final state gets its own gradient
+    g = torch.Generator().manual_seed(10)
+    loss = (out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum()
+    loss = loss + sum((s * torch.randn(s.shape, generator=g, dtype=s.dtype)).sum() for s in _as_tuple(last))
+    wrt = [x] + [s for s in _as_tuple(state) if s is not None and s.requires_grad] + list(module.parameters())
+    return out, last, torch.autograd.grad(loss, wrt)
+
+
+def _close(a, b, tol=1e-5):
+    torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
+def test_fast_layer_matches_step_functions(variant, layers):
+    ref, fast = _pair(*variant, layers)
+    x = torch.randn(B, T, E, generator=torch.Generator().manual_seed(2))
+    state = _state(variant[0], layers)
+    out_r, last_r, grads_r = _run(ref, x, state)
+    out_f, last_f, grads_f = _run(fast, x, state)
+    _close(out_f, out_r)
+    for a, b in zip(_as_tuple(last_f), _as_tuple(last_r)):
+        _close(a, b)
+    assert len(grads_f) == len(grads_r)
+    for a, b in zip(grads_f, grads_r):
+        _close(a, b)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
+def test_fast_layer_from_zero_state_without_state_gradient(variant):
+    # No initial state (zeros, no gradient wanted): the Functions skip dh0 / dc0; weights must not care.
+    ref, fast = _pair(*variant, 2)
+    x = torch.randn(B, T, E, generator=torch.Generator().manual_seed(3))
+    out_r, _, grads_r = _run(ref, x, None)
+    out_f, _, grads_f = _run(fast, x, None)
+    _close(out_f, out_r)
+    for a, b in zip(grads_f, grads_r):
+        _close(a, b)
+
+
+TORCH_MODULES = {"lstm": lambda L, nl: nn.LSTM(E, H, L, batch_first=True),
+                 "gru": lambda L, nl: nn.GRU(E, H, L, batch_first=True),
+                 "rnn": lambda L, nl: nn.RNN(E, H, L, nonlinearity=nl, batch_first=True)}
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != ("gru", "classic", "tanh")],
+                         ids=["lstm", "gru-torch", "rnn-tanh", "rnn-relu"])
+def test_fast_layer_matches_torch_nn(variant, layers):
+    cell, gru_form, nonlinearity = variant
+    _, fast = _pair(cell, gru_form, nonlinearity, layers)
+    reference = TORCH_MODULES[cell](layers, nonlinearity)
+    reference.load_state_dict(fast.state_dict())
+    x = torch.randn(B, T, E, generator=torch.Generator().manual_seed(4))
+    state = _state(cell, layers)
+    out_t, last_t, grads_t = _run(reference, x, state)
+    out_f, last_f, grads_f = _run(fast, x, state)
+    _close(out_f, out_t)
+    for a, b in zip(_as_tuple(last_f), _as_tuple(last_t)):
+        _close(a, b)
+    names_t = [n for n, _ in reference.named_parameters()]
+    names_f = [n for n, _ in fast.named_parameters()]
+    assert names_f == names_t
+    for a, b in zip(grads_f, grads_t):
+        _close(a, b)
+
+
+def _double(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64,
+                       requires_grad=True)
+
+
+# x (T, B, E) = (8, 2, 2), hidden 3: small enough for finite differences, T >= 8 for the copied W^T
+def _x():
+    return _double(8, 2, 2, seed=0)
+
+
+def test_lstm_function_passes_gradcheck():
+    args = (_x(), _double(4 * 3, 2, seed=1), _double(4 * 3, seed=2), _double(2, 3, seed=3), _double(2, 3, seed=4),
+            _double(4 * 3, 3, seed=5))
+    assert torch.autograd.gradcheck(cells_fast.LSTMLayer.apply, args)
+
+
+def test_classic_gru_function_passes_gradcheck():
+    args = (_x(), _double(3 * 3, 2, seed=1), _double(3 * 3, seed=2), _double(2, 3, seed=3), _double(3 * 3, 3, seed=5))
+    assert torch.autograd.gradcheck(cells_fast.GRULayer.apply, args)
+
+
+def test_torch_form_gru_function_passes_gradcheck():
+    args = (_x(), _double(3 * 3, 2, seed=1), _double(3 * 3, seed=2), _double(2, 3, seed=3), _double(3 * 3, 3, seed=5),
+            _double(3 * 3, seed=6))
+    assert torch.autograd.gradcheck(cells_fast.GRUTorchLayer.apply, args)
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
+def test_rnn_function_passes_gradcheck(relu):
+    args = (_x(), _double(3, 2, seed=1), _double(3, seed=2), _double(2, 3, seed=3), _double(3, 3, seed=5))
+    assert torch.autograd.gradcheck(lambda *a: cells_fast.RNNLayer.apply(*a, relu), args)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
+def test_custom_layer_passes_gradcheck_in_float64(variant):
+    # The whole layer: input projection, two stacked fast Functions, the initial state.
+    _, fast = _pair(*variant, 2, dtype=torch.float64)
+    x = _double(B, 3, E, seed=5)
+    state = _as_tuple(_state(variant[0], 2, torch.float64))
+
+    def outputs(x, *state):
+        out, last = fast(x, state if len(state) == 2 else state[0])
+        return (out, *_as_tuple(last))
+
+    assert torch.autograd.gradcheck(outputs, (x, *state))
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
+def test_inference_without_graph_equals_training_forward(variant):
+    # Under no_grad the fast path keeps one-step buffers only; the values must not change.
+    _, fast = _pair(*variant, 2)
+    x = torch.randn(B, T, E, generator=torch.Generator().manual_seed(6))
+    state = _state(variant[0], 2, requires_grad=False)
+    out_graph, last_graph = fast(x, state)
+    with torch.no_grad():
+        out, last = fast(x, state)
+    assert out_graph.requires_grad and not out.requires_grad
+    _close(out, out_graph.detach(), tol=1e-6)
+    for a, b in zip(_as_tuple(last), _as_tuple(last_graph)):
+        _close(a, b.detach(), tol=1e-6)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
+def test_one_step_at_a_time_equals_the_whole_window(variant):
+    # Sampling feeds T = 1 windows and carries the state: the same numbers as one pass.
+    _, fast = _pair(*variant, 2)
+    x = torch.randn(B, T, E, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        whole, last_whole = fast(x)
+        state, steps = None, []
+        for t in range(T):
+            out, state = fast(x[:, t: t + 1], state)
+            steps.append(out)
+    _close(torch.cat(steps, dim=1), whole, tol=1e-6)
+    for a, b in zip(_as_tuple(state), _as_tuple(last_whole)):
+        _close(a, b, tol=1e-6)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
+def test_dropout_between_layers_is_applied_to_layer_outputs(variant, monkeypatch):
+    # Replace dropout by a fixed mask over (batch, time, feature) so both paths drop the same units;
+    # the fast path holds its activations time-major, so its call sees the (T, B, H) transpose.
+    mask = (torch.rand(B, T, H, generator=torch.Generator().manual_seed(8)) > 0.5).float() * 2.0
+    calls = []
+
+    def fixed_dropout(t, p=0.5, training=True, inplace=False):
+        calls.append(tuple(t.shape))
+        assert training
+        return t * (mask if t.shape == mask.shape else mask.transpose(0, 1))
+
+    monkeypatch.setattr(cells.nn.functional, "dropout", fixed_dropout)
+    ref, fast = _pair(*variant, 3, dropout=0.5)
+    x = torch.randn(B, T, E, generator=torch.Generator().manual_seed(9))
+    out_r, _, grads_r = _run(ref, x, None)
+    out_f, _, grads_f = _run(fast, x, None)
+    assert sorted(calls) == sorted([(B, T, H)] * 2 + [(T, B, H)] * 2)  # between layers 1-2 and 2-3, per path
+    _close(out_f, out_r)
+    for a, b in zip(grads_f, grads_r):
+        _close(a, b)
+    calls.clear()
+    fast.eval()
+    fast(x)
+    assert calls == []  # no dropout in evaluation
+
+
+def test_custom_rnn_uses_the_fast_path_by_default():
+    layer = CustomRNN("lstm", E, H)
+    out, _ = layer(torch.randn(B, T, E))
+    assert layer.fast
+    assert type(out.grad_fn).__name__ == "TransposeBackward0"
+    assert "LSTMLayer" in type(out.grad_fn.next_functions[0][0]).__name__
