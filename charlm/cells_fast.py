@@ -156,7 +156,8 @@ def lstm_layer_forward(x: Tensor, w_ih: Tensor, bias: Tensor, h0: Tensor, c0: Te
         UF[t].sigmoid_()                               # Γu, Γf
         C_TILDE[t].tanh_()                             # c~<t>
         O[t].sigmoid_()                                # Γo
-        c = torch.mul(U[t], C_TILDE[t], out=CS[t + 1 if save else t % 2]).addcmul_(F[t], c)  # c<t> = Γu c~ + Γf c<t-1>
+        c_new = CS[t + 1 if save else t % 2]
+        c = torch.mul(U[t], C_TILDE[t], out=c_new).addcmul_(F[t], c)  # c<t> = Γu * c~<t> + Γf * c<t-1>
         h = torch.mul(O[t], torch.tanh(c, out=TANH_CS[t if save else 0]), out=HS[t])       # a<t> = Γo * tanh(c<t>)
     return hs, c, (gates, cs, tanh_cs)
 
