@@ -15,8 +15,10 @@ autograd, as before the fast path existed) a full language model is built by
 Every model is warmed up first. The timed rounds are interleaved (round 1 of
 every model, then round 2 of every model, ...) so that a burst of load from
 another process hits all of them alike; the reported figure is the median of
-the rounds. `run_extras` adds two end-to-end figures: generating N tokens with
-`sample.generate` (batch 1) and scoring N lines batched against one at a time.
+the rounds, and a ratio to torch the median of the per-round ratios.
+`generate_speed` and `score_speed` add two end-to-end figures: generating N
+tokens with `sample.generate` (batch 1) and scoring N lines with
+`score.score_sentences`, batched against one at a time.
 """
 
 from __future__ import annotations
@@ -242,8 +244,8 @@ def run_bench(s: BenchSettings, progress: Callable[[str], None] | None = None) -
         results.append(BenchResult(
             x.cell, x.impl, str(device), s.hidden_size, s.embedding_size, s.layers, s.batch_size, s.seq_len,
             s.vocab_size, count_parameters(x.model), torch.get_num_threads(), med["train"], med["infer"],
-            med["sample"], peak, MEMORY_MEASURE[device.type], train_rounds=rounds[(i, "train")], infer_rounds=rounds[(i, "infer")],
-            sample_rounds=rounds[(i, "sample")]))
+            med["sample"], peak, MEMORY_MEASURE[device.type], train_rounds=rounds[(i, "train")],
+            infer_rounds=rounds[(i, "infer")], sample_rounds=rounds[(i, "sample")]))
     _add_ratios(results)
     return results
 
@@ -254,9 +256,9 @@ def _add_ratios(results: list[BenchResult]) -> None:
     The two ran one after the other in every round, so a burst of load from another process
     mostly hits both; the per-round ratio cancels it where the ratio of medians would not.
     """
-    reference = {r.cell: r for r in results if r.impl == "torch"}
+    torch_rows = {r.cell: r for r in results if r.impl == "torch"}
     for r in results:
-        ref = reference.get(r.cell)
+        ref = torch_rows.get(r.cell)
         if ref is None:
             continue
         for what in ("train", "infer", "sample"):
@@ -298,7 +300,8 @@ class ScoreSpeed:
 def synthetic_codec(vocab_size: int) -> TextCodec:
     """A codec of `vocab_size` ids with made-up tokens: characters up to 96 ids, else words 'w2', 'w3', ..."""
     if vocab_size <= 96:
-        return TextCodec(Tokenizer("char"), Vocabulary(["<unk>", "<eos>"] + [chr(33 + i) for i in range(vocab_size - 2)]))
+        chars = [chr(33 + i) for i in range(vocab_size - 2)]  # printable ASCII from '!'
+        return TextCodec(Tokenizer("char"), Vocabulary(["<unk>", "<eos>"] + chars))
     return TextCodec(Tokenizer("word", word_split="space"),
                      Vocabulary(["<unk>", "<eos>"] + [f"w{i}" for i in range(2, vocab_size)]))
 

@@ -152,6 +152,12 @@ class CustomRNN(nn.Module):
 
     def _forward_fast(self, x: Tensor, h0: Tensor, c0: Tensor | None):
         """The same layers with cells_fast's Functions, time-major inside: (T, B, ...) buffers."""
+        if torch.is_autocast_enabled(x.device.type):
+            # The Functions compute in their inputs' dtype; autocast would hand them bfloat16
+            # projections next to float32 weights. The recurrence runs in float32, as the step
+            # functions' element-wise operations do under autocast.
+            with torch.autocast(x.device.type, enabled=False):
+                return self._forward_fast(x.float(), h0.float(), None if c0 is None else c0.float())
         h_last, c_last = [], []
         layer_input = x.transpose(0, 1).contiguous()  # (T, B, E)
         for k in range(self.num_layers):

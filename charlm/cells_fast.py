@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.amp import custom_bwd, custom_fwd
 from torch.autograd.function import once_differentiable
 
 _aten = torch.ops.aten
@@ -103,7 +102,6 @@ class RNNLayer(torch.autograd.Function):
     """(x (T, B, E), w_ih (H, E), bias (H), h0 (B, H), w_hh (H, H), relu) -> hs (T, B, H)."""
 
     @staticmethod
-    @custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx, x, w_ih, bias, h0, w_hh, relu):
         hs = rnn_layer_forward(x, w_ih, bias, h0, w_hh, relu)
         ctx.relu = relu
@@ -112,7 +110,6 @@ class RNNLayer(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    @custom_bwd(device_type="cuda")
     def backward(ctx, grad_hs):
         x, w_ih, hs, h0, w_hh = ctx.saved_tensors
         T = hs.shape[0]
@@ -159,7 +156,8 @@ def lstm_layer_forward(x: Tensor, w_ih: Tensor, bias: Tensor, h0: Tensor, c0: Te
         UF[t].sigmoid_()                               # Γu, Γf
         C_TILDE[t].tanh_()                             # c~<t>
         O[t].sigmoid_()                                # Γo
-        c = torch.mul(U[t], C_TILDE[t], out=CS[t + 1 if save else t % 2]).addcmul_(F[t], c)  # c<t> = Γu c~ + Γf c<t-1>
+        c_new = CS[t + 1 if save else t % 2]
+        c = torch.mul(U[t], C_TILDE[t], out=c_new).addcmul_(F[t], c)  # c<t> = Γu * c~<t> + Γf * c<t-1>
         h = torch.mul(O[t], torch.tanh(c, out=TANH_CS[t if save else 0]), out=HS[t])       # a<t> = Γo * tanh(c<t>)
     return hs, c, (gates, cs, tanh_cs)
 
@@ -168,7 +166,6 @@ class LSTMLayer(torch.autograd.Function):
     """(x (T, B, E), w_ih (4H, E), bias (4H), h0 (B, H), c0 (B, H), w_hh (4H, H)) -> (hs (T, B, H), c<T>)."""
 
     @staticmethod
-    @custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx, x, w_ih, bias, h0, c0, w_hh):
         hs, c_last, (gates, cs, tanh_cs) = lstm_layer_forward(x, w_ih, bias, h0, c0, w_hh, save=True)
         ctx.save_for_backward(x, w_ih, gates, cs, tanh_cs, hs, h0, w_hh)
@@ -176,7 +173,6 @@ class LSTMLayer(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    @custom_bwd(device_type="cuda")
     def backward(ctx, grad_hs, grad_c_last):
         x, w_ih, gates, cs, tanh_cs, hs, h0, w_hh = ctx.saved_tensors
         T, B, G = gates.shape
@@ -235,7 +231,6 @@ class GRULayer(torch.autograd.Function):
     """Classic GRU: (x (T, B, E), w_ih (3H, E), bias (3H), h0 (B, H), w_hh (3H, H)) -> hs (T, B, H)."""
 
     @staticmethod
-    @custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx, x, w_ih, bias, h0, w_hh):
         hs, (gates, rh) = gru_layer_forward(x, w_ih, bias, h0, w_hh, save=True)
         ctx.save_for_backward(x, w_ih, gates, rh, hs, h0, w_hh)
@@ -243,7 +238,6 @@ class GRULayer(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    @custom_bwd(device_type="cuda")
     def backward(ctx, grad_hs):
         x, w_ih, gates, rh, hs, h0, w_hh = ctx.saved_tensors
         T, B, H = hs.shape
@@ -311,7 +305,6 @@ class GRUTorchLayer(torch.autograd.Function):
     """nn.GRU's form: (x (T, B, E), w_ih (3H, E), b_ih (3H), h0 (B, H), w_hh (3H, H), b_hh (3H)) -> hs."""
 
     @staticmethod
-    @custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx, x, w_ih, b_ih, h0, w_hh, b_hh):
         hs, (gates, gh) = gru_torch_layer_forward(x, w_ih, b_ih, h0, w_hh, b_hh, save=True)
         ctx.save_for_backward(x, w_ih, gates, gh, hs, h0, w_hh)
@@ -319,7 +312,6 @@ class GRUTorchLayer(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    @custom_bwd(device_type="cuda")
     def backward(ctx, grad_hs):
         x, w_ih, gates, gh, hs, h0, w_hh = ctx.saved_tensors
         T, B, H = hs.shape

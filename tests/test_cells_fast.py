@@ -219,3 +219,19 @@ def test_custom_rnn_uses_the_fast_path_by_default():
     assert layer.fast
     assert type(out.grad_fn).__name__ == "TransposeBackward0"
     assert "LSTMLayer" in type(out.grad_fn.next_functions[0][0]).__name__
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "no-grad"])
+def test_fast_layer_runs_in_float32_under_autocast(grad):
+    # bf16 training autocasts the projections; the fast layer must not mix dtypes in its buffers.
+    _, fast = _pair("lstm", "classic", "tanh", 2)
+    x = torch.randn(B, T, E, generator=torch.Generator().manual_seed(11))
+    with torch.set_grad_enabled(grad):
+        expected, _ = fast(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, (h, c) = fast(x)
+    assert out.dtype == torch.float32 and c.dtype == torch.float32
+    _close(out, expected)
+    if grad:
+        out.sum().backward()
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in fast.parameters())
