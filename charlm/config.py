@@ -90,8 +90,9 @@ class TrainConfig:
                                 low=0.0, low_open=True, optional=True)
     eval_interval: int = _f(200, "evaluate on the validation split every this many steps (0: only at the end)",
                             low=0)
-    eval_tokens: int | None = _f(None, "evaluate during training on at most this many validation tokens "
-                                 "(the final evaluation always uses all of them)", low=1, optional=True)
+    eval_tokens: int | None = _f(None, "evaluate during training on the first this many validation tokens, "
+                                 "which also pick the best checkpoint (the final evaluation reports all of them)",
+                                 low=1, optional=True)
     eval_batch_size: int = _f(1, "parallel streams for validation; 1 scores the split as one exact stream", low=1)
     log_interval: int = _f(20, "write a metrics line every this many steps", low=1)
     seed: int = _f(1234, "seed of every random generator", low=0)

@@ -418,8 +418,11 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
             return None
         return evaluate(model, splits.val, t.eval_batch_size, device, limit, dist)
 
-    def after_validation(val_loss: float | None, periodic: bool) -> None:
-        improved = val_loss is not None and val_loss < p.best_val_loss
+    def after_validation(val_loss: float | None, periodic: bool, select: float | None = None) -> None:
+        # `select` (default: val_loss) decides the best checkpoint; it must be measured like the
+        # periodic evaluations (the same eval_tokens slice) so that like is compared with like.
+        select = val_loss if select is None else select
+        improved = select is not None and select < p.best_val_loss
         if val_loss is not None:
             log.write({"step": p.step, "epoch": round(p.epoch + p.window / n_windows, 4),
                        "elapsed": round(p.elapsed, 3), "val_loss": val_loss,
@@ -427,7 +430,7 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
             if not math.isfinite(val_loss):  # finite weights, but a broken model: do not save it
                 raise failure(p.step, "the validation loss is NaN or infinite (try a lower train.lr or train.clip)")
             if improved:
-                p.best_val_loss = val_loss
+                p.best_val_loss = select
             # Only the periodic evaluations drive the plateau schedule: the extra one at the end of a
             # run must not change what a resumed run does (resume is exact).
             if periodic and t.schedule == "plateau":
@@ -540,7 +543,8 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
                                   f"(continue with --resume {run_dir})", code)
             last_loss = dist.sum([last_loss])[0] / dist.world
             final_val = validate(None)
-            after_validation(final_val, periodic=False)
+            select = validate(t.eval_tokens) if t.eval_tokens is not None else final_val
+            after_validation(final_val, periodic=False, select=select)
     except torch.OutOfMemoryError:
         raise failure(p.step + 1, "out of memory; use a smaller train.batch_size or train.seq_len "
                                   "(or model.hidden_size)") from None
