@@ -18,7 +18,6 @@ before any weight is used, and refuses non-finite weights.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -32,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from . import config as config_mod
 from .errors import RunFailure, UsageError
+from .runtime import file_sha256
 from .tokenizer import TextCodec
 
 FORMAT = 1
@@ -80,12 +80,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+sha256 = file_sha256  # a checkpoint file's digest, as in manifest.json
 
 
 def state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:

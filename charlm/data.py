@@ -40,6 +40,7 @@ from torch import Tensor
 
 from .config import DataConfig
 from .errors import UsageError
+from .runtime import file_sha256
 from .tokenizer import EOS_ID, UNK_ID, SPECIALS, TextCodec, Tokenizer, Vocabulary, normalize
 
 BLOCK_BYTES = 8 << 20   # read the corpus 8 MiB at a time (characters) ...
@@ -146,14 +147,6 @@ def iter_text(path: Path, start: int = 0, end: int | None = None, encoding: str 
             if cut:
                 yield text[:cut]
             carry = text[cut:]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def split_point(path: Path, fraction: float) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 import sys
 from datetime import timedelta
@@ -10,6 +11,15 @@ from datetime import timedelta
 import torch
 
 from .errors import UsageError
+
+
+def file_sha256(path) -> str:
+    """SHA-256 of a file, read 1 MiB at a time (a corpus's cache key, a checkpoint file's check)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def resolve_device(name: str) -> torch.device:

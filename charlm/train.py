@@ -32,11 +32,11 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .config import Config, dump_yaml
-from .data import (Splits, batchify, check_text_file, check_trainable, check_vocabulary, eval_streams, file_sha256, prepare, window,
-                   windows_per_epoch)
+from .data import (Splits, batchify, check_text_file, check_trainable, check_vocabulary, eval_streams, prepare,
+                   window, windows_per_epoch)
 from .errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, RunFailure, UsageError
 from .model import RNNLM, State, build_model, count_parameters, detach_state, stream_nll
-from .runtime import Distributed, init_distributed, seed_everything
+from .runtime import Distributed, file_sha256, init_distributed, seed_everything
 
 TRAINER_FORMAT = 1
 LN2 = math.log(2.0)
