@@ -76,13 +76,27 @@ class RNNLM(nn.Module):
 
     def step(self, token: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         """One token per stream (B,) -> logits (B, V): constant work per generated token."""
-        with _without_onednn():
+        with _without_onednn(), _step_functions(self.rnn):
             logits, state = self.forward(token.unsqueeze(1), state)
         return logits[:, 0], state
 
     def init_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
         h = torch.zeros(self.cfg.layers, batch_size, self.cfg.hidden_size, device=device)
         return (h, h.clone()) if self.cfg.cell == "lstm" else h
+
+
+@contextmanager
+def _step_functions(rnn: nn.Module):
+    """The custom layers' fast path sets up a whole-sequence autograd Function and its buffers, which
+    for a single time step costs more than the step: one-token steps run the cell functions directly."""
+    fast = getattr(rnn, "fast", None)
+    if fast:
+        rnn.fast = False
+    try:
+        yield
+    finally:
+        if fast:
+            rnn.fast = True
 
 
 @contextmanager

@@ -15,6 +15,8 @@ from .errors import UsageError
 from .model import RNNLM
 from .tokenizer import EOS_ID, UNK_ID, TextCodec
 
+_UNK_INDEX = torch.tensor([UNK_ID])
+
 
 @dataclass
 class Sample:
@@ -81,17 +83,22 @@ def generate(model: RNNLM, codec: TextCodec, prime: str = "", max_length: int = 
     logprob = torch.zeros(num_samples, dtype=torch.float64)
     done = torch.zeros(num_samples, dtype=torch.bool)
     lengths = torch.full((num_samples,), max_length)
+    plain = top_k == 0 and top_p == 1.0  # the common case needs no sorting or top-k
     for t in range(max_length):
+        logp = torch.log_softmax(logits.float(), dim=-1).cpu()  # the model's distribution (B, V)
         if temperature == 0:
-            masked = logits.float().clone()
-            if not allow_unk:
-                masked[:, UNK_ID] = -torch.inf
-            token = masked.argmax(dim=-1).cpu()
+            masked = logp if allow_unk else logp.index_fill(1, _UNK_INDEX, -torch.inf)
+            token = masked.argmax(dim=-1)
         else:
-            probs = next_token_distribution(logits, temperature, top_k, top_p, allow_unk).cpu()
+            if plain:  # multinomial takes unnormalised weights: softmax(logits / T) up to a constant
+                probs = (logp / temperature).exp_() if temperature != 1.0 else logp.exp()
+                if not allow_unk:
+                    probs[:, UNK_ID] = 0.0
+            else:
+                probs = next_token_distribution(logp, temperature, top_k, top_p, allow_unk)
             token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        step_logp = torch.log_softmax(logits.float(), dim=-1).cpu().gather(1, token.unsqueeze(1)).squeeze(1)
-        logprob += torch.where(done, 0.0, step_logp.double())
+        step_logp = logp.gather(1, token.unsqueeze(1)).squeeze(1)
+        logprob += step_logp.double().masked_fill_(done, 0.0)
         out[:, t] = token
         ended = (~done) & (token == EOS_ID)
         lengths[ended] = t + 1
