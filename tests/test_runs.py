@@ -44,7 +44,8 @@ def test_summary_reads_config_metrics_and_manifest(tmp_path):
     assert s.best_val_loss == result.best_val_loss
     vals = read_metrics(tmp_path / "runs" / "a").val
     assert s.best_val_bpc == min(vals, key=lambda r: r["val_loss"])["val_bpc"]
-    assert s.elapsed is not None and s.elapsed > 0
+    recorded = s.elapsed  # read from the run's metrics, not measured here
+    assert recorded is not None and recorded > 0
 
 
 def test_runs_are_found_below_a_folder_and_sorted_by_a_column(tmp_path):
