@@ -41,7 +41,7 @@ from torch import Tensor
 from .config import DataConfig
 from .errors import UsageError
 from .runtime import file_sha256
-from .tokenizer import EOS_ID, UNK_ID, SPECIALS, TextCodec, Tokenizer, Vocabulary, normalize
+from .tokenizer import EOS_ID, UNK_ID, SPECIALS, TextCodec, Tokenizer, Vocabulary, count_tokens, normalize
 
 BLOCK_BYTES = 8 << 20   # read the corpus 8 MiB at a time (characters) ...
 WORD_BLOCK_BYTES = 1 << 20  # ... or 1 MiB (words: a token as a Python string costs ~50 bytes while it is counted)
@@ -291,16 +291,7 @@ def build_vocabulary(counts: Counter, cfg: DataConfig) -> TextCodec:
 
 def build_codec(cfg: DataConfig, train_text: str) -> TextCodec:
     """The vocabulary of an in-memory text (the same as a streaming count of the same text)."""
-    tokenizer = Tokenizer(cfg.level, cfg.lowercase, cfg.word_split)
-    counts: Counter = Counter()
-    if cfg.level == "char":
-        counts.update(normalize(train_text, cfg.lowercase))
-        counts.pop("\n", None)
-        counts.pop("\r", None)
-    else:
-        for line in tokenizer.lines(train_text):
-            counts.update(tokenizer.split(line))
-    return build_vocabulary(counts, cfg)
+    return build_vocabulary(count_tokens(Tokenizer(cfg.level, cfg.lowercase, cfg.word_split), train_text), cfg)
 
 
 def encode_to_file(path: Path, cfg: DataConfig, codec: TextCodec, start: int, end: int, out: BinaryIO,
@@ -350,7 +341,7 @@ def _cache_key(cfg: DataConfig, corpus_digest: str, val_digest: str | None, code
 
 
 def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextCodec | None = None,
-            cache_dir: Path | None = None, show_progress: bool = False) -> Splits:
+            cache_dir: Path | None = None, show_progress: bool = False, corpus_sha256: str | None = None) -> Splits:
     """Tokenize a corpus (and validation file) into token files, or reuse them; map them into memory.
 
     The vocabulary comes from the training split only, unless `codec` is given
@@ -361,7 +352,7 @@ def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextC
     corpus = check_text_file(corpus, cfg.encoding)
     if val is not None:
         val = check_text_file(val, cfg.encoding)
-    digest = file_sha256(corpus)
+    digest = corpus_sha256 or file_sha256(corpus)  # a caller that already hashed the corpus passes it
     val_digest = file_sha256(val) if val is not None else None
     if cache_dir is None:
         cache_dir = os.environ.get("CHARLM_CACHE_DIR") or ".charlm-cache"

@@ -125,13 +125,6 @@ def detach_state(state: State | None) -> State | None:
     return state.detach()
 
 
-def select_state(state: State, index: Tensor) -> State:
-    """Keep the streams `index` of a state (batch dimension 1)."""
-    if isinstance(state, tuple):
-        return tuple(s[:, index] for s in state)
-    return state[:, index]
-
-
 def count_parameters(model: nn.Module) -> int:
     """Distinct parameters (a tied embedding / decoder weight counts once)."""
     return sum(p.numel() for p in model.parameters())

@@ -226,11 +226,12 @@ class TextCodec:
 
 
 def count_tokens(tokenizer: Tokenizer, text: str) -> Counter:
-    """Token frequencies of a text, `<eos>` not included."""
+    """Token frequencies of a text, `<eos>` not included; line ends ('\n', '\r') are never tokens."""
     counts: Counter = Counter()
     if tokenizer.level == "char":
-        counts.update(normalize(text, tokenizer.lowercase).replace("\r\n", "\n"))
+        counts.update(normalize(text, tokenizer.lowercase))
         counts.pop("\n", None)
+        counts.pop("\r", None)
         return counts
     for line in tokenizer.lines(text):
         counts.update(tokenizer.iter_split(line))

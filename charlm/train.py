@@ -315,15 +315,17 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
 
     # The first process of each machine tokenizes (or finds the cache); the others then read its token files.
     splits: Splits | None = None
-    if trainer_state is not None and file_sha256(check_text_file(Path(corpus))) != trainer_state["corpus_sha256"]:
+    digest = file_sha256(check_text_file(Path(corpus)))  # once: also the token cache's key
+    if trainer_state is not None and digest != trainer_state["corpus_sha256"]:
         raise UsageError(f"--resume {resume}: corpus {corpus} is not the text this run was trained on "
                          f"(SHA-256 differs); resume with the original corpus")
     if dist.local_rank == 0:
         splits = prepare(cfg.data, Path(corpus), Path(val) if val else None, cache_dir=cache_dir,
-                         show_progress=show_progress)
+                         show_progress=show_progress, corpus_sha256=digest)
     dist.barrier()
     if dist.local_rank != 0:
-        splits = prepare(cfg.data, Path(corpus), Path(val) if val else None, cache_dir=cache_dir)
+        splits = prepare(cfg.data, Path(corpus), Path(val) if val else None, cache_dir=cache_dir,
+                         corpus_sha256=digest)
     if saved is not None:  # the run's vocabulary must be the one this corpus builds
         check_vocabulary(saved.codec, splits.codec, Path(corpus))
     check_trainable(splits.train, t.batch_size, t.seq_len)

@@ -10,7 +10,7 @@ from torch import nn
 
 from charlm.config import ModelConfig
 from charlm.data import eval_streams
-from charlm.model import build_model, count_parameters, detach_state, select_state, stream_nll
+from charlm.model import build_model, count_parameters, detach_state, stream_nll
 
 CELLS = ["rnn", "gru", "lstm"]
 
@@ -82,15 +82,12 @@ def test_rnn_nonlinearity_reaches_torch_and_custom_modules():
     assert custom_relu.rnn.nonlinearity == "relu"
 
 
-def test_detach_and_select_state_keep_values():
+def test_detach_state_keeps_values():
     h = torch.randn(2, 3, 4, requires_grad=True) * 2
     c = torch.randn(2, 3, 4)
     detached = detach_state((h, c))
     assert not detached[0].requires_grad and torch.equal(detached[0], h.detach())
     assert detach_state(None) is None
-    picked = select_state((h, c), torch.tensor([2, 0]))
-    assert torch.equal(picked[1], c[:, [2, 0]])
-    assert torch.equal(select_state(c, torch.tensor([1])), c[:, [1]])
 
 
 @pytest.mark.parametrize("window", [1, 3, 256])
