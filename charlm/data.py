@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from .config import DataConfig
-from .errors import UsageError
+from .errors import RunFailure, UsageError
 from .runtime import file_sha256
 from .tokenizer import EOS_ID, UNK_ID, SPECIALS, TextCodec, Tokenizer, Vocabulary, count_tokens, normalize
 
@@ -374,6 +374,12 @@ def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextC
     bar = _progress_bar(total * (2 if codec is None else 1), show_progress)
     tmp = folder / f".tmp-{os.getpid()}"
     try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        bar.close()
+        raise UsageError(f"cannot create the token cache folder {folder.parent} ({exc.strerror or exc}): "
+                         f"pass --cache-dir DIR or set CHARLM_CACHE_DIR to a writable folder") from None
+    try:
         if codec is None:
             codec = build_vocabulary(count_vocabulary(corpus, cfg, 0, cut, bar.update), cfg)
         tmp.mkdir(parents=True, exist_ok=True)
@@ -384,6 +390,10 @@ def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextC
                 val_enc = encode_to_file(val, cfg, codec, 0, None, out, bar.update)
             else:
                 val_enc = encode_to_file(corpus, cfg, codec, cut, size, out, bar.update)
+    except OSError as exc:  # a full disk or a folder that vanished: nothing half-written stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RunFailure(f"could not write token files in {folder} ({exc.strerror or exc}); free some space "
+                         f"or pass --cache-dir DIR") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -138,3 +138,25 @@ def test_eval_streams_cover_every_target_exactly_once(streams):
     assert sorted(targets) == list(range(1, 23))
     first_inputs = rows[:, 0].tolist()
     assert first_inputs[0] == 0
+
+
+def test_an_unwritable_token_cache_is_a_usage_error_naming_it(tmp_path):
+    corpus = write(tmp_path / "c.txt", "some text\n" * 5)
+    blocker = write(tmp_path / "not-a-folder", "a file where the cache folder should be")
+    with pytest.raises(UsageError, match="cannot create the token cache folder .*--cache-dir"):
+        data.prepare(DataConfig(), corpus, cache_dir=blocker / "cache")
+
+
+def test_a_failed_token_file_write_leaves_nothing_behind(tmp_path, monkeypatch):
+    from charlm.errors import RunFailure
+
+    corpus = write(tmp_path / "c.txt", "some text\n" * 5)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(data, "encode_to_file", full_disk)
+    with pytest.raises(RunFailure, match="No space left on device"):
+        data.prepare(DataConfig(), corpus, cache_dir=tmp_path / "cache")
+    leftovers = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert leftovers == []
