@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .errors import UsageError
 from .model import RNNLM
+from .stepper import Stepper
 from .tokenizer import EOS_ID, UNK_ID, TextCodec
 
 _UNK_INDEX = torch.tensor([UNK_ID])
@@ -79,42 +80,111 @@ def generate(model: RNNLM, codec: TextCodec, prime: str = "", max_length: int = 
     start = torch.tensor([[EOS_ID] + prime_ids] * num_samples, device=device)  # (B, 1 + P)
     logits, state = model(start)
     logits = logits[:, -1]  # (B, V)
-    out = torch.zeros(num_samples, max_length, dtype=torch.long)
-    logprob = torch.zeros(num_samples, dtype=torch.float64)
-    done = torch.zeros(num_samples, dtype=torch.bool)
-    lengths = torch.full((num_samples,), max_length)
-    plain = top_k == 0 and top_p == 1.0  # the common case needs no sorting or top-k
+    if top_k == 0 and top_p == 1.0 and not model.adaptive:
+        ids, step_logp = _sample_fast(model, logits, state, max_length, temperature, allow_unk, generator)
+    else:
+        ids, step_logp = _sample_general(model, logits, state, max_length, temperature, top_k, top_p,
+                                         allow_unk, generator, device)
+    # A sample ends at its first <eos>; what a stream drew after that (while others went on) is dropped.
+    is_eos = ids == EOS_ID
+    alive = (is_eos.long().cumsum(dim=1) - is_eos.long()) == 0  # no <eos> before this step
+    lengths = alive.sum(dim=1)
+    logprob = (step_logp.double() * alive).sum(dim=1)
+    samples = []
+    for b in range(num_samples):
+        ids_b = ids[b, : int(lengths[b])].tolist()
+        stopped = "eos" if ids_b and ids_b[-1] == EOS_ID else "max_length"
+        body = ids_b[:-1] if stopped == "eos" else ids_b
+        generated = codec.decode(body)
+        prime_text = codec.decode(prime_ids)
+        joiner = "" if (not prime_text or prime_text.endswith("\n") or codec.tokenizer.level == "char"
+                        or not generated) else " "
+        samples.append(Sample(prime_text + joiner + generated, generated, codec.vocab.decode(ids_b),
+                              float(logprob[b]), stopped, sum(1 for i in prime_ids if i == UNK_ID)))
+    return samples
+
+
+def _gumbel_noise(steps: int, batch: int, vocab: int, temperature: float, allow_unk: bool,
+                  generator: torch.Generator) -> Tensor:
+    """Noise whose argmax with the scaled logits is a draw from softmax(logits / T) (the Gumbel-max trick).
+
+    -log E with E ~ Exponential(1) is a standard Gumbel variable, and argmax_i(z_i + g_i) is i with
+    probability softmax(z)_i exactly. E is drawn in float64 (an E of exactly 0, an infinite g, has
+    probability about 2^-53), g is kept in float32. Temperature 0 takes no noise (the argmax).
+    `<unk>` gets -inf unless allowed.
+    """
+    if temperature == 0:
+        noise = torch.zeros(steps, batch, vocab)
+    else:
+        noise = torch.empty(steps, batch, vocab, dtype=torch.float64).exponential_(generator=generator)
+        noise = noise.log_().neg_().float()
+    if not allow_unk:
+        noise[:, :, UNK_ID] = -torch.inf
+    return noise
+
+
+def _sample_fast(model: RNNLM, logits: Tensor, state, max_length: int, temperature: float, allow_unk: bool,
+                 generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Plain sampling (no top-k, no nucleus) with `Stepper` and Gumbel noise drawn a block of steps at a time.
+
+    Per token: the cell's fused operations, one product for the logits (written into a block buffer),
+    one addition of the noise and an argmax. The log-probabilities of the chosen tokens are taken for
+    a whole block at once. Returns ids (B, n) and each step's log-probability (B, n), n <= max_length.
+    """
+    B, V = logits.shape
+    device = logits.device
+    stepper = Stepper(model, state)
+    block = max(1, min(64, max_length, (1 << 22) // (B * V)))
+    buffer = torch.empty(block, B, V, device=device)
+    buffer[0].copy_(logits.float())
+    rows = buffer.unbind(0)  # views made once
+    scores = torch.empty(B, V, device=device)
+    scale = 1.0 / temperature if temperature > 0 else 1.0
+    tokens: list[Tensor] = []
+    logps: list[Tensor] = []
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    noise: tuple[Tensor, ...] = ()
+    for t in range(max_length):
+        i = t % block
+        if i == 0:
+            noise = _gumbel_noise(block, B, V, temperature, allow_unk, generator).to(device).unbind(0)
+        token = torch.add(noise[i], rows[i], alpha=scale, out=scores).argmax(dim=1)  # (B,)
+        tokens.append(token)
+        if B == 1:
+            stop = int(token) == EOS_ID
+        else:
+            done |= token == EOS_ID
+            stop = bool(done.all())
+        stop = stop or t == max_length - 1
+        if i == block - 1 or stop:  # the model's log-probability (temperature 1) of this block's choices
+            chosen = torch.stack(tokens[t - i:], dim=0).unsqueeze(2)  # (i + 1, B, 1)
+            logps.append(torch.log_softmax(buffer[:i + 1], dim=-1).gather(2, chosen).squeeze(2))
+        if stop:
+            break
+        stepper.step(token, rows[(i + 1) % block])
+    return torch.stack(tokens, dim=1).cpu(), torch.cat(logps, dim=0).t().cpu()
+
+
+def _sample_general(model: RNNLM, logits: Tensor, state, max_length: int, temperature: float, top_k: int,
+                    top_p: float, allow_unk: bool, generator: torch.Generator,
+                    device: torch.device | str) -> tuple[Tensor, Tensor]:
+    """Any decoder and any truncation (top-k, nucleus): `RNNLM.step` and torch.multinomial."""
+    B = logits.shape[0]
+    tokens: list[Tensor] = []
+    logps: list[Tensor] = []
+    done = torch.zeros(B, dtype=torch.bool)
     for t in range(max_length):
         logp = torch.log_softmax(logits.float(), dim=-1).cpu()  # the model's distribution (B, V)
         if temperature == 0:
             masked = logp if allow_unk else logp.index_fill(1, _UNK_INDEX, -torch.inf)
             token = masked.argmax(dim=-1)
         else:
-            if plain:  # multinomial takes unnormalised weights: softmax(logits / T) up to a constant
-                probs = (logp / temperature).exp_() if temperature != 1.0 else logp.exp()
-                if not allow_unk:
-                    probs[:, UNK_ID] = 0.0
-            else:
-                probs = next_token_distribution(logp, temperature, top_k, top_p, allow_unk)
+            probs = next_token_distribution(logp, temperature, top_k, top_p, allow_unk)
             token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        step_logp = logp.gather(1, token.unsqueeze(1)).squeeze(1)
-        logprob += step_logp.double().masked_fill_(done, 0.0)
-        out[:, t] = token
-        ended = (~done) & (token == EOS_ID)
-        lengths[ended] = t + 1
-        done |= ended
+        tokens.append(token)
+        logps.append(logp.gather(1, token.unsqueeze(1)).squeeze(1))
+        done |= token == EOS_ID
         if bool(done.all()):
             break
         logits, state = model.step(token.to(device), state)
-    samples = []
-    for b in range(num_samples):
-        ids = out[b, : int(lengths[b])].tolist()
-        stopped = "eos" if ids and ids[-1] == EOS_ID else "max_length"
-        body = ids[:-1] if stopped == "eos" else ids
-        generated = codec.decode(body)
-        prime_text = codec.decode(prime_ids)
-        joiner = "" if (not prime_text or prime_text.endswith("\n") or codec.tokenizer.level == "char"
-                        or not generated) else " "
-        samples.append(Sample(prime_text + joiner + generated, generated, codec.vocab.decode(ids),
-                              float(logprob[b]), stopped, sum(1 for i in prime_ids if i == UNK_ID)))
-    return samples
+    return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)
