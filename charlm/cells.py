@@ -88,7 +88,8 @@ class CustomRNN(nn.Module):
     """
 
     def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int = 1,
-                 dropout: float = 0.0, nonlinearity: str = "tanh", gru_form: str = "classic", fast: bool = True):
+                 dropout: float = 0.0, nonlinearity: str = "tanh", gru_form: str = "classic", fast: bool = True,
+                 weight_drop: float = 0.0):
         super().__init__()
         if cell not in GATES:
             raise ValueError(f"unknown cell {cell!r}")
@@ -96,6 +97,7 @@ class CustomRNN(nn.Module):
         self.num_layers, self.dropout = num_layers, dropout
         self.nonlinearity, self.gru_form = nonlinearity, gru_form
         self.fast = fast
+        self.weight_drop = weight_drop
         gates = GATES[cell] * hidden_size
         for k in range(num_layers):
             in_size = input_size if k == 0 else hidden_size
@@ -112,8 +114,12 @@ class CustomRNN(nn.Module):
             nn.init.uniform_(p, -bound, bound)
 
     def layer_params(self, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return (getattr(self, f"weight_ih_l{k}"), getattr(self, f"weight_hh_l{k}"),
-                getattr(self, f"bias_ih_l{k}"), getattr(self, f"bias_hh_l{k}"))
+        """A layer's weights; in training with weight_drop, W_hh with a fresh DropConnect mask (one per call,
+        so the same dropped weights serve every time step of the window)."""
+        w_hh = getattr(self, f"weight_hh_l{k}")
+        if self.weight_drop > 0 and self.training:
+            w_hh = nn.functional.dropout(w_hh, self.weight_drop, training=True)
+        return (getattr(self, f"weight_ih_l{k}"), w_hh, getattr(self, f"bias_ih_l{k}"), getattr(self, f"bias_hh_l{k}"))
 
     def forward(self, x: Tensor, state=None):
         B, T, _ = x.shape
@@ -184,4 +190,4 @@ class CustomRNN(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.cell}, {self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
-                f"dropout={self.dropout}, batch_first=True")
+                f"dropout={self.dropout}, weight_drop={self.weight_drop}, batch_first=True")

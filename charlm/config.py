@@ -54,15 +54,17 @@ class ModelConfig:
     hidden_size: int = _f(256, "size of the hidden state of each layer", low=1)
     dropout: float = _f(0.0, "dropout on the embedding, between layers and before the decoder",
                         low=0.0, high=1.0, high_open=True)
+    weight_drop: float = _f(0.0, "custom cells: dropout on the recurrent weights W_hh, one mask per window "
+                            "(DropConnect, as in AWD-LSTM)", low=0.0, high=1.0, high_open=True)
     tie_weights: bool = _f(False, "share the embedding and decoder weights (needs embedding_size == hidden_size)")
     nonlinearity: str = _f("tanh", "activation of the plain RNN cell", choices=("tanh", "relu"))
-    softmax: str = _f("full", "output layer: 'full' softmax, or 'adaptive' (nn.AdaptiveLogSoftmaxWithLoss: "
-                      "frequent tokens in a head, rare ones in smaller clusters; exact probabilities, much "
-                      "less work for large vocabularies)", choices=("full", "adaptive"))
+    softmax: str = _f("full", "output layer: 'full' softmax, or 'adaptive' (frequent tokens in a head, rare "
+                      "ones in clusters; exact probabilities, much less work for large vocabularies; with "
+                      "tie_weights the clusters score the embedding rows)", choices=("full", "adaptive"))
     adaptive_cutoffs: str = _f("2000,10000", "adaptive softmax: ids where the head and each tail cluster end "
                                "(comma-separated, increasing; those not below the vocabulary size are dropped)")
-    adaptive_div: float = _f(4.0, "adaptive softmax: each tail cluster's projection is this much narrower",
-                             low=1.0)
+    adaptive_div: float = _f(4.0, "adaptive softmax, untied: each tail cluster's projection is this much "
+                             "narrower", low=1.0)
     gru_form: str = _f("classic", "custom GRU: 'classic' textbook form or 'torch' (r applied after W_hn h; "
                        "matches nn.GRU weight for weight)", choices=("classic", "torch"))
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
@@ -194,8 +196,9 @@ def validate(cfg: Config) -> None:
         if not cutoffs or cutoffs != sorted(set(cutoffs)) or cutoffs[0] < 1:
             raise UsageError(f"config: model.adaptive_cutoffs must be increasing positive numbers, "
                              f"got {m.adaptive_cutoffs!r}")
-        if m.tie_weights:
-            raise UsageError("config: model.tie_weights works with model.softmax full only")
+    if m.weight_drop > 0 and m.impl != "custom":
+        raise UsageError("config: model.weight_drop needs model.impl custom (nn.RNN / nn.GRU / nn.LSTM keep "
+                         "their recurrent weights inside one kernel)")
     if m.tie_weights and m.embedding_size != m.hidden_size:
         raise UsageError(f"config: model.tie_weights needs model.embedding_size == model.hidden_size "
                          f"(got {m.embedding_size} and {m.hidden_size})")

@@ -13,6 +13,7 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
+from .adaptive import TiedAdaptiveSoftmax
 from .cells import CustomRNN
 from .config import ModelConfig
 
@@ -38,7 +39,7 @@ class RNNLM(nn.Module):
         between = cfg.dropout if cfg.layers > 1 else 0.0
         if cfg.impl == "custom":
             self.rnn = CustomRNN(cfg.cell, cfg.embedding_size, cfg.hidden_size, cfg.layers, between,
-                                 cfg.nonlinearity, cfg.gru_form)
+                                 cfg.nonlinearity, cfg.gru_form, weight_drop=cfg.weight_drop)
         elif cfg.cell == "rnn":
             self.rnn = nn.RNN(cfg.embedding_size, cfg.hidden_size, cfg.layers, nonlinearity=cfg.nonlinearity,
                               dropout=between, batch_first=True)
@@ -46,14 +47,16 @@ class RNNLM(nn.Module):
             module = nn.LSTM if cfg.cell == "lstm" else nn.GRU
             self.rnn = module(cfg.embedding_size, cfg.hidden_size, cfg.layers, dropout=between, batch_first=True)
         cutoffs = [int(c) for c in cfg.adaptive_cutoffs.split(",") if 0 < int(c) < vocab_size - 1]
-        if cfg.softmax == "adaptive" and cutoffs:
+        if cfg.softmax == "adaptive" and cutoffs and cfg.tie_weights:
+            self.decoder = TiedAdaptiveSoftmax(self.encoder.weight, cutoffs)
+        elif cfg.softmax == "adaptive" and cutoffs:
             self.decoder = nn.AdaptiveLogSoftmaxWithLoss(cfg.hidden_size, vocab_size, cutoffs,
                                                          div_value=cfg.adaptive_div, head_bias=True)
         else:  # a vocabulary smaller than the first cutoff needs no clusters
             self.decoder = nn.Linear(cfg.hidden_size, vocab_size)
-        self.adaptive = isinstance(self.decoder, nn.AdaptiveLogSoftmaxWithLoss)
+        self.adaptive = isinstance(self.decoder, (nn.AdaptiveLogSoftmaxWithLoss, TiedAdaptiveSoftmax))
         nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
-        if cfg.tie_weights:
+        if cfg.tie_weights and not self.adaptive:
             self.decoder.weight = self.encoder.weight  # Press & Wolf (2017), "Using the Output Embedding..."
 
     def forward(self, tokens: Tensor, state: State | None = None,

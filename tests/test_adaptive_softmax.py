@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from charlm.adaptive import TiedAdaptiveSoftmax
 from charlm.checkpoint import load_run
 from charlm.config import ModelConfig, load_config
 from charlm.errors import UsageError
@@ -18,10 +19,10 @@ from charlm.tokenizer import EOS_ID, TextCodec, Tokenizer, Vocabulary
 from charlm.train import train
 
 
-def adaptive_model(cell="lstm", impl="torch", seed=0):
+def adaptive_model(cell="lstm", impl="torch", seed=0, tied=False):
     torch.manual_seed(seed)
-    cfg = ModelConfig(cell=cell, impl=impl, layers=1, embedding_size=4, hidden_size=6, softmax="adaptive",
-                      adaptive_cutoffs="3,5", adaptive_div=2.0, device="cpu")
+    cfg = ModelConfig(cell=cell, impl=impl, layers=1, embedding_size=6 if tied else 4, hidden_size=6,
+                      softmax="adaptive", adaptive_cutoffs="3,5", adaptive_div=2.0, tie_weights=tied, device="cpu")
     model = build_model(cfg, 7)  # <unk>, <eos>, a..e: a head of 3 ids and two tail clusters
     with torch.no_grad():
         for p in model.parameters():
@@ -33,9 +34,10 @@ def codec():
     return TextCodec(Tokenizer("char"), Vocabulary(["<unk>", "<eos>", "a", "b", "c", "d", "e"]))
 
 
-def test_adaptive_model_builds_clusters_and_returns_log_probabilities():
-    model = adaptive_model()
-    assert isinstance(model.decoder, torch.nn.AdaptiveLogSoftmaxWithLoss)
+@pytest.mark.parametrize("tied", [False, True])
+def test_adaptive_model_builds_clusters_and_returns_log_probabilities(tied):
+    model = adaptive_model(tied=tied)
+    assert isinstance(model.decoder, TiedAdaptiveSoftmax if tied else torch.nn.AdaptiveLogSoftmaxWithLoss)
     x = torch.randint(0, 7, (2, 5))
     with torch.no_grad():
         scores, _ = model(x)
@@ -45,11 +47,11 @@ def test_adaptive_model_builds_clusters_and_returns_log_probabilities():
     torch.testing.assert_close(nll, gathered, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("impl", ["torch", "custom"])
-def test_adaptive_scores_sum_to_one(impl):
-    model = adaptive_model(impl=impl)
+@pytest.mark.parametrize("impl,tied", [("torch", False), ("custom", False), ("torch", True), ("custom", True)])
+def test_adaptive_scores_sum_to_one(impl, tied):
+    model = adaptive_model(impl=impl, tied=tied)
     with torch.no_grad():
-        model.decoder.head.bias[EOS_ID] -= 0.5
+        (model.decoder.bias if tied else model.decoder.head.bias)[EOS_ID] -= 0.5
     L = 3
     strings = ["".join(s) for n in range(L + 1) for s in itertools.product("abcde", repeat=n)]
     p_stopped = math.fsum(math.exp(s.logprob) for s in score_sentences(model, codec(), strings))
@@ -71,8 +73,9 @@ def test_adaptive_scores_sum_to_one(impl):
     assert p_stopped + p_longer + unk_mass == pytest.approx(1.0, abs=1e-5)
 
 
-def test_adaptive_sampling_and_scoring_agree_on_a_sample():
-    model = adaptive_model()
+@pytest.mark.parametrize("tied", [False, True])
+def test_adaptive_sampling_and_scoring_agree_on_a_sample(tied):
+    model = adaptive_model(tied=tied)
     samples = generate(model, codec(), max_length=50, seed=3, num_samples=20)
     finished = [s for s in samples if s.stopped_at == "eos"]
     assert finished
@@ -80,19 +83,43 @@ def test_adaptive_sampling_and_scoring_agree_on_a_sample():
     assert [r.logprob for r in scored] == pytest.approx([s.logprob for s in finished], abs=1e-4)
 
 
-def test_adaptive_softmax_cannot_be_tied_and_needs_increasing_cutoffs():
+def test_tied_adaptive_softmax_scores_with_the_embedding_rows():
+    model = adaptive_model(tied=True)
+    assert model.decoder.weight is model.encoder.weight
+    names = [name for name, _ in model.named_parameters()]
+    assert "decoder.weight" not in names  # one parameter, listed once (under the encoder)
+    h = torch.randn(5, 6)
+    with torch.no_grad():  # the head: plain tied logits over the shortlist, then the cluster entries
+        head = torch.log_softmax(torch.cat([h @ model.encoder.weight[:3].t() + model.decoder.bias[:3],
+                                            h @ model.decoder.cluster_weight.t() + model.decoder.cluster_bias],
+                                           dim=1), dim=1)
+        full = model.decoder.log_prob(h)
+        tail = torch.log_softmax(h @ model.decoder.proj[0].t() @ model.encoder.weight[3:5].t()
+                                 + model.decoder.bias[3:5], dim=1)
+    torch.testing.assert_close(full[:, :3], head[:, :3])
+    torch.testing.assert_close(full[:, 3:5], head[:, 3:4] + tail)
+    # a gradient through a tail cluster reaches the shared embedding rows of that cluster only
+    model.zero_grad()
+    model.decoder(h, torch.tensor([3, 4, 3, 4, 3])).output.sum().backward()
+    grad = model.encoder.weight.grad
+    assert grad[3:5].abs().sum() > 0 and grad[5:].abs().sum() == 0
+
+
+def test_adaptive_softmax_needs_tied_sizes_and_increasing_cutoffs():
     with pytest.raises(UsageError, match="tie_weights"):
-        load_config(overrides=["model.softmax=adaptive", "model.tie_weights=true", "model.embedding_size=256"])
+        load_config(overrides=["model.softmax=adaptive", "model.tie_weights=true", "model.embedding_size=64"])
     with pytest.raises(UsageError, match="increasing"):
         load_config(overrides=["model.softmax=adaptive", "model.adaptive_cutoffs=10,5"])
 
 
-def test_an_adaptive_run_trains_saves_and_reloads(tmp_path):
+@pytest.mark.parametrize("tied", [False, True])
+def test_an_adaptive_run_trains_saves_and_reloads(tmp_path, tied):
     corpus = tmp_path / "c.txt"
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
     corpus.write_text("".join(" ".join(words[(i + j) % 12] for j in range(6)) + "\n" for i in range(200)))
     cfg = load_config(overrides=["data.level=word", "model.softmax=adaptive", "model.adaptive_cutoffs=4,8",
-                                 "model.embedding_size=8", "model.hidden_size=16", "model.device=cpu",
+                                 f"model.embedding_size={16 if tied else 8}", "model.hidden_size=16",
+                                 f"model.tie_weights={str(tied).lower()}", "model.device=cpu",
                                  "train.batch_size=4", "train.seq_len=8", "train.max_steps=150", "train.lr=0.02",
                                  "train.eval_interval=0", "data.val_fraction=0.1"])
     result = train(cfg, corpus, tmp_path / "run", show_progress=False, cache_dir=tmp_path / "cache")

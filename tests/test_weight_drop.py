@@ -1,0 +1,51 @@
+"""DropConnect on the custom cells' recurrent weights (model.weight_drop)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from charlm.cells import CustomRNN
+from charlm.config import load_config
+from charlm.errors import UsageError
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_training_uses_one_dropped_copy_of_w_hh_for_the_whole_window(cell, fast):
+    torch.manual_seed(0)
+    dropped = CustomRNN(cell, 3, 5, weight_drop=0.5, fast=fast).train()
+    plain = CustomRNN(cell, 3, 5, fast=fast).eval()
+    plain.load_state_dict(dropped.state_dict())
+    x = torch.randn(2, 6, 3)
+
+    torch.manual_seed(1)
+    out, _ = dropped(x)
+    torch.manual_seed(1)  # the same draw: the mask is the first random number the layer takes
+    with torch.no_grad():
+        plain.weight_hh_l0.copy_(F.dropout(plain.weight_hh_l0, 0.5, training=True))
+    expected, _ = plain(x)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+
+    out.sum().backward()  # dropped weights get no gradient; the others get theirs, scaled by 1 / (1 - p)
+    kept = plain.weight_hh_l0 != 0
+    grad = dropped.weight_hh_l0.grad
+    assert (grad[~kept] == 0).all() and (~kept).any() and (grad[kept] != 0).any()
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_evaluation_ignores_weight_drop(cell):
+    torch.manual_seed(0)
+    dropped = CustomRNN(cell, 3, 5, weight_drop=0.5).eval()
+    plain = CustomRNN(cell, 3, 5).eval()
+    plain.load_state_dict(dropped.state_dict())
+    x = torch.randn(2, 6, 3)
+    torch.testing.assert_close(dropped(x)[0], plain(x)[0], atol=0, rtol=0)
+
+
+def test_weight_drop_needs_the_custom_cells():
+    with pytest.raises(UsageError, match="weight_drop needs model.impl custom"):
+        load_config(overrides=["model.weight_drop=0.3", "model.impl=torch"])
+    cfg = load_config(overrides=["model.weight_drop=0.3", "model.impl=custom"])
+    assert cfg.model.weight_drop == 0.3
