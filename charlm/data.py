@@ -45,7 +45,7 @@ from .tokenizer import EOS_ID, UNK_ID, SPECIALS, TextCodec, Tokenizer, Vocabular
 
 BLOCK_BYTES = 8 << 20   # read the corpus 8 MiB at a time (characters) ...
 WORD_BLOCK_BYTES = 1 << 20  # ... or 1 MiB (words: a token as a Python string costs ~50 bytes while it is counted)
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: U+3000 is white space at word level (it was a token)
 
 
 # ---------------------------------------------------------------- reading text

@@ -8,7 +8,7 @@ the same forward interface, so the rest of charlm never asks which it holds.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Union
+from typing import Callable, Union
 
 import torch
 from torch import Tensor, nn
@@ -133,19 +133,27 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+class EvaluationStopped(Exception):
+    """`stream_nll` was asked to stop (a signal arrived) before it read the whole split."""
+
+
 @torch.no_grad()
 def stream_nll(model: RNNLM, rows: Tensor, mask: Tensor, window: int = 256,
-               device: torch.device | str = "cpu") -> tuple[float, int]:
+               device: torch.device | str = "cpu",
+               should_stop: Callable[[], bool] | None = None) -> tuple[float, int]:
     """Summed negative log-likelihood (nats) and target count of streams read left to right.
 
     rows (S, L) and mask (S, L) come from `data.eval_streams`; the state is
     carried from window to window, so the result does not depend on `window`.
+    `should_stop` is asked before each window; when it says yes, EvaluationStopped is raised.
     """
     was_training = model.training
     model.eval()
     total, count, state = 0.0, 0, None
     try:
         for start in range(0, rows.shape[1] - 1, window):
+            if should_stop is not None and should_stop():
+                raise EvaluationStopped
             end = min(start + window, rows.shape[1] - 1)
             x = rows[:, start:end].long().to(device)
             y = rows[:, start + 1:end + 1].long().to(device)

@@ -29,7 +29,8 @@ UNK_ID, EOS_ID = 0, 1
 VOCAB_FORMAT = 1
 
 # CJK ideographs, kana, hangul and CJK punctuation: each such character is a word of its own.
-_CJK = ("\u2e80-\u2fff\u3000-\u303f\u3040-\u30ff\u3100-\u312f\u3190-\u31ff\u3400-\u4dbf"
+# U+3000, the ideographic space, is white space: it separates words and is never one.
+_CJK = ("\u2e80-\u2fff\u3001-\u303f\u3040-\u30ff\u3100-\u312f\u3190-\u31ff\u3400-\u4dbf"
         "\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef\U00020000-\U0002fa1f")
 # A literal <unk> in a corpus (WikiText writes them) stays one token; then a CJK
 # character; then a word (letters and digits, with inner apostrophes: "don't");

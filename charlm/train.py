@@ -25,6 +25,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from torch import nn
@@ -35,7 +36,7 @@ from .config import Config, dump_yaml
 from .data import (Splits, batchify, check_text_file, check_trainable, check_vocabulary, eval_streams, prepare,
                    window, windows_per_epoch)
 from .errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, RunFailure, UsageError
-from .model import RNNLM, State, build_model, count_parameters, detach_state, stream_nll
+from .model import EvaluationStopped, RNNLM, State, build_model, count_parameters, detach_state, stream_nll
 from .runtime import Distributed, file_sha256, init_distributed, seed_everything
 
 TRAINER_FORMAT = 1
@@ -113,17 +114,19 @@ def fraction_done(cfg: Config, p: Progress, windows: int) -> float:
 
 
 def evaluate(model: RNNLM, ids: torch.Tensor, streams: int, device, max_tokens: int | None = None,
-             dist: Distributed | None = None) -> float:
+             dist: Distributed | None = None, should_stop=None) -> float:
     """Mean negative log-likelihood (nats per token) of a stream, `<eos>` first.
 
-    Under torchrun the streams are shared out between ranks and the sums all-reduced.
+    Under torchrun the streams are shared out between ranks and the sums all-reduced (there a signal
+    waits for the end of the evaluation, since every rank must reach the all-reduce); on one process
+    `should_stop` can cut it short (EvaluationStopped).
     """
     if max_tokens is not None and ids.numel() > max_tokens + 1:
         ids = ids[: max_tokens + 1]
     rows, mask = eval_streams(ids, streams)
     total, count = 0.0, 0
     if dist is None or not dist.enabled:
-        total, count = stream_nll(model, rows, mask, device=device)
+        total, count = stream_nll(model, rows, mask, device=device, should_stop=should_stop)
     else:
         mine = list(range(dist.rank, rows.shape[0], dist.world))
         if mine:
@@ -415,10 +418,23 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
                      "corpus_sha256": splits.corpus_sha256}
         ckpt.save_checkpoint(run_dir, name, model, cfg, splits.codec, state, info)
 
-    def validate(limit: int | None) -> float | None:
+    def validate(limit: int | None, final: bool = False) -> float | None:
+        """Periodic validations run to the end (a resumed run must see the same ones); the final ones,
+        over the whole split and possibly long, stop at a signal: a resumed run simply repeats them."""
         if splits.val is None:
             return None
-        return evaluate(model, splits.val, t.eval_batch_size, device, limit, dist)
+        try:
+            return evaluate(model, splits.val, t.eval_batch_size, device, limit, dist,
+                            should_stop=(lambda: signals.received is not None) if final else None)
+        except EvaluationStopped:
+            interrupted("during the final validation ")
+
+    def interrupted(where: str = "") -> NoReturn:
+        save("last", None)
+        code = EXIT_SIGINT if signals.received == signal.SIGINT else EXIT_SIGTERM
+        name = "SIGINT" if signals.received == signal.SIGINT else "SIGTERM"
+        raise Interrupted(f"interrupted by {name} {where}at step {p.step}; saved {run_dir / 'last'} "
+                          f"(continue with --resume {run_dir})", code)
 
     def after_validation(val_loss: float | None, periodic: bool, select: float | None = None) -> None:
         # `select` (default: val_loss) decides the best checkpoint; it must be measured like the
@@ -538,14 +554,10 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
                     after_validation(val_loss, periodic=True)
                     p.elapsed = start_elapsed + time.perf_counter() - clock
             if signals.received:
-                save("last", None)
-                code = EXIT_SIGINT if signals.received == signal.SIGINT else EXIT_SIGTERM
-                name = "SIGINT" if signals.received == signal.SIGINT else "SIGTERM"
-                raise Interrupted(f"interrupted by {name} at step {p.step}; saved {run_dir / 'last'} "
-                                  f"(continue with --resume {run_dir})", code)
+                interrupted()
             last_loss = dist.sum([last_loss])[0] / dist.world
-            final_val = validate(None)
-            select = validate(t.eval_tokens) if t.eval_tokens is not None else final_val
+            final_val = validate(None, final=True)
+            select = validate(t.eval_tokens, final=True) if t.eval_tokens is not None else final_val
             after_validation(final_val, periodic=False, select=select)
     except torch.OutOfMemoryError:
         raise failure(p.step + 1, "out of memory; use a smaller train.batch_size or train.seq_len "

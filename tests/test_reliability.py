@@ -133,6 +133,38 @@ def test_signal_during_training_saves_a_checkpoint_and_exits_130_or_143(tmp_path
     assert json.loads(result.stdout)["steps"] == step + 2
 
 
+def test_a_signal_during_the_final_validation_stops_it_saves_last_and_a_resume_finishes(tmp_path, monkeypatch):
+    """The final validation reads the whole split and may be long: a signal stops it at the next window.
+
+    SIGINT is raised in-process as the final validation begins (eval_interval 0: it is the only one).
+    """
+    from charlm.config import load_config
+    from charlm.errors import Interrupted
+
+    corpus = write_corpus(tmp_path, lines=300)
+    config = write_config(tmp_path, train__eval_interval=0, train__max_steps=6, data__val_fraction=0.2)
+    run = tmp_path / "run"
+    original = train_mod.stream_nll
+    asked = []
+
+    def interrupting(*args, **kwargs):
+        asked.append(kwargs.get("should_stop"))
+        signal.raise_signal(signal.SIGINT)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "stream_nll", interrupting)
+    with pytest.raises(Interrupted) as info:
+        train_mod.train(load_config(config), corpus, run, show_progress=False)
+    assert info.value.exit_code == 130
+    assert "during the final validation at step 6" in str(info.value) and len(asked) == 1
+    assert load_checkpoint(run, "last").trainer_state()["progress"]["step"] == 6
+    monkeypatch.undo()
+    result = cli("train", "--resume", run, "--json")  # nothing left to train: the final validation again
+    assert result.exit_code == 0, result.stderr
+    done = json.loads(result.stdout)
+    assert done["steps"] == 6 and done["val_loss"] is not None
+
+
 def _catches_sigterm(pid: int) -> bool:
     """Whether a process has its own SIGTERM handler (charlm's main installs one, Python's start-up does not)."""
     try:

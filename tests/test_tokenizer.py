@@ -63,6 +63,16 @@ def test_word_level_makes_each_cjk_character_a_token():
     assert tok.split("I love 北京, ok?") == ["I", "love", "北", "京", ",", "ok", "?"]
 
 
+def test_the_ideographic_space_separates_words_and_is_never_a_token():
+    for split in ("punct", "space"):
+        tok = Tokenizer("word", word_split=split)
+        tokens = tok.split("你好\u3000世界\u3000ok")
+        assert "\u3000" not in tokens and tokens[-1] == "ok", split
+        assert tok.split(tok.join(tokens)) == tokens
+    assert Tokenizer("word").split("你好\u3000世界") == ["你", "好", "世", "界"]
+    assert Tokenizer("char").split("你\u3000好") == ["你", "\u3000", "好"]  # characters are all kept
+
+
 def test_word_level_splits_punctuation_but_keeps_inner_apostrophes():
     assert Tokenizer("word").split("Don't, (stop)!") == ["Don't", ",", "(", "stop", ")", "!"]
 
