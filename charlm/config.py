@@ -54,6 +54,9 @@ class ModelConfig:
     hidden_size: int = _f(256, "size of the hidden state of each layer", low=1)
     dropout: float = _f(0.0, "dropout on the embedding, between layers and before the decoder",
                         low=0.0, high=1.0, high_open=True)
+    embedding_dropout: float = _f(0.0, "drop whole token types: in each training window every vocabulary entry's "
+                                  "embedding is zeroed with this probability (Gal & Ghahramani, 2016)",
+                                  low=0.0, high=1.0, high_open=True)
     weight_drop: float = _f(0.0, "custom cells: dropout on the recurrent weights W_hh, one mask per window "
                             "(DropConnect, as in AWD-LSTM)", low=0.0, high=1.0, high_open=True)
     tie_weights: bool = _f(False, "share the embedding and decoder weights (needs embedding_size == hidden_size)")

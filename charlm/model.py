@@ -61,7 +61,12 @@ class RNNLM(nn.Module):
 
     def forward(self, tokens: Tensor, state: State | None = None,
                 targets: Tensor | None = None) -> tuple[Tensor, State]:
-        emb = self.drop(self.encoder(tokens))  # (B, T, E)
+        emb = self.encoder(tokens)  # (B, T, E)
+        p = self.cfg.embedding_dropout
+        if p > 0 and self.training:  # one draw per token type: every occurrence of a dropped type is zeroed
+            keep = torch.empty(self.vocab_size, device=emb.device).bernoulli_(1 - p).div_(1 - p)
+            emb = emb * keep[tokens].unsqueeze(-1).to(emb.dtype)
+        emb = self.drop(emb)
         out, state = self.rnn(emb, state)      # (B, T, H)
         out = self.drop(out)
         B, T, H = out.shape

@@ -1,4 +1,5 @@
-"""DropConnect on the custom cells' recurrent weights (model.weight_drop)."""
+"""Regularisers for small corpora: DropConnect on the custom cells' recurrent weights (model.weight_drop)
+and dropout of whole token types (model.embedding_dropout)."""
 
 from __future__ import annotations
 
@@ -49,3 +50,31 @@ def test_weight_drop_needs_the_custom_cells():
         load_config(overrides=["model.weight_drop=0.3", "model.impl=torch"])
     cfg = load_config(overrides=["model.weight_drop=0.3", "model.impl=custom"])
     assert cfg.model.weight_drop == 0.3
+
+
+def test_embedding_dropout_drops_token_types_in_training_only():
+    from charlm.config import ModelConfig
+    from charlm.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(embedding_size=6, hidden_size=6, embedding_dropout=0.5), 20)
+    tokens = torch.randint(0, 20, (4, 30))
+    seen = []
+    emb_in = []
+    model.rnn.register_forward_pre_hook(lambda m, args: emb_in.append(args[0].detach()))
+    model.train()
+    model(tokens)
+    x = emb_in[-1]  # what the recurrent layer read: embeddings, some types zeroed, the rest scaled by 2
+    raw = model.encoder(tokens).detach()
+    for token in tokens.unique():
+        where = tokens == token
+        rows = x[where]
+        dropped = (rows == 0).all(dim=1)
+        assert dropped.all() or not dropped.any(), "a type is dropped everywhere in a window or nowhere"
+        if not dropped.any():
+            torch.testing.assert_close(rows, raw[where] * 2)
+        seen.append(bool(dropped.any()))
+    assert any(seen) and not all(seen)
+    model.eval()
+    model(tokens)
+    torch.testing.assert_close(emb_in[-1], raw)
