@@ -81,6 +81,8 @@ class TrainConfig:
     lr: float = _f(3e-3, "peak learning rate", low=0.0, low_open=True)
     weight_decay: float = _f(0.0, "decoupled weight decay (adamw) or L2 penalty (adam, sgd)", low=0.0)
     momentum: float = _f(0.0, "SGD momentum", low=0.0, high=1.0, high_open=True)
+    beta2: float = _f(0.999, "adam / adamw: decay of the running mean of squared gradients (0.99 adapts "
+                      "faster, for short runs)", low=0.0, high=1.0, high_open=True)
     clip: float = _f(1.0, "clip the gradient norm to this (0: no clipping)", low=0.0)
     schedule: str = _f("cosine", "learning-rate schedule after warm-up", choices=("constant", "cosine", "plateau"))
     warmup_steps: int = _f(0, "steps of linear warm-up from 0 to lr", low=0)

@@ -179,8 +179,8 @@ def _make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     if t.optimizer == "sgd":
         return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     if t.optimizer == "adam":
-        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.Adam(params, lr=t.lr, betas=(0.9, t.beta2), weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=t.lr, betas=(0.9, t.beta2), weight_decay=t.weight_decay)
 
 
 def _check_writable(run_dir: Path) -> None:

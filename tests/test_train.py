@@ -172,3 +172,13 @@ def test_chinese_and_emoji_corpus_trains_samples_and_scores(write_corpus, tmp_pa
     assert score.oov == 0 and math.isfinite(score.logprob)
     samples = generate(model, codec, max_length=20, num_samples=3, seed=0)
     assert all("<unk>" not in s.tokens for s in samples)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_beta2_reaches_the_adam_optimizers(optimizer):
+    from charlm.model import build_model
+    from charlm.train import _make_optimizer
+
+    cfg = tiny_config(train__optimizer=optimizer, train__beta2=0.99)
+    opt = _make_optimizer(cfg, build_model(cfg.model, 7))
+    assert opt.param_groups[0]["betas"] == (0.9, 0.99)
