@@ -40,6 +40,7 @@ class TiedAdaptiveSoftmax(nn.Module):
         self.weight = embedding  # the encoder's Parameter itself: saved once, as for a tied full softmax
         self.cutoffs = [*cutoffs, vocab_size]
         self.shortlist = cutoffs[0]
+        self.register_buffer("bounds", torch.tensor(cutoffs), persistent=False)  # for bucketize; not saved
         clusters = len(cutoffs)
         self.bias = nn.Parameter(torch.zeros(vocab_size))             # a bias for every token
         self.cluster_weight = nn.Parameter(torch.empty(clusters, size))
@@ -63,7 +64,7 @@ class TiedAdaptiveSoftmax(nn.Module):
     def forward(self, h: Tensor, targets: Tensor) -> AdaptiveOutput:
         head = self.head_log_prob(h)
         c = self.shortlist
-        cluster = torch.bucketize(targets, torch.tensor(self.cutoffs[:-1], device=targets.device), right=True)
+        cluster = torch.bucketize(targets, self.bounds, right=True)
         # head index of each target: the token itself in the shortlist, else its cluster's entry
         head_index = torch.where(cluster == 0, targets, c + cluster - 1)
         out = head.gather(1, head_index.unsqueeze(1)).squeeze(1)

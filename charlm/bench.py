@@ -9,8 +9,8 @@ autograd, as before the fast path existed) a full language model is built by
   step on windows of (B, T) tokens, the state carried (detached) from window
   to window as in `train.py`;
 - inference: forward without gradients over windows of (B, T) tokens;
-- sampling: `model.step` one token at a time for B streams, the next input
-  being the most likely token.
+- sampling: one token at a time for B streams with `stepper.Stepper`, the
+  fused step `charlm sample` uses, the next input being the most likely token.
 
 Every model is warmed up first. The timed rounds are interleaved (round 1 of
 every model, then round 2 of every model, ...) so that a burst of load from
@@ -38,6 +38,7 @@ from .model import RNNLM, build_model, count_parameters, detach_state
 from .runtime import resolve_device
 from .sample import generate
 from .score import score_sentences
+from .stepper import Stepper
 from .tokenizer import EOS_ID, TextCodec, Tokenizer, Vocabulary
 
 CELLS = ("rnn", "gru", "lstm")
@@ -137,7 +138,8 @@ class _Subject:
         # a few distinct windows, so that no cache sees the same input twice in a row
         self.windows = torch.randint(0, s.vocab_size, (4, s.batch_size, s.seq_len + 1), generator=g).to(device)
         self.index = 0
-        self.train_state = self.infer_state = self.sample_state = None
+        self.train_state = self.infer_state = None
+        self.stepper: Stepper | None = None  # made at the first sampling step; it copies the weights it reads
         self.token = torch.full((s.batch_size,), EOS_ID, dtype=torch.long, device=device)
 
     def _window(self) -> torch.Tensor:
@@ -166,9 +168,13 @@ class _Subject:
 
     @torch.no_grad()
     def sample_step(self) -> int:
-        self.model.eval()
-        logits, self.sample_state = self.model.step(self.token, self.sample_state)
-        self.token = logits.argmax(dim=-1)
+        """One token for each of B streams the way `charlm sample` steps: `stepper.Stepper` (full softmax)."""
+        if self.stepper is None:
+            self.model.eval()
+            self.stepper = Stepper(self.model, self.model.init_state(self.s.batch_size, self.device))
+            self.logits = torch.zeros(self.s.batch_size, self.s.vocab_size, device=self.device)
+        self.stepper.step(self.token, self.logits)
+        self.token = self.logits.argmax(dim=-1)
         return self.token.numel()
 
     def sync(self) -> None:

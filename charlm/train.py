@@ -25,7 +25,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 import torch
 from torch import nn
@@ -114,7 +114,7 @@ def fraction_done(cfg: Config, p: Progress, windows: int) -> float:
 
 
 def evaluate(model: RNNLM, ids: torch.Tensor, streams: int, device, max_tokens: int | None = None,
-             dist: Distributed | None = None, should_stop=None) -> float:
+             dist: Distributed | None = None, should_stop: Callable[[], bool] | None = None) -> float:
     """Mean negative log-likelihood (nats per token) of a stream, `<eos>` first.
 
     Under torchrun the streams are shared out between ranks and the sums all-reduced (there a signal
