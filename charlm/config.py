@@ -103,9 +103,7 @@ class TrainConfig:
     eval_batch_size: int = _f(1, "parallel streams for validation; 1 scores the split as one exact stream", low=1)
     log_interval: int = _f(20, "write a metrics line every this many steps", low=1)
     seed: int = _f(1234, "seed of every random generator", low=0)
-    precision: str = _f("fp32", "fp32, or bf16 autocast for training where the hardware has bf16 arithmetic "
-                        "(CUDA; a CPU with AVX512-BF16 or AMX), else fp32 with a notice; evaluation is fp32",
-                        choices=("fp32", "bf16"))
+    precision: str = _f("fp32", "fp32, or bf16 autocast (CUDA only)", choices=("fp32", "bf16"))
 
 
 @dataclass
@@ -209,6 +207,9 @@ def validate(cfg: Config) -> None:
     if m.tie_weights and m.embedding_size != m.hidden_size:
         raise UsageError(f"config: model.tie_weights needs model.embedding_size == model.hidden_size "
                          f"(got {m.embedding_size} and {m.hidden_size})")
+    if cfg.train.precision == "bf16" and m.device == "cpu":
+        raise UsageError("config: train.precision bf16 is for CUDA; use fp32 on the CPU (bf16 training on a CPU "
+                         "was measured less accurate: docs/benchmarks.md)")
 
 
 def read_yaml(path: Path) -> dict:

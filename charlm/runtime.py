@@ -35,24 +35,6 @@ def resolve_device(name: str) -> torch.device:
     raise UsageError(f"unknown device '{name}': use auto, cpu or cuda")
 
 
-def has_bf16(device: torch.device) -> bool:
-    """Whether `device` does bfloat16 arithmetic in hardware, where bf16 autocast pays.
-
-    On a CPU that means the AVX512-BF16 or AMX instructions (Intel Cooper Lake and Sapphire
-    Rapids on, AMD Zen 4 on), which oneDNN's matrix products use; elsewhere bf16 is emulated and
-    slower than float32. `torch.cpu`'s checks are private, so a torch without them says no.
-    """
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    try:
-        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-    except RuntimeError:
-        return False
-
-
 def seed_everything(seed: int) -> None:
     """Seed every generator charlm draws from (only torch's: no random, no numpy)."""
     torch.manual_seed(seed)

@@ -37,7 +37,7 @@ from .data import (Splits, batchify, check_text_file, check_trainable, check_voc
                    window, windows_per_epoch)
 from .errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, RunFailure, UsageError
 from .model import EvaluationStopped, RNNLM, State, build_model, count_parameters, detach_state, stream_nll
-from .runtime import Distributed, file_sha256, has_bf16, init_distributed, seed_everything
+from .runtime import Distributed, file_sha256, init_distributed, seed_everything
 
 TRAINER_FORMAT = 1
 LN2 = math.log(2.0)
@@ -390,13 +390,8 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
                    "train_tokens": splits.train.numel(), "device": str(device), "processes": dist.world})
     else:
         log.write({"event": "resume", "step": p.step, "device": str(device)})
-    autocast = nullcontext()
-    if t.precision == "bf16":
-        if has_bf16(device):  # only the training steps: every evaluation runs in float32
-            autocast = torch.autocast(device.type, dtype=torch.bfloat16)
-        elif dist.is_main:
-            print(f"note: train.precision bf16: this {device.type.upper()} has no bf16 arithmetic; training in fp32",
-                  file=log_stream, flush=True)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if t.precision == "bf16" and device.type == "cuda"
+                else nullcontext())
 
     def bits_per_char(loss: float) -> float:
         # nats per token -> bits per character of the validation text (the same at char level)
@@ -507,7 +502,6 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
                     with autocast:
                         nll, hidden = net(x, hidden, targets=y)
                         loss = nll.float().mean()
-                    hidden = _map_state(hidden, lambda h: h.float())  # bf16 under autocast; kept as float32
                     if not torch.isfinite(loss):
                         raise _NonFinite("loss")
                     optimizer.zero_grad(set_to_none=True)

@@ -182,31 +182,3 @@ def test_beta2_reaches_the_adam_optimizers(optimizer):
     cfg = tiny_config(train__optimizer=optimizer, train__beta2=0.99)
     opt = _make_optimizer(cfg, build_model(cfg.model, 7))
     assert opt.param_groups[0]["betas"] == (0.9, 0.99)
-
-
-@pytest.mark.parametrize("cell,impl,softmax", [("lstm", "torch", "adaptive"), ("gru", "custom", "full")])
-def test_bf16_training_on_the_cpu_learns_and_keeps_float32_weights_and_state(write_corpus, tmp_path, monkeypatch,
-                                                                              cell, impl, softmax):
-    # Forced on, so that the autocast path runs on any CPU (slowly where bf16 is emulated).
-    monkeypatch.setattr("charlm.train.has_bf16", lambda device: True)
-    corpus = write_corpus(REPEATED)
-    cfg = tiny_config(model__cell=cell, model__impl=impl, model__softmax=softmax, model__adaptive_cutoffs="4",
-                      train__precision="bf16", train__max_steps=100, train__lr=0.02, train__schedule="constant",
-                      train__seq_len=32, train__eval_interval=50, train__log_interval=10)
-    result = train(cfg, corpus, out=tmp_path / "run", show_progress=False)
-    assert result.steps == 100
-    assert result.train_loss < 0.2 and result.val_loss < 0.2   # it learns the text in bf16 too
-    weights = load_file(str(tmp_path / "run" / "last" / "model.safetensors"))
-    assert {w.dtype for w in weights.values()} == {torch.float32}
-    state = torch.load(tmp_path / "run" / "last" / "trainer.pt", weights_only=True)
-    hidden = state["hidden"] if isinstance(state["hidden"], tuple) else (state["hidden"],)
-    assert all(h.dtype == torch.float32 for h in hidden)
-
-
-def test_bf16_without_hardware_support_trains_in_fp32_with_a_notice(write_corpus, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("charlm.train.has_bf16", lambda device: False)
-    cfg = tiny_config(train__precision="bf16", train__max_steps=4)
-    fp32 = train(tiny_config(train__max_steps=4), write_corpus(TINY_TEXT), out=tmp_path / "a", show_progress=False)
-    bf16 = train(cfg, write_corpus(TINY_TEXT), out=tmp_path / "b", show_progress=False)
-    assert "no bf16 arithmetic; training in fp32" in capsys.readouterr().err
-    assert bf16.train_loss == fp32.train_loss  # the very same float32 steps
