@@ -40,6 +40,7 @@ class TiedAdaptiveSoftmax(nn.Module):
         self.weight = embedding  # the encoder's Parameter itself: saved once, as for a tied full softmax
         self.cutoffs = [*cutoffs, vocab_size]
         self.shortlist = cutoffs[0]
+        self.sizes = [b - a for a, b in zip([0, *cutoffs], self.cutoffs)]  # rows of the head, then of each cluster
         self.register_buffer("bounds", torch.tensor(cutoffs), persistent=False)  # for bucketize; not saved
         clusters = len(cutoffs)
         self.bias = nn.Parameter(torch.zeros(vocab_size))             # a bias for every token
@@ -48,27 +49,26 @@ class TiedAdaptiveSoftmax(nn.Module):
         nn.init.uniform_(self.cluster_weight, -0.1, 0.1)
         self.proj = nn.ParameterList(nn.Parameter(torch.eye(size)) for _ in range(clusters))
 
-    def _parts(self) -> tuple[list[Tensor], list[Tensor]]:
+    def _parts(self) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
         """The rows of the weight and bias of the head and of each cluster, as views.
 
         One `split` rather than a slice per part: the gradient of a slice is a full-size
         (V, H) tensor of zeros with the slice's rows filled in, one per part, while split's
         gradient joins the parts' gradients into one (V, H) tensor. The training step of
-        configs/word_wikitext.yaml went from 65.8 to 59.9 ms at V = 13,777 and from 143 to
-        122 ms at V = 33,278 (medians, two threads; docs/benchmarks.md)."""
-        sizes = [self.shortlist] + [hi - lo for lo, hi in zip(self.cutoffs, self.cutoffs[1:])]
-        return list(self.weight.split(sizes)), list(self.bias.split(sizes))
+        configs/word_wikitext.yaml became 1.05-1.09x faster at V = 13,777 and 1.18x at
+        V = 33,278 (medians, two threads; docs/benchmarks.md)."""
+        return self.weight.split(self.sizes), self.bias.split(self.sizes)
 
-    def head_log_prob(self, h: Tensor, parts=None) -> Tensor:
-        """(N, shortlist + clusters): log P of each head token and of each tail cluster."""
-        weights, biases = parts or self._parts()
+    def head_log_prob(self, h: Tensor, parts: tuple) -> Tensor:
+        """(N, shortlist + clusters): log P of each head token and of each tail cluster; `parts` from _parts()."""
+        weights, biases = parts
         logits = torch.cat([F.linear(h, weights[0], biases[0]),
                             F.linear(h, self.cluster_weight, self.cluster_bias)], dim=1)
         return torch.log_softmax(logits.float(), dim=1)
 
-    def tail_log_prob(self, h: Tensor, i: int, parts=None) -> Tensor:
-        """(N, size of cluster i): log P(w | cluster i, h)."""
-        weights, biases = parts or self._parts()
+    def tail_log_prob(self, h: Tensor, i: int, parts: tuple) -> Tensor:
+        """(N, size of cluster i): log P(w | cluster i, h); `parts` from _parts()."""
+        weights, biases = parts
         logits = F.linear(F.linear(h, self.proj[i]), weights[i + 1], biases[i + 1])
         return torch.log_softmax(logits.float(), dim=1)
 
