@@ -279,8 +279,13 @@ def train(cfg: Config, corpus: Path | None, out: Path | None = None, val: Path |
     log_stream = log_stream or sys.stderr
     dist, device = init_distributed(cfg.model.device)
     try:
-        return _train(cfg, corpus, out, val, resume, show_progress and dist.is_main, log_stream, cache_dir,
-                      dist, device)
+        result = _train(cfg, corpus, out, val, resume, show_progress and dist.is_main, log_stream, cache_dir,
+                        dist, device)
+        # Leave together: a rank that tore down its process group while rank 0 was still writing the
+        # last checkpoint aborted now and then in gloo's teardown (SIGABRT, a failed job). Only on
+        # success: after a failure the other ranks may be inside a collective that this would not match.
+        dist.barrier()
+        return result
     finally:
         dist.close()
 
