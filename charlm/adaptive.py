@@ -24,7 +24,8 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
+
+from .products import output_linear
 
 
 class AdaptiveOutput(NamedTuple):
@@ -62,14 +63,14 @@ class TiedAdaptiveSoftmax(nn.Module):
     def head_log_prob(self, h: Tensor, parts: tuple) -> Tensor:
         """(N, shortlist + clusters): log P of each head token and of each tail cluster; `parts` from _parts()."""
         weights, biases = parts
-        logits = torch.cat([F.linear(h, weights[0], biases[0]),
-                            F.linear(h, self.cluster_weight, self.cluster_bias)], dim=1)
+        logits = torch.cat([output_linear(h, weights[0], biases[0]),
+                            output_linear(h, self.cluster_weight, self.cluster_bias)], dim=1)
         return torch.log_softmax(logits.float(), dim=1)
 
     def tail_log_prob(self, h: Tensor, i: int, parts: tuple) -> Tensor:
         """(N, size of cluster i): log P(w | cluster i, h); `parts` from _parts()."""
         weights, biases = parts
-        logits = F.linear(F.linear(h, self.proj[i]), weights[i + 1], biases[i + 1])
+        logits = output_linear(output_linear(h, self.proj[i]), weights[i + 1], biases[i + 1])
         return torch.log_softmax(logits.float(), dim=1)
 
     def forward(self, h: Tensor, targets: Tensor) -> AdaptiveOutput:

@@ -12,7 +12,10 @@ equations run over all T steps of one layer with
   slice (no torch.stack, few temporaries), the per-step views made by one
   `unbind` before the loop;
 - a hand-written backward pass through time that carries only da (and dc),
-  with the weight gradients of all steps as one matrix product after the loop.
+  with the weight gradients of all steps as one matrix product after the loop;
+- the matrix products through `products.py`: oneDNN's on a CPU that has it
+  (about twice MKL's speed on some processors), with W_hh laid out once per
+  window for the per-step products.
 
 Shapes: T time, B batch, E input, H hidden, G = (number of gates) * H. Every
 Function takes the layer input x (T, B, E) time-major, the weights in torch's
@@ -32,6 +35,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .products import Repeated, linear, mm, weight_grad
+
 _aten = torch.ops.aten
 
 
@@ -49,22 +54,16 @@ def _dtanh(grad: Tensor, y: Tensor, out: Tensor | None = None) -> Tensor:
     return _aten.tanh_backward.grad_input(grad, y, grad_input=out)
 
 
-def _transposed(w: Tensor, steps: int) -> Tensor:
-    """W^T for the per-step products a<t-1> W^T: a row-major copy runs them faster (by 15-25% on a
-    CPU), which pays for the copy over a window but not for the one step of sampling."""
-    return w.t().contiguous() if steps >= 8 else w.t()
-
-
 def _project(x: Tensor, w_ih: Tensor, bias: Tensor) -> Tensor:
     """W_ih x<t> + b for every step: (T, B, E) -> (T, B, G), one matrix product."""
     T, B, _ = x.shape
-    return torch.addmm(bias, x.reshape(T * B, -1), w_ih.t()).view(T, B, -1)
+    return linear(x.reshape(T * B, -1), w_ih, bias).view(T, B, -1)
 
 
 def _input_grads(ctx, d_proj: Tensor, x: Tensor, w_ih: Tensor) -> tuple:
     """dx, dW_ih, db from the gradient of the projection, for the Function inputs 0, 1, 2 (x, w_ih, b)."""
     need = ctx.needs_input_grad
-    d_x = (d_proj.flatten(0, 1) @ w_ih).view(x.shape) if need[0] else None
+    d_x = mm(d_proj.flatten(0, 1), w_ih).view(x.shape) if need[0] else None
     d_w = _weight_grad(d_proj, x) if need[1] else None
     d_b = d_proj.sum((0, 1)) if need[2] else None
     return d_x, d_w, d_b
@@ -77,12 +76,12 @@ def _previous(first: Tensor, steps: Tensor) -> Tensor:
 
 def _weight_grad(d_pre: Tensor, inputs: Tensor) -> Tensor:
     """dW = sum over t of d_pre<t>^T inputs<t>: one (G, T*B) x (T*B, H) product for all steps."""
-    return d_pre.flatten(0, 1).t() @ inputs.flatten(0, 1)
+    return weight_grad(d_pre.flatten(0, 1), inputs.flatten(0, 1))
 
 
 def _recurrent_weight_grad(d_pre: Tensor, h0: Tensor, hs: Tensor) -> Tensor:
     """dW_hh = sum over t of d_pre<t>^T a<t-1>, with a<0> = h0: two products, no copy of hs."""
-    return torch.addmm(d_pre[0].t() @ h0, d_pre[1:].flatten(0, 1).t(), hs[:-1].flatten(0, 1))
+    return weight_grad(d_pre[1:].flatten(0, 1), hs[:-1].flatten(0, 1)).addmm_(d_pre[0].t(), h0)
 
 
 # ---------------------------------------------------------------- plain RNN
@@ -90,10 +89,10 @@ def rnn_layer_forward(x: Tensor, w_ih: Tensor, bias: Tensor, h0: Tensor, w_hh: T
                       relu: bool = False) -> Tensor:
     """a<t> = tanh(W_ax x<t> + W_aa a<t-1> + b) for t = 1..T; returns all a<t>, (T, B, H)."""
     hs = _project(x, w_ih, bias)  # W_ax x<t> + b; each step adds W_aa a<t-1> and applies tanh in place
-    w_t = _transposed(w_hh, x.shape[0])
+    w = Repeated(w_hh, h0.shape[0], x.shape[0])  # a<t-1> -> W_aa a<t-1>
     h = h0
     for a in hs.unbind(0):
-        h = a.addmm_(h, w_t)
+        h = w.add_to(a, h)
         h.relu_() if relu else h.tanh_()
     return hs
 
@@ -115,14 +114,15 @@ class RNNLayer(torch.autograd.Function):
         T = hs.shape[0]
         d_pre = torch.empty_like(hs)  # dL/d(pre-activation) of every step, (T, B, H)
         D_PRE, HS, GRAD_HS = d_pre.unbind(0), hs.unbind(0), grad_hs.unbind(0)
+        w_back = Repeated(w_hh.t(), hs.shape[1], T)  # d_pre -> W_aa^T d_pre
         for t in range(T - 1, -1, -1):
             # da<t> = (from the output) + (from step t+1: W_aa^T d_pre<t+1>)
-            da = GRAD_HS[t] if t == T - 1 else torch.addmm(GRAD_HS[t], D_PRE[t + 1], w_hh)
+            da = GRAD_HS[t] if t == T - 1 else w_back.plus(GRAD_HS[t], D_PRE[t + 1])
             if ctx.relu:
                 _aten.threshold_backward.grad_input(da, HS[t], 0, grad_input=D_PRE[t])
             else:
                 _dtanh(da, HS[t], out=D_PRE[t])
-        d_h0 = d_pre[0] @ w_hh if ctx.needs_input_grad[3] else None
+        d_h0 = w_back(d_pre[0]) if ctx.needs_input_grad[3] else None
         d_w = _recurrent_weight_grad(d_pre, h0, hs) if ctx.needs_input_grad[4] else None
         return (*_input_grads(ctx, d_pre, x, w_ih), d_h0, d_w, None)
 
@@ -144,7 +144,7 @@ def lstm_layer_forward(x: Tensor, w_ih: Tensor, bias: Tensor, h0: Tensor, c0: Te
     if save:
         cs[0] = c0
     tanh_cs = x.new_empty(T if save else 1, B, H)
-    w_t = _transposed(w_hh, T)
+    w = Repeated(w_hh, B, T)  # a<t-1> -> W_hh a<t-1>
     # Per-step views made once by unbind: indexing and slicing in the loop cost more than the math.
     gate = gates.unflatten(2, (4, H))
     Z, UF, U, F, C_TILDE, O = (gates.unbind(0), gates[..., : 2 * H].unbind(0),
@@ -152,7 +152,7 @@ def lstm_layer_forward(x: Tensor, w_ih: Tensor, bias: Tensor, h0: Tensor, c0: Te
     HS, CS, TANH_CS = hs.unbind(0), cs.unbind(0), tanh_cs.unbind(0)
     h, c = h0, c0
     for t in range(T):
-        Z[t].addmm_(h, w_t)                            # W [a<t-1>, x<t>] + b for all gates, (B, 4H)
+        w.add_to(Z[t], h)                              # W [a<t-1>, x<t>] + b for all gates, (B, 4H)
         UF[t].sigmoid_()                               # Γu, Γf
         C_TILDE[t].tanh_()                             # c~<t>
         O[t].sigmoid_()                                # Γo
@@ -184,19 +184,20 @@ class LSTMLayer(torch.autograd.Function):
         d_gate = d_pre.unflatten(2, (4, H))
         D_PRE, D_U, D_F, D_C, D_O = d_pre.unbind(0), *(d_gate[:, :, k].unbind(0) for k in range(4))
         GRAD_HS = grad_hs.unbind(0)
+        w_back = Repeated(w_hh.t(), B, T)  # d_pre -> W_hh^T d_pre
         # The factors are computed step by step rather than for all steps before the loop: each
         # step's values are then read once while in cache, which measured faster on a CPU.
         dc = grad_c_last
         for t in range(T - 1, -1, -1):
             # da<t> = (from the output) + (from step t+1: W_hh^T d_pre<t+1>)
-            da = GRAD_HS[t] if t == T - 1 else torch.addmm(GRAD_HS[t], D_PRE[t + 1], w_hh)
+            da = GRAD_HS[t] if t == T - 1 else w_back.plus(GRAD_HS[t], D_PRE[t + 1])
             _dsigmoid(da * TANH_CS[t], O[t], out=D_O[t])      # dΓo-pre = da * tanh(c<t>) * Γo (1 - Γo)
             dc = dc + _dtanh(da * O[t], TANH_CS[t])           # dc<t> = dc from t+1 + da * Γo * (1 - tanh²(c<t>))
             _dsigmoid(dc * C_TILDE[t], U[t], out=D_U[t])      # dΓu-pre = dc * c~<t> * Γu (1 - Γu)
             _dsigmoid(dc * C_PREV[t], F[t], out=D_F[t])       # dΓf-pre = dc * c<t-1> * Γf (1 - Γf)
             _dtanh(dc * U[t], C_TILDE[t], out=D_C[t])         # dc~-pre = dc * Γu * (1 - c~²)
             dc = dc * F[t]                                    # what c<t-1> receives: dc<t> * Γf
-        d_h0 = d_pre[0] @ w_hh if ctx.needs_input_grad[3] else None
+        d_h0 = w_back(d_pre[0]) if ctx.needs_input_grad[3] else None
         d_c0 = dc if ctx.needs_input_grad[4] else None
         d_w = _recurrent_weight_grad(d_pre, h0, hs) if ctx.needs_input_grad[5] else None
         return (*_input_grads(ctx, d_pre, x, w_ih), d_h0, d_c0, d_w)
@@ -214,15 +215,15 @@ def gru_layer_forward(x: Tensor, w_ih: Tensor, bias: Tensor, h0: Tensor, w_hh: T
     gates = _project(x, w_ih, bias)  # (T, B, 3H); each step adds its recurrent terms in place
     hs = x.new_empty(T, B, H)
     rh = x.new_empty(T if save else 1, B, H)
-    w_ru_t, w_c_t = _transposed(w_hh[: 2 * H], T), _transposed(w_hh[2 * H:], T)
+    w_ru, w_c = Repeated(w_hh[: 2 * H], B, T), Repeated(w_hh[2 * H:], B, T)
     RU, R, U, C_TILDE = (gates[..., : 2 * H].unbind(0), gates[..., :H].unbind(0),
                          gates[..., H: 2 * H].unbind(0), gates[..., 2 * H:].unbind(0))
     HS, RH = hs.unbind(0), rh.unbind(0)
     h = h0
     for t in range(T):
-        RU[t].addmm_(h, w_ru_t).sigmoid_()                             # Γr, Γu = σ(W [h<t-1>, x<t>] + b)
+        w_ru.add_to(RU[t], h).sigmoid_()                               # Γr, Γu = σ(W [h<t-1>, x<t>] + b)
         r_h = torch.mul(R[t], h, out=RH[t if save else 0])            # Γr * h<t-1>
-        C_TILDE[t].addmm_(r_h, w_c_t).tanh_()                         # c~<t> = tanh(W_c [Γr * h<t-1>, x<t>] + b_c)
+        w_c.add_to(C_TILDE[t], r_h).tanh_()                           # c~<t> = tanh(W_c [Γr * h<t-1>, x<t>] + b_c)
         h = torch.sub(C_TILDE[t], h, out=HS[t]).mul_(U[t]).add_(h)  # h<t> = h<t-1> + Γu (c~<t> - h<t-1>)
     return hs, (gates, rh)
 
@@ -241,7 +242,7 @@ class GRULayer(torch.autograd.Function):
     def backward(ctx, grad_hs):
         x, w_ih, gates, rh, hs, h0, w_hh = ctx.saved_tensors
         T, B, H = hs.shape
-        w_ru, w_c = w_hh[: 2 * H], w_hh[2 * H:]
+        w_ru, w_c = Repeated(w_hh[: 2 * H].t(), B, T), Repeated(w_hh[2 * H:].t(), B, T)  # their transposes' products
         r, u, cand = gates[..., :H], gates[..., H: 2 * H], gates[..., 2 * H:]
         h_prev = _previous(h0, hs)
         # Factors that do not depend on the recurrence, for all steps at once:
@@ -251,26 +252,27 @@ class GRULayer(torch.autograd.Function):
         A_C, A_U, A_R = _dtanh(u, cand).unbind(0), _dsigmoid(cand - h_prev, u).unbind(0), \
             _dsigmoid(h_prev, r).unbind(0)
         KEEP, R = (1 - u).unbind(0), r.unbind(0)      # h<t-1> passes (1 - Γu) of dh straight through
-        d_pre = hs.new_empty(T, B, 3 * H)            # dL/d(pre-activations of r, u, c~), (T, B, 3H)
-        D_RU, D_R, D_U, D_C = (d_pre[..., : 2 * H].unbind(0), d_pre[..., :H].unbind(0),
-                               d_pre[..., H: 2 * H].unbind(0), d_pre[..., 2 * H:].unbind(0))
+        # dL/d(pre-activations) of r, u and of c~ in two buffers, so that each step's rows that go into
+        # a matrix product are contiguous (oneDNN would copy a strided operand first)
+        d_ru, d_c = hs.new_empty(T, B, 2 * H), hs.new_empty(T, B, H)
+        D_RU, D_R, D_U, D_C = (d_ru.unbind(0), d_ru[..., :H].unbind(0), d_ru[..., H:].unbind(0), d_c.unbind(0))
         GRAD_HS = grad_hs.unbind(0)
         dh = GRAD_HS[T - 1]
         for t in range(T - 1, -1, -1):
             torch.mul(dh, A_C[t], out=D_C[t])
             torch.mul(dh, A_U[t], out=D_U[t])
-            d_rh = D_C[t] @ w_c                      # d(Γr * h<t-1>) = W_c^T dc~-pre
+            d_rh = w_c(D_C[t])                       # d(Γr * h<t-1>) = W_c^T dc~-pre
             torch.mul(d_rh, A_R[t], out=D_R[t])
             if t == 0 and not ctx.needs_input_grad[3]:
                 break
             # dh<t-1> = (1 - Γu) dh + Γr d(Γr h) + W_ru^T [dΓr-pre, dΓu-pre] (+ from the output at t-1)
             carry = torch.mul(dh, KEEP[t]) if t == 0 else torch.addcmul(GRAD_HS[t - 1], dh, KEEP[t])
-            dh = torch.addmm(carry.addcmul_(d_rh, R[t]), D_RU[t], w_ru)
+            dh = w_ru.plus(carry.addcmul_(d_rh, R[t]), D_RU[t])
         d_h0 = dh if ctx.needs_input_grad[3] else None
         d_w = None
         if ctx.needs_input_grad[4]:
-            d_w = torch.cat([_weight_grad(d_pre[..., : 2 * H], h_prev), _weight_grad(d_pre[..., 2 * H:], rh)])
-        return (*_input_grads(ctx, d_pre, x, w_ih), d_h0, d_w)
+            d_w = torch.cat([_weight_grad(d_ru, h_prev), _weight_grad(d_c, rh)])
+        return (*_input_grads(ctx, torch.cat([d_ru, d_c], 2), x, w_ih), d_h0, d_w)
 
 
 # ---------------------------------------------------------------- GRU, torch's form
@@ -286,7 +288,7 @@ def gru_torch_layer_forward(x: Tensor, w_ih: Tensor, b_ih: Tensor, h0: Tensor, w
     gates = _project(x, w_ih, b_ih)  # W_i x<t> + b_i, (T, B, 3H); each step completes it in place
     hs = x.new_empty(T, B, H)
     gh = x.new_empty(T if save else 1, B, 3 * H)
-    w_t = _transposed(w_hh, T)
+    w = Repeated(w_hh, B, T)  # h<t-1> -> W_h h<t-1>
     RZ, R, Z, N = (gates[..., : 2 * H].unbind(0), gates[..., :H].unbind(0), gates[..., H: 2 * H].unbind(0),
                    gates[..., 2 * H:].unbind(0))
     GH, GH_RZ, GH_N = gh.unbind(0), gh[..., : 2 * H].unbind(0), gh[..., 2 * H:].unbind(0)
@@ -294,7 +296,7 @@ def gru_torch_layer_forward(x: Tensor, w_ih: Tensor, b_ih: Tensor, h0: Tensor, w
     h = h0
     for t in range(T):
         k = t if save else 0
-        torch.addmm(b_hh, h, w_t, out=GH[k])                   # W_h h<t-1> + b_h, (B, 3H)
+        w.into(GH[k], h, b_hh)                                 # W_h h<t-1> + b_h, (B, 3H)
         RZ[t].add_(GH_RZ[k]).sigmoid_()                        # r<t>, z<t> = σ(W_i x + b_i + W_h h + b_h)
         n = N[t].addcmul_(R[t], GH_N[k]).tanh_()               # n<t> = tanh(W_in x + b_in + r (W_hn h + b_hn))
         h = torch.sub(h, n, out=HS[t]).mul_(Z[t]).add_(n)      # h<t> = n + z (h<t-1> - n) = (1 - z) n + z h<t-1>
@@ -332,16 +334,17 @@ class GRUTorchLayer(torch.autograd.Function):
         D_GH_RN = d_gh.unflatten(2, (3, H))[:, :, ::2].unbind(0)  # the r and n slots, (B, 2, H) per step
         D_N = d_proj[..., 2 * H:].unbind(0)
         GRAD_HS = grad_hs.unbind(0)
+        w_back = Repeated(w_hh.t(), B, T)  # d_gh -> W_h^T d_gh
         dh = GRAD_HS[T - 1]
         for t in range(T - 1, -1, -1):
             if t < T - 1:
                 # dh<t> = (from the output) + z<t+1> dh<t+1> + W_h^T d_gh<t+1>
-                dh = torch.addmm(torch.addcmul(GRAD_HS[t], dh, Z[t + 1]), D_GH[t + 1], w_hh)
+                dh = w_back.plus(torch.addcmul(GRAD_HS[t], dh, Z[t + 1]), D_GH[t + 1])
             torch.mul(dh, A_Z[t], out=D_GH_Z[t])
             dn = torch.mul(dh, A_N[t], out=D_N[t])
             torch.mul(F_RN[t], dn.unsqueeze(1), out=D_GH_RN[t])
         d_proj[..., : 2 * H] = d_gh[..., : 2 * H]   # r and z pre-activations take x and h alike
-        d_h0 = torch.addmm(dh * z[0], d_gh[0], w_hh) if ctx.needs_input_grad[3] else None
+        d_h0 = w_back.plus(dh * z[0], d_gh[0]) if ctx.needs_input_grad[3] else None
         d_w = _weight_grad(d_gh, h_prev) if ctx.needs_input_grad[4] else None
         d_b_hh = d_gh.sum((0, 1)) if ctx.needs_input_grad[5] else None
         return (*_input_grads(ctx, d_proj, x, w_ih), d_h0, d_w, d_b_hh)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from .adaptive import TiedAdaptiveSoftmax
 from .cells import CustomRNN
 from .config import ModelConfig
+from .products import output_linear
 
 State = Union[Tensor, tuple[Tensor, Tensor]]
 
@@ -73,11 +74,11 @@ class RNNLM(nn.Module):
         if targets is None:
             if self.adaptive:
                 return self.decoder.log_prob(out.reshape(B * T, H)).view(B, T, -1), state  # (B, T, V)
-            return self.decoder(out), state  # (B, T, V)
+            return output_linear(out, self.decoder.weight, self.decoder.bias), state  # (B, T, V)
         if self.adaptive:
             nll = -self.decoder(out.reshape(B * T, H), targets.reshape(-1)).output  # log p of each target
         else:
-            logits = self.decoder(out)
+            logits = output_linear(out, self.decoder.weight, self.decoder.bias)
             nll = nn.functional.cross_entropy(logits.float().reshape(B * T, -1), targets.reshape(-1),
                                               reduction="none")
         return nll.view(B, T), state

@@ -6,14 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from charlm import cells, cells_fast
+from charlm import cells, cells_fast, products
 from charlm.cells import CustomRNN
 
 # (cell, gru_form, nonlinearity): every equation set the custom layer knows
 VARIANTS = [("lstm", "classic", "tanh"), ("gru", "classic", "tanh"), ("gru", "torch", "tanh"),
             ("rnn", "classic", "tanh"), ("rnn", "classic", "relu")]
 IDS = ["lstm", "gru-classic", "gru-torch", "rnn-tanh", "rnn-relu"]
-B, T, E, H = 3, 9, 4, 6  # T >= 8 takes the copied-W^T branch of cells_fast, T = 1 (below) the other
+B, T, E, H = 3, 9, 4, 6  # T >= 8 takes the laid-out-once W branch of products.Repeated, T = 1 (below) the other
 
 
 def _pair(cell: str, gru_form: str, nonlinearity: str, layers: int, dropout: float = 0.0, dtype=torch.float32):
@@ -53,9 +53,25 @@ def _close(a, b, tol=1e-5):
     torch.testing.assert_close(a, b, atol=tol, rtol=tol)
 
 
+@pytest.fixture(params=["onednn", "default"])
+def backend(request, monkeypatch):
+    """Run a test with the float32 products through oneDNN (where this torch has it) and through torch's."""
+    if request.param == "onednn" and not products.ONEDNN:
+        pytest.skip("this torch build has no usable oneDNN product")
+    monkeypatch.setattr(products, "ONEDNN", request.param == "onednn")
+    if request.param == "onednn":  # these shapes are far below where oneDNN pays: take it anyway
+        _everything_through_onednn(monkeypatch)
+    return request.param
+
+
+def _everything_through_onednn(monkeypatch):
+    for name, value in [("_MIN_WORK", 0), ("_PACK_MIN_WORK", 0), ("_PACK_MIN_BATCH", 1), ("_PACK_MIN_STEPS", 8)]:
+        monkeypatch.setattr(products, name, value)
+
+
 @pytest.mark.parametrize("layers", [1, 2])
 @pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
-def test_fast_layer_matches_step_functions(variant, layers):
+def test_fast_layer_matches_step_functions(variant, layers, backend):
     ref, fast = _pair(*variant, layers)
     x = torch.randn(B, T, E, generator=torch.Generator().manual_seed(2))
     state = _state(variant[0], layers)
@@ -89,7 +105,7 @@ TORCH_MODULES = {"lstm": lambda L, nl: nn.LSTM(E, H, L, batch_first=True),
 @pytest.mark.parametrize("layers", [1, 2])
 @pytest.mark.parametrize("variant", [v for v in VARIANTS if v != ("gru", "classic", "tanh")],
                          ids=["lstm", "gru-torch", "rnn-tanh", "rnn-relu"])
-def test_fast_layer_matches_torch_nn(variant, layers):
+def test_fast_layer_matches_torch_nn(variant, layers, backend):
     cell, gru_form, nonlinearity = variant
     _, fast = _pair(cell, gru_form, nonlinearity, layers)
     reference = TORCH_MODULES[cell](layers, nonlinearity)
@@ -113,7 +129,7 @@ def _double(*shape, seed):
                        requires_grad=True)
 
 
-# x (T, B, E) = (8, 2, 2), hidden 3: small enough for finite differences, T >= 8 for the copied W^T
+# x (T, B, E) = (8, 2, 2), hidden 3: small enough for finite differences, T >= 8 for the laid-out W
 def _x():
     return _double(8, 2, 2, seed=0)
 

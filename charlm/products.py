@@ -1,0 +1,181 @@
+"""Matrix products for the custom cells and the output layer, through oneDNN on the CPU.
+
+PyTorch sends a float32 matrix product on the CPU to MKL. On some CPUs MKL
+does not use the fastest instructions: on an AMD EPYC (Zen 5, AVX-512) its
+products ran at about half the speed of oneDNN's, the library behind
+nn.LSTM's fused CPU kernel, for every shape the models use (per-step
+products of batch x hidden, the projections of whole windows, the weight
+gradients). PyTorch ships oneDNN's product as the operator
+`mkldnn::_linear_pointwise` (x W^T + b), and `mkldnn::_reorder_linear_weight`
+lays W out once in oneDNN's blocked format, which halves the cost of the
+many small products of a time loop again.
+
+Those two operators are internal to PyTorch, so they are used only after a
+small self-test at import, only for float32 tensors on the CPU, and not at all
+when `CHARLM_ONEDNN=0` is set or torch.backends.mkldnn.enabled is False; otherwise every function here falls back to
+the plain torch product, with the same result up to float32 rounding.
+docs/benchmarks.md has the measurements.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+_NONE: list = []
+
+# Where oneDNN pays (AMD EPYC Zen 5, two threads; docs/benchmarks.md): a call costs ~15 us of fixed
+# overhead, so a plain product goes to oneDNN from 4M multiply-adds up (32 x 256 by 256 x 512: 74 us
+# against MKL's 93; 32 x 256 by 256 x 256: 53 against 47). Laying W out once costs 100-170 us and
+# then saves 30-60 % of each product from batch 4 and 0.5M multiply-adds up (4 x 256 by 256 x 512:
+# 20 us against 34; batch 1: 17 against 7), which 16 steps repay.
+_MIN_WORK = 1 << 22
+_PACK_MIN_WORK, _PACK_MIN_BATCH, _PACK_MIN_STEPS = 1 << 19, 4, 16
+
+
+def _probe() -> bool:
+    """Whether oneDNN's product operators exist here and agree with torch's (checked once)."""
+    if os.environ.get("CHARLM_ONEDNN", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        linear = torch.ops.mkldnn._linear_pointwise
+        # Fixed values: the probe must not draw from the random generator that seeds training.
+        x = torch.linspace(-1.0, 1.0, 3 * 5).view(3, 5)
+        w = torch.linspace(-0.5, 0.7, 4 * 5).view(4, 5)
+        b = torch.linspace(0.1, 0.4, 4)
+        expected = torch.addmm(b, x, w.t())
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 3)
+        return (torch.allclose(linear(x, w, b, "none", _NONE, ""), expected, atol=1e-5)
+                and torch.allclose(linear(x, packed, b, "none", _NONE, ""), expected, atol=1e-5)
+                and torch.allclose(linear(x.t(), x.t(), None, "none", _NONE, ""), x.t() @ x, atol=1e-5))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+ONEDNN = _probe()
+
+
+def backend() -> str:
+    """The library that runs the float32 CPU products here: "onednn" or "default" (torch's, MKL in most builds)."""
+    return "onednn" if ONEDNN else "default"
+
+
+def _onednn(*tensors: Tensor) -> bool:
+    """oneDNN for these tensors: float32 on the CPU, and not turned off by torch.backends.mkldnn.enabled."""
+    return (ONEDNN and torch.backends.mkldnn.enabled
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors))
+
+
+def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    """x W^T + b for a 2-D x (N, K) and W (M, K): F.linear, through oneDNN where it runs and pays."""
+    if x.shape[0] * w.shape[0] * w.shape[1] >= _MIN_WORK and _onednn(x, w):
+        if not (w.is_contiguous() or w.t().is_contiguous()):
+            w = w.contiguous()  # other strides (a column slice) send oneDNN to a reference loop 100x slower
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", _NONE, "")
+    return torch.nn.functional.linear(x, w, b)
+
+
+def mm(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b for 2-D a (N, K) and b (K, M): oneDNN's product takes b.t() as its weight (M, K) in any
+    layout, but copies a non-contiguous a first, so a should be row-major."""
+    return linear(a, b.t())
+
+
+def weight_grad(d: Tensor, x: Tensor) -> Tensor:
+    """d^T x, the gradient of W in y = x W^T given d = dL/dy: d (N, M), x (N, K) -> (M, K), contiguous.
+
+    oneDNN copies its first operand into row-major order, so the smaller of
+    d^T and x^T goes first: for the gates' (M = 3H or 4H) gradients copying d^T
+    measured up to 1.7x slower, for a character model's output layer (M = 65)
+    copying x^T.
+    """
+    if d.shape[0] * d.shape[1] * x.shape[1] < _MIN_WORK or not _onednn(d, x):
+        return d.t() @ x
+    if d.shape[1] < x.shape[1]:
+        return linear(d.t(), x.t())
+    return linear(x.t(), d.t()).t().contiguous()
+
+
+class Repeated:
+    """x -> x W^T for the many x (B, K) of a time loop, with W (M, K) laid out once.
+
+    oneDNN's blocked copy of W where it pays (see _PACK_MIN_WORK), else from
+    8 steps up a row-major copy of W^T (15-25 % faster than the transposed
+    view); for fewer, as in sampling's single step, W is used as it is.
+    """
+
+    __slots__ = ("packed", "w_t")
+
+    def __init__(self, w: Tensor, batch: int, steps: int):
+        self.packed = None
+        self.w_t = w.t()
+        M, K = w.shape
+        if (steps >= _PACK_MIN_STEPS and batch >= _PACK_MIN_BATCH and batch * M * K >= _PACK_MIN_WORK
+                and _onednn(w)):
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), batch)
+        elif steps >= 8:
+            self.w_t = self.w_t.contiguous()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", _NONE, "")
+        return x @ self.w_t
+
+    def add_to(self, out: Tensor, x: Tensor) -> Tensor:
+        """out += x W^T, in place; returns out."""
+        if self.packed is not None:
+            return out.add_(self(x))
+        return out.addmm_(x, self.w_t)
+
+    def into(self, out: Tensor, x: Tensor, bias: Tensor) -> Tensor:
+        """out = x W^T + bias; returns out."""
+        if self.packed is not None:
+            return torch.add(self(x), bias, out=out)
+        return torch.addmm(bias, x, self.w_t, out=out)
+
+    def plus(self, c: Tensor, x: Tensor) -> Tensor:
+        """c + x W^T as a new tensor."""
+        if self.packed is not None:
+            return self(x).add_(c)
+        return torch.addmm(c, x, self.w_t)
+
+
+class _Linear(torch.autograd.Function):
+    """y = x W^T + b with oneDNN's products forward and backward (2-D x)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = b is not None
+        return linear(x, w, b)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        d_x = mm(grad, w) if need[0] else None      # (N, M) x (M, K)
+        d_w = weight_grad(grad, x) if need[1] else None
+        d_b = grad.sum(0) if ctx.has_bias and need[2] else None
+        return d_x, d_w, d_b
+
+
+def output_linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    """F.linear for any leading shape of x (..., K), through oneDNN forward and backward where it runs.
+
+    Used for the models' output layers, the largest products of a word model.
+    """
+    if not _onednn(x, w) or (b is not None and not _onednn(b)) or torch.is_autocast_enabled(x.device.type):
+        return torch.nn.functional.linear(x, w, b)
+    lead = x.shape[:-1]
+    flat = x.reshape(-1, x.shape[-1])
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
+        y = _Linear.apply(flat, w, b)
+    else:
+        y = linear(flat, w, b)
+    return y.view(*lead, w.shape[0])

@@ -1,0 +1,127 @@
+"""charlm/products.py: oneDNN's products against torch's, in every layout the models hand them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from charlm import products
+from charlm.products import Repeated, linear, mm, output_linear, weight_grad
+
+needs_onednn = pytest.mark.skipif(not products.ONEDNN, reason="this torch build has no usable oneDNN product")
+
+
+@pytest.fixture
+def small_shapes_too(monkeypatch):
+    """oneDNN for any size: the tests' shapes are far below where it pays."""
+    for name, value in [("_MIN_WORK", 0), ("_PACK_MIN_WORK", 0), ("_PACK_MIN_BATCH", 1), ("_PACK_MIN_STEPS", 8)]:
+        monkeypatch.setattr(products, name, value)
+
+
+def _randn(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _close(a, b):
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+def test_linear_mm_and_weight_grad_match_torch_in_every_layout(small_shapes_too):
+    x = _randn(7, 12, seed=0)
+    w_plain, w_transposed, w_column_slice = _randn(10, 12, seed=2), _randn(12, 10, seed=1).t(), _randn(10, 20, seed=3)[:, 4:16]
+    b = _randn(10, seed=4)
+    assert w_transposed.t().is_contiguous() and not w_column_slice.is_contiguous()
+    for w in (w_plain, w_transposed, w_column_slice):
+        _close(linear(x, w, b), torch.addmm(b, x, w.t()))
+        _close(linear(x[:, ::1], w), x @ w.t())
+        _close(mm(x, w.t()), x @ w.t())
+    strided_x = _randn(7, 24, seed=5)[:, ::2]  # a non-contiguous first operand is copied, not misread
+    _close(linear(strided_x, w_plain), strided_x @ w_plain.t())
+    for m in (3, 40):  # fewer and more output rows than inputs: the two orders weight_grad chooses from
+        d = _randn(9, m, seed=6)
+        _close(weight_grad(d, _randn(9, 12, seed=7)), d.t() @ _randn(9, 12, seed=7))
+        assert weight_grad(d, _randn(9, 12, seed=7)).shape == (m, 12)
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("steps", [1, 64])
+def test_repeated_products_match_addmm(onednn, steps, monkeypatch, small_shapes_too):
+    if onednn and not products.ONEDNN:
+        pytest.skip("no oneDNN product here")
+    monkeypatch.setattr(products, "ONEDNN", onednn)
+    w = _randn(12, 5, seed=0)
+    r = Repeated(w, 4, steps)
+    assert (r.packed is not None) == (onednn and steps >= 8)  # blocked layout only where it pays
+    h, c, bias = _randn(4, 5, seed=1), _randn(4, 12, seed=2), _randn(12, seed=3)
+    _close(r(h), h @ w.t())
+    _close(r.plus(c, h), c + h @ w.t())
+    out = c.clone()
+    assert r.add_to(out, h) is out
+    _close(out, c + h @ w.t())
+    into = torch.empty(4, 12)
+    r.into(into, h, bias)
+    _close(into, torch.addmm(bias, h, w.t()))
+    _close(r(_randn(7, 5, seed=4)), _randn(7, 5, seed=4) @ w.t())  # another batch size than the hint
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_output_linear_values_and_gradients_equal_f_linear(bias, small_shapes_too):
+    x1 = _randn(2, 3, 6, seed=0).requires_grad_()
+    w1 = _randn(11, 6, seed=1).requires_grad_()
+    b1 = _randn(11, seed=2).requires_grad_() if bias else None
+    x2, w2 = x1.detach().clone().requires_grad_(), w1.detach().clone().requires_grad_()
+    b2 = b1.detach().clone().requires_grad_() if bias else None
+    y1, y2 = output_linear(x1, w1, b1), F.linear(x2, w2, b2)
+    assert y1.shape == (2, 3, 11)
+    _close(y1, y2)
+    g = _randn(2, 3, 11, seed=3)
+    y1.backward(g)
+    y2.backward(g)
+    _close(x1.grad, x2.grad)
+    _close(w1.grad, w2.grad)
+    if bias:
+        _close(b1.grad, b2.grad)
+    with torch.no_grad():
+        _close(output_linear(x1, w1, b1), y2)
+
+
+@needs_onednn
+def test_torch_mkldnn_flag_turns_the_onednn_path_off(monkeypatch, small_shapes_too):
+    x, w = _randn(2, 3, seed=0), _randn(4, 3, seed=1)
+    assert products._onednn(x, w)
+    assert not products._onednn(x.double(), w.double())
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)  # as RNNLM.step does for one token
+    assert not products._onednn(x, w)
+    _close(linear(x, w), x @ w.t())
+
+
+@needs_onednn
+def test_small_products_stay_with_torch_where_onednn_costs_more():
+    # batch 1 (one line scored at a time): the layout and each call's overhead cost more than they save
+    assert Repeated(_randn(768, 256, seed=0), 1, 64).packed is None
+    assert Repeated(_randn(768, 256, seed=0), 16, 64).packed is not None  # the default char config
+    assert Repeated(_randn(768, 256, seed=0), 16, 8).packed is None       # too few steps to repay it
+
+
+def test_environment_variable_turns_onednn_off():
+    code = "import charlm.products as p; print(p.backend())"
+    env = {**os.environ, "CHARLM_ONEDNN": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "default"
+    env["CHARLM_ONEDNN"] = "1"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ("onednn" if products.ONEDNN else "default")
+
+
+def test_probe_does_not_touch_the_random_generator():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    assert products._probe() in (True, False)
+    torch.testing.assert_close(torch.rand(3), expected, atol=0, rtol=0)
