@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import products
 from .config import ModelConfig
 from .errors import UsageError
 from .model import RNNLM, build_model, count_parameters, detach_state
@@ -100,6 +101,7 @@ class BenchResult:
     vocab_size: int
     parameters: int
     threads: int
+    products: str  # what ran the float32 CPU matrix products: "onednn" or "default" (products.backend)
     train_tokens_per_s: float
     infer_tokens_per_s: float
     sample_tokens_per_s: float
@@ -249,7 +251,8 @@ def run_bench(s: BenchSettings, progress: Callable[[str], None] | None = None) -
         med = {what: statistics.median(rounds[(i, what)]) for what in steps}
         results.append(BenchResult(
             x.cell, x.impl, str(device), s.hidden_size, s.embedding_size, s.layers, s.batch_size, s.seq_len,
-            s.vocab_size, count_parameters(x.model), torch.get_num_threads(), med["train"], med["infer"],
+            s.vocab_size, count_parameters(x.model), torch.get_num_threads(),
+            products.backend() if device.type == "cpu" else "-", med["train"], med["infer"],
             med["sample"], peak, MEMORY_MEASURE[device.type], train_rounds=rounds[(i, "train")],
             infer_rounds=rounds[(i, "infer")], sample_rounds=rounds[(i, "sample")]))
     _add_ratios(results)

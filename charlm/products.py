@@ -11,9 +11,11 @@ lays W out once in oneDNN's blocked format, which halves the cost of the
 many small products of a time loop again.
 
 Those two operators are internal to PyTorch, so they are used only after a
-small self-test at import, only for float32 tensors on the CPU, and not at all
-when `CHARLM_ONEDNN=0` is set or torch.backends.mkldnn.enabled is False; otherwise every function here falls back to
-the plain torch product, with the same result up to float32 rounding.
+small self-test at import, only for float32 tensors on the CPU, only for
+products large enough to repay oneDNN's fixed cost per call, and not at all
+when `CHARLM_ONEDNN=0` is set or torch.backends.mkldnn.enabled is False
+(RNNLM.step turns it off for its one token). Otherwise every function here
+is the plain torch product; the two agree up to float32 rounding.
 docs/benchmarks.md has the measurements.
 """
 
@@ -81,8 +83,8 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
 
 
 def mm(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b for 2-D a (N, K) and b (K, M): oneDNN's product takes b.t() as its weight (M, K) in any
-    layout, but copies a non-contiguous a first, so a should be row-major."""
+    """a @ b for 2-D a (N, K) and b (K, M). oneDNN's product takes b.t() as its weight (M, K), row- or
+    column-major, and copies a non-contiguous a first, so a should be row-major."""
     return linear(a, b.t())
 
 
@@ -170,7 +172,9 @@ def output_linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
 
     Used for the models' output layers, the largest products of a word model.
     """
-    if not _onednn(x, w) or (b is not None and not _onednn(b)) or torch.is_autocast_enabled(x.device.type):
+    rows = x.numel() // max(x.shape[-1], 1)
+    if (rows * w.shape[0] * w.shape[1] < _MIN_WORK or not _onednn(x, w) or (b is not None and not _onednn(b))
+            or torch.is_autocast_enabled(x.device.type)):
         return torch.nn.functional.linear(x, w, b)
     lead = x.shape[:-1]
     flat = x.reshape(-1, x.shape[-1])

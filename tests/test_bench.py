@@ -64,6 +64,7 @@ def test_bench_command_prints_json_lines_with_the_documented_keys():
     for key in ("train_tokens_per_s", "infer_tokens_per_s", "sample_tokens_per_s", "train_ratio",
                 "infer_ratio", "sample_ratio", "peak_memory_bytes", "memory_measure"):
         assert key in records[0]
+    assert records[0]["products"] in ("onednn", "default")  # which library ran the CPU products
 
 
 def test_bench_command_prints_a_markdown_table():

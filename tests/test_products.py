@@ -125,3 +125,29 @@ def test_probe_does_not_touch_the_random_generator():
     torch.manual_seed(123)
     assert products._probe() in (True, False)
     torch.testing.assert_close(torch.rand(3), expected, atol=0, rtol=0)
+
+
+@needs_onednn
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")  # as export.py does
+def test_one_token_steps_and_their_exports_never_use_onednn():
+    """RNNLM.step turns oneDNN off, so an exported (traced) step holds no private operator, even where
+    its output layer is large enough for oneDNN (2 x 256 by 256 x 20,000: 10M multiply-adds)."""
+    from charlm.config import ModelConfig
+    from charlm.export import SingleStep
+    from charlm.model import build_model
+
+    model = build_model(ModelConfig(cell="gru", impl="custom", embedding_size=8, hidden_size=256), 20_000).eval()
+    model.rnn.fast = False  # as export_model does
+    example = (torch.zeros(2, dtype=torch.long), torch.zeros(1, 1, 2, 256))
+    traced = torch.jit.trace(SingleStep(model), example, check_trace=False)
+    assert "mkldnn" not in str(traced.inlined_graph)
+
+
+    def onednn_calls(fn) -> int:
+        with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            fn()
+        return sum(e.count for e in prof.key_averages() if e.key == "mkldnn::_linear_pointwise")
+
+    assert onednn_calls(lambda: model.step(torch.zeros(2, dtype=torch.long))) == 0
+    # the same output product outside a step does go to oneDNN, so the checks above can fail
+    assert onednn_calls(lambda: output_linear(torch.zeros(2, 256), model.decoder.weight)) == 1
