@@ -101,7 +101,7 @@ class BenchResult:
     vocab_size: int
     parameters: int
     threads: int
-    products: str  # what ran the float32 CPU matrix products: "onednn" or "default" (products.backend)
+    products: str  # products.backend(): "onednn" where charlm sends its larger float32 CPU products there
     train_tokens_per_s: float
     infer_tokens_per_s: float
     sample_tokens_per_s: float

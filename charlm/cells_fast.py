@@ -13,9 +13,11 @@ equations run over all T steps of one layer with
   `unbind` before the loop;
 - a hand-written backward pass through time that carries only da (and dc),
   with the weight gradients of all steps as one matrix product after the loop;
-- the matrix products through `products.py`: oneDNN's on a CPU that has it
-  (about twice MKL's speed on some processors), with W_hh laid out once per
-  window for the per-step products.
+- the matrix products through `products.py`: oneDNN's on a CPU that has it,
+  where the product is large enough to pay (about twice MKL's speed on some
+  processors), with W_hh laid out once per window for the per-step products
+  from batch 4 and 16 steps up; otherwise torch's, with a row-major copy of
+  W_hh^T from 8 steps up.
 
 Shapes: T time, B batch, E input, H hidden, G = (number of gates) * H. Every
 Function takes the layer input x (T, B, E) time-major, the weights in torch's

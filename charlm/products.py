@@ -11,7 +11,7 @@ lays W out once in oneDNN's blocked format, which halves the cost of the
 many small products of a time loop again.
 
 Those two operators are internal to PyTorch, so they are used only after a
-small self-test at import, only for float32 tensors on the CPU, only for
+small self-test at import, only for float32 CPU inputs and weights, only for
 products large enough to repay oneDNN's fixed cost per call, and not at all
 when `CHARLM_ONEDNN=0` is set or torch.backends.mkldnn.enabled is False
 (RNNLM.step turns it off for its one token). Otherwise every function here
@@ -67,6 +67,11 @@ def backend() -> str:
     return "onednn" if ONEDNN else "default"
 
 
+def _worth_it(rows: int, out_features: int, in_features: int, least: int) -> bool:
+    """A product of this size repays oneDNN's fixed cost (and is not empty, which oneDNN refuses)."""
+    return rows > 0 and out_features > 0 and in_features > 0 and rows * out_features * in_features >= least
+
+
 def _onednn(*tensors: Tensor) -> bool:
     """oneDNN for these tensors: float32 on the CPU, and not turned off by torch.backends.mkldnn.enabled."""
     return (ONEDNN and torch.backends.mkldnn.enabled
@@ -75,9 +80,11 @@ def _onednn(*tensors: Tensor) -> bool:
 
 def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     """x W^T + b for a 2-D x (N, K) and W (M, K): F.linear, through oneDNN where it runs and pays."""
-    if x.shape[0] * w.shape[0] * w.shape[1] >= _MIN_WORK and _onednn(x, w):
+    if _worth_it(x.shape[0], w.shape[0], w.shape[1], _MIN_WORK) and _onednn(x, w):
         if not (w.is_contiguous() or w.t().is_contiguous()):
             w = w.contiguous()  # other strides (a column slice) send oneDNN to a reference loop 100x slower
+        if b is not None and not b.is_contiguous():
+            b = b.contiguous()  # oneDNN reads the bias as packed, whatever its strides
         return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", _NONE, "")
     return torch.nn.functional.linear(x, w, b)
 
@@ -96,7 +103,7 @@ def weight_grad(d: Tensor, x: Tensor) -> Tensor:
     measured up to 1.7x slower, for a character model's output layer (M = 65)
     copying x^T.
     """
-    if d.shape[0] * d.shape[1] * x.shape[1] < _MIN_WORK or not _onednn(d, x):
+    if not _worth_it(d.shape[0], d.shape[1], x.shape[1], _MIN_WORK) or not _onednn(d, x):
         return d.t() @ x
     if d.shape[1] < x.shape[1]:
         return linear(d.t(), x.t())
@@ -117,8 +124,8 @@ class Repeated:
         self.packed = None
         self.w_t = w.t()
         M, K = w.shape
-        if (steps >= _PACK_MIN_STEPS and batch >= _PACK_MIN_BATCH and batch * M * K >= _PACK_MIN_WORK
-                and _onednn(w)):
+        if steps >= _PACK_MIN_STEPS and batch >= _PACK_MIN_BATCH and _worth_it(batch, M, K, _PACK_MIN_WORK) \
+                and _onednn(w):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), batch)
         elif steps >= 8:
             self.w_t = self.w_t.contiguous()
@@ -173,8 +180,8 @@ def output_linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     Used for the models' output layers, the largest products of a word model.
     """
     rows = x.numel() // max(x.shape[-1], 1)
-    if (rows * w.shape[0] * w.shape[1] < _MIN_WORK or not _onednn(x, w) or (b is not None and not _onednn(b))
-            or torch.is_autocast_enabled(x.device.type)):
+    if (not _worth_it(rows, w.shape[0], w.shape[1], _MIN_WORK) or not _onednn(x, w)
+            or (b is not None and not _onednn(b)) or torch.is_autocast_enabled(x.device.type)):
         return torch.nn.functional.linear(x, w, b)
     lead = x.shape[:-1]
     flat = x.reshape(-1, x.shape[-1])

@@ -13,7 +13,8 @@ from charlm.cells import CustomRNN
 VARIANTS = [("lstm", "classic", "tanh"), ("gru", "classic", "tanh"), ("gru", "torch", "tanh"),
             ("rnn", "classic", "tanh"), ("rnn", "classic", "relu")]
 IDS = ["lstm", "gru-classic", "gru-torch", "rnn-tanh", "rnn-relu"]
-B, T, E, H = 3, 9, 4, 6  # T >= 8 takes the laid-out-once W branch of products.Repeated, T = 1 (below) the other
+B, T, E, H = 3, 9, 4, 6  # T >= 8: W_hh prepared once (products.Repeated: oneDNN's layout under the backend
+# fixture's 'onednn', else a row-major copy of W^T); T = 1 (below): W_hh as it is
 
 
 def _pair(cell: str, gru_form: str, nonlinearity: str, layers: int, dropout: float = 0.0, dtype=torch.float32):
@@ -86,7 +87,20 @@ def test_fast_layer_matches_step_functions(variant, layers, backend):
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
-def test_fast_layer_from_zero_state_without_state_gradient(variant):
+def test_one_step_window_with_gradients_matches_step_functions(variant, backend):
+    # T = 1 with a graph: the weight gradient of steps 2..T is an empty product, which oneDNN refuses.
+    ref, fast = _pair(*variant, 2)
+    x = torch.randn(B, 1, E, generator=torch.Generator().manual_seed(8))
+    state = _state(variant[0], 2)
+    out_r, _, grads_r = _run(ref, x, state)
+    out_f, _, grads_f = _run(fast, x, state)
+    _close(out_f, out_r)
+    for a, b in zip(grads_f, grads_r):
+        _close(a, b)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
+def test_fast_layer_from_zero_state_without_state_gradient(variant, backend):
     # No initial state (zeros, no gradient wanted): the Functions skip dh0 / dc0; weights must not care.
     ref, fast = _pair(*variant, 2)
     x = torch.randn(B, T, E, generator=torch.Generator().manual_seed(3))
@@ -129,7 +143,8 @@ def _double(*shape, seed):
                        requires_grad=True)
 
 
-# x (T, B, E) = (8, 2, 2), hidden 3: small enough for finite differences, T >= 8 for the laid-out W
+# x (T, B, E) = (8, 2, 2), hidden 3: small enough for finite differences, T >= 8 for the row-major W^T copy
+# (float64 never goes to oneDNN)
 def _x():
     return _double(8, 2, 2, seed=0)
 
@@ -172,7 +187,7 @@ def test_custom_layer_passes_gradcheck_in_float64(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
-def test_inference_without_graph_equals_training_forward(variant):
+def test_inference_without_graph_equals_training_forward(variant, backend):
     # Under no_grad the fast path keeps one-step buffers only; the values must not change.
     _, fast = _pair(*variant, 2)
     x = torch.randn(B, T, E, generator=torch.Generator().manual_seed(6))
@@ -187,7 +202,7 @@ def test_inference_without_graph_equals_training_forward(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
-def test_one_step_at_a_time_equals_the_whole_window(variant):
+def test_one_step_at_a_time_equals_the_whole_window(variant, backend):
     # Sampling feeds T = 1 windows and carries the state: the same numbers as one pass.
     _, fast = _pair(*variant, 2)
     x = torch.randn(B, T, E, generator=torch.Generator().manual_seed(7))

@@ -70,17 +70,25 @@ def test_repeated_products_match_addmm(onednn, steps, monkeypatch, small_shapes_
     _close(r(_randn(7, 5, seed=4)), _randn(7, 5, seed=4) @ w.t())  # another batch size than the hint
 
 
+@needs_onednn
 @pytest.mark.parametrize("bias", [True, False])
-def test_output_linear_values_and_gradients_equal_f_linear(bias, small_shapes_too):
+@pytest.mark.parametrize("layout", ["plain", "column slice", "transposed"])
+@pytest.mark.parametrize("out_features", [3, 11])  # fewer / more than the 6 inputs: both orders of weight_grad
+def test_output_linear_values_and_gradients_equal_f_linear(bias, layout, out_features, small_shapes_too):
+    base = {"plain": _randn(out_features, 6, seed=1), "column slice": _randn(out_features, 10, seed=1)[:, 2:8],
+            "transposed": _randn(6, out_features, seed=1).t()}[layout]
     x1 = _randn(2, 3, 6, seed=0).requires_grad_()
-    w1 = _randn(11, 6, seed=1).requires_grad_()
-    b1 = _randn(11, seed=2).requires_grad_() if bias else None
+    w1 = base.detach().clone().requires_grad_() if layout == "plain" else base.requires_grad_()
+    b_full = _randn(2 * out_features, seed=2)
+    b1 = b_full[::2].requires_grad_() if bias else None  # a strided bias: oneDNN would misread it as it is
     x2, w2 = x1.detach().clone().requires_grad_(), w1.detach().clone().requires_grad_()
     b2 = b1.detach().clone().requires_grad_() if bias else None
     y1, y2 = output_linear(x1, w1, b1), F.linear(x2, w2, b2)
-    assert y1.shape == (2, 3, 11)
+    assert type(y1.grad_fn).__name__ == "ViewBackward0"
+    assert type(y1.grad_fn.next_functions[0][0]).__name__ == "_LinearBackward"  # oneDNN's path, not F.linear's
+    assert y1.shape == (2, 3, out_features)
     _close(y1, y2)
-    g = _randn(2, 3, 11, seed=3)
+    g = _randn(2, 6, out_features, seed=3)[:, ::2]  # a non-contiguous gradient from above
     y1.backward(g)
     y2.backward(g)
     _close(x1.grad, x2.grad)
@@ -89,6 +97,22 @@ def test_output_linear_values_and_gradients_equal_f_linear(bias, small_shapes_to
         _close(b1.grad, b2.grad)
     with torch.no_grad():
         _close(output_linear(x1, w1, b1), y2)
+
+
+def test_output_linear_without_onednn_is_f_linear(monkeypatch):
+    monkeypatch.setattr(products, "ONEDNN", False)
+    x, w = _randn(4, 6, seed=0).requires_grad_(), _randn(5, 6, seed=1)
+    y = output_linear(x, w)
+    assert type(y.grad_fn).__name__ != "_LinearBackward"
+    _close(y, F.linear(x, w))
+
+
+@needs_onednn
+def test_empty_products_stay_with_torch(small_shapes_too):
+    # oneDNN refuses a product with no rows or no inner dimension; thresholds of 0 must not send it there
+    _close(linear(torch.zeros(0, 5), _randn(4, 5, seed=0)), torch.zeros(0, 4))
+    _close(weight_grad(torch.zeros(0, 4), torch.zeros(0, 5)), torch.zeros(4, 5))
+    _close(mm(torch.zeros(3, 0), torch.zeros(0, 4)), torch.zeros(3, 4))
 
 
 @needs_onednn
@@ -139,9 +163,8 @@ def test_one_token_steps_and_their_exports_never_use_onednn():
     model = build_model(ModelConfig(cell="gru", impl="custom", embedding_size=8, hidden_size=256), 20_000).eval()
     model.rnn.fast = False  # as export_model does
     example = (torch.zeros(2, dtype=torch.long), torch.zeros(1, 1, 2, 256))
-    traced = torch.jit.trace(SingleStep(model), example, check_trace=False)
+    traced = torch.jit.trace(SingleStep(model), example, check_trace=False)  # a oneDNN call would raise here
     assert "mkldnn" not in str(traced.inlined_graph)
-
 
     def onednn_calls(fn) -> int:
         with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

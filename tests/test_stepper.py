@@ -47,12 +47,7 @@ def test_stepper_logits_equal_the_forward_pass(cell, impl, gru_form, nonlinearit
         for t in range(1, tokens.shape[1]):
             stepper.step(tokens[:, t], out)
             steps.append(out.clone())
-    # The window runs its products through oneDNN (charlm/products.py) and the stepper through torch's
-    # addmm, which round their sums in another order. Rounding errors scale with the terms summed, not
-    # with the result, and these weights (N(0, 0.5), ReLU) make logits of up to ~300: the absolute
-    # tolerance is a millionth of the largest logit. A wrong term would differ by O(1).
-    scale = full.abs().max().item()
-    torch.testing.assert_close(torch.stack(steps, dim=1), full, atol=max(1e-5, 1e-6 * scale), rtol=1e-5)
+    torch.testing.assert_close(torch.stack(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
 def test_gumbel_noise_masks_unk_and_is_zero_at_temperature_zero():
