@@ -12,16 +12,17 @@ many small products of a time loop again.
 
 Those two operators are internal to PyTorch, so they are used only after a
 small self-test at import, only for float32 CPU inputs and weights, only for
-products large enough to repay oneDNN's fixed cost per call, and not at all
-when `CHARLM_ONEDNN=0` is set or torch.backends.mkldnn.enabled is False
-(RNNLM.step turns it off for its one token). Otherwise every function here
-is the plain torch product; the two agree up to float32 rounding.
-docs/benchmarks.md has the measurements.
+products large enough to repay oneDNN's fixed cost per call, only on x86-64
+unless `CHARLM_ONEDNN=1`, and not at all when `CHARLM_ONEDNN=0` is set or
+torch.backends.mkldnn.enabled is False (RNNLM.step turns it off for its one
+token). Otherwise every function here is the plain torch product; the two
+agree up to float32 rounding. docs/benchmarks.md has the measurements.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 
 import torch
 from torch import Tensor
@@ -39,8 +40,15 @@ _PACK_MIN_WORK, _PACK_MIN_BATCH, _PACK_MIN_STEPS = 1 << 19, 4, 16
 
 
 def _probe() -> bool:
-    """Whether oneDNN's product operators exist here and agree with torch's (checked once)."""
-    if os.environ.get("CHARLM_ONEDNN", "1").strip().lower() in ("0", "false", "no", "off"):
+    """Whether to use oneDNN's product operators: wanted here, present, and in agreement with torch's.
+
+    CHARLM_ONEDNN=0 turns them off, =1 on; unset, they are used on x86-64, where they were measured.
+    Elsewhere (an ARM Mac's torch, say, whose own products go to other libraries) nobody measured them.
+    """
+    wanted = os.environ.get("CHARLM_ONEDNN", "").strip().lower()
+    if wanted in ("0", "false", "no", "off"):
+        return False
+    if wanted not in ("1", "true", "yes", "on") and platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     try:
         if not torch.backends.mkldnn.is_available():

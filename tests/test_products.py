@@ -133,14 +133,27 @@ def test_small_products_stay_with_torch_where_onednn_costs_more():
     assert Repeated(_randn(768, 256, seed=0), 16, 8).packed is None       # too few steps to repay it
 
 
-def test_environment_variable_turns_onednn_off():
-    code = "import charlm.products as p; print(p.backend())"
-    env = {**os.environ, "CHARLM_ONEDNN": "0"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "default"
-    env["CHARLM_ONEDNN"] = "1"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == ("onednn" if products.ONEDNN else "default")
+def _backend_with(setting: str | None, machine: str | None = None) -> str:
+    """products.backend() in a fresh interpreter with CHARLM_ONEDNN set so (None: unset), on `machine`."""
+    code = ("import platform, sys\n"
+            "if sys.argv[1]: platform.machine = lambda: sys.argv[1]\n"
+            "import charlm.products as p; print(p.backend())")
+    env = {k: v for k, v in os.environ.items() if k != "CHARLM_ONEDNN"}
+    if setting is not None:
+        env["CHARLM_ONEDNN"] = setting
+    out = subprocess.run([sys.executable, "-c", code, machine or ""], env=env, capture_output=True, text=True,
+                         check=True)
+    return out.stdout.strip()
+
+
+def test_environment_variable_and_processor_choose_the_backend():
+    works = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    assert _backend_with("0") == "default"
+    assert _backend_with("0", "x86_64") == "default"
+    assert _backend_with(None, "arm64") == "default"  # not measured there: off unless asked for
+    if works:
+        assert _backend_with(None, "x86_64") == "onednn"
+        assert _backend_with("1", "arm64") == "onednn"
 
 
 def test_probe_does_not_touch_the_random_generator():
