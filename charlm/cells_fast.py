@@ -62,12 +62,26 @@ def _project(x: Tensor, w_ih: Tensor, bias: Tensor) -> Tensor:
     return linear(x.reshape(T * B, -1), w_ih, bias).view(T, B, -1)
 
 
-def _input_grads(ctx, d_proj: Tensor, x: Tensor, w_ih: Tensor) -> tuple:
-    """dx, dW_ih, db from the gradient of the projection, for the Function inputs 0, 1, 2 (x, w_ih, b)."""
+def _input_grads(ctx, d_proj: Tensor | tuple, x: Tensor, w_ih: Tensor) -> tuple:
+    """dx, dW_ih, db from the gradient of the projection, for the Function inputs 0, 1, 2 (x, w_ih, b).
+
+    `d_proj` (T, B, G), or a tuple of its consecutive blocks of gates kept in separate buffers (the
+    classic GRU's), which are used as they are rather than joined into one copy first.
+    """
+    parts = d_proj if isinstance(d_proj, tuple) else (d_proj,)
     need = ctx.needs_input_grad
-    d_x = mm(d_proj.flatten(0, 1), w_ih).view(x.shape) if need[0] else None
-    d_w = _weight_grad(d_proj, x) if need[1] else None
-    d_b = d_proj.sum((0, 1)) if need[2] else None
+    d_x = d_w = d_b = None
+    if need[0]:
+        start = 0
+        for d in parts:  # dx = sum over the blocks of d_block W_ih[block]
+            part = mm(d.flatten(0, 1), w_ih[start: start + d.shape[2]])
+            d_x = part if d_x is None else d_x.add_(part)
+            start += d.shape[2]
+        d_x = d_x.view(x.shape)
+    if need[1]:
+        d_w = torch.cat([_weight_grad(d, x) for d in parts]) if len(parts) > 1 else _weight_grad(parts[0], x)
+    if need[2]:
+        d_b = torch.cat([d.sum((0, 1)) for d in parts])
     return d_x, d_w, d_b
 
 
@@ -274,7 +288,7 @@ class GRULayer(torch.autograd.Function):
         d_w = None
         if ctx.needs_input_grad[4]:
             d_w = torch.cat([_weight_grad(d_ru, h_prev), _weight_grad(d_c, rh)])
-        return (*_input_grads(ctx, torch.cat([d_ru, d_c], 2), x, w_ih), d_h0, d_w)
+        return (*_input_grads(ctx, (d_ru, d_c), x, w_ih), d_h0, d_w)
 
 
 # ---------------------------------------------------------------- GRU, torch's form
