@@ -34,7 +34,8 @@ def _close(a, b):
 @needs_onednn
 def test_linear_mm_and_weight_grad_match_torch_in_every_layout(small_shapes_too):
     x = _randn(7, 12, seed=0)
-    w_plain, w_transposed, w_column_slice = _randn(10, 12, seed=2), _randn(12, 10, seed=1).t(), _randn(10, 20, seed=3)[:, 4:16]
+    w_plain, w_transposed = _randn(10, 12, seed=2), _randn(12, 10, seed=1).t()
+    w_column_slice = _randn(10, 20, seed=3)[:, 4:16]
     b = _randn(10, seed=4)
     assert w_transposed.t().is_contiguous() and not w_column_slice.is_contiguous()
     for w in (w_plain, w_transposed, w_column_slice):
