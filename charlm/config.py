@@ -207,9 +207,6 @@ def validate(cfg: Config) -> None:
     if m.tie_weights and m.embedding_size != m.hidden_size:
         raise UsageError(f"config: model.tie_weights needs model.embedding_size == model.hidden_size "
                          f"(got {m.embedding_size} and {m.hidden_size})")
-    if cfg.train.precision == "bf16" and m.device == "cpu":
-        raise UsageError("config: train.precision bf16 is for CUDA; use fp32 on the CPU (bf16 training on a CPU "
-                         "was measured less accurate: docs/benchmarks.md)")
 
 
 def read_yaml(path: Path) -> dict:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from helpers_reliability import (ROOT, assert_one_line_error, child_env, cli, corpus_text, one_thread,  # noqa: F401
                                  peak_memory, train_run, write_config, write_corpus)
@@ -160,6 +161,16 @@ def test_unknown_config_key_is_exit_2_naming_it(tmp_path, yaml_text, fragment):
     config.write_text(yaml_text, encoding="utf-8")
     result = cli("train", "--config", config, "--corpus", write_corpus(tmp_path), "--out", tmp_path / "run")
     assert_one_line_error(result, 2, fragment)
+
+
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_bf16_training_off_cuda_is_exit_2_not_a_silent_fp32_run(tmp_path, device):
+    if device == "auto" and torch.cuda.is_available():
+        pytest.skip("auto resolves to CUDA here")
+    result = cli(*train_args(tmp_path, write_corpus(tmp_path), "--set", "train.precision=bf16",
+                             "--set", f"model.device={device}"))
+    assert_one_line_error(result, 2, "bf16", "CUDA", "fp32")
+    assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
 def test_unknown_set_key_is_exit_2_naming_it(tmp_path):

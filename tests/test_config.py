@@ -83,7 +83,7 @@ def test_int_fields_accept_whole_floats_and_float_fields_accept_ints():
     ({"model": {"tie_weights": "yes"}}, "true or false"),
     ({"model": {"cell": None}}, "must not be empty"),
     ({"model": {"tie_weights": True, "embedding_size": 8, "hidden_size": 16}}, "tie_weights"),
-    ({"model": {"device": "cpu"}, "train": {"precision": "bf16"}}, "bf16"),
+    ({"train": {"precision": "fp16"}}, "train.precision"),
     ([1, 2], "top level"),
 ])
 def test_bad_configs_are_usage_errors_naming_the_key(raw, message):
