@@ -84,9 +84,10 @@ class TrainConfig:
     beta2: float = _f(0.999, "adam / adamw: decay of the running mean of squared gradients (0.99 adapts "
                       "faster, for short runs)", low=0.0, high=1.0, high_open=True)
     clip: float = _f(1.0, "clip the gradient norm to this (0: no clipping)", low=0.0)
-    schedule: str = _f("cosine", "learning-rate schedule after warm-up", choices=("constant", "cosine", "plateau"))
+    schedule: str = _f("cosine", "learning-rate schedule after warm-up",
+                       choices=("constant", "cosine", "linear", "plateau"))
     warmup_steps: int = _f(0, "steps of linear warm-up from 0 to lr", low=0)
-    final_lr_fraction: float = _f(0.0, "cosine: the learning rate ends at lr times this", low=0.0, high=1.0)
+    final_lr_fraction: float = _f(0.0, "cosine, linear: the learning rate ends at lr times this", low=0.0, high=1.0)
     plateau_factor: float = _f(0.25, "plateau: multiply lr by this when validation stops improving",
                                low=0.0, high=1.0, low_open=True, high_open=True)
     plateau_patience: int = _f(0, "plateau: evaluations without improvement before lr is cut", low=0)

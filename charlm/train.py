@@ -80,16 +80,17 @@ class Progress:
 
 
 def learning_rate(cfg: Config, p: Progress, fraction_done: float) -> float:
-    """Linear warm-up, then constant, cosine (over the run's budget) or the plateau-cut rate."""
+    """Linear warm-up, then constant, cosine or linear decay (over the run's budget) or the plateau-cut rate."""
     t = cfg.train
     lr = t.lr * p.plateau_scale
     if t.warmup_steps and p.step < t.warmup_steps:
         return lr * (p.step + 1) / t.warmup_steps
-    if t.schedule == "cosine":
+    if t.schedule in ("cosine", "linear"):
         span = 1.0 - (t.warmup_steps / t.max_steps if t.max_steps else 0.0)
         done = fraction_done - (1.0 - span)
-        q = min(max(done / span if span > 0 else 1.0, 0.0), 1.0)
-        return t.lr * (t.final_lr_fraction + (1 - t.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * q)))
+        q = min(max(done / span if span > 0 else 1.0, 0.0), 1.0)  # 0 -> 1 over the budget after warm-up
+        left = 0.5 * (1 + math.cos(math.pi * q)) if t.schedule == "cosine" else 1.0 - q
+        return t.lr * (t.final_lr_fraction + (1 - t.final_lr_fraction) * left)
     return lr
 
 

@@ -156,6 +156,19 @@ def test_learning_rate_warms_up_then_follows_the_cosine():
     assert learning_rate(cfg, Progress(step=60, plateau_scale=0.5), 60 / 110) == pytest.approx(0.5)
 
 
+def test_learning_rate_warms_up_then_decays_linearly():
+    cfg = Config()
+    cfg.train.lr, cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.final_lr_fraction = 1.0, 10, 110, 0.1
+    cfg.train.schedule = "linear"
+    assert learning_rate(cfg, Progress(step=0), 0.0) == pytest.approx(0.1)
+    assert learning_rate(cfg, Progress(step=10), 10 / 110) == pytest.approx(1.0)
+    assert learning_rate(cfg, Progress(step=35), 35 / 110) == pytest.approx(0.775)  # a quarter of the way down
+    assert learning_rate(cfg, Progress(step=60), 60 / 110) == pytest.approx(0.55)
+    assert learning_rate(cfg, Progress(step=110), 1.0) == pytest.approx(0.1)
+    cfg.train.max_steps, cfg.train.max_time = None, 100.0  # over a time budget: no warm-up share to skip
+    assert learning_rate(cfg, Progress(step=50), 0.25) == pytest.approx(0.775)
+
+
 @pytest.mark.parametrize("level", ["char", "word"])
 def test_chinese_and_emoji_corpus_trains_samples_and_scores(write_corpus, tmp_path, level):
     from charlm.checkpoint import load_run
