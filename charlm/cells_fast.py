@@ -240,7 +240,7 @@ def gru_layer_forward(x: Tensor, w_ih: Tensor, bias: Tensor, h0: Tensor, w_hh: T
         w_ru.add_to(RU[t], h).sigmoid_()                               # Γr, Γu = σ(W [h<t-1>, x<t>] + b)
         r_h = torch.mul(R[t], h, out=RH[t if save else 0])            # Γr * h<t-1>
         w_c.add_to(C_TILDE[t], r_h).tanh_()                           # c~<t> = tanh(W_c [Γr * h<t-1>, x<t>] + b_c)
-        h = torch.sub(C_TILDE[t], h, out=HS[t]).mul_(U[t]).add_(h)  # h<t> = h<t-1> + Γu (c~<t> - h<t-1>)
+        h = torch.lerp(h, C_TILDE[t], U[t], out=HS[t])              # h<t> = h<t-1> + Γu (c~<t> - h<t-1>)
     return hs, (gates, rh)
 
 
@@ -315,7 +315,7 @@ def gru_torch_layer_forward(x: Tensor, w_ih: Tensor, b_ih: Tensor, h0: Tensor, w
         w.into(GH[k], h, b_hh)                                 # W_h h<t-1> + b_h, (B, 3H)
         RZ[t].add_(GH_RZ[k]).sigmoid_()                        # r<t>, z<t> = σ(W_i x + b_i + W_h h + b_h)
         n = N[t].addcmul_(R[t], GH_N[k]).tanh_()               # n<t> = tanh(W_in x + b_in + r (W_hn h + b_hn))
-        h = torch.sub(h, n, out=HS[t]).mul_(Z[t]).add_(n)      # h<t> = n + z (h<t-1> - n) = (1 - z) n + z h<t-1>
+        h = torch.lerp(n, h, Z[t], out=HS[t])                  # h<t> = n + z (h<t-1> - n) = (1 - z) n + z h<t-1>
     return hs, (gates, gh)
 
 
