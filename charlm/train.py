@@ -88,7 +88,9 @@ def learning_rate(cfg: Config, p: Progress, fraction_done: float) -> float:
     if t.schedule in ("cosine", "linear"):
         span = 1.0 - (t.warmup_steps / t.max_steps if t.max_steps else 0.0)
         done = fraction_done - (1.0 - span)
-        q = min(max(done / span if span > 0 else 1.0, 0.0), 1.0)  # 0 -> 1 over the budget after warm-up
+        # 0 -> 1 over the run: with max_steps over the steps after warm-up; over a time or epoch budget the
+        # warm-up's share is not known in advance, so the decay starts a little below lr (1 % for the char config)
+        q = min(max(done / span if span > 0 else 1.0, 0.0), 1.0)
         left = 0.5 * (1 + math.cos(math.pi * q)) if t.schedule == "cosine" else 1.0 - q
         return t.lr * (t.final_lr_fraction + (1 - t.final_lr_fraction) * left)
     return lr
