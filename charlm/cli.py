@@ -562,11 +562,9 @@ def _print_bench(results, gen, sco, markdown: bool) -> None:
         r0 = results[0]
         products = f", {r0.products} products" if r0.device == "cpu" else ""
         threads = f"{r0.threads} thread" + ("s" if r0.threads != 1 else "")
-        _out(f"device {r0.device} ({threads}{products}), hidden {r0.hidden_size}, "
-             f"embedding {r0.embedding_size}, "
-             f"layers {r0.layers}, "
-             f"batch {r0.batch_size}, window {r0.seq_len}, vocabulary {r0.vocab_size}; tokens/s are medians of "
-             f"{len(r0.train_rounds)} rounds; ratio = this impl / torch; memory: {r0.memory_measure}")
+        _out(f"device {r0.device} ({threads}{products}), hidden {r0.hidden_size}, embedding {r0.embedding_size}, "
+             f"layers {r0.layers}, batch {r0.batch_size}, window {r0.seq_len}, vocabulary {r0.vocab_size}; "
+             f"tokens/s are medians of {len(r0.train_rounds)} rounds; ratio = this impl / torch; memory: {r0.memory_measure}")
         _out()
         table(["cell", "impl", "train tok/s", "infer tok/s", "sample tok/s", "train ratio", "infer ratio",
                "sample ratio", "peak MiB", "parameters"],
