@@ -6,6 +6,7 @@ step (constant work per token), not a pass over the whole history.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -62,11 +63,23 @@ def next_token_distribution(logits: Tensor, temperature: float, top_k: int, top_
     return probs
 
 
-@torch.no_grad()
+# Samples are drawn in groups of at most this many streams: memory stays bounded for any --num-samples
+# (the state, the noise and the tokens of one group), and the command prints each group as it is done.
+GROUP = 256
+
+
 def generate(model: RNNLM, codec: TextCodec, prime: str = "", max_length: int = 200, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, num_samples: int = 1, seed: int | None = None,
              allow_unk: bool = False, device: torch.device | str = "cpu") -> list[Sample]:
-    """`num_samples` texts generated in parallel, each stopping at `<eos>` or after `max_length` tokens."""
+    """`num_samples` texts, each stopping at `<eos>` or after `max_length` tokens (see `iter_samples`)."""
+    return list(iter_samples(model, codec, prime, max_length, temperature, top_k, top_p, num_samples, seed,
+                             allow_unk, device))
+
+
+def iter_samples(model: RNNLM, codec: TextCodec, prime: str = "", max_length: int = 200, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, num_samples: int = 1, seed: int | None = None,
+                 allow_unk: bool = False, device: torch.device | str = "cpu") -> Iterator[Sample]:
+    """The samples one by one, drawn in parallel groups of up to GROUP streams from one random generator."""
     check_options(max_length, temperature, top_k, top_p, num_samples)
     model.eval()
     generator = torch.Generator(device="cpu")
@@ -77,9 +90,20 @@ def generate(model: RNNLM, codec: TextCodec, prime: str = "", max_length: int = 
         prime_ids += codec.encode_line(line)
         if i < len(prime_lines) - 1 or prime.endswith("\n"):
             prime_ids.append(EOS_ID)
-    start = torch.tensor([[EOS_ID] + prime_ids] * num_samples, device=device)  # (B, 1 + P)
+    prime_text = codec.decode(prime_ids)
+    prime_unk = sum(1 for i in prime_ids if i == UNK_ID)
+    for first in range(0, num_samples, GROUP):
+        yield from _group(model, codec, prime_ids, prime_text, prime_unk, min(GROUP, num_samples - first),
+                          max_length, temperature, top_k, top_p, allow_unk, generator, device)
+
+
+@torch.no_grad()
+def _group(model: RNNLM, codec: TextCodec, prime_ids: list[int], prime_text: str, prime_unk: int, n: int,
+           max_length: int, temperature: float, top_k: int, top_p: float, allow_unk: bool,
+           generator: torch.Generator, device: torch.device | str) -> list[Sample]:
+    start = torch.tensor([[EOS_ID] + prime_ids] * n, device=device)  # (n, 1 + P)
     logits, state = model(start)
-    logits = logits[:, -1]  # (B, V)
+    logits = logits[:, -1]  # (n, V)
     if top_k == 0 and top_p == 1.0 and not model.adaptive:
         ids, step_logp = _sample_fast(model, logits, state, max_length, temperature, allow_unk, generator)
     else:
@@ -91,16 +115,15 @@ def generate(model: RNNLM, codec: TextCodec, prime: str = "", max_length: int = 
     lengths = alive.sum(dim=1)
     logprob = (step_logp.double() * alive).sum(dim=1)
     samples = []
-    for b in range(num_samples):
+    for b in range(n):
         ids_b = ids[b, : int(lengths[b])].tolist()
         stopped = "eos" if ids_b and ids_b[-1] == EOS_ID else "max_length"
         body = ids_b[:-1] if stopped == "eos" else ids_b
         generated = codec.decode(body)
-        prime_text = codec.decode(prime_ids)
         joiner = "" if (not prime_text or prime_text.endswith("\n") or codec.tokenizer.level == "char"
                         or not generated) else " "
         samples.append(Sample(prime_text + joiner + generated, generated, codec.vocab.decode(ids_b),
-                              float(logprob[b]), stopped, sum(1 for i in prime_ids if i == UNK_ID)))
+                              float(logprob[b]), stopped, prime_unk))
     return samples
 
 
@@ -140,7 +163,7 @@ def _sample_fast(model: RNNLM, logits: Tensor, state, max_length: int, temperatu
     rows = buffer.unbind(0)  # views made once
     scores = torch.empty(B, V, device=device)
     scale = 1.0 / temperature if temperature > 0 else 1.0
-    tokens: list[Tensor] = []
+    blocks: list[Tensor] = []  # the chosen tokens, (steps, B) a block: 8 bytes a token, however long the sample
     logps: list[Tensor] = []
     done = torch.zeros(B, dtype=torch.bool, device=device)
     noise: tuple[Tensor, ...] = ()
@@ -148,8 +171,9 @@ def _sample_fast(model: RNNLM, logits: Tensor, state, max_length: int, temperatu
         i = t % block
         if i == 0:
             noise = _gumbel_noise(block, B, V, temperature, allow_unk, generator).to(device).unbind(0)
-        token = torch.add(noise[i], rows[i], alpha=scale, out=scores).argmax(dim=1)  # (B,)
-        tokens.append(token)
+            chosen = torch.empty(block, B, dtype=torch.long, device=device)
+            blocks.append(chosen)
+        token = torch.argmax(torch.add(noise[i], rows[i], alpha=scale, out=scores), dim=1, out=chosen[i])  # (B,)
         if B == 1:
             stop = int(token) == EOS_ID
         else:
@@ -157,12 +181,12 @@ def _sample_fast(model: RNNLM, logits: Tensor, state, max_length: int, temperatu
             stop = bool(done.all())
         stop = stop or t == max_length - 1
         if i == block - 1 or stop:  # the model's log-probability (temperature 1) of this block's choices
-            chosen = torch.stack(tokens[t - i:], dim=0).unsqueeze(2)  # (i + 1, B, 1)
-            logps.append(torch.log_softmax(buffer[:i + 1], dim=-1).gather(2, chosen).squeeze(2))
+            blocks[-1] = chosen[:i + 1]
+            logps.append(torch.log_softmax(buffer[:i + 1], dim=-1).gather(2, chosen[:i + 1].unsqueeze(2)).squeeze(2))
         if stop:
             break
         stepper.step(token, rows[(i + 1) % block])
-    return torch.stack(tokens, dim=1).cpu(), torch.cat(logps, dim=0).t().cpu()
+    return torch.cat(blocks, dim=0).t().cpu(), torch.cat(logps, dim=0).t().cpu()
 
 
 def _sample_general(model: RNNLM, logits: Tensor, state, max_length: int, temperature: float, top_k: int,
@@ -170,8 +194,9 @@ def _sample_general(model: RNNLM, logits: Tensor, state, max_length: int, temper
                     device: torch.device | str) -> tuple[Tensor, Tensor]:
     """Any decoder and any truncation (top-k, nucleus): `RNNLM.step` and torch.multinomial."""
     B = logits.shape[0]
-    tokens: list[Tensor] = []
+    tokens: list[Tensor] = []  # the last steps' tokens (B,), joined into one tensor every 64 steps
     logps: list[Tensor] = []
+    blocks: list[tuple[Tensor, Tensor]] = []
     done = torch.zeros(B, dtype=torch.bool)
     for t in range(max_length):
         logp = torch.log_softmax(logits.float(), dim=-1).cpu()  # the model's distribution (B, V)
@@ -184,7 +209,11 @@ def _sample_general(model: RNNLM, logits: Tensor, state, max_length: int, temper
         tokens.append(token)
         logps.append(logp.gather(1, token.unsqueeze(1)).squeeze(1))
         done |= token == EOS_ID
-        if bool(done.all()):
+        stop = bool(done.all())
+        if len(tokens) == 64 or stop or t == max_length - 1:
+            blocks.append((torch.stack(tokens, dim=1), torch.stack(logps, dim=1)))
+            tokens, logps = [], []
+        if stop:
             break
         logits, state = model.step(token.to(device), state)
-    return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)
+    return torch.cat([b[0] for b in blocks], dim=1), torch.cat([b[1] for b in blocks], dim=1)

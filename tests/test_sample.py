@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from charlm.errors import UsageError
-from charlm.sample import check_options, generate, next_token_distribution
+from charlm import sample as sample_module
+from charlm.sample import check_options, generate, iter_samples, next_token_distribution
 from charlm.score import score_sentences
 from charlm.tokenizer import EOS, EOS_ID, UNK, UNK_ID
 from conftest import char_codec, random_model
@@ -68,6 +69,46 @@ def test_sample_logprob_is_the_score_of_the_sample():
     scores = score_sentences(model, codec, [s.generated for s in finished])
     for s, r in zip(finished, scores):
         assert s.logprob == pytest.approx(r.logprob, abs=1e-5)
+
+
+@pytest.mark.parametrize("top_k", [0, 3])  # 0: the fast path (Gumbel noise), 3 of 4 tokens: the general path
+def test_a_sample_longer_than_a_block_keeps_every_token_and_its_logprob(top_k):
+    """Tokens are kept a block of 64 steps at a time: a 150-token sample crosses two block boundaries."""
+    model = random_model("gru", vocab_size=4)
+    with torch.no_grad():
+        model.decoder.bias[EOS_ID] -= 30.0  # never stops early: every sample runs to max_length
+    codec = char_codec("ab")
+    samples = generate(model, codec, max_length=150, num_samples=3, seed=11, top_k=top_k)
+    for s in samples:
+        assert s.stopped_at == "max_length" and len(s.tokens) == 150 and len(s.generated) == 150
+        # ln P(generated) = ln P(generated + <eos>) - ln P(<eos> | generated), both from `score`
+        (r,) = score_sentences(model, codec, [s.generated])
+        assert r.tokens[:-1] == s.tokens
+        assert s.logprob == pytest.approx(r.logprob - r.token_logprobs[-1], abs=1e-4)
+
+
+@pytest.mark.parametrize("top_k", [0, 3])
+def test_many_samples_are_drawn_group_by_group(monkeypatch, top_k):
+    """Memory is bounded by the group, not by --num-samples: with groups of 4, ten samples come in three
+    groups, the first of which is exactly what asking for four samples gives."""
+    monkeypatch.setattr(sample_module, "GROUP", 4)
+    model = random_model("lstm", vocab_size=4)
+    codec = char_codec("ab")
+    drawn = []
+    original = sample_module._group
+    monkeypatch.setattr(sample_module, "_group", lambda *a, **k: drawn.append(a[5]) or original(*a, **k))
+    stream = iter_samples(model, codec, max_length=30, num_samples=10, seed=3, top_k=top_k)
+    first = next(stream)
+    assert drawn == [4]  # lazily: only the first group has been drawn so far
+    ten = [first, *stream]
+    assert drawn == [4, 4, 2] and len(ten) == 10
+    assert [s.tokens for s in ten[:4]] == [s.tokens for s in generate(model, codec, max_length=30, num_samples=4,
+                                                                       seed=3, top_k=top_k)]
+    again = generate(model, codec, max_length=30, num_samples=10, seed=3, top_k=top_k)
+    assert [s.tokens for s in again] == [s.tokens for s in ten]
+    assert len({tuple(s.tokens) for s in ten}) > 1
+    for s in ten:
+        assert UNK not in s.tokens and (s.stopped_at == "max_length") == (s.tokens[-1] != EOS)
 
 
 # ---------------------------------------------------------------- stopping and <unk>
