@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from . import config as config_mod
 from .errors import RunFailure, UsageError
+from .runs import CHECKPOINT_NAMES, is_checkpoint_folder
 from .runtime import file_sha256
 from .tokenizer import TextCodec
 
@@ -185,6 +186,15 @@ def recover(run_dir: Path) -> None:
     fsync_dir(run_dir)
 
 
+def check_new_run_folder(path: Path) -> None:
+    """Refuse to start a run in or under a checkpoint folder: the checkpoint would be damaged, and saving
+    the checkpoint again (which replaces the whole folder) would delete the new run."""
+    for folder in (Path(path), *Path(path).parents):
+        if is_checkpoint_folder(folder):
+            raise UsageError(f"--out {path}: {folder} is a checkpoint folder of a run; choose a folder outside it "
+                             f"(to continue that run, use --resume with its run folder)")
+
+
 def find_checkpoint(path: Path, which: str = "best") -> Path:
     """A checkpoint folder from a run folder (`best`, falling back to `last`) or a checkpoint folder itself."""
     path = Path(path)
@@ -192,7 +202,7 @@ def find_checkpoint(path: Path, which: str = "best") -> Path:
         raise UsageError(f"run folder not found: {path}")
     if (path / MANIFEST_FILE).exists():
         return path
-    order = {"best": ("best", "last", "best.old", "last.old"), "last": ("last", "last.old")}[which]
+    order = {"best": CHECKPOINT_NAMES, "last": ("last", "last.old")}[which]
     for name in order:
         if (path / name / MANIFEST_FILE).exists():
             return path / name

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError
-from .runs import Metrics, read_metrics, summarize
+from .runs import Metrics, read_metrics, run_folder_of, summarize
 
 LN2 = math.log(2.0)
 INSTALL_HINT = "pip install 'charlm[plot]'"
@@ -82,6 +82,7 @@ def plot_runs(run_dirs: list[Path], out: Path, dpi: int = 100) -> PlotResult:
     Figure, FigureCanvasAgg, Line2D = _matplotlib()
 
     curves, skipped = [], []
+    run_dirs = [run_folder_of(Path(path), "plot") for path in run_dirs]  # runs/x/best -> runs/x
     for path, label in zip(run_dirs, _labels(run_dirs)):
         metrics = read_metrics(path)  # UsageError if the folder has no metrics.jsonl
         if not metrics.train and not metrics.val:

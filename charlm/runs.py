@@ -23,6 +23,27 @@ from .errors import UsageError
 # The run-folder file names of `checkpoint.py`, repeated here so that listing runs
 # does not import torch (checkpoint.py does); tests/test_runs.py checks they agree.
 CONFIG_FILE, MANIFEST_FILE, METRICS_FILE = "config.yaml", "manifest.json", "metrics.jsonl"
+CHECKPOINT_NAMES = ("best", "last", "best.old", "last.old")  # the checkpoint folders inside a run folder
+
+
+def is_checkpoint_folder(path: Path) -> bool:
+    return (Path(path) / MANIFEST_FILE).exists()
+
+
+def run_folder_of(path: Path, option: str) -> Path:
+    """The run folder for `path`, which may name one of its checkpoint folders (runs/x/last -> runs/x).
+
+    A checkpoint folder that is not inside a run (a copy, say) has no run to continue: a UsageError.
+    """
+    path = Path(path)
+    if not is_checkpoint_folder(path):
+        return path
+    if path.name in CHECKPOINT_NAMES and not is_checkpoint_folder(path.parent):
+        return path.parent
+    raise UsageError(f"{option} {path}: this is a checkpoint folder, not a run folder; name the run folder "
+                     f"that holds it")
+
+
 CHECKPOINTS = ("best", "last")
 
 

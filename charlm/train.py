@@ -37,6 +37,7 @@ from .data import (Splits, batchify, check_text_file, check_trainable, check_voc
                    window, windows_per_epoch)
 from .errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, RunFailure, UsageError
 from .model import EvaluationStopped, RNNLM, State, build_model, count_parameters, detach_state, stream_nll
+from .runs import run_folder_of
 from .runtime import Distributed, file_sha256, init_distributed, seed_everything
 
 TRAINER_FORMAT = 1
@@ -299,7 +300,7 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
                          f"(bf16 training on a CPU was measured less accurate: docs/benchmarks.md)")
     saved, trainer_state = None, None
     if resume is not None:
-        resume = Path(resume)
+        resume = run_folder_of(Path(resume), "--resume")  # runs/x/last continues runs/x, not a run inside it
         if dist.is_main:
             ckpt.recover(resume)
         dist.barrier()
@@ -317,6 +318,8 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
         raise UsageError("no corpus: pass --corpus PATH")
     run_dir = Path(out) if out is not None else Path("runs") / Path(corpus).stem
     if dist.is_main:
+        if resume is None:
+            ckpt.check_new_run_folder(run_dir)
         _check_writable(run_dir)
         if resume is None:
             ckpt.recover(run_dir)

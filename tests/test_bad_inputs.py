@@ -220,6 +220,18 @@ def test_out_folder_that_already_holds_a_run_is_exit_2(tmp_path):
     assert_one_line_error(result, 2, "already holds a run", "--resume")
 
 
+@pytest.mark.parametrize("inside", ["best", "last", "best/new"])
+def test_out_folder_inside_a_checkpoint_is_exit_2_and_the_run_stays_whole(tmp_path, inside):
+    """A new run in runs/x/best would rewrite that checkpoint's config and vocabulary (which its manifest
+    then refuses), and a run under it would be deleted when the checkpoint is next replaced."""
+    run = train_run(tmp_path)
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    result = cli(*train_args(tmp_path, write_corpus(tmp_path), "--out", run / inside))
+    assert_one_line_error(result, 2, "checkpoint folder", "--out")
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert cli("sample", run, "--max-length", "5", "--seed", "1").exit_code == 0
+
+
 def test_debug_shows_the_traceback_and_keeps_the_exit_code(tmp_path):
     plain = cli(*train_args(tmp_path, tmp_path / "nowhere.txt"))
     debug = cli("--debug", *train_args(tmp_path, tmp_path / "nowhere.txt"))

@@ -79,3 +79,14 @@ def test_plot_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch):
     assert result.exit_code == 2
     assert result.stderr.strip() == ("charlm: error: charlm plot needs matplotlib, which is not installed: "
                                      "pip install 'charlm[plot]'")
+
+
+
+def test_plot_takes_a_checkpoint_folder_for_its_run(tmp_path):
+    """As every command that takes a run folder, plot takes runs/x/best, and draws the run x."""
+    pytest.importorskip("matplotlib")
+    run = make_run(tmp_path, "lstm")
+    for name in ("best", "last"):
+        result = CliRunner().invoke(app, ["plot", str(run / name), "--out", str(tmp_path / f"{name}.png")])
+        assert result.exit_code == 0, result.output
+        assert "1 run" in result.stdout and (tmp_path / f"{name}.png").stat().st_size > 0

@@ -198,3 +198,23 @@ def test_resume_drops_a_metrics_line_cut_short_by_a_crash(stopped):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"event": "resume", "step": 6, "device": "cpu"} in records
     assert [r["step"] for r in records if "train_loss" in r and "event" not in r] == [2, 4, 6, 8]
+
+
+def test_resume_of_a_checkpoint_folder_continues_its_run(tmp_path):
+    """`--resume runs/x/last` (the README lets every command take a checkpoint folder) continues runs/x
+    itself, exactly as `--resume runs/x` does, and does not start a second run inside last/."""
+    corpus = write_corpus(tmp_path)
+    a = train_run(tmp_path, "a", corpus, train__max_steps=4)
+    b = train_run(tmp_path, "b", corpus, train__max_steps=4)
+    train(tiny_config(train__max_steps=8), None, resume=a, show_progress=False)
+    result = train(tiny_config(train__max_steps=8), None, resume=b / "last", show_progress=False)
+    assert trainer_state(b)["progress"]["step"] == result.steps == 8
+    assert not (b / "last" / "last").exists() and not (b / "last" / "metrics.jsonl").exists()
+    assert_same_weights(a, b)
+
+
+def test_resume_of_a_lone_checkpoint_folder_is_exit_2(tmp_path):
+    run = train_run(tmp_path)
+    lone = tmp_path / "copy"
+    shutil.copytree(run / "last", lone)
+    assert_one_line_error(cli("train", "--resume", lone), 2, "checkpoint folder, not a run folder")
