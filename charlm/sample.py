@@ -63,6 +63,20 @@ def next_token_distribution(logits: Tensor, temperature: float, top_k: int, top_
     return probs
 
 
+@dataclass
+class _Prime:
+    text: str              # as typed
+    last_token: str | None  # its last token at word level, when the continuation may need a space after it
+
+    def before(self, ids: list[int], codec: TextCodec) -> str:
+        """The prime and what joins it to the continuation `ids` (a space or nothing)."""
+        if self.last_token is None or not ids or codec.tokenizer.level == "char" or ids[0] == EOS_ID:
+            return self.text
+        first = codec.vocab.tokens[ids[0]]
+        glued = codec.tokenizer.join([self.last_token, first]) == self.last_token + first
+        return self.text if glued else self.text + " "
+
+
 # Samples are drawn in groups of at most this many streams: memory stays bounded for any --num-samples
 # (the state, the noise and the tokens of one group), and the command prints each group as it is done.
 GROUP = 256
@@ -90,7 +104,12 @@ def iter_samples(model: RNNLM, codec: TextCodec, prime: str = "", max_length: in
         prime_ids += codec.encode_line(line)
         if i < len(prime_lines) - 1 or prime.endswith("\n"):
             prime_ids.append(EOS_ID)
-    prime_text = codec.decode(prime_ids)
+    # The prime is shown as it was typed (not as its tokens: an unknown character stays itself, not
+    # "<unk>"); at word level the tokenizer's spacing rule decides whether a space joins it to the
+    # continuation, from the prime's last token (none after a final newline or space).
+    last_line = prime_lines[-1] if prime_lines and not prime.endswith("\n") else ""
+    last_words = codec.tokenizer.split(last_line) if last_line and not last_line[-1].isspace() else []
+    prime_text = _Prime(prime, last_words[-1] if last_words else None)
     prime_unk = sum(1 for i in prime_ids if i == UNK_ID)
     for first in range(0, num_samples, GROUP):
         yield from _group(model, codec, prime_ids, prime_text, prime_unk, min(GROUP, num_samples - first),
@@ -98,7 +117,7 @@ def iter_samples(model: RNNLM, codec: TextCodec, prime: str = "", max_length: in
 
 
 @torch.no_grad()
-def _group(model: RNNLM, codec: TextCodec, prime_ids: list[int], prime_text: str, prime_unk: int, n: int,
+def _group(model: RNNLM, codec: TextCodec, prime_ids: list[int], prime: _Prime, prime_unk: int, n: int,
            max_length: int, temperature: float, top_k: int, top_p: float, allow_unk: bool,
            generator: torch.Generator, device: torch.device | str) -> list[Sample]:
     start = torch.tensor([[EOS_ID] + prime_ids] * n, device=device)  # (n, 1 + P)
@@ -120,9 +139,7 @@ def _group(model: RNNLM, codec: TextCodec, prime_ids: list[int], prime_text: str
         stopped = "eos" if ids_b and ids_b[-1] == EOS_ID else "max_length"
         body = ids_b[:-1] if stopped == "eos" else ids_b
         generated = codec.decode(body)
-        joiner = "" if (not prime_text or prime_text.endswith("\n") or codec.tokenizer.level == "char"
-                        or not generated) else " "
-        samples.append(Sample(prime_text + joiner + generated, generated, codec.vocab.decode(ids_b),
+        samples.append(Sample(prime.before(body, codec) + generated, generated, codec.vocab.decode(ids_b),
                               float(logprob[b]), stopped, prime_unk))
     return samples
 

@@ -13,7 +13,7 @@ from charlm.errors import UsageError
 from charlm import sample as sample_module
 from charlm.sample import check_options, generate, iter_samples, next_token_distribution
 from charlm.score import score_sentences
-from charlm.tokenizer import EOS, EOS_ID, UNK, UNK_ID
+from charlm.tokenizer import EOS, EOS_ID, UNK, UNK_ID, TextCodec, Tokenizer, Vocabulary
 from conftest import char_codec, random_model
 
 
@@ -231,8 +231,28 @@ def test_prime_is_kept_in_front_of_the_generated_text():
     model = random_model("lstm", vocab_size=4)
     codec = char_codec("ab")
     (s,) = generate(model, codec, prime="abz", max_length=5, seed=0)
-    assert s.text == "ab" + UNK + s.generated
+    assert s.text == "abz" + s.generated  # as typed: the unknown z is not shown as <unk>
     assert s.prime_unk == 1
+
+
+@pytest.mark.parametrize("prime, first, text", [
+    ("the cat", "sat", "the cat sat"),        # words: a space
+    ("the cat", ".", "the cat."),             # no space before a full stop
+    ("the cat ", "sat", "the cat sat"),       # the typed space is kept, not doubled
+    ("The CAT", "sat", "The CAT sat"),        # the prime as typed, though the model reads it lowercased
+    ("春眠", "不", "春眠不"),                  # no space between CJK characters
+    ("the cat\n", "sat", "the cat\nsat"),     # a new line after the prime
+])
+def test_a_word_level_prime_joins_its_continuation_as_the_tokenizer_joins_words(prime, first, text):
+    vocab = Vocabulary([UNK, EOS, "the", "cat", "sat", ".", "春", "眠", "不"])
+    codec = TextCodec(Tokenizer("word", lowercase=True), vocab)
+    model = random_model("gru", vocab_size=len(vocab))
+    with torch.no_grad():  # the continuation is `first` alone: then <eos>
+        model.decoder.weight.zero_()
+        model.decoder.bias.fill_(-50.0)
+        model.decoder.bias[vocab.id(first)] = 50.0
+    (s,) = generate(model, codec, prime=prime, max_length=1, temperature=0.0)
+    assert s.tokens == [first] and s.text == text
 
 
 def test_prime_conditions_the_continuation_like_the_score():
