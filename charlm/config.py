@@ -150,6 +150,8 @@ def _check_value(section: str, f: dataclasses.Field, value: Any) -> Any:
         if not math.isfinite(value):
             raise UsageError(f"config: {name} must be a finite number, got {value!r}")
     elif base == "str":
+        if name in _NUMBER_LISTS and isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)  # one cutoff, read by YAML (and --set) as a number
         if not isinstance(value, str):
             raise UsageError(f"config: {name} must be a string, got {value!r}")
     if meta["choices"] and value not in meta["choices"]:
@@ -190,18 +192,21 @@ def from_dict(raw: dict) -> Config:
     return cfg
 
 
+# Fields that hold comma-separated whole numbers as a string; a single number is accepted as it is.
+_NUMBER_LISTS = {"model.adaptive_cutoffs"}
+
+
 def validate(cfg: Config) -> None:
     """Checks that involve more than one field."""
     m = cfg.model
-    if m.softmax == "adaptive":
-        try:
-            cutoffs = [int(c) for c in m.adaptive_cutoffs.split(",")]
-        except ValueError:
-            raise UsageError(f"config: model.adaptive_cutoffs must be whole numbers separated by commas, "
-                             f"got {m.adaptive_cutoffs!r}") from None
-        if not cutoffs or cutoffs != sorted(set(cutoffs)) or cutoffs[0] < 1:
-            raise UsageError(f"config: model.adaptive_cutoffs must be increasing positive numbers, "
-                             f"got {m.adaptive_cutoffs!r}")
+    try:  # checked whatever the softmax: the model parses it either way
+        cutoffs = [int(c) for c in m.adaptive_cutoffs.split(",")]
+    except ValueError:
+        raise UsageError(f"config: model.adaptive_cutoffs must be whole numbers separated by commas, "
+                         f"got {m.adaptive_cutoffs!r}") from None
+    if not cutoffs or cutoffs != sorted(set(cutoffs)) or cutoffs[0] < 1:
+        raise UsageError(f"config: model.adaptive_cutoffs must be increasing positive numbers, "
+                         f"got {m.adaptive_cutoffs!r}")
     if m.weight_drop > 0 and m.impl != "custom":
         raise UsageError("config: model.weight_drop needs model.impl custom (nn.RNN / nn.GRU / nn.LSTM keep "
                          "their recurrent weights inside one kernel)")

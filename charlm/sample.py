@@ -6,6 +6,7 @@ step (constant work per token), not a pass over the whole history.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -18,6 +19,8 @@ from .stepper import Stepper
 from .tokenizer import EOS_ID, UNK_ID, TextCodec
 
 _UNK_INDEX = torch.tensor([UNK_ID])
+# Below this the logits / temperature could overflow float32; 0 is the greedy argmax.
+MIN_TEMPERATURE = 1e-6
 
 
 @dataclass
@@ -33,8 +36,9 @@ class Sample:
 def check_options(max_length: int, temperature: float, top_k: int, top_p: float, num_samples: int) -> None:
     if max_length < 1:
         raise UsageError(f"--max-length must be at least 1, got {max_length}")
-    if not (temperature >= 0):
-        raise UsageError(f"--temperature must be >= 0, got {temperature}")
+    if not (temperature == 0 or MIN_TEMPERATURE <= temperature < math.inf):
+        raise UsageError(f"--temperature must be 0 (greedy) or a finite number from {MIN_TEMPERATURE:g} up, "
+                         f"got {temperature}")
     if top_k < 0:
         raise UsageError(f"--top-k must be >= 0 (0: off), got {top_k}")
     if not (0 < top_p <= 1):

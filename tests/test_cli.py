@@ -188,6 +188,8 @@ def test_commands_on_a_folder_without_checkpoint_are_exit_2(cli, tmp_path):
 
 @pytest.mark.parametrize("args,fragment", [
     (("--temperature", "-1"), "--temperature"),
+    (("--temperature", "inf"), "--temperature"),
+    (("--temperature", "1e-40", "--top-k", "2"), "--temperature"),
     (("--top-p", "0"), "--top-p"),
     (("--max-length", "0"), "--max-length"),
     (("--checkpoint", "newest"), "--checkpoint"),

@@ -84,6 +84,8 @@ def test_int_fields_accept_whole_floats_and_float_fields_accept_ints():
     ({"model": {"cell": None}}, "must not be empty"),
     ({"model": {"tie_weights": True, "embedding_size": 8, "hidden_size": 16}}, "tie_weights"),
     ({"train": {"precision": "fp16"}}, "train.precision"),
+    ({"model": {"adaptive_cutoffs": "abc"}}, "model.adaptive_cutoffs must be whole numbers"),  # full softmax too
+    ({"model": {"softmax": "adaptive", "adaptive_cutoffs": "50,20"}}, "increasing"),
     ([1, 2], "top level"),
 ])
 def test_bad_configs_are_usage_errors_naming_the_key(raw, message):
@@ -91,6 +93,15 @@ def test_bad_configs_are_usage_errors_naming_the_key(raw, message):
         from_dict(raw)
     assert info.value.exit_code == 2
     assert "\n" not in info.value.message
+
+
+def test_a_single_adaptive_cutoff_may_be_written_as_a_number():
+    cfg = from_dict({"model": {"softmax": "adaptive", "adaptive_cutoffs": 2000}})
+    assert cfg.model.adaptive_cutoffs == "2000"
+    cfg = load_config(overrides=["model.softmax=adaptive", "model.adaptive_cutoffs=10"])
+    assert cfg.model.adaptive_cutoffs == "10"
+    with pytest.raises(UsageError, match="must be a string"):
+        from_dict({"model": {"adaptive_cutoffs": True}})
 
 
 @pytest.mark.parametrize("item,message", [
