@@ -157,7 +157,8 @@ def train(
             return
         _out(f"run folder      {result.run_dir}")
         _out(f"steps           {result.steps} ({result.epochs:.2f} epochs, {result.elapsed:.1f} s, stopped by {result.stopped_by})")
-        _out(f"train loss      {result.train_loss:.4f}")
+        _out(f"train loss      {result.train_loss:.4f}" if result.train_loss is not None
+             else "train loss      - (no step left to run)")
         if result.val_loss is not None:
             _out(f"val loss        {result.val_loss:.4f} nats/token, perplexity {result.val_perplexity:.2f}, "
                  f"{result.val_bits_per_char:.4f} bits/char (best {result.best_val_loss:.4f})")

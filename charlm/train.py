@@ -52,7 +52,7 @@ class TrainResult:
     run_dir: str
     steps: int
     epochs: float
-    train_loss: float
+    train_loss: float | None          # the last step's loss; None when this call ran no step
     val_loss: float | None
     best_val_loss: float | None
     val_bits_per_char: float | None
@@ -583,7 +583,8 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
 
     trained = max(p.elapsed - start_elapsed, 1e-9)
     best = p.best_val_loss if math.isfinite(p.best_val_loss) else None
-    result = TrainResult(str(run_dir), p.step, p.epoch + p.window / n_windows, last_loss, final_val, best,
+    train_loss = last_loss if math.isfinite(last_loss) else None  # a resume with no step left runs none
+    result = TrainResult(str(run_dir), p.step, p.epoch + p.window / n_windows, train_loss, final_val, best,
                          bits_per_char(final_val) if final_val is not None else None,
                          math.exp(min(final_val, 700)) if final_val is not None else None,
                          (p.tokens - start_tokens) / trained, p.elapsed, n_params, stopped_by or "done")

@@ -218,3 +218,19 @@ def test_resume_of_a_lone_checkpoint_folder_is_exit_2(tmp_path):
     lone = tmp_path / "copy"
     shutil.copytree(run / "last", lone)
     assert_one_line_error(cli("train", "--resume", lone), 2, "checkpoint folder, not a run folder")
+
+
+def test_a_resume_with_no_step_left_reports_no_train_loss_and_writes_strict_json(tmp_path):
+    """Nothing is trained, so there is no loss to report: null, not NaN (which strict JSON parsers refuse)."""
+    run = train_run(tmp_path, train__max_steps=4)
+    result = cli("train", "--resume", run, "--max-steps", "4", "-q", "--json")
+    assert result.exit_code == 0, result.stderr
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in {text}"))
+
+    assert strict(result.stdout)["train_loss"] is None
+    end = strict((run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()[-1])
+    assert end["event"] == "end" and end["steps"] == 4 and end["train_loss"] is None
+    text = cli("train", "--resume", run, "--max-steps", "4", "-q")
+    assert text.exit_code == 0 and "no step left" in text.stdout
