@@ -278,6 +278,8 @@ def score(
         else:
             sentences = codec.tokenizer.lines(decode(sys.stdin.buffer.read(), "standard input",
                                                      encoding or saved.cfg.data.encoding, errors))
+        if not sentences:  # as `charlm eval` does: an empty input is more likely a mistake than a request
+            raise UsageError(f"{file if file is not None else 'standard input'} holds no lines to score")
         results = score_sentences(model, codec, sentences, batch_size, dev)
         _print_scores(results, per_token, as_json)
 

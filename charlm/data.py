@@ -252,9 +252,10 @@ def encode(codec: TextCodec, text: str) -> Tensor:
     return torch.cat([torch.tensor([EOS_ID]), body.long(), enc.finish().long()])
 
 
-def char_count(text: str) -> int:
-    """Characters of a text as the model sees them: every line's characters plus one for its end."""
-    text = text.replace("\r\n", "\n")
+def char_count(text: str, lowercase: bool = False) -> int:
+    """Characters of a text as the model sees them (NFC, as training counts them, so that a decomposed
+    é is one character, not two): every line's characters plus one for its end."""
+    text = normalize(text, lowercase).replace("\r\n", "\n")
     return len(text) + (0 if not text or text.endswith("\n") else 1)
 
 
@@ -369,6 +370,10 @@ def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextC
         except (OSError, ValueError, KeyError, UsageError, RuntimeError):
             pass  # a damaged cache entry is rebuilt below
     size = corpus.stat().st_size
+    if val is None and cfg.val_fraction > 0 and _is_wide(cfg.encoding):
+        raise UsageError(f"data.val_fraction cannot cut a {cfg.encoding} corpus at a line end: pass --val FILE "
+                         f"or --set data.val_fraction=0, or convert the corpus to UTF-8 "
+                         f"(iconv -f {cfg.encoding} -t utf-8)")
     cut = size if val is not None else split_point(corpus, cfg.val_fraction)
     total = size + (val.stat().st_size if val is not None else 0)
     bar = _progress_bar(total * (2 if codec is None else 1), show_progress)
@@ -402,6 +407,9 @@ def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextC
     if not _has_text(train_enc):
         shutil.rmtree(tmp, ignore_errors=True)
         raise UsageError(f"corpus {corpus} is empty (or white space only): nothing to learn from")
+    if val is not None and not _has_text(val_enc):
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UsageError(f"validation file {val} is empty (or white space only): nothing to validate on")
     val_tokens = val_enc.tokens + 1 if val_enc.chars and val_enc.tokens else 0
     meta = {"format": CACHE_FORMAT, "dtype": str(train_enc.dtype).replace("torch.", ""),
             "train_tokens": train_enc.tokens + 1, "val_tokens": val_tokens,

@@ -97,6 +97,9 @@ def export_model(run_dir: Path, fmt: str, out: Path, which: str = "best", check_
     """Write the single-step model of a run to `out` in `fmt`, then check it against charlm's step."""
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
+    out = Path(out)
+    if out.is_dir():  # torch's writers would fail deep inside with a RuntimeError
+        raise UsageError(f"export: --out {out} is a folder; name the file to write (e.g. {out / 'model.pt'})")
     model, codec, saved = load_run(run_dir, "cpu", which)
     if hasattr(model.rnn, "fast"):
         # The fast layers fill buffers in place, sized by the batch they first see: a trace would fix
@@ -105,7 +108,6 @@ def export_model(run_dir: Path, fmt: str, out: Path, which: str = "best", check_
     wrapper = SingleStep(model).eval()
     meta = metadata(model, codec)
     example = (torch.full((2,), EOS_ID, dtype=torch.long), zero_state(model, 2))
-    out = Path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         if fmt == "torchscript":

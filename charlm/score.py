@@ -93,7 +93,7 @@ def evaluate_file(model: RNNLM, codec: TextCodec, path: Path, streams: int = 1, 
         raise UsageError(f"{path} holds no text to evaluate")
     rows, mask = eval_streams(ids, streams)
     total, count = stream_nll(model, rows, mask, device=device)
-    chars = char_count(text)
+    chars = char_count(text, codec.tokenizer.lowercase)
     loss = total / count
     return CorpusEval(str(path), loss, math.exp(min(loss, 700)), loss / LN2, total / max(chars, 1) / LN2,
                       count, chars, len(codec.tokenizer.lines(text)), int((ids == UNK_ID).sum()))

@@ -334,7 +334,7 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
 
     # The first process of each machine tokenizes (or finds the cache); the others then read its token files.
     splits: Splits | None = None
-    digest = file_sha256(check_text_file(Path(corpus)))  # once: also the token cache's key
+    digest = file_sha256(check_text_file(Path(corpus), cfg.data.encoding))  # once: also the token cache's key
     if trainer_state is not None and digest != trainer_state["corpus_sha256"]:
         raise UsageError(f"--resume {resume}: corpus {corpus} is not the text this run was trained on "
                          f"(SHA-256 differs); resume with the original corpus")
@@ -348,6 +348,9 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
     if saved is not None:  # the run's vocabulary must be the one this corpus builds
         check_vocabulary(saved.codec, splits.codec, Path(corpus))
     check_trainable(splits.train, t.batch_size, t.seq_len)
+    if splits.val is None and val is None and cfg.data.val_fraction > 0 and dist.is_main:
+        print(f"charlm: note: {corpus} has no line end to cut a validation part at (data.val_fraction); "
+              f"training without validation: pass --val FILE to have one", file=sys.stderr)
     share = t.batch_size // dist.world
     rows = batchify(splits.train, t.batch_size)[dist.rank * share:(dist.rank + 1) * share]  # (B/W, N // B)
     n_windows = windows_per_epoch(rows, t.seq_len)

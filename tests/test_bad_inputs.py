@@ -23,6 +23,39 @@ def train_args(tmp_path, corpus, *extra):
 
 
 # ---------------------------------------------------------------- corpora
+def test_a_utf16_corpus_trains_with_its_encoding_and_asks_for_a_val_file_to_hold_out(tmp_path):
+    """UTF-16 holds NUL bytes, which are fine when the encoding says so; its lines cannot be cut by bytes."""
+    corpus = tmp_path / "wide.txt"
+    corpus.write_bytes(corpus_text(200).encode("utf-16"))
+    val = tmp_path / "wide-val.txt"
+    val.write_bytes(corpus_text(20, seed=1).encode("utf-16"))
+    cut = cli(*train_args(tmp_path, corpus, "--encoding", "utf-16"))
+    assert_one_line_error(cut, 2, "data.val_fraction", "--val", "utf-8")
+    with_val = cli(*train_args(tmp_path, corpus, "--encoding", "utf-16", "--val", val, "--json"))
+    assert with_val.exit_code == 0, with_val.stderr
+    assert json.loads(with_val.stdout)["val_loss"] is not None
+    without = cli(*train_args(tmp_path, corpus, "--encoding", "utf-16", "--set", "data.val_fraction=0",
+                              "--out", tmp_path / "no-val"))
+    assert without.exit_code == 0, without.stderr
+
+
+@pytest.mark.parametrize("content", ["", " \n\n"])
+def test_an_empty_validation_file_is_exit_2(tmp_path, content):
+    val = tmp_path / "val.txt"
+    val.write_text(content, encoding="utf-8")
+    result = cli(*train_args(tmp_path, write_corpus(tmp_path), "--val", val))
+    assert_one_line_error(result, 2, "validation file", "empty", "val.txt")
+
+
+def test_a_corpus_without_a_line_end_to_cut_at_trains_with_a_note(tmp_path):
+    corpus = tmp_path / "one-line.txt"
+    corpus.write_text(corpus_text(60).replace("\n", " ").strip(), encoding="utf-8")
+    result = cli(*train_args(tmp_path, corpus, "--json"))
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["val_loss"] is None
+    assert "no line end to cut a validation part at" in result.stderr and "--val" in result.stderr
+
+
 def test_missing_corpus_is_exit_2_naming_the_file(tmp_path):
     result = cli(*train_args(tmp_path, tmp_path / "nowhere.txt"))
     assert_one_line_error(result, 2, "not found", "nowhere.txt")

@@ -110,6 +110,14 @@ def test_score_reads_a_file_or_stdin(cli, tiny_run, write_corpus):
     assert from_file.stdout == from_stdin.stdout
 
 
+def test_score_of_an_empty_file_or_stdin_is_exit_2_as_eval_is(cli, tiny_run, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    assert_usage_error(cli("score", tiny_run["run_dir"], "--file", empty), "holds no lines to score")
+    assert_usage_error(cli("score", tiny_run["run_dir"], input=""), "standard input holds no lines")
+    assert_usage_error(cli("eval", tiny_run["run_dir"], "--file", empty), "holds no text")
+
+
 def test_score_table_has_totals_and_perplexities(cli, tiny_run):
     result = cli("score", tiny_run["run_dir"], "the cat.", "a dog.", "--per-token")
     assert result.exit_code == 0, result.output

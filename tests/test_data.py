@@ -70,6 +70,11 @@ def test_char_count_counts_each_line_end_once():
     assert char_count("") == 0
 
 
+def test_char_count_counts_characters_as_training_does_after_nfc():
+    """A decomposed é (e + combining acute) is one character to the model, as training counts it."""
+    assert char_count("cafe\u0301\n") == char_count("caf\u00e9\n") == 5
+
+
 # ---------------------------------------------------------------- reading files
 def test_read_text_missing_file_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="not found") as info:

@@ -117,3 +117,5 @@ def test_export_refuses_an_unknown_format_and_a_folder_without_checkpoint(tmp_pa
     assert bad.exit_code == 2 and "--format must be one of torchscript, onnx" in bad.stderr
     empty = runner.invoke(app, ["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "m.pt")])
     assert empty.exit_code == 2 and "run folder not found" in empty.stderr
+    folder = runner.invoke(app, ["export", str(run), "--out", str(tmp_path)])
+    assert folder.exit_code == 2 and "is a folder" in folder.stderr and len(folder.stderr.strip().splitlines()) == 1
