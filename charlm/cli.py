@@ -134,12 +134,10 @@ def train(
         from .config import load_config
         from .train import train as run_training
 
-        if nproc > 1:
-            raise typer.Exit(_launch_torchrun(nproc))
-        if nproc < 1:
-            from .errors import UsageError
-            raise UsageError(f"--nproc must be at least 1, got {nproc}")
+        from .errors import UsageError
 
+        if nproc < 1:
+            raise UsageError(f"--nproc must be at least 1, got {nproc}")
         extra = {"model.device": device, "train.seed": seed, "train.max_steps": max_steps,
                  "train.max_epochs": max_epochs, "train.max_time": max_time, "data.encoding": encoding,
                  "data.errors": errors}
@@ -148,6 +146,15 @@ def train(
             from .checkpoint import CONFIG_FILE, find_checkpoint
             base = find_checkpoint(resume, "last") / CONFIG_FILE
         cfg = load_config(config, set_, extra, base=base)
+        if nproc > 1:  # what can be checked here is, once, before the workers start
+            from .data import check_text_file
+            for path in (corpus, val):
+                if path is not None:
+                    check_text_file(path, cfg.data.encoding)
+            if cfg.train.batch_size % nproc:
+                raise UsageError(f"train.batch_size {cfg.train.batch_size} must be a multiple of --nproc {nproc}: "
+                                 f"each process takes an equal share of the parallel streams")
+            raise typer.Exit(_launch_torchrun(nproc))
         result = run_training(cfg, corpus, out=out, val=val, resume=resume, show_progress=not quiet,
                               cache_dir=cache_dir)
         if int(os.environ.get("RANK", "0")) != 0:
@@ -167,7 +174,12 @@ def train(
 
 
 def _launch_torchrun(nproc: int) -> int:
-    """`charlm train --nproc N ...` = `torchrun --standalone --nproc_per_node N -m charlm train ...`."""
+    """`charlm train --nproc N ...` = `torchrun --standalone --nproc_per_node N -m charlm train ...`.
+
+    The workers' own lines (progress, results, `charlm: error: ...`) pass through, each error once; what
+    torchrun adds when a worker fails (its log lines and a traceback of its own) is left out, and the
+    command exits with the worker's exit code (2 for a bad input), not torchrun's 1.
+    """
     import subprocess
 
     args, skip = [], False
@@ -183,7 +195,47 @@ def _launch_torchrun(nproc: int) -> int:
         args.append(arg)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "charlm", *args]
-    return subprocess.call(cmd)
+    if "--debug" in args:  # everything, torchrun's report included
+        return subprocess.call(cmd)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, set here so that it does not announce it
+    with subprocess.Popen(cmd, stderr=subprocess.PIPE, env=env) as proc:
+        worker_code = _relay_worker_stderr(proc.stderr)
+    return worker_code if proc.returncode and worker_code else proc.returncode
+
+
+def _relay_worker_stderr(stream) -> int | None:
+    """Copy the workers' stderr through as it comes, without torchrun's own failure report and with each
+    `charlm: error:` line once; returns the exit code of a failed worker, if torchrun reported one."""
+    import re
+
+    own = re.compile(rb"^(?:[WEI]\d{4} .*torch/distributed/|Traceback \(most recent call last\))")
+    code = re.compile(rb"exitcode\s*:?\s*(-?\d+)")
+    out, seen, quiet, worker_code, pending = sys.stderr.buffer, set(), False, None, b""
+
+    def relay(line: bytes) -> None:
+        nonlocal quiet, worker_code
+        found = code.search(line)
+        if found and own.match(line) or (quiet and found):
+            worker_code = worker_code or int(found.group(1))
+        if quiet or own.match(line):
+            quiet = quiet or line.startswith(b"Traceback")  # the rest is torchrun's report
+            return
+        if line.startswith(b"charlm: error:"):
+            if line.strip() in seen:
+                return
+            seen.add(line.strip())
+        out.write(line)
+        out.flush()
+
+    for chunk in iter(lambda: os.read(stream.fileno(), 1 << 16), b""):
+        pending += chunk
+        *lines, pending = re.split(rb"(?<=[\n\r])", pending)  # progress bars end their lines with \r
+        for line in lines:
+            relay(line)
+    if pending:
+        relay(pending)
+    return worker_code
 
 
 # ---------------------------------------------------------------- sample

@@ -103,3 +103,36 @@ def test_batch_not_divisible_by_processes_is_refused(setup):
                      "--set", "train.batch_size=3", "--max-steps", "2"], tmp, nproc=2)
     assert result.returncode != 0
     assert "multiple of the number of processes" in result.stderr
+
+
+def train_nproc(args, cwd, nproc=2):
+    """`charlm train --nproc N`, which starts torchrun itself."""
+    env = {**os.environ, "CHARLM_DIST_TIMEOUT": "60"}
+    env.pop("OMP_NUM_THREADS", None)
+    return subprocess.run([sys.executable, "-m", "charlm", "train", *args, "--quiet", "--nproc", str(nproc)],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+
+
+@pytest.mark.parametrize("case", ["missing corpus", "bad value", "batch"])
+def test_nproc_refuses_a_bad_input_in_one_line_before_starting_the_workers(setup, case):
+    tmp, corpus, config = setup
+    args = {"missing corpus": ["--corpus", str(tmp / "nowhere.txt")],
+            "bad value": ["--corpus", str(corpus), "--set", "model.cell=bogus"],
+            "batch": ["--corpus", str(corpus), "--set", "train.batch_size=3"]}[case]
+    result = train_nproc(["--config", str(config), "--out", str(tmp / "refused"), *args], tmp)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("charlm: error:"), result.stderr
+    assert not (tmp / "refused").exists()
+
+
+def test_nproc_reports_a_worker_s_bad_input_once_with_its_exit_code(setup):
+    """A corpus too short for the batch is found by the workers: their line, once, and exit 2, without
+    torchrun's log lines, its traceback or its banner about OMP_NUM_THREADS."""
+    tmp, corpus, config = setup
+    short = tmp / "short.txt"
+    short.write_text("a cat.\nsat.\n", encoding="utf-8")
+    result = train_nproc(["--config", str(config), "--corpus", str(short), "--out", str(tmp / "short")], tmp)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith("charlm: error: corpus is too short"), result.stderr
