@@ -23,9 +23,12 @@ tokens with `sample.generate` (batch 1) and scoring N lines with
 
 from __future__ import annotations
 
+import os
 import random
 import statistics
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -198,6 +201,25 @@ def _timed(subject: _Subject, step: Callable[[], int], seconds: float, min_calls
                 return tokens / elapsed
 
 
+@contextmanager
+def _native_stderr_silenced():
+    """Discard what native code writes to stderr meanwhile: the profiler's library announces its start and
+    stop, and torch warns about memory allocated before profiling, on every measurement."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no file descriptor 2 to redirect
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_training_memory(subject: _Subject) -> int:
     """Peak bytes allocated by one training step above what was live before it (see MEMORY_MEASURE)."""
     if subject.device.type == "cuda":
@@ -209,7 +231,7 @@ def peak_training_memory(subject: _Subject) -> int:
         return int(torch.cuda.max_memory_allocated(subject.device) - before)
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         subject.train_step()
     # Each operator's own allocations minus its own frees, in the order the operators started:
     # the running sum is the tensor memory live at that point, its maximum the peak.

@@ -75,6 +75,18 @@ def test_bench_command_prints_a_markdown_table():
     assert rows[2].startswith("| rnn | torch |")
 
 
+def test_bench_quiet_prints_nothing_on_stderr_in_a_real_process():
+    """The memory measurement runs torch's profiler, whose native library writes to file descriptor 2
+    itself (its start and stop, a warning): -q must still mean nothing on stderr."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "charlm", "bench", "--cells", "rnn", "--impls", "torch",
+                             *TINY_FLAGS], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert "rnn" in result.stdout  # the table was printed
+
+
 def test_bench_command_rejects_a_bad_cell_with_exit_code_2():
     result = CliRunner().invoke(app, ["bench", "--cells", "transformer", *TINY_FLAGS])
     assert result.exit_code == 2
