@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import time
 from dataclasses import dataclass
@@ -223,9 +224,12 @@ class Checkpoint:
             raise UsageError(f"checkpoint {self.folder} has no trainer state: resume from a run's last/ folder")
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # the unpickler refuses anything but tensors and plain values
+        except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UsageError(f"refusing {path}: it holds more than tensors and plain values ({first[:200]})") from None
+            if isinstance(exc, pickle.UnpicklingError):  # weights_only refuses anything but tensors and plain values
+                raise UsageError(f"refusing {path}: it holds more than tensors and plain values ({first[:200]})") \
+                    from None
+            raise UsageError(f"cannot read {path}: it is damaged or not a torch file ({first[:200]})") from None
 
 
 def read_manifest(folder: Path) -> dict:

@@ -291,3 +291,12 @@ def test_recover_cleans_stray_temporary_files_and_restores_a_swapped_checkpoint(
     assert _snapshot(tmp_path / "last") == good
     load_run(tmp_path, which="last")
     load_run(tmp_path, which="best")
+
+
+def test_a_truncated_trainer_state_with_a_matching_manifest_is_called_damaged(run):
+    """Not the unpickler's refusal ('more than tensors'): the file is cut short, and the message says so."""
+    path = run / "last" / "trainer.pt"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    rehash(run / "last", "trainer.pt")
+    line = assert_one_line_error(cli("train", "--resume", run, "-q"), 2, "trainer.pt", "damaged")
+    assert "more than tensors" not in line
