@@ -226,7 +226,9 @@ class Checkpoint:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            if isinstance(exc, pickle.UnpicklingError):  # weights_only refuses anything but tensors and plain values
+            with open(path, "rb") as fh:
+                zipped = fh.read(4) == b"PK\x03\x04"  # torch.save's format
+            if zipped and isinstance(exc, pickle.UnpicklingError):  # weights_only refused what it holds
                 raise UsageError(f"refusing {path}: it holds more than tensors and plain values ({first[:200]})") \
                     from None
             raise UsageError(f"cannot read {path}: it is damaged or not a torch file ({first[:200]})") from None

@@ -199,19 +199,52 @@ def _launch_torchrun(nproc: int) -> int:
         return subprocess.call(cmd)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, set here so that it does not announce it
-    with subprocess.Popen(cmd, stderr=subprocess.PIPE, env=env) as proc:
-        worker_code = _relay_worker_stderr(proc.stderr)
-    return worker_code if proc.returncode and worker_code else proc.returncode
+    if sys.stderr.isatty():  # the workers' stderr is a pipe to this process: rank 0 still draws its bar
+        env["CHARLM_STDERR_IS_TERMINAL"] = "1"
+    stopped: list[int] = []
+
+    def on_signal(signum, frame):
+        # Ctrl-C reaches torchrun and the workers too (one process group): they save and stop, and this
+        # process keeps relaying until they are done. A SIGTERM sent to this process alone is passed on.
+        stopped.append(signum)
+        if signum == signal.SIGTERM:
+            proc.send_signal(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with subprocess.Popen(cmd, stderr=subprocess.PIPE, env=env) as proc:
+            worker_code, said, held = _relay_worker_stderr(proc.stderr)
+            proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stopped:
+        return EXIT_SIGTERM if signal.SIGTERM in stopped else EXIT_SIGINT
+    if proc.returncode and not said:  # no worker explained the failure: show torchrun's own report
+        sys.stderr.buffer.write(b"".join(held))
+    elif proc.returncode and worker_code != 2:  # not a bad input: say which worker failed first, and how
+        import re
+
+        first = re.search(rb"exitcode: (-?\d+)\) local_rank: (\d+)", b"".join(held))
+        if first:
+            code, rank = int(first.group(1)), int(first.group(2))
+            how = f"was killed by signal {-code}" if code < 0 else f"failed first, with exit code {code}"
+            print(f"charlm: error: torchrun: the worker of local rank {rank} {how}", file=sys.stderr)
+    sys.stderr.flush()
+    code = worker_code if proc.returncode and said and worker_code and worker_code > 0 else proc.returncode
+    return EXIT_FAILURE if code < 0 else code  # torchrun killed by a signal
 
 
-def _relay_worker_stderr(stream) -> int | None:
-    """Copy the workers' stderr through as it comes, without torchrun's own failure report and with each
-    `charlm: error:` line once; returns the exit code of a failed worker, if torchrun reported one."""
+def _relay_worker_stderr(stream) -> tuple[int | None, bool, list[bytes]]:
+    """Copy the workers' stderr through as it comes, holding back torchrun's own log lines and failure
+    report and passing each `charlm: ...` line once. Returns the exit code of a failed worker that
+    torchrun reported, whether a worker wrote such a line, and the lines held back."""
     import re
 
     own = re.compile(rb"^(?:[WEI]\d{4} .*torch/distributed/|Traceback \(most recent call last\))")
     code = re.compile(rb"exitcode\s*:?\s*(-?\d+)")
-    out, seen, quiet, worker_code, pending = sys.stderr.buffer, set(), False, None, b""
+    out, seen, held, pending = sys.stderr.buffer, set(), [], b""
+    quiet, worker_code = False, None
 
     def relay(line: bytes) -> None:
         nonlocal quiet, worker_code
@@ -220,8 +253,9 @@ def _relay_worker_stderr(stream) -> int | None:
             worker_code = worker_code or int(found.group(1))
         if quiet or own.match(line):
             quiet = quiet or line.startswith(b"Traceback")  # the rest is torchrun's report
+            held.append(line)
             return
-        if line.startswith(b"charlm: error:"):
+        if line.startswith(b"charlm: "):  # a worker's error, note or stop: each once
             if line.strip() in seen:
                 return
             seen.add(line.strip())
@@ -235,7 +269,7 @@ def _relay_worker_stderr(stream) -> int | None:
             relay(line)
     if pending:
         relay(pending)
-    return worker_code
+    return worker_code, bool(seen), held
 
 
 # ---------------------------------------------------------------- sample

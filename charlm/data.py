@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .config import DataConfig
 from .errors import RunFailure, UsageError
-from .runtime import file_sha256
+from .runtime import file_sha256, is_terminal
 from .tokenizer import EOS_ID, UNK_ID, SPECIALS, TextCodec, Tokenizer, Vocabulary, count_tokens, normalize
 
 BLOCK_BYTES = 8 << 20   # read the corpus 8 MiB at a time (characters) ...
@@ -50,7 +50,12 @@ CACHE_FORMAT = 2  # 2: U+3000 is white space at word level (it was a token)
 
 # ---------------------------------------------------------------- reading text
 def _is_wide(encoding: str) -> bool:
-    return encoding.lower().replace("_", "-").startswith(("utf-16", "utf-32"))
+    """UTF-16 or UTF-32 under any of Python's names for them (utf16, U32, UTF_16LE...)."""
+    try:
+        name = codecs.lookup(encoding).name
+    except LookupError:
+        return False
+    return name.startswith(("utf-16", "utf-32"))
 
 
 def check_text_file(path: Path, encoding: str = "utf-8") -> Path:
@@ -445,7 +450,7 @@ def _progress_bar(total: int, show: bool):
     from tqdm import tqdm
     import sys
     return tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", leave=False, file=sys.stderr,
-                disable=not (show and sys.stderr.isatty()))
+                disable=not (show and is_terminal(sys.stderr)))
 
 
 # ---------------------------------------------------------------- batches and windows

@@ -30,18 +30,17 @@ def is_checkpoint_folder(path: Path) -> bool:
     return (Path(path) / MANIFEST_FILE).exists()
 
 
-def run_folder_of(path: Path, option: str) -> Path:
-    """The run folder for `path`, which may name one of its checkpoint folders (runs/x/last -> runs/x).
-
-    A checkpoint folder that is not inside a run (a copy, say) has no run to continue: a UsageError.
-    """
+def run_folder_of(path: Path, option: str, names: tuple[str, ...] = CHECKPOINT_NAMES) -> Path:
+    """The run folder for `path`, which may name one of its checkpoint folders `names` (runs/x/best ->
+    runs/x). Another checkpoint folder (a copy outside a run, say, or one not in `names`): a UsageError."""
     path = Path(path)
     if not is_checkpoint_folder(path):
         return path
-    if path.name in CHECKPOINT_NAMES and not is_checkpoint_folder(path.parent):
+    if path.name in names and not is_checkpoint_folder(path.parent):
         return path.parent
-    raise UsageError(f"{option} {path}: this is a checkpoint folder, not a run folder; name the run folder "
-                     f"that holds it")
+    where = f"name the run folder that holds it ({path.parent})" if path.name in CHECKPOINT_NAMES else \
+        "name the run folder that holds it"
+    raise UsageError(f"{option} {path}: this is a checkpoint folder, not a run folder; {where}")
 
 
 CHECKPOINTS = ("best", "last")

@@ -22,6 +22,14 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
+def is_terminal(stream) -> bool:
+    """Whether `stream` shows on a terminal: its own isatty(), or, for a worker of `charlm train --nproc`
+    whose stderr is a pipe to the launcher, the launcher's word that its stderr is one."""
+    if getattr(stream, "isatty", lambda: False)():
+        return True
+    return stream is sys.stderr and os.environ.get("CHARLM_STDERR_IS_TERMINAL") == "1"
+
+
 def resolve_device(name: str) -> torch.device:
     """Map `auto | cpu | cuda | cuda:N` to a torch.device, refusing CUDA where there is none."""
     if name == "auto":

@@ -113,7 +113,8 @@ def iter_samples(model: RNNLM, codec: TextCodec, prime: str = "", max_length: in
     # continuation, from the prime's last token (none after a final newline or space).
     last_line = prime_lines[-1] if prime_lines and not prime.endswith("\n") else ""
     last_words = codec.tokenizer.split(last_line) if last_line and not last_line[-1].isspace() else []
-    prime_text = _Prime(prime, last_words[-1] if last_words else None)
+    shown = prime[:-1] if prime.endswith("\r") else prime  # a line end the tokenizer drops too ("a\r")
+    prime_text = _Prime(shown, last_words[-1] if last_words else None)
     prime_unk = sum(1 for i in prime_ids if i == UNK_ID)
     for first in range(0, num_samples, GROUP):
         yield from _group(model, codec, prime_ids, prime_text, prime_unk, min(GROUP, num_samples - first),

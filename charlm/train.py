@@ -38,7 +38,7 @@ from .data import (Splits, batchify, check_text_file, check_trainable, check_voc
 from .errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, RunFailure, UsageError
 from .model import EvaluationStopped, RNNLM, State, build_model, count_parameters, detach_state, stream_nll
 from .runs import run_folder_of
-from .runtime import Distributed, file_sha256, init_distributed, seed_everything
+from .runtime import Distributed, file_sha256, init_distributed, is_terminal, seed_everything
 
 TRAINER_FORMAT = 1
 LN2 = math.log(2.0)
@@ -300,7 +300,9 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
                          f"(bf16 training on a CPU was measured less accurate: docs/benchmarks.md)")
     saved, trainer_state = None, None
     if resume is not None:
-        resume = run_folder_of(Path(resume), "--resume")  # runs/x/last continues runs/x, not a run inside it
+        # runs/x/last continues runs/x (from last/, as always), not a new run inside it; best/ or a *.old
+        # folder is refused, since the resume would not start from the checkpoint it names
+        resume = run_folder_of(Path(resume), "--resume", names=("last",))
         if dist.is_main:
             ckpt.recover(resume)
         dist.barrier()
@@ -491,7 +493,7 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
             return "max_epochs"
         return None
 
-    interactive = show_progress and getattr(log_stream, "isatty", lambda: False)()
+    interactive = show_progress and is_terminal(log_stream)
     bar = tqdm(total=t.max_steps, initial=p.step, unit="step", file=log_stream, dynamic_ncols=True,
                disable=not interactive, leave=True)
     net.train()

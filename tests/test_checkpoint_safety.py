@@ -293,10 +293,12 @@ def test_recover_cleans_stray_temporary_files_and_restores_a_swapped_checkpoint(
     load_run(tmp_path, which="best")
 
 
-def test_a_truncated_trainer_state_with_a_matching_manifest_is_called_damaged(run):
-    """Not the unpickler's refusal ('more than tensors'): the file is cut short, and the message says so."""
+@pytest.mark.parametrize("damage", ["truncated", "json", "empty"])
+def test_a_damaged_trainer_state_with_a_matching_manifest_is_called_damaged(run, damage):
+    """Not the unpickler's refusal ('more than tensors'): the file is cut short or not a torch file at all."""
     path = run / "last" / "trainer.pt"
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    path.write_bytes({"truncated": path.read_bytes()[: path.stat().st_size // 2], "json": b'{"step": 3}',
+                      "empty": b""}[damage])
     rehash(run / "last", "trainer.pt")
     line = assert_one_line_error(cli("train", "--resume", run, "-q"), 2, "trainer.pt", "damaged")
     assert "more than tensors" not in line

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -136,3 +137,61 @@ def test_nproc_reports_a_worker_s_bad_input_once_with_its_exit_code(setup):
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert result.stderr.startswith("charlm: error: corpus is too short"), result.stderr
+
+
+def test_nproc_names_the_worker_that_failed_first_when_it_died_without_a_word(setup):
+    """Rank 1 dies by os._exit(3); rank 0 then reports the broken connection. torchrun's report is held
+    back, but which worker failed first, and how, is said."""
+    tmp, corpus, config = setup
+    hook = tmp / "silent-hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(textwrap.dedent("""
+        import os
+        if os.environ.get("RANK") == "1":
+            import charlm.train
+            charlm.train.evaluate = lambda *args, **kwargs: os._exit(3)
+    """))
+    env = {**os.environ, "CHARLM_DIST_TIMEOUT": "60",
+           "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-m", "charlm", "train", "--config", str(config), "--corpus",
+                             str(corpus), "--out", str(tmp / "silent"), "--max-steps", "12", "--quiet",
+                             "--nproc", "2"], cwd=tmp, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode != 0
+    assert "local rank 1 failed first, with exit code 3" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("signum, code, name", [(2, 130, "SIGINT"), (15, 143, "SIGTERM")])
+def test_nproc_stopped_by_a_signal_saves_and_says_so(setup, signum, code, name):
+    """Ctrl-C reaches the whole process group (launcher, torchrun, workers); a SIGTERM may reach the
+    launcher alone, which passes it on. Either way the workers save last/ and their line gets through."""
+    import signal as signals
+    import time
+
+    tmp, corpus, config = setup
+    out = tmp / f"stopped-{signum}"
+    env = {**os.environ, "CHARLM_DIST_TIMEOUT": "60"}
+    env.pop("OMP_NUM_THREADS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "charlm", "train", "--config", str(config), "--corpus",
+                             str(corpus), "--out", str(out), "--max-time", "120", "--quiet", "--nproc", "2",
+                             "--set", "train.log_interval=1"], cwd=tmp, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline and not (out / "metrics.jsonl").exists():
+            time.sleep(0.2)
+        time.sleep(2.0)  # well into training
+        if signum == 2:
+            os.killpg(proc.pid, signals.SIGINT)
+        else:
+            proc.send_signal(signals.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signals.SIGKILL)
+    assert proc.returncode == code, stderr
+    assert f"interrupted by {name}" in stderr and "saved" in stderr, stderr
+    assert "Traceback" not in stderr
+    step = int(stderr.split(" at step ")[1].split(";")[0])
+    saved = json.loads((out / "last" / "manifest.json").read_text(encoding="utf-8"))
+    assert saved["step"] == step

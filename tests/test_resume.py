@@ -234,3 +234,14 @@ def test_a_resume_with_no_step_left_reports_no_train_loss_and_writes_strict_json
     assert end["event"] == "end" and end["steps"] == 4 and end["train_loss"] is None
     text = cli("train", "--resume", run, "--max-steps", "4", "-q")
     assert text.exit_code == 0 and "no step left" in text.stdout
+
+
+@pytest.mark.parametrize("name", ["best", "last.old"])
+def test_resume_of_another_checkpoint_than_last_is_exit_2_naming_the_run(tmp_path, name):
+    """A resume starts from last/: naming best/ or last.old/ would silently start elsewhere."""
+    run = train_run(tmp_path)
+    folder = run / name
+    if not folder.exists():
+        shutil.copytree(run / "last", folder)
+    line = assert_one_line_error(cli("train", "--resume", folder), 2, "not a run folder")
+    assert str(run) in line

@@ -39,3 +39,18 @@ def test_freed_buffers_are_reused_without_page_faults():
     assert len(faults) == 20 and faults[0] >= pages // 2  # the first use does map the block
     # The first uses map the memory (the heap takes a few to settle); after that it is reused.
     assert sum(faults[-5:]) < pages // 4, faults
+
+
+def test_a_worker_of_nproc_knows_that_the_launcher_s_stderr_is_a_terminal(monkeypatch):
+    """Under `train --nproc` the workers' stderr is a pipe to the launcher; its word decides the bar."""
+    import io
+    import sys
+
+    from charlm.runtime import is_terminal
+
+    monkeypatch.delenv("CHARLM_STDERR_IS_TERMINAL", raising=False)
+    pipe = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", pipe)
+    assert not is_terminal(sys.stderr)
+    monkeypatch.setenv("CHARLM_STDERR_IS_TERMINAL", "1")
+    assert is_terminal(sys.stderr) and not is_terminal(io.StringIO())  # only stderr itself

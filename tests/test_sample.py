@@ -242,6 +242,7 @@ def test_prime_is_kept_in_front_of_the_generated_text():
     ("The CAT", "sat", "The CAT sat"),        # the prime as typed, though the model reads it lowercased
     ("春眠", "不", "春眠不"),                  # no space between CJK characters
     ("the cat\n", "sat", "the cat\nsat"),     # a new line after the prime
+    ("the cat\r", "sat", "the cat sat"),         # a final CR ends the line for the tokenizer: not shown
 ])
 def test_a_word_level_prime_joins_its_continuation_as_the_tokenizer_joins_words(prime, first, text):
     vocab = Vocabulary([UNK, EOS, "the", "cat", "sat", ".", "春", "眠", "不"])
