@@ -202,17 +202,21 @@ def _launch_torchrun(nproc: int) -> int:
     if sys.stderr.isatty():  # the workers' stderr is a pipe to this process: rank 0 still draws its bar
         env["CHARLM_STDERR_IS_TERMINAL"] = "1"
     stopped: list[int] = []
+    running: list[subprocess.Popen] = []
 
     def on_signal(signum, frame):
         # Ctrl-C reaches torchrun and the workers too (one process group): they save and stop, and this
         # process keeps relaying until they are done. A SIGTERM sent to this process alone is passed on.
         stopped.append(signum)
-        if signum == signal.SIGTERM:
-            proc.send_signal(signal.SIGTERM)
+        if signum == signal.SIGTERM and running:
+            running[0].send_signal(signal.SIGTERM)
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with subprocess.Popen(cmd, stderr=subprocess.PIPE, env=env) as proc:
+            running.append(proc)
+            if signal.SIGTERM in stopped:  # it came before there was anyone to pass it to
+                proc.send_signal(signal.SIGTERM)
             worker_code, said, held = _relay_worker_stderr(proc.stderr)
             proc.wait()
     finally:
