@@ -58,6 +58,21 @@ def _is_wide(encoding: str) -> bool:
     return name.startswith(("utf-16", "utf-32"))
 
 
+def _wide_codec(path: Path, encoding: str) -> str | None:
+    """For a UTF-16 or UTF-32 file, its codec with the byte order spelled out (from the encoding's name,
+    else from the file's byte-order mark, else little-endian as Python reads one without a mark); None
+    for any other encoding. A part of the file that starts after the mark needs the order spelled out."""
+    if not _is_wide(encoding):
+        return None
+    name = codecs.lookup(encoding).name
+    if name.endswith(("-le", "-be")):
+        return name
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    big = codecs.BOM_UTF32_BE if name == "utf-32" else codecs.BOM_UTF16_BE
+    return f"{name}-be" if head.startswith(big) else f"{name}-le"
+
+
 def check_text_file(path: Path, encoding: str = "utf-8") -> Path:
     """A readable file that does not look binary, or a UsageError that says what is wrong."""
     path = Path(path)
@@ -121,6 +136,8 @@ def _safe_cut(text: str, level: str) -> int:
 def iter_text(path: Path, start: int = 0, end: int | None = None, encoding: str = "utf-8",
               errors: str = "strict", level: str = "char", progress=None) -> Iterator[str]:
     """Text of bytes [start, end) of a file, in pieces that end at safe places (bounded memory)."""
+    if start > 0:  # past a UTF-16 / UTF-32 file's byte-order mark: the order must be named
+        encoding = _wide_codec(path, encoding) or encoding
     try:
         decoder = codecs.getincrementaldecoder(encoding)(errors=errors)
     except LookupError:
@@ -154,21 +171,31 @@ def iter_text(path: Path, start: int = 0, end: int | None = None, encoding: str 
             carry = text[cut:]
 
 
-def split_point(path: Path, fraction: float) -> int:
-    """Byte offset where the validation part (the last `fraction`) starts, at a line boundary; 0 if none."""
+def split_point(path: Path, fraction: float, encoding: str = "utf-8") -> int:
+    """Byte offset where the validation part (the last `fraction`) starts, at a line boundary; 0 if none.
+
+    In UTF-16 and UTF-32 a line ends with a 2- or 4-byte newline, found only at offsets that are whole
+    code units from the start of the file.
+    """
     size = path.stat().st_size
     if fraction <= 0 or size == 0:
         return size
+    wide = _wide_codec(path, encoding)
+    newline = "\n".encode(wide) if wide else b"\n"
+    unit = len(newline)
     with open(path, "rb") as fh:
-        cut = max(int(size * (1 - fraction)) - 1, 0)  # from the byte before: a cut at a line start stays there
+        cut = max(int(size * (1 - fraction)) - unit, 0)  # from the unit before: a cut at a line start stays there
+        cut -= cut % unit
         fh.seek(cut)
         while True:
-            block = fh.read(1 << 16)
+            block = fh.read(1 << 16)  # a whole number of units: no aligned newline spans two blocks
             if not block:
                 return size
-            nl = block.find(b"\n")
+            nl = block.find(newline)
+            while nl >= 0 and nl % unit:
+                nl = block.find(newline, nl + 1)
             if nl >= 0:
-                return cut + nl + 1
+                return cut + nl + unit
             cut += len(block)
 
 
@@ -375,11 +402,7 @@ def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextC
         except (OSError, ValueError, KeyError, UsageError, RuntimeError):
             pass  # a damaged cache entry is rebuilt below
     size = corpus.stat().st_size
-    if val is None and cfg.val_fraction > 0 and _is_wide(cfg.encoding):
-        raise UsageError(f"data.val_fraction cannot cut a {cfg.encoding} corpus at a line end: pass --val FILE "
-                         f"or --set data.val_fraction=0, or convert the corpus to UTF-8 "
-                         f"(iconv -f {cfg.encoding} -t utf-8)")
-    cut = size if val is not None else split_point(corpus, cfg.val_fraction)
+    cut = size if val is not None else split_point(corpus, cfg.val_fraction, cfg.encoding)
     total = size + (val.stat().st_size if val is not None else 0)
     bar = _progress_bar(total * (2 if codec is None else 1), show_progress)
     tmp = folder / f".tmp-{os.getpid()}"

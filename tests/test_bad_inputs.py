@@ -6,6 +6,7 @@ checkpoint files themselves are in test_checkpoint_safety.py.
 
 from __future__ import annotations
 
+import codecs
 import json
 import subprocess
 import sys
@@ -23,21 +24,26 @@ def train_args(tmp_path, corpus, *extra):
 
 
 # ---------------------------------------------------------------- corpora
-def test_a_utf16_corpus_trains_with_its_encoding_and_asks_for_a_val_file_to_hold_out(tmp_path):
-    """UTF-16 holds NUL bytes, which are fine when the encoding says so; its lines cannot be cut by bytes."""
-    corpus = tmp_path / "wide.txt"
-    corpus.write_bytes(corpus_text(200).encode("utf-16"))
-    val = tmp_path / "wide-val.txt"
-    val.write_bytes(corpus_text(20, seed=1).encode("utf-16"))
-    cut = cli(*train_args(tmp_path, corpus, "--encoding", "utf-16"))
-    assert_one_line_error(cut, 2, "data.val_fraction", "--val", "utf-8")
-    with_val = cli(*train_args(tmp_path, corpus, "--encoding", "utf-16", "--val", val, "--json"))
-    assert with_val.exit_code == 0, with_val.stderr
-    assert json.loads(with_val.stdout)["val_loss"] is not None
-    for name in ("utf-16", "utf16"):  # Python's other names for it too
-        without = cli(*train_args(tmp_path, corpus, "--encoding", name, "--set", "data.val_fraction=0",
-                                  "--out", tmp_path / f"no-val-{name}"))
-        assert without.exit_code == 0, without.stderr
+@pytest.mark.parametrize("encoding, raw", [
+    ("utf-16", lambda text: text.encode("utf-16")),                          # a mark, little-endian here
+    ("utf16", lambda text: codecs.BOM_UTF16_BE + text.encode("utf-16-be")),  # a mark saying big-endian
+    ("utf-16-be", lambda text: text.encode("utf-16-be")),                    # no mark, the order named
+    ("utf-32", lambda text: text.encode("utf-32")),
+])
+def test_a_wide_encoding_trains_and_holds_out_the_same_lines_as_utf8(tmp_path, encoding, raw):
+    """UTF-16 and UTF-32 hold NUL bytes, which are fine when the encoding says so; the validation part
+    is cut at a line end counted in whole code units, and read with the file's byte order."""
+    text = corpus_text(200)
+    plain, wide = tmp_path / "plain.txt", tmp_path / "wide.txt"
+    plain.write_text(text, encoding="utf-8")
+    wide.write_bytes(raw(text))
+    runs = []
+    for corpus, extra in ((plain, ()), (wide, ("--encoding", encoding))):
+        result = cli(*train_args(tmp_path, corpus, *extra, "--json", "--out", tmp_path / corpus.stem))
+        assert result.exit_code == 0, result.stderr
+        runs.append(json.loads(result.stdout))
+    assert runs[0]["val_loss"] is not None and runs[1]["val_loss"] == runs[0]["val_loss"]
+    assert (tmp_path / "wide" / "vocab.json").read_text() == (tmp_path / "plain" / "vocab.json").read_text()
 
 
 @pytest.mark.parametrize("content", ["", " \n\n"])
