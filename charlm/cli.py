@@ -146,15 +146,11 @@ def train(
             from .checkpoint import CONFIG_FILE, find_checkpoint
             base = find_checkpoint(resume, "last") / CONFIG_FILE
         cfg = load_config(config, set_, extra, base=base)
-        if nproc > 1:  # what can be checked here is, once, before the workers start
-            from .data import check_text_file
-            for path in (corpus, val):
-                if path is not None:
-                    check_text_file(path, cfg.data.encoding)
-            if cfg.train.batch_size % nproc:
-                raise UsageError(f"train.batch_size {cfg.train.batch_size} must be a multiple of --nproc {nproc}: "
-                                 f"each process takes an equal share of the parallel streams")
-            raise typer.Exit(_launch_torchrun(nproc))
+        if nproc > 1:
+            from .launch import check_before_launch, run_torchrun
+
+            check_before_launch(cfg, corpus, val, nproc)
+            raise typer.Exit(run_torchrun(sys.argv[1:], nproc))
         result = run_training(cfg, corpus, out=out, val=val, resume=resume, show_progress=not quiet,
                               cache_dir=cache_dir)
         if int(os.environ.get("RANK", "0")) != 0:
@@ -171,109 +167,6 @@ def train(
                  f"{result.val_bits_per_char:.4f} bits/char (best {result.best_val_loss:.4f})")
         _out(f"tokens/second   {result.tokens_per_second:,.0f}")
         _out(f"parameters      {result.parameters:,}")
-
-
-def _launch_torchrun(nproc: int) -> int:
-    """`charlm train --nproc N ...` = `torchrun --standalone --nproc_per_node N -m charlm train ...`.
-
-    The workers' own lines (progress, results, `charlm: error: ...`) pass through, each error once; what
-    torchrun adds when a worker fails (its log lines and a traceback of its own) is left out, and the
-    command exits with the worker's exit code (2 for a bad input), not torchrun's 1.
-    """
-    import subprocess
-
-    args, skip = [], False
-    for arg in sys.argv[1:]:
-        if skip:
-            skip = False
-            continue
-        if arg == "--nproc":
-            skip = True
-            continue
-        if arg.startswith("--nproc="):
-            continue
-        args.append(arg)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "charlm", *args]
-    if "--debug" in args:  # everything, torchrun's report included
-        return subprocess.call(cmd)
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, set here so that it does not announce it
-    if sys.stderr.isatty():  # the workers' stderr is a pipe to this process: rank 0 still draws its bar
-        env["CHARLM_STDERR_IS_TERMINAL"] = "1"
-    stopped: list[int] = []
-    running: list[subprocess.Popen] = []
-
-    def on_signal(signum, frame):
-        # Ctrl-C reaches torchrun and the workers too (one process group): they save and stop, and this
-        # process keeps relaying until they are done. A SIGTERM sent to this process alone is passed on.
-        stopped.append(signum)
-        if signum == signal.SIGTERM and running:
-            running[0].send_signal(signal.SIGTERM)
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with subprocess.Popen(cmd, stderr=subprocess.PIPE, env=env) as proc:
-            running.append(proc)
-            if signal.SIGTERM in stopped:  # it came before there was anyone to pass it to
-                proc.send_signal(signal.SIGTERM)
-            worker_code, said, held = _relay_worker_stderr(proc.stderr)
-            proc.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if stopped:
-        return EXIT_SIGTERM if signal.SIGTERM in stopped else EXIT_SIGINT
-    if proc.returncode and not said:  # no worker explained the failure: show torchrun's own report
-        sys.stderr.buffer.write(b"".join(held))
-    elif proc.returncode and worker_code != 2:  # not a bad input: say which worker failed first, and how
-        import re
-
-        first = re.search(rb"exitcode: (-?\d+)\) local_rank: (\d+)", b"".join(held))
-        if first:
-            code, rank = int(first.group(1)), int(first.group(2))
-            how = f"was killed by signal {-code}" if code < 0 else f"failed first, with exit code {code}"
-            print(f"charlm: error: torchrun: the worker of local rank {rank} {how}", file=sys.stderr)
-    sys.stderr.flush()
-    code = worker_code if proc.returncode and said and worker_code and worker_code > 0 else proc.returncode
-    return EXIT_FAILURE if code < 0 else code  # torchrun killed by a signal
-
-
-def _relay_worker_stderr(stream) -> tuple[int | None, bool, list[bytes]]:
-    """Copy the workers' stderr through as it comes, holding back torchrun's own log lines and failure
-    report and passing each `charlm: ...` line once. Returns the exit code of a failed worker that
-    torchrun reported, whether a worker wrote such a line, and the lines held back."""
-    import re
-
-    own = re.compile(rb"^(?:[WEI]\d{4} .*torch/distributed/|Traceback \(most recent call last\))")
-    code = re.compile(rb"exitcode\s*:?\s*(-?\d+)")
-    out, seen, held, pending = sys.stderr.buffer, set(), [], b""
-    quiet, worker_code = False, None
-
-    def relay(line: bytes) -> None:
-        nonlocal quiet, worker_code
-        found = code.search(line)
-        if found and own.match(line) or (quiet and found):
-            worker_code = worker_code or int(found.group(1))
-        if quiet or own.match(line):
-            quiet = quiet or line.startswith(b"Traceback")  # the rest is torchrun's report
-            held.append(line)
-            return
-        if line.startswith(b"charlm: "):  # a worker's error, note or stop: each once
-            if line.strip() in seen:
-                return
-            seen.add(line.strip())
-        out.write(line)
-        out.flush()
-
-    for chunk in iter(lambda: os.read(stream.fileno(), 1 << 16), b""):
-        pending += chunk
-        *lines, pending = re.split(rb"(?<=[\n\r])", pending)  # progress bars end their lines with \r
-        for line in lines:
-            relay(line)
-    if pending:
-        relay(pending)
-    return worker_code, bool(seen), held
 
 
 # ---------------------------------------------------------------- sample
