@@ -504,14 +504,15 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
     try:
         with signals.installed():
             while True:
+                stop_signal = signals.received
                 if dist.enabled:  # all ranks agree on the clock of rank 0 and on any signal
-                    flag, elapsed = dist.sum([1.0 if signals.received else 0.0,
-                                              p.elapsed if dist.is_main else 0.0])
+                    flag, elapsed = dist.sum([1.0 if stop_signal else 0.0, p.elapsed if dist.is_main else 0.0])
                     p.elapsed = elapsed
-                    if flag and signals.received is None:
-                        signals.received = signal.SIGTERM
+                    # Every rank decides on the sum, never on its own flag: a signal that reaches one rank
+                    # just after the sum would stop it a step before the others, left waiting in a collective.
+                    stop_signal = (stop_signal or signal.SIGTERM) if flag else None
                 stopped_by = limit_reached()
-                if stopped_by or signals.received:
+                if stopped_by or stop_signal:
                     break
                 x, y = window(rows, p.window, t.seq_len)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -573,7 +574,8 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
                         print(f"step {p.step} val_loss {val_loss:.4f}", file=log_stream, flush=True)
                     after_validation(val_loss, periodic=True)
                     p.elapsed = start_elapsed + time.perf_counter() - clock
-            if signals.received:
+            if stop_signal:  # as agreed above; a signal that came later is left for the next command
+                signals.received = stop_signal
                 interrupted()
             last_loss = dist.sum([last_loss])[0] / dist.world
             final_val = validate(None, final=True)
