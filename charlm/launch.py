@@ -46,35 +46,37 @@ def run_torchrun(argv: list[str], nproc: int) -> int:
         args.append(arg)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "charlm", *args]
-    if "--debug" in args:  # everything, torchrun's report included
-        return subprocess.call(cmd)
+    debug = "--debug" in args  # everything torchrun prints, its report included
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, set here so that it does not announce it
-    if sys.stderr.isatty():  # the workers' stderr is a pipe to this process: rank 0 still draws its bar
-        env["CHARLM_STDERR_IS_TERMINAL"] = "1"
+    if sys.stderr.isatty() and not debug:  # the workers' stderr is a pipe to this process: rank 0 still
+        env["CHARLM_STDERR_IS_TERMINAL"] = "1"  # draws its bar
     stopped: list[int] = []
     running: list[subprocess.Popen] = []
 
     def on_signal(signum, frame):
-        # Ctrl-C reaches torchrun and the workers too (one process group): they save and stop, and this
-        # process keeps relaying until they are done. A SIGTERM sent to this process alone is passed on.
+        # torchrun runs in a session of its own, so Ctrl-C reaches this process alone: it is passed on
+        # once, torchrun passes it to the workers, they save and stop, and this process keeps relaying
+        # their lines until they are done.
+        if signum not in stopped and running:
+            running[0].send_signal(signum)
         stopped.append(signum)
-        if signum == signal.SIGTERM and running:
-            running[0].send_signal(signal.SIGTERM)
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with subprocess.Popen(cmd, stderr=subprocess.PIPE, env=env) as proc:
+        with subprocess.Popen(cmd, stderr=None if debug else subprocess.PIPE, env=env,
+                              start_new_session=True) as proc:
             running.append(proc)
-            if signal.SIGTERM in stopped:  # it came before there was anyone to pass it to
-                proc.send_signal(signal.SIGTERM)
-            worker_code, said, held = relay_worker_stderr(proc.stderr)
+            for sig in dict.fromkeys(stopped):  # what came before there was anyone to pass it to
+                proc.send_signal(sig)
+            worker_code, said, held = (None, False, []) if debug else \
+                relay_worker_stderr(proc.stderr, signalled=lambda: bool(stopped))
             proc.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if stopped:
-        return EXIT_SIGTERM if signal.SIGTERM in stopped else EXIT_SIGINT
+    if stopped and proc.returncode:
+        return EXIT_SIGINT if stopped[0] == signal.SIGINT else EXIT_SIGTERM
     if proc.returncode and not said:  # no worker explained the failure: show torchrun's own report
         sys.stderr.buffer.write(b"".join(held))
     elif proc.returncode and worker_code != 2:  # not a bad input: say which worker failed first, and how
@@ -88,36 +90,52 @@ def run_torchrun(argv: list[str], nproc: int) -> int:
     return EXIT_FAILURE if code < 0 else code  # torchrun killed by a signal
 
 
-def relay_worker_stderr(stream) -> tuple[int | None, bool, list[bytes]]:
-    """Copy the workers' stderr through as it comes, holding back torchrun's own log lines and failure
-    report and passing each `charlm: ...` line once. Returns the exit code of a failed worker that
-    torchrun reported, whether a worker wrote such a line, and the lines held back."""
-    own = re.compile(rb"^(?:[WEI]\d{4} .*torch/distributed/|Traceback \(most recent call last\))")
+def relay_worker_stderr(stream, signalled=lambda: False) -> tuple[int | None, bool, list[bytes]]:
+    """Copy the workers' stderr through as it comes, holding back torchrun's own log lines and its report
+    of a failure (or of the signal it was given, when `signalled()`), and passing each `charlm: ...` line
+    once. Returns the exit code of a failed worker that torchrun reported, whether a worker wrote an
+    error line, and the lines held back."""
+    own = re.compile(rb"^[WEI]\d{4} .*torch/distributed/")
     code = re.compile(rb"exitcode\s*:?\s*(-?\d+)")
     out, seen, held, pending = sys.stderr.buffer, set(), [], b""
-    quiet, worker_code = False, None
+    failed = quiet = after_cr = said = False
+    worker_code = None
 
     def relay(line: bytes) -> None:
-        nonlocal quiet, worker_code
+        nonlocal failed, quiet, worker_code, said
         found = code.search(line)
-        if found and own.match(line) or (quiet and found):
-            worker_code = worker_code or int(found.group(1))
-        if quiet or own.match(line):
-            quiet = quiet or line.startswith(b"Traceback")  # the rest is torchrun's report
+        if own.match(line) or quiet:
+            if found:
+                worker_code = worker_code or int(found.group(1))
+            failed = failed or (own.match(line) is not None and b"failed" in line)
+            held.append(line)
+            return
+        if (failed or signalled()) and line.startswith(b"Traceback (most recent call last)"):
+            quiet = True  # torchrun's own traceback and report, after its "failed" line or a signal
             held.append(line)
             return
         if line.startswith(b"charlm: "):  # a worker's error, note or stop: each once
             if line.strip() in seen:
                 return
             seen.add(line.strip())
+            said = said or line.startswith(b"charlm: error:")
         out.write(line)
         out.flush()
 
+    # A progress bar's frame has no end of its own: a line written after it starts on the same line.
+    glued = re.compile(rb"(?<=.)(?=charlm: |[WEI]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ torch/distributed/)")
+
     for chunk in iter(lambda: os.read(stream.fileno(), 1 << 16), b""):
         pending += chunk
-        *lines, pending = re.split(rb"(?<=[\n\r])", pending)  # progress bars end their lines with \r
+        *lines, pending = re.split(rb"(?<=[\n\r])", pending)  # progress bars end their frames with \r
         for line in lines:
-            relay(line)
-    if pending:
-        relay(pending)
-    return worker_code, bool(seen), held
+            for part in glued.split(line):
+                relay(part)
+        after_cr = lines[-1].endswith(b"\r") if lines else after_cr
+        if pending and after_cr:  # a progress bar's frame, written without an end: show it now
+            for part in glued.split(pending):
+                relay(part)
+            pending = b""
+    for part in glued.split(pending) if pending else ():
+        relay(part)
+    return worker_code, said, held

@@ -506,11 +506,13 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
             while True:
                 stop_signal = signals.received
                 if dist.enabled:  # all ranks agree on the clock of rank 0 and on any signal
-                    flag, elapsed = dist.sum([1.0 if stop_signal else 0.0, p.elapsed if dist.is_main else 0.0])
+                    interrupts, terms, elapsed = dist.sum([float(stop_signal == signal.SIGINT),
+                                                           float(stop_signal == signal.SIGTERM),
+                                                           p.elapsed if dist.is_main else 0.0])
                     p.elapsed = elapsed
-                    # Every rank decides on the sum, never on its own flag: a signal that reaches one rank
-                    # just after the sum would stop it a step before the others, left waiting in a collective.
-                    stop_signal = (stop_signal or signal.SIGTERM) if flag else None
+                    # Every rank decides on the sums, never on its own flag: a signal that reaches one rank
+                    # just after them would stop it a step before the others, left waiting in a collective.
+                    stop_signal = signal.SIGINT if interrupts else (signal.SIGTERM if terms else None)
                 stopped_by = limit_reached()
                 if stopped_by or stop_signal:
                     break

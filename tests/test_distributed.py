@@ -195,3 +195,47 @@ def test_nproc_stopped_by_a_signal_saves_and_says_so(setup, signum, code, name):
     step = int(stderr.split(" at step ")[1].split(";")[0])
     saved = json.loads((out / "last" / "manifest.json").read_text(encoding="utf-8"))
     assert saved["step"] == step
+
+
+def _relay(chunks):
+    """What relay_worker_stderr shows and returns for these chunks of the workers' stderr."""
+    import io
+    import threading
+
+    from charlm import launch
+
+    read, write = os.pipe()
+
+    def feed():
+        for chunk in chunks:
+            os.write(write, chunk)
+        os.close(write)
+
+    shown = io.BytesIO()
+    wrapper = io.TextIOWrapper(shown)
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    with os.fdopen(read, "rb") as stream, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "stderr", wrapper)
+        result = launch.relay_worker_stderr(stream)
+    feeder.join()
+    value = shown.getvalue()
+    wrapper.detach()
+    return value, result
+
+
+def test_the_relay_shows_bar_frames_at_once_and_error_lines_once_and_holds_torchrun_s_report():
+    failed = (b"E1202 05:51:14.327000 17218 torch/distributed/elastic/multiprocessing/api.py:1002] "
+              b"failed (exitcode: 2) local_rank: 0 (pid: 17223) of binary: python\n")
+    shown, (code, said, held) = _relay([
+        b"\rtraining  40%|####", b"charlm: error: corpus is too short\n",  # a frame, then a line
+        b"charlm: error: corpus is too short\n",                           # the other rank's, the same
+        b"Exception in thread X:\nTraceback (most recent call last):\n  a worker's own\n",
+        failed, b"Traceback (most recent call last):\n  torchrun's\n", b"exitcode  : 2\n"])
+    assert shown == (b"\rtraining  40%|####charlm: error: corpus is too short\n"
+                     b"Exception in thread X:\nTraceback (most recent call last):\n  a worker's own\n")
+    assert code == 2 and said
+    assert held[0] == failed and b"torchrun's" in b"".join(held)
+    # the frame and the line in one read: the line is still found, counted and shown once
+    shown, (_, said, _) = _relay([b"\rtraining  40%|####charlm: error: X\n", b"charlm: error: X\n"])
+    assert shown == b"\rtraining  40%|####charlm: error: X\n" and said
