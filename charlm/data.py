@@ -60,8 +60,9 @@ def _is_wide(encoding: str) -> bool:
 
 def _wide_codec(path: Path, encoding: str) -> str | None:
     """For a UTF-16 or UTF-32 file, its codec with the byte order spelled out (from the encoding's name,
-    else from the file's byte-order mark, else little-endian as Python reads one without a mark); None
-    for any other encoding. A part of the file that starts after the mark needs the order spelled out."""
+    else from the file's byte-order mark, else little-endian, as `bytes.decode` reads one without a mark);
+    None for any other encoding. Python's incremental decoders need it: without the order named they
+    refuse a file without a mark, and read a part that starts after the mark in the machine's order."""
     if not _is_wide(encoding):
         return None
     name = codecs.lookup(encoding).name
@@ -136,8 +137,14 @@ def _safe_cut(text: str, level: str) -> int:
 def iter_text(path: Path, start: int = 0, end: int | None = None, encoding: str = "utf-8",
               errors: str = "strict", level: str = "char", progress=None) -> Iterator[str]:
     """Text of bytes [start, end) of a file, in pieces that end at safe places (bounded memory)."""
-    if start > 0:  # past a UTF-16 / UTF-32 file's byte-order mark: the order must be named
-        encoding = _wide_codec(path, encoding) or encoding
+    wide = _wide_codec(path, encoding)
+    if wide:  # UTF-16 / UTF-32: decoded with the byte order named, the byte-order mark skipped if any
+        mark = {"utf-16-le": codecs.BOM_UTF16_LE, "utf-16-be": codecs.BOM_UTF16_BE,
+                "utf-32-le": codecs.BOM_UTF32_LE, "utf-32-be": codecs.BOM_UTF32_BE}[wide]
+        if start == 0:
+            with open(path, "rb") as fh:
+                start = len(mark) if fh.read(len(mark)) == mark else 0
+        encoding = wide
     try:
         decoder = codecs.getincrementaldecoder(encoding)(errors=errors)
     except LookupError:
@@ -156,6 +163,8 @@ def iter_text(path: Path, start: int = 0, end: int | None = None, encoding: str 
                 text = carry + decoder.decode(block, final=final)
             except UnicodeDecodeError as exc:
                 raise _decode_error(path, offset + exc.start, block[exc.start:exc.start + 1], encoding) from None
+            except UnicodeError as exc:  # not tied to a byte
+                raise UsageError(f"{path} is not valid {encoding}: {exc}") from None
             if progress is not None:
                 progress(len(block))
             offset += len(block)

@@ -29,10 +29,13 @@ def train_args(tmp_path, corpus, *extra):
     ("utf16", lambda text: codecs.BOM_UTF16_BE + text.encode("utf-16-be")),  # a mark saying big-endian
     ("utf-16-be", lambda text: text.encode("utf-16-be")),                    # no mark, the order named
     ("utf-32", lambda text: text.encode("utf-32")),
+    ("utf-16", lambda text: text.encode("utf-16-le")),                       # no mark: little-endian
+    ("utf-16-le", lambda text: text.encode("utf-16")),                       # the order named, and a mark
 ])
 def test_a_wide_encoding_trains_and_holds_out_the_same_lines_as_utf8(tmp_path, encoding, raw):
     """UTF-16 and UTF-32 hold NUL bytes, which are fine when the encoding says so; the validation part
-    is cut at a line end counted in whole code units, and read with the file's byte order."""
+    is cut at a line end counted in whole code units, and read with the file's byte order. (The cut is
+    the last fraction of the file's bytes: on this ASCII text it falls on the same line as in UTF-8.)"""
     text = corpus_text(200)
     plain, wide = tmp_path / "plain.txt", tmp_path / "wide.txt"
     plain.write_text(text, encoding="utf-8")
