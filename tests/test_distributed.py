@@ -158,7 +158,8 @@ def test_nproc_names_the_worker_that_failed_first_when_it_died_without_a_word(se
                              "--nproc", "2"], cwd=tmp, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode != 0
     assert "local rank 1 failed first, with exit code 3" in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr
+    # torchrun's own report is held back (what the dying rank 0 prints of itself is not)
+    assert "ChildFailedError" not in result.stderr and "torch/distributed/run.py" not in result.stderr
 
 
 @pytest.mark.parametrize("signum, code, name", [(2, 130, "SIGINT"), (15, 143, "SIGTERM")])
