@@ -201,11 +201,11 @@ def find_checkpoint(path: Path, which: str = "best") -> Path:
     path = Path(path)
     if not path.exists():
         raise UsageError(f"run folder not found: {path}")
-    if (path / MANIFEST_FILE).exists():
+    if is_checkpoint_folder(path):
         return path
     order = {"best": CHECKPOINT_NAMES, "last": ("last", "last.old")}[which]
     for name in order:
-        if (path / name / MANIFEST_FILE).exists():
+        if is_checkpoint_folder(path / name):
             return path / name
     raise UsageError(f"{path} holds no checkpoint (no {which}/manifest.json): train into it first")
 

@@ -192,23 +192,21 @@ def sample(
     with _errors():
         from .checkpoint import load_run
         from .runtime import resolve_device
-        from .sample import GROUP, check_options, iter_samples
+        from .sample import check_options, iter_samples
 
         check_options(max_length, temperature, top_k, top_p, num_samples)
         dev = resolve_device(device)
         model, codec, _ = load_run(run_dir, dev, _which(checkpoint))
         samples = iter_samples(model, codec, prime, max_length, temperature, top_k, top_p, num_samples, seed,
                                allow_unk, dev)
-        for i, s in enumerate(samples, 1):  # drawn GROUP at a time; each group is printed when it is done
+        for s in samples:  # drawn a group at a time: each sample is shown as soon as its group is done
             if as_json:
                 _out(json.dumps({"text": s.text, "generated": s.generated, "logprob": s.logprob,
                                  "tokens": len(s.tokens), "stopped_at": s.stopped_at, "prime_unk": s.prime_unk},
                                 ensure_ascii=False))
             else:
                 _out(s.text)
-            if i % GROUP == 0:
-                sys.stdout.flush()
-        sys.stdout.flush()
+            sys.stdout.flush()
 
 
 def _check_errors(errors: str) -> None:

@@ -21,10 +21,11 @@ from .errors import UsageError
 
 def _f(default: Any, help: str, *, choices: tuple | None = None, low: float | None = None,
        high: float | None = None, low_open: bool = False, high_open: bool = False,
-       optional: bool = False) -> Any:
-    """A dataclass field with its documentation and valid range."""
+       optional: bool = False, numbers: bool = False) -> Any:
+    """A dataclass field with its documentation and valid range (`numbers`: a string of comma-separated
+    whole numbers, where a single number may be written as a number)."""
     meta = dict(help=help, choices=choices, low=low, high=high, low_open=low_open,
-                high_open=high_open, optional=optional)
+                high_open=high_open, optional=optional, numbers=numbers)
     return field(default=default, metadata=meta)
 
 
@@ -65,7 +66,8 @@ class ModelConfig:
                       "ones in clusters; exact probabilities, much less work for large vocabularies; with "
                       "tie_weights the clusters score the embedding rows)", choices=("full", "adaptive"))
     adaptive_cutoffs: str = _f("2000,10000", "adaptive softmax: ids where the head and each tail cluster end "
-                               "(comma-separated, increasing; those not below the vocabulary size are dropped)")
+                               "(comma-separated, increasing; those not below the vocabulary size are dropped)",
+                               numbers=True)
     adaptive_div: float = _f(4.0, "adaptive softmax, untied: each tail cluster's projection is this much "
                              "narrower", low=1.0)
     gru_form: str = _f("classic", "custom GRU: 'classic' textbook form or 'torch' (r applied after W_hn h; "
@@ -150,7 +152,7 @@ def _check_value(section: str, f: dataclasses.Field, value: Any) -> Any:
         if not math.isfinite(value):
             raise UsageError(f"config: {name} must be a finite number, got {value!r}")
     elif base == "str":
-        if name in _NUMBER_LISTS and isinstance(value, int) and not isinstance(value, bool):
+        if meta["numbers"] and isinstance(value, int) and not isinstance(value, bool):
             value = str(value)  # one cutoff, read by YAML (and --set) as a number
         if not isinstance(value, str):
             raise UsageError(f"config: {name} must be a string, got {value!r}")
@@ -190,10 +192,6 @@ def from_dict(raw: dict) -> Config:
     cfg = Config(**{name: _build_section(name, raw.get(name) or {}) for name in SECTIONS})
     validate(cfg)
     return cfg
-
-
-# Fields that hold comma-separated whole numbers as a string; a single number is accepted as it is.
-_NUMBER_LISTS = {"model.adaptive_cutoffs"}
 
 
 def validate(cfg: Config) -> None:

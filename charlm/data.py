@@ -58,20 +58,21 @@ def _is_wide(encoding: str) -> bool:
     return name.startswith(("utf-16", "utf-32"))
 
 
-def _wide_codec(path: Path, encoding: str) -> str | None:
-    """For a UTF-16 or UTF-32 file, its codec with the byte order spelled out (from the encoding's name,
-    else from the file's byte-order mark, else little-endian, as `bytes.decode` reads one without a mark);
-    None for any other encoding. Python's incremental decoders need it: without the order named they
-    refuse a file without a mark, and read a part that starts after the mark in the machine's order."""
+def _wide_codec(path: Path, encoding: str) -> tuple[str, int] | None:
+    """For a UTF-16 or UTF-32 file: its codec with the byte order spelled out (from the encoding's name,
+    else from the file's byte-order mark, else little-endian, as `bytes.decode` reads one without a mark),
+    and the length of the mark at the file's start (0 if none); None for any other encoding. Python's
+    incremental decoders need the order named: without it they refuse a file without a mark, and read a
+    part that starts after the mark in the machine's order."""
     if not _is_wide(encoding):
         return None
     name = codecs.lookup(encoding).name
-    if name.endswith(("-le", "-be")):
-        return name
     with open(path, "rb") as fh:
         head = fh.read(4)
-    big = codecs.BOM_UTF32_BE if name == "utf-32" else codecs.BOM_UTF16_BE
-    return f"{name}-be" if head.startswith(big) else f"{name}-le"
+    if not name.endswith(("-le", "-be")):
+        name += "-be" if head.startswith("\ufeff".encode(name + "-be")) else "-le"
+    mark = "\ufeff".encode(name)
+    return name, len(mark) if head.startswith(mark) else 0
 
 
 def check_text_file(path: Path, encoding: str = "utf-8") -> Path:
@@ -139,12 +140,8 @@ def iter_text(path: Path, start: int = 0, end: int | None = None, encoding: str 
     """Text of bytes [start, end) of a file, in pieces that end at safe places (bounded memory)."""
     wide = _wide_codec(path, encoding)
     if wide:  # UTF-16 / UTF-32: decoded with the byte order named, the byte-order mark skipped if any
-        mark = {"utf-16-le": codecs.BOM_UTF16_LE, "utf-16-be": codecs.BOM_UTF16_BE,
-                "utf-32-le": codecs.BOM_UTF32_LE, "utf-32-be": codecs.BOM_UTF32_BE}[wide]
-        if start == 0:
-            with open(path, "rb") as fh:
-                start = len(mark) if fh.read(len(mark)) == mark else 0
-        encoding = wide
+        encoding, mark = wide
+        start = start or mark
     try:
         decoder = codecs.getincrementaldecoder(encoding)(errors=errors)
     except LookupError:
@@ -190,7 +187,7 @@ def split_point(path: Path, fraction: float, encoding: str = "utf-8") -> int:
     if fraction <= 0 or size == 0:
         return size
     wide = _wide_codec(path, encoding)
-    newline = "\n".encode(wide) if wide else b"\n"
+    newline = "\n".encode(wide[0]) if wide else b"\n"
     unit = len(newline)
     with open(path, "rb") as fh:
         cut = max(int(size * (1 - fraction)) - unit, 0)  # from the unit before: a cut at a line start stays there

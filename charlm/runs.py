@@ -38,9 +38,9 @@ def run_folder_of(path: Path, option: str, names: tuple[str, ...] = CHECKPOINT_N
         return path
     if path.name in names and not is_checkpoint_folder(path.parent):
         return path.parent
-    where = f"name the run folder that holds it ({path.parent})" if path.name in CHECKPOINT_NAMES else \
-        "name the run folder that holds it"
-    raise UsageError(f"{option} {path}: this is a checkpoint folder, not a run folder; {where}")
+    run = f" ({path.parent})" if path.name in CHECKPOINT_NAMES else ""
+    raise UsageError(f"{option} {path}: this is a checkpoint folder, not a run folder; name the run folder "
+                     f"that holds it{run}")
 
 
 CHECKPOINTS = ("best", "last")

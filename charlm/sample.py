@@ -70,11 +70,11 @@ def next_token_distribution(logits: Tensor, temperature: float, top_k: int, top_
 @dataclass
 class _Prime:
     text: str              # as typed
-    last_token: str | None  # its last token at word level, when the continuation may need a space after it
+    last_token: str | None  # its last word (word level), when the continuation may need a space after it
 
     def before(self, ids: list[int], codec: TextCodec) -> str:
         """The prime and what joins it to the continuation `ids` (a space or nothing)."""
-        if self.last_token is None or not ids or codec.tokenizer.level == "char" or ids[0] == EOS_ID:
+        if self.last_token is None or not ids or ids[0] == EOS_ID:
             return self.text
         first = codec.vocab.tokens[ids[0]]
         glued = codec.tokenizer.join([self.last_token, first]) == self.last_token + first
@@ -112,12 +112,13 @@ def iter_samples(model: RNNLM, codec: TextCodec, prime: str = "", max_length: in
     # "<unk>"); at word level the tokenizer's spacing rule decides whether a space joins it to the
     # continuation, from the prime's last token (none after a final newline or space).
     last_line = prime_lines[-1] if prime_lines and not prime.endswith("\n") else ""
-    last_words = codec.tokenizer.split(last_line) if last_line and not last_line[-1].isspace() else []
+    last_words = (codec.tokenizer.split(last_line) if codec.tokenizer.level == "word" and last_line
+                  and not last_line[-1].isspace() else [])
     shown = prime[:-1] if prime.endswith("\r") else prime  # a line end the tokenizer drops too ("a\r")
-    prime_text = _Prime(shown, last_words[-1] if last_words else None)
+    shown_prime = _Prime(shown, last_words[-1] if last_words else None)
     prime_unk = sum(1 for i in prime_ids if i == UNK_ID)
     for first in range(0, num_samples, GROUP):
-        yield from _group(model, codec, prime_ids, prime_text, prime_unk, min(GROUP, num_samples - first),
+        yield from _group(model, codec, prime_ids, shown_prime, prime_unk, min(GROUP, num_samples - first),
                           max_length, temperature, top_k, top_p, allow_unk, generator, device)
 
 

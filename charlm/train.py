@@ -319,9 +319,9 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
     if corpus is None:
         raise UsageError("no corpus: pass --corpus PATH")
     run_dir = Path(out) if out is not None else Path("runs") / Path(corpus).stem
+    if resume is None:
+        ckpt.check_new_run_folder(run_dir)
     if dist.is_main:
-        if resume is None:
-            ckpt.check_new_run_folder(run_dir)
         _check_writable(run_dir)
         if resume is None:
             ckpt.recover(run_dir)
@@ -352,7 +352,7 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
     check_trainable(splits.train, t.batch_size, t.seq_len)
     if splits.val is None and val is None and cfg.data.val_fraction > 0 and dist.is_main:
         print(f"charlm: note: {corpus} has no line end to cut a validation part at (data.val_fraction); "
-              f"training without validation: pass --val FILE to have one", file=sys.stderr)
+              f"training without validation: pass --val FILE to have one", file=log_stream)
     share = t.batch_size // dist.world
     rows = batchify(splits.train, t.batch_size)[dist.rank * share:(dist.rank + 1) * share]  # (B/W, N // B)
     n_windows = windows_per_epoch(rows, t.seq_len)
