@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import products
+from . import native, products
 from .config import ModelConfig
 from .errors import UsageError
 from .model import RNNLM, build_model, count_parameters, detach_state
@@ -105,6 +105,7 @@ class BenchResult:
     parameters: int
     threads: int
     products: str  # products.backend(): "onednn" where charlm sends its larger float32 CPU products there
+    native: str  # native.status(): "on" where the custom cells' step kernels of native.c run, else why not
     train_tokens_per_s: float
     infer_tokens_per_s: float
     sample_tokens_per_s: float
@@ -274,7 +275,8 @@ def run_bench(s: BenchSettings, progress: Callable[[str], None] | None = None) -
         results.append(BenchResult(
             x.cell, x.impl, str(device), s.hidden_size, s.embedding_size, s.layers, s.batch_size, s.seq_len,
             s.vocab_size, count_parameters(x.model), torch.get_num_threads(),
-            products.backend() if device.type == "cpu" else "-", med["train"], med["infer"],
+            products.backend() if device.type == "cpu" else "-", native.status() if device.type == "cpu" else "-",
+            med["train"], med["infer"],
             med["sample"], peak, MEMORY_MEASURE[device.type], train_rounds=rounds[(i, "train")],
             infer_rounds=rounds[(i, "infer")], sample_rounds=rounds[(i, "sample")]))
     _add_ratios(results)

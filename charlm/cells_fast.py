@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import native
 from .products import Repeated, linear, mm, weight_grad
 
 _aten = torch.ops.aten
@@ -162,11 +163,17 @@ def lstm_layer_forward(x: Tensor, w_ih: Tensor, bias: Tensor, h0: Tensor, c0: Te
     tanh_cs = x.new_empty(T if save else 1, B, H)
     w = Repeated(w_hh, B, T)  # a<t-1> -> W_hh a<t-1>
     # Per-step views made once by unbind: indexing and slicing in the loop cost more than the math.
-    gate = gates.unflatten(2, (4, H))
-    Z, UF, U, F, C_TILDE, O = (gates.unbind(0), gates[..., : 2 * H].unbind(0),
-                               *(gate[:, :, k].unbind(0) for k in range(4)))
-    HS, CS, TANH_CS = hs.unbind(0), cs.unbind(0), tanh_cs.unbind(0)
+    Z, HS, CS, TANH_CS = gates.unbind(0), hs.unbind(0), cs.unbind(0), tanh_cs.unbind(0)
     h, c = h0, c0
+    if native.usable(gates):  # the same equations, the element-wise part of each step in one C loop
+        c = CS[0] if save else c0.contiguous()
+        for t in range(T):
+            c_new = CS[t + 1 if save else t % 2]
+            native.lstm_forward(Z[t], w(h), c, c_new, TANH_CS[t if save else 0], HS[t])
+            h, c = HS[t], c_new
+        return hs, c, (gates, cs, tanh_cs)
+    gate = gates.unflatten(2, (4, H))
+    UF, U, F, C_TILDE, O = gates[..., : 2 * H].unbind(0), *(gate[:, :, k].unbind(0) for k in range(4))
     for t in range(T):
         w.add_to(Z[t], h)                              # W [a<t-1>, x<t>] + b for all gates, (B, 4H)
         UF[t].sigmoid_()                               # Γu, Γf
@@ -193,14 +200,23 @@ class LSTMLayer(torch.autograd.Function):
         x, w_ih, gates, cs, tanh_cs, hs, h0, w_hh = ctx.saved_tensors
         T, B, G = gates.shape
         H = G // 4
-        gate = gates.unflatten(2, (4, H))
-        U, F, C_TILDE, O = (gate[:, :, k].unbind(0) for k in range(4))  # Γu, Γf, c~, Γo at each step
         C_PREV, TANH_CS = cs.unbind(0), tanh_cs.unbind(0)  # C_PREV[t] = c<t-1> for the step t (from 0)
         d_pre = torch.empty_like(gates)               # dL/d(gate pre-activations), (T, B, 4H)
-        d_gate = d_pre.unflatten(2, (4, H))
-        D_PRE, D_U, D_F, D_C, D_O = d_pre.unbind(0), *(d_gate[:, :, k].unbind(0) for k in range(4))
-        GRAD_HS = grad_hs.unbind(0)
+        D_PRE = d_pre.unbind(0)
         w_back = Repeated(w_hh.t(), B, T)  # d_pre -> W_hh^T d_pre
+        if native.usable(gates):  # the loop below, each step's element-wise part in one C loop
+            dc = grad_c_last.clone(memory_format=torch.contiguous_format)
+            if grad_hs.stride(2) != 1:  # the kernel takes each step's rows apart, but each row contiguous
+                grad_hs = grad_hs.contiguous()
+            GRAD_HS, Z = grad_hs.unbind(0), gates.unbind(0)
+            for t in range(T - 1, -1, -1):
+                rec = w_back(D_PRE[t + 1]) if t < T - 1 else None   # W_hh^T d_pre<t+1>
+                native.lstm_backward(GRAD_HS[t], rec, dc, Z[t], C_PREV[t], TANH_CS[t], D_PRE[t])
+            return LSTMLayer._finish(ctx, d_pre, dc, w_back, x, w_ih, h0, hs)
+        gate, d_gate = gates.unflatten(2, (4, H)), d_pre.unflatten(2, (4, H))
+        U, F, C_TILDE, O = (gate[:, :, k].unbind(0) for k in range(4))  # Γu, Γf, c~, Γo at each step
+        D_U, D_F, D_C, D_O = (d_gate[:, :, k].unbind(0) for k in range(4))
+        GRAD_HS = grad_hs.unbind(0)
         # The factors are computed step by step rather than for all steps before the loop: each
         # step's values are then read once while in cache, which measured faster on a CPU.
         dc = grad_c_last
@@ -213,10 +229,15 @@ class LSTMLayer(torch.autograd.Function):
             _dsigmoid(dc * C_PREV[t], F[t], out=D_F[t])       # dΓf-pre = dc * c<t-1> * Γf (1 - Γf)
             _dtanh(dc * U[t], C_TILDE[t], out=D_C[t])         # dc~-pre = dc * Γu * (1 - c~²)
             dc = dc * F[t]                                    # what c<t-1> receives: dc<t> * Γf
-        d_h0 = w_back(d_pre[0]) if ctx.needs_input_grad[3] else None
-        d_c0 = dc if ctx.needs_input_grad[4] else None
-        d_w = _recurrent_weight_grad(d_pre, h0, hs) if ctx.needs_input_grad[5] else None
-        return (*_input_grads(ctx, d_pre, x, w_ih), d_h0, d_c0, d_w)
+        return LSTMLayer._finish(ctx, d_pre, dc, w_back, x, w_ih, h0, hs)
+
+    @staticmethod
+    def _finish(ctx, d_pre, dc, w_back, x, w_ih, h0, hs):
+        """The gradients of the Function's inputs from d_pre (T, B, 4H) and dL/dc<0>."""
+        need = ctx.needs_input_grad
+        d_h0 = w_back(d_pre[0]) if need[3] else None
+        d_w = _recurrent_weight_grad(d_pre, h0, hs) if need[5] else None
+        return (*_input_grads(ctx, d_pre, x, w_ih), d_h0, dc if need[4] else None, d_w)
 
 
 # ---------------------------------------------------------------- GRU, classic form
@@ -236,6 +257,14 @@ def gru_layer_forward(x: Tensor, w_ih: Tensor, bias: Tensor, h0: Tensor, w_hh: T
                          gates[..., H: 2 * H].unbind(0), gates[..., 2 * H:].unbind(0))
     HS, RH = hs.unbind(0), rh.unbind(0)
     h = h0
+    if native.usable(gates):  # the same equations, the element-wise work between products in C
+        h, Z = h0.contiguous(), gates.unbind(0)
+        for t in range(T):
+            r_h = RH[t if save else 0]
+            native.gru_gates(RU[t], w_ru(h), h, r_h)
+            native.gru_state(Z[t], w_c(r_h), h, HS[t])
+            h = HS[t]
+        return hs, (gates, rh)
     for t in range(T):
         w_ru.add_to(RU[t], h).sigmoid_()                               # Γr, Γu = σ(W [h<t-1>, x<t>] + b)
         r_h = torch.mul(R[t], h, out=RH[t if save else 0])            # Γr * h<t-1>

@@ -546,7 +546,7 @@ def _print_bench(results, gen, sco, markdown: bool) -> None:
 
     if results:
         r0 = results[0]
-        products = f", {r0.products} products" if r0.device == "cpu" else ""
+        products = f", {r0.products} products, native kernels {r0.native}" if r0.device == "cpu" else ""
         threads = f"{r0.threads} thread" + ("s" if r0.threads != 1 else "")
         _out(f"device {r0.device} ({threads}{products}), hidden {r0.hidden_size}, embedding {r0.embedding_size}, "
              f"layers {r0.layers}, batch {r0.batch_size}, window {r0.seq_len}, vocabulary {r0.vocab_size}; "

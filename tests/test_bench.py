@@ -9,6 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from charlm import native
 from charlm.bench import BenchSettings, _build, generate_speed, parse_list, run_bench, score_speed
 from charlm.cells import CustomRNN
 from charlm.cli import app
@@ -65,6 +66,7 @@ def test_bench_command_prints_json_lines_with_the_documented_keys():
                 "infer_ratio", "sample_ratio", "peak_memory_bytes", "memory_measure"):
         assert key in records[0]
     assert records[0]["products"] in ("onednn", "default")  # which library ran the CPU products
+    assert records[0]["native"] == native.status()          # whether native.c's step kernels ran
 
 
 def test_bench_command_prints_a_markdown_table():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from charlm import cells, cells_fast, products
+from charlm import cells, cells_fast, native, products
 from charlm.cells import CustomRNN
 
 # (cell, gru_form, nonlinearity): every equation set the custom layer knows
@@ -62,6 +62,16 @@ def backend(request, monkeypatch):
     monkeypatch.setattr(products, "ONEDNN", request.param == "onednn")
     if request.param == "onednn":  # these shapes are far below where oneDNN pays: take it anyway
         _everything_through_onednn(monkeypatch)
+    return request.param
+
+
+@pytest.fixture(autouse=True, params=["native", "pytorch"])
+def elementwise(request, monkeypatch):
+    """Every test twice: the element-wise part of each step in native.c's kernels, and as PyTorch operations."""
+    if request.param == "native" and native.kernels() is None:
+        pytest.skip(f"native kernels {native.why_not()}")
+    if request.param == "pytorch":
+        monkeypatch.setattr(native, "usable", lambda *tensors: False)
     return request.param
 
 

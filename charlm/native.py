@@ -1,0 +1,252 @@
+"""The fused step kernels of native.c: built with the system's C compiler on first use, loaded with ctypes.
+
+Between two matrix products, a step of the custom LSTM is seven small tensor
+operations forward and thirteen backward, each with its own dispatch and its
+own pass over memory; at batch 32 and hidden 256 they took as long as the
+product itself. native.c does each group in one loop. It is plain C99 with no
+headers from torch or Python, so it compiles in well under a second, and it is
+optional: without a C compiler (or with `CHARLM_NATIVE=0`), or if the built
+library fails a small self-test against PyTorch, `kernels()` returns None and
+cells_fast.py runs the same equations as PyTorch operations.
+
+The library is built with -march=native for the processor at hand and kept
+in the cache folder ($CHARLM_CACHE_DIR, else $XDG_CACHE_HOME/charlm, else
+~/.cache/charlm) under a name derived from the source, the compiler, its
+flags and the processor, so that a changed file, compiler or machine gets its
+own build; it is written under a temporary name and renamed, so that two
+processes building at once (the ranks of `torchrun`) never load a half-written
+file. A cache folder that cannot be written falls back to a temporary one.
+
+Callers pass contiguous float32 CPU tensors of the documented shapes; the
+functions here check nothing, since they run once per time step.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("native.c")
+_BASE_FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared"]
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+_SIGNATURES = {
+    "charlm_lstm_forward": [_P, _P, _P, _P, _P, _P, _I, _I],
+    "charlm_lstm_backward": [_P, _I, _P, _P, _P, _P, _P, _P, _I, _I],
+    "charlm_gru_gates": [_P, _I, _P, _P, _P, _I, _I],
+    "charlm_gru_state": [_P, _I, _P, _P, _P, _I, _I],
+}
+_why_not = ""
+_lib: ctypes.CDLL | None = None  # set by kernels(); the wrappers below are called only after usable()
+
+
+def _compiler() -> list[str] | None:
+    """The C compiler: $CC if set (it may carry flags), else the first of cc, gcc, clang on the PATH."""
+    if os.environ.get("CC", "").strip():
+        command = shlex.split(os.environ["CC"])
+        return command if shutil.which(command[0]) else None
+    for name in ("cc", "gcc", "clang"):
+        path = shutil.which(name)
+        if path:
+            return [path]
+    return None
+
+
+def _processor() -> str:
+    """What -march=native depends on: the CPU's model and feature flags (Linux), else platform's words."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
+        wanted = [ln for ln in lines if ln.split(":")[0].strip() in ("model name", "flags", "Features", "CPU part")]
+        if wanted:
+            return "\n".join(dict.fromkeys(wanted))
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}"
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept: $CHARLM_CACHE_DIR, else the user's cache folder."""
+    if os.environ.get("CHARLM_CACHE_DIR"):
+        return Path(os.environ["CHARLM_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "charlm"
+
+
+def _version(compiler: list[str]) -> str:
+    try:
+        done = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=30)
+        return done.stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _build(compiler: list[str], folder: Path) -> Path:
+    """Compile native.c into `folder` (or find it built there already); returns the library's path."""
+    source = SOURCE.read_bytes()
+    version = _version(compiler)
+    errors = []
+    for flags in ([*_BASE_FLAGS, "-march=native"], _BASE_FLAGS):  # not every compiler takes -march=native
+        key = hashlib.sha256(b"\0".join(s.encode() if isinstance(s, str) else s for s in
+                                        (source, " ".join(compiler), version, " ".join(flags), _processor())))
+        target = folder / f"native-{key.hexdigest()[:20]}.so"
+        if target.exists():
+            return target
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, partial = tempfile.mkstemp(prefix=target.stem + "-", suffix=".partial", dir=folder)
+        os.close(handle)
+        try:
+            done = subprocess.run([*compiler, *flags, "-o", partial, str(SOURCE)],
+                                  capture_output=True, text=True, timeout=120)
+            if done.returncode == 0:
+                os.replace(partial, target)
+                return target
+            errors.append(done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"])
+        finally:
+            if os.path.exists(partial):
+                os.unlink(partial)
+    raise RuntimeError(f"{compiler[0]} failed: {errors[-1][0]}")
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    for name, argtypes in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, None
+    return lib
+
+
+@cache
+def kernels() -> ctypes.CDLL | None:
+    """The loaded library, or None (then `why_not()` says why) where it is turned off or cannot be had."""
+    global _why_not, _lib
+    if os.environ.get("CHARLM_NATIVE", "").strip().lower() in ("0", "false", "no", "off"):
+        _why_not = "off (CHARLM_NATIVE=0)"
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        _why_not = "off (no C compiler found; set CC)"
+        return None
+    try:
+        try:
+            path = _build(compiler, cache_dir())
+        except OSError:  # the cache folder cannot be written: build into a temporary one, removed at exit
+            folder = tempfile.mkdtemp(prefix="charlm-native-")
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
+            path = _build(compiler, Path(folder))
+        lib = _load(path)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        _why_not = f"off ({str(exc).strip() or type(exc).__name__})"
+        return None
+    if not _self_test(lib):
+        _why_not = "off (the built library disagreed with PyTorch in its self-test)"
+        return None
+    _lib = lib
+    return lib
+
+
+def why_not() -> str:
+    """Why `kernels()` is None ("" while it is not)."""
+    kernels()
+    return _why_not
+
+
+def status() -> str:
+    """'on' or 'off (reason)', for the benchmark's header and `--debug` notes."""
+    return "on" if kernels() is not None else why_not()
+
+
+def usable(*tensors: Tensor) -> bool:
+    """The kernels are loaded and take these tensors: float32, on the CPU (contiguity is the caller's part)."""
+    return (all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+            and kernels() is not None)
+
+
+# ---------------------------------------------------------------- the kernels (see native.c)
+def lstm_forward(z: Tensor, rec: Tensor, c_prev: Tensor, c: Tensor, tanh_c: Tensor, h: Tensor) -> None:
+    """z (B, 4H) += rec, activated in place; c<t>, tanh(c<t>), a<t> into c, tanh_c, h (B, H)."""
+    B, H = h.shape
+    _lib.charlm_lstm_forward(z.data_ptr(), rec.data_ptr(), c_prev.data_ptr(), c.data_ptr(),
+                             tanh_c.data_ptr(), h.data_ptr(), B, H)
+
+
+def lstm_backward(grad_h: Tensor, rec: Tensor | None, dc: Tensor, gates: Tensor, c_prev: Tensor,
+                  tanh_c: Tensor, d_pre: Tensor) -> None:
+    """dL/d(gate pre-activations) of one step into d_pre (B, 4H), with dL/da<t> = grad_h + rec;
+    dc (B, H) goes from dL/dc<t> to dL/dc<t-1>. grad_h's rows may lie apart, each row contiguous."""
+    B, H = dc.shape
+    _lib.charlm_lstm_backward(grad_h.data_ptr(), grad_h.stride(0), None if rec is None else rec.data_ptr(),
+                              dc.data_ptr(), gates.data_ptr(), c_prev.data_ptr(), tanh_c.data_ptr(),
+                              d_pre.data_ptr(), B, H)
+
+
+def gru_gates(ru: Tensor, rec: Tensor, h_prev: Tensor, rh: Tensor) -> None:
+    """ru: the first 2H columns of a step's (B, 3H) rows; += rec (B, 2H) -> Γr, Γu in place;
+    Γr * h<t-1> into rh."""
+    B, H = h_prev.shape
+    _lib.charlm_gru_gates(ru.data_ptr(), ru.stride(0), rec.data_ptr(), h_prev.data_ptr(), rh.data_ptr(), B, H)
+
+
+def gru_state(gates: Tensor, rec: Tensor, h_prev: Tensor, h: Tensor) -> None:
+    """gates: a step's (B, 3H) rows; the candidate's columns += rec (B, H) -> c~<t> in place; h<t> into h."""
+    B, H = h_prev.shape
+    _lib.charlm_gru_state(gates.data_ptr(), gates.stride(0), rec.data_ptr(), h_prev.data_ptr(),
+                          h.data_ptr(), B, H)
+
+
+def _self_test(lib: ctypes.CDLL) -> bool:
+    """Run every kernel once on fixed values and compare it with PyTorch's operations."""
+    global _lib
+    before, _lib = _lib, lib
+    try:
+        return _agrees()
+    finally:
+        _lib = before
+
+
+def _agrees() -> bool:
+    B, H = 3, 5
+    close = torch.allclose
+    z = torch.linspace(-6.0, 6.0, B * 4 * H).view(B, 4 * H)
+    rec = torch.linspace(1.0, -2.0, B * 4 * H).view(B, 4 * H)
+    c_prev = torch.linspace(-2.0, 2.0, B * H).view(B, H)
+    c, tanh_c, h = torch.empty(B, H), torch.empty(B, H), torch.empty(B, H)
+    gates = z.clone()
+    lstm_forward(gates, rec, c_prev, c, tanh_c, h)
+    u, f, ct, o = (z + rec).view(B, 4, H).unbind(1)
+    u, f, ct, o = u.sigmoid(), f.sigmoid(), ct.tanh(), o.sigmoid()
+    want_c = u * ct + f * c_prev
+    if not all(close(a, b, atol=1e-6) for a, b in ((gates, torch.cat([u, f, ct, o], 1)), (c, want_c),
+                                                    (tanh_c, want_c.tanh()), (h, o * want_c.tanh()))):
+        return False
+    grad_h = torch.linspace(-1.0, 1.0, 2 * B * H).view(B, 2 * H)[:, :H]  # rows apart, as a time-major grad's
+    back, dc = torch.linspace(0.3, -0.2, B * H).view(B, H), torch.linspace(0.5, -0.5, B * H).view(B, H)
+    for rec_h in (back, None):
+        d_pre, dc_out = torch.empty(B, 4 * H), dc.clone()
+        lstm_backward(grad_h, rec_h, dc_out, gates, c_prev, tanh_c, d_pre)
+        da = grad_h if rec_h is None else grad_h + rec_h
+        t = tanh_c
+        d = dc + da * o * (1 - t * t)
+        want = torch.cat([d * ct * u * (1 - u), d * c_prev * f * (1 - f), d * u * (1 - ct * ct),
+                          da * t * o * (1 - o)], 1)
+        if not (close(d_pre, want, atol=1e-6) and close(dc_out, d * f, atol=1e-6)):
+            return False
+    g = torch.linspace(-5.0, 5.0, B * 3 * H).view(B, 3 * H)
+    rec_g = torch.linspace(0.5, -1.5, B * 3 * H).view(B, 3 * H)
+    rows, rh, h_new = g.clone(), torch.empty(B, H), torch.empty(B, H)
+    gru_gates(rows[:, : 2 * H], rec_g[:, : 2 * H].contiguous(), c_prev, rh)
+    gru_state(rows, rec_g[:, 2 * H:].contiguous(), c_prev, h_new)
+    pre = g + rec_g
+    r, u, cand = pre[:, :H].sigmoid(), pre[:, H: 2 * H].sigmoid(), pre[:, 2 * H:].tanh()
+    return all(close(a, b, atol=1e-6) for a, b in (
+        (rows, torch.cat([r, u, cand], 1)), (rh, r * c_prev), (h_new, torch.lerp(c_prev, cand, u))))

@@ -1,0 +1,143 @@
+"""native.c's fused step kernels: their values, their use by the custom cells, and the fallback without them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from charlm import cells_fast, native
+
+needs_native = pytest.mark.skipif(native.kernels() is None, reason=f"native kernels {native.why_not()}")
+
+
+@needs_native
+def test_sigmoid_and_tanh_match_torch_over_the_whole_float_range():
+    # Through the LSTM's forward kernel with a zero recurrent term and c<t-1> = 0: the gates hold σ(z)
+    # (Γu, Γf, Γo) and tanh(z) (c~), and tanh_c holds tanh(σ(z) tanh(z)).
+    z = torch.cat([torch.linspace(-100, 100, 20001), torch.linspace(-1e-3, 1e-3, 2001),
+                   torch.tensor([0.0, -0.0, 1e-30, -1e-30, 3e38, -3e38, float("inf"), float("-inf")])])
+    H = z.numel()
+    gates = z.repeat(4).view(1, 4 * H)
+    c, tanh_c, h = torch.empty(1, H), torch.empty(1, H), torch.empty(1, H)
+    native.lstm_forward(gates, torch.zeros(1, 4 * H), torch.zeros(1, H), c, tanh_c, h)
+    u, f, ct, o = gates.view(4, H)
+    for got in (u, f, o):
+        torch.testing.assert_close(got, torch.sigmoid(z), atol=2e-7, rtol=0)
+    torch.testing.assert_close(ct, torch.tanh(z), atol=2e-7, rtol=0)
+    small = z.abs() < 1e-3  # near 0 tanh is as accurate relatively as absolutely
+    torch.testing.assert_close(ct[small], torch.tanh(z[small]), atol=1e-12, rtol=1e-6)
+    torch.testing.assert_close(tanh_c[0], torch.tanh(torch.sigmoid(z) * torch.tanh(z)), atol=2e-7, rtol=0)
+
+
+@needs_native
+def test_nan_propagates_through_the_kernels():
+    gates = torch.tensor([[float("nan"), 0.0, 0.0, 0.0]])
+    c, tanh_c, h = torch.empty(1, 1), torch.empty(1, 1), torch.empty(1, 1)
+    native.lstm_forward(gates, torch.zeros(1, 4), torch.zeros(1, 1), c, tanh_c, h)
+    assert torch.isnan(gates[0, 0]) and torch.isnan(c).all() and torch.isnan(h).all()
+
+
+def _lstm_and_gru_layers(x, h0, c0, weights):
+    """Outputs and gradients of a custom LSTM layer and a classic GRU layer (cells_fast), float32."""
+    results = []
+    for cell, (w_ih, bias, w_hh) in weights.items():
+        params = [t.clone().requires_grad_(True) for t in (x, w_ih, bias, h0, c0, w_hh)]
+        xs, w_i, b, h, c, w_h = params
+        if cell == "lstm":
+            hs, c_last = cells_fast.lstm_layer(xs, w_i, b, h, c, w_h)
+            loss = (hs * torch.linspace(-1, 1, hs.numel()).view(hs.shape)).sum() + (c_last * 0.5).sum()
+        else:
+            hs = cells_fast.gru_layer(xs, w_i, b, h, w_h)
+            loss = (hs * torch.linspace(-1, 1, hs.numel()).view(hs.shape)).sum()
+        grads = torch.autograd.grad(loss, [p for p in params if cell == "lstm" or p is not c])
+        results.append((hs.detach(), *grads))
+    return results
+
+
+@needs_native
+def test_layers_give_the_same_values_and_gradients_with_and_without_the_kernels(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    T, B, E, H = 20, 5, 7, 16
+    x, h0, c0 = (torch.randn(*s, generator=g) for s in ((T, B, E), (B, H), (B, H)))
+    weights = {cell: (torch.randn(k * H, E, generator=g) * 0.3, torch.randn(k * H, generator=g) * 0.1,
+                      torch.randn(k * H, H, generator=g) * 0.3) for cell, k in (("lstm", 4), ("gru", 3))}
+    calls = []
+    for name in ("lstm_forward", "lstm_backward", "gru_gates", "gru_state"):
+        kernel = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, _k=kernel, _n=name: (calls.append(_n), _k(*a))[1])
+    with_kernels = _lstm_and_gru_layers(x, h0, c0, weights)
+    assert {"lstm_forward", "lstm_backward", "gru_gates", "gru_state"} <= set(calls)
+    monkeypatch.setattr(native, "usable", lambda *tensors: False)
+    calls.clear()
+    without = _lstm_and_gru_layers(x, h0, c0, weights)
+    assert not calls
+    for a, b in zip(with_kernels, without):
+        for got, want in zip(a, b):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("layout", ["batch-major", "expanded"])
+def test_lstm_backward_takes_a_gradient_of_any_layout(layout):
+    # The model hands the layer a gradient laid out (B, T, H), time-major only as a view; a sum's is expanded
+    g = torch.Generator().manual_seed(3)
+    T, B, E, H = 6, 4, 3, 8
+    x = torch.randn(T, B, E, generator=g, requires_grad=True)
+    w_ih, w_hh = torch.randn(4 * H, E, generator=g), torch.randn(4 * H, H, generator=g)
+    bias, h0, c0 = torch.randn(4 * H, generator=g), torch.zeros(B, H), torch.zeros(B, H)
+    hs, _ = cells_fast.lstm_layer(x, w_ih, bias, h0, c0, w_hh)
+    grad = (torch.randn(B, T, H, generator=g).transpose(0, 1) if layout == "batch-major"
+            else torch.ones(1, 1, 1).expand(T, B, H))
+    (d_x,) = torch.autograd.grad(hs, x, grad)
+    x_ref = x.detach().clone().requires_grad_(True)
+    hs_ref, _ = cells_fast.LSTMLayer.apply(x_ref, w_ih, bias, h0, c0, w_hh)
+    (want,) = torch.autograd.grad(hs_ref, x_ref, grad.contiguous())
+    torch.testing.assert_close(d_x, want, atol=1e-5, rtol=1e-5)
+
+
+def _status_in_fresh_process(tmp_path, **env) -> list[str]:
+    """native.status() and an LSTM layer's output sum in a new interpreter with this environment."""
+    code = ("import torch\nfrom charlm import native, cells_fast\n"
+            "print(native.status())\n"
+            "x = torch.ones(9, 2, 3); w = torch.full((8, 3), 0.1); u = torch.full((8, 2), 0.1)\n"
+            "hs, c = cells_fast.lstm_layer(x, w, torch.zeros(8), torch.zeros(2, 2), torch.zeros(2, 2), u)\n"
+            "print(round(float(hs.sum()), 5))\n")
+    environment = {**os.environ, "CHARLM_CACHE_DIR": str(tmp_path), **env}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+@pytest.mark.parametrize("env, reason", [
+    ({"CC": os.path.join(os.sep, "no", "such", "cc")}, "off (no C compiler found; set CC)"),
+    ({"CC": "false"}, "off (false failed"),
+    ({"CHARLM_NATIVE": "0"}, "off (CHARLM_NATIVE=0)"),
+])
+def test_without_the_kernels_the_cells_fall_back_to_pytorch(tmp_path, env, reason):
+    status, total = _status_in_fresh_process(tmp_path, **env)
+    assert status.startswith(reason)
+    assert not list(tmp_path.glob("native-*.so"))
+    if native.kernels() is not None:  # the same numbers with the kernels, to the printed digits
+        assert _status_in_fresh_process(tmp_path / "with")[1] == total
+
+
+@needs_native
+def test_the_library_is_built_once_and_then_reused(tmp_path):
+    assert _status_in_fresh_process(tmp_path)[0] == "on"
+    (built,) = tmp_path.glob("native-*.so")
+    stamp = built.stat().st_mtime_ns
+    assert _status_in_fresh_process(tmp_path)[0] == "on"
+    assert [p.name for p in tmp_path.iterdir()] == [built.name]  # nothing rebuilt, no partial file left
+    assert built.stat().st_mtime_ns == stamp
+
+
+@needs_native
+def test_an_unwritable_cache_folder_builds_in_a_temporary_one(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert _status_in_fresh_process(tmp_path, CHARLM_CACHE_DIR=str(blocker / "cache"))[0] == "on"
