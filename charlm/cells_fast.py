@@ -290,6 +290,23 @@ class GRULayer(torch.autograd.Function):
         w_ru, w_c = Repeated(w_hh[: 2 * H].t(), B, T), Repeated(w_hh[2 * H:].t(), B, T)  # their transposes' products
         r, u, cand = gates[..., :H], gates[..., H: 2 * H], gates[..., 2 * H:]
         h_prev = _previous(h0, hs)
+        # dL/d(pre-activations) of r, u and of c~ in two buffers, so that each step's rows that go into
+        # a matrix product are contiguous (oneDNN would copy a strided operand first)
+        d_ru, d_c = hs.new_empty(T, B, 2 * H), hs.new_empty(T, B, H)
+        if native.usable(gates):  # the loop below, its element-wise work in two C loops a step
+            if grad_hs.stride(2) != 1:  # the kernel takes each step's rows apart, but each row contiguous
+                grad_hs = grad_hs.contiguous()
+            GRAD_HS, Z, H_PREV = grad_hs.unbind(0), gates.unbind(0), h_prev.unbind(0)
+            D_RU, D_C = d_ru.unbind(0), d_c.unbind(0)
+            dh, carry, rec = hs.new_empty(B, H), hs.new_empty(B, H), None
+            for t in range(T - 1, -1, -1):
+                native.gru_backward_state(GRAD_HS[t], carry if rec is not None else None, rec, Z[t], H_PREV[t],
+                                          dh, D_RU[t], D_C[t])
+                native.gru_backward_reset(w_c(D_C[t]), dh, Z[t], H_PREV[t], D_RU[t], carry)
+                if t > 0 or ctx.needs_input_grad[3]:
+                    rec = w_ru(D_RU[t])              # W_ru^T [dΓr-pre, dΓu-pre], for dh<t-1>
+            return GRULayer._finish(ctx, carry + rec if ctx.needs_input_grad[3] else None, d_ru, d_c, h_prev, rh, x,
+                                    w_ih)
         # Factors that do not depend on the recurrence, for all steps at once:
         #   dc~-pre = dh * Γu (1 - c~²)              = dh * a_c
         #   dΓu-pre = dh * (c~ - h<t-1>) Γu (1 - Γu)  = dh * a_u
@@ -297,9 +314,6 @@ class GRULayer(torch.autograd.Function):
         A_C, A_U, A_R = _dtanh(u, cand).unbind(0), _dsigmoid(cand - h_prev, u).unbind(0), \
             _dsigmoid(h_prev, r).unbind(0)
         KEEP, R = (1 - u).unbind(0), r.unbind(0)      # h<t-1> passes (1 - Γu) of dh straight through
-        # dL/d(pre-activations) of r, u and of c~ in two buffers, so that each step's rows that go into
-        # a matrix product are contiguous (oneDNN would copy a strided operand first)
-        d_ru, d_c = hs.new_empty(T, B, 2 * H), hs.new_empty(T, B, H)
         D_RU, D_R, D_U, D_C = (d_ru.unbind(0), d_ru[..., :H].unbind(0), d_ru[..., H:].unbind(0), d_c.unbind(0))
         GRAD_HS = grad_hs.unbind(0)
         dh = GRAD_HS[T - 1]
@@ -313,7 +327,11 @@ class GRULayer(torch.autograd.Function):
             # dh<t-1> = (1 - Γu) dh + Γr d(Γr h) + W_ru^T [dΓr-pre, dΓu-pre] (+ from the output at t-1)
             carry = torch.mul(dh, KEEP[t]) if t == 0 else torch.addcmul(GRAD_HS[t - 1], dh, KEEP[t])
             dh = w_ru.plus(carry.addcmul_(d_rh, R[t]), D_RU[t])
-        d_h0 = dh if ctx.needs_input_grad[3] else None
+        return GRULayer._finish(ctx, dh if ctx.needs_input_grad[3] else None, d_ru, d_c, h_prev, rh, x, w_ih)
+
+    @staticmethod
+    def _finish(ctx, d_h0, d_ru, d_c, h_prev, rh, x, w_ih):
+        """The gradients of the Function's inputs from d_ru (T, B, 2H), d_c (T, B, H) and dL/dh<0>."""
         d_w = None
         if ctx.needs_input_grad[4]:
             d_w = torch.cat([_weight_grad(d_ru, h_prev), _weight_grad(d_c, rh)])

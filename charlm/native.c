@@ -146,3 +146,47 @@ void charlm_gru_state(float *restrict gates, int64_t stride, const float *restri
         }
     }
 }
+
+/* Backward, step t, first half. dh = grad_h + carry + rec is dL/dh<t>: grad_h from the output
+   (rows `grad_stride` apart), carry = (1 - Γu) dh<t+1> + Γr d(Γr h) from step t+1 and rec =
+   W_ru^T [dΓr-pre, dΓu-pre]<t+1> (both NULL at the last step); it is written to dh. gates:
+   the step's activated Γr, Γu, c~ (B, 3H); h_prev: h<t-1>. d_ru: the step's (B, 2H) rows for
+   dΓr-pre, dΓu-pre, of which the dΓu-pre half is written here; d_c: dc~-pre, (B, H). */
+void charlm_gru_backward_state(const float *restrict grad_h, int64_t grad_stride, const float *restrict carry,
+                               const float *restrict rec, const float *restrict gates,
+                               const float *restrict h_prev, float *restrict dh, float *restrict d_ru,
+                               float *restrict d_c, int64_t B, int64_t H)
+{
+    for (int64_t b = 0; b < B; b++) {
+        const float *gh = grad_h + b * grad_stride, *gu = gates + b * 3 * H + H, *gc = gu + H;
+        const float *cb = carry ? carry + b * H : NULL, *rb = rec ? rec + b * H : NULL;
+        const float *hp = h_prev + b * H;
+        float *dhb = dh + b * H, *du = d_ru + b * 2 * H + H, *dcb = d_c + b * H;
+        for (int64_t k = 0; k < H; k++) {
+            float u = gu[k], ct = gc[k];
+            float d = cb ? gh[k] + cb[k] + rb[k] : gh[k];  /* dh<t> */
+            dhb[k] = d;
+            dcb[k] = d * u * (1.0f - ct * ct);             /* dc~-pre = dh Γu (1 - c~²) */
+            du[k] = d * (ct - hp[k]) * u * (1.0f - u);     /* dΓu-pre = dh (c~ - h<t-1>) Γu (1 - Γu) */
+        }
+    }
+}
+
+/* Backward, step t, second half. d_rh = W_c^T dc~-pre = d(Γr * h<t-1>); dh: dL/dh<t> from the
+   first half. Writes dΓr-pre into the first half of d_ru's rows and the part of dL/dh<t-1>
+   that bypasses the products into carry: (1 - Γu) dh<t> + Γr d(Γr h). */
+void charlm_gru_backward_reset(const float *restrict d_rh, const float *restrict dh, const float *restrict gates,
+                               const float *restrict h_prev, float *restrict d_ru, float *restrict carry,
+                               int64_t B, int64_t H)
+{
+    for (int64_t b = 0; b < B; b++) {
+        const float *gr = gates + b * 3 * H, *gu = gr + H;
+        const float *db = d_rh + b * H, *dhb = dh + b * H, *hp = h_prev + b * H;
+        float *dr = d_ru + b * 2 * H, *cb = carry + b * H;
+        for (int64_t k = 0; k < H; k++) {
+            float r = gr[k];
+            dr[k] = db[k] * hp[k] * r * (1.0f - r);      /* dΓr-pre = d(Γr h) h<t-1> Γr (1 - Γr) */
+            cb[k] = (1.0f - gu[k]) * dhb[k] + r * db[k];
+        }
+    }
+}

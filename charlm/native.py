@@ -46,6 +46,8 @@ _SIGNATURES = {
     "charlm_lstm_backward": [_P, _I, _P, _P, _P, _P, _P, _P, _I, _I],
     "charlm_gru_gates": [_P, _I, _P, _P, _P, _I, _I],
     "charlm_gru_state": [_P, _I, _P, _P, _P, _I, _I],
+    "charlm_gru_backward_state": [_P, _I, _P, _P, _P, _P, _P, _P, _P, _I, _I],
+    "charlm_gru_backward_reset": [_P, _P, _P, _P, _P, _P, _I, _I],
 }
 _why_not = ""
 _lib: ctypes.CDLL | None = None  # set by kernels(); the wrappers below are called only after usable()
@@ -204,6 +206,23 @@ def gru_state(gates: Tensor, rec: Tensor, h_prev: Tensor, h: Tensor) -> None:
                           h.data_ptr(), B, H)
 
 
+def gru_backward_state(grad_h: Tensor, carry: Tensor | None, rec: Tensor | None, gates: Tensor, h_prev: Tensor,
+                       dh: Tensor, d_ru: Tensor, d_c: Tensor) -> None:
+    """dL/dh<t> = grad_h + carry + rec (carry, rec: None at the last step) into dh; dc~-pre into d_c and
+    dΓu-pre into the second half of d_ru (B, 2H). gates: the step's (B, 3H) activations."""
+    B, H = dh.shape
+    _lib.charlm_gru_backward_state(grad_h.data_ptr(), grad_h.stride(0), None if carry is None else carry.data_ptr(),
+                                   None if rec is None else rec.data_ptr(), gates.data_ptr(), h_prev.data_ptr(),
+                                   dh.data_ptr(), d_ru.data_ptr(), d_c.data_ptr(), B, H)
+
+
+def gru_backward_reset(d_rh: Tensor, dh: Tensor, gates: Tensor, h_prev: Tensor, d_ru: Tensor, carry: Tensor) -> None:
+    """dΓr-pre from d(Γr h) = d_rh into the first half of d_ru; (1 - Γu) dh + Γr d_rh into carry."""
+    B, H = dh.shape
+    _lib.charlm_gru_backward_reset(d_rh.data_ptr(), dh.data_ptr(), gates.data_ptr(), h_prev.data_ptr(),
+                                   d_ru.data_ptr(), carry.data_ptr(), B, H)
+
+
 def _self_test(lib: ctypes.CDLL) -> bool:
     """Run every kernel once on fixed values and compare it with PyTorch's operations."""
     global _lib
@@ -248,5 +267,18 @@ def _agrees() -> bool:
     gru_state(rows, rec_g[:, 2 * H:].contiguous(), c_prev, h_new)
     pre = g + rec_g
     r, u, cand = pre[:, :H].sigmoid(), pre[:, H: 2 * H].sigmoid(), pre[:, 2 * H:].tanh()
-    return all(close(a, b, atol=1e-6) for a, b in (
-        (rows, torch.cat([r, u, cand], 1)), (rh, r * c_prev), (h_new, torch.lerp(c_prev, cand, u))))
+    if not all(close(a, b, atol=1e-6) for a, b in (
+            (rows, torch.cat([r, u, cand], 1)), (rh, r * c_prev), (h_new, torch.lerp(c_prev, cand, u)))):
+        return False
+    carry, d_rh = torch.linspace(-0.4, 0.6, B * H).view(B, H), torch.linspace(0.7, -0.3, B * H).view(B, H)
+    for extra in ((carry, back), (None, None)):
+        dh, d_ru, d_c, carry_out = torch.empty(B, H), torch.empty(B, 2 * H), torch.empty(B, H), torch.empty(B, H)
+        gru_backward_state(grad_h, *extra, rows, c_prev, dh, d_ru, d_c)
+        gru_backward_reset(d_rh, dh, rows, c_prev, d_ru, carry_out)
+        want_dh = grad_h if extra[0] is None else grad_h + carry + back
+        if not all(close(a, b, atol=1e-6) for a, b in (
+                (dh, want_dh), (d_c, want_dh * u * (1 - cand * cand)),
+                (d_ru, torch.cat([d_rh * c_prev * r * (1 - r), want_dh * (cand - c_prev) * u * (1 - u)], 1)),
+                (carry_out, (1 - u) * want_dh + r * d_rh))):
+            return False
+    return True

@@ -66,11 +66,12 @@ def test_layers_give_the_same_values_and_gradients_with_and_without_the_kernels(
     weights = {cell: (torch.randn(k * H, E, generator=g) * 0.3, torch.randn(k * H, generator=g) * 0.1,
                       torch.randn(k * H, H, generator=g) * 0.3) for cell, k in (("lstm", 4), ("gru", 3))}
     calls = []
-    for name in ("lstm_forward", "lstm_backward", "gru_gates", "gru_state"):
+    kernels = ("lstm_forward", "lstm_backward", "gru_gates", "gru_state", "gru_backward_state", "gru_backward_reset")
+    for name in kernels:
         kernel = getattr(native, name)
         monkeypatch.setattr(native, name, lambda *a, _k=kernel, _n=name: (calls.append(_n), _k(*a))[1])
     with_kernels = _lstm_and_gru_layers(x, h0, c0, weights)
-    assert {"lstm_forward", "lstm_backward", "gru_gates", "gru_state"} <= set(calls)
+    assert set(calls) == set(kernels)
     monkeypatch.setattr(native, "usable", lambda *tensors: False)
     calls.clear()
     without = _lstm_and_gru_layers(x, h0, c0, weights)
@@ -81,21 +82,26 @@ def test_layers_give_the_same_values_and_gradients_with_and_without_the_kernels(
 
 
 @needs_native
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("layout", ["batch-major", "expanded"])
-def test_lstm_backward_takes_a_gradient_of_any_layout(layout):
+def test_backward_takes_a_gradient_of_any_layout(layout, cell):
     # The model hands the layer a gradient laid out (B, T, H), time-major only as a view; a sum's is expanded
     g = torch.Generator().manual_seed(3)
     T, B, E, H = 6, 4, 3, 8
+    k = 4 if cell == "lstm" else 3
     x = torch.randn(T, B, E, generator=g, requires_grad=True)
-    w_ih, w_hh = torch.randn(4 * H, E, generator=g), torch.randn(4 * H, H, generator=g)
-    bias, h0, c0 = torch.randn(4 * H, generator=g), torch.zeros(B, H), torch.zeros(B, H)
-    hs, _ = cells_fast.lstm_layer(x, w_ih, bias, h0, c0, w_hh)
+    w_ih, w_hh = torch.randn(k * H, E, generator=g), torch.randn(k * H, H, generator=g)
+    bias, h0, c0 = torch.randn(k * H, generator=g), torch.zeros(B, H), torch.zeros(B, H)
+
+    def layer(x):
+        return cells_fast.lstm_layer(x, w_ih, bias, h0, c0, w_hh)[0] if cell == "lstm" else \
+            cells_fast.gru_layer(x, w_ih, bias, h0, w_hh)
+
     grad = (torch.randn(B, T, H, generator=g).transpose(0, 1) if layout == "batch-major"
             else torch.ones(1, 1, 1).expand(T, B, H))
-    (d_x,) = torch.autograd.grad(hs, x, grad)
+    (d_x,) = torch.autograd.grad(layer(x), x, grad)
     x_ref = x.detach().clone().requires_grad_(True)
-    hs_ref, _ = cells_fast.LSTMLayer.apply(x_ref, w_ih, bias, h0, c0, w_hh)
-    (want,) = torch.autograd.grad(hs_ref, x_ref, grad.contiguous())
+    (want,) = torch.autograd.grad(layer(x_ref), x_ref, grad.contiguous())
     torch.testing.assert_close(d_x, want, atol=1e-5, rtol=1e-5)
 
 
