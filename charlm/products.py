@@ -37,9 +37,6 @@ _NONE: list = []
 # 20 us against 34; batch 1: 17 against 7), which 16 steps repay.
 _MIN_WORK = 1 << 22
 _PACK_MIN_WORK, _PACK_MIN_BATCH, _PACK_MIN_STEPS = 1 << 19, 4, 16
-# But laying out a W with 1,024 or more inputs (the backward's W_hh^T of an LSTM, hidden 256: 256 x 1,024)
-# took 1.8 ms, 6.5 ms at 512 x 2,048, while it saved 13 and 50 us a step: a hundred or more steps to repay.
-_PACK_MAX_IN = 1023
 
 
 def _probe() -> bool:
@@ -124,46 +121,43 @@ def weight_grad(d: Tensor, x: Tensor) -> Tensor:
 class Repeated:
     """x -> x W^T for the many x (B, K) of a time loop, with W (M, K) laid out once.
 
-    oneDNN's blocked copy of W where it pays (see _PACK_MIN_WORK and
-    _PACK_MAX_IN); else oneDNN's product with W as it is where a product of
-    this size pays (_MIN_WORK); else from 8 steps up torch's product with a
-    row-major copy of W^T (15-25 % faster than the transposed view); for fewer,
-    as in sampling's single step, W is used as it is.
+    oneDNN's blocked copy of W where it pays (see _PACK_MIN_WORK), else from
+    8 steps up a row-major copy of W^T (15-25 % faster than the transposed
+    view); for fewer, as in sampling's single step, W is used as it is.
     """
 
-    __slots__ = ("blocked", "onednn_w", "w_t")
+    __slots__ = ("packed", "w_t")
 
     def __init__(self, w: Tensor, batch: int, steps: int):
-        self.blocked, self.onednn_w, self.w_t = False, None, w.t()
+        self.packed = None
+        self.w_t = w.t()
         M, K = w.shape
-        if _onednn(w) and steps >= _PACK_MIN_STEPS and batch >= _PACK_MIN_BATCH and K <= _PACK_MAX_IN \
-                and _worth_it(batch, M, K, _PACK_MIN_WORK):
-            self.blocked, self.onednn_w = True, torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), batch)
-        elif _onednn(w) and _worth_it(batch, M, K, _MIN_WORK) and (w.is_contiguous() or self.w_t.is_contiguous()):
-            self.onednn_w = w  # oneDNN reads W as it is, row- or column-major
+        if steps >= _PACK_MIN_STEPS and batch >= _PACK_MIN_BATCH and _worth_it(batch, M, K, _PACK_MIN_WORK) \
+                and _onednn(w):
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), batch)
         elif steps >= 8:
             self.w_t = self.w_t.contiguous()
 
     def __call__(self, x: Tensor) -> Tensor:
-        if self.onednn_w is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.onednn_w, None, "none", _NONE, "")
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", _NONE, "")
         return x @ self.w_t
 
     def add_to(self, out: Tensor, x: Tensor) -> Tensor:
         """out += x W^T, in place; returns out."""
-        if self.onednn_w is not None:
+        if self.packed is not None:
             return out.add_(self(x))
         return out.addmm_(x, self.w_t)
 
     def into(self, out: Tensor, x: Tensor, bias: Tensor) -> Tensor:
         """out = x W^T + bias; returns out."""
-        if self.onednn_w is not None:
+        if self.packed is not None:
             return torch.add(self(x), bias, out=out)
         return torch.addmm(bias, x, self.w_t, out=out)
 
     def plus(self, c: Tensor, x: Tensor) -> Tensor:
         """c + x W^T as a new tensor."""
-        if self.onednn_w is not None:
+        if self.packed is not None:
             return self(x).add_(c)
         return torch.addmm(c, x, self.w_t)
 

@@ -58,7 +58,7 @@ def test_repeated_products_match_addmm(onednn, steps, monkeypatch, small_shapes_
     monkeypatch.setattr(products, "ONEDNN", onednn)
     w = _randn(12, 5, seed=0)
     r = Repeated(w, 4, steps)
-    assert r.blocked == (onednn and steps >= 8)  # blocked layout only where it pays
+    assert (r.packed is not None) == (onednn and steps >= 8)  # blocked layout only where it pays
     h, c, bias = _randn(4, 5, seed=1), _randn(4, 12, seed=2), _randn(12, seed=3)
     _close(r(h), h @ w.t())
     _close(r.plus(c, h), c + h @ w.t())
@@ -129,19 +129,9 @@ def test_torch_mkldnn_flag_turns_the_onednn_path_off(monkeypatch, small_shapes_t
 @needs_onednn
 def test_small_products_stay_with_torch_where_onednn_costs_more():
     # batch 1 (one line scored at a time): the layout and each call's overhead cost more than they save
-    assert Repeated(_randn(768, 256, seed=0), 1, 64).onednn_w is None
-    assert Repeated(_randn(768, 256, seed=0), 16, 64).blocked             # the default char config
-    assert Repeated(_randn(768, 256, seed=0), 16, 8).onednn_w is None     # too few steps to repay it
-
-
-@needs_onednn
-def test_weights_with_many_inputs_are_not_laid_out_again():
-    # The LSTM's backward: W_hh^T (256 x 1,024); oneDNN's layout of it costs about a hundred steps' saving
-    w_back = Repeated(_randn(1024, 256, seed=0).t(), 32, 64)
-    assert not w_back.blocked and w_back.onednn_w is not None
-    d = _randn(32, 1024, seed=1)  # sums of 1,024 products: float32 rounding differs by order
-    torch.testing.assert_close(w_back(d), d @ _randn(1024, 256, seed=0), atol=2e-4, rtol=1e-4)
-    assert Repeated(_randn(1024, 256, seed=0), 32, 64).blocked            # the forward's W_hh is laid out
+    assert Repeated(_randn(768, 256, seed=0), 1, 64).packed is None
+    assert Repeated(_randn(768, 256, seed=0), 16, 64).packed is not None  # the default char config
+    assert Repeated(_randn(768, 256, seed=0), 16, 8).packed is None       # too few steps to repay it
 
 
 def _backend_with(setting: str | None, machine: str | None = None) -> str:
