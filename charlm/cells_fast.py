@@ -210,7 +210,7 @@ class LSTMLayer(torch.autograd.Function):
                 grad_hs = grad_hs.contiguous()
             GRAD_HS, Z = grad_hs.unbind(0), gates.unbind(0)
             for t in range(T - 1, -1, -1):
-                rec = w_back(D_PRE[t + 1]) if t < T - 1 else None   # W_hh^T d_pre<t+1>
+                rec = w_back(D_PRE[t + 1]) if t < T - 1 else torch.zeros_like(dc)   # W_hh^T d_pre<t+1>
                 native.lstm_backward(GRAD_HS[t], rec, dc, Z[t], C_PREV[t], TANH_CS[t], D_PRE[t])
             return LSTMLayer._finish(ctx, d_pre, dc, w_back, x, w_ih, h0, hs)
         gate, d_gate = gates.unflatten(2, (4, H)), d_pre.unflatten(2, (4, H))
@@ -298,10 +298,9 @@ class GRULayer(torch.autograd.Function):
                 grad_hs = grad_hs.contiguous()
             GRAD_HS, Z, H_PREV = grad_hs.unbind(0), gates.unbind(0), h_prev.unbind(0)
             D_RU, D_C = d_ru.unbind(0), d_c.unbind(0)
-            dh, carry, rec = hs.new_empty(B, H), hs.new_empty(B, H), None
+            dh, carry, rec = hs.new_empty(B, H), hs.new_zeros(B, H), hs.new_zeros(B, H)  # nothing from step T
             for t in range(T - 1, -1, -1):
-                native.gru_backward_state(GRAD_HS[t], carry if rec is not None else None, rec, Z[t], H_PREV[t],
-                                          dh, D_RU[t], D_C[t])
+                native.gru_backward_state(GRAD_HS[t], carry, rec, Z[t], H_PREV[t], dh, D_RU[t], D_C[t])
                 native.gru_backward_reset(w_c(D_C[t]), dh, Z[t], H_PREV[t], D_RU[t], carry)
                 if t > 0 or ctx.needs_input_grad[3]:
                     rec = w_ru(D_RU[t])              # W_ru^T [dΓr-pre, dΓu-pre], for dh<t-1>

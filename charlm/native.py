@@ -9,7 +9,10 @@ optional: without a C compiler (or with `CHARLM_NATIVE=0`), or if the built
 library fails a small self-test against PyTorch, `kernels()` returns None and
 cells_fast.py runs the same equations as PyTorch operations.
 
-The library is built with -march=native for the processor at hand and kept
+Where PyTorch runs on GNU OpenMP (its Linux wheels do), the library is built
+with -fopenmp and so shares PyTorch's threads and thread count: the rows of
+a batch are split among them. The library is built with -march=native for
+the processor at hand and kept
 in the cache folder ($CHARLM_CACHE_DIR, else $XDG_CACHE_HOME/charlm, else
 ~/.cache/charlm) under a name derived from the source, the compiler, its
 flags and the processor, so that a changed file, compiler or machine gets its
@@ -93,12 +96,30 @@ def _version(compiler: list[str]) -> str:
         return ""
 
 
+def _torch_uses_libgomp() -> bool:
+    """Whether this process has GNU OpenMP loaded (PyTorch's parallel runtime on Linux wheels)."""
+    try:
+        return any("libgomp" in line for line in Path("/proc/self/maps").read_text().splitlines())
+    except OSError:
+        return False
+
+
+def _flag_sets() -> list[list[str]]:
+    """The compiler flags to try in turn: -march=native for this processor where the compiler takes it,
+    and -fopenmp only where the library will then share PyTorch's OpenMP runtime (a second runtime's
+    threads would compete with PyTorch's for the same cores)."""
+    sets = [[*_BASE_FLAGS, "-march=native"], _BASE_FLAGS]
+    if _torch_uses_libgomp():
+        sets = [[*flags, "-fopenmp"] for flags in sets] + sets
+    return sets
+
+
 def _build(compiler: list[str], folder: Path) -> Path:
     """Compile native.c into `folder` (or find it built there already); returns the library's path."""
     source = SOURCE.read_bytes()
     version = _version(compiler)
     errors = []
-    for flags in ([*_BASE_FLAGS, "-march=native"], _BASE_FLAGS):  # not every compiler takes -march=native
+    for flags in _flag_sets():
         key = hashlib.sha256(b"\0".join(s.encode() if isinstance(s, str) else s for s in
                                         (source, " ".join(compiler), version, " ".join(flags), _processor())))
         target = folder / f"native-{key.hexdigest()[:20]}.so"
@@ -182,14 +203,13 @@ def lstm_forward(z: Tensor, rec: Tensor, c_prev: Tensor, c: Tensor, tanh_c: Tens
                              tanh_c.data_ptr(), h.data_ptr(), B, H)
 
 
-def lstm_backward(grad_h: Tensor, rec: Tensor | None, dc: Tensor, gates: Tensor, c_prev: Tensor,
+def lstm_backward(grad_h: Tensor, rec: Tensor, dc: Tensor, gates: Tensor, c_prev: Tensor,
                   tanh_c: Tensor, d_pre: Tensor) -> None:
     """dL/d(gate pre-activations) of one step into d_pre (B, 4H), with dL/da<t> = grad_h + rec;
     dc (B, H) goes from dL/dc<t> to dL/dc<t-1>. grad_h's rows may lie apart, each row contiguous."""
     B, H = dc.shape
-    _lib.charlm_lstm_backward(grad_h.data_ptr(), grad_h.stride(0), None if rec is None else rec.data_ptr(),
-                              dc.data_ptr(), gates.data_ptr(), c_prev.data_ptr(), tanh_c.data_ptr(),
-                              d_pre.data_ptr(), B, H)
+    _lib.charlm_lstm_backward(grad_h.data_ptr(), grad_h.stride(0), rec.data_ptr(), dc.data_ptr(),
+                              gates.data_ptr(), c_prev.data_ptr(), tanh_c.data_ptr(), d_pre.data_ptr(), B, H)
 
 
 def gru_gates(ru: Tensor, rec: Tensor, h_prev: Tensor, rh: Tensor) -> None:
@@ -206,14 +226,14 @@ def gru_state(gates: Tensor, rec: Tensor, h_prev: Tensor, h: Tensor) -> None:
                           h.data_ptr(), B, H)
 
 
-def gru_backward_state(grad_h: Tensor, carry: Tensor | None, rec: Tensor | None, gates: Tensor, h_prev: Tensor,
+def gru_backward_state(grad_h: Tensor, carry: Tensor, rec: Tensor, gates: Tensor, h_prev: Tensor,
                        dh: Tensor, d_ru: Tensor, d_c: Tensor) -> None:
-    """dL/dh<t> = grad_h + carry + rec (carry, rec: None at the last step) into dh; dc~-pre into d_c and
-    dΓu-pre into the second half of d_ru (B, 2H). gates: the step's (B, 3H) activations."""
+    """dL/dh<t> = grad_h + carry + rec into dh; dc~-pre into d_c and dΓu-pre into the second half of
+    d_ru (B, 2H). gates: the step's (B, 3H) activations. grad_h's rows may lie apart."""
     B, H = dh.shape
-    _lib.charlm_gru_backward_state(grad_h.data_ptr(), grad_h.stride(0), None if carry is None else carry.data_ptr(),
-                                   None if rec is None else rec.data_ptr(), gates.data_ptr(), h_prev.data_ptr(),
-                                   dh.data_ptr(), d_ru.data_ptr(), d_c.data_ptr(), B, H)
+    _lib.charlm_gru_backward_state(grad_h.data_ptr(), grad_h.stride(0), carry.data_ptr(), rec.data_ptr(),
+                                   gates.data_ptr(), h_prev.data_ptr(), dh.data_ptr(), d_ru.data_ptr(),
+                                   d_c.data_ptr(), B, H)
 
 
 def gru_backward_reset(d_rh: Tensor, dh: Tensor, gates: Tensor, h_prev: Tensor, d_ru: Tensor, carry: Tensor) -> None:
@@ -250,10 +270,10 @@ def _agrees() -> bool:
         return False
     grad_h = torch.linspace(-1.0, 1.0, 2 * B * H).view(B, 2 * H)[:, :H]  # rows apart, as a time-major grad's
     back, dc = torch.linspace(0.3, -0.2, B * H).view(B, H), torch.linspace(0.5, -0.5, B * H).view(B, H)
-    for rec_h in (back, None):
+    for rec_h in (back, torch.zeros(B, H)):
         d_pre, dc_out = torch.empty(B, 4 * H), dc.clone()
         lstm_backward(grad_h, rec_h, dc_out, gates, c_prev, tanh_c, d_pre)
-        da = grad_h if rec_h is None else grad_h + rec_h
+        da = grad_h + rec_h
         t = tanh_c
         d = dc + da * o * (1 - t * t)
         want = torch.cat([d * ct * u * (1 - u), d * c_prev * f * (1 - f), d * u * (1 - ct * ct),
@@ -271,11 +291,11 @@ def _agrees() -> bool:
             (rows, torch.cat([r, u, cand], 1)), (rh, r * c_prev), (h_new, torch.lerp(c_prev, cand, u)))):
         return False
     carry, d_rh = torch.linspace(-0.4, 0.6, B * H).view(B, H), torch.linspace(0.7, -0.3, B * H).view(B, H)
-    for extra in ((carry, back), (None, None)):
+    for extra in ((carry, back), (torch.zeros(B, H), torch.zeros(B, H))):
         dh, d_ru, d_c, carry_out = torch.empty(B, H), torch.empty(B, 2 * H), torch.empty(B, H), torch.empty(B, H)
         gru_backward_state(grad_h, *extra, rows, c_prev, dh, d_ru, d_c)
         gru_backward_reset(d_rh, dh, rows, c_prev, d_ru, carry_out)
-        want_dh = grad_h if extra[0] is None else grad_h + carry + back
+        want_dh = grad_h + extra[0] + extra[1]
         if not all(close(a, b, atol=1e-6) for a, b in (
                 (dh, want_dh), (d_c, want_dh * u * (1 - cand * cand)),
                 (d_ru, torch.cat([d_rh * c_prev * r * (1 - r), want_dh * (cand - c_prev) * u * (1 - u)], 1)),
