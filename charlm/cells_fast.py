@@ -13,6 +13,10 @@ equations run over all T steps of one layer with
   `unbind` before the loop;
 - a hand-written backward pass through time that carries only da (and dc),
   with the weight gradients of all steps as one matrix product after the loop;
+- the element-wise work between two products (activations, new cell and
+  state, gate derivatives) in one or two C loops a step (LSTM, classic GRU)
+  where `native.py` could build `native.c` (float32 on a CPU), else as the
+  PyTorch operations written out below;
 - the matrix products through `products.py`: oneDNN's on a CPU that has it,
   where the product is large enough to pay (about twice MKL's speed on some
   processors), with W_hh laid out once per window for the per-step products
@@ -28,7 +32,8 @@ torch's GRU form multiplies W_hn h + b_hn by r, so there b_hh comes in apart.
 Notation as in cells.py: a<t> hidden state, c<t> memory cell, Γ gates, c~ the
 candidate; "da" is the gradient of the loss with respect to a<t>.
 `tests/test_cells_fast.py` checks every Function against the step functions of
-cells.py, against torch.nn, and with torch.autograd.gradcheck.
+cells.py, against torch.nn, and with torch.autograd.gradcheck, with the C
+loops and without; `tests/test_native.py` checks the loops themselves.
 """
 
 from __future__ import annotations
@@ -288,7 +293,6 @@ class GRULayer(torch.autograd.Function):
         x, w_ih, gates, rh, hs, h0, w_hh = ctx.saved_tensors
         T, B, H = hs.shape
         w_ru, w_c = Repeated(w_hh[: 2 * H].t(), B, T), Repeated(w_hh[2 * H:].t(), B, T)  # their transposes' products
-        r, u, cand = gates[..., :H], gates[..., H: 2 * H], gates[..., 2 * H:]
         h_prev = _previous(h0, hs)
         # dL/d(pre-activations) of r, u and of c~ in two buffers, so that each step's rows that go into
         # a matrix product are contiguous (oneDNN would copy a strided operand first)
@@ -304,8 +308,9 @@ class GRULayer(torch.autograd.Function):
                 native.gru_backward_reset(w_c(D_C[t]), dh, Z[t], H_PREV[t], D_RU[t], carry)
                 if t > 0 or ctx.needs_input_grad[3]:
                     rec = w_ru(D_RU[t])              # W_ru^T [dΓr-pre, dΓu-pre], for dh<t-1>
-            return GRULayer._finish(ctx, carry + rec if ctx.needs_input_grad[3] else None, d_ru, d_c, h_prev, rh, x,
-                                    w_ih)
+            d_h0 = carry + rec if ctx.needs_input_grad[3] else None
+            return GRULayer._finish(ctx, d_h0, d_ru, d_c, h_prev, rh, x, w_ih)
+        r, u, cand = gates[..., :H], gates[..., H: 2 * H], gates[..., 2 * H:]
         # Factors that do not depend on the recurrence, for all steps at once:
         #   dc~-pre = dh * Γu (1 - c~²)              = dh * a_c
         #   dΓu-pre = dh * (c~ - h<t-1>) Γu (1 - Γu)  = dh * a_u

@@ -147,3 +147,24 @@ def test_an_unwritable_cache_folder_builds_in_a_temporary_one(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     assert _status_in_fresh_process(tmp_path, CHARLM_CACHE_DIR=str(blocker / "cache"))[0] == "on"
+
+
+@needs_native
+def test_rows_split_among_threads_give_the_same_values(monkeypatch):
+    # At B x H >= 4096 a library built with OpenMP splits the rows among torch's threads
+    # (the rest of the suite runs on one thread, where every loop runs whole).
+    g = torch.Generator().manual_seed(5)
+    T, B, E, H = 5, 16, 8, 256
+    x, h0, c0 = (torch.randn(*s, generator=g) for s in ((T, B, E), (B, H), (B, H)))
+    weights = {cell: (torch.randn(k * H, E, generator=g) * 0.2, torch.randn(k * H, generator=g) * 0.1,
+                      torch.randn(k * H, H, generator=g) * 0.1) for cell, k in (("lstm", 4), ("gru", 3))}
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        split = _lstm_and_gru_layers(x, h0, c0, weights)
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setattr(native, "usable", lambda *tensors: False)
+    for a, b in zip(split, _lstm_and_gru_layers(x, h0, c0, weights)):
+        for got, want in zip(a, b):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
