@@ -137,15 +137,20 @@ def _safe_cut(text: str, level: str) -> int:
 
 def iter_text(path: Path, start: int = 0, end: int | None = None, encoding: str = "utf-8",
               errors: str = "strict", level: str = "char", progress=None) -> Iterator[str]:
-    """Text of bytes [start, end) of a file, in pieces that end at safe places (bounded memory)."""
+    """Text of bytes [start, end) of a file, in pieces that end at safe places (bounded memory).
+
+    Errors name the encoding as given, whatever codec reads the part."""
+    codec = encoding
     wide = _wide_codec(path, encoding)
     if wide:  # UTF-16 / UTF-32: decoded with the byte order named, the byte-order mark skipped if any
-        encoding, mark = wide
+        codec, mark = wide
         start = start or mark
     try:
-        decoder = codecs.getincrementaldecoder(encoding)(errors=errors)
+        decoder = codecs.getincrementaldecoder(codec)(errors=errors)
     except LookupError:
         raise UsageError(f"unknown text encoding '{encoding}' (try utf-8, latin-1, cp1252, utf-16)") from None
+    if start and codecs.lookup(codec).name == "utf-8-sig":  # a mark belongs to the file's start only: a
+        decoder = codecs.getincrementaldecoder("utf-8")(errors=errors)  # U+FEFF later on is text
     carry = ""
     with open(path, "rb") as fh:
         fh.seek(start)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from charlm.config import DataConfig
-from charlm.data import (batchify, char_count, check_trainable, encode, eval_streams, prepare, read_text,
+from charlm.data import (batchify, char_count, check_trainable, encode, eval_streams, iter_text, prepare, read_text,
                          split_text, window, windows_per_epoch)
 from charlm.errors import UsageError
 from charlm.tokenizer import EOS_ID, UNK_ID, TextCodec, Tokenizer, Vocabulary, count_tokens
@@ -168,3 +168,21 @@ def test_eval_streams_score_every_token_exactly_once(streams):
         positions = mask[s].nonzero().flatten()
         assert torch.equal(rows[s, positions - 1], rows[s, positions] - 1)
     assert targets == list(range(1, 23))
+
+
+def test_a_utf8_sig_part_after_the_start_keeps_a_leading_zero_width_space(tmp_path):
+    # The mark belongs to the file's first bytes; U+FEFF at the start of a later line is text.
+    path = tmp_path / "sig.txt"
+    path.write_bytes(b"\xef\xbb\xbfabc\n" + "\ufeffdef\n".encode("utf-8"))
+    whole = "".join(iter_text(path, encoding="utf-8-sig"))
+    assert whole == "abc\n\ufeffdef\n"
+    cut = len(b"\xef\xbb\xbfabc\n")
+    assert "".join(iter_text(path, start=cut, encoding="utf-8-sig")) == "\ufeffdef\n"
+
+
+def test_a_decoding_error_in_a_wide_files_later_part_names_the_encoding_as_given(tmp_path):
+    path = tmp_path / "wide.txt"
+    good = "abc\n".encode("utf-16")  # a mark, then little-endian
+    path.write_bytes(good + b"\x00\xdc" + "x\n".encode("utf-16-le"))  # a lone low surrogate
+    with pytest.raises(UsageError, match=r"not valid UTF16\b"):
+        "".join(iter_text(path, start=len(good), encoding="UTF16"))
