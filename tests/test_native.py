@@ -58,13 +58,24 @@ def _lstm_and_gru_layers(x, h0, c0, weights):
     return results
 
 
+def _inputs(seed: int, T: int, B: int, E: int, H: int, scale: float):
+    """x, h0, c0 and the (w_ih, bias, w_hh) of an LSTM and a GRU layer, drawn from `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    x, h0, c0 = (torch.randn(*s, generator=g) for s in ((T, B, E), (B, H), (B, H)))
+    weights = {cell: (torch.randn(k * H, E, generator=g) * scale, torch.randn(k * H, generator=g) * 0.1,
+                      torch.randn(k * H, H, generator=g) * scale) for cell, k in (("lstm", 4), ("gru", 3))}
+    return x, h0, c0, weights
+
+
+def _assert_same(results, expected):
+    for a, b in zip(results, expected):
+        for got, want in zip(a, b):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 @needs_native
 def test_layers_give_the_same_values_and_gradients_with_and_without_the_kernels(monkeypatch):
-    g = torch.Generator().manual_seed(0)
-    T, B, E, H = 20, 5, 7, 16
-    x, h0, c0 = (torch.randn(*s, generator=g) for s in ((T, B, E), (B, H), (B, H)))
-    weights = {cell: (torch.randn(k * H, E, generator=g) * 0.3, torch.randn(k * H, generator=g) * 0.1,
-                      torch.randn(k * H, H, generator=g) * 0.3) for cell, k in (("lstm", 4), ("gru", 3))}
+    x, h0, c0, weights = _inputs(0, T=20, B=5, E=7, H=16, scale=0.3)
     calls = []
     kernels = ("lstm_forward", "lstm_backward", "gru_gates", "gru_state", "gru_backward_state", "gru_backward_reset")
     for name in kernels:
@@ -76,9 +87,7 @@ def test_layers_give_the_same_values_and_gradients_with_and_without_the_kernels(
     calls.clear()
     without = _lstm_and_gru_layers(x, h0, c0, weights)
     assert not calls
-    for a, b in zip(with_kernels, without):
-        for got, want in zip(a, b):
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    _assert_same(with_kernels, without)
 
 
 @needs_native
@@ -153,11 +162,7 @@ def test_an_unwritable_cache_folder_builds_in_a_temporary_one(tmp_path):
 def test_rows_split_among_threads_give_the_same_values(monkeypatch):
     # At B x H >= 4096 a library built with OpenMP splits the rows among torch's threads
     # (the rest of the suite runs on one thread, where every loop runs whole).
-    g = torch.Generator().manual_seed(5)
-    T, B, E, H = 5, 16, 8, 256
-    x, h0, c0 = (torch.randn(*s, generator=g) for s in ((T, B, E), (B, H), (B, H)))
-    weights = {cell: (torch.randn(k * H, E, generator=g) * 0.2, torch.randn(k * H, generator=g) * 0.1,
-                      torch.randn(k * H, H, generator=g) * 0.1) for cell, k in (("lstm", 4), ("gru", 3))}
+    x, h0, c0, weights = _inputs(5, T=5, B=16, E=8, H=256, scale=0.1)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -165,6 +170,4 @@ def test_rows_split_among_threads_give_the_same_values(monkeypatch):
     finally:
         torch.set_num_threads(before)
     monkeypatch.setattr(native, "usable", lambda *tensors: False)
-    for a, b in zip(split, _lstm_and_gru_layers(x, h0, c0, weights)):
-        for got, want in zip(a, b):
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    _assert_same(split, _lstm_and_gru_layers(x, h0, c0, weights))
