@@ -32,8 +32,9 @@ torch's GRU form multiplies W_hn h + b_hn by r, so there b_hh comes in apart.
 Notation as in cells.py: a<t> hidden state, c<t> memory cell, Γ gates, c~ the
 candidate; "da" is the gradient of the loss with respect to a<t>.
 `tests/test_cells_fast.py` checks every Function against the step functions of
-cells.py, against torch.nn, and with torch.autograd.gradcheck, with the C
-loops and without; `tests/test_native.py` checks the loops themselves.
+cells.py and against torch.nn, in float32 with the C loops and without, and
+with torch.autograd.gradcheck in float64 (the PyTorch form: the loops are
+float32 only); `tests/test_native.py` checks the loops themselves.
 """
 
 from __future__ import annotations
@@ -89,6 +90,13 @@ def _input_grads(ctx, d_proj: Tensor | tuple, x: Tensor, w_ih: Tensor) -> tuple:
     if need[2]:
         d_b = torch.cat([d.sum((0, 1)) for d in parts])
     return d_x, d_w, d_b
+
+
+def _native_fits(gates: Tensor, B: int, H: int, *states: Tensor) -> bool:
+    """native.c's loops take these buffers: float32 on the CPU, and every state (B, H). A state of another
+    batch size goes to the PyTorch form, which broadcasts it or refuses it; the C loops would read and
+    write past its rows."""
+    return all(s.shape == (B, H) for s in states) and native.usable(gates, *states)
 
 
 def _previous(first: Tensor, steps: Tensor) -> Tensor:
@@ -170,7 +178,7 @@ def lstm_layer_forward(x: Tensor, w_ih: Tensor, bias: Tensor, h0: Tensor, c0: Te
     # Per-step views made once by unbind: indexing and slicing in the loop cost more than the math.
     Z, HS, CS, TANH_CS = gates.unbind(0), hs.unbind(0), cs.unbind(0), tanh_cs.unbind(0)
     h, c = h0, c0
-    if native.usable(gates):  # the same equations, the element-wise part of each step in one C loop
+    if _native_fits(gates, B, H, h0, c0):  # the same equations, each step's element-wise part in one C loop
         c = CS[0] if save else c0.contiguous()
         for t in range(T):
             c_new = CS[t + 1 if save else t % 2]
@@ -209,7 +217,7 @@ class LSTMLayer(torch.autograd.Function):
         d_pre = torch.empty_like(gates)               # dL/d(gate pre-activations), (T, B, 4H)
         D_PRE = d_pre.unbind(0)
         w_back = Repeated(w_hh.t(), B, T)  # d_pre -> W_hh^T d_pre
-        if native.usable(gates):  # the loop below, each step's element-wise part in one C loop
+        if _native_fits(gates, B, H, h0):  # the loop below, each step's element-wise part in one C loop
             dc = grad_c_last.clone(memory_format=torch.contiguous_format)
             if grad_hs.stride(2) != 1:  # the kernel takes each step's rows apart, but each row contiguous
                 grad_hs = grad_hs.contiguous()
@@ -262,7 +270,7 @@ def gru_layer_forward(x: Tensor, w_ih: Tensor, bias: Tensor, h0: Tensor, w_hh: T
                          gates[..., H: 2 * H].unbind(0), gates[..., 2 * H:].unbind(0))
     HS, RH = hs.unbind(0), rh.unbind(0)
     h = h0
-    if native.usable(gates):  # the same equations, the element-wise work between products in C
+    if _native_fits(gates, B, H, h0):  # the same equations, the element-wise work between products in C
         h, Z = h0.contiguous(), gates.unbind(0)
         for t in range(T):
             r_h = RH[t if save else 0]
@@ -297,7 +305,7 @@ class GRULayer(torch.autograd.Function):
         # dL/d(pre-activations) of r, u and of c~ in two buffers, so that each step's rows that go into
         # a matrix product are contiguous (oneDNN would copy a strided operand first)
         d_ru, d_c = hs.new_empty(T, B, 2 * H), hs.new_empty(T, B, H)
-        if native.usable(gates):  # the loop below, its element-wise work in two C loops a step
+        if _native_fits(gates, B, H, h0):  # the loop below, its element-wise work in two C loops a step
             if grad_hs.stride(2) != 1:  # the kernel takes each step's rows apart, but each row contiguous
                 grad_hs = grad_hs.contiguous()
             GRAD_HS, Z, H_PREV = grad_hs.unbind(0), gates.unbind(0), h_prev.unbind(0)

@@ -9,8 +9,10 @@
    same equations, in cells_fast.py) where it cannot; tests/test_native.py
    checks every function against that form.
 
-   Layout: every array is float32, contiguous, row-major; B rows (the batch),
-   H values per gate. The LSTM's gates are in torch's order i, f, g, o (Γu, Γf,
+   Layout: every array is float32, row-major, B rows (the batch) of H values per
+   gate, each row contiguous; the rows lie back to back except where a stride is
+   passed. native.py's wrappers take B and H from the buffers the kernel writes,
+   and cells_fast.py calls them only with buffers of those shapes. The LSTM's gates are in torch's order i, f, g, o (Γu, Γf,
    c~, Γo in cells.py's notation), the GRU's r, u, c~ (torch's r, z, n). The
    exponential is written out below rather than taken from libm so that the
    compiler can vectorise the loops with plain -O3 and no fast-math flags;
@@ -19,20 +21,24 @@
 #include <stdint.h>
 #include <string.h>
 
-/* Built with -fopenmp (native.py does so only where PyTorch's own OpenMP runtime, libgomp, is
-   loaded, so that these loops share its threads and its thread count, torch.set_num_threads),
-   the rows of a batch are split among the threads when there are enough values to repay it. */
+/* Built with -fopenmp, the rows of a batch are split among the threads when there are enough
+   values to repay it. native.py keeps such a build only where it loads no OpenMP runtime of its
+   own, i.e. where it shares PyTorch's (libgomp on Linux), its threads and its thread count
+   (torch.set_num_threads); charlm_openmp_threads says how many a loop would use (0: no OpenMP). */
 #ifdef _OPENMP
+#include <omp.h>
 #define PARALLEL_ROWS _Pragma("omp parallel for if (B * H >= 4096) schedule(static)")
+int charlm_openmp_threads(void) { return omp_get_max_threads(); }
 #else
 #define PARALLEL_ROWS
+int charlm_openmp_threads(void) { return 0; }
 #endif
 
 /* e^x - 1, within a few ulp of e^x - 1 also near 0, where the difference e^x - 1 would lose
    digits: x = n ln2 + r with |r| <= ln2 / 2, so e^x - 1 = 2^n (e^r - 1) + (2^n - 1), with
    e^r - 1 by its Taylor polynomial of degree 7 (Horner) and 2^n put into the exponent bits.
    x is clamped to the range where 2^n stays a normal float; a NaN stays NaN through the
-   polynomial. */
+   polynomial (and n is not converted to an integer then, which C leaves undefined). */
 static inline float expm1_f(float x)
 {
     float y = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
@@ -47,7 +53,7 @@ static inline float expm1_f(float x)
     q = q * r + 0.5f;
     q = q * r + 1.0f;
     q = q * r;                                       /* e^r - 1 */
-    int32_t bits = ((int32_t)n + 127) << 23;
+    int32_t bits = ((int32_t)(n == n ? n : 0.0f) + 127) << 23;
     float scale;
     memcpy(&scale, &bits, sizeof scale);
     return scale * q + (scale - 1.0f);

@@ -9,19 +9,22 @@ optional: without a C compiler (or with `CHARLM_NATIVE=0`), or if the built
 library fails a small self-test against PyTorch, `kernels()` returns None and
 cells_fast.py runs the same equations as PyTorch operations.
 
-Where PyTorch runs on GNU OpenMP (its Linux wheels do), the library is built
-with -fopenmp and so shares PyTorch's threads and thread count: the rows of
-a batch are split among them. The library is built with -march=native for
-the processor at hand and kept
-in the cache folder ($CHARLM_CACHE_DIR, else $XDG_CACHE_HOME/charlm, else
-~/.cache/charlm) under a name derived from the source, the compiler, its
-flags and the processor, so that a changed file, compiler or machine gets its
-own build; it is written under a temporary name and renamed, so that two
-processes building at once (the ranks of `torchrun`) never load a half-written
-file. A cache folder that cannot be written falls back to a temporary one.
+Where PyTorch runs on an OpenMP runtime (GNU OpenMP in its Linux wheels), the
+library is also built with -fopenmp and kept only if loading it brings no
+runtime of its own: then it shares PyTorch's threads and thread count, and
+the rows of a batch are split among them. It is built with -march=native for
+the processor at hand and kept in the cache folder ($CHARLM_CACHE_DIR, else
+$XDG_CACHE_HOME/charlm, else ~/.cache/charlm) under a name derived from the
+source, the compiler, its flags and the processor, so that a changed file,
+compiler or machine gets its own build. It is written under a temporary name
+and renamed, so that two processes building at once (the ranks of
+`torchrun`) never load a half-written file, and loaded only from a folder
+that no other user can write; a cache folder that is not so, or cannot be
+written, gives way to a temporary one.
 
-Callers pass contiguous float32 CPU tensors of the documented shapes; the
-functions here check nothing, since they run once per time step.
+Callers pass float32 CPU tensors of the documented shapes, each row
+contiguous; the wrappers take B and H from the buffers the kernel writes and
+check nothing else, since they run once per time step.
 """
 
 from __future__ import annotations
@@ -80,12 +83,37 @@ def _processor() -> str:
     return f"{platform.machine()} {platform.processor()}"
 
 
-def cache_dir() -> Path:
-    """Where built libraries are kept: $CHARLM_CACHE_DIR, else the user's cache folder."""
+def cache_dir() -> Path | None:
+    """Where built libraries are kept: $CHARLM_CACHE_DIR, else the user's cache folder (None: no home)."""
     if os.environ.get("CHARLM_CACHE_DIR"):
         return Path(os.environ["CHARLM_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "charlm"
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "charlm"
+    try:
+        return Path.home() / ".cache" / "charlm"
+    except RuntimeError:  # no $HOME and no passwd entry (a container run under an arbitrary uid)
+        return None
+
+
+def _temporary_folder() -> Path:
+    folder = tempfile.mkdtemp(prefix="charlm-native-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return Path(folder)
+
+
+def _own_folder(folder: Path | None) -> Path:
+    """`folder`, created if need be, if only this user can write to it; else a new temporary folder.
+    A library is code: one that another user could have put there must not be loaded."""
+    try:
+        if folder is None:
+            raise FileNotFoundError
+        folder.mkdir(parents=True, exist_ok=True)
+        info = folder.stat()
+        if hasattr(os, "getuid") and (info.st_uid != os.getuid() or info.st_mode & 0o022):
+            raise PermissionError
+        return folder
+    except OSError:
+        return _temporary_folder()
 
 
 def _version(compiler: list[str]) -> str:
@@ -96,49 +124,39 @@ def _version(compiler: list[str]) -> str:
         return ""
 
 
-def _torch_uses_libgomp() -> bool:
-    """Whether this process has GNU OpenMP loaded (PyTorch's parallel runtime on Linux wheels)."""
+def _openmp_runtimes() -> set[str]:
+    """The files of OpenMP runtimes mapped into this process (read on Linux; empty elsewhere)."""
     try:
-        return any("libgomp" in line for line in Path("/proc/self/maps").read_text().splitlines())
+        lines = Path("/proc/self/maps").read_text().splitlines()
     except OSError:
-        return False
+        return set()
+    names = ("libgomp", "libomp", "libiomp")
+    return {line.split()[-1] for line in lines if any(n in line.rsplit("/", 1)[-1] for n in names)}
 
 
 def _flag_sets() -> list[list[str]]:
-    """The compiler flags to try in turn: -march=native for this processor where the compiler takes it,
-    and -fopenmp only where the library will then share PyTorch's OpenMP runtime (a second runtime's
-    threads would compete with PyTorch's for the same cores)."""
+    """The compiler flags to try in turn: -fopenmp first where PyTorch runs on an OpenMP runtime (the
+    build is kept only if it shares that runtime), -march=native where the compiler takes it."""
     sets = [[*_BASE_FLAGS, "-march=native"], _BASE_FLAGS]
-    if _torch_uses_libgomp():
+    if _openmp_runtimes():
         sets = [[*flags, "-fopenmp"] for flags in sets] + sets
     return sets
 
 
-def _build(compiler: list[str], folder: Path) -> Path:
-    """Compile native.c into `folder` (or find it built there already); returns the library's path."""
-    source = SOURCE.read_bytes()
-    version = _version(compiler)
-    errors = []
-    for flags in _flag_sets():
-        key = hashlib.sha256(b"\0".join(s.encode() if isinstance(s, str) else s for s in
-                                        (source, " ".join(compiler), version, " ".join(flags), _processor())))
-        target = folder / f"native-{key.hexdigest()[:20]}.so"
-        if target.exists():
-            return target
-        folder.mkdir(parents=True, exist_ok=True)
-        handle, partial = tempfile.mkstemp(prefix=target.stem + "-", suffix=".partial", dir=folder)
-        os.close(handle)
-        try:
-            done = subprocess.run([*compiler, *flags, "-o", partial, str(SOURCE)],
-                                  capture_output=True, text=True, timeout=120)
-            if done.returncode == 0:
-                os.replace(partial, target)
-                return target
-            errors.append(done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"])
-        finally:
-            if os.path.exists(partial):
-                os.unlink(partial)
-    raise RuntimeError(f"{compiler[0]} failed: {errors[-1][0]}")
+def _compile(compiler: list[str], flags: list[str], target: Path) -> None:
+    """Compile native.c into `target`, under a temporary name renamed when done; RuntimeError if it fails."""
+    handle, partial = tempfile.mkstemp(prefix=target.stem + "-", suffix=".partial", dir=target.parent)
+    os.close(handle)
+    try:
+        done = subprocess.run([*compiler, *flags, "-o", partial, str(SOURCE)],
+                              capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            last = done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]
+            raise RuntimeError(f"{compiler[0]} failed: {last[0]}")
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
 
 
 def _load(path: Path) -> ctypes.CDLL:
@@ -146,7 +164,49 @@ def _load(path: Path) -> ctypes.CDLL:
     for name, argtypes in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, None
+    lib.charlm_openmp_threads.argtypes, lib.charlm_openmp_threads.restype = [], ctypes.c_int
     return lib
+
+
+def _checked(path: Path, openmp: bool) -> ctypes.CDLL | None:
+    """The library at `path` if it passes the self-test and, built with OpenMP, brought no runtime of its own."""
+    if hasattr(os, "getuid") and path.stat().st_uid != os.getuid():
+        return None
+    before = _openmp_runtimes()
+    lib = _load(path)
+    if openmp and _openmp_runtimes() - before:  # a second runtime: its threads would compete with PyTorch's
+        return None
+    return lib if _self_test(lib) else None
+
+
+def _find_or_build(compiler: list[str]) -> ctypes.CDLL | None:
+    """A checked library from the cache, else the first flag set that compiles and passes; None if every
+    build failed its checks; RuntimeError if nothing compiled."""
+    folder = _own_folder(cache_dir())
+    source, version, processor = SOURCE.read_bytes(), _version(compiler), _processor()
+    builds = []
+    for flags in _flag_sets():
+        key = hashlib.sha256(b"\0".join(x if isinstance(x, bytes) else x.encode() for x in
+                                        (source, " ".join(compiler), version, " ".join(flags), processor)))
+        builds.append((flags, folder / f"native-{key.hexdigest()[:20]}.so"))
+    errors = []
+    for flags, target in sorted(builds, key=lambda b: not b[1].exists()):  # built ones first, in order
+        if not target.exists():
+            try:
+                try:
+                    _compile(compiler, flags, target)
+                except OSError:  # the folder cannot be written after all
+                    target = _temporary_folder() / target.name
+                    _compile(compiler, flags, target)
+            except RuntimeError as exc:
+                errors.append(str(exc))
+                continue
+        lib = _checked(target, "-fopenmp" in flags)
+        if lib is not None:
+            return lib
+    if len(errors) == len(builds):
+        raise RuntimeError(errors[-1])
+    return None
 
 
 @cache
@@ -161,21 +221,20 @@ def kernels() -> ctypes.CDLL | None:
         _why_not = "off (no C compiler found; set CC)"
         return None
     try:
-        try:
-            path = _build(compiler, cache_dir())
-        except OSError:  # the cache folder cannot be written: build into a temporary one, removed at exit
-            folder = tempfile.mkdtemp(prefix="charlm-native-")
-            atexit.register(shutil.rmtree, folder, ignore_errors=True)
-            path = _build(compiler, Path(folder))
-        lib = _load(path)
+        lib = _find_or_build(compiler)
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         _why_not = f"off ({str(exc).strip() or type(exc).__name__})"
         return None
-    if not _self_test(lib):
+    if lib is None:
         _why_not = "off (the built library disagreed with PyTorch in its self-test)"
         return None
     _lib = lib
     return lib
+
+
+def openmp_threads() -> int:
+    """Threads a kernel's rows would be split among now (0: the library was built without OpenMP)."""
+    return _lib.charlm_openmp_threads()
 
 
 def why_not() -> str:
@@ -215,13 +274,13 @@ def lstm_backward(grad_h: Tensor, rec: Tensor, dc: Tensor, gates: Tensor, c_prev
 def gru_gates(ru: Tensor, rec: Tensor, h_prev: Tensor, rh: Tensor) -> None:
     """ru: the first 2H columns of a step's (B, 3H) rows; += rec (B, 2H) -> Γr, Γu in place;
     Γr * h<t-1> into rh."""
-    B, H = h_prev.shape
+    B, H = rh.shape
     _lib.charlm_gru_gates(ru.data_ptr(), ru.stride(0), rec.data_ptr(), h_prev.data_ptr(), rh.data_ptr(), B, H)
 
 
 def gru_state(gates: Tensor, rec: Tensor, h_prev: Tensor, h: Tensor) -> None:
     """gates: a step's (B, 3H) rows; the candidate's columns += rec (B, H) -> c~<t> in place; h<t> into h."""
-    B, H = h_prev.shape
+    B, H = h.shape
     _lib.charlm_gru_state(gates.data_ptr(), gates.stride(0), rec.data_ptr(), h_prev.data_ptr(),
                           h.data_ptr(), B, H)
 
@@ -238,23 +297,24 @@ def gru_backward_state(grad_h: Tensor, carry: Tensor, rec: Tensor, gates: Tensor
 
 def gru_backward_reset(d_rh: Tensor, dh: Tensor, gates: Tensor, h_prev: Tensor, d_ru: Tensor, carry: Tensor) -> None:
     """dΓr-pre from d(Γr h) = d_rh into the first half of d_ru; (1 - Γu) dh + Γr d_rh into carry."""
-    B, H = dh.shape
+    B, H = carry.shape
     _lib.charlm_gru_backward_reset(d_rh.data_ptr(), dh.data_ptr(), gates.data_ptr(), h_prev.data_ptr(),
                                    d_ru.data_ptr(), carry.data_ptr(), B, H)
 
 
 def _self_test(lib: ctypes.CDLL) -> bool:
-    """Run every kernel once on fixed values and compare it with PyTorch's operations."""
+    """Run every kernel on fixed values and compare it with PyTorch's operations: on a few rows of 67
+    values (whole vectors and a remainder, whatever the vector width) and on 64 such rows (enough to be
+    split among threads)."""
     global _lib
     before, _lib = _lib, lib
     try:
-        return _agrees()
+        return _agrees(3, 67) and _agrees(64, 67)
     finally:
         _lib = before
 
 
-def _agrees() -> bool:
-    B, H = 3, 5
+def _agrees(B: int, H: int) -> bool:
     close = torch.allclose
     z = torch.linspace(-6.0, 6.0, B * 4 * H).view(B, 4 * H)
     rec = torch.linspace(1.0, -2.0, B * 4 * H).view(B, 4 * H)

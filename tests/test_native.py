@@ -166,8 +166,49 @@ def test_rows_split_among_threads_give_the_same_values(monkeypatch):
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
+        if native.openmp_threads() != 2:
+            pytest.skip(f"the library splits rows among {native.openmp_threads()} threads (0: built without OpenMP)")
         split = _lstm_and_gru_layers(x, h0, c0, weights)
     finally:
         torch.set_num_threads(before)
     monkeypatch.setattr(native, "usable", lambda *tensors: False)
     _assert_same(split, _lstm_and_gru_layers(x, h0, c0, weights))
+
+
+def _layer_or_error(cell, x, h0, c0, weights):
+    """The layer's output without autograd, or the type of the error it raised."""
+    w_ih, bias, w_hh = weights[cell]
+    try:
+        with torch.no_grad():
+            if cell == "lstm":
+                return cells_fast.lstm_layer(x, w_ih, bias, h0, c0, w_hh)[0]
+            return cells_fast.gru_layer(x, w_ih, bias, h0, w_hh)
+    except RuntimeError as exc:
+        return type(exc)
+
+
+@needs_native
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("state_batch", [1, 3, 16])
+def test_a_state_of_another_batch_size_gets_what_the_pytorch_form_gives(monkeypatch, cell, state_batch):
+    # The C loops would read and write past a smaller or larger state's rows: such a state goes to the
+    # PyTorch form, which broadcasts a batch of 1 and refuses the rest
+    x, _, _, weights = _inputs(6, T=4, B=8, E=3, H=5, scale=0.3)
+    h0, c0 = torch.randn(state_batch, 5), torch.randn(state_batch, 5)
+    got = _layer_or_error(cell, x, h0, c0, weights)
+    monkeypatch.setattr(native, "usable", lambda *tensors: False)
+    want = _layer_or_error(cell, x, h0, c0, weights)
+    if isinstance(want, type):
+        assert got is want
+    else:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@needs_native
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="no POSIX owners and modes here")
+def test_a_cache_folder_other_users_can_write_is_not_used(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # a library there could have been put by anyone: it is built in a private folder
+    assert _status_in_fresh_process(tmp_path, CHARLM_CACHE_DIR=str(shared))[0] == "on"
+    assert not list(shared.iterdir())
