@@ -49,13 +49,17 @@ CACHE_FORMAT = 2  # 2: U+3000 is white space at word level (it was a token)
 
 
 # ---------------------------------------------------------------- reading text
+def _codec_name(encoding: str) -> str | None:
+    """Python's own name for an encoding (utf16, U16 and UTF_16 are all 'utf-16'); None if unknown."""
+    try:
+        return codecs.lookup(encoding).name
+    except LookupError:
+        return None
+
+
 def _is_wide(encoding: str) -> bool:
     """UTF-16 or UTF-32 under any of Python's names for them (utf16, U32, UTF_16LE...)."""
-    try:
-        name = codecs.lookup(encoding).name
-    except LookupError:
-        return False
-    return name.startswith(("utf-16", "utf-32"))
+    return (_codec_name(encoding) or "").startswith(("utf-16", "utf-32"))
 
 
 def _wide_codec(path: Path, encoding: str) -> tuple[str, int] | None:
@@ -64,9 +68,9 @@ def _wide_codec(path: Path, encoding: str) -> tuple[str, int] | None:
     and the length of the mark at the file's start (0 if none); None for any other encoding. Python's
     incremental decoders need the order named: without it they refuse a file without a mark, and read a
     part that starts after the mark in the machine's order."""
-    if not _is_wide(encoding):
+    name = _codec_name(encoding) or ""
+    if not name.startswith(("utf-16", "utf-32")):
         return None
-    name = codecs.lookup(encoding).name
     with open(path, "rb") as fh:
         head = fh.read(4)
     if not name.endswith(("-le", "-be")):
@@ -145,12 +149,12 @@ def iter_text(path: Path, start: int = 0, end: int | None = None, encoding: str 
     if wide:  # UTF-16 / UTF-32: decoded with the byte order named, the byte-order mark skipped if any
         codec, mark = wide
         start = start or mark
+    elif start and _codec_name(codec) == "utf-8-sig":  # a mark belongs to the file's start only: a U+FEFF
+        codec = "utf-8"                                  # that begins a later part is text
     try:
         decoder = codecs.getincrementaldecoder(codec)(errors=errors)
     except LookupError:
         raise UsageError(f"unknown text encoding '{encoding}' (try utf-8, latin-1, cp1252, utf-16)") from None
-    if start and codecs.lookup(codec).name == "utf-8-sig":  # a mark belongs to the file's start only: a
-        decoder = codecs.getincrementaldecoder("utf-8")(errors=errors)  # U+FEFF later on is text
     carry = ""
     with open(path, "rb") as fh:
         fh.seek(start)

@@ -81,6 +81,8 @@ class _Prime:
         return self.text if glued else self.text + " "
 
 
+# Tokens are kept in blocks of this many steps (and plain sampling draws its noise a block at a time).
+BLOCK_STEPS = 64
 # Samples are drawn in groups of at most this many streams: memory stays bounded for any --num-samples
 # (the state, the noise and the tokens of one group), and the command prints each group as it is done.
 GROUP = 256
@@ -180,7 +182,7 @@ def _sample_fast(model: RNNLM, logits: Tensor, state, max_length: int, temperatu
     B, V = logits.shape
     device = logits.device
     stepper = Stepper(model, state)
-    block = max(1, min(64, max_length, (1 << 22) // (B * V)))
+    block = max(1, min(BLOCK_STEPS, max_length, (1 << 22) // (B * V)))
     buffer = torch.empty(block, B, V, device=device)
     buffer[0].copy_(logits.float())
     rows = buffer.unbind(0)  # views made once
@@ -217,7 +219,7 @@ def _sample_general(model: RNNLM, logits: Tensor, state, max_length: int, temper
                     device: torch.device | str) -> tuple[Tensor, Tensor]:
     """Any decoder and any truncation (top-k, nucleus): `RNNLM.step` and torch.multinomial."""
     B = logits.shape[0]
-    tokens: list[Tensor] = []  # the last steps' tokens (B,), joined into one tensor every 64 steps
+    tokens: list[Tensor] = []  # the last steps' tokens (B,), joined into one tensor every BLOCK_STEPS steps
     logps: list[Tensor] = []
     blocks: list[tuple[Tensor, Tensor]] = []
     done = torch.zeros(B, dtype=torch.bool)
@@ -233,7 +235,7 @@ def _sample_general(model: RNNLM, logits: Tensor, state, max_length: int, temper
         logps.append(logp.gather(1, token.unsqueeze(1)).squeeze(1))
         done |= token == EOS_ID
         stop = bool(done.all())
-        if len(tokens) == 64 or stop or t == max_length - 1:
+        if len(tokens) == BLOCK_STEPS or stop or t == max_length - 1:
             blocks.append((torch.stack(tokens, dim=1), torch.stack(logps, dim=1)))
             tokens, logps = [], []
         if stop:
