@@ -15,8 +15,11 @@
    and cells_fast.py calls them only with buffers of those shapes. The LSTM's gates are in torch's order i, f, g, o (Γu, Γf,
    c~, Γo in cells.py's notation), the GRU's r, u, c~ (torch's r, z, n). The
    exponential is written out below rather than taken from libm so that the
-   compiler can vectorise the loops with plain -O3 and no fast-math flags;
-   σ and tanh agree with PyTorch's to within about 1e-7. */
+   compiler can vectorise the loops with -O3 and no fast-math flags; σ and tanh
+   agree with PyTorch's to within about 1e-7. native.py adds -fno-trapping-math,
+   which changes no result: without it GCC 12 vectorises the exponential's
+   clamps (a ternary on floats) only for AVX-512 with Intel tuning, and the
+   loops ran 6x slower on AVX2 (docs/benchmarks.md). */
 
 #include <stdint.h>
 #include <string.h>
