@@ -16,7 +16,9 @@ equations run over all T steps of one layer with
 - the element-wise work between two products (activations, new cell and
   state, gate derivatives) in one or two C loops a step (LSTM, classic GRU)
   where `native.py` could build `native.c` (float32 on a CPU), else as the
-  PyTorch operations written out below;
+  PyTorch operations written out below; from 8 steps up, where MKL's packed
+  product is at hand (`native.loops()`), the whole time loop, products
+  included, in one C call forward and one backward;
 - the matrix products through `products.py`: oneDNN's on a CPU that has it,
   where the product is large enough to pay (about twice MKL's speed on some
   processors), with W_hh laid out once per window for the per-step products
@@ -47,6 +49,9 @@ from . import native
 from .products import Repeated, linear, mm, weight_grad
 
 _aten = torch.ops.aten
+# From this many steps a layer's whole time loop runs in native.c: laying W_hh out for MKL costs about
+# one step's product, and each step then saves torch's dispatch and Python's loop (docs/benchmarks.md).
+_LOOP_MIN_STEPS = 8
 
 
 def _dsigmoid(grad: Tensor, y: Tensor, out: Tensor | None = None) -> Tensor:
@@ -97,6 +102,12 @@ def _native_fits(gates: Tensor, B: int, H: int, *states: Tensor) -> bool:
     batch size goes to the PyTorch form, which broadcasts it or refuses it; the C loops would read and
     write past its rows."""
     return all(s.shape == (B, H) for s in states) and native.usable(gates, *states)
+
+
+def _whole_loop(T: int, gates: Tensor, B: int, H: int, *states: Tensor) -> bool:
+    """The whole time loop goes to native.c (its products through MKL's packed product): the kernels take
+    these buffers, MKL's product is there, and the window is long enough to repay laying W_hh out."""
+    return T >= _LOOP_MIN_STEPS and _native_fits(gates, B, H, *states) and native.loops()
 
 
 def _previous(first: Tensor, steps: Tensor) -> Tensor:
@@ -178,6 +189,10 @@ def lstm_layer_forward(x: Tensor, w_ih: Tensor, bias: Tensor, h0: Tensor, c0: Te
     # Per-step views made once by unbind: indexing and slicing in the loop cost more than the math.
     Z, HS, CS, TANH_CS = gates.unbind(0), hs.unbind(0), cs.unbind(0), tanh_cs.unbind(0)
     h, c = h0, c0
+    if _whole_loop(T, gates, B, H, h0, c0):
+        native.lstm_forward_loop(native.Packed(w_hh.t(), B), gates, h0.contiguous(), c0.contiguous(), hs, cs,
+                                 tanh_cs, save)
+        return hs, CS[T if save else (T - 1) % 2], (gates, cs, tanh_cs)
     if _native_fits(gates, B, H, h0, c0):  # the same equations, each step's element-wise part in one C loop
         c = CS[0] if save else c0.contiguous()
         for t in range(T):
@@ -221,6 +236,9 @@ class LSTMLayer(torch.autograd.Function):
             dc = grad_c_last.clone(memory_format=torch.contiguous_format)
             if grad_hs.stride(2) != 1:  # the kernel takes each step's rows apart, but each row contiguous
                 grad_hs = grad_hs.contiguous()
+            if _whole_loop(T, gates, B, H, h0):
+                native.lstm_backward_loop(native.Packed(w_hh, B), grad_hs, dc, gates, cs, tanh_cs, d_pre)
+                return LSTMLayer._finish(ctx, d_pre, dc, w_back, x, w_ih, h0, hs)
             GRAD_HS, Z = grad_hs.unbind(0), gates.unbind(0)
             for t in range(T - 1, -1, -1):
                 rec = w_back(D_PRE[t + 1]) if t < T - 1 else torch.zeros_like(dc)   # W_hh^T d_pre<t+1>
@@ -270,6 +288,10 @@ def gru_layer_forward(x: Tensor, w_ih: Tensor, bias: Tensor, h0: Tensor, w_hh: T
                          gates[..., H: 2 * H].unbind(0), gates[..., 2 * H:].unbind(0))
     HS, RH = hs.unbind(0), rh.unbind(0)
     h = h0
+    if _whole_loop(T, gates, B, H, h0):
+        native.gru_forward_loop(native.Packed(w_hh[: 2 * H].t(), B), native.Packed(w_hh[2 * H:].t(), B), gates,
+                                h0.contiguous(), hs, rh, save)
+        return hs, (gates, rh)
     if _native_fits(gates, B, H, h0):  # the same equations, the element-wise work between products in C
         h, Z = h0.contiguous(), gates.unbind(0)
         for t in range(T):
@@ -308,6 +330,12 @@ class GRULayer(torch.autograd.Function):
         if _native_fits(gates, B, H, h0):  # the loop below, its element-wise work in two C loops a step
             if grad_hs.stride(2) != 1:  # the kernel takes each step's rows apart, but each row contiguous
                 grad_hs = grad_hs.contiguous()
+            if _whole_loop(T, gates, B, H, h0):
+                carry, rec = hs.new_zeros(B, H), hs.new_zeros(B, H)
+                native.gru_backward_loop(native.Packed(w_hh[: 2 * H], B), native.Packed(w_hh[2 * H:], B), grad_hs,
+                                         gates, h_prev, d_ru, d_c, carry, rec, ctx.needs_input_grad[3])
+                d_h0 = carry + rec if ctx.needs_input_grad[3] else None
+                return GRULayer._finish(ctx, d_h0, d_ru, d_c, h_prev, rh, x, w_ih)
             GRAD_HS, Z, H_PREV = grad_hs.unbind(0), gates.unbind(0), h_prev.unbind(0)
             D_RU, D_C = d_ru.unbind(0), d_c.unbind(0)
             dh, carry, rec = hs.new_empty(B, H), hs.new_zeros(B, H), hs.new_zeros(B, H)  # nothing from step T

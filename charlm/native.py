@@ -25,6 +25,15 @@ written, gives way to a temporary one.
 Callers pass float32 CPU tensors of the documented shapes, each row
 contiguous; the wrappers take B and H from the buffers the kernel writes and
 check nothing else, since they run once per time step.
+
+The time loops (`lstm_forward_loop` and the like) run a layer's whole window
+in C. Their recurrent products go to MKL's packed product, which PyTorch's
+x86 builds carry and export (`cblas_sgemm_pack`, `cblas_sgemm_compute`): W_hh
+is laid out once per window (`Packed`), and each step's product is then one C
+call with no dispatch. `loops()` says whether they run here: not where this
+torch has no MKL or its product disagrees with torch's in a self-test, not on
+an AMD processor with AVX-512, where MKL, which picks its kernels by the
+vendor, multiplied at half oneDNN's speed, and not with CHARLM_NATIVE=steps.
 """
 
 from __future__ import annotations
@@ -56,6 +65,11 @@ _SIGNATURES = {
     "charlm_gru_state": [_P, _I, _P, _P, _P, _I, _I],
     "charlm_gru_backward_state": [_P, _I, _P, _P, _P, _P, _P, _P, _P, _I, _I],
     "charlm_gru_backward_reset": [_P, _P, _P, _P, _P, _P, _I, _I],
+    "charlm_lstm_forward_loop": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, ctypes.c_int],
+    "charlm_lstm_backward_loop": [_P, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _I, _I, _I],
+    "charlm_gru_forward_loop": [_P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, ctypes.c_int],
+    "charlm_gru_backward_loop": [_P, _P, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I,
+                                 ctypes.c_int],
 }
 _why_not = ""
 _lib: ctypes.CDLL | None = None  # set by kernels(); the wrappers below are called only after usable()
@@ -215,7 +229,7 @@ def _find_or_build(compiler: list[str]) -> ctypes.CDLL | None:
 def kernels() -> ctypes.CDLL | None:
     """The loaded library, or None (then `why_not()` says why) where it is turned off or cannot be had."""
     global _why_not, _lib
-    if os.environ.get("CHARLM_NATIVE", "").strip().lower() in ("0", "false", "no", "off"):
+    if _mode() == "0":
         _why_not = "off (CHARLM_NATIVE=0)"
         return None
     compiler = _compiler()
@@ -246,8 +260,10 @@ def why_not() -> str:
 
 
 def status() -> str:
-    """'on' or 'off (reason)', for the benchmark's header and `--debug` notes."""
-    return "on" if kernels() is not None else why_not()
+    """'on (time loops)', 'on (per step: reason)' or 'off (reason)', for the benchmark's header."""
+    if kernels() is None:
+        return why_not()
+    return "on (time loops)" if loops() else f"on (per step: {_loops_off()})"
 
 
 def usable(*tensors: Tensor) -> bool:
@@ -364,3 +380,158 @@ def _agrees(B: int, H: int) -> bool:
                 (carry_out, (1 - u) * want_dh + r * d_rh))):
             return False
     return True
+
+
+# ---------------------------------------------------------------- whole time loops (see native.c)
+_ROW_MAJOR, _NO_TRANS, _TRANS, _PACKED, _B_MATRIX = 101, 111, 112, 151, 162
+
+
+def _torch_library() -> ctypes.CDLL | None:
+    """PyTorch's CPU library, already loaded by `import torch` (a second handle to it, not a second copy)."""
+    folder = Path(torch.__file__).with_name("lib")
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib", "torch_cpu.dll"):
+        if (folder / name).exists():
+            try:
+                return ctypes.CDLL(str(folder / name))
+            except OSError:
+                return None
+    return None
+
+
+@cache
+def gemm() -> tuple | None:
+    """MKL's packed product as PyTorch's x86 builds carry it: (pack_get_size, pack, compute), or None
+    where PyTorch has no MKL, or where a product through it disagrees with torch's."""
+    lib = _torch_library()
+    try:
+        size, pack, compute = (getattr(lib, name) for name in
+                               ("cblas_sgemm_pack_get_size", "cblas_sgemm_pack", "cblas_sgemm_compute"))
+    except (AttributeError, TypeError):  # TypeError: no library at all
+        return None
+    ci = ctypes.c_int  # MKL's LP64 interface, PyTorch's
+    size.argtypes, size.restype = [ci, ci, ci, ci], ctypes.c_size_t  # (which matrix, m, n, k)
+    pack.argtypes, pack.restype = [ci, ci, ci, ci, ci, ci, ctypes.c_float, _P, ci, _P], None
+    compute.argtypes, compute.restype = [ci, ci, ci, ci, ci, ci, _P, ci, _P, ci, ctypes.c_float, _P, ci], None
+    found = (size, pack, compute)
+    a = torch.linspace(-1.0, 1.0, 3 * 5).view(3, 5)
+    w = torch.linspace(-0.5, 0.7, 4 * 5).view(4, 5)
+    good = all(torch.allclose(product(a, Packed(b, 3, found), found), a @ b, atol=1e-6)
+               for b in (w.t(), w.t().contiguous()))
+    return found if good else None
+
+
+def product(a: Tensor, w: "Packed", found: tuple | None = None) -> Tensor:
+    """a (m, K) w (K, N) through MKL, w packed for m rows (for the self-test and the tests)."""
+    a = a.contiguous()
+    out = a.new_empty(a.shape[0], w.shape[1])
+    (found or gemm())[2](_ROW_MAJOR, _NO_TRANS, _PACKED, a.shape[0], w.shape[1], a.shape[1], a.data_ptr(),
+                         a.shape[1], w.address, w.shape[1], 0.0, out.data_ptr(), w.shape[1])
+    return out
+
+
+class Packed:
+    """A matrix w (K, N), a weight or its transpose, laid out for the products a (m, K) w of a loop."""
+
+    __slots__ = ("buffer", "address", "shape")
+
+    def __init__(self, w: Tensor, m: int, found: tuple | None = None):
+        size, pack, _ = found or gemm()
+        K, N = self.shape = w.shape
+        if w.stride(1) == 1 and w.stride(0) >= N:
+            trans, src, ld = _NO_TRANS, w, w.stride(0)
+        elif w.stride(0) == 1 and w.stride(1) >= K:
+            trans, src, ld = _TRANS, w, w.stride(1)
+        else:
+            trans, src, ld = _NO_TRANS, w.contiguous(), N
+        self.buffer = torch.empty(-(-size(_B_MATRIX, m, N, K) // 4), dtype=torch.float32)
+        pack(_ROW_MAJOR, _B_MATRIX, trans, m, N, K, 1.0, src.data_ptr(), ld, self.buffer.data_ptr())
+        self.address = self.buffer.data_ptr()
+
+
+@cache
+def _compute_address() -> int:
+    """cblas_sgemm_compute's address, which the C loops call."""
+    return ctypes.cast(gemm()[2], _P).value
+
+
+def _mode() -> str:
+    """CHARLM_NATIVE: "0" (or false, no, off), "steps", "loops", or "" (unset: choose)."""
+    mode = os.environ.get("CHARLM_NATIVE", "").strip().lower()
+    return "0" if mode in ("0", "false", "no", "off") else mode
+
+
+def _mkl_at_half_width() -> bool:
+    """An AMD processor with AVX-512 (Zen 4 and 5), where MKL, which picks its kernels by the vendor,
+    multiplied at about half oneDNN's speed (products.py); Linux only, False where it cannot tell."""
+    try:
+        info = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    return "AuthenticAMD" in info and " avx512f" in info
+
+
+@cache
+def loops() -> bool:
+    """Whether a layer's whole time loop may run here (cells_fast.py also asks for a long enough window):
+    the kernels are loaded, MKL's packed product is found and agrees with torch's, and MKL is not at half
+    width. CHARLM_NATIVE=steps keeps the per-step kernels only, =loops takes the loops wherever they run."""
+    mode = _mode()
+    if mode == "steps" or kernels() is None or gemm() is None:
+        return False
+    return mode == "loops" or not _mkl_at_half_width()
+
+
+def _loops_off() -> str:
+    if _mode() == "steps":
+        return "CHARLM_NATIVE=steps"
+    if gemm() is None:
+        return "no MKL packed product in this torch"
+    return "MKL at half width on this AMD processor"
+
+
+def lstm_forward_loop(w: Packed, gates: Tensor, h0: Tensor, c0: Tensor, hs: Tensor, cs: Tensor, tanh_cs: Tensor,
+                      save: bool) -> None:
+    """The LSTM over the window: gates (T, B, 4H) from W_ih x<t> + b to the activated gates, a<t> into
+    hs (T, B, H), c<t> into cs and tanh c<t> into tanh_cs (T + 1 and T steps with `save`, c0 already in
+    cs[0]; 2 and 1 without). w: W_hh^T packed. h0, c0: (B, H), contiguous."""
+    T, B, H = hs.shape
+    rec = gates.new_empty(B, 4 * H)
+    _lib.charlm_lstm_forward_loop(_compute_address(), w.address, gates.data_ptr(), h0.data_ptr(),
+                                  c0.data_ptr(), hs.data_ptr(), cs.data_ptr(), tanh_cs.data_ptr(),
+                                  rec.data_ptr(), T, B, H, int(save))
+
+
+def lstm_backward_loop(w: Packed, grad_hs: Tensor, dc: Tensor, gates: Tensor, cs: Tensor, tanh_cs: Tensor,
+                       d_pre: Tensor) -> None:
+    """dL/d(gate pre-activations) of every step into d_pre (T, B, 4H); dc (B, H) goes from dL/dc<T> to
+    dL/dc<0>. w: W_hh packed; grad_hs (T, B, H) with each row contiguous; the rest as the forward saved."""
+    T, B, G = gates.shape
+    H = G // 4
+    rec = gates.new_empty(B, H)
+    _lib.charlm_lstm_backward_loop(_compute_address(), w.address, grad_hs.data_ptr(), grad_hs.stride(0),
+                                   grad_hs.stride(1), dc.data_ptr(), gates.data_ptr(), cs.data_ptr(),
+                                   tanh_cs.data_ptr(), d_pre.data_ptr(), rec.data_ptr(), T, B, H)
+
+
+def gru_forward_loop(w_ru: Packed, w_c: Packed, gates: Tensor, h0: Tensor, hs: Tensor, rh: Tensor,
+                     save: bool) -> None:
+    """The classic GRU over the window: gates (T, B, 3H) from W_ih x<t> + b to Γr, Γu, c~, h<t> into hs
+    (T, B, H), Γr * h<t-1> into rh (T steps with `save`, else 1). w_ru, w_c: the two blocks of W_hh,
+    transposed and packed. h0: (B, H), contiguous."""
+    T, B, H = hs.shape
+    rec = gates.new_empty(B, 2 * H)
+    _lib.charlm_gru_forward_loop(_compute_address(), w_ru.address, w_c.address, gates.data_ptr(),
+                                 h0.data_ptr(), hs.data_ptr(), rh.data_ptr(), rec.data_ptr(), T, B, H, int(save))
+
+
+def gru_backward_loop(w_ru: Packed, w_c: Packed, grad_hs: Tensor, gates: Tensor, h_prev: Tensor, d_ru: Tensor,
+                      d_c: Tensor, carry: Tensor, rec: Tensor, need_h0: bool) -> None:
+    """dL/d(pre-activations) of r, u into d_ru (T, B, 2H) and of c~ into d_c (T, B, H). w_ru, w_c: the
+    blocks of W_hh packed; h_prev (T, B, H): h<t-1>; carry, rec (B, H): zeros, on return the two parts
+    of dL/dh<0> (rec only with `need_h0`)."""
+    T, B, H = d_c.shape
+    dh, d_rh = d_c.new_empty(B, H), d_c.new_empty(B, H)
+    _lib.charlm_gru_backward_loop(_compute_address(), w_ru.address, w_c.address, grad_hs.data_ptr(),
+                                  grad_hs.stride(0), grad_hs.stride(1), gates.data_ptr(), h_prev.data_ptr(),
+                                  d_ru.data_ptr(), d_c.data_ptr(), carry.data_ptr(), rec.data_ptr(),
+                                  dh.data_ptr(), d_rh.data_ptr(), T, B, H, int(need_h0))

@@ -65,11 +65,16 @@ def backend(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(autouse=True, params=["native", "pytorch"])
+@pytest.fixture(autouse=True, params=["loops", "native", "pytorch"])
 def elementwise(request, monkeypatch):
-    """Every test twice: the element-wise part of each step in native.c's kernels, and as PyTorch operations."""
+    """Every test three times: the whole time loop in native.c (from T = 8; shorter windows step from
+    Python), the element-wise part of each step in native.c's kernels, and as PyTorch operations."""
+    if request.param == "loops" and not native.loops():
+        pytest.skip(f"native time loops off: {native.why_not() or 'no MKL packed product in this torch'}")
     if request.param == "native" and native.kernels() is None:
         pytest.skip(f"native kernels {native.why_not()}")
+    if request.param == "native":
+        monkeypatch.setattr(native, "loops", lambda: False)
     if request.param == "pytorch":
         monkeypatch.setattr(native, "usable", lambda *tensors: False)
     return request.param

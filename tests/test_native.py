@@ -73,21 +73,75 @@ def _assert_same(results, expected):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+STEP_KERNELS = ("lstm_forward", "lstm_backward", "gru_gates", "gru_state", "gru_backward_state",
+                "gru_backward_reset")
+LOOPS = ("lstm_forward_loop", "lstm_backward_loop", "gru_forward_loop", "gru_backward_loop")
+
+
+def _recording(monkeypatch, names):
+    calls = []
+    for name in names:
+        kernel = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, _k=kernel, _n=name: (calls.append(_n), _k(*a))[1])
+    return calls
+
+
 @needs_native
 def test_layers_give_the_same_values_and_gradients_with_and_without_the_kernels(monkeypatch):
     x, h0, c0, weights = _inputs(0, T=20, B=5, E=7, H=16, scale=0.3)
-    calls = []
-    kernels = ("lstm_forward", "lstm_backward", "gru_gates", "gru_state", "gru_backward_state", "gru_backward_reset")
-    for name in kernels:
-        kernel = getattr(native, name)
-        monkeypatch.setattr(native, name, lambda *a, _k=kernel, _n=name: (calls.append(_n), _k(*a))[1])
-    with_kernels = _lstm_and_gru_layers(x, h0, c0, weights)
-    assert set(calls) == set(kernels)
-    monkeypatch.setattr(native, "usable", lambda *tensors: False)
+    calls = _recording(monkeypatch, STEP_KERNELS + LOOPS)
+    results = {}
+    if native.loops():  # a window of 20 steps: each layer's whole loop in C, forward and backward
+        results["loops"] = _lstm_and_gru_layers(x, h0, c0, weights)
+        assert set(calls) == set(LOOPS)
+        calls.clear()
+    monkeypatch.setattr(native, "loops", lambda: False)  # each step's element-wise part in C
+    results["steps"] = _lstm_and_gru_layers(x, h0, c0, weights)
+    assert set(calls) == set(STEP_KERNELS)
     calls.clear()
-    without = _lstm_and_gru_layers(x, h0, c0, weights)
+    monkeypatch.setattr(native, "usable", lambda *tensors: False)
+    results["pytorch"] = _lstm_and_gru_layers(x, h0, c0, weights)
     assert not calls
-    _assert_same(with_kernels, without)
+    for form in results:
+        _assert_same(results[form], results["pytorch"])
+
+
+@pytest.mark.skipif(not native.loops(), reason="native time loops off")
+def test_a_short_window_steps_from_python(monkeypatch):
+    # Below cells_fast._LOOP_MIN_STEPS, laying W_hh out for MKL would cost more than the loop saves.
+    x, h0, c0, weights = _inputs(1, T=cells_fast._LOOP_MIN_STEPS - 1, B=2, E=3, H=4, scale=0.5)
+    calls = _recording(monkeypatch, STEP_KERNELS + LOOPS)
+    short = _lstm_and_gru_layers(x, h0, c0, weights)
+    assert set(calls) == set(STEP_KERNELS)
+    monkeypatch.setattr(native, "usable", lambda *tensors: False)
+    _assert_same(short, _lstm_and_gru_layers(x, h0, c0, weights))
+
+
+@needs_native
+def test_without_mkl_the_loops_stay_in_python(monkeypatch):
+    # A torch without MKL (an ARM build) or whose MKL product failed its self-test: gemm() is None.
+    monkeypatch.setattr(native, "gemm", lambda: None)
+    native.loops.cache_clear()
+    try:
+        assert not native.loops()
+        assert native.status() == "on (per step: no MKL packed product in this torch)"
+        x, h0, c0, weights = _inputs(2, T=12, B=3, E=4, H=5, scale=0.5)
+        calls = _recording(monkeypatch, STEP_KERNELS + LOOPS)
+        _lstm_and_gru_layers(x, h0, c0, weights)
+        assert set(calls) == set(STEP_KERNELS)
+    finally:
+        native.loops.cache_clear()
+
+
+@pytest.mark.skipif(not native.loops(), reason="native time loops off")
+@pytest.mark.parametrize("transposed", [False, True])
+def test_packed_weights_multiply_as_torch_does(transposed):
+    # The loops multiply by W_hh^T forward (a transposed view) and by W_hh backward (row-major).
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(12, 7, generator=g)
+    b = w.t() if transposed else w
+    a = torch.randn(4, b.shape[0], generator=g)
+    assert torch.allclose(native.product(a, native.Packed(b, 4)), a @ b, atol=1e-5)
 
 
 @needs_native
@@ -142,11 +196,20 @@ def test_without_the_kernels_the_cells_fall_back_to_pytorch(tmp_path, env, reaso
 
 
 @needs_native
+def test_charlm_native_steps_keeps_the_per_step_kernels(tmp_path):
+    status, total = _status_in_fresh_process(tmp_path, CHARLM_NATIVE="steps")
+    assert status == "on (per step: CHARLM_NATIVE=steps)"
+    looped = _status_in_fresh_process(tmp_path, CHARLM_NATIVE="loops")
+    assert looped[0] == ("on (time loops)" if native.gemm() is not None else status)
+    assert looped[1] == total  # the same numbers, to the printed digits
+
+
+@needs_native
 def test_the_library_is_built_once_and_then_reused(tmp_path):
-    assert _status_in_fresh_process(tmp_path)[0] == "on"
+    assert _status_in_fresh_process(tmp_path)[0].startswith("on")
     (built,) = tmp_path.glob("native-*.so")
     stamp = built.stat().st_mtime_ns
-    assert _status_in_fresh_process(tmp_path)[0] == "on"
+    assert _status_in_fresh_process(tmp_path)[0].startswith("on")
     assert [p.name for p in tmp_path.iterdir()] == [built.name]  # nothing rebuilt, no partial file left
     assert built.stat().st_mtime_ns == stamp
 
@@ -155,7 +218,7 @@ def test_the_library_is_built_once_and_then_reused(tmp_path):
 def test_an_unwritable_cache_folder_builds_in_a_temporary_one(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    assert _status_in_fresh_process(tmp_path, CHARLM_CACHE_DIR=str(blocker / "cache"))[0] == "on"
+    assert _status_in_fresh_process(tmp_path, CHARLM_CACHE_DIR=str(blocker / "cache"))[0].startswith("on")
 
 
 @needs_native
@@ -210,5 +273,5 @@ def test_a_cache_folder_other_users_can_write_is_not_used(tmp_path):
     shared = tmp_path / "shared"
     shared.mkdir()
     shared.chmod(0o777)  # a library there could have been put by anyone: it is built in a private folder
-    assert _status_in_fresh_process(tmp_path, CHARLM_CACHE_DIR=str(shared))[0] == "on"
+    assert _status_in_fresh_process(tmp_path, CHARLM_CACHE_DIR=str(shared))[0].startswith("on")
     assert not list(shared.iterdir())
