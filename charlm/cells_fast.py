@@ -16,9 +16,9 @@ equations run over all T steps of one layer with
 - the element-wise work between two products (activations, new cell and
   state, gate derivatives) in one or two C loops a step (LSTM, classic GRU)
   where `native.py` could build `native.c` (float32 on a CPU), else as the
-  PyTorch operations written out below; from 8 steps up, where MKL's packed
-  product is at hand (`native.loops()`), the whole time loop, products
-  included, in one C call forward and one backward;
+  PyTorch operations written out below; for the classic GRU from 8 steps
+  up, where MKL's packed product is at hand (`native.loops()`), the whole
+  time loop, products included, in one C call forward and one backward;
 - the matrix products through `products.py`: oneDNN's on a CPU that has it,
   where the product is large enough to pay (about twice MKL's speed on some
   processors), with W_hh laid out once per window for the per-step products
@@ -49,7 +49,7 @@ from . import native
 from .products import Repeated, linear, mm, weight_grad
 
 _aten = torch.ops.aten
-# From this many steps a layer's whole time loop runs in native.c: laying W_hh out for MKL costs about
+# From this many steps a GRU layer's whole time loop runs in native.c: laying W_hh out for MKL costs about
 # one step's product, and each step then saves torch's dispatch and Python's loop (docs/benchmarks.md).
 _LOOP_MIN_STEPS = 8
 
@@ -189,10 +189,6 @@ def lstm_layer_forward(x: Tensor, w_ih: Tensor, bias: Tensor, h0: Tensor, c0: Te
     # Per-step views made once by unbind: indexing and slicing in the loop cost more than the math.
     Z, HS, CS, TANH_CS = gates.unbind(0), hs.unbind(0), cs.unbind(0), tanh_cs.unbind(0)
     h, c = h0, c0
-    if _whole_loop(T, gates, B, H, h0, c0):
-        native.lstm_forward_loop(native.Packed(w_hh.t(), B), gates, h0.contiguous(), c0.contiguous(), hs, cs,
-                                 tanh_cs, save)
-        return hs, CS[T if save else (T - 1) % 2], (gates, cs, tanh_cs)
     if _native_fits(gates, B, H, h0, c0):  # the same equations, each step's element-wise part in one C loop
         c = CS[0] if save else c0.contiguous()
         for t in range(T):
@@ -236,9 +232,6 @@ class LSTMLayer(torch.autograd.Function):
             dc = grad_c_last.clone(memory_format=torch.contiguous_format)
             if grad_hs.stride(2) != 1:  # the kernel takes each step's rows apart, but each row contiguous
                 grad_hs = grad_hs.contiguous()
-            if _whole_loop(T, gates, B, H, h0):
-                native.lstm_backward_loop(native.Packed(w_hh, B), grad_hs, dc, gates, cs, tanh_cs, d_pre)
-                return LSTMLayer._finish(ctx, d_pre, dc, w_back, x, w_ih, h0, hs)
             GRAD_HS, Z = grad_hs.unbind(0), gates.unbind(0)
             for t in range(T - 1, -1, -1):
                 rec = w_back(D_PRE[t + 1]) if t < T - 1 else torch.zeros_like(dc)   # W_hh^T d_pre<t+1>

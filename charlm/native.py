@@ -26,14 +26,17 @@ Callers pass float32 CPU tensors of the documented shapes, each row
 contiguous; the wrappers take B and H from the buffers the kernel writes and
 check nothing else, since they run once per time step.
 
-The time loops (`lstm_forward_loop` and the like) run a layer's whole window
-in C. Their recurrent products go to MKL's packed product, which PyTorch's
+The time loops (`gru_forward_loop`, `gru_backward_loop`) run a classic GRU
+layer's whole window in C. Their recurrent products go to MKL's packed product, which PyTorch's
 x86 builds carry and export (`cblas_sgemm_pack`, `cblas_sgemm_compute`): W_hh
 is laid out once per window (`Packed`), and each step's product is then one C
 call with no dispatch. `loops()` says whether they run here: not where this
 torch has no MKL or its product disagrees with torch's in a self-test, not on
 an AMD processor with AVX-512, where MKL, which picks its kernels by the
 vendor, multiplied at half oneDNN's speed, and not with CHARLM_NATIVE=steps.
+The LSTM keeps the per-step kernels: its one product a step is larger, MKL's
+is no faster than oneDNN's there, and on two threads the loop measured
+slower (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -65,8 +68,6 @@ _SIGNATURES = {
     "charlm_gru_state": [_P, _I, _P, _P, _P, _I, _I],
     "charlm_gru_backward_state": [_P, _I, _P, _P, _P, _P, _P, _P, _P, _I, _I],
     "charlm_gru_backward_reset": [_P, _P, _P, _P, _P, _P, _I, _I],
-    "charlm_lstm_forward_loop": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, ctypes.c_int],
-    "charlm_lstm_backward_loop": [_P, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _I, _I, _I],
     "charlm_gru_forward_loop": [_P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, ctypes.c_int],
     "charlm_gru_backward_loop": [_P, _P, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I,
                                  ctypes.c_int],
@@ -472,7 +473,7 @@ def _mkl_at_half_width() -> bool:
 
 @cache
 def loops() -> bool:
-    """Whether a layer's whole time loop may run here (cells_fast.py also asks for a long enough window):
+    """Whether a GRU layer's whole time loop may run here (cells_fast.py also asks for a long enough window):
     the kernels are loaded, MKL's packed product is found and agrees with torch's, and MKL is not at half
     width. CHARLM_NATIVE=steps keeps the per-step kernels only, =loops takes the loops wherever they run."""
     mode = _mode()
@@ -487,30 +488,6 @@ def _loops_off() -> str:
     if gemm() is None:
         return "no MKL packed product in this torch"
     return "MKL at half width on this AMD processor"
-
-
-def lstm_forward_loop(w: Packed, gates: Tensor, h0: Tensor, c0: Tensor, hs: Tensor, cs: Tensor, tanh_cs: Tensor,
-                      save: bool) -> None:
-    """The LSTM over the window: gates (T, B, 4H) from W_ih x<t> + b to the activated gates, a<t> into
-    hs (T, B, H), c<t> into cs and tanh c<t> into tanh_cs (T + 1 and T steps with `save`, c0 already in
-    cs[0]; 2 and 1 without). w: W_hh^T packed. h0, c0: (B, H), contiguous."""
-    T, B, H = hs.shape
-    rec = gates.new_empty(B, 4 * H)
-    _lib.charlm_lstm_forward_loop(_compute_address(), w.address, gates.data_ptr(), h0.data_ptr(),
-                                  c0.data_ptr(), hs.data_ptr(), cs.data_ptr(), tanh_cs.data_ptr(),
-                                  rec.data_ptr(), T, B, H, int(save))
-
-
-def lstm_backward_loop(w: Packed, grad_hs: Tensor, dc: Tensor, gates: Tensor, cs: Tensor, tanh_cs: Tensor,
-                       d_pre: Tensor) -> None:
-    """dL/d(gate pre-activations) of every step into d_pre (T, B, 4H); dc (B, H) goes from dL/dc<T> to
-    dL/dc<0>. w: W_hh packed; grad_hs (T, B, H) with each row contiguous; the rest as the forward saved."""
-    T, B, G = gates.shape
-    H = G // 4
-    rec = gates.new_empty(B, H)
-    _lib.charlm_lstm_backward_loop(_compute_address(), w.address, grad_hs.data_ptr(), grad_hs.stride(0),
-                                   grad_hs.stride(1), dc.data_ptr(), gates.data_ptr(), cs.data_ptr(),
-                                   tanh_cs.data_ptr(), d_pre.data_ptr(), rec.data_ptr(), T, B, H)
 
 
 def gru_forward_loop(w_ru: Packed, w_c: Packed, gates: Tensor, h0: Tensor, hs: Tensor, rh: Tensor,

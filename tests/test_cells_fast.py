@@ -67,8 +67,9 @@ def backend(request, monkeypatch):
 
 @pytest.fixture(autouse=True, params=["loops", "native", "pytorch"])
 def elementwise(request, monkeypatch):
-    """Every test three times: the whole time loop in native.c (from T = 8; shorter windows step from
-    Python), the element-wise part of each step in native.c's kernels, and as PyTorch operations."""
+    """Every test three times: the classic GRU's whole time loop in native.c (from T = 8; shorter windows
+    and the other cells step from Python), the element-wise part of each step in native.c's kernels, and
+    as PyTorch operations."""
     if request.param == "loops" and not native.loops():
         pytest.skip(f"native time loops off: {native.why_not() or 'no MKL packed product in this torch'}")
     if request.param == "native" and native.kernels() is None:
