@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from torch import Tensor, nn
 from .checkpoint import load_run
 from .errors import UsageError
 from .model import RNNLM
+from .runs import is_checkpoint_folder
 from .tokenizer import EOS_ID, UNK_ID
 
 EXPORT_FORMAT = 1
@@ -98,8 +100,7 @@ def export_model(run_dir: Path, fmt: str, out: Path, which: str = "best", check_
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
     out = Path(out)
-    if out.is_dir():  # torch's writers would fail deep inside with a RuntimeError
-        raise UsageError(f"export: --out {out} is a folder; name the file to write (e.g. {out / 'model.pt'})")
+    _check_destination(out)
     model, codec, saved = load_run(run_dir, "cpu", which)
     if hasattr(model.rnn, "fast"):
         # The fast layers fill buffers in place, sized by the batch they first see: a trace would fix
@@ -120,6 +121,35 @@ def export_model(run_dir: Path, fmt: str, out: Path, which: str = "best", check_
     diff = None if run is None else check_against(model, run, check_steps, seed)
     return ExportResult(str(out), fmt, str(saved.folder), model.cfg.cell, model.cfg.impl, meta["state_shape"],
                         model.vocab_size, diff, check_steps if diff is not None else 0)
+
+
+def _check_destination(out: Path) -> None:
+    """Refuse an --out that would damage what is there: a folder, a file inside a checkpoint folder (its
+    weights, or a file that the next save of the checkpoint would delete), or an existing file that is
+    not an earlier export (a corpus, a run's config)."""
+    if out.is_dir():  # torch's writers would fail deep inside with a RuntimeError
+        raise UsageError(f"export: --out {out} is a folder; name the file to write (e.g. {out / 'model.pt'})")
+    for folder in out.absolute().parents:
+        if is_checkpoint_folder(folder):
+            raise UsageError(f"export: --out {out} is inside the checkpoint folder {folder}; "
+                             f"write the export outside it")
+    if out.exists() and not _is_export(out):
+        raise UsageError(f"export: {out} exists and is not a charlm export; "
+                         f"remove it first or choose another name")
+
+
+def _is_export(path: Path) -> bool:
+    """An earlier export: a TorchScript archive with charlm's extra file, or an ONNX model whose metadata
+    (written last) holds charlm's key."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                return any(name.endswith(f"/extra/{EXTRA_FILE}") for name in archive.namelist())
+        with open(path, "rb") as fh:
+            fh.seek(max(path.stat().st_size - (1 << 20), 0))
+            return b"\n" + bytes([len(METADATA_KEY)]) + METADATA_KEY.encode() in fh.read()
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def _write_torchscript(wrapper: SingleStep, example, out: Path, meta: dict) -> None:

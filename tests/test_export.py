@@ -119,3 +119,36 @@ def test_export_refuses_an_unknown_format_and_a_folder_without_checkpoint(tmp_pa
     assert empty.exit_code == 2 and "run folder not found" in empty.stderr
     folder = runner.invoke(app, ["export", str(run), "--out", str(tmp_path)])
     assert folder.exit_code == 2 and "is a folder" in folder.stderr and len(folder.stderr.strip().splitlines()) == 1
+
+
+def test_export_never_overwrites_a_checkpoint_or_a_file_that_is_not_an_export(tmp_path):
+    runner = CliRunner()
+    run = make_run(tmp_path, "gru", "custom", layers=1)
+    weights = run / "best" / "model.safetensors"
+    before = weights.read_bytes()
+    inside = runner.invoke(app, ["export", str(run), "--out", str(weights)])
+    assert inside.exit_code == 2 and "inside the checkpoint folder" in inside.stderr
+    assert weights.read_bytes() == before and load_run(run)[0] is not None  # the run still loads
+    new_inside = runner.invoke(app, ["export", str(run), "--out", str(run / "last" / "model.pt")])
+    assert new_inside.exit_code == 2 and not (run / "last" / "model.pt").exists()
+    corpus = tmp_path / "corpus.txt"
+    text = corpus.read_text(encoding="utf-8")
+    clobber = runner.invoke(app, ["export", str(run), "--out", str(corpus)])
+    assert clobber.exit_code == 2 and "is not a charlm export" in clobber.stderr
+    assert corpus.read_text(encoding="utf-8") == text
+    # an earlier export is replaced, as a second `charlm export` to the same name expects
+    target = tmp_path / "model.pt"
+    for _ in range(2):
+        again = runner.invoke(app, ["export", str(run), "--out", str(target)])
+        assert again.exit_code == 0, again.output
+
+
+def test_an_earlier_onnx_export_may_be_replaced(tmp_path):
+    pytest.importorskip("onnx")
+    run = make_run(tmp_path, "rnn", "torch", layers=1)
+    path = tmp_path / "m.onnx"
+    export_model(run, "onnx", path)
+    export_model(run, "onnx", path)  # no UsageError: the file is recognised as an export
+    path.write_bytes(b"\x08\x07not an onnx model")
+    with pytest.raises(Exception, match="not a charlm export"):
+        export_model(run, "onnx", path)
