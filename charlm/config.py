@@ -213,8 +213,34 @@ def validate(cfg: Config) -> None:
                          f"(got {m.embedding_size} and {m.hidden_size})")
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load's loader (plain data only, no python tags), except that a key given twice in one mapping
+    is an error: PyYAML would keep the last, so a second `model:` section would silently replace the first."""
+
+
+class _RepeatedKey(yaml.YAMLError):
+    pass
+
+
+def _mapping_without_repeats(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        try:
+            first = seen.setdefault(key, line)
+        except TypeError:  # an unhashable key: construct_mapping says so
+            break
+        if first != line:
+            raise _RepeatedKey(f"'{key}' is given twice (lines {first} and {line}); give each key once")
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_repeats)
+
+
 def read_yaml(path: Path) -> dict:
-    """Read a YAML mapping with safe_load, turning every failure into a one-line UsageError."""
+    """Read a YAML mapping as safe_load does (and refusing repeated keys), every failure a one-line UsageError."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -222,10 +248,16 @@ def read_yaml(path: Path) -> dict:
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read config file {path}: {exc}") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader: plain data only
+    except _RepeatedKey as exc:
+        raise UsageError(f"config file {path}: {exc}") from None
     except yaml.YAMLError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UsageError(f"config file {path} is not plain YAML ({first}); python tags are never loaded") from None
+        problem = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        tag = "python tags are never loaded" if "python/" in text or "python/" in str(exc) else ""
+        raise UsageError(f"config file {path} is not plain YAML ({where}{problem})" + (f"; {tag}" if tag else "")) \
+            from None
     return {} if raw is None else raw
 
 

@@ -144,3 +144,22 @@ def test_describe_fields_covers_every_field_with_help():
     expected = {f"{section}.{name}" for section, values in Config().to_dict().items() for name in values}
     assert set(keys) == expected and len(keys) == len(expected)
     assert all(help_text for *_, help_text in rows)
+
+
+@pytest.mark.parametrize("text, key, lines", [
+    ("model:\n  hidden_size: 8\nmodel:\n  cell: gru\n", "model", "lines 1 and 3"),
+    ("model:\n  hidden_size: 8\n  hidden_size: 12\n", "hidden_size", "lines 2 and 3"),
+])
+def test_a_key_given_twice_is_refused_not_silently_replaced(tmp_path, text, key, lines):
+    path = tmp_path / "twice.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(UsageError, match=f"'{key}' is given twice \\({lines}\\)"):
+        load_config(path)
+
+
+def test_a_yaml_syntax_error_names_its_line_and_not_python_tags(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("model:\n  hidden_size: 8\ntrain: [1, 2\n", encoding="utf-8")
+    with pytest.raises(UsageError, match="not plain YAML \\(line 4: ") as caught:
+        load_config(path)
+    assert "python" not in str(caught.value)
