@@ -194,7 +194,7 @@ def sample(
         from .runtime import resolve_device
         from .sample import check_options, iter_samples
 
-        check_options(max_length, temperature, top_k, top_p, num_samples)
+        check_options(max_length, temperature, top_k, top_p, num_samples, seed)
         dev = resolve_device(device)
         model, codec, _ = load_run(run_dir, dev, _which(checkpoint))
         samples = iter_samples(model, codec, prime, max_length, temperature, top_k, top_p, num_samples, seed,

@@ -19,6 +19,14 @@ import yaml
 from .errors import UsageError
 
 
+def _number(x: float) -> str:
+    """A bound as written: whole numbers in full (2^63 - 1, not 9.22337e+18), others as %g."""
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+MAX_SEED = 2**63 - 1  # seeds are 0 .. 2^63 - 1, a signed 64-bit integer as torch's generators store it
+
+
 def _f(default: Any, help: str, *, choices: tuple | None = None, low: float | None = None,
        high: float | None = None, low_open: bool = False, high_open: bool = False,
        optional: bool = False, numbers: bool = False) -> Any:
@@ -105,7 +113,7 @@ class TrainConfig:
                                  low=1, optional=True)
     eval_batch_size: int = _f(1, "parallel streams for validation; 1 scores the split as one exact stream", low=1)
     log_interval: int = _f(20, "write a metrics line every this many steps", low=1)
-    seed: int = _f(1234, "seed of every random generator", low=0)
+    seed: int = _f(1234, "seed of every random generator", low=0, high=MAX_SEED)
     precision: str = _f("fp32", "fp32, or bf16 autocast (CUDA only)", choices=("fp32", "bf16"))
 
 
@@ -161,10 +169,10 @@ def _check_value(section: str, f: dataclasses.Field, value: Any) -> Any:
     low, high = meta["low"], meta["high"]
     if low is not None and (value < low or (meta["low_open"] and value == low)):
         op = ">" if meta["low_open"] else ">="
-        raise UsageError(f"config: {name} must be {op} {low:g}, got {value!r}")
+        raise UsageError(f"config: {name} must be {op} {_number(low)}, got {value!r}")
     if high is not None and (value > high or (meta["high_open"] and value == high)):
         op = "<" if meta["high_open"] else "<="
-        raise UsageError(f"config: {name} must be {op} {high:g}, got {value!r}")
+        raise UsageError(f"config: {name} must be {op} {_number(high)}, got {value!r}")
     return value
 
 
@@ -308,8 +316,8 @@ def describe_fields() -> list[tuple[str, Any, str, str]]:
             if m["choices"]:
                 rng = " | ".join(m["choices"])
             elif m["low"] is not None or m["high"] is not None:
-                lo = "" if m["low"] is None else ("(" if m["low_open"] else "[") + f"{m['low']:g}"
-                hi = "∞)" if m["high"] is None else f"{m['high']:g}" + (")" if m["high_open"] else "]")
+                lo = "" if m["low"] is None else ("(" if m["low_open"] else "[") + _number(m["low"])
+                hi = "∞)" if m["high"] is None else _number(m["high"]) + (")" if m["high_open"] else "]")
                 rng = f"{lo or '(-∞'}, {hi}"
             else:
                 rng = str(f.type).split("|")[0].strip()

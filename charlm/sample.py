@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .config import MAX_SEED
 from .errors import UsageError
 from .model import RNNLM
 from .stepper import Stepper
@@ -33,7 +34,8 @@ class Sample:
     prime_unk: int        # tokens of the prime outside the vocabulary
 
 
-def check_options(max_length: int, temperature: float, top_k: int, top_p: float, num_samples: int) -> None:
+def check_options(max_length: int, temperature: float, top_k: int, top_p: float, num_samples: int,
+                  seed: int | None = None) -> None:
     if max_length < 1:
         raise UsageError(f"--max-length must be at least 1, got {max_length}")
     if not (temperature == 0 or MIN_TEMPERATURE <= temperature < math.inf):
@@ -45,6 +47,8 @@ def check_options(max_length: int, temperature: float, top_k: int, top_p: float,
         raise UsageError(f"--top-p must be in (0, 1], got {top_p}")
     if num_samples < 1:
         raise UsageError(f"--num-samples must be at least 1, got {num_samples}")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"--seed must be from 0 to {MAX_SEED} (2^63 - 1), got {seed}")
 
 
 def next_token_distribution(logits: Tensor, temperature: float, top_k: int, top_p: float,
@@ -100,7 +104,7 @@ def iter_samples(model: RNNLM, codec: TextCodec, prime: str = "", max_length: in
                  top_k: int = 0, top_p: float = 1.0, num_samples: int = 1, seed: int | None = None,
                  allow_unk: bool = False, device: torch.device | str = "cpu") -> Iterator[Sample]:
     """The samples one by one, drawn in parallel groups of up to GROUP streams from one random generator."""
-    check_options(max_length, temperature, top_k, top_p, num_samples)
+    check_options(max_length, temperature, top_k, top_p, num_samples, seed)
     model.eval()
     generator = torch.Generator(device="cpu")
     generator.manual_seed(seed if seed is not None else torch.seed())

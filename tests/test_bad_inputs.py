@@ -187,6 +187,7 @@ def test_one_huge_line_keeps_memory_bounded(tmp_path, baseline_rss, level, megab
     (("--set", "model.dropout=1.5"), "model.dropout"),
     (("--set", "train.clip=-1"), "train.clip"),
     (("--seed", "-1"), "train.seed"),
+    (("--seed", "99999999999999999999"), "train.seed must be <= 9223372036854775807"),
 ])
 def test_invalid_hyperparameter_is_exit_2_naming_it(tmp_path, option, fragment):
     corpus = write_corpus(tmp_path)
@@ -241,6 +242,12 @@ def test_yaml_python_object_tag_on_a_whole_document_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------- run folders
+@pytest.mark.parametrize("seed", ["-1", "9223372036854775808", "18446744073709551616"])
+def test_a_sample_seed_out_of_range_is_exit_2(tmp_path, seed):
+    run = train_run(tmp_path)
+    assert_one_line_error(cli("sample", run, "--seed", seed), 2, "--seed must be from 0 to 9223372036854775807")
+
+
 def test_commands_on_a_run_folder_without_checkpoint_are_exit_2(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

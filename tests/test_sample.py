@@ -271,6 +271,7 @@ def test_prime_conditions_the_continuation_like_the_score():
 @pytest.mark.parametrize("options", [
     dict(max_length=0), dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5),
     dict(num_samples=0), dict(temperature=float("nan")), dict(temperature=float("inf")), dict(temperature=1e-40),
+    dict(seed=-1), dict(seed=2**63), dict(seed=10**20),  # torch's generator would wrap -1, overflow at 2^64
 ])
 def test_bad_sampling_options_are_usage_errors(options):
     values = dict(max_length=10, temperature=1.0, top_k=0, top_p=1.0, num_samples=1)
