@@ -45,7 +45,7 @@ from .tokenizer import EOS_ID, UNK_ID, SPECIALS, TextCodec, Tokenizer, Vocabular
 
 BLOCK_BYTES = 8 << 20   # read the corpus 8 MiB at a time (characters) ...
 WORD_BLOCK_BYTES = 1 << 20  # ... or 1 MiB (words: a token as a Python string costs ~50 bytes while it is counted)
-CACHE_FORMAT = 2  # 2: U+3000 is white space at word level (it was a token)
+CACHE_FORMAT = 3  # 2: U+3000 is white space at word level (it was a token); 3: a UTF-8 mark is not text
 
 
 # ---------------------------------------------------------------- reading text
@@ -91,8 +91,8 @@ def check_text_file(path: Path, encoding: str = "utf-8") -> Path:
             head = fh.read(65536)
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if b"\x00" in head and not _is_wide(encoding):
-        raise UsageError(f"{path} looks like a binary file (it holds NUL bytes), not text")
+    if _looks_wide_or_binary(head, encoding):
+        raise _binary_error(path, head[:4], encoding)
     return path
 
 
@@ -101,16 +101,49 @@ def _decode_error(name, offset: int, byte: bytes, encoding: str) -> UsageError:
                       f"its encoding or --errors replace to substitute bad bytes")
 
 
+def _utf8_mark(encoding: str) -> bool:
+    """UTF-8 under any name, utf-8-sig included: a byte-order mark at the file's start is not text (Windows
+    Notepad writes one; it would become a token of the vocabulary and an <unk> when scoring)."""
+    return _codec_name(encoding) in ("utf-8", "utf-8-sig")
+
+
+def _wide_hint(head: bytes, encoding: str) -> str:
+    """For a file read as something else that starts with a UTF-16 or UTF-32 byte-order mark: the hint."""
+    if _is_wide(encoding):
+        return ""
+    for name, mark in (("utf-32", codecs.BOM_UTF32_LE), ("utf-32", codecs.BOM_UTF32_BE),
+                       ("utf-16", codecs.BOM_UTF16_LE), ("utf-16", codecs.BOM_UTF16_BE)):
+        if head.startswith(mark):
+            return f"{name.upper()} text (it starts with a {name.upper()} byte-order mark): pass --encoding {name}"
+    return ""
+
+
+def _looks_wide_or_binary(head: bytes, encoding: str) -> bool:
+    """Not text in `encoding`: NUL bytes (a binary file, or UTF-16 read as something else), or, read as
+    UTF-8, a UTF-16 or UTF-32 byte-order mark (Chinese text in UTF-16 may hold no NUL byte at all)."""
+    if _is_wide(encoding):
+        return False
+    return b"\x00" in head or (_utf8_mark(encoding) and bool(_wide_hint(head[:4], encoding)))
+
+
+def _binary_error(name, head: bytes, encoding: str) -> UsageError:
+    hint = _wide_hint(head, encoding)
+    if hint:
+        return UsageError(f"{name} looks like {hint}")
+    return UsageError(f"{name} looks like a binary file (it holds NUL bytes), not text")
+
+
 def decode(raw: bytes, name: str, encoding: str = "utf-8", errors: str = "strict") -> str:
     """Bytes to text; a binary file or an undecodable byte gets a message naming it and what to do."""
-    if b"\x00" in raw[:65536] and not _is_wide(encoding):
-        raise UsageError(f"{name} looks like a binary file (it holds NUL bytes), not text")
+    if _looks_wide_or_binary(raw[:65536], encoding):
+        raise _binary_error(name, raw[:4], encoding)
+    skip = len(codecs.BOM_UTF8) if _utf8_mark(encoding) and raw.startswith(codecs.BOM_UTF8) else 0
     try:
-        return raw.decode(encoding, errors=errors)
+        return raw[skip:].decode("utf-8" if skip else encoding, errors=errors)
     except LookupError:
         raise UsageError(f"unknown text encoding '{encoding}' (try utf-8, latin-1, cp1252, utf-16)") from None
     except UnicodeDecodeError as exc:
-        raise _decode_error(name, exc.start, raw[exc.start:exc.start + 1], encoding) from None
+        raise _decode_error(name, skip + exc.start, raw[skip + exc.start:skip + exc.start + 1], encoding) from None
 
 
 def read_text(path: Path, encoding: str = "utf-8", errors: str = "strict") -> str:
@@ -149,8 +182,11 @@ def iter_text(path: Path, start: int = 0, end: int | None = None, encoding: str 
     if wide:  # UTF-16 / UTF-32: decoded with the byte order named, the byte-order mark skipped if any
         codec, mark = wide
         start = start or mark
-    elif start and _codec_name(codec) == "utf-8-sig":  # a mark belongs to the file's start only: a U+FEFF
-        codec = "utf-8"                                  # that begins a later part is text
+    elif _utf8_mark(codec):  # a mark belongs to the file's start only: a U+FEFF that begins a later part is text
+        codec = "utf-8"
+        if start == 0:
+            with open(path, "rb") as fh:
+                start = len(codecs.BOM_UTF8) if fh.read(3) == codecs.BOM_UTF8 else 0
     try:
         decoder = codecs.getincrementaldecoder(codec)(errors=errors)
     except LookupError:

@@ -128,6 +128,34 @@ def test_score_and_eval_take_encoding_and_errors_for_their_files(tmp_path):
             assert record.get("oov", 0) >= 1 and record.get("tokens", 0) > 20  # é / U+FFFD unseen: <unk>
 
 
+def test_a_utf8_byte_order_mark_is_not_text(tmp_path):
+    """Windows Notepad starts a UTF-8 file with EF BB BF: the same run and scores as without it."""
+    text = corpus_text(200)
+    plain, marked = tmp_path / "plain.txt", tmp_path / "marked.txt"
+    plain.write_text(text, encoding="utf-8")
+    marked.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    runs = []
+    for corpus in (plain, marked):
+        result = cli(*train_args(tmp_path, corpus, "--json", "--out", tmp_path / corpus.stem))
+        assert result.exit_code == 0, result.stderr
+        runs.append(json.loads(result.stdout))
+    assert runs[1]["val_loss"] == runs[0]["val_loss"]
+    assert (tmp_path / "marked" / "vocab.json").read_text() == (tmp_path / "plain" / "vocab.json").read_text()
+    line = text.splitlines()[0]
+    sentence = tmp_path / "sentence.txt"
+    sentence.write_bytes(b"\xef\xbb\xbf" + (line + "\n").encode("utf-8"))
+    scored = json.loads(cli("score", tmp_path / "plain", "--file", sentence, "--json").stdout)
+    assert scored["oov"] == 0 and scored["text"] == line
+    assert scored == json.loads(cli("score", tmp_path / "plain", line, "--json").stdout)
+
+
+@pytest.mark.parametrize("text", ["The cat sat.\n" * 40, "中文的句子。\n" * 40])
+def test_utf16_read_as_utf8_says_to_pass_its_encoding(tmp_path, text):
+    corpus = tmp_path / "windows.txt"
+    corpus.write_bytes(text.encode("utf-16"))  # with a byte-order mark, as PowerShell's > writes
+    assert_one_line_error(cli(*train_args(tmp_path, corpus)), 2, "windows.txt", "UTF-16", "--encoding utf-16")
+
+
 def test_binary_file_is_refused(tmp_path):
     corpus = tmp_path / "image.png"
     corpus.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 64)
