@@ -165,6 +165,7 @@ def summarize(run_dir: Path, name: str | None = None) -> RunSummary:
         problems.append(f"unreadable {CONFIG_FILE}")
 
     manifest = _best_manifest(run_dir)
+    problems += _damaged_checkpoints(run_dir)
     if manifest is None:
         problems.append("no checkpoint")
     else:
@@ -227,6 +228,25 @@ def _display_name(path: Path, folder: Path) -> str:
     except ValueError:
         rel = path
     return path.name if str(rel) == "." else rel.as_posix()
+
+
+def _damaged_checkpoints(run_dir: Path) -> list[str]:
+    """What is wrong with the checkpoint folders that are there (a run without best/ is fine): a missing
+    or unreadable manifest. The weights' hashes are checked when a command loads them, not here."""
+    problems = []
+    for name in CHECKPOINTS:
+        if not (run_dir / name).is_dir():
+            continue
+        try:
+            manifest = json.loads((run_dir / name / MANIFEST_FILE).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            problems.append(f"no {name}/{MANIFEST_FILE}")
+            continue
+        except (OSError, ValueError):
+            manifest = None
+        if not isinstance(manifest, dict):
+            problems.append(f"unreadable {name}/{MANIFEST_FILE}")
+    return problems
 
 
 def _best_manifest(run_dir: Path) -> dict | None:

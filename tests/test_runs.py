@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from typer.testing import CliRunner
 
 from charlm import checkpoint
@@ -78,6 +80,17 @@ def test_broken_and_unfinished_runs_are_listed_not_fatal(tmp_path):
     assert "config.yaml" in by_name["bad"].problem and "no checkpoint" in by_name["bad"].problem
     assert by_name["bad"].steps == 2  # what could be read is still shown
     assert read_metrics(bad).bad_lines == 1
+
+
+@pytest.mark.parametrize("damaged", ["best", "last"])
+def test_a_run_with_an_unreadable_checkpoint_is_broken_not_done(tmp_path, damaged):
+    run = tmp_path / "runs" / "k"
+    make_run(tmp_path, run)
+    manifest = run / damaged / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes()[:50])  # cut short, as by a full disk
+    (summary,) = list_runs(tmp_path / "runs")
+    assert summary.status == "broken" and summary.problem == f"unreadable {damaged}/manifest.json"
+    assert summary.steps is not None  # what could be read is still shown
 
 
 def test_runs_command_prints_a_table_and_json(tmp_path):
