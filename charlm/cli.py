@@ -249,9 +249,13 @@ def score(
 
         if batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+        if text and file is not None:
+            raise UsageError("give the sentences to score as arguments or as --file, not both")
         _check_errors(errors)
         dev = resolve_device(device)
         model, codec, saved = load_run(run_dir, dev, _which(checkpoint))
+        if not text and file is None and sys.stdin.isatty():
+            print("charlm: reading sentences from standard input, one a line (end with Ctrl-D)", file=sys.stderr)
         if text:
             sentences = [line for t in text for line in (codec.tokenizer.lines(t) or [""])]
         elif file is not None:

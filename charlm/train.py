@@ -303,6 +303,9 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
         # runs/x/last continues runs/x (from last/, as always), not a new run inside it; best/ or a *.old
         # folder is refused, since the resume would not start from the checkpoint it names
         resume = run_folder_of(Path(resume), "--resume", names=("last",))
+        if out is not None and Path(out).absolute() != resume.absolute():
+            raise UsageError(f"--resume continues {resume} in its own folder, and --out names another ({out}): "
+                             f"drop --out (to branch the run, copy its folder and resume the copy)")
         if dist.is_main:
             ckpt.recover(resume)
         dist.barrier()
@@ -434,7 +437,8 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
             state = {"format": TRAINER_FORMAT, "progress": asdict(p), "optimizer": optimizer.state_dict(),
                      "hidden": full_hidden, "rng_cpu": torch.get_rng_state(),
                      "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                     "corpus": str(corpus), "val": str(val) if val else None,
+                     # absolute, so that a resume from another working folder finds them
+                     "corpus": str(Path(corpus).absolute()), "val": str(Path(val).absolute()) if val else None,
                      "corpus_sha256": splits.corpus_sha256}
         ckpt.save_checkpoint(run_dir, name, model, cfg, splits.codec, state, info)
 

@@ -110,6 +110,11 @@ def test_score_reads_a_file_or_stdin(cli, tiny_run, write_corpus):
     assert from_file.stdout == from_stdin.stdout
 
 
+def test_score_refuses_sentences_and_a_file_together(cli, tiny_run, write_corpus):
+    path = write_corpus("the cat.\n", "sentences.txt")
+    assert_usage_error(cli("score", tiny_run["run_dir"], "a dog.", "--file", path), "not both")
+
+
 def test_score_of_an_empty_file_or_stdin_is_exit_2_as_eval_is(cli, tiny_run, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("", encoding="utf-8")

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -166,6 +167,24 @@ def test_resume_when_the_corpus_has_moved_asks_for_it(stopped, tmp_path):
     shutil.move(corpus, moved)
     assert_one_line_error(cli("train", "--resume", run), 2, "--corpus", corpus.name)
     result = cli("train", "--resume", run, "--corpus", moved, "-q", "--max-steps", "8")
+    assert result.exit_code == 0, result.stderr
+
+
+def test_resume_with_out_naming_another_folder_is_refused(stopped, tmp_path):
+    run, _ = stopped
+    assert_one_line_error(cli("train", "--resume", run, "--out", tmp_path / "elsewhere"), 2, "--resume", "--out")
+    assert not (tmp_path / "elsewhere").exists()
+    result = cli("train", "--resume", run, "--out", run, "-q", "--max-steps", "7")  # the same folder is fine
+    assert result.exit_code == 0, result.stderr
+
+
+def test_resume_from_another_working_folder_finds_the_corpus(stopped, tmp_path, monkeypatch):
+    run, corpus = stopped
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert Path(trainer_state(run)["corpus"]).is_absolute()
+    result = cli("train", "--resume", run, "-q", "--max-steps", "8")
     assert result.exit_code == 0, result.stderr
 
 
