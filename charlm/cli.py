@@ -358,9 +358,16 @@ def info(
         if as_json:
             _out(json.dumps(record, ensure_ascii=False))
             return
+        shown = {"epoch": "{:.2f}", "val_loss": "{:.4f} nats/token", "elapsed": "{:.1f} s"}
         for key in ("checkpoint", "parameters", "vocab_size", "level", "step", "epoch", "val_loss", "elapsed"):
             value = record[key]
-            _out(f"{key:15s} {value:,}" if isinstance(value, int) else f"{key:15s} {value}")
+            if value is None:
+                value = "- (no validation)" if key == "val_loss" else "-"
+            elif isinstance(value, int) and not isinstance(value, bool):
+                value = f"{value:,}"
+            elif isinstance(value, float) and key in shown:
+                value = shown[key].format(value)
+            _out(f"{key:15s} {value}")
         _out("config:")
         for line in dump_yaml(saved.cfg).splitlines():
             _out(f"  {line}")
@@ -519,6 +526,8 @@ def bench(
         s.check()
         if generate_tokens < 0 or score_lines < 0 or score_batch_size < 1:
             raise UsageError("--generate and --score-lines must be >= 0, --score-batch-size >= 1")
+        if not grid and not generate_tokens and not score_lines:
+            raise UsageError("--no-grid leaves nothing to measure: add --generate N or --score-lines N")
         say = (lambda m: None) if quiet else (lambda m: print(f"bench: {m}", file=sys.stderr, flush=True))
         results = run_bench(s, say) if grid else []
         gen = [generate_speed(c, i, s, generate_tokens) for c in s.cells for i in s.impls] if generate_tokens else []

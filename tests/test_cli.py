@@ -153,6 +153,18 @@ def test_info_json_describes_the_run(cli, tiny_run):
     assert record["val_loss"] == pytest.approx(tiny_run["result"].best_val_loss)
 
 
+def test_info_table_rounds_its_numbers(cli, tiny_run):
+    lines = dict(line.split(None, 1) for line in cli("info", tiny_run["run_dir"]).stdout.splitlines()[:8])
+    record = json.loads(cli("info", tiny_run["run_dir"], "--json").stdout)
+    assert lines["epoch"] == f"{record['epoch']:.2f}"
+    assert lines["val_loss"] == f"{record['val_loss']:.4f} nats/token"
+    assert lines["elapsed"] == f"{record['elapsed']:.1f} s"
+
+
+def test_bench_with_nothing_to_measure_is_exit_2(cli):
+    assert_usage_error(cli("bench", "--no-grid"), "nothing to measure")
+
+
 def test_version_and_help(cli):
     version = cli("--version")
     assert version.exit_code == 0 and version.stdout.startswith("charlm ")
