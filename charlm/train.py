@@ -282,19 +282,28 @@ def train(cfg: Config, corpus: Path | None, out: Path | None = None, val: Path |
     """Train a model on `corpus` into the run folder `out` (or continue the run `resume`)."""
     log_stream = log_stream or sys.stderr
     dist, device = init_distributed(cfg.model.device)
+    created: list[Path] = []  # the run folder, if this call made it
     try:
         result = _train(cfg, corpus, out, val, resume, show_progress and dist.is_main, log_stream, cache_dir,
-                        dist, device)
+                        dist, device, created)
         # Leave together: a rank that tore down its process group while rank 0 was still writing the
         # last checkpoint aborted now and then in gloo's teardown (SIGABRT, a failed job). Only on
         # success: after a failure the other ranks may be inside a collective that this would not match.
         dist.barrier()
         return result
+    except BaseException:
+        for folder in created:  # a run that failed before writing anything leaves no empty folder behind
+            try:
+                folder.rmdir()  # only if empty: a started run keeps its metrics and checkpoints
+            except OSError:
+                pass
+        raise
     finally:
         dist.close()
 
 
-def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, dist, device) -> TrainResult:
+def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, dist, device,
+           created: list[Path]) -> TrainResult:
     if cfg.train.precision == "bf16" and device.type != "cuda":  # checked once `auto` is resolved: no silent fp32
         raise UsageError(f"train.precision bf16 is for CUDA, and this run is on {device.type}: use fp32 "
                          f"(bf16 training on a CPU was measured less accurate: docs/benchmarks.md)")
@@ -325,6 +334,8 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
     if resume is None:
         ckpt.check_new_run_folder(run_dir)
     if dist.is_main:
+        if not run_dir.exists():
+            created.append(run_dir)
         _check_writable(run_dir)
         if resume is None:
             ckpt.recover(run_dir)

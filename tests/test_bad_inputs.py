@@ -66,6 +66,18 @@ def test_a_corpus_without_a_line_end_to_cut_at_trains_with_a_note(tmp_path):
     assert "no line end to cut a validation part at" in result.stderr and "--val" in result.stderr
 
 
+@pytest.mark.parametrize("problem", ["missing validation file", "corpus too short"])
+def test_a_run_that_fails_before_training_leaves_no_empty_folder(tmp_path, problem):
+    if problem == "missing validation file":
+        args = train_args(tmp_path, write_corpus(tmp_path), "--val", tmp_path / "nope.txt")
+    else:
+        corpus = tmp_path / "short.txt"
+        corpus.write_text("a cat.\n", encoding="utf-8")
+        args = train_args(tmp_path, corpus)
+    assert cli(*args).exit_code == 2
+    assert not (tmp_path / "run").exists()
+
+
 def test_missing_corpus_is_exit_2_naming_the_file(tmp_path):
     result = cli(*train_args(tmp_path, tmp_path / "nowhere.txt"))
     assert_one_line_error(result, 2, "not found", "nowhere.txt")
