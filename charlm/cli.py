@@ -101,6 +101,14 @@ def _errors():
         raise _fail(message, EXIT_FAILURE) from None
 
 
+def _columns(text: str) -> int:
+    """Terminal columns of `text`: a wide character (CJK, full-width forms) takes two, a combining mark none."""
+    import unicodedata
+
+    return sum(0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+               for ch in text)
+
+
 def _out(line: str = "") -> None:
     print(line, flush=False)
 
@@ -418,10 +426,11 @@ def _print_runs(summaries) -> None:
         size = f"{s.layers}x{s.hidden_size}" if s.layers is not None and s.hidden_size is not None else "-"
         rows.append((s.name, s.status, fmt(s.level), fmt(s.cell), fmt(s.impl), size, fmt(s.parameters, ","),
                      fmt(s.steps, ","), fmt(s.best_val_loss, ".4f"), fmt(s.best_val_bpc, ".4f"), clock(s.elapsed)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    widths = [max(_columns(r[i]) for r in rows) for i in range(len(header))]
     numeric = {6, 7, 8, 9, 10}
     for r in rows:
-        _out("  ".join(c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+        pads = [" " * (w - _columns(c)) for c, w in zip(r, widths)]
+        _out("  ".join(pad + c if i in numeric else c + pad for i, (c, pad) in enumerate(zip(r, pads))).rstrip())
     for s in summaries:
         if s.problem:
             _out(f"{s.name}: broken: {s.problem}")

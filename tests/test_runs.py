@@ -93,6 +93,18 @@ def test_a_run_with_an_unreadable_checkpoint_is_broken_not_done(tmp_path, damage
     assert summary.steps is not None  # what could be read is still shown
 
 
+def test_runs_table_lines_up_with_chinese_run_names(tmp_path):
+    make_run(tmp_path, tmp_path / "runs" / "莎士比亚")
+    make_run(tmp_path, tmp_path / "runs" / "plain")
+    table = CliRunner().invoke(app, ["runs", str(tmp_path / "runs")])
+    assert table.exit_code == 0, table.output
+    lines = table.stdout.splitlines()[:3]
+    # each CJK character takes two terminal columns: the status column starts at the same column on every line
+    starts = [2 * len(line[:line.index(word)]) - len(line[:line.index(word)].encode("ascii", "ignore"))
+              for line, word in zip(lines, ("status", "done", "done"))]
+    assert len(set(starts)) == 1, lines
+
+
 def test_runs_command_prints_a_table_and_json(tmp_path):
     make_run(tmp_path, tmp_path / "runs" / "lstm")
     make_run(tmp_path, tmp_path / "runs" / "rnn", "model.cell=rnn")
