@@ -276,15 +276,15 @@ def gru_layer_forward(x: Tensor, w_ih: Tensor, bias: Tensor, h0: Tensor, w_hh: T
     gates = _project(x, w_ih, bias)  # (T, B, 3H); each step adds its recurrent terms in place
     hs = x.new_empty(T, B, H)
     rh = x.new_empty(T if save else 1, B, H)
+    if _whole_loop(T, gates, B, H, h0):
+        native.gru_forward_loop(native.Packed(w_hh[: 2 * H].t(), B), native.Packed(w_hh[2 * H:].t(), B), gates,
+                                h0.contiguous(), hs, rh, save)
+        return hs, (gates, rh)
     w_ru, w_c = Repeated(w_hh[: 2 * H], B, T), Repeated(w_hh[2 * H:], B, T)
     RU, R, U, C_TILDE = (gates[..., : 2 * H].unbind(0), gates[..., :H].unbind(0),
                          gates[..., H: 2 * H].unbind(0), gates[..., 2 * H:].unbind(0))
     HS, RH = hs.unbind(0), rh.unbind(0)
     h = h0
-    if _whole_loop(T, gates, B, H, h0):
-        native.gru_forward_loop(native.Packed(w_hh[: 2 * H].t(), B), native.Packed(w_hh[2 * H:].t(), B), gates,
-                                h0.contiguous(), hs, rh, save)
-        return hs, (gates, rh)
     if _native_fits(gates, B, H, h0):  # the same equations, the element-wise work between products in C
         h, Z = h0.contiguous(), gates.unbind(0)
         for t in range(T):
@@ -315,20 +315,20 @@ class GRULayer(torch.autograd.Function):
     def backward(ctx, grad_hs):
         x, w_ih, gates, rh, hs, h0, w_hh = ctx.saved_tensors
         T, B, H = hs.shape
-        w_ru, w_c = Repeated(w_hh[: 2 * H].t(), B, T), Repeated(w_hh[2 * H:].t(), B, T)  # their transposes' products
         h_prev = _previous(h0, hs)
         # dL/d(pre-activations) of r, u and of c~ in two buffers, so that each step's rows that go into
         # a matrix product are contiguous (oneDNN would copy a strided operand first)
         d_ru, d_c = hs.new_empty(T, B, 2 * H), hs.new_empty(T, B, H)
+        if grad_hs.stride(2) != 1 and _native_fits(gates, B, H, h0):  # the C loops take each step's rows
+            grad_hs = grad_hs.contiguous()                              # apart, but each row contiguous
+        if _whole_loop(T, gates, B, H, h0):
+            carry, rec = hs.new_zeros(B, H), hs.new_zeros(B, H)
+            native.gru_backward_loop(native.Packed(w_hh[: 2 * H], B), native.Packed(w_hh[2 * H:], B), grad_hs,
+                                     gates, h_prev, d_ru, d_c, carry, rec, ctx.needs_input_grad[3])
+            d_h0 = carry + rec if ctx.needs_input_grad[3] else None
+            return GRULayer._finish(ctx, d_h0, d_ru, d_c, h_prev, rh, x, w_ih)
+        w_ru, w_c = Repeated(w_hh[: 2 * H].t(), B, T), Repeated(w_hh[2 * H:].t(), B, T)  # their transposes' products
         if _native_fits(gates, B, H, h0):  # the loop below, its element-wise work in two C loops a step
-            if grad_hs.stride(2) != 1:  # the kernel takes each step's rows apart, but each row contiguous
-                grad_hs = grad_hs.contiguous()
-            if _whole_loop(T, gates, B, H, h0):
-                carry, rec = hs.new_zeros(B, H), hs.new_zeros(B, H)
-                native.gru_backward_loop(native.Packed(w_hh[: 2 * H], B), native.Packed(w_hh[2 * H:], B), grad_hs,
-                                         gates, h_prev, d_ru, d_c, carry, rec, ctx.needs_input_grad[3])
-                d_h0 = carry + rec if ctx.needs_input_grad[3] else None
-                return GRULayer._finish(ctx, d_h0, d_ru, d_c, h_prev, rh, x, w_ih)
             GRAD_HS, Z, H_PREV = grad_hs.unbind(0), gates.unbind(0), h_prev.unbind(0)
             D_RU, D_C = d_ru.unbind(0), d_c.unbind(0)
             dh, carry, rec = hs.new_empty(B, H), hs.new_zeros(B, H), hs.new_zeros(B, H)  # nothing from step T
