@@ -196,14 +196,19 @@ def check_new_run_folder(path: Path) -> None:
                              f"(to continue that run, use --resume with its run folder)")
 
 
-def find_checkpoint(path: Path, which: str = "best") -> Path:
-    """A checkpoint folder from a run folder (`best`, falling back to `last`) or a checkpoint folder itself."""
+def find_checkpoint(path: Path, which: str | None = None) -> Path:
+    """A checkpoint folder from a run folder (None or `best`: best/, falling back to last/) or a checkpoint
+    folder itself, which must not be the other one of a run's best/ and last/ when `which` names one."""
     path = Path(path)
     if not path.exists():
         raise UsageError(f"run folder not found: {path}")
     if is_checkpoint_folder(path):
+        kind = path.name.removesuffix(".old")
+        if which is not None and kind in ("best", "last") and kind != which:
+            raise UsageError(f"{path} is a run's {kind} checkpoint, and --checkpoint {which} asks for the other: "
+                             f"pass the run folder {path.parent} with --checkpoint {which}, or drop --checkpoint")
         return path
-    order = {"best": CHECKPOINT_NAMES, "last": ("last", "last.old")}[which]
+    order = {"best": CHECKPOINT_NAMES, "last": ("last", "last.old"), None: CHECKPOINT_NAMES}[which]
     for name in order:
         if is_checkpoint_folder(path / name):
             return path / name
@@ -268,7 +273,7 @@ def _identity(folder: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def load_checkpoint(path: Path, which: str = "best") -> Checkpoint:
+def load_checkpoint(path: Path, which: str | None = None) -> Checkpoint:
     """Find, verify and read a checkpoint. Nothing in it can run code.
 
     A training run may swap in a new checkpoint folder while we read (`charlm sample` during training):
@@ -334,7 +339,7 @@ def _is_tied_alias(model: torch.nn.Module, key: str) -> bool:
     return key == "decoder.weight" and getattr(model, "cfg", None) is not None and model.cfg.tie_weights
 
 
-def load_run(path: Path, device: torch.device | str = "cpu", which: str = "best"):
+def load_run(path: Path, device: torch.device | str = "cpu", which: str | None = None):
     """A ready model (eval mode, on `device`), its TextCodec and Checkpoint, from a run or checkpoint folder."""
     from .model import build_model  # model sits above checkpoint in the import order
 

@@ -189,7 +189,8 @@ def sample(
     num_samples: Annotated[int, typer.Option(help="How many samples.")] = 1,
     seed: Annotated[Optional[int], typer.Option(help="Random seed, for reproducible samples.")] = None,
     allow_unk: Annotated[bool, typer.Option("--allow-unk", help="Let <unk> be sampled (masked by default).")] = False,
-    checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
+    checkpoint: Annotated[Optional[str], typer.Option(help="best or last (default: best, else last; or the "
+                                                          "checkpoint folder named).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per sample, with its log-probability.")] = False,
 ) -> None:
@@ -223,9 +224,9 @@ def _check_errors(errors: str) -> None:
         raise UsageError(f"--errors must be strict or replace, got '{errors}'")
 
 
-def _which(checkpoint: str) -> str:
+def _which(checkpoint: str | None) -> str | None:
     from .errors import UsageError
-    if checkpoint not in ("best", "last"):
+    if checkpoint not in ("best", "last", None):
         raise UsageError(f"--checkpoint must be best or last, got '{checkpoint}'")
     return checkpoint
 
@@ -241,7 +242,8 @@ def score(
     batch_size: Annotated[int, typer.Option(help="Sentences scored together.")] = 128,
     encoding: Annotated[Optional[str], typer.Option(help="Text encoding of --file (default: the run's data.encoding).")] = None,
     errors: Annotated[str, typer.Option(help="Undecodable bytes in --file: strict refuses it, replace substitutes U+FFFD.")] = "strict",
-    checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
+    checkpoint: Annotated[Optional[str], typer.Option(help="best or last (default: best, else last; or the "
+                                                          "checkpoint folder named).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "cpu",
 ) -> None:
     """Give each sentence its probability: log P(tokens + <eos>), from a fresh start.
@@ -311,7 +313,8 @@ def eval_(
     streams: Annotated[int, typer.Option(help="Parallel streams; 1 (default) is the exact likelihood of the file.")] = 1,
     encoding: Annotated[Optional[str], typer.Option(help="Text encoding of --file (default: the run's data.encoding).")] = None,
     errors: Annotated[str, typer.Option(help="Undecodable bytes in --file: strict refuses it, replace substitutes U+FFFD.")] = "strict",
-    checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
+    checkpoint: Annotated[Optional[str], typer.Option(help="best or last (default: best, else last; or the "
+                                                          "checkpoint folder named).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
@@ -357,7 +360,7 @@ def info(
         from .config import dump_yaml
         from .model import count_parameters
 
-        model, codec, saved = load_run(run_dir, "cpu", "best")
+        model, codec, saved = load_run(run_dir, "cpu")
         m = saved.manifest
         record = {"checkpoint": str(saved.folder), "parameters": count_parameters(model),
                   "vocab_size": len(codec.vocab), "level": codec.tokenizer.level, "step": m.get("step"),
@@ -468,7 +471,8 @@ def export(
     run_dir: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint folder inside it).")],
     out: Annotated[Path, typer.Option(help="File to write (e.g. model.pt or model.onnx).")],
     format_: Annotated[str, typer.Option("--format", help="torchscript, or onnx (needs pip install 'charlm[export]').")] = "torchscript",
-    checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
+    checkpoint: Annotated[Optional[str], typer.Option(help="best or last (default: best, else last; or the "
+                                                          "checkpoint folder named).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
 ) -> None:
     """Export one generation step (tokens and state in, logits and state out) that runs without charlm.

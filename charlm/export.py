@@ -94,7 +94,7 @@ def zero_state(model: RNNLM, batch_size: int) -> Tensor:
     return torch.zeros(s, model.cfg.layers, batch_size, model.cfg.hidden_size)
 
 
-def export_model(run_dir: Path, fmt: str, out: Path, which: str = "best", check_steps: int = 8,
+def export_model(run_dir: Path, fmt: str, out: Path, which: str | None = None, check_steps: int = 8,
                  seed: int = 0) -> ExportResult:
     """Write the single-step model of a run to `out` in `fmt`, then check it against charlm's step."""
     if fmt not in FORMATS:

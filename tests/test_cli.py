@@ -161,6 +161,13 @@ def test_info_table_rounds_its_numbers(cli, tiny_run):
     assert lines["elapsed"] == f"{record['elapsed']:.1f} s"
 
 
+def test_checkpoint_option_must_agree_with_a_checkpoint_folder(cli, tiny_run):
+    run = tiny_run["run_dir"]
+    assert_usage_error(cli("score", run / "best", "the cat.", "--checkpoint", "last"), "asks for the other")
+    for args in ((run / "best", "--checkpoint", "best"), (run / "last",), (run, "--checkpoint", "last")):
+        assert cli("score", *args[:1], "the cat.", *args[1:]).exit_code == 0
+
+
 def test_bench_with_nothing_to_measure_is_exit_2(cli):
     assert_usage_error(cli("bench", "--no-grid"), "nothing to measure")
 
