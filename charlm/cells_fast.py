@@ -16,9 +16,10 @@ equations run over all T steps of one layer with
 - the element-wise work between two products (activations, new cell and
   state, gate derivatives) in one or two C loops a step (LSTM, classic GRU)
   where `native.py` could build `native.c` (float32 on a CPU), else as the
-  PyTorch operations written out below; for the classic GRU from 8 steps
-  up, where MKL's packed product is at hand (`native.loops()`), the whole
-  time loop, products included, in one C call forward and one backward;
+  PyTorch operations written out below; for the classic GRU and the plain
+  RNN from 8 steps up, where MKL's packed product is at hand
+  (`native.loops()`), the whole time loop, products included, in one C call
+  forward and one backward (the LSTM's did not pay);
 - the matrix products through `products.py`: oneDNN's on a CPU that has it,
   where the product is large enough to pay (about twice MKL's speed on some
   processors), with W_hh laid out once per window for the per-step products
@@ -49,7 +50,7 @@ from . import native
 from .products import Repeated, linear, mm, weight_grad
 
 _aten = torch.ops.aten
-# From this many steps a GRU layer's whole time loop runs in native.c: laying W_hh out for MKL costs about
+# From this many steps a GRU or RNN layer's whole time loop runs in native.c: laying W_hh out for MKL costs about
 # one step's product, and each step then saves torch's dispatch and Python's loop (docs/benchmarks.md).
 _LOOP_MIN_STEPS = 8
 
@@ -130,6 +131,10 @@ def rnn_layer_forward(x: Tensor, w_ih: Tensor, bias: Tensor, h0: Tensor, w_hh: T
                       relu: bool = False) -> Tensor:
     """a<t> = tanh(W_ax x<t> + W_aa a<t-1> + b) for t = 1..T; returns all a<t>, (T, B, H)."""
     hs = _project(x, w_ih, bias)  # W_ax x<t> + b; each step adds W_aa a<t-1> and applies tanh in place
+    T, B, H = hs.shape
+    if _whole_loop(T, hs, B, H, h0):
+        native.rnn_forward_loop(native.Packed(w_hh.t(), B), hs, h0.contiguous(), relu)
+        return hs
     w = Repeated(w_hh, h0.shape[0], x.shape[0])  # a<t-1> -> W_aa a<t-1>
     h = h0
     for a in hs.unbind(0):
@@ -152,8 +157,15 @@ class RNNLayer(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_hs):
         x, w_ih, hs, h0, w_hh = ctx.saved_tensors
-        T = hs.shape[0]
+        T, B, H = hs.shape
         d_pre = torch.empty_like(hs)  # dL/d(pre-activation) of every step, (T, B, H)
+        if _whole_loop(T, hs, B, H, h0):
+            if grad_hs.stride(2) != 1:  # the C loop takes each step's rows apart, but each row contiguous
+                grad_hs = grad_hs.contiguous()
+            native.rnn_backward_loop(native.Packed(w_hh, B), grad_hs, hs, d_pre, ctx.relu)
+            d_h0 = mm(d_pre[0], w_hh) if ctx.needs_input_grad[3] else None   # W_aa^T d_pre<1>
+            d_w = _recurrent_weight_grad(d_pre, h0, hs) if ctx.needs_input_grad[4] else None
+            return (*_input_grads(ctx, d_pre, x, w_ih), d_h0, d_w, None)
         D_PRE, HS, GRAD_HS = d_pre.unbind(0), hs.unbind(0), grad_hs.unbind(0)
         w_back = Repeated(w_hh.t(), hs.shape[1], T)  # d_pre -> W_aa^T d_pre
         for t in range(T - 1, -1, -1):

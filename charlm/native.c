@@ -251,8 +251,8 @@ void charlm_gru_backward_reset(const float *d_rh, const float *dh, const float *
 
    The loops above are called once a time step from Python, between two matrix products that
    torch runs; each product then pays torch's dispatch and oneDNN's set-up (10-15 us at these
-   sizes) and each step pays Python's loop. The functions below run a classic GRU layer's whole
-   time loop here instead (four products a step, each small), with the recurrent products done by a packed-matrix product that native.py
+   sizes) and each step pays Python's loop. The functions below run a classic GRU's or a plain
+   RNN's whole time loop here instead (their products are small), with the recurrent products done by a packed-matrix product that native.py
    finds in PyTorch's own library (MKL's cblas_sgemm_compute, which multiplies by a weight
    matrix laid out once by cblas_sgemm_pack) and passes in as `gemm`. Each step then calls the
    same row kernels as above. */
@@ -266,6 +266,73 @@ static void product(charlm_gemm gemm, const float *packed, const float *a, int64
                     int64_t m, int64_t n, int64_t k)
 {
     gemm(101, 111, 151, (int)m, (int)n, (int)k, a, (int)lda, packed, (int)n, 0.0f, c, (int)ldc);
+}
+
+/* ------------------------------------------------------------------ plain RNN */
+
+static void rnn_tanh_row(float *restrict a, int64_t H)
+{
+    for (int64_t k = 0; k < H; k++)
+        a[k] = tanh_f(a[k]);                     /* a<t> = tanh(W_ax x<t> + W_aa a<t-1> + b) */
+}
+
+static void rnn_relu_row(float *restrict a, int64_t H)
+{
+    for (int64_t k = 0; k < H; k++)
+        a[k] = a[k] < 0.0f ? 0.0f : a[k];        /* max(0, ...); a NaN stays NaN, as torch's relu */
+}
+
+/* The plain RNN forward over T steps. hs: (T, B, H), W_ax x<t> + b on entry, a<t> on return; w:
+   W_aa^T packed (H -> H); h0: (B, H). Each step adds W_aa a<t-1> into its rows and activates them. */
+void charlm_rnn_forward_loop(charlm_gemm gemm, const float *w, float *hs, const float *h0, int64_t T,
+                             int64_t B, int64_t H, int relu)
+{
+    const int64_t step = B * H;
+    const float *h = h0;
+    for (int64_t t = 0; t < T; t++) {
+        float *a = hs + t * step;
+        gemm(101, 111, 151, (int)B, (int)H, (int)H, h, (int)H, w, (int)H, 1.0f, a, (int)H);   /* += W_aa a<t-1> */
+        PARALLEL_ROWS
+        for (int64_t b = 0; b < B; b++) {
+            if (relu)
+                rnn_relu_row(a + b * H, H);
+            else
+                rnn_tanh_row(a + b * H, H);
+        }
+        h = a;
+    }
+}
+
+static void rnn_backward_row(const float *restrict gh, const float *restrict rb, const float *restrict hb,
+                             float *restrict db, int64_t H, int relu)
+{
+    if (relu) {
+        for (int64_t k = 0; k < H; k++)
+            db[k] = hb[k] > 0.0f ? gh[k] + rb[k] : 0.0f;   /* relu'(pre) = 1 where a<t> > 0 */
+    } else {
+        for (int64_t k = 0; k < H; k++)
+            db[k] = (gh[k] + rb[k]) * (1.0f - hb[k] * hb[k]);   /* tanh' = 1 - a<t>^2 */
+    }
+}
+
+/* The plain RNN backward over T steps: dL/d(pre-activation) of every step into d_pre (T, B, H), with
+   da<t> = grad_hs<t> (rows as for the LSTM) + W_aa^T d_pre<t+1>; w: W_aa packed (H -> H); hs: the
+   forward's a<t>; rec: (B, H) scratch. */
+void charlm_rnn_backward_loop(charlm_gemm gemm, const float *w, const float *grad_hs, int64_t t_stride,
+                              int64_t b_stride, const float *hs, float *d_pre, float *rec, int64_t T, int64_t B,
+                              int64_t H, int relu)
+{
+    const int64_t step = B * H;
+    memset(rec, 0, (size_t)step * sizeof(float));                   /* nothing from step T */
+    for (int64_t t = T - 1; t >= 0; t--) {
+        if (t < T - 1)
+            product(gemm, w, d_pre + (t + 1) * step, H, rec, H, B, H, H);   /* W_aa^T d_pre<t+1> */
+        const float *g = grad_hs + t * t_stride, *h = hs + t * step;
+        float *d = d_pre + t * step;
+        PARALLEL_ROWS
+        for (int64_t b = 0; b < B; b++)
+            rnn_backward_row(g + b * b_stride, rec + b * H, h + b * H, d + b * H, H, relu);
+    }
 }
 
 /* The classic GRU forward over T steps. gates: (T, B, 3H), W_ih x<t> + b on entry, Γr, Γu, c~ on

@@ -26,8 +26,8 @@ Callers pass float32 CPU tensors of the documented shapes, each row
 contiguous; the wrappers take B and H from the buffers the kernel writes and
 check nothing else, since they run once per time step.
 
-The time loops (`gru_forward_loop`, `gru_backward_loop`) run a classic GRU
-layer's whole window in C. Their recurrent products go to MKL's packed product, which PyTorch's
+The time loops (`gru_forward_loop`, `rnn_forward_loop` and their backward
+passes) run a classic GRU or plain RNN layer's whole window in C. Their recurrent products go to MKL's packed product, which PyTorch's
 x86 builds carry and export (`cblas_sgemm_pack`, `cblas_sgemm_compute`): W_hh
 is laid out once per window (`Packed`), and each step's product is then one C
 call with no dispatch. `loops()` says whether they run here: not where this
@@ -68,6 +68,8 @@ _SIGNATURES = {
     "charlm_gru_state": [_P, _I, _P, _P, _P, _I, _I],
     "charlm_gru_backward_state": [_P, _I, _P, _P, _P, _P, _P, _P, _P, _I, _I],
     "charlm_gru_backward_reset": [_P, _P, _P, _P, _P, _P, _I, _I],
+    "charlm_rnn_forward_loop": [_P, _P, _P, _P, _I, _I, _I, ctypes.c_int],
+    "charlm_rnn_backward_loop": [_P, _P, _P, _I, _I, _P, _P, _P, _I, _I, _I, ctypes.c_int],
     "charlm_gru_forward_loop": [_P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, ctypes.c_int],
     "charlm_gru_backward_loop": [_P, _P, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I,
                                  ctypes.c_int],
@@ -473,7 +475,7 @@ def _mkl_at_half_width() -> bool:
 
 @cache
 def loops() -> bool:
-    """Whether a GRU layer's whole time loop may run here (cells_fast.py also asks for a long enough window):
+    """Whether a GRU or RNN layer's whole time loop may run here (cells_fast.py also asks for a long window):
     the kernels are loaded, MKL's packed product is found and agrees with torch's, and MKL is not at half
     width. CHARLM_NATIVE=steps keeps the per-step kernels only, =loops takes the loops wherever they run."""
     mode = _mode()
@@ -488,6 +490,23 @@ def _loops_off() -> str:
     if gemm() is None:
         return "no MKL packed product in this torch"
     return "MKL at half width on this AMD processor"
+
+
+def rnn_forward_loop(w: Packed, hs: Tensor, h0: Tensor, relu: bool) -> None:
+    """The plain RNN over the window: hs (T, B, H) from W_ax x<t> + b to a<t>. w: W_aa^T packed; h0 (B, H),
+    contiguous."""
+    T, B, H = hs.shape
+    _lib.charlm_rnn_forward_loop(_compute_address(), w.address, hs.data_ptr(), h0.data_ptr(), T, B, H, int(relu))
+
+
+def rnn_backward_loop(w: Packed, grad_hs: Tensor, hs: Tensor, d_pre: Tensor, relu: bool) -> None:
+    """dL/d(pre-activation) of every step into d_pre (T, B, H). w: W_aa packed; grad_hs (T, B, H) with each
+    row contiguous; hs: the forward's a<t>."""
+    T, B, H = hs.shape
+    rec = hs.new_empty(B, H)
+    _lib.charlm_rnn_backward_loop(_compute_address(), w.address, grad_hs.data_ptr(), grad_hs.stride(0),
+                                  grad_hs.stride(1), hs.data_ptr(), d_pre.data_ptr(), rec.data_ptr(), T, B, H,
+                                  int(relu))
 
 
 def gru_forward_loop(w_ru: Packed, w_c: Packed, gates: Tensor, h0: Tensor, hs: Tensor, rh: Tensor,

@@ -108,6 +108,26 @@ def test_layers_give_the_same_values_and_gradients_with_and_without_the_kernels(
 
 
 @pytest.mark.skipif(not native.loops(), reason="native time loops off")
+@pytest.mark.parametrize("relu", [False, True])
+def test_the_rnn_loop_in_c_gives_the_pytorch_form_values_and_gradients(monkeypatch, relu):
+    x, h0, _, weights = _inputs(4, T=20, B=5, E=7, H=16, scale=0.3)
+    w_ih, bias, w_hh = (w[: 16] for w in weights["gru"])  # one gate's worth of rows: an RNN's shapes
+    w_hh = w_hh[:, :16]
+
+    def run():
+        params = [t.clone().requires_grad_(True) for t in (x, w_ih, bias, h0, w_hh)]
+        hs = cells_fast.rnn_layer(*params, relu=relu)
+        loss = (hs * torch.linspace(-1, 1, hs.numel()).view(hs.shape)).sum()
+        return (hs.detach(), *torch.autograd.grad(loss, params))
+
+    calls = _recording(monkeypatch, ("rnn_forward_loop", "rnn_backward_loop"))
+    looped = run()
+    assert calls == ["rnn_forward_loop", "rnn_backward_loop"]
+    monkeypatch.setattr(native, "usable", lambda *tensors: False)
+    _assert_same([looped], [run()])
+
+
+@pytest.mark.skipif(not native.loops(), reason="native time loops off")
 def test_a_short_window_steps_from_python(monkeypatch):
     # Below cells_fast._LOOP_MIN_STEPS, laying W_hh out for MKL would cost more than the loop saves.
     x, h0, c0, weights = _inputs(1, T=cells_fast._LOOP_MIN_STEPS - 1, B=2, E=3, H=4, scale=0.5)
