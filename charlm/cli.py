@@ -152,7 +152,8 @@ def train(
         base = None
         if resume is not None and config is None:
             from .checkpoint import CONFIG_FILE, find_checkpoint
-            base = find_checkpoint(resume, "last") / CONFIG_FILE
+            from .runs import run_folder_of
+            base = find_checkpoint(run_folder_of(resume, "--resume", names=("last",)), "last") / CONFIG_FILE
         cfg = load_config(config, set_, extra, base=base)
         if nproc > 1:
             from .launch import check_before_launch, run_torchrun

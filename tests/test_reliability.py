@@ -319,7 +319,7 @@ def test_unwritable_run_folder_is_detected_before_training(tmp_path):
     _, stderr = proc.communicate(timeout=120)
     assert_one_line_error(subprocess.CompletedProcess([], proc.returncode, "", stderr), 2,
                           "cannot write to run folder", "File too large")
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []  # no probe left, nothing trained
+    assert not (tmp_path / "run").exists()  # no probe left, nothing trained, the folder it made removed
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes through a read-only mode")
