@@ -415,6 +415,16 @@ class Splits:
     cache: Path | None = None
 
 
+def _discard(tmp: Path) -> None:
+    """Remove a cache entry's unfinished files, and the entry's folder if nothing else is in it (another
+    process writing the same entry keeps it: rmdir refuses a folder that is not empty)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.parent.rmdir()
+    except OSError:
+        pass
+
+
 def _cache_key(cfg: DataConfig, corpus_digest: str, val_digest: str | None, codec: TextCodec | None) -> str:
     settings = {"format": CACHE_FORMAT, "corpus": corpus_digest, "val": val_digest, "level": cfg.level,
                 "lowercase": cfg.lowercase, "word_split": cfg.word_split, "min_freq": cfg.min_freq,
@@ -475,19 +485,19 @@ def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextC
             else:
                 val_enc = encode_to_file(corpus, cfg, codec, cut, size, out, bar.update)
     except OSError as exc:  # a full disk or a folder that vanished: nothing half-written stays behind
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp)
         raise RunFailure(f"could not write token files in {folder} ({exc.strerror or exc}); free some space "
                          f"or pass --cache-dir DIR") from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp)
         raise
     finally:
         bar.close()
     if not _has_text(train_enc):
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp)
         raise UsageError(f"corpus {corpus} is empty (or white space only): nothing to learn from")
     if val is not None and not _has_text(val_enc):
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp)
         raise UsageError(f"validation file {val} is empty (or white space only): nothing to validate on")
     val_tokens = val_enc.tokens + 1 if val_enc.chars and val_enc.tokens else 0
     meta = {"format": CACHE_FORMAT, "dtype": str(train_enc.dtype).replace("torch.", ""),

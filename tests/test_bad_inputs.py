@@ -88,7 +88,9 @@ def test_missing_corpus_is_exit_2_naming_the_file(tmp_path):
 def test_empty_or_white_space_corpus_is_exit_2(tmp_path, content):
     corpus = tmp_path / "blank.txt"
     corpus.write_text(content, encoding="utf-8")
-    assert_one_line_error(cli(*train_args(tmp_path, corpus)), 2, "empty", "blank.txt")
+    cache = tmp_path / "cache"
+    assert_one_line_error(cli(*train_args(tmp_path, corpus, "--cache-dir", cache)), 2, "empty", "blank.txt")
+    assert not cache.exists() or not list(cache.iterdir())  # no empty cache entry left behind
 
 
 def test_corpus_shorter_than_one_window_is_exit_2(tmp_path):
