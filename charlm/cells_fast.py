@@ -105,10 +105,11 @@ def _native_fits(gates: Tensor, B: int, H: int, *states: Tensor) -> bool:
     return all(s.shape == (B, H) for s in states) and native.usable(gates, *states)
 
 
-def _whole_loop(T: int, gates: Tensor, B: int, H: int, *states: Tensor) -> bool:
+def _whole_loop(T: int, fits: bool) -> bool:
     """The whole time loop goes to native.c (its products through MKL's packed product): the kernels take
-    these buffers, MKL's product is there, and the window is long enough to repay laying W_hh out."""
-    return T >= _LOOP_MIN_STEPS and _native_fits(gates, B, H, *states) and native.loops()
+    the buffers (`fits`, from _native_fits), MKL's product is there, and the window is long enough to
+    repay laying W_hh out."""
+    return fits and T >= _LOOP_MIN_STEPS and native.loops()
 
 
 def _previous(first: Tensor, steps: Tensor) -> Tensor:
@@ -132,7 +133,7 @@ def rnn_layer_forward(x: Tensor, w_ih: Tensor, bias: Tensor, h0: Tensor, w_hh: T
     """a<t> = tanh(W_ax x<t> + W_aa a<t-1> + b) for t = 1..T; returns all a<t>, (T, B, H)."""
     hs = _project(x, w_ih, bias)  # W_ax x<t> + b; each step adds W_aa a<t-1> and applies tanh in place
     T, B, H = hs.shape
-    if _whole_loop(T, hs, B, H, h0):
+    if _whole_loop(T, _native_fits(hs, B, H, h0)):
         native.rnn_forward_loop(native.Packed(w_hh.t(), B), hs, h0.contiguous(), relu)
         return hs
     w = Repeated(w_hh, h0.shape[0], x.shape[0])  # a<t-1> -> W_aa a<t-1>
@@ -159,7 +160,7 @@ class RNNLayer(torch.autograd.Function):
         x, w_ih, hs, h0, w_hh = ctx.saved_tensors
         T, B, H = hs.shape
         d_pre = torch.empty_like(hs)  # dL/d(pre-activation) of every step, (T, B, H)
-        if _whole_loop(T, hs, B, H, h0):
+        if _whole_loop(T, _native_fits(hs, B, H, h0)):
             if grad_hs.stride(2) != 1:  # the C loop takes each step's rows apart, but each row contiguous
                 grad_hs = grad_hs.contiguous()
             native.rnn_backward_loop(native.Packed(w_hh, B), grad_hs, hs, d_pre, ctx.relu)
@@ -288,7 +289,8 @@ def gru_layer_forward(x: Tensor, w_ih: Tensor, bias: Tensor, h0: Tensor, w_hh: T
     gates = _project(x, w_ih, bias)  # (T, B, 3H); each step adds its recurrent terms in place
     hs = x.new_empty(T, B, H)
     rh = x.new_empty(T if save else 1, B, H)
-    if _whole_loop(T, gates, B, H, h0):
+    fits = _native_fits(gates, B, H, h0)
+    if _whole_loop(T, fits):
         native.gru_forward_loop(native.Packed(w_hh[: 2 * H].t(), B), native.Packed(w_hh[2 * H:].t(), B), gates,
                                 h0.contiguous(), hs, rh, save)
         return hs, (gates, rh)
@@ -297,7 +299,7 @@ def gru_layer_forward(x: Tensor, w_ih: Tensor, bias: Tensor, h0: Tensor, w_hh: T
                          gates[..., H: 2 * H].unbind(0), gates[..., 2 * H:].unbind(0))
     HS, RH = hs.unbind(0), rh.unbind(0)
     h = h0
-    if _native_fits(gates, B, H, h0):  # the same equations, the element-wise work between products in C
+    if fits:  # the same equations, the element-wise work between products in C
         h, Z = h0.contiguous(), gates.unbind(0)
         for t in range(T):
             r_h = RH[t if save else 0]
@@ -331,16 +333,17 @@ class GRULayer(torch.autograd.Function):
         # dL/d(pre-activations) of r, u and of c~ in two buffers, so that each step's rows that go into
         # a matrix product are contiguous (oneDNN would copy a strided operand first)
         d_ru, d_c = hs.new_empty(T, B, 2 * H), hs.new_empty(T, B, H)
-        if grad_hs.stride(2) != 1 and _native_fits(gates, B, H, h0):  # the C loops take each step's rows
-            grad_hs = grad_hs.contiguous()                              # apart, but each row contiguous
-        if _whole_loop(T, gates, B, H, h0):
+        fits = _native_fits(gates, B, H, h0)
+        if fits and grad_hs.stride(2) != 1:  # the C loops take each step's rows apart, but each row contiguous
+            grad_hs = grad_hs.contiguous()
+        if _whole_loop(T, fits):
             carry, rec = hs.new_zeros(B, H), hs.new_zeros(B, H)
             native.gru_backward_loop(native.Packed(w_hh[: 2 * H], B), native.Packed(w_hh[2 * H:], B), grad_hs,
                                      gates, h_prev, d_ru, d_c, carry, rec, ctx.needs_input_grad[3])
             d_h0 = carry + rec if ctx.needs_input_grad[3] else None
             return GRULayer._finish(ctx, d_h0, d_ru, d_c, h_prev, rh, x, w_ih)
         w_ru, w_c = Repeated(w_hh[: 2 * H].t(), B, T), Repeated(w_hh[2 * H:].t(), B, T)  # their transposes' products
-        if _native_fits(gates, B, H, h0):  # the loop below, its element-wise work in two C loops a step
+        if fits:  # the loop below, its element-wise work in two C loops a step
             GRAD_HS, Z, H_PREV = grad_hs.unbind(0), gates.unbind(0), h_prev.unbind(0)
             D_RU, D_C = d_ru.unbind(0), d_c.unbind(0)
             dh, carry, rec = hs.new_empty(B, H), hs.new_zeros(B, H), hs.new_zeros(B, H)  # nothing from step T

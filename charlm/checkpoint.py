@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from . import config as config_mod
 from .errors import RunFailure, UsageError
-from .runs import CHECKPOINT_NAMES, is_checkpoint_folder
+from .runs import CHECKPOINT_NAMES, checkpoint_folder_holding, is_checkpoint_folder
 from .runtime import file_sha256
 from .tokenizer import TextCodec
 
@@ -190,10 +190,10 @@ def recover(run_dir: Path) -> None:
 def check_new_run_folder(path: Path) -> None:
     """Refuse to start a run in or under a checkpoint folder: the checkpoint would be damaged, and saving
     the checkpoint again (which replaces the whole folder) would delete the new run."""
-    for folder in (Path(path), *Path(path).parents):
-        if is_checkpoint_folder(folder):
-            raise UsageError(f"--out {path}: {folder} is a checkpoint folder of a run; choose a folder outside it "
-                             f"(to continue that run, use --resume with its run folder)")
+    folder = checkpoint_folder_holding(path)
+    if folder is not None:
+        raise UsageError(f"--out {path}: {folder} is a checkpoint folder of a run; choose a folder outside it "
+                         f"(to continue that run, use --resume with its run folder)")
 
 
 def find_checkpoint(path: Path, which: str | None = None) -> Path:

@@ -347,6 +347,20 @@ def eval_(
 
 
 # ---------------------------------------------------------------- info
+_INFO_FORMATS = {"epoch": "{:.2f}", "val_loss": "{:.4f} nats/token", "elapsed": "{:.1f} s"}
+
+
+def _info_value(key: str, value) -> str:
+    """One value of `charlm info`'s table as a person reads it (--json keeps the full values)."""
+    if value is None:
+        return "- (no validation)" if key == "val_loss" else "-"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    if isinstance(value, float) and key in _INFO_FORMATS:
+        return _INFO_FORMATS[key].format(value)
+    return str(value)
+
+
 @app.command()
 def info(
     run_dir: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint folder inside it).")],
@@ -370,16 +384,8 @@ def info(
         if as_json:
             _out(json.dumps(record, ensure_ascii=False))
             return
-        shown = {"epoch": "{:.2f}", "val_loss": "{:.4f} nats/token", "elapsed": "{:.1f} s"}
         for key in ("checkpoint", "parameters", "vocab_size", "level", "step", "epoch", "val_loss", "elapsed"):
-            value = record[key]
-            if value is None:
-                value = "- (no validation)" if key == "val_loss" else "-"
-            elif isinstance(value, int) and not isinstance(value, bool):
-                value = f"{value:,}"
-            elif isinstance(value, float) and key in shown:
-                value = shown[key].format(value)
-            _out(f"{key:15s} {value}")
+            _out(f"{key:15s} {_info_value(key, record[key])}")
         _out("config:")
         for line in dump_yaml(saved.cfg).splitlines():
             _out(f"  {line}")

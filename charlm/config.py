@@ -221,34 +221,33 @@ def validate(cfg: Config) -> None:
                          f"(got {m.embedding_size} and {m.hidden_size})")
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """safe_load's loader (plain data only, no python tags), except that a key given twice in one mapping
-    is an error: PyYAML would keep the last, so a second `model:` section would silently replace the first."""
-
-
-class _RepeatedKey(yaml.YAMLError):
-    pass
-
-
-def _mapping_without_repeats(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen: dict = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        line = key_node.start_mark.line + 1
-        try:
-            first = seen.setdefault(key, line)
-        except TypeError:  # an unhashable key: construct_mapping says so
-            break
-        if first != line:
-            raise _RepeatedKey(f"'{key}' is given twice (lines {first} and {line}); give each key once")
-    return loader.construct_mapping(node, deep=deep)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_repeats)
+def _repeated_key(root: yaml.Node | None) -> str | None:
+    """A key given twice in one mapping of a composed YAML document, said with its lines; None if none
+    is. PyYAML keeps the last of two equal keys, so a second `model:` section would silently replace
+    the first. Composing builds nodes only: nothing is constructed, whatever the tags."""
+    stack, seen_nodes = [root], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen_nodes:  # an alias points at a node already walked
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            firsts: dict = {}  # (tag, text) of each plain key -> its line
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode):
+                    line, ident = key.start_mark.line + 1, (key.tag, key.value)
+                    if ident in firsts:
+                        where = f"lines {firsts[ident]} and {line}" if firsts[ident] != line else f"line {line}"
+                        return f"'{key.value}' is given twice ({where}); give each key once"
+                    firsts[ident] = line
+                stack.append(value)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+    return None
 
 
 def read_yaml(path: Path) -> dict:
-    """Read a YAML mapping as safe_load does (and refusing repeated keys), every failure a one-line UsageError."""
+    """Read a YAML mapping with safe_load, refusing a repeated key, every failure a one-line UsageError."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -256,9 +255,8 @@ def read_yaml(path: Path) -> dict:
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read config file {path}: {exc}") from None
     try:
-        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader: plain data only
-    except _RepeatedKey as exc:
-        raise UsageError(f"config file {path}: {exc}") from None
+        raw = yaml.safe_load(text)
+        repeated = _repeated_key(yaml.compose(text))
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
         mark = getattr(exc, "problem_mark", None)
@@ -266,6 +264,8 @@ def read_yaml(path: Path) -> dict:
         tag = "python tags are never loaded" if "python/" in text or "python/" in str(exc) else ""
         raise UsageError(f"config file {path} is not plain YAML ({where}{problem})" + (f"; {tag}" if tag else "")) \
             from None
+    if repeated:
+        raise UsageError(f"config file {path}: {repeated}")
     return {} if raw is None else raw
 
 

@@ -92,7 +92,7 @@ def check_text_file(path: Path, encoding: str = "utf-8") -> Path:
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
     if _looks_wide_or_binary(head, encoding):
-        raise _binary_error(path, head[:4], encoding)
+        raise _binary_error(path, head[:4])
     return path
 
 
@@ -107,10 +107,8 @@ def _utf8_mark(encoding: str) -> bool:
     return _codec_name(encoding) in ("utf-8", "utf-8-sig")
 
 
-def _wide_hint(head: bytes, encoding: str) -> str:
+def _wide_hint(head: bytes) -> str:
     """For a file read as something else that starts with a UTF-16 or UTF-32 byte-order mark: the hint."""
-    if _is_wide(encoding):
-        return ""
     for name, mark in (("utf-32", codecs.BOM_UTF32_LE), ("utf-32", codecs.BOM_UTF32_BE),
                        ("utf-16", codecs.BOM_UTF16_LE), ("utf-16", codecs.BOM_UTF16_BE)):
         if head.startswith(mark):
@@ -123,11 +121,11 @@ def _looks_wide_or_binary(head: bytes, encoding: str) -> bool:
     UTF-8, a UTF-16 or UTF-32 byte-order mark (Chinese text in UTF-16 may hold no NUL byte at all)."""
     if _is_wide(encoding):
         return False
-    return b"\x00" in head or (_utf8_mark(encoding) and bool(_wide_hint(head[:4], encoding)))
+    return b"\x00" in head or (_utf8_mark(encoding) and bool(_wide_hint(head[:4])))
 
 
-def _binary_error(name, head: bytes, encoding: str) -> UsageError:
-    hint = _wide_hint(head, encoding)
+def _binary_error(name, head: bytes) -> UsageError:
+    hint = _wide_hint(head)
     if hint:
         return UsageError(f"{name} looks like {hint}")
     return UsageError(f"{name} looks like a binary file (it holds NUL bytes), not text")
@@ -136,7 +134,7 @@ def _binary_error(name, head: bytes, encoding: str) -> UsageError:
 def decode(raw: bytes, name: str, encoding: str = "utf-8", errors: str = "strict") -> str:
     """Bytes to text; a binary file or an undecodable byte gets a message naming it and what to do."""
     if _looks_wide_or_binary(raw[:65536], encoding):
-        raise _binary_error(name, raw[:4], encoding)
+        raise _binary_error(name, raw[:4])
     skip = len(codecs.BOM_UTF8) if _utf8_mark(encoding) and raw.startswith(codecs.BOM_UTF8) else 0
     try:
         return raw[skip:].decode("utf-8" if skip else encoding, errors=errors)

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from .checkpoint import load_run
 from .errors import UsageError
 from .model import RNNLM
-from .runs import is_checkpoint_folder
+from .runs import checkpoint_folder_holding
 from .tokenizer import EOS_ID, UNK_ID
 
 EXPORT_FORMAT = 1
@@ -129,10 +129,9 @@ def _check_destination(out: Path) -> None:
     not an earlier export (a corpus, a run's config)."""
     if out.is_dir():  # torch's writers would fail deep inside with a RuntimeError
         raise UsageError(f"export: --out {out} is a folder; name the file to write (e.g. {out / 'model.pt'})")
-    for folder in out.absolute().parents:
-        if is_checkpoint_folder(folder):
-            raise UsageError(f"export: --out {out} is inside the checkpoint folder {folder}; "
-                             f"write the export outside it")
+    folder = checkpoint_folder_holding(out)
+    if folder is not None:
+        raise UsageError(f"export: --out {out} is inside the checkpoint folder {folder}; write the export outside it")
     if out.exists() and not _is_export(out):
         raise UsageError(f"export: {out} exists and is not a charlm export; "
                          f"remove it first or choose another name")

@@ -30,6 +30,12 @@ def is_checkpoint_folder(path: Path) -> bool:
     return (Path(path) / MANIFEST_FILE).exists()
 
 
+def checkpoint_folder_holding(path: Path) -> Path | None:
+    """The checkpoint folder that `path` is or lies inside (absolute), or None."""
+    path = Path(path).absolute()
+    return next((folder for folder in (path, *path.parents) if is_checkpoint_folder(folder)), None)
+
+
 def run_folder_of(path: Path, option: str, names: tuple[str, ...] = CHECKPOINT_NAMES) -> Path:
     """The run folder for `path`, which may name one of its checkpoint folders `names` (runs/x/best ->
     runs/x). Another checkpoint folder (a copy outside a run, say, or one not in `names`): a UsageError."""

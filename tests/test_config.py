@@ -149,6 +149,7 @@ def test_describe_fields_covers_every_field_with_help():
 @pytest.mark.parametrize("text, key, lines", [
     ("model:\n  hidden_size: 8\nmodel:\n  cell: gru\n", "model", "lines 1 and 3"),
     ("model:\n  hidden_size: 8\n  hidden_size: 12\n", "hidden_size", "lines 2 and 3"),
+    ("model: {hidden_size: 8, hidden_size: 12}\n", "hidden_size", "line 1"),  # twice on one line
 ])
 def test_a_key_given_twice_is_refused_not_silently_replaced(tmp_path, text, key, lines):
     path = tmp_path / "twice.yaml"
