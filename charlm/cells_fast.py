@@ -42,12 +42,14 @@ float32 only); `tests/test_native.py` checks the loops themselves.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import native
-from .products import Repeated, linear, mm, weight_grad
+from .products import Repeated, linear, mm, torch_products, weight_grad
 
 _aten = torch.ops.aten
 # From this many steps a GRU or RNN layer's whole time loop runs in native.c: laying W_hh out for MKL costs about
@@ -112,6 +114,12 @@ def _whole_loop(T: int, fits: bool) -> bool:
     return fits and T >= _LOOP_MIN_STEPS and native.loops()
 
 
+def _loop_products(loop: bool):
+    """A layer whose time loop runs in native.c, its recurrent products through MKL, takes torch's (MKL's)
+    products for the rest of its work too (products.torch_products; measured in docs/benchmarks.md)."""
+    return torch_products() if loop else nullcontext()
+
+
 def _previous(first: Tensor, steps: Tensor) -> Tensor:
     """(B, H) and (T, B, H) -> the values at t-1 for every t: [first, steps[0], ..., steps[T-2]]."""
     return torch.cat([first.unsqueeze(0), steps[:-1]])
@@ -131,9 +139,11 @@ def _recurrent_weight_grad(d_pre: Tensor, h0: Tensor, hs: Tensor) -> Tensor:
 def rnn_layer_forward(x: Tensor, w_ih: Tensor, bias: Tensor, h0: Tensor, w_hh: Tensor,
                       relu: bool = False) -> Tensor:
     """a<t> = tanh(W_ax x<t> + W_aa a<t-1> + b) for t = 1..T; returns all a<t>, (T, B, H)."""
-    hs = _project(x, w_ih, bias)  # W_ax x<t> + b; each step adds W_aa a<t-1> and applies tanh in place
-    T, B, H = hs.shape
-    if _whole_loop(T, _native_fits(hs, B, H, h0)):
+    T, B, H = x.shape[0], x.shape[1], h0.shape[1]
+    loop = _whole_loop(T, _native_fits(x, B, H, h0))
+    with _loop_products(loop):
+        hs = _project(x, w_ih, bias)  # W_ax x<t> + b; each step adds W_aa a<t-1> and applies tanh in place
+    if loop:
         native.rnn_forward_loop(native.Packed(w_hh.t(), B), hs, h0.contiguous(), relu)
         return hs
     w = Repeated(w_hh, h0.shape[0], x.shape[0])  # a<t-1> -> W_aa a<t-1>
@@ -164,9 +174,10 @@ class RNNLayer(torch.autograd.Function):
             if grad_hs.stride(2) != 1:  # the C loop takes each step's rows apart, but each row contiguous
                 grad_hs = grad_hs.contiguous()
             native.rnn_backward_loop(native.Packed(w_hh, B), grad_hs, hs, d_pre, ctx.relu)
-            d_h0 = mm(d_pre[0], w_hh) if ctx.needs_input_grad[3] else None   # W_aa^T d_pre<1>
-            d_w = _recurrent_weight_grad(d_pre, h0, hs) if ctx.needs_input_grad[4] else None
-            return (*_input_grads(ctx, d_pre, x, w_ih), d_h0, d_w, None)
+            with _loop_products(True):
+                d_h0 = mm(d_pre[0], w_hh) if ctx.needs_input_grad[3] else None   # W_aa^T d_pre<1>
+                d_w = _recurrent_weight_grad(d_pre, h0, hs) if ctx.needs_input_grad[4] else None
+                return (*_input_grads(ctx, d_pre, x, w_ih), d_h0, d_w, None)
         D_PRE, HS, GRAD_HS = d_pre.unbind(0), hs.unbind(0), grad_hs.unbind(0)
         w_back = Repeated(w_hh.t(), hs.shape[1], T)  # d_pre -> W_aa^T d_pre
         for t in range(T - 1, -1, -1):
@@ -286,11 +297,13 @@ def gru_layer_forward(x: Tensor, w_ih: Tensor, bias: Tensor, h0: Tensor, w_hh: T
     """
     T, B, _ = x.shape
     H = h0.shape[1]
-    gates = _project(x, w_ih, bias)  # (T, B, 3H); each step adds its recurrent terms in place
+    fits = _native_fits(x, B, H, h0)
+    loop = _whole_loop(T, fits)
+    with _loop_products(loop):
+        gates = _project(x, w_ih, bias)  # (T, B, 3H); each step adds its recurrent terms in place
     hs = x.new_empty(T, B, H)
     rh = x.new_empty(T if save else 1, B, H)
-    fits = _native_fits(gates, B, H, h0)
-    if _whole_loop(T, fits):
+    if loop:
         native.gru_forward_loop(native.Packed(w_hh[: 2 * H].t(), B), native.Packed(w_hh[2 * H:].t(), B), gates,
                                 h0.contiguous(), hs, rh, save)
         return hs, (gates, rh)
@@ -341,7 +354,8 @@ class GRULayer(torch.autograd.Function):
             native.gru_backward_loop(native.Packed(w_hh[: 2 * H], B), native.Packed(w_hh[2 * H:], B), grad_hs,
                                      gates, h_prev, d_ru, d_c, carry, rec, ctx.needs_input_grad[3])
             d_h0 = carry + rec if ctx.needs_input_grad[3] else None
-            return GRULayer._finish(ctx, d_h0, d_ru, d_c, h_prev, rh, x, w_ih)
+            with _loop_products(True):
+                return GRULayer._finish(ctx, d_h0, d_ru, d_c, h_prev, rh, x, w_ih)
         w_ru, w_c = Repeated(w_hh[: 2 * H].t(), B, T), Repeated(w_hh[2 * H:].t(), B, T)  # their transposes' products
         if fits:  # the loop below, its element-wise work in two C loops a step
             GRAD_HS, Z, H_PREV = grad_hs.unbind(0), gates.unbind(0), h_prev.unbind(0)

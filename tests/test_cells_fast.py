@@ -282,3 +282,26 @@ def test_fast_layer_runs_in_float32_under_autocast(grad):
     if grad:
         out.sum().backward()
         assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in fast.parameters())
+
+
+def _onednn_calls(fn) -> int:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key.startswith("mkldnn::"))
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
+def test_layers_with_a_c_time_loop_keep_every_product_in_mkl(variant, backend, elementwise):
+    """A GRU or RNN layer whose loop runs in native.c (MKL) sends none of its products to oneDNN, even with
+    oneDNN taking every size; the other layers still do, so the count can tell."""
+    if backend != "onednn":
+        pytest.skip("only the oneDNN backend can call oneDNN")
+    _, fast = _pair(*variant, 1)
+    x = torch.randn(B, T, E, generator=torch.Generator().manual_seed(12), requires_grad=True)
+
+    def step():
+        out, _ = fast(x, _state(variant[0], 1))
+        out.sum().backward()
+
+    in_c = elementwise == "loops" and variant != ("gru", "torch", "tanh") and variant[0] != "lstm"
+    assert (_onednn_calls(step) == 0) == in_c
