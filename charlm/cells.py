@@ -156,30 +156,51 @@ class CustomRNN(nn.Module):
             return layer_input, (h_n, torch.stack(c_last))
         return layer_input, h_n
 
-    def _forward_fast(self, x: Tensor, h0: Tensor, c0: Tensor | None):
-        """The same layers with cells_fast's Functions, time-major inside: (T, B, ...) buffers."""
-        if torch.is_autocast_enabled(x.device.type):
+    def forward_tokens(self, tokens: Tensor, embedding: Tensor, state=None):
+        """forward(embedding[tokens], state) for tokens (B, T), computed without the embeddings: the first
+        layer's input projection W_ih e + b is worked out once for each of the V rows of `embedding` and
+        looked up for every token. Same values (up to float32 rounding) and the same gradients, for the
+        embedding too; it pays where a window holds more tokens than the vocabulary has rows (a character
+        model), since the window's (B*T, E) x (E, G) product and its two backward products become a
+        (V, E) x (E, G) product, a gather and a scatter. The fast path only (model.RNNLM decides)."""
+        B = tokens.shape[0]
+        if state is None:
+            zeros = embedding.new_zeros(self.num_layers, B, self.hidden_size)
+            state = (zeros, zeros.clone()) if self.cell == "lstm" else zeros
+        h0, c0 = state if self.cell == "lstm" else (state, None)
+        return self._forward_fast(tokens, h0, c0, embedding)
+
+    def _forward_fast(self, x: Tensor, h0: Tensor, c0: Tensor | None, embedding: Tensor | None = None):
+        """The same layers with cells_fast's Functions, time-major inside: (T, B, ...) buffers. With
+        `embedding`, x holds token ids (see forward_tokens)."""
+        if torch.is_autocast_enabled(h0.device.type):
             # The Functions compute in their inputs' dtype; autocast would hand them bfloat16
             # projections next to float32 weights. The recurrence runs in float32, as the step
             # functions' element-wise operations do under autocast.
-            with torch.autocast(x.device.type, enabled=False):
-                return self._forward_fast(x.float(), h0.float(), None if c0 is None else c0.float())
+            with torch.autocast(h0.device.type, enabled=False):
+                return self._forward_fast(x if embedding is not None else x.float(), h0.float(),
+                                          None if c0 is None else c0.float(),
+                                          None if embedding is None else embedding.float())
         h_last, c_last = [], []
-        layer_input = x.transpose(0, 1).contiguous()  # (T, B, E)
+        layer_input = x.transpose(0, 1).contiguous()  # (T, B, E), or token ids (T, B)
         for k in range(self.num_layers):
             w_ih, w_hh, b_ih, b_hh = self.layer_params(k)
             if k > 0 and self.dropout > 0 and self.training:
                 layer_input = nn.functional.dropout(layer_input, self.dropout, training=True)
-            if self.cell == "gru" and self.gru_form != "classic":
-                # torch's form: r multiplies W_hn h + b_hn, so b_hh does not simply add to b_ih
-                hs = cells_fast.gru_torch_layer(layer_input, w_ih, b_ih, h0[k], w_hh, b_hh)
+            torch_form = self.cell == "gru" and self.gru_form != "classic"
+            # torch's GRU form: r multiplies W_hn h + b_hn, so b_hh does not simply add to b_ih
+            bias = b_ih if torch_form else b_ih + b_hh
+            if k == 0 and embedding is not None:
+                w_ih, bias = nn.functional.linear(embedding, w_ih, bias), None  # (V, G): W_ih e + b for each row e
+            if torch_form:
+                hs = cells_fast.gru_torch_layer(layer_input, w_ih, bias, h0[k], w_hh, b_hh)
             elif self.cell == "gru":
-                hs = cells_fast.gru_layer(layer_input, w_ih, b_ih + b_hh, h0[k], w_hh)
+                hs = cells_fast.gru_layer(layer_input, w_ih, bias, h0[k], w_hh)
             elif self.cell == "lstm":
-                hs, c = cells_fast.lstm_layer(layer_input, w_ih, b_ih + b_hh, h0[k], c0[k], w_hh)
+                hs, c = cells_fast.lstm_layer(layer_input, w_ih, bias, h0[k], c0[k], w_hh)
                 c_last.append(c)
             else:
-                hs = cells_fast.rnn_layer(layer_input, w_ih, b_ih + b_hh, h0[k], w_hh, self.nonlinearity == "relu")
+                hs = cells_fast.rnn_layer(layer_input, w_ih, bias, h0[k], w_hh, self.nonlinearity == "relu")
             h_last.append(hs[-1])
             layer_input = hs  # (T, B, H)
         output = layer_input.transpose(0, 1)  # (B, T, H)

@@ -71,8 +71,20 @@ def _dtanh(grad: Tensor, y: Tensor, out: Tensor | None = None) -> Tensor:
     return _aten.tanh_backward.grad_input(grad, y, grad_input=out)
 
 
-def _project(x: Tensor, w_ih: Tensor, bias: Tensor) -> Tensor:
-    """W_ih x<t> + b for every step: (T, B, E) -> (T, B, G), one matrix product."""
+def _looked_up(x: Tensor) -> bool:
+    """The first layer's input given as token ids (T, B), its projection looked up (see _project)."""
+    return not x.is_floating_point()
+
+
+def _project(x: Tensor, w_ih: Tensor, bias: Tensor | None) -> Tensor:
+    """W_ih x<t> + b for every step: (T, B, E) -> (T, B, G), one matrix product.
+
+    Or, for the first layer of a model with a small vocabulary (model.RNNLM), x holds the token ids
+    (T, B) and w_ih the table (V, G) of W_ih e + b for every token's embedding e, bias None: each step's
+    projection is then a row of the table, read rather than computed.
+    """
+    if _looked_up(x):
+        return w_ih.index_select(0, x.reshape(-1)).view(*x.shape, -1)
     T, B, _ = x.shape
     return linear(x.reshape(T * B, -1), w_ih, bias).view(T, B, -1)
 
@@ -86,6 +98,13 @@ def _input_grads(ctx, d_proj: Tensor | tuple, x: Tensor, w_ih: Tensor) -> tuple:
     parts = d_proj if isinstance(d_proj, tuple) else (d_proj,)
     need = ctx.needs_input_grad
     d_x = d_w = d_b = None
+    if _looked_up(x):  # the table's gradient: each step's rows added into the rows of its tokens
+        if need[1]:
+            d_w, ids, start = w_ih.new_zeros(w_ih.shape), x.reshape(-1), 0
+            for d in parts:
+                d_w[:, start: start + d.shape[2]].index_add_(0, ids, d.flatten(0, 1))
+                start += d.shape[2]
+        return None, d_w, None
     if need[0]:
         start = 0
         for d in parts:  # dx = sum over the blocks of d_block W_ih[block]
@@ -140,7 +159,7 @@ def rnn_layer_forward(x: Tensor, w_ih: Tensor, bias: Tensor, h0: Tensor, w_hh: T
                       relu: bool = False) -> Tensor:
     """a<t> = tanh(W_ax x<t> + W_aa a<t-1> + b) for t = 1..T; returns all a<t>, (T, B, H)."""
     T, B, H = x.shape[0], x.shape[1], h0.shape[1]
-    loop = _whole_loop(T, _native_fits(x, B, H, h0))
+    loop = _whole_loop(T, _native_fits(w_ih, B, H, h0))
     with _loop_products(loop):
         hs = _project(x, w_ih, bias)  # W_ax x<t> + b; each step adds W_aa a<t-1> and applies tanh in place
     if loop:
@@ -201,14 +220,14 @@ def lstm_layer_forward(x: Tensor, w_ih: Tensor, bias: Tensor, h0: Tensor, c0: Te
     needs (without it, for inference and sampling, those buffers are a step or
     two long).
     """
-    T, B, _ = x.shape
+    T, B = x.shape[:2]
     H = h0.shape[1]
     gates = _project(x, w_ih, bias)  # (T, B, 4H); each step adds W_hh a<t-1> and activates in place
-    hs = x.new_empty(T, B, H)
-    cs = x.new_empty(T + 1 if save else 2, B, H)  # with save, cs[t] = c<t>, cs[0] = c<0>
+    hs = gates.new_empty(T, B, H)
+    cs = gates.new_empty(T + 1 if save else 2, B, H)  # with save, cs[t] = c<t>, cs[0] = c<0>
     if save:
         cs[0] = c0
-    tanh_cs = x.new_empty(T if save else 1, B, H)
+    tanh_cs = gates.new_empty(T if save else 1, B, H)
     w = Repeated(w_hh, B, T)  # a<t-1> -> W_hh a<t-1>
     # Per-step views made once by unbind: indexing and slicing in the loop cost more than the math.
     Z, HS, CS, TANH_CS = gates.unbind(0), hs.unbind(0), cs.unbind(0), tanh_cs.unbind(0)
@@ -295,14 +314,14 @@ def gru_layer_forward(x: Tensor, w_ih: Tensor, bias: Tensor, h0: Tensor, w_hh: T
     Returns hs (T, B, H), the activated gates Γr, Γu, c~ (T, B, 3H) and, with
     `save`, Γr * h<t-1> (T, B, H) for dW_c.
     """
-    T, B, _ = x.shape
+    T, B = x.shape[:2]
     H = h0.shape[1]
-    fits = _native_fits(x, B, H, h0)
+    fits = _native_fits(w_ih, B, H, h0)
     loop = _whole_loop(T, fits)
     with _loop_products(loop):
         gates = _project(x, w_ih, bias)  # (T, B, 3H); each step adds its recurrent terms in place
-    hs = x.new_empty(T, B, H)
-    rh = x.new_empty(T if save else 1, B, H)
+    hs = gates.new_empty(T, B, H)
+    rh = gates.new_empty(T if save else 1, B, H)
     if loop:
         native.gru_forward_loop(native.Packed(w_hh[: 2 * H].t(), B), native.Packed(w_hh[2 * H:].t(), B), gates,
                                 h0.contiguous(), hs, rh, save)
@@ -408,11 +427,11 @@ def gru_torch_layer_forward(x: Tensor, w_ih: Tensor, b_ih: Tensor, h0: Tensor, w
     Returns hs (T, B, H), the gates r, z, n (T, B, 3H) and, with `save`,
     W_h h<t-1> + b_h (T, B, 3H).
     """
-    T, B, _ = x.shape
+    T, B = x.shape[:2]
     H = h0.shape[1]
     gates = _project(x, w_ih, b_ih)  # W_i x<t> + b_i, (T, B, 3H); each step completes it in place
-    hs = x.new_empty(T, B, H)
-    gh = x.new_empty(T if save else 1, B, 3 * H)
+    hs = gates.new_empty(T, B, H)
+    gh = gates.new_empty(T if save else 1, B, 3 * H)
     w = Repeated(w_hh, B, T)  # h<t-1> -> W_h h<t-1>
     RZ, R, Z, N = (gates[..., : 2 * H].unbind(0), gates[..., :H].unbind(0), gates[..., H: 2 * H].unbind(0),
                    gates[..., 2 * H:].unbind(0))
@@ -475,8 +494,8 @@ class GRUTorchLayer(torch.autograd.Function):
         return (*_input_grads(ctx, d_proj, x, w_ih), d_h0, d_w, d_b_hh)
 
 
-def _needs_graph(*tensors: Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+def _needs_graph(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def rnn_layer(x: Tensor, w_ih: Tensor, bias: Tensor, h0: Tensor, w_hh: Tensor, relu: bool = False) -> Tensor:

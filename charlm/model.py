@@ -62,13 +62,16 @@ class RNNLM(nn.Module):
 
     def forward(self, tokens: Tensor, state: State | None = None,
                 targets: Tensor | None = None) -> tuple[Tensor, State]:
-        emb = self.encoder(tokens)  # (B, T, E)
-        p = self.cfg.embedding_dropout
-        if p > 0 and self.training:  # one draw per token type: every occurrence of a dropped type is zeroed
-            keep = torch.empty(self.vocab_size, device=emb.device).bernoulli_(1 - p).div_(1 - p)
-            emb = emb * keep[tokens].unsqueeze(-1).to(emb.dtype)
-        emb = self.drop(emb)
-        out, state = self.rnn(emb, state)      # (B, T, H)
+        if self._looks_up(tokens):
+            out, state = self.rnn.forward_tokens(tokens, self.encoder.weight, state)  # (B, T, H)
+        else:
+            emb = self.encoder(tokens)  # (B, T, E)
+            p = self.cfg.embedding_dropout
+            if p > 0 and self.training:  # one draw per token type: every occurrence of a dropped type is zeroed
+                keep = torch.empty(self.vocab_size, device=emb.device).bernoulli_(1 - p).div_(1 - p)
+                emb = emb * keep[tokens].unsqueeze(-1).to(emb.dtype)
+            emb = self.drop(emb)
+            out, state = self.rnn(emb, state)      # (B, T, H)
         out = self.drop(out)
         B, T, H = out.shape
         if targets is None:
@@ -82,6 +85,15 @@ class RNNLM(nn.Module):
             nll = nn.functional.cross_entropy(logits.float().reshape(B * T, -1), targets.reshape(-1),
                                               reduction="none")
         return nll.view(B, T), state
+
+    def _looks_up(self, tokens: Tensor) -> bool:
+        """The custom layers' first input projection read from a table of the vocabulary's rows
+        (CustomRNN.forward_tokens): their fast path, nothing dropped from the embeddings, and at least
+        twice as many tokens as the vocabulary has rows, so that the table costs less than the products it
+        replaces (a character model's training windows, evaluation and batched scoring; not a word model's)."""
+        dropping = self.training and (self.cfg.dropout > 0 or self.cfg.embedding_dropout > 0)
+        return (isinstance(self.rnn, CustomRNN) and self.rnn.fast and not dropping
+                and 2 * self.vocab_size <= tokens.numel())
 
     def step(self, token: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         """One token per stream (B,) -> logits (B, V): constant work per generated token."""

@@ -305,3 +305,68 @@ def test_layers_with_a_c_time_loop_keep_every_product_in_mkl(variant, backend, e
 
     in_c = elementwise == "loops" and variant != ("gru", "torch", "tanh") and variant[0] != "lstm"
     assert (_onednn_calls(step) == 0) == in_c
+
+
+def _language_models(cell: str, gru_form: str, nonlinearity: str, layers: int, tie: bool, vocab: int = 7):
+    """Two copies of one small language model on the custom cells (embedding E = H when tied)."""
+    from charlm.config import ModelConfig
+    from charlm.model import build_model
+
+    cfg = ModelConfig(cell=cell, impl="custom", layers=layers, embedding_size=H if tie else E, hidden_size=H,
+                      gru_form=gru_form, nonlinearity=nonlinearity, tie_weights=tie)
+    torch.manual_seed(5)
+    a = build_model(cfg, vocab)
+    b = build_model(cfg, vocab)
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
+def test_input_projection_looked_up_equals_the_embedding_path(variant, layers, tie, backend, monkeypatch):
+    """RNNLM reads the first layer's W_ih e + b from a table of the vocabulary's rows when a window holds
+    at least twice as many tokens as the vocabulary: same negative log-likelihoods, final state and
+    gradients (the embedding's included) as through the embedding and the projection."""
+    looked_up, plain = _language_models(*variant, layers, tie)
+    monkeypatch.setattr(plain, "_looks_up", lambda tokens: False)
+    gen = torch.Generator().manual_seed(13)
+    tokens = torch.randint(0, 7, (B, T), generator=gen)
+    targets = torch.randint(0, 7, (B, T), generator=gen)
+    state = _state(variant[0], layers)
+    assert looked_up._looks_up(tokens)
+    results = []
+    for model in (looked_up, plain):
+        nll, last = model(tokens, state, targets=targets)
+        weights = torch.randn(nll.shape, generator=torch.Generator().manual_seed(14))
+        loss = (nll * weights).sum() + sum(s.sum() for s in _as_tuple(last))
+        names, params = zip(*model.named_parameters())
+        grads = torch.autograd.grad(loss, [*params, *_as_tuple(state)])
+        results.append((nll, _as_tuple(last), dict(zip(names + ("h0", "c0"), grads))))
+    (nll_a, last_a, grads_a), (nll_b, last_b, grads_b) = results
+    _close(nll_a, nll_b)
+    for a, b in zip(last_a, last_b):
+        _close(a, b)
+    assert grads_a.keys() == grads_b.keys() and "encoder.weight" in grads_a
+    for name in grads_a:
+        _close(grads_a[name], grads_b[name])
+    with torch.no_grad():  # evaluation: no graph, the Functions' forward alone
+        _close(looked_up.eval()(tokens, state, targets=targets)[0], plain.eval()(tokens, state, targets=targets)[0])
+
+
+def test_lookup_only_where_the_vocabulary_is_small_and_nothing_is_dropped():
+    from charlm.config import ModelConfig
+    from charlm.model import build_model
+
+    tokens = torch.zeros(4, 16, dtype=torch.long)  # 64 tokens
+    char = build_model(ModelConfig(cell="gru", impl="custom", embedding_size=E, hidden_size=H), 32)
+    assert char._looks_up(tokens)
+    assert not build_model(ModelConfig(cell="gru", impl="custom", embedding_size=E, hidden_size=H), 33)._looks_up(
+        tokens)  # 66 rows cost more than 64 tokens' products
+    assert not build_model(ModelConfig(cell="gru", impl="torch", embedding_size=E, hidden_size=H), 32)._looks_up(
+        tokens)  # nn.GRU takes embeddings
+    dropped = build_model(ModelConfig(cell="gru", impl="custom", embedding_size=E, hidden_size=H, dropout=0.1), 32)
+    assert not dropped._looks_up(tokens)       # training: dropout on the embeddings
+    assert dropped.eval()._looks_up(tokens)    # evaluation: nothing dropped
+    char.rnn.fast = False                      # the step functions, as in sampling's one-token steps
+    assert not char._looks_up(tokens)
