@@ -47,17 +47,21 @@ def score_sentences(model: RNNLM, codec: TextCodec, sentences: list[str], batch_
     logps: list[list[float]] = [[] for _ in sentences]
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        longest = max(len(encoded[i]) for i in batch) + 1
-        inputs = torch.full((len(batch), longest), EOS_ID, dtype=torch.long)
+        lengths = torch.tensor([len(encoded[i]) for i in batch])
+        longest = int(lengths.max()) + 1
+        # targets: each line's tokens, then <eos> (the padding too); inputs: <eos>, then the targets but the last
         targets = torch.full((len(batch), longest), EOS_ID, dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids = encoded[i]
-            inputs[row, 1:len(ids) + 1] = torch.tensor(ids, dtype=torch.long)
-            targets[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)  # then <eos>
+        targets[torch.arange(longest) < lengths[:, None]] = torch.tensor(
+            [t for i in batch for t in encoded[i]], dtype=torch.long)  # row by row, as the mask's order
+        inputs = torch.full_like(targets, EOS_ID)
+        inputs[:, 1:] = targets[:, :-1]
         nll, _ = model(inputs.to(device), targets=targets.to(device))
-        logp = (-nll).double().cpu()
-        for row, i in enumerate(batch):
-            logps[i] = logp[row, : len(encoded[i]) + 1].tolist()
+        scored = torch.arange(longest) <= lengths[:, None]  # each line's targets with its closing <eos>
+        flat = (-nll).double().cpu()[scored].tolist()
+        offset = 0
+        for i in batch:
+            logps[i] = flat[offset: offset + len(encoded[i]) + 1]
+            offset += len(encoded[i]) + 1
     results = []
     for text, ids, lp in zip(sentences, encoded, logps):
         tokens = codec.vocab.decode(ids) + [EOS]
