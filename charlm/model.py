@@ -90,10 +90,12 @@ class RNNLM(nn.Module):
         """The custom layers' first input projection read from a table of the vocabulary's rows
         (CustomRNN.forward_tokens): their fast path, nothing dropped from the embeddings, and at least
         twice as many tokens as the vocabulary has rows, so that the table costs less than the products it
-        replaces (a character model's training windows, evaluation and batched scoring; not a word model's)."""
+        replaces (a character model's training windows, evaluation and batched scoring; not a word model's).
+        On the CPU only, where it was measured: on a GPU the products are cheap, and the gradient's
+        scatter into a few rows would be many colliding atomic additions."""
         dropping = self.training and (self.cfg.dropout > 0 or self.cfg.embedding_dropout > 0)
         return (isinstance(self.rnn, CustomRNN) and self.rnn.fast and not dropping
-                and 2 * self.vocab_size <= tokens.numel())
+                and tokens.device.type == "cpu" and 2 * self.vocab_size <= tokens.numel())
 
     def step(self, token: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         """One token per stream (B,) -> logits (B, V): constant work per generated token."""

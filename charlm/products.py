@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import platform
+import threading
 from contextlib import contextmanager
 
 import torch
@@ -69,7 +70,7 @@ def _probe() -> bool:
 
 
 ONEDNN = _probe()
-_held = 0  # torch_products() blocks open
+_held = threading.local()  # .depth: torch_products() blocks open in this thread
 
 
 @contextmanager
@@ -78,12 +79,11 @@ def torch_products():
     whose time loop runs in native.c through MKL use it for their other products: on an AVX2 host (AMD
     Zen 3) oneDNN ran those layers' weight gradients at 0.54-0.74x MKL's speed, and their whole training
     step 1.14-1.26x faster with MKL only (docs/benchmarks.md)."""
-    global _held
-    _held += 1
+    _held.depth = getattr(_held, "depth", 0) + 1
     try:
         yield
     finally:
-        _held -= 1
+        _held.depth -= 1
 
 
 def backend() -> str:
@@ -99,7 +99,7 @@ def _worth_it(rows: int, out_features: int, in_features: int, least: int) -> boo
 def _onednn(*tensors: Tensor) -> bool:
     """oneDNN for these tensors: float32 on the CPU, and not turned off by torch.backends.mkldnn.enabled or by
     torch_products()."""
-    return (ONEDNN and not _held and torch.backends.mkldnn.enabled
+    return (ONEDNN and not getattr(_held, "depth", 0) and torch.backends.mkldnn.enabled
             and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors))
 
 

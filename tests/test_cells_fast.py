@@ -321,10 +321,11 @@ def _language_models(cell: str, gru_form: str, nonlinearity: str, layers: int, t
     return a, b
 
 
+@pytest.mark.parametrize("given", [True, False], ids=["state", "no-state"])
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("layers", [1, 2])
 @pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
-def test_input_projection_looked_up_equals_the_embedding_path(variant, layers, tie, backend, monkeypatch):
+def test_input_projection_looked_up_equals_the_embedding_path(variant, layers, tie, given, backend, monkeypatch):
     """RNNLM reads the first layer's W_ih e + b from a table of the vocabulary's rows when a window holds
     at least twice as many tokens as the vocabulary: same negative log-likelihoods, final state and
     gradients (the embedding's included) as through the embedding and the projection."""
@@ -333,7 +334,7 @@ def test_input_projection_looked_up_equals_the_embedding_path(variant, layers, t
     gen = torch.Generator().manual_seed(13)
     tokens = torch.randint(0, 7, (B, T), generator=gen)
     targets = torch.randint(0, 7, (B, T), generator=gen)
-    state = _state(variant[0], layers)
+    state = _state(variant[0], layers) if given else None
     assert looked_up._looks_up(tokens)
     results = []
     for model in (looked_up, plain):
@@ -341,7 +342,7 @@ def test_input_projection_looked_up_equals_the_embedding_path(variant, layers, t
         weights = torch.randn(nll.shape, generator=torch.Generator().manual_seed(14))
         loss = (nll * weights).sum() + sum(s.sum() for s in _as_tuple(last))
         names, params = zip(*model.named_parameters())
-        grads = torch.autograd.grad(loss, [*params, *_as_tuple(state)])
+        grads = torch.autograd.grad(loss, [*params, *(_as_tuple(state) if given else ())])
         results.append((nll, _as_tuple(last), dict(zip(names + ("h0", "c0"), grads))))
     (nll_a, last_a, grads_a), (nll_b, last_b, grads_b) = results
     _close(nll_a, nll_b)
@@ -368,5 +369,9 @@ def test_lookup_only_where_the_vocabulary_is_small_and_nothing_is_dropped():
     dropped = build_model(ModelConfig(cell="gru", impl="custom", embedding_size=E, hidden_size=H, dropout=0.1), 32)
     assert not dropped._looks_up(tokens)       # training: dropout on the embeddings
     assert dropped.eval()._looks_up(tokens)    # evaluation: nothing dropped
+    types_dropped = build_model(ModelConfig(cell="gru", impl="custom", embedding_size=E, hidden_size=H,
+                                            embedding_dropout=0.1), 32)
+    assert not types_dropped._looks_up(tokens) and types_dropped.eval()._looks_up(tokens)
+    assert not char._looks_up(tokens.to("meta"))  # not measured off the CPU
     char.rnn.fast = False                      # the step functions, as in sampling's one-token steps
     assert not char._looks_up(tokens)

@@ -188,3 +188,23 @@ def test_one_token_steps_and_their_exports_never_use_onednn():
     assert onednn_calls(lambda: model.step(torch.zeros(2, dtype=torch.long))) == 0
     # the same output product outside a step does go to oneDNN, so the checks above can fail
     assert onednn_calls(lambda: output_linear(torch.zeros(2, 256), model.decoder.weight)) == 1
+
+
+@needs_onednn
+def test_torch_products_turns_onednn_off_in_its_own_thread_only(small_shapes_too):
+    import threading
+
+    x, w = _randn(2, 3, seed=0), _randn(4, 3, seed=1)
+    seen = []
+    with products.torch_products():
+        with products.torch_products():  # nested blocks
+            assert not products._onednn(x, w)
+        assert not products._onednn(x, w)
+        other = threading.Thread(target=lambda: seen.append(products._onednn(x, w)))
+        other.start()
+        other.join()
+    assert seen == [True]
+    assert products._onednn(x, w)
+    with pytest.raises(ValueError), products.torch_products():
+        raise ValueError  # an error inside still closes the block
+    assert products._onednn(x, w)
