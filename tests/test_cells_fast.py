@@ -291,11 +291,12 @@ def _onednn_calls(fn) -> int:
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
-def test_layers_with_a_c_time_loop_keep_every_product_in_mkl(variant, backend, elementwise):
+def test_layers_with_a_c_time_loop_keep_every_product_in_mkl(variant, elementwise, monkeypatch):
     """A GRU or RNN layer whose loop runs in native.c (MKL) sends none of its products to oneDNN, even with
     oneDNN taking every size; the other layers still do, so the count can tell."""
-    if backend != "onednn":
-        pytest.skip("only the oneDNN backend can call oneDNN")
+    if not products.ONEDNN:
+        pytest.skip("this torch build has no usable oneDNN product")
+    _everything_through_onednn(monkeypatch)
     _, fast = _pair(*variant, 1)
     x = torch.randn(B, T, E, generator=torch.Generator().manual_seed(12), requires_grad=True)
 
@@ -325,7 +326,7 @@ def _language_models(cell: str, gru_form: str, nonlinearity: str, layers: int, t
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("layers", [1, 2])
 @pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
-def test_input_projection_looked_up_equals_the_embedding_path(variant, layers, tie, given, backend, monkeypatch):
+def test_input_projection_looked_up_equals_the_embedding_path(variant, layers, tie, given, monkeypatch):
     """RNNLM reads the first layer's W_ih e + b from a table of the vocabulary's rows when a window holds
     at least twice as many tokens as the vocabulary: same negative log-likelihoods, final state and
     gradients (the embedding's included) as through the embedding and the projection."""
