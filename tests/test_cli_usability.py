@@ -36,7 +36,9 @@ def test_version_prints_the_package_version():
 def test_shell_completion_script_and_completion_of_command_names():
     runner = CliRunner()
     script = runner.invoke(app, ["--show-completion", "bash"], prog_name="charlm")
-    assert script.exit_code == 0 and "_CHARLM_COMPLETE=complete_bash" in script.stdout
+    # failed once in a full run on 2026-12-02 (exit 1) and never alone: the message says why next time
+    assert script.exit_code == 0 and "_CHARLM_COMPLETE=complete_bash" in script.stdout, \
+        (script.output, script.exception)
     # What bash asks when the user types `charlm ex<TAB>`:
     env = {"_CHARLM_COMPLETE": "complete_bash", "COMP_WORDS": "charlm ex", "COMP_CWORD": "1"}
     words = runner.invoke(app, [], prog_name="charlm", env=env)
