@@ -121,12 +121,16 @@ class CustomRNN(nn.Module):
             w_hh = nn.functional.dropout(w_hh, self.weight_drop, training=True)
         return (getattr(self, f"weight_ih_l{k}"), w_hh, getattr(self, f"bias_ih_l{k}"), getattr(self, f"bias_hh_l{k}"))
 
+    def _initial(self, state, batch: int, like: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(h0, c0) from `state` (c0 None but for the LSTM); zeros like `like`'s dtype and device for None."""
+        if state is None:
+            zeros = like.new_zeros(self.num_layers, batch, self.hidden_size)
+            state = (zeros, zeros.clone()) if self.cell == "lstm" else zeros
+        return state if self.cell == "lstm" else (state, None)
+
     def forward(self, x: Tensor, state=None):
         B, T, _ = x.shape
-        if state is None:
-            zeros = x.new_zeros(self.num_layers, B, self.hidden_size)
-            state = (zeros, zeros.clone()) if self.cell == "lstm" else zeros
-        h0, c0 = state if self.cell == "lstm" else (state, None)
+        h0, c0 = self._initial(state, B, x)
         if self.fast:
             return self._forward_fast(x, h0, c0)
         h_last, c_last = [], []
@@ -163,11 +167,7 @@ class CustomRNN(nn.Module):
         embedding too; it pays where a window holds more tokens than the vocabulary has rows (a character
         model), since the window's (B*T, E) x (E, G) product and its two backward products become a
         (V, E) x (E, G) product, a gather and a scatter. The fast path only (model.RNNLM decides)."""
-        B = tokens.shape[0]
-        if state is None:
-            zeros = embedding.new_zeros(self.num_layers, B, self.hidden_size)
-            state = (zeros, zeros.clone()) if self.cell == "lstm" else zeros
-        h0, c0 = state if self.cell == "lstm" else (state, None)
+        h0, c0 = self._initial(state, tokens.shape[0], embedding)
         return self._forward_fast(tokens, h0, c0, embedding)
 
     def _forward_fast(self, x: Tensor, h0: Tensor, c0: Tensor | None, embedding: Tensor | None = None):

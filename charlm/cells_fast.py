@@ -123,7 +123,8 @@ def _input_grads(ctx, d_proj: Tensor | tuple, x: Tensor, w_ih: Tensor) -> tuple:
 def _native_fits(gates: Tensor, B: int, H: int, *states: Tensor) -> bool:
     """native.c's loops take these buffers: float32 on the CPU, and every state (B, H). A state of another
     batch size goes to the PyTorch form, which broadcasts it or refuses it; the C loops would read and
-    write past its rows."""
+    write past its rows. `gates` may be W_ih (or the looked-up table) instead, before the gates exist: they
+    take its dtype and device."""
     return all(s.shape == (B, H) for s in states) and native.usable(gates, *states)
 
 

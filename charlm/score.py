@@ -47,8 +47,9 @@ def score_sentences(model: RNNLM, codec: TextCodec, sentences: list[str], batch_
     logps: list[list[float]] = [[] for _ in sentences]
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        lengths = torch.tensor([len(encoded[i]) for i in batch])
-        longest = int(lengths.max()) + 1
+        sizes = [len(encoded[i]) for i in batch]
+        lengths = torch.tensor(sizes)
+        longest = max(sizes) + 1
         # targets: each line's tokens, then <eos> (the padding too); inputs: <eos>, then the targets but the last
         targets = torch.full((len(batch), longest), EOS_ID, dtype=torch.long)
         targets[torch.arange(longest) < lengths[:, None]] = torch.tensor(
@@ -59,9 +60,9 @@ def score_sentences(model: RNNLM, codec: TextCodec, sentences: list[str], batch_
         scored = torch.arange(longest) <= lengths[:, None]  # each line's targets with its closing <eos>
         flat = (-nll).double().cpu()[scored].tolist()
         offset = 0
-        for i in batch:
-            logps[i] = flat[offset: offset + len(encoded[i]) + 1]
-            offset += len(encoded[i]) + 1
+        for i, size in zip(batch, sizes):
+            logps[i] = flat[offset: offset + size + 1]
+            offset += size + 1
     results = []
     for text, ids, lp in zip(sentences, encoded, logps):
         tokens = codec.vocab.decode(ids) + [EOS]
