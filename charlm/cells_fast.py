@@ -17,9 +17,10 @@ equations run over all T steps of one layer with
   state, gate derivatives) in one or two C loops a step (LSTM, classic GRU)
   where `native.py` could build `native.c` (float32 on a CPU), else as the
   PyTorch operations written out below; for the classic GRU and the plain
-  RNN from 8 steps up, where MKL's packed product is at hand
-  (`native.loops()`), the whole time loop, products included, in one C call
-  forward and one backward (the LSTM's did not pay);
+  RNN from 8 steps up, where a packed product is at hand (`native.loops()`:
+  MKL's, or native.c's own on AMD processors with AVX-512), the whole time
+  loop, products included, in one C call forward and one backward (the
+  LSTM's did not pay);
 - the matrix products through `products.py`: oneDNN's on a CPU that has it,
   where the product is large enough to pay (about twice MKL's speed on some
   processors), with W_hh laid out once per window for the per-step products
@@ -129,16 +130,17 @@ def _native_fits(gates: Tensor, B: int, H: int, *states: Tensor) -> bool:
 
 
 def _whole_loop(T: int, fits: bool) -> bool:
-    """The whole time loop goes to native.c (its products through MKL's packed product): the kernels take
-    the buffers (`fits`, from _native_fits), MKL's product is there, and the window is long enough to
+    """The whole time loop goes to native.c (its products through `native.gemm()`): the kernels take
+    the buffers (`fits`, from _native_fits), a packed product is there, and the window is long enough to
     repay laying W_hh out."""
     return fits and T >= _LOOP_MIN_STEPS and native.loops()
 
 
 def _loop_products(loop: bool):
     """A layer whose time loop runs in native.c, its recurrent products through MKL, takes torch's (MKL's)
-    products for the rest of its work too (products.torch_products; measured in docs/benchmarks.md)."""
-    return torch_products() if loop else nullcontext()
+    products for the rest of its work too (products.torch_products; measured in docs/benchmarks.md).
+    With native.c's own product (where MKL is slow) the rest stays with oneDNN."""
+    return torch_products() if loop and native.gemm_is_mkl() else nullcontext()
 
 
 def _previous(first: Tensor, steps: Tensor) -> Tensor:

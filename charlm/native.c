@@ -252,10 +252,11 @@ void charlm_gru_backward_reset(const float *d_rh, const float *dh, const float *
    The loops above are called once a time step from Python, between two matrix products that
    torch runs; each product then pays torch's dispatch and oneDNN's set-up (10-15 us at these
    sizes) and each step pays Python's loop. The functions below run a classic GRU's or a plain
-   RNN's whole time loop here instead (their products are small), with the recurrent products done by a packed-matrix product that native.py
-   finds in PyTorch's own library (MKL's cblas_sgemm_compute, which multiplies by a weight
-   matrix laid out once by cblas_sgemm_pack) and passes in as `gemm`. Each step then calls the
-   same row kernels as above. */
+   RNN's whole time loop here instead (their products are small), with the recurrent products done
+   by a packed-matrix product that native.py passes in as `gemm`: MKL's cblas_sgemm_compute, found
+   in PyTorch's own library, which multiplies by a weight matrix laid out once by
+   cblas_sgemm_pack, or charlm_sgemm_compute at the end of this file, which has the same
+   interface. Each step then calls the same row kernels as above. */
 
 /* C (m, n) = A (m, k) W + beta C, with W packed beforehand; row-major, leading dimensions lda, ldc.
    The arguments are MKL's (LP64: int); 101 = CblasRowMajor, 111 = CblasNoTrans, 151 = CblasPacked. */
@@ -373,5 +374,155 @@ void charlm_gru_backward_loop(charlm_gemm gemm, const float *w_ru, const float *
         charlm_gru_backward_reset(d_rh, dh, g, hp, dru, carry, B, H);
         if (t > 0 || need_h0)
             product(gemm, w_ru, dru, 2 * H, rec, H, B, H, 2 * H);   /* W_ru^T [dΓr-pre, dΓu-pre] */
+    }
+}
+
+/* ------------------------------------------------------------------ charlm's own packed product
+
+   MKL's packed product is the loops' best partner where it runs its best kernels. On an AMD
+   processor with AVX-512 it does not (it keeps to AVX2 there), and a torch built without MKL
+   has none at all. For those, here is a small product with the same interface (the three
+   functions below take MKL's arguments, so native.py can hand the loops either).
+
+   W (K, N) is laid out once in panels of NR columns: panel p holds, row after row, the NR
+   values of W[k, p NR .. p NR + NR - 1] for k = 0 .. K-1, zeros past column N. A tile of MR rows
+   of A by one panel keeps its MR x NR sums in registers over the whole of K, each step of k
+   reading NR values of the panel and one value of each of the MR rows; the panel (K NR floats,
+   32 KiB at K = 256 with AVX-512) stays in the first-level cache while every block of rows passes
+   over it. The panels are shared among the threads, the same ones to each thread at every call,
+   so that each thread's part of W stays in its own core's cache across the steps of a window.
+   The vector type is GCC's and Clang's vector extension: the compiler picks the instructions
+   for -march (AVX-512, AVX2, SSE, NEON). Each sum adds the products in the order of k, from 0,
+   as one float each, so a product agrees with torch's to rounding. */
+
+#if defined(__AVX512F__)
+#define VL 16   /* floats in a vector */
+#define MR 8    /* rows of a tile: 2 MR accumulators of the 32 vector registers */
+#elif defined(__AVX__)
+#define VL 8
+#define MR 6    /* 12 accumulators of 16 registers */
+#else
+#define VL 4
+#define MR 4
+#endif
+#define NR (2 * VL)  /* columns of a panel */
+
+typedef float vec __attribute__((vector_size(VL * sizeof(float)), aligned(sizeof(float)), may_alias));
+
+#ifdef _OPENMP
+#define PARALLEL_PANELS _Pragma("omp parallel for if ((int64_t)m * n * k >= (1 << 18)) schedule(static)")
+#else
+#define PARALLEL_PANELS
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__)
+/* s += x * b as one fused multiply-add (GCC leaves it unfused in ISO C mode; Clang fuses it) */
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=fast")
+#endif
+
+/* C[rows, cols] = A[rows, K] panel (+ beta C), with R rows of sums (R a constant where it is inlined:
+   MR, or 4, 2, 1 for a short block). row[i]: the rows of A; rows .. R-1 repeat row 0 and are dropped. */
+static inline __attribute__((always_inline)) void tile(const int R, const float *const *row,
+                                                       const float *restrict panel, int64_t K, float *c,
+                                                       int64_t ldc, int64_t rows, int64_t cols, float beta)
+{
+    vec s0[MR], s1[MR];
+#pragma GCC unroll 8
+    for (int i = 0; i < R; i++)
+        s0[i] = s1[i] = (vec){0};
+    for (int64_t k = 0; k < K; k++) {
+        vec b0 = *(const vec *)(panel + k * NR), b1 = *(const vec *)(panel + k * NR + VL);
+#pragma GCC unroll 8
+        for (int i = 0; i < R; i++) {
+            float x = row[i][k];
+            s0[i] += x * b0;
+            s1[i] += x * b1;
+        }
+    }
+    if (rows == R && cols == NR) {
+#pragma GCC unroll 8
+        for (int i = 0; i < R; i++) {
+            vec *c0 = (vec *)(c + i * ldc), *c1 = (vec *)(c + i * ldc + VL);
+            if (beta != 0.0f) {
+                *c0 = beta * *c0 + s0[i];
+                *c1 = beta * *c1 + s1[i];
+            } else {
+                *c0 = s0[i];
+                *c1 = s1[i];
+            }
+        }
+        return;
+    }
+    float part[MR][NR];
+#pragma GCC unroll 8
+    for (int i = 0; i < R; i++) {
+        *(vec *)part[i] = s0[i];
+        *(vec *)(part[i] + VL) = s1[i];
+    }
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t j = 0; j < cols; j++)
+            c[i * ldc + j] = beta != 0.0f ? beta * c[i * ldc + j] + part[i][j] : part[i][j];
+}
+
+/* One block of up to MR rows by one panel, with the smallest tile that holds the rows. */
+static void block(const float *a, int64_t lda, const float *panel, int64_t K, float *c, int64_t ldc,
+                  int64_t rows, int64_t cols, float beta)
+{
+    const float *row[MR];
+    for (int i = 0; i < MR; i++)
+        row[i] = a + (i < rows ? i : 0) * lda;
+    if (rows > 4)
+        tile(MR, row, panel, K, c, ldc, rows, cols, beta);
+    else if (rows > 2)
+        tile(4, row, panel, K, c, ldc, rows, cols, beta);
+    else if (rows == 2)
+        tile(2, row, panel, K, c, ldc, rows, cols, beta);
+    else
+        tile(1, row, panel, K, c, ldc, rows, cols, beta);
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
+
+/* Bytes of W laid out for products with N = n columns and K = k rows (MKL's cblas_sgemm_pack_get_size). */
+size_t charlm_sgemm_pack_get_size(int identifier, int m, int n, int k)
+{
+    (void)identifier, (void)m;
+    return (size_t)((n + NR - 1) / NR) * NR * (size_t)k * sizeof(float);
+}
+
+/* W (k, n) = alpha src, laid out in panels into dest (MKL's cblas_sgemm_pack for the B matrix, row-major):
+   src[kk * ld + j] with trans = 111 (no transpose), src[j * ld + kk] with trans = 112. */
+void charlm_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha, const float *src,
+                       int ld, float *dest)
+{
+    (void)layout, (void)identifier, (void)m;
+    const int64_t panels = (n + NR - 1) / NR;
+    for (int64_t p = 0; p < panels; p++)
+        for (int64_t kk = 0; kk < k; kk++)
+            for (int64_t j = 0; j < NR; j++) {
+                int64_t col = p * NR + j;
+                float v = col >= n ? 0.0f : trans == 112 ? src[col * ld + kk] : src[kk * ld + col];
+                dest[(p * k + kk) * NR + j] = alpha == 1.0f ? v : alpha * v;
+            }
+}
+
+/* C (m, n) = A (m, k) W + beta C, W laid out by charlm_sgemm_pack; row-major (MKL's cblas_sgemm_compute
+   with A not transposed and B packed, the only form the loops use). */
+void charlm_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float *a, int lda,
+                          const float *b, int ldb, float beta, float *c, int ldc)
+{
+    (void)layout, (void)transa, (void)transb, (void)ldb;
+    const int64_t panels = (n + NR - 1) / NR;
+    PARALLEL_PANELS
+    for (int64_t p = 0; p < panels; p++) {
+        const int64_t cols = n - p * NR < NR ? n - p * NR : NR;
+        for (int64_t i0 = 0; i0 < m; i0 += MR) {
+            const int64_t rows = m - i0 < MR ? m - i0 : MR;
+            block(a + i0 * (int64_t)lda, lda, b + p * NR * (int64_t)k, k, c + i0 * (int64_t)ldc + p * NR, ldc,
+                  rows, cols, beta);
+        }
     }
 }

@@ -27,16 +27,20 @@ contiguous; the wrappers take B and H from the buffers the kernel writes and
 check nothing else, since they run once per time step.
 
 The time loops (`gru_forward_loop`, `rnn_forward_loop` and their backward
-passes) run a classic GRU or plain RNN layer's whole window in C. Their recurrent products go to MKL's packed product, which PyTorch's
-x86 builds carry and export (`cblas_sgemm_pack`, `cblas_sgemm_compute`): W_hh
-is laid out once per window (`Packed`), and each step's product is then one C
-call with no dispatch. `loops()` says whether they run here: not where this
-torch has no MKL or its product disagrees with torch's in a self-test, not on
-an AMD processor with AVX-512, where MKL, which picks its kernels by the
-vendor, multiplied at half oneDNN's speed, and not with CHARLM_NATIVE=steps.
-The LSTM keeps the per-step kernels: its one product a step is larger, MKL's
-is no faster than oneDNN's there, and on two threads the loop measured
-slower (docs/benchmarks.md).
+passes) run a classic GRU or plain RNN layer's whole window in C. Their
+recurrent products go to a packed product (`gemm()`): W_hh is laid out once
+per window (`Packed`), and each step's product is then one C call with no
+dispatch. It is MKL's, which PyTorch's x86 builds carry and export
+(`cblas_sgemm_pack`, `cblas_sgemm_compute`), except on an AMD processor with
+AVX-512, where MKL, which picks its kernels by the vendor, keeps to AVX2 and
+multiplied at half oneDNN's speed: there native.c's own product, which has
+MKL's interface, takes its place (a third of MKL's time at the char
+config's shapes). `loops()` says whether the loops run here: not where the
+product disagrees with torch's in a self-test, not where this torch has no
+MKL unless CHARLM_NATIVE=loops (the own product is unmeasured there), and
+not with CHARLM_NATIVE=steps. The LSTM keeps the per-step kernels: its one
+product a step is larger, MKL's is no faster than oneDNN's there, and on two
+threads the loop measured slower (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -263,10 +267,13 @@ def why_not() -> str:
 
 
 def status() -> str:
-    """'on (time loops)', 'on (per step: reason)' or 'off (reason)', for the benchmark's header."""
+    """'on (time loops, MKL's product)', 'on (time loops, charlm's product)', 'on (per step: reason)' or
+    'off (reason)', for the benchmark's header."""
     if kernels() is None:
         return why_not()
-    return "on (time loops)" if loops() else f"on (per step: {_loops_off()})"
+    if loops():
+        return f"on (time loops, {'MKL' if gemm_is_mkl() else 'charlm'}'s product)"
+    return f"on (per step: {_loops_off()})"
 
 
 def usable(*tensors: Tensor) -> bool:
@@ -401,16 +408,9 @@ def _torch_library() -> ctypes.CDLL | None:
     return None
 
 
-@cache
-def gemm() -> tuple | None:
-    """MKL's packed product as PyTorch's x86 builds carry it: (pack_get_size, pack, compute), or None
-    where PyTorch has no MKL, or where a product through it disagrees with torch's."""
-    lib = _torch_library()
-    try:
-        size, pack, compute = (getattr(lib, name) for name in
-                               ("cblas_sgemm_pack_get_size", "cblas_sgemm_pack", "cblas_sgemm_compute"))
-    except (AttributeError, TypeError):  # TypeError: no library at all
-        return None
+def _packed_product(size, pack, compute) -> tuple | None:
+    """(size, pack, compute) with MKL's packed-product signatures, or None if a product through them
+    disagrees with torch's (W given as it is and transposed, a block of rows shorter than a tile)."""
     ci = ctypes.c_int  # MKL's LP64 interface, PyTorch's
     size.argtypes, size.restype = [ci, ci, ci, ci], ctypes.c_size_t  # (which matrix, m, n, k)
     pack.argtypes, pack.restype = [ci, ci, ci, ci, ci, ci, ctypes.c_float, _P, ci, _P], None
@@ -423,8 +423,44 @@ def gemm() -> tuple | None:
     return found if good else None
 
 
+@cache
+def mkl_gemm() -> tuple | None:
+    """MKL's packed product as PyTorch's x86 builds carry it: (pack_get_size, pack, compute), or None
+    where PyTorch has no MKL, or where a product through it disagrees with torch's."""
+    lib = _torch_library()
+    try:
+        functions = [getattr(lib, name) for name in
+                     ("cblas_sgemm_pack_get_size", "cblas_sgemm_pack", "cblas_sgemm_compute")]
+    except (AttributeError, TypeError):  # TypeError: no library at all
+        return None
+    return _packed_product(*functions)
+
+
+@cache
+def own_gemm() -> tuple | None:
+    """native.c's own packed product (charlm_sgemm_*, with MKL's signatures), or None where the kernels
+    are not loaded or it disagrees with torch's."""
+    if kernels() is None:
+        return None
+    return _packed_product(_lib.charlm_sgemm_pack_get_size, _lib.charlm_sgemm_pack, _lib.charlm_sgemm_compute)
+
+
+def gemm() -> tuple | None:
+    """The packed product the loops use: MKL's, except on an AMD processor with AVX-512, where MKL keeps
+    to its AVX2 kernels and native.c's own product multiplied a step's (16 x 256) by (256 x 512) in about
+    a third of its time (docs/benchmarks.md), and where this torch has no MKL; None where neither is
+    there and agrees with torch's."""
+    return own_gemm() if _mkl_at_half_width() or mkl_gemm() is None else mkl_gemm()
+
+
+def gemm_is_mkl() -> bool:
+    """The loops' products go to MKL (then the layer's other products go there too: cells_fast.py)."""
+    return gemm() is not None and gemm() is mkl_gemm()
+
+
 def product(a: Tensor, w: "Packed", found: tuple | None = None) -> Tensor:
-    """a (m, K) w (K, N) through MKL, w packed for m rows (for the self-test and the tests)."""
+    """a (m, K) w (K, N) through a packed product (`found`, else `gemm()`), w packed for m rows by the same
+    product (for the self-test and the tests)."""
     a = a.contiguous()
     out = a.new_empty(a.shape[0], w.shape[1])
     (found or gemm())[2](_ROW_MAJOR, _NO_TRANS, _PACKED, a.shape[0], w.shape[1], a.shape[1], a.data_ptr(),
@@ -433,12 +469,13 @@ def product(a: Tensor, w: "Packed", found: tuple | None = None) -> Tensor:
 
 
 class Packed:
-    """A matrix w (K, N), a weight or its transpose, laid out for the products a (m, K) w of a loop."""
+    """A matrix w (K, N), a weight or its transpose, laid out for the products a (m, K) w of a loop, with
+    the address of the compute function that reads that layout (MKL's or charlm's own)."""
 
-    __slots__ = ("buffer", "address", "shape")
+    __slots__ = ("buffer", "address", "shape", "compute")
 
     def __init__(self, w: Tensor, m: int, found: tuple | None = None):
-        size, pack, _ = found or gemm()
+        size, pack, compute = found or gemm()
         K, N = self.shape = w.shape
         if w.stride(1) == 1 and w.stride(0) >= N:
             trans, src, ld = _NO_TRANS, w, w.stride(0)
@@ -449,12 +486,7 @@ class Packed:
         self.buffer = torch.empty(-(-size(_B_MATRIX, m, N, K) // 4), dtype=torch.float32)
         pack(_ROW_MAJOR, _B_MATRIX, trans, m, N, K, 1.0, src.data_ptr(), ld, self.buffer.data_ptr())
         self.address = self.buffer.data_ptr()
-
-
-@cache
-def _compute_address() -> int:
-    """cblas_sgemm_compute's address, which the C loops call."""
-    return ctypes.cast(gemm()[2], _P).value
+        self.compute = ctypes.cast(compute, _P).value
 
 
 def _mode() -> str:
@@ -463,6 +495,7 @@ def _mode() -> str:
     return "0" if mode in ("0", "false", "no", "off") else mode
 
 
+@cache
 def _mkl_at_half_width() -> bool:
     """An AMD processor with AVX-512 (Zen 4 and 5), where MKL, which picks its kernels by the vendor,
     multiplied at about half oneDNN's speed (products.py); Linux only, False where it cannot tell."""
@@ -476,27 +509,28 @@ def _mkl_at_half_width() -> bool:
 @cache
 def loops() -> bool:
     """Whether a GRU or RNN layer's whole time loop may run here (cells_fast.py also asks for a long window):
-    the kernels are loaded, MKL's packed product is found and agrees with torch's, and MKL is not at half
-    width. CHARLM_NATIVE=steps keeps the per-step kernels only, =loops takes the loops wherever they run."""
+    the kernels are loaded and the packed product of `gemm()` is there and agrees with torch's. Where
+    this torch has no MKL, native.c's own product has not been measured against the per-step form, so
+    the loops wait for CHARLM_NATIVE=loops; CHARLM_NATIVE=steps keeps the per-step kernels only."""
     mode = _mode()
     if mode == "steps" or kernels() is None or gemm() is None:
         return False
-    return mode == "loops" or not _mkl_at_half_width()
+    return mode == "loops" or gemm_is_mkl() or _mkl_at_half_width()
 
 
 def _loops_off() -> str:
     if _mode() == "steps":
         return "CHARLM_NATIVE=steps"
     if gemm() is None:
-        return "no MKL packed product in this torch"
-    return "MKL at half width on this AMD processor"
+        return "no packed product agreed with torch's"
+    return "no MKL packed product in this torch; CHARLM_NATIVE=loops takes charlm's own"
 
 
 def rnn_forward_loop(w: Packed, hs: Tensor, h0: Tensor, relu: bool) -> None:
     """The plain RNN over the window: hs (T, B, H) from W_ax x<t> + b to a<t>. w: W_aa^T packed; h0 (B, H),
     contiguous."""
     T, B, H = hs.shape
-    _lib.charlm_rnn_forward_loop(_compute_address(), w.address, hs.data_ptr(), h0.data_ptr(), T, B, H, int(relu))
+    _lib.charlm_rnn_forward_loop(w.compute, w.address, hs.data_ptr(), h0.data_ptr(), T, B, H, int(relu))
 
 
 def rnn_backward_loop(w: Packed, grad_hs: Tensor, hs: Tensor, d_pre: Tensor, relu: bool) -> None:
@@ -504,7 +538,7 @@ def rnn_backward_loop(w: Packed, grad_hs: Tensor, hs: Tensor, d_pre: Tensor, rel
     row contiguous; hs: the forward's a<t>."""
     T, B, H = hs.shape
     rec = hs.new_empty(B, H)
-    _lib.charlm_rnn_backward_loop(_compute_address(), w.address, grad_hs.data_ptr(), grad_hs.stride(0),
+    _lib.charlm_rnn_backward_loop(w.compute, w.address, grad_hs.data_ptr(), grad_hs.stride(0),
                                   grad_hs.stride(1), hs.data_ptr(), d_pre.data_ptr(), rec.data_ptr(), T, B, H,
                                   int(relu))
 
@@ -516,7 +550,7 @@ def gru_forward_loop(w_ru: Packed, w_c: Packed, gates: Tensor, h0: Tensor, hs: T
     transposed and packed. h0: (B, H), contiguous."""
     T, B, H = hs.shape
     rec = gates.new_empty(B, 2 * H)
-    _lib.charlm_gru_forward_loop(_compute_address(), w_ru.address, w_c.address, gates.data_ptr(),
+    _lib.charlm_gru_forward_loop(w_ru.compute, w_ru.address, w_c.address, gates.data_ptr(),
                                  h0.data_ptr(), hs.data_ptr(), rh.data_ptr(), rec.data_ptr(), T, B, H, int(save))
 
 
@@ -527,7 +561,7 @@ def gru_backward_loop(w_ru: Packed, w_c: Packed, grad_hs: Tensor, gates: Tensor,
     of dL/dh<0> (rec only with `need_h0`)."""
     T, B, H = d_c.shape
     dh, d_rh = d_c.new_empty(B, H), d_c.new_empty(B, H)
-    _lib.charlm_gru_backward_loop(_compute_address(), w_ru.address, w_c.address, grad_hs.data_ptr(),
+    _lib.charlm_gru_backward_loop(w_ru.compute, w_ru.address, w_c.address, grad_hs.data_ptr(),
                                   grad_hs.stride(0), grad_hs.stride(1), gates.data_ptr(), h_prev.data_ptr(),
                                   d_ru.data_ptr(), d_c.data_ptr(), carry.data_ptr(), rec.data_ptr(),
                                   dh.data_ptr(), d_rh.data_ptr(), T, B, H, int(need_h0))

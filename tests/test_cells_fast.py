@@ -65,13 +65,17 @@ def backend(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(autouse=True, params=["loops", "native", "pytorch"])
+@pytest.fixture(autouse=True, params=["loops-mkl", "loops-own", "native", "pytorch"])
 def elementwise(request, monkeypatch):
-    """Every test three times: the classic GRU's whole time loop in native.c (from T = 8; shorter windows
-    and the other cells step from Python), the element-wise part of each step in native.c's kernels, and
-    as PyTorch operations."""
-    if request.param == "loops" and not native.loops():
-        pytest.skip(f"native time loops off: {native.why_not() or 'no MKL packed product in this torch'}")
+    """Every test four times: the classic GRU's and the RNN's whole time loop in native.c (from T = 8;
+    shorter windows and the other cells step from Python) with MKL's packed product and with native.c's
+    own, the element-wise part of each step in native.c's kernels, and as PyTorch operations."""
+    if request.param.startswith("loops"):
+        found = native.mkl_gemm() if request.param == "loops-mkl" else native.own_gemm()
+        if native.kernels() is None or found is None:
+            pytest.skip(f"no {request.param[6:]} packed product here: {native.why_not() or 'not in this torch'}")
+        monkeypatch.setattr(native, "gemm", lambda: found)
+        monkeypatch.setattr(native, "loops", lambda: True)
     if request.param == "native" and native.kernels() is None:
         pytest.skip(f"native kernels {native.why_not()}")
     if request.param == "native":
@@ -292,8 +296,9 @@ def _onednn_calls(fn) -> int:
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
 def test_layers_with_a_c_time_loop_keep_every_product_in_mkl(variant, elementwise, monkeypatch):
-    """A GRU or RNN layer whose loop runs in native.c (MKL) sends none of its products to oneDNN, even with
-    oneDNN taking every size; the other layers still do, so the count can tell."""
+    """A GRU or RNN layer whose loop runs in native.c with MKL's product sends none of its products to
+    oneDNN, even with oneDNN taking every size; with native.c's own product, and in the other layers,
+    they still go there, so the count can tell."""
     if not products.ONEDNN:
         pytest.skip("this torch build has no usable oneDNN product")
     _everything_through_onednn(monkeypatch)
@@ -304,7 +309,7 @@ def test_layers_with_a_c_time_loop_keep_every_product_in_mkl(variant, elementwis
         out, _ = fast(x, _state(variant[0], 1))
         out.sum().backward()
 
-    in_c = elementwise == "loops" and variant != ("gru", "torch", "tanh") and variant[0] != "lstm"
+    in_c = elementwise == "loops-mkl" and variant != ("gru", "torch", "tanh") and variant[0] != "lstm"
     assert (_onednn_calls(step) == 0) == in_c
 
 

@@ -139,30 +139,82 @@ def test_a_short_window_steps_from_python(monkeypatch):
 
 
 @needs_native
-def test_without_mkl_the_loops_stay_in_python(monkeypatch):
-    # A torch without MKL (an ARM build) or whose MKL product failed its self-test: gemm() is None.
-    monkeypatch.setattr(native, "gemm", lambda: None)
+def test_without_mkl_the_loops_wait_for_charlm_native_loops(monkeypatch):
+    # A torch without MKL (an ARM build) or whose MKL product failed its self-test: the loops would take
+    # native.c's own product, not measured there against the per-step form, so only on request.
+    monkeypatch.setattr(native, "mkl_gemm", lambda: None)
+    monkeypatch.setattr(native, "_mkl_at_half_width", lambda: False)
     native.loops.cache_clear()
     try:
+        assert native.gemm() is native.own_gemm() is not None and not native.gemm_is_mkl()
         assert not native.loops()
-        assert native.status() == "on (per step: no MKL packed product in this torch)"
+        assert native.status() == ("on (per step: no MKL packed product in this torch; "
+                                   "CHARLM_NATIVE=loops takes charlm's own)")
         x, h0, c0, weights = _inputs(2, T=12, B=3, E=4, H=5, scale=0.5)
         calls = _recording(monkeypatch, STEP_KERNELS + LOOPS)
-        _lstm_and_gru_layers(x, h0, c0, weights)
+        stepped = _lstm_and_gru_layers(x, h0, c0, weights)
         assert set(calls) == set(STEP_KERNELS)
+        calls.clear()
+        monkeypatch.setenv("CHARLM_NATIVE", "loops")
+        native.loops.cache_clear()
+        assert native.loops()
+        _assert_same(_lstm_and_gru_layers(x, h0, c0, weights), stepped)
+        assert set(calls) == set(LOOPS + LSTM_STEP_KERNELS)
+        monkeypatch.setattr(native, "own_gemm", lambda: None)  # and if the own product failed its test too
+        native.loops.cache_clear()
+        assert not native.loops()
+        assert native.status() == "on (per step: no packed product agreed with torch's)"
     finally:
         native.loops.cache_clear()
 
 
-@pytest.mark.skipif(not native.loops(), reason="native time loops off")
+@needs_native
+def test_amd_processors_with_avx512_take_the_own_product(monkeypatch):
+    # MKL keeps to its AVX2 kernels there; elsewhere it is MKL's (where this torch has it)
+    monkeypatch.setattr(native, "_mkl_at_half_width", lambda: True)
+    assert native.gemm() is native.own_gemm() is not None and not native.gemm_is_mkl()
+    monkeypatch.setattr(native, "_mkl_at_half_width", lambda: False)
+    assert native.gemm() is (native.mkl_gemm() or native.own_gemm())
+    assert native.gemm_is_mkl() == (native.mkl_gemm() is not None)
+
+
+def _packed_products():
+    return [pytest.param(name, marks=pytest.mark.skipif(found is None, reason=f"no {name} packed product"))
+            for name, found in (("mkl", native.mkl_gemm()), ("own", native.own_gemm()))]
+
+
+@pytest.mark.parametrize("which", _packed_products())
 @pytest.mark.parametrize("transposed", [False, True])
-def test_packed_weights_multiply_as_torch_does(transposed):
+def test_packed_weights_multiply_as_torch_does(transposed, which):
     # The loops multiply by W_hh^T forward (a transposed view) and by W_hh backward (row-major).
+    found = native.mkl_gemm() if which == "mkl" else native.own_gemm()
     g = torch.Generator().manual_seed(5)
     w = torch.randn(12, 7, generator=g)
     b = w.t() if transposed else w
     a = torch.randn(4, b.shape[0], generator=g)
-    assert torch.allclose(native.product(a, native.Packed(b, 4)), a @ b, atol=1e-5)
+    assert torch.allclose(native.product(a, native.Packed(b, 4, found), found), a @ b, atol=1e-5)
+
+
+@pytest.mark.skipif(native.own_gemm() is None, reason="native kernels off")
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 16, 17, 40])
+@pytest.mark.parametrize("n, k", [(1, 1), (7, 3), (16, 33), (32, 64), (48, 16), (100, 257), (512, 256)])
+def test_own_product_over_every_tile_edge(m, n, k):
+    # Rows: every short block (1, 2, 3-4, 5-8) and several blocks; columns: less than a panel, a panel
+    # or more of 8, 16 or 32 columns, and a last panel cut short; C written (beta 0) and added to (beta 1).
+    found = native.own_gemm()
+    g = torch.Generator().manual_seed(m * 1000 + n * 10 + k)
+    w, a = torch.randn(n, k, generator=g), torch.randn(m, k, generator=g)
+    for b in (w.t(), w.t().contiguous()):  # as the loops pass W_hh^T (a view) and W_hh (row-major)
+        packed = native.Packed(b, m, found)
+        full = torch.randn(m, n + 3, generator=g)
+        c = full[:, :n]  # rows apart from each other (ldc = n + 3), with three columns that must stay
+        want = (a.double() @ b.double()).float()
+        for beta in (0.0, 1.0):
+            start = full.clone()
+            found[2](101, 111, 151, m, n, k, a.data_ptr(), k, packed.address, n, beta, c.data_ptr(), n + 3)
+            torch.testing.assert_close(c, want + beta * start[:, :n], atol=1e-5 * k ** 0.5, rtol=1e-5)
+            assert torch.equal(full[:, n:], start[:, n:])
+            full.copy_(start)
 
 
 @needs_native
@@ -221,7 +273,8 @@ def test_charlm_native_steps_keeps_the_per_step_kernels(tmp_path):
     status, total = _status_in_fresh_process(tmp_path, CHARLM_NATIVE="steps")
     assert status == "on (per step: CHARLM_NATIVE=steps)"
     looped = _status_in_fresh_process(tmp_path, CHARLM_NATIVE="loops")
-    assert looped[0] == ("on (time loops)" if native.gemm() is not None else status)
+    product = "MKL" if native.gemm_is_mkl() else "charlm"
+    assert looped[0] == (f"on (time loops, {product}'s product)" if native.gemm() is not None else status)
     assert looped[1] == total  # the same numbers, to the printed digits
 
 
