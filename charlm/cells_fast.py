@@ -19,8 +19,9 @@ equations run over all T steps of one layer with
   PyTorch operations written out below; for the classic GRU and the plain
   RNN from 8 steps up, where a packed product is at hand (`native.loops()`:
   MKL's, or native.c's own on AMD processors with AVX-512), the whole time
-  loop, products included, in one C call forward and one backward (the
-  LSTM's did not pay);
+  loop, products included, in one C call forward and one backward; the
+  LSTM's too, but only with native.c's own product (with MKL's it did not
+  pay);
 - the matrix products through `products.py`: oneDNN's on a CPU that has it,
   where the product is large enough to pay (about twice MKL's speed on some
   processors), with W_hh laid out once per window for the per-step products
@@ -232,11 +233,16 @@ def lstm_layer_forward(x: Tensor, w_ih: Tensor, bias: Tensor, h0: Tensor, c0: Te
     if save:
         cs[0] = c0
     tanh_cs = gates.new_empty(T if save else 1, B, H)
+    fits = _native_fits(gates, B, H, h0, c0)
+    if _whole_loop(T, fits) and native.lstm_loops():  # with native.c's own product only
+        native.lstm_forward_loop(native.Packed(w_hh.t(), B), gates, h0.contiguous(), c0.contiguous(), hs, cs,
+                                 tanh_cs, save)
+        return hs, cs[T if save else (T - 1) % 2], (gates, cs, tanh_cs)
     w = Repeated(w_hh, B, T)  # a<t-1> -> W_hh a<t-1>
     # Per-step views made once by unbind: indexing and slicing in the loop cost more than the math.
     Z, HS, CS, TANH_CS = gates.unbind(0), hs.unbind(0), cs.unbind(0), tanh_cs.unbind(0)
     h, c = h0, c0
-    if _native_fits(gates, B, H, h0, c0):  # the same equations, each step's element-wise part in one C loop
+    if fits:  # the same equations, each step's element-wise part in one C loop
         c = CS[0] if save else c0.contiguous()
         for t in range(T):
             c_new = CS[t + 1 if save else t % 2]
@@ -271,14 +277,19 @@ class LSTMLayer(torch.autograd.Function):
         x, w_ih, gates, cs, tanh_cs, hs, h0, w_hh = ctx.saved_tensors
         T, B, G = gates.shape
         H = G // 4
-        C_PREV, TANH_CS = cs.unbind(0), tanh_cs.unbind(0)  # C_PREV[t] = c<t-1> for the step t (from 0)
         d_pre = torch.empty_like(gates)               # dL/d(gate pre-activations), (T, B, 4H)
+        fits = _native_fits(gates, B, H, h0)
+        if fits and grad_hs.stride(2) != 1:  # the C kernels take each step's rows apart, but each row contiguous
+            grad_hs = grad_hs.contiguous()
+        if _whole_loop(T, fits) and native.lstm_loops():  # with native.c's own product only
+            dc = grad_c_last.clone(memory_format=torch.contiguous_format)
+            native.lstm_backward_loop(native.Packed(w_hh, B), grad_hs, dc, gates, cs, tanh_cs, d_pre)
+            return LSTMLayer._finish(ctx, d_pre, dc, lambda d: mm(d, w_hh), x, w_ih, h0, hs)
+        C_PREV, TANH_CS = cs.unbind(0), tanh_cs.unbind(0)  # C_PREV[t] = c<t-1> for the step t (from 0)
         D_PRE = d_pre.unbind(0)
         w_back = Repeated(w_hh.t(), B, T)  # d_pre -> W_hh^T d_pre
-        if _native_fits(gates, B, H, h0):  # the loop below, each step's element-wise part in one C loop
+        if fits:  # the loop below, each step's element-wise part in one C loop
             dc = grad_c_last.clone(memory_format=torch.contiguous_format)
-            if grad_hs.stride(2) != 1:  # the kernel takes each step's rows apart, but each row contiguous
-                grad_hs = grad_hs.contiguous()
             GRAD_HS, Z = grad_hs.unbind(0), gates.unbind(0)
             for t in range(T - 1, -1, -1):
                 rec = w_back(D_PRE[t + 1]) if t < T - 1 else torch.zeros_like(dc)   # W_hh^T d_pre<t+1>

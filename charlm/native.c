@@ -251,8 +251,8 @@ void charlm_gru_backward_reset(const float *d_rh, const float *dh, const float *
 
    The loops above are called once a time step from Python, between two matrix products that
    torch runs; each product then pays torch's dispatch and oneDNN's set-up (10-15 us at these
-   sizes) and each step pays Python's loop. The functions below run a classic GRU's or a plain
-   RNN's whole time loop here instead (their products are small), with the recurrent products done
+   sizes) and each step pays Python's loop. The functions below run a layer's whole time loop
+   here instead (a classic GRU's, a plain RNN's, an LSTM's), with the recurrent products done
    by a packed-matrix product that native.py passes in as `gemm`: MKL's cblas_sgemm_compute, found
    in PyTorch's own library, which multiplies by a weight matrix laid out once by
    cblas_sgemm_pack, or charlm_sgemm_compute at the end of this file, which has the same
@@ -267,6 +267,50 @@ static void product(charlm_gemm gemm, const float *packed, const float *a, int64
                     int64_t m, int64_t n, int64_t k)
 {
     gemm(101, 111, 151, (int)m, (int)n, (int)k, a, (int)lda, packed, (int)n, 0.0f, c, (int)ldc);
+}
+
+/* ------------------------------------------------------------------ LSTM
+
+   With MKL's product the LSTM's loop did not pay (its one product a step, 32 x 256 by 256 x 1024, was
+   as fast through oneDNN and ran slower inside the loop on two threads); native.py runs it only with
+   charlm's own product (docs/benchmarks.md). */
+
+/* The LSTM forward over T steps. gates: (T, B, 4H), W_ih x<t> + b on entry, the activated gates on
+   return; w: W_hh^T packed (H -> 4H); h0, c0: (B, H); hs: (T, B, H). With `save`, cs is (T + 1, B, H)
+   with c0 already in cs[0], and tanh_cs (T, B, H); without, cs holds two steps and tanh_cs one.
+   rec: (B, 4H) scratch. On return c<T> is in cs[T] (save) or cs[(T - 1) % 2]. */
+void charlm_lstm_forward_loop(charlm_gemm gemm, const float *w, float *gates, const float *h0, const float *c0,
+                              float *hs, float *cs, float *tanh_cs, float *rec, int64_t T, int64_t B,
+                              int64_t H, int save)
+{
+    const int64_t step = B * H;
+    const float *h = h0, *c = c0;
+    for (int64_t t = 0; t < T; t++) {
+        float *c_new = cs + (save ? t + 1 : t % 2) * step;
+        product(gemm, w, h, H, rec, 4 * H, B, 4 * H, H);             /* W_hh a<t-1> */
+        charlm_lstm_forward(gates + t * 4 * step, rec, c, c_new, tanh_cs + (save ? t : 0) * step,
+                            hs + t * step, B, H);
+        h = hs + t * step;
+        c = c_new;
+    }
+}
+
+/* The LSTM backward over T steps, the loop of charlm_lstm_backward. grad_hs: dL/da<t> from the
+   output, step t's row b at grad_hs + t * t_stride + b * b_stride; w: W_hh packed (4H -> H);
+   dc: dL/dc<T> on entry, dL/dc<0> on return; gates, cs, tanh_cs: what the forward saved (cs[t] is
+   c<t-1> of step t); d_pre: (T, B, 4H) out; rec: (B, H) scratch. */
+void charlm_lstm_backward_loop(charlm_gemm gemm, const float *w, const float *grad_hs, int64_t t_stride,
+                               int64_t b_stride, float *dc, const float *gates, const float *cs,
+                               const float *tanh_cs, float *d_pre, float *rec, int64_t T, int64_t B, int64_t H)
+{
+    const int64_t step = B * H;
+    memset(rec, 0, (size_t)step * sizeof(float));                   /* nothing from step T */
+    for (int64_t t = T - 1; t >= 0; t--) {
+        if (t < T - 1)
+            product(gemm, w, d_pre + (t + 1) * 4 * step, 4 * H, rec, H, B, H, 4 * H);   /* W_hh^T d_pre<t+1> */
+        charlm_lstm_backward(grad_hs + t * t_stride, b_stride, rec, dc, gates + t * 4 * step, cs + t * step,
+                             tanh_cs + t * step, d_pre + t * 4 * step, B, H);
+    }
 }
 
 /* ------------------------------------------------------------------ plain RNN */

@@ -38,8 +38,9 @@ MKL's interface, takes its place (a third of MKL's time at the char
 config's shapes). `loops()` says whether the loops run here: not where the
 product disagrees with torch's in a self-test, not where this torch has no
 MKL unless CHARLM_NATIVE=loops (the own product is unmeasured there), and
-not with CHARLM_NATIVE=steps. The LSTM keeps the per-step kernels: its one
-product a step is larger, MKL's is no faster than oneDNN's there, and on two
+not with CHARLM_NATIVE=steps. The LSTM's loop (`lstm_forward_loop`,
+`lstm_backward_loop`) runs only with the own product (`lstm_loops()`): with
+MKL's, its one product a step was no faster than oneDNN's and on two
 threads the loop measured slower (docs/benchmarks.md).
 """
 
@@ -72,6 +73,8 @@ _SIGNATURES = {
     "charlm_gru_state": [_P, _I, _P, _P, _P, _I, _I],
     "charlm_gru_backward_state": [_P, _I, _P, _P, _P, _P, _P, _P, _P, _I, _I],
     "charlm_gru_backward_reset": [_P, _P, _P, _P, _P, _P, _I, _I],
+    "charlm_lstm_forward_loop": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, ctypes.c_int],
+    "charlm_lstm_backward_loop": [_P, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _I, _I, _I],
     "charlm_rnn_forward_loop": [_P, _P, _P, _P, _I, _I, _I, ctypes.c_int],
     "charlm_rnn_backward_loop": [_P, _P, _P, _I, _I, _P, _P, _P, _I, _I, _I, ctypes.c_int],
     "charlm_gru_forward_loop": [_P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, ctypes.c_int],
@@ -518,12 +521,43 @@ def loops() -> bool:
     return mode == "loops" or gemm_is_mkl() or _mkl_at_half_width()
 
 
+def lstm_loops() -> bool:
+    """Whether an LSTM layer's whole time loop may run here too: only with charlm's own product. With
+    MKL's, on the Zen 3 host, the loop was 0.85-0.98x as fast as the per-step form on two threads."""
+    return loops() and not gemm_is_mkl()
+
+
 def _loops_off() -> str:
     if _mode() == "steps":
         return "CHARLM_NATIVE=steps"
     if gemm() is None:
         return "no packed product agreed with torch's"
     return "no MKL packed product in this torch; CHARLM_NATIVE=loops takes charlm's own"
+
+
+def lstm_forward_loop(w: Packed, gates: Tensor, h0: Tensor, c0: Tensor, hs: Tensor, cs: Tensor, tanh_cs: Tensor,
+                      save: bool) -> None:
+    """The LSTM over the window: gates (T, B, 4H) from W_ih x<t> + b to the activated gates, a<t> into
+    hs (T, B, H), c<t> into cs and tanh c<t> into tanh_cs (T + 1 and T steps with `save`, c0 already in
+    cs[0]; 2 and 1 without). w: W_hh^T packed. h0, c0: (B, H), contiguous."""
+    T, B, H = hs.shape
+    rec = gates.new_empty(B, 4 * H)
+    _lib.charlm_lstm_forward_loop(w.compute, w.address, gates.data_ptr(), h0.data_ptr(), c0.data_ptr(),
+                                  hs.data_ptr(), cs.data_ptr(), tanh_cs.data_ptr(), rec.data_ptr(), T, B, H,
+                                  int(save))
+
+
+def lstm_backward_loop(w: Packed, grad_hs: Tensor, dc: Tensor, gates: Tensor, cs: Tensor, tanh_cs: Tensor,
+                       d_pre: Tensor) -> None:
+    """dL/d(gate pre-activations) of every step into d_pre (T, B, 4H); dc (B, H), contiguous, goes from
+    dL/dc<T> to dL/dc<0>. w: W_hh packed; grad_hs (T, B, H) with each row contiguous; the rest as the
+    forward saved."""
+    T, B, G = gates.shape
+    H = G // 4
+    rec = gates.new_empty(B, H)
+    _lib.charlm_lstm_backward_loop(w.compute, w.address, grad_hs.data_ptr(), grad_hs.stride(0),
+                                   grad_hs.stride(1), dc.data_ptr(), gates.data_ptr(), cs.data_ptr(),
+                                   tanh_cs.data_ptr(), d_pre.data_ptr(), rec.data_ptr(), T, B, H)
 
 
 def rnn_forward_loop(w: Packed, hs: Tensor, h0: Tensor, relu: bool) -> None:

@@ -67,9 +67,10 @@ def backend(request, monkeypatch):
 
 @pytest.fixture(autouse=True, params=["loops-mkl", "loops-own", "native", "pytorch"])
 def elementwise(request, monkeypatch):
-    """Every test four times: the classic GRU's and the RNN's whole time loop in native.c (from T = 8;
-    shorter windows and the other cells step from Python) with MKL's packed product and with native.c's
-    own, the element-wise part of each step in native.c's kernels, and as PyTorch operations."""
+    """Every test four times: the whole time loop in native.c (from T = 8; shorter windows and torch's form
+    of the GRU step from Python) with MKL's packed product (the classic GRU and the RNN; the LSTM steps)
+    and with native.c's own (the LSTM too), the element-wise part of each step in native.c's kernels, and
+    as PyTorch operations."""
     if request.param.startswith("loops"):
         found = native.mkl_gemm() if request.param == "loops-mkl" else native.own_gemm()
         if native.kernels() is None or found is None:

@@ -75,8 +75,9 @@ def _assert_same(results, expected):
 
 STEP_KERNELS = ("lstm_forward", "lstm_backward", "gru_gates", "gru_state", "gru_backward_state",
                 "gru_backward_reset")
-LOOPS = ("gru_forward_loop", "gru_backward_loop")  # the LSTM steps from Python, each step's work in C
-LSTM_STEP_KERNELS = ("lstm_forward", "lstm_backward")
+LOOPS = ("gru_forward_loop", "gru_backward_loop")
+LSTM_LOOPS = ("lstm_forward_loop", "lstm_backward_loop")  # with charlm's own product only
+LSTM_STEP_KERNELS = ("lstm_forward", "lstm_backward")  # with MKL's, the LSTM steps from Python, each step in C
 
 
 def _recording(monkeypatch, names):
@@ -90,11 +91,11 @@ def _recording(monkeypatch, names):
 @needs_native
 def test_layers_give_the_same_values_and_gradients_with_and_without_the_kernels(monkeypatch):
     x, h0, c0, weights = _inputs(0, T=20, B=5, E=7, H=16, scale=0.3)
-    calls = _recording(monkeypatch, STEP_KERNELS + LOOPS)
+    calls = _recording(monkeypatch, STEP_KERNELS + LOOPS + LSTM_LOOPS)
     results = {}
     if native.loops():  # a window of 20 steps: the GRU's whole loop in C, forward and backward
         results["loops"] = _lstm_and_gru_layers(x, h0, c0, weights)
-        assert set(calls) == set(LOOPS + LSTM_STEP_KERNELS)
+        assert set(calls) == set(LOOPS + (LSTM_LOOPS if native.lstm_loops() else LSTM_STEP_KERNELS))
         calls.clear()
     monkeypatch.setattr(native, "loops", lambda: False)  # each step's element-wise part in C
     results["steps"] = _lstm_and_gru_layers(x, h0, c0, weights)
@@ -131,7 +132,7 @@ def test_the_rnn_loop_in_c_gives_the_pytorch_form_values_and_gradients(monkeypat
 def test_a_short_window_steps_from_python(monkeypatch):
     # Below cells_fast._LOOP_MIN_STEPS, laying W_hh out for MKL would cost more than the loop saves.
     x, h0, c0, weights = _inputs(1, T=cells_fast._LOOP_MIN_STEPS - 1, B=2, E=3, H=4, scale=0.5)
-    calls = _recording(monkeypatch, STEP_KERNELS + LOOPS)
+    calls = _recording(monkeypatch, STEP_KERNELS + LOOPS + LSTM_LOOPS)
     short = _lstm_and_gru_layers(x, h0, c0, weights)
     assert set(calls) == set(STEP_KERNELS)
     monkeypatch.setattr(native, "usable", lambda *tensors: False)
@@ -151,15 +152,15 @@ def test_without_mkl_the_loops_wait_for_charlm_native_loops(monkeypatch):
         assert native.status() == ("on (per step: no MKL packed product in this torch; "
                                    "CHARLM_NATIVE=loops takes charlm's own)")
         x, h0, c0, weights = _inputs(2, T=12, B=3, E=4, H=5, scale=0.5)
-        calls = _recording(monkeypatch, STEP_KERNELS + LOOPS)
+        calls = _recording(monkeypatch, STEP_KERNELS + LOOPS + LSTM_LOOPS)
         stepped = _lstm_and_gru_layers(x, h0, c0, weights)
         assert set(calls) == set(STEP_KERNELS)
         calls.clear()
         monkeypatch.setenv("CHARLM_NATIVE", "loops")
         native.loops.cache_clear()
-        assert native.loops()
+        assert native.loops() and native.lstm_loops()
         _assert_same(_lstm_and_gru_layers(x, h0, c0, weights), stepped)
-        assert set(calls) == set(LOOPS + LSTM_STEP_KERNELS)
+        assert set(calls) == set(LOOPS + LSTM_LOOPS)
         monkeypatch.setattr(native, "own_gemm", lambda: None)  # and if the own product failed its test too
         native.loops.cache_clear()
         assert not native.loops()
@@ -171,11 +172,14 @@ def test_without_mkl_the_loops_wait_for_charlm_native_loops(monkeypatch):
 @needs_native
 def test_amd_processors_with_avx512_take_the_own_product(monkeypatch):
     # MKL keeps to its AVX2 kernels there; elsewhere it is MKL's (where this torch has it)
+    monkeypatch.setattr(native, "loops", lambda: True)
     monkeypatch.setattr(native, "_mkl_at_half_width", lambda: True)
     assert native.gemm() is native.own_gemm() is not None and not native.gemm_is_mkl()
+    assert native.lstm_loops()  # the LSTM's loop only with the own product
     monkeypatch.setattr(native, "_mkl_at_half_width", lambda: False)
     assert native.gemm() is (native.mkl_gemm() or native.own_gemm())
     assert native.gemm_is_mkl() == (native.mkl_gemm() is not None)
+    assert native.lstm_loops() == (native.mkl_gemm() is None)
 
 
 def _packed_products():
