@@ -458,7 +458,8 @@ def gemm() -> tuple | None:
 
 def gemm_is_mkl() -> bool:
     """The loops' products go to MKL (then the layer's other products go there too: cells_fast.py)."""
-    return gemm() is not None and gemm() is mkl_gemm()
+    found = gemm()
+    return found is not None and found is mkl_gemm()
 
 
 def product(a: Tensor, w: "Packed", found: tuple | None = None) -> Tensor:
