@@ -524,7 +524,10 @@ def loops() -> bool:
 
 def lstm_loops() -> bool:
     """Whether an LSTM layer's whole time loop may run here too: only with charlm's own product. With
-    MKL's, on the Zen 3 host, the loop was 0.85-0.98x as fast as the per-step form on two threads."""
+    MKL's, on the Zen 3 host, the loop was 0.85-0.98x as fast as the per-step form on two threads; and
+    beside MKL's on an Intel host with AVX-512, the loop through the own product measured 1.26x once,
+    then 0.95-1.09x in five runs (docs/benchmarks.md, "On an Intel host with AMX"), so there too the
+    LSTM steps."""
     return loops() and not gemm_is_mkl()
 
 
