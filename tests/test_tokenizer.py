@@ -105,6 +105,19 @@ def test_nfc_makes_composed_and_decomposed_accents_the_same_token():
         assert UNK_ID not in codec.encode_line(decomposed)
 
 
+@pytest.mark.parametrize("lowercase", [False, True])
+def test_char_encode_line_gives_the_ids_of_the_split_tokens(lowercase):
+    # encode_line has a path of its own for characters; it must give what the tokenizer's split gives
+    codec = codec_for("Hello 你好 caf\u00e9 😀", lowercase=lowercase)
+    lines = ["", "Hello", "HELLO 你好 😀", "cafe\u0301 CAF\u00c9", "unseen: Zß🐍\t", "<unk>", MIXED.split("\n")[0]]
+    for line in lines:
+        ids = codec.encode_line(line)
+        assert ids == [codec.vocab.id(t) for t in codec.tokenizer.split(line)]
+        assert all(isinstance(i, int) for i in ids)
+    assert codec.encode_line("Z")[0] == UNK_ID
+    assert (codec.encode_line("H") == codec.encode_line("h")) == lowercase
+
+
 def test_vocabulary_is_built_from_nfc_text():
     counts = count_tokens(Tokenizer("char"), "e\u0301e\u0301")
     assert counts == Counter({"\u00e9": 2})
