@@ -78,13 +78,20 @@ class RNNLM(nn.Module):
             if self.adaptive:
                 return self.decoder.log_prob(out.reshape(B * T, H)).view(B, T, -1), state  # (B, T, V)
             return output_linear(out, self.decoder.weight, self.decoder.bias), state  # (B, T, V)
+        if T > 1 and B > 1 and out.transpose(0, 1).is_contiguous():
+            # the custom layers work time-major and hand back a (B, T, H) view of (T, B, H): the loss taken
+            # in that order spares a copy of the outputs, and of their gradient
+            return self._nll(out.transpose(0, 1), targets.t()).t(), state
+        return self._nll(out, targets), state
+
+    def _nll(self, out: Tensor, targets: Tensor) -> Tensor:
+        """-log p of each target: out (X, Y, H) and targets (X, Y) -> (X, Y)."""
+        X, Y, H = out.shape
         if self.adaptive:
-            nll = -self.decoder(out.reshape(B * T, H), targets.reshape(-1)).output  # log p of each target
-        else:
-            logits = output_linear(out, self.decoder.weight, self.decoder.bias)
-            nll = nn.functional.cross_entropy(logits.float().reshape(B * T, -1), targets.reshape(-1),
-                                              reduction="none")
-        return nll.view(B, T), state
+            return -self.decoder(out.reshape(X * Y, H), targets.reshape(-1)).output.view(X, Y)
+        logits = output_linear(out, self.decoder.weight, self.decoder.bias)
+        return nn.functional.cross_entropy(logits.float().reshape(X * Y, -1), targets.reshape(-1),
+                                           reduction="none").view(X, Y)
 
     def _looks_up(self, tokens: Tensor) -> bool:
         """The custom layers' first input projection read from a table of the vocabulary's rows

@@ -101,3 +101,26 @@ def test_stream_nll_is_the_exact_likelihood_whatever_the_window(window):
     expected = nn.functional.cross_entropy(logits[0].double(), ids[1:], reduction="sum").item()
     assert count == 29
     assert math.isclose(total, expected, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("softmax", ["full", "adaptive"])
+@pytest.mark.parametrize("impl", ["torch", "custom"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_the_loss_with_targets_is_the_log_softmax_of_the_logits_and_has_its_gradient(cell, impl, softmax):
+    # forward(..., targets) takes the loss in the custom layers' time-major order, a path of its own
+    torch.manual_seed(2)
+    model = build_model(model_config(cell=cell, impl=impl, softmax=softmax, adaptive_cutoffs="6",
+                                     embedding_size=8, tie_weights=softmax == "adaptive"), 13)
+    tokens, targets = torch.randint(0, 13, (2, 3, 40))  # 120 tokens: the custom model's looked-up projection
+    if impl == "custom":  # (B, T, H), a view of (T, B, H); nn.RNN's layout is its own (on the CPU, oneDNN's)
+        assert model.rnn(model.encoder(tokens))[0].transpose(0, 1).is_contiguous()
+    nll, _ = model(tokens, targets=targets)
+    assert nll.shape == (3, 40)
+    (nll * torch.linspace(0.5, 1.5, 120).view(3, 40)).sum().backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    expected = -model(tokens)[0].log_softmax(-1).gather(2, targets.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(nll, expected, atol=1e-5, rtol=1e-5)
+    (expected * torch.linspace(0.5, 1.5, 120).view(3, 40)).sum().backward()
+    for g, p in zip(got, model.parameters()):
+        torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-5)
