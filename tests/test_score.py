@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import pytest
 import torch
@@ -146,3 +147,22 @@ def test_evaluating_an_empty_file_is_a_usage_error(tmp_path):
     path.write_text("", encoding="utf-8")
     with pytest.raises(UsageError, match="no text"):
         evaluate_file(random_model(), char_codec("ab"), path)
+
+
+def test_a_batch_of_empty_lines_scores_as_one_empty_line_without_warnings():
+    # every line empty: the batch is one step long, its targets a strided view; the adaptive softmax's
+    # bucketize warned about that before the model made them contiguous
+    from charlm.config import ModelConfig
+    from charlm.model import build_model
+
+    tokenizer = Tokenizer("word")
+    codec = TextCodec(tokenizer, Vocabulary.build(count_tokens(tokenizer, "a b c d e f g h i j k l")))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(cell="lstm", impl="torch", embedding_size=8, hidden_size=8, device="cpu",
+                                    softmax="adaptive", adaptive_cutoffs="4,8", tie_weights=True), len(codec.vocab))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        together = score_sentences(model, codec, ["", "", ""])
+    (alone,) = score_sentences(model, codec, [""])
+    assert [r.tokens for r in together] == [["<eos>"]] * 3
+    assert all(abs(r.logprob - alone.logprob) < 1e-6 for r in together) and alone.logprob < 0
