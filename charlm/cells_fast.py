@@ -339,7 +339,7 @@ def gru_layer_forward(x: Tensor, w_ih: Tensor, bias: Tensor, h0: Tensor, w_hh: T
     rh = gates.new_empty(T if save else 1, B, H)
     if loop:
         native.gru_forward_loop(native.Packed(w_hh[: 2 * H].t(), B), native.Packed(w_hh[2 * H:].t(), B), gates,
-                                h0.contiguous(), hs, rh, save)
+                                h0.contiguous(), hs, rh, save, native.loop_parts(B))
         return hs, (gates, rh)
     w_ru, w_c = Repeated(w_hh[: 2 * H], B, T), Repeated(w_hh[2 * H:], B, T)
     RU, R, U, C_TILDE = (gates[..., : 2 * H].unbind(0), gates[..., :H].unbind(0),
@@ -386,7 +386,8 @@ class GRULayer(torch.autograd.Function):
         if _whole_loop(T, fits):
             carry, rec = hs.new_zeros(B, H), hs.new_zeros(B, H)
             native.gru_backward_loop(native.Packed(w_hh[: 2 * H], B), native.Packed(w_hh[2 * H:], B), grad_hs,
-                                     gates, h_prev, d_ru, d_c, carry, rec, ctx.needs_input_grad[3])
+                                     gates, h_prev, d_ru, d_c, carry, rec, ctx.needs_input_grad[3],
+                                     native.loop_parts(B))
             d_h0 = carry + rec if ctx.needs_input_grad[3] else None
             with _loop_products(True):
                 return GRULayer._finish(ctx, d_h0, d_ru, d_c, h_prev, rh, x, w_ih)

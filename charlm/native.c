@@ -380,23 +380,49 @@ void charlm_rnn_backward_loop(charlm_gemm gemm, const float *w, const float *gra
     }
 }
 
-/* The classic GRU forward over T steps. gates: (T, B, 3H), W_ih x<t> + b on entry, Γr, Γu, c~ on
-   return; w_ru: W_hh,ru^T packed (H -> 2H), w_c: W_hh,c^T packed (H -> H); hs: (T, B, H); rh:
-   Γr * h<t-1>, (T, B, H) with `save`, else one step; rec: (B, 2H) scratch. */
-void charlm_gru_forward_loop(charlm_gemm gemm, const float *w_ru, const float *w_c, float *gates,
-                             const float *h0, float *hs, float *rh, float *rec, int64_t T, int64_t B, int64_t H,
-                             int save)
+/* The classic GRU forward over T steps, for the n batch rows from row lo of a batch of B (the
+   other rows of the buffers untouched); rec: (n, 2H) scratch. */
+static void gru_forward_rows(charlm_gemm gemm, const float *w_ru, const float *w_c, float *gates,
+                             const float *h0, float *hs, float *rh, float *rec, int64_t T, int64_t B,
+                             int64_t lo, int64_t n, int64_t H, int save)
 {
     const int64_t step = B * H;
-    const float *h = h0;
+    const float *h = h0 + lo * H;
     for (int64_t t = 0; t < T; t++) {
-        float *g = gates + t * 3 * step, *r_h = rh + (save ? t : 0) * step;
-        product(gemm, w_ru, h, H, rec, 2 * H, B, 2 * H, H);          /* W_hh,ru h<t-1> */
-        charlm_gru_gates(g, 3 * H, rec, h, r_h, B, H);
-        product(gemm, w_c, r_h, H, rec, H, B, H, H);                 /* W_hh,c (Γr * h<t-1>) */
-        charlm_gru_state(g, 3 * H, rec, h, hs + t * step, B, H);
-        h = hs + t * step;
+        float *g = gates + t * 3 * step + lo * 3 * H, *r_h = rh + (save ? t : 0) * step + lo * H;
+        float *h_t = hs + t * step + lo * H;
+        product(gemm, w_ru, h, H, rec, 2 * H, n, 2 * H, H);          /* W_hh,ru h<t-1> */
+        charlm_gru_gates(g, 3 * H, rec, h, r_h, n, H);
+        product(gemm, w_c, r_h, H, rec, H, n, H, H);                 /* W_hh,c (Γr * h<t-1>) */
+        charlm_gru_state(g, 3 * H, rec, h, h_t, n, H);
+        h = h_t;
     }
+}
+
+/* The classic GRU forward over T steps. gates: (T, B, 3H), W_ih x<t> + b on entry, Γr, Γu, c~ on
+   return; w_ru: W_hh,ru^T packed (H -> 2H), w_c: W_hh,c^T packed (H -> H); hs: (T, B, H); rh:
+   Γr * h<t-1>, (T, B, H) with `save`, else one step; rec: (B, 2H) scratch.
+   parts > 1 (an OpenMP build): the batch's rows are split into that many blocks, each thread
+   running the whole loop over its block with products of one thread (inside a parallel region
+   the kernels' own row loops and MKL keep to the calling thread), instead of every product and
+   kernel being split among the threads at every step. */
+void charlm_gru_forward_loop(charlm_gemm gemm, const float *w_ru, const float *w_c, float *gates,
+                             const float *h0, float *hs, float *rh, float *rec, int64_t T, int64_t B, int64_t H,
+                             int save, int parts)
+{
+#ifdef _OPENMP
+    if (parts > 1) {
+        #pragma omp parallel num_threads(parts)
+        {
+            const int64_t k = omp_get_thread_num(), m = omp_get_num_threads();
+            const int64_t lo = B * k / m, hi = B * (k + 1) / m;
+            gru_forward_rows(gemm, w_ru, w_c, gates, h0, hs, rh, rec + lo * 2 * H, T, B, lo, hi - lo, H, save);
+        }
+        return;
+    }
+#endif
+    (void)parts;
+    gru_forward_rows(gemm, w_ru, w_c, gates, h0, hs, rh, rec, T, B, 0, B, H, save);
 }
 
 /* The classic GRU backward over T steps, the loop of charlm_gru_backward_state and _reset.
@@ -404,21 +430,46 @@ void charlm_gru_forward_loop(charlm_gemm gemm, const float *w_ru, const float *w
    h_prev: (T, B, 3H) activated gates and (T, B, H) h<t-1>; d_ru (T, B, 2H), d_c (T, B, H) out.
    carry, rec: (B, H), zeros on entry; on return the two parts of dL/dh<0> that the caller adds
    (rec only if `need_h0`). dh, d_rh: (B, H) scratch. */
-void charlm_gru_backward_loop(charlm_gemm gemm, const float *w_ru, const float *w_c, const float *grad_hs,
+static void gru_backward_rows(charlm_gemm gemm, const float *w_ru, const float *w_c, const float *grad_hs,
                               int64_t t_stride, int64_t b_stride, const float *gates, const float *h_prev,
                               float *d_ru, float *d_c, float *carry, float *rec, float *dh, float *d_rh,
-                              int64_t T, int64_t B, int64_t H, int need_h0)
+                              int64_t T, int64_t B, int64_t lo, int64_t n, int64_t H, int need_h0)
 {
     const int64_t step = B * H;
+    grad_hs += lo * b_stride, gates += lo * 3 * H, h_prev += lo * H, d_ru += lo * 2 * H, d_c += lo * H;
+    carry += lo * H, rec += lo * H, dh += lo * H, d_rh += lo * H;
     for (int64_t t = T - 1; t >= 0; t--) {
         const float *g = gates + t * 3 * step, *hp = h_prev + t * step;
         float *dru = d_ru + t * 2 * step, *dct = d_c + t * step;
-        charlm_gru_backward_state(grad_hs + t * t_stride, b_stride, carry, rec, g, hp, dh, dru, dct, B, H);
-        product(gemm, w_c, dct, H, d_rh, H, B, H, H);               /* d(Γr h<t-1>) = W_c^T dc~-pre */
-        charlm_gru_backward_reset(d_rh, dh, g, hp, dru, carry, B, H);
+        charlm_gru_backward_state(grad_hs + t * t_stride, b_stride, carry, rec, g, hp, dh, dru, dct, n, H);
+        product(gemm, w_c, dct, H, d_rh, H, n, H, H);               /* d(Γr h<t-1>) = W_c^T dc~-pre */
+        charlm_gru_backward_reset(d_rh, dh, g, hp, dru, carry, n, H);
         if (t > 0 || need_h0)
-            product(gemm, w_ru, dru, 2 * H, rec, H, B, H, 2 * H);   /* W_ru^T [dΓr-pre, dΓu-pre] */
+            product(gemm, w_ru, dru, 2 * H, rec, H, n, H, 2 * H);   /* W_ru^T [dΓr-pre, dΓu-pre] */
     }
+}
+
+/* parts: as for charlm_gru_forward_loop, each thread going back through the steps of its rows. */
+void charlm_gru_backward_loop(charlm_gemm gemm, const float *w_ru, const float *w_c, const float *grad_hs,
+                              int64_t t_stride, int64_t b_stride, const float *gates, const float *h_prev,
+                              float *d_ru, float *d_c, float *carry, float *rec, float *dh, float *d_rh,
+                              int64_t T, int64_t B, int64_t H, int need_h0, int parts)
+{
+#ifdef _OPENMP
+    if (parts > 1) {
+        #pragma omp parallel num_threads(parts)
+        {
+            const int64_t k = omp_get_thread_num(), m = omp_get_num_threads();
+            const int64_t lo = B * k / m, hi = B * (k + 1) / m;
+            gru_backward_rows(gemm, w_ru, w_c, grad_hs, t_stride, b_stride, gates, h_prev, d_ru, d_c, carry, rec,
+                              dh, d_rh, T, B, lo, hi - lo, H, need_h0);
+        }
+        return;
+    }
+#endif
+    (void)parts;
+    gru_backward_rows(gemm, w_ru, w_c, grad_hs, t_stride, b_stride, gates, h_prev, d_ru, d_c, carry, rec, dh,
+                      d_rh, T, B, 0, B, H, need_h0);
 }
 
 /* ------------------------------------------------------------------ charlm's own packed product

@@ -77,9 +77,9 @@ _SIGNATURES = {
     "charlm_lstm_backward_loop": [_P, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _I, _I, _I],
     "charlm_rnn_forward_loop": [_P, _P, _P, _P, _I, _I, _I, ctypes.c_int],
     "charlm_rnn_backward_loop": [_P, _P, _P, _I, _I, _P, _P, _P, _I, _I, _I, ctypes.c_int],
-    "charlm_gru_forward_loop": [_P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, ctypes.c_int],
+    "charlm_gru_forward_loop": [_P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, ctypes.c_int, ctypes.c_int],
     "charlm_gru_backward_loop": [_P, _P, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I,
-                                 ctypes.c_int],
+                                 ctypes.c_int, ctypes.c_int],
 }
 _why_not = ""
 _lib: ctypes.CDLL | None = None  # set by kernels(); the wrappers below are called only after usable()
@@ -522,6 +522,16 @@ def loops() -> bool:
     return mode == "loops" or gemm_is_mkl() or _mkl_at_half_width()
 
 
+def loop_parts(B: int) -> int:
+    """Blocks of batch rows for a GRU time loop, each run through the whole window by a thread of its
+    own with one-thread products: one block per OpenMP thread where each holds 8 rows or more and the
+    product is MKL's, else 1 (every product and kernel split among the threads at each step instead).
+    On the Intel host of 2026-12-03 the forward loop ran 1.05-1.4x faster so (docs/benchmarks.md);
+    with charlm's own product, whose panels are split among the threads, it was not measured."""
+    threads = openmp_threads()
+    return threads if threads > 1 and B >= 8 * threads and gemm_is_mkl() else 1
+
+
 def lstm_loops() -> bool:
     """Whether an LSTM layer's whole time loop may run here too: only with charlm's own product. With
     MKL's, on the Zen 3 host, the loop was 0.85-0.98x as fast as the per-step form on two threads; and
@@ -582,18 +592,19 @@ def rnn_backward_loop(w: Packed, grad_hs: Tensor, hs: Tensor, d_pre: Tensor, rel
 
 
 def gru_forward_loop(w_ru: Packed, w_c: Packed, gates: Tensor, h0: Tensor, hs: Tensor, rh: Tensor,
-                     save: bool) -> None:
+                     save: bool, parts: int = 1) -> None:
     """The classic GRU over the window: gates (T, B, 3H) from W_ih x<t> + b to Γr, Γu, c~, h<t> into hs
     (T, B, H), Γr * h<t-1> into rh (T steps with `save`, else 1). w_ru, w_c: the two blocks of W_hh,
     transposed and packed. h0: (B, H), contiguous."""
     T, B, H = hs.shape
     rec = gates.new_empty(B, 2 * H)
     _lib.charlm_gru_forward_loop(w_ru.compute, w_ru.address, w_c.address, gates.data_ptr(),
-                                 h0.data_ptr(), hs.data_ptr(), rh.data_ptr(), rec.data_ptr(), T, B, H, int(save))
+                                 h0.data_ptr(), hs.data_ptr(), rh.data_ptr(), rec.data_ptr(), T, B, H, int(save),
+                                 parts)
 
 
 def gru_backward_loop(w_ru: Packed, w_c: Packed, grad_hs: Tensor, gates: Tensor, h_prev: Tensor, d_ru: Tensor,
-                      d_c: Tensor, carry: Tensor, rec: Tensor, need_h0: bool) -> None:
+                      d_c: Tensor, carry: Tensor, rec: Tensor, need_h0: bool, parts: int = 1) -> None:
     """dL/d(pre-activations) of r, u into d_ru (T, B, 2H) and of c~ into d_c (T, B, H). w_ru, w_c: the
     blocks of W_hh packed; h_prev (T, B, H): h<t-1>; carry, rec (B, H): zeros, on return the two parts
     of dL/dh<0> (rec only with `need_h0`)."""
@@ -602,4 +613,4 @@ def gru_backward_loop(w_ru: Packed, w_c: Packed, grad_hs: Tensor, gates: Tensor,
     _lib.charlm_gru_backward_loop(w_ru.compute, w_ru.address, w_c.address, grad_hs.data_ptr(),
                                   grad_hs.stride(0), grad_hs.stride(1), gates.data_ptr(), h_prev.data_ptr(),
                                   d_ru.data_ptr(), d_c.data_ptr(), carry.data_ptr(), rec.data_ptr(),
-                                  dh.data_ptr(), d_rh.data_ptr(), T, B, H, int(need_h0))
+                                  dh.data_ptr(), d_rh.data_ptr(), T, B, H, int(need_h0), parts)

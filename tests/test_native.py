@@ -129,6 +129,30 @@ def test_the_rnn_loop_in_c_gives_the_pytorch_form_values_and_gradients(monkeypat
 
 
 @pytest.mark.skipif(not native.loops(), reason="native time loops off")
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_the_gru_loop_split_into_blocks_of_rows_gives_the_same_values_and_gradients(monkeypatch, parts):
+    # 17 rows: blocks of 5 and 6 (or 8 and 9), each run through the window by a thread of its own
+    x, h0, c0, weights = _inputs(5, T=20, B=17, E=7, H=16, scale=0.3)
+    gru = {"gru": weights["gru"]}
+    seen = []
+    monkeypatch.setattr(native, "loop_parts", lambda B: (seen.append(B), parts)[1])
+    calls = _recording(monkeypatch, LOOPS)
+    split = _lstm_and_gru_layers(x, h0, c0, gru)
+    assert calls == list(LOOPS) and seen == [17, 17]
+    monkeypatch.setattr(native, "usable", lambda *tensors: False)
+    _assert_same(split, _lstm_and_gru_layers(x, h0, c0, gru))
+
+
+@pytest.mark.skipif(not native.loops(), reason="native time loops off")
+def test_loop_parts_gives_one_block_per_thread_of_eight_rows_or_more_with_mkl():
+    threads = native.openmp_threads()
+    expected = threads if threads > 1 and native.gemm_is_mkl() else 1
+    assert native.loop_parts(8 * max(threads, 1)) == expected
+    assert native.loop_parts(8 * max(threads, 1) - 1) == 1
+    assert native.loop_parts(1) == 1
+
+
+@pytest.mark.skipif(not native.loops(), reason="native time loops off")
 def test_a_short_window_steps_from_python(monkeypatch):
     # Below cells_fast._LOOP_MIN_STEPS, laying W_hh out for MKL would cost more than the loop saves.
     x, h0, c0, weights = _inputs(1, T=cells_fast._LOOP_MIN_STEPS - 1, B=2, E=3, H=4, scale=0.5)
