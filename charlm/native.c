@@ -30,7 +30,9 @@
    (torch.set_num_threads); charlm_openmp_threads says how many a loop would use (0: no OpenMP). */
 #ifdef _OPENMP
 #include <omp.h>
-#define PARALLEL_ROWS _Pragma("omp parallel for if (B * H >= 4096) schedule(static)")
+/* not inside a region of their own: a loop split by rows (charlm_gru_forward_loop) runs the kernels of
+   each block in its thread, whatever OMP_NESTED or OMP_MAX_ACTIVE_LEVELS say */
+#define PARALLEL_ROWS _Pragma("omp parallel for if (B * H >= 4096 && !omp_in_parallel()) schedule(static)")
 int charlm_openmp_threads(void) { return omp_get_max_threads(); }
 #else
 #define PARALLEL_ROWS
@@ -505,7 +507,8 @@ void charlm_gru_backward_loop(charlm_gemm gemm, const float *w_ru, const float *
 typedef float vec __attribute__((vector_size(VL * sizeof(float)), aligned(sizeof(float)), may_alias));
 
 #ifdef _OPENMP
-#define PARALLEL_PANELS _Pragma("omp parallel for if ((int64_t)m * n * k >= (1 << 18)) schedule(static)")
+#define PARALLEL_PANELS \
+    _Pragma("omp parallel for if ((int64_t)m * n * k >= (1 << 18) && !omp_in_parallel()) schedule(static)")
 #else
 #define PARALLEL_PANELS
 #endif

@@ -529,7 +529,20 @@ def loop_parts(B: int) -> int:
     On the Intel host of 2026-12-03 the forward loop ran 1.05-1.4x faster so (docs/benchmarks.md);
     with charlm's own product, whose panels are split among the threads, it was not measured."""
     threads = openmp_threads()
-    return threads if threads > 1 and B >= 8 * threads and gemm_is_mkl() else 1
+    return threads if threads > 1 and B >= 8 * threads and gemm_is_mkl() and _fewer_rows_agree() else 1
+
+
+@cache
+def _fewer_rows_agree() -> bool:
+    """Whether the packed product gives a block of rows what it gives them in the whole product, with W
+    packed for all the rows: each thread of a split loop multiplies its block so. MKL's documentation
+    neither promises nor forbids it (PyTorch's own packed MKL linear repacks for another row count)."""
+    found = gemm()
+    a = torch.linspace(-1.0, 1.0, 32 * 24).view(32, 24)
+    w = torch.linspace(-0.5, 0.7, 24 * 40).view(24, 40)
+    packed, want = Packed(w, 32, found), a @ w
+    return all(torch.allclose(product(a[lo:hi], packed, found), want[lo:hi], atol=1e-5)
+               for lo, hi in ((0, 16), (16, 32), (0, 9), (9, 32), (5, 6)))
 
 
 def lstm_loops() -> bool:

@@ -139,14 +139,21 @@ def test_the_gru_loop_split_into_blocks_of_rows_gives_the_same_values_and_gradie
     calls = _recording(monkeypatch, LOOPS)
     split = _lstm_and_gru_layers(x, h0, c0, gru)
     assert calls == list(LOOPS) and seen == [17, 17]
+    w_ih, bias, w_hh = gru["gru"]
+    with torch.no_grad():  # inference: the loop keeps one step of Γr * h<t-1>, not the window's
+        inferred = cells_fast.gru_layer(x, w_ih, bias, h0, w_hh)
+    assert calls == list(LOOPS) + ["gru_forward_loop"]
     monkeypatch.setattr(native, "usable", lambda *tensors: False)
-    _assert_same(split, _lstm_and_gru_layers(x, h0, c0, gru))
+    expected = _lstm_and_gru_layers(x, h0, c0, gru)
+    _assert_same(split, expected)
+    torch.testing.assert_close(inferred, expected[0][0], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(not native.loops(), reason="native time loops off")
 def test_loop_parts_gives_one_block_per_thread_of_eight_rows_or_more_with_mkl():
     threads = native.openmp_threads()
     expected = threads if threads > 1 and native.gemm_is_mkl() else 1
+    assert native._fewer_rows_agree()  # MKL 2024.2, PyTorch 2.13's: a block of rows of a packed W as in the whole
     assert native.loop_parts(8 * max(threads, 1)) == expected
     assert native.loop_parts(8 * max(threads, 1) - 1) == 1
     assert native.loop_parts(1) == 1
