@@ -77,6 +77,7 @@ class TiedAdaptiveSoftmax(nn.Module):
         parts = self._parts()
         head = self.head_log_prob(h, parts)
         c = self.shortlist
+        targets = targets.contiguous()  # bucketize warns of a strided one (a (B, 1) batch's, read time-major)
         cluster = torch.bucketize(targets, self.bounds, right=True)
         # head index of each target: the token itself in the shortlist, else its cluster's entry
         head_index = torch.where(cluster == 0, targets, c + cluster - 1)

@@ -88,7 +88,7 @@ class RNNLM(nn.Module):
         """-log p of each target: out (X, Y, H) and targets (X, Y) -> (X, Y)."""
         X, Y, H = out.shape
         if self.adaptive:
-            return -self.decoder(out.reshape(X * Y, H), targets.reshape(-1).contiguous()).output.view(X, Y)
+            return -self.decoder(out.reshape(X * Y, H), targets.reshape(-1)).output.view(X, Y)
         logits = output_linear(out, self.decoder.weight, self.decoder.bias)
         return nn.functional.cross_entropy(logits.float().reshape(X * Y, -1), targets.reshape(-1),
                                            reduction="none").view(X, Y)

@@ -62,14 +62,14 @@ def score_sentences(model: RNNLM, codec: TextCodec, sentences: list[str], batch_
         for i, row in zip(batch, (-nll).double().cpu().tolist()):
             logps[i] = row[:len(encoded[i]) + 1]  # the line's targets with its closing <eos>
     results = []
-    tokens_of = codec.vocab.tokens
     for text, ids, lp in zip(sentences, encoded, logps):
         total = math.fsum(lp)
         oov = ids.count(UNK_ID)
+        # the in-vocabulary tokens' log-probabilities; the closing <eos> (the last) is always one of them
         known = [x for x, i in zip(lp, ids) if i != UNK_ID] + lp[-1:] if oov else lp
         n = len(lp)
         results.append(SentenceScore(
-            text, [*map(tokens_of.__getitem__, ids), EOS], lp, total, total / LN10, oov, math.exp(-total / n),
+            text, codec.vocab.decode(ids) + [EOS], lp, total, total / LN10, oov, math.exp(-total / n),
             math.exp(-math.fsum(known) / len(known)), -total / n / LN2))
     return results
 

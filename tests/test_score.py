@@ -151,7 +151,7 @@ def test_evaluating_an_empty_file_is_a_usage_error(tmp_path):
 
 def test_a_batch_of_empty_lines_scores_as_one_empty_line_without_warnings():
     # every line empty: the batch is one step long, its targets a strided view; the adaptive softmax's
-    # bucketize warned about that before the model made them contiguous
+    # bucketize warned about that before the adaptive softmax made them contiguous
     from charlm.config import ModelConfig
     from charlm.model import build_model
 

@@ -107,7 +107,8 @@ def test_nfc_makes_composed_and_decomposed_accents_the_same_token():
 
 @pytest.mark.parametrize("lowercase", [False, True])
 def test_char_encode_line_gives_the_ids_of_the_split_tokens(lowercase):
-    # encode_line has a path of its own for characters; it must give what the tokenizer's split gives
+    # Vocabulary.encode maps the tokenizer's iterator (a character line's own) through the dict: the ids
+    # of the tokens that split gives, one by one
     codec = codec_for("Hello 你好 caf\u00e9 😀", lowercase=lowercase)
     lines = ["", "Hello", "HELLO 你好 😀", "cafe\u0301 CAF\u00c9", "unseen: Zß🐍\t", "<unk>", MIXED.split("\n")[0]]
     for line in lines:
