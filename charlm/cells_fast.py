@@ -168,7 +168,7 @@ def rnn_layer_forward(x: Tensor, w_ih: Tensor, bias: Tensor, h0: Tensor, w_hh: T
     with _loop_products(loop):
         hs = _project(x, w_ih, bias)  # W_ax x<t> + b; each step adds W_aa a<t-1> and applies tanh in place
     if loop:
-        native.rnn_forward_loop(native.Packed(w_hh.t(), B), hs, h0.contiguous(), relu)
+        native.rnn_forward_loop(native.Packed(w_hh.t(), B), hs, h0.contiguous(), relu, native.loop_parts(B))
         return hs
     w = Repeated(w_hh, h0.shape[0], x.shape[0])  # a<t-1> -> W_aa a<t-1>
     h = h0
@@ -197,7 +197,7 @@ class RNNLayer(torch.autograd.Function):
         if _whole_loop(T, _native_fits(hs, B, H, h0)):
             if grad_hs.stride(2) != 1:  # the C loop takes each step's rows apart, but each row contiguous
                 grad_hs = grad_hs.contiguous()
-            native.rnn_backward_loop(native.Packed(w_hh, B), grad_hs, hs, d_pre, ctx.relu)
+            native.rnn_backward_loop(native.Packed(w_hh, B), grad_hs, hs, d_pre, ctx.relu, native.loop_parts(B))
             with _loop_products(True):
                 d_h0 = mm(d_pre[0], w_hh) if ctx.needs_input_grad[3] else None   # W_aa^T d_pre<1>
                 d_w = _recurrent_weight_grad(d_pre, h0, hs) if ctx.needs_input_grad[4] else None

@@ -34,9 +34,27 @@
    each block in its thread, whatever OMP_NESTED or OMP_MAX_ACTIVE_LEVELS say */
 #define PARALLEL_ROWS _Pragma("omp parallel for if (B * H >= 4096 && !omp_in_parallel()) schedule(static)")
 int charlm_openmp_threads(void) { return omp_get_max_threads(); }
+/* A time loop split by batch rows (parts > 1): `parts` threads, each running the statement with lo and
+   n naming its block of the B rows, the whole window through, its products and kernels in its own
+   thread. Otherwise the statement runs once for all the rows. */
+#define BY_ROWS(parts, B, ...) do {                                                           \
+        const int parts_ = (parts);                                                           \
+        if (parts_ > 1) {                                                                     \
+            _Pragma("omp parallel num_threads(parts_)")                                       \
+            {                                                                                 \
+                const int64_t k_ = omp_get_thread_num(), m_ = omp_get_num_threads();          \
+                const int64_t lo = (B) * k_ / m_, n = (B) * (k_ + 1) / m_ - lo;               \
+                __VA_ARGS__;                                                                  \
+            }                                                                                 \
+        } else {                                                                              \
+            const int64_t lo = 0, n = (B);                                                    \
+            __VA_ARGS__;                                                                      \
+        }                                                                                     \
+    } while (0)
 #else
 #define PARALLEL_ROWS
 int charlm_openmp_threads(void) { return 0; }
+#define BY_ROWS(parts, B, ...) do { (void)(parts); const int64_t lo = 0, n = (B); __VA_ARGS__; } while (0)
 #endif
 
 /* e^x - 1, within a few ulp of e^x - 1 also near 0, where the difference e^x - 1 would lose
@@ -329,18 +347,17 @@ static void rnn_relu_row(float *restrict a, int64_t H)
         a[k] = a[k] < 0.0f ? 0.0f : a[k];        /* max(0, ...); a NaN stays NaN, as torch's relu */
 }
 
-/* The plain RNN forward over T steps. hs: (T, B, H), W_ax x<t> + b on entry, a<t> on return; w:
-   W_aa^T packed (H -> H); h0: (B, H). Each step adds W_aa a<t-1> into its rows and activates them. */
-void charlm_rnn_forward_loop(charlm_gemm gemm, const float *w, float *hs, const float *h0, int64_t T,
-                             int64_t B, int64_t H, int relu)
+/* The plain RNN forward over T steps, for the n batch rows from row lo of a batch of B. */
+static void rnn_forward_rows(charlm_gemm gemm, const float *w, float *hs, const float *h0, int64_t T,
+                             int64_t B, int64_t lo, int64_t n, int64_t H, int relu)
 {
     const int64_t step = B * H;
-    const float *h = h0;
+    const float *h = h0 + lo * H;
     for (int64_t t = 0; t < T; t++) {
-        float *a = hs + t * step;
-        gemm(101, 111, 151, (int)B, (int)H, (int)H, h, (int)H, w, (int)H, 1.0f, a, (int)H);   /* += W_aa a<t-1> */
+        float *a = hs + t * step + lo * H;
+        gemm(101, 111, 151, (int)n, (int)H, (int)H, h, (int)H, w, (int)H, 1.0f, a, (int)H);   /* += W_aa a<t-1> */
         PARALLEL_ROWS
-        for (int64_t b = 0; b < B; b++) {
+        for (int64_t b = 0; b < n; b++) {
             if (relu)
                 rnn_relu_row(a + b * H, H);
             else
@@ -348,6 +365,15 @@ void charlm_rnn_forward_loop(charlm_gemm gemm, const float *w, float *hs, const 
         }
         h = a;
     }
+}
+
+/* The plain RNN forward over T steps. hs: (T, B, H), W_ax x<t> + b on entry, a<t> on return; w:
+   W_aa^T packed (H -> H); h0: (B, H). Each step adds W_aa a<t-1> into its rows and activates them.
+   parts: as for charlm_gru_forward_loop. */
+void charlm_rnn_forward_loop(charlm_gemm gemm, const float *w, float *hs, const float *h0, int64_t T,
+                             int64_t B, int64_t H, int relu, int parts)
+{
+    BY_ROWS(parts, B, rnn_forward_rows(gemm, w, hs, h0, T, B, lo, n, H, relu));
 }
 
 static void rnn_backward_row(const float *restrict gh, const float *restrict rb, const float *restrict hb,
@@ -362,24 +388,34 @@ static void rnn_backward_row(const float *restrict gh, const float *restrict rb,
     }
 }
 
-/* The plain RNN backward over T steps: dL/d(pre-activation) of every step into d_pre (T, B, H), with
-   da<t> = grad_hs<t> (rows as for the LSTM) + W_aa^T d_pre<t+1>; w: W_aa packed (H -> H); hs: the
-   forward's a<t>; rec: (B, H) scratch. */
-void charlm_rnn_backward_loop(charlm_gemm gemm, const float *w, const float *grad_hs, int64_t t_stride,
+/* The plain RNN backward over T steps, for the n batch rows from row lo of a batch of B. */
+static void rnn_backward_rows(charlm_gemm gemm, const float *w, const float *grad_hs, int64_t t_stride,
                               int64_t b_stride, const float *hs, float *d_pre, float *rec, int64_t T, int64_t B,
-                              int64_t H, int relu)
+                              int64_t lo, int64_t n, int64_t H, int relu)
 {
     const int64_t step = B * H;
-    memset(rec, 0, (size_t)step * sizeof(float));                   /* nothing from step T */
+    grad_hs += lo * b_stride, hs += lo * H, d_pre += lo * H, rec += lo * H;
+    memset(rec, 0, (size_t)(n * H) * sizeof(float));                /* nothing from step T */
     for (int64_t t = T - 1; t >= 0; t--) {
         if (t < T - 1)
-            product(gemm, w, d_pre + (t + 1) * step, H, rec, H, B, H, H);   /* W_aa^T d_pre<t+1> */
+            product(gemm, w, d_pre + (t + 1) * step, H, rec, H, n, H, H);   /* W_aa^T d_pre<t+1> */
         const float *g = grad_hs + t * t_stride, *h = hs + t * step;
         float *d = d_pre + t * step;
         PARALLEL_ROWS
-        for (int64_t b = 0; b < B; b++)
+        for (int64_t b = 0; b < n; b++)
             rnn_backward_row(g + b * b_stride, rec + b * H, h + b * H, d + b * H, H, relu);
     }
+}
+
+/* The plain RNN backward over T steps: dL/d(pre-activation) of every step into d_pre (T, B, H), with
+   da<t> = grad_hs<t> (rows as for the LSTM) + W_aa^T d_pre<t+1>; w: W_aa packed (H -> H); hs: the
+   forward's a<t>; rec: (B, H) scratch. parts: as for charlm_gru_forward_loop. */
+void charlm_rnn_backward_loop(charlm_gemm gemm, const float *w, const float *grad_hs, int64_t t_stride,
+                              int64_t b_stride, const float *hs, float *d_pre, float *rec, int64_t T, int64_t B,
+                              int64_t H, int relu, int parts)
+{
+    BY_ROWS(parts, B, rnn_backward_rows(gemm, w, grad_hs, t_stride, b_stride, hs, d_pre, rec, T, B, lo, n, H,
+                                        relu));
 }
 
 /* The classic GRU forward over T steps, for the n batch rows from row lo of a batch of B (the
@@ -412,19 +448,8 @@ void charlm_gru_forward_loop(charlm_gemm gemm, const float *w_ru, const float *w
                              const float *h0, float *hs, float *rh, float *rec, int64_t T, int64_t B, int64_t H,
                              int save, int parts)
 {
-#ifdef _OPENMP
-    if (parts > 1) {
-        #pragma omp parallel num_threads(parts)
-        {
-            const int64_t k = omp_get_thread_num(), m = omp_get_num_threads();
-            const int64_t lo = B * k / m, hi = B * (k + 1) / m;
-            gru_forward_rows(gemm, w_ru, w_c, gates, h0, hs, rh, rec + lo * 2 * H, T, B, lo, hi - lo, H, save);
-        }
-        return;
-    }
-#endif
-    (void)parts;
-    gru_forward_rows(gemm, w_ru, w_c, gates, h0, hs, rh, rec, T, B, 0, B, H, save);
+    BY_ROWS(parts, B, gru_forward_rows(gemm, w_ru, w_c, gates, h0, hs, rh, rec + lo * 2 * H, T, B, lo, n, H,
+                                       save));
 }
 
 /* The classic GRU backward over T steps, the loop of charlm_gru_backward_state and _reset.
@@ -457,21 +482,8 @@ void charlm_gru_backward_loop(charlm_gemm gemm, const float *w_ru, const float *
                               float *d_ru, float *d_c, float *carry, float *rec, float *dh, float *d_rh,
                               int64_t T, int64_t B, int64_t H, int need_h0, int parts)
 {
-#ifdef _OPENMP
-    if (parts > 1) {
-        #pragma omp parallel num_threads(parts)
-        {
-            const int64_t k = omp_get_thread_num(), m = omp_get_num_threads();
-            const int64_t lo = B * k / m, hi = B * (k + 1) / m;
-            gru_backward_rows(gemm, w_ru, w_c, grad_hs, t_stride, b_stride, gates, h_prev, d_ru, d_c, carry, rec,
-                              dh, d_rh, T, B, lo, hi - lo, H, need_h0);
-        }
-        return;
-    }
-#endif
-    (void)parts;
-    gru_backward_rows(gemm, w_ru, w_c, grad_hs, t_stride, b_stride, gates, h_prev, d_ru, d_c, carry, rec, dh,
-                      d_rh, T, B, 0, B, H, need_h0);
+    BY_ROWS(parts, B, gru_backward_rows(gemm, w_ru, w_c, grad_hs, t_stride, b_stride, gates, h_prev, d_ru, d_c,
+                                        carry, rec, dh, d_rh, T, B, lo, n, H, need_h0));
 }
 
 /* ------------------------------------------------------------------ charlm's own packed product

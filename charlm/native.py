@@ -75,8 +75,8 @@ _SIGNATURES = {
     "charlm_gru_backward_reset": [_P, _P, _P, _P, _P, _P, _I, _I],
     "charlm_lstm_forward_loop": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, ctypes.c_int],
     "charlm_lstm_backward_loop": [_P, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _I, _I, _I],
-    "charlm_rnn_forward_loop": [_P, _P, _P, _P, _I, _I, _I, ctypes.c_int],
-    "charlm_rnn_backward_loop": [_P, _P, _P, _I, _I, _P, _P, _P, _I, _I, _I, ctypes.c_int],
+    "charlm_rnn_forward_loop": [_P, _P, _P, _P, _I, _I, _I, ctypes.c_int, ctypes.c_int],
+    "charlm_rnn_backward_loop": [_P, _P, _P, _I, _I, _P, _P, _P, _I, _I, _I, ctypes.c_int, ctypes.c_int],
     "charlm_gru_forward_loop": [_P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, ctypes.c_int, ctypes.c_int],
     "charlm_gru_backward_loop": [_P, _P, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I,
                                  ctypes.c_int, ctypes.c_int],
@@ -523,10 +523,10 @@ def loops() -> bool:
 
 
 def loop_parts(B: int) -> int:
-    """Blocks of batch rows for a GRU time loop, each run through the whole window by a thread of its
-    own with one-thread products: one block per OpenMP thread where each holds 8 rows or more and the
-    product is MKL's, else 1 (every product and kernel split among the threads at each step instead).
-    On the Intel host of 2026-12-03 the forward loop ran 1.05-1.4x faster so (docs/benchmarks.md);
+    """Blocks of batch rows for a GRU or plain RNN time loop, each run through the whole window by a thread
+    of its own with one-thread products: one block per OpenMP thread where each holds 8 rows or more and
+    the product is MKL's, else 1 (every product and kernel split among the threads at each step instead).
+    On the Intel host of 2026-12-03 the GRU's forward loop ran 1.05-1.4x faster so (docs/benchmarks.md);
     with charlm's own product, whose panels are split among the threads, it was not measured."""
     threads = openmp_threads()
     return threads if threads > 1 and B >= 8 * threads and gemm_is_mkl() and _fewer_rows_agree() else 1
@@ -587,21 +587,21 @@ def lstm_backward_loop(w: Packed, grad_hs: Tensor, dc: Tensor, gates: Tensor, cs
                                    tanh_cs.data_ptr(), d_pre.data_ptr(), rec.data_ptr(), T, B, H)
 
 
-def rnn_forward_loop(w: Packed, hs: Tensor, h0: Tensor, relu: bool) -> None:
+def rnn_forward_loop(w: Packed, hs: Tensor, h0: Tensor, relu: bool, parts: int = 1) -> None:
     """The plain RNN over the window: hs (T, B, H) from W_ax x<t> + b to a<t>. w: W_aa^T packed; h0 (B, H),
-    contiguous."""
+    contiguous; parts: blocks of rows (loop_parts)."""
     T, B, H = hs.shape
-    _lib.charlm_rnn_forward_loop(w.compute, w.address, hs.data_ptr(), h0.data_ptr(), T, B, H, int(relu))
+    _lib.charlm_rnn_forward_loop(w.compute, w.address, hs.data_ptr(), h0.data_ptr(), T, B, H, int(relu), parts)
 
 
-def rnn_backward_loop(w: Packed, grad_hs: Tensor, hs: Tensor, d_pre: Tensor, relu: bool) -> None:
+def rnn_backward_loop(w: Packed, grad_hs: Tensor, hs: Tensor, d_pre: Tensor, relu: bool, parts: int = 1) -> None:
     """dL/d(pre-activation) of every step into d_pre (T, B, H). w: W_aa packed; grad_hs (T, B, H) with each
     row contiguous; hs: the forward's a<t>."""
     T, B, H = hs.shape
     rec = hs.new_empty(B, H)
     _lib.charlm_rnn_backward_loop(w.compute, w.address, grad_hs.data_ptr(), grad_hs.stride(0),
                                   grad_hs.stride(1), hs.data_ptr(), d_pre.data_ptr(), rec.data_ptr(), T, B, H,
-                                  int(relu))
+                                  int(relu), parts)
 
 
 def gru_forward_loop(w_ru: Packed, w_c: Packed, gates: Tensor, h0: Tensor, hs: Tensor, rh: Tensor,

@@ -150,6 +150,29 @@ def test_the_gru_loop_split_into_blocks_of_rows_gives_the_same_values_and_gradie
 
 
 @pytest.mark.skipif(not native.loops(), reason="native time loops off")
+@pytest.mark.parametrize("parts", [1, 2, 3])
+@pytest.mark.parametrize("relu", [False, True])
+def test_the_rnn_loop_split_into_blocks_of_rows_gives_the_same_values_and_gradients(monkeypatch, parts, relu):
+    x, h0, _, weights = _inputs(6, T=20, B=17, E=7, H=16, scale=0.3)
+    w_ih, bias, w_hh = (w[: 16] for w in weights["gru"])
+    w_hh = w_hh[:, :16]
+
+    def run():
+        params = [t.clone().requires_grad_(True) for t in (x, w_ih, bias, h0, w_hh)]
+        hs = cells_fast.rnn_layer(*params, relu=relu)
+        loss = (hs * torch.linspace(-1, 1, hs.numel()).view(hs.shape)).sum()
+        return (hs.detach(), *torch.autograd.grad(loss, params))
+
+    seen = []
+    monkeypatch.setattr(native, "loop_parts", lambda B: (seen.append(B), parts)[1])
+    calls = _recording(monkeypatch, ("rnn_forward_loop", "rnn_backward_loop"))
+    split = run()
+    assert calls == ["rnn_forward_loop", "rnn_backward_loop"] and seen == [17, 17]
+    monkeypatch.setattr(native, "usable", lambda *tensors: False)
+    _assert_same([split], [run()])
+
+
+@pytest.mark.skipif(not native.loops(), reason="native time loops off")
 def test_loop_parts_gives_one_block_per_thread_of_eight_rows_or_more_with_mkl():
     threads = native.openmp_threads()
     expected = threads if threads > 1 and native.gemm_is_mkl() else 1
