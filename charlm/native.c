@@ -291,46 +291,69 @@ static void product(charlm_gemm gemm, const float *packed, const float *a, int64
 
 /* ------------------------------------------------------------------ LSTM
 
-   With MKL's product the LSTM's loop did not pay (its one product a step, 32 x 256 by 256 x 1024, was
-   as fast through oneDNN and ran slower inside the loop on two threads); native.py runs it only with
-   charlm's own product (docs/benchmarks.md). */
+   With MKL's product the LSTM's loop did not pay unsplit (its one product a step, 32 x 256 by 256 x 1024,
+   was as fast through oneDNN and ran slower inside the loop on two threads); native.py runs it with
+   charlm's own product, and with MKL's only split by batch rows (docs/benchmarks.md). */
+
+/* The LSTM forward over T steps, for the n batch rows from row lo of a batch of B; rec: (n, 4H) scratch. */
+static void lstm_forward_rows(charlm_gemm gemm, const float *w, float *gates, const float *h0, const float *c0,
+                              float *hs, float *cs, float *tanh_cs, float *rec, int64_t T, int64_t B, int64_t lo,
+                              int64_t n, int64_t H, int save)
+{
+    const int64_t step = B * H;
+    const float *h = h0 + lo * H, *c = c0 + lo * H;
+    for (int64_t t = 0; t < T; t++) {
+        float *c_new = cs + (save ? t + 1 : t % 2) * step + lo * H, *h_t = hs + t * step + lo * H;
+        product(gemm, w, h, H, rec, 4 * H, n, 4 * H, H);             /* W_hh a<t-1> */
+        charlm_lstm_forward(gates + t * 4 * step + lo * 4 * H, rec, c, c_new, tanh_cs + (save ? t : 0) * step + lo * H,
+                            h_t, n, H);
+        h = h_t;
+        c = c_new;
+    }
+}
 
 /* The LSTM forward over T steps. gates: (T, B, 4H), W_ih x<t> + b on entry, the activated gates on
    return; w: W_hh^T packed (H -> 4H); h0, c0: (B, H); hs: (T, B, H). With `save`, cs is (T + 1, B, H)
    with c0 already in cs[0], and tanh_cs (T, B, H); without, cs holds two steps and tanh_cs one.
-   rec: (B, 4H) scratch. On return c<T> is in cs[T] (save) or cs[(T - 1) % 2]. */
+   rec: (B, 4H) scratch. On return c<T> is in cs[T] (save) or cs[(T - 1) % 2]. parts: as for
+   charlm_gru_forward_loop. */
 void charlm_lstm_forward_loop(charlm_gemm gemm, const float *w, float *gates, const float *h0, const float *c0,
                               float *hs, float *cs, float *tanh_cs, float *rec, int64_t T, int64_t B,
-                              int64_t H, int save)
+                              int64_t H, int save, int parts)
+{
+    BY_ROWS(parts, B, lstm_forward_rows(gemm, w, gates, h0, c0, hs, cs, tanh_cs, rec + lo * 4 * H, T, B, lo, n, H,
+                                        save));
+}
+
+/* The LSTM backward over T steps, for the n batch rows from row lo of a batch of B. */
+static void lstm_backward_rows(charlm_gemm gemm, const float *w, const float *grad_hs, int64_t t_stride,
+                               int64_t b_stride, float *dc, const float *gates, const float *cs,
+                               const float *tanh_cs, float *d_pre, float *rec, int64_t T, int64_t B, int64_t lo,
+                               int64_t n, int64_t H)
 {
     const int64_t step = B * H;
-    const float *h = h0, *c = c0;
-    for (int64_t t = 0; t < T; t++) {
-        float *c_new = cs + (save ? t + 1 : t % 2) * step;
-        product(gemm, w, h, H, rec, 4 * H, B, 4 * H, H);             /* W_hh a<t-1> */
-        charlm_lstm_forward(gates + t * 4 * step, rec, c, c_new, tanh_cs + (save ? t : 0) * step,
-                            hs + t * step, B, H);
-        h = hs + t * step;
-        c = c_new;
+    grad_hs += lo * b_stride, dc += lo * H, gates += lo * 4 * H, cs += lo * H, tanh_cs += lo * H;
+    d_pre += lo * 4 * H, rec += lo * H;
+    memset(rec, 0, (size_t)(n * H) * sizeof(float));                /* nothing from step T */
+    for (int64_t t = T - 1; t >= 0; t--) {
+        if (t < T - 1)
+            product(gemm, w, d_pre + (t + 1) * 4 * step, 4 * H, rec, H, n, H, 4 * H);   /* W_hh^T d_pre<t+1> */
+        charlm_lstm_backward(grad_hs + t * t_stride, b_stride, rec, dc, gates + t * 4 * step, cs + t * step,
+                             tanh_cs + t * step, d_pre + t * 4 * step, n, H);
     }
 }
 
 /* The LSTM backward over T steps, the loop of charlm_lstm_backward. grad_hs: dL/da<t> from the
    output, step t's row b at grad_hs + t * t_stride + b * b_stride; w: W_hh packed (4H -> H);
    dc: dL/dc<T> on entry, dL/dc<0> on return; gates, cs, tanh_cs: what the forward saved (cs[t] is
-   c<t-1> of step t); d_pre: (T, B, 4H) out; rec: (B, H) scratch. */
+   c<t-1> of step t); d_pre: (T, B, 4H) out; rec: (B, H) scratch. parts: as for charlm_gru_forward_loop. */
 void charlm_lstm_backward_loop(charlm_gemm gemm, const float *w, const float *grad_hs, int64_t t_stride,
                                int64_t b_stride, float *dc, const float *gates, const float *cs,
-                               const float *tanh_cs, float *d_pre, float *rec, int64_t T, int64_t B, int64_t H)
+                               const float *tanh_cs, float *d_pre, float *rec, int64_t T, int64_t B, int64_t H,
+                               int parts)
 {
-    const int64_t step = B * H;
-    memset(rec, 0, (size_t)step * sizeof(float));                   /* nothing from step T */
-    for (int64_t t = T - 1; t >= 0; t--) {
-        if (t < T - 1)
-            product(gemm, w, d_pre + (t + 1) * 4 * step, 4 * H, rec, H, B, H, 4 * H);   /* W_hh^T d_pre<t+1> */
-        charlm_lstm_backward(grad_hs + t * t_stride, b_stride, rec, dc, gates + t * 4 * step, cs + t * step,
-                             tanh_cs + t * step, d_pre + t * 4 * step, B, H);
-    }
+    BY_ROWS(parts, B, lstm_backward_rows(gemm, w, grad_hs, t_stride, b_stride, dc, gates, cs, tanh_cs, d_pre, rec,
+                                         T, B, lo, n, H));
 }
 
 /* ------------------------------------------------------------------ plain RNN */

@@ -39,9 +39,10 @@ config's shapes). `loops()` says whether the loops run here: not where the
 product disagrees with torch's in a self-test, not where this torch has no
 MKL unless CHARLM_NATIVE=loops (the own product is unmeasured there), and
 not with CHARLM_NATIVE=steps. The LSTM's loop (`lstm_forward_loop`,
-`lstm_backward_loop`) runs only with the own product (`lstm_loops()`): with
-MKL's, its one product a step was no faster than oneDNN's and on two
-threads the loop measured slower (docs/benchmarks.md).
+`lstm_backward_loop`) runs with the own product, and with MKL's only where
+the loop is split by batch rows among the threads (`lstm_loops(B)`): unsplit,
+its one product a step was no faster than oneDNN's and on two threads the
+loop measured slower (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ _SIGNATURES = {
     "charlm_gru_state": [_P, _I, _P, _P, _P, _I, _I],
     "charlm_gru_backward_state": [_P, _I, _P, _P, _P, _P, _P, _P, _P, _I, _I],
     "charlm_gru_backward_reset": [_P, _P, _P, _P, _P, _P, _I, _I],
-    "charlm_lstm_forward_loop": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, ctypes.c_int],
-    "charlm_lstm_backward_loop": [_P, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _I, _I, _I],
+    "charlm_lstm_forward_loop": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, ctypes.c_int, ctypes.c_int],
+    "charlm_lstm_backward_loop": [_P, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _I, _I, _I, ctypes.c_int],
     "charlm_rnn_forward_loop": [_P, _P, _P, _P, _I, _I, _I, ctypes.c_int, ctypes.c_int],
     "charlm_rnn_backward_loop": [_P, _P, _P, _I, _I, _P, _P, _P, _I, _I, _I, ctypes.c_int, ctypes.c_int],
     "charlm_gru_forward_loop": [_P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, ctypes.c_int, ctypes.c_int],
@@ -545,13 +546,14 @@ def _fewer_rows_agree() -> bool:
                for lo, hi in ((0, 16), (16, 32), (0, 9), (9, 32), (5, 6)))
 
 
-def lstm_loops() -> bool:
-    """Whether an LSTM layer's whole time loop may run here too: only with charlm's own product. With
-    MKL's, on the Zen 3 host, the loop was 0.85-0.98x as fast as the per-step form on two threads; and
-    beside MKL's on an Intel host with AVX-512, the loop through the own product measured 1.26x once,
-    then 0.95-1.09x in five runs (docs/benchmarks.md, "On an Intel host with AMX"), so there too the
-    LSTM steps."""
-    return loops() and not gemm_is_mkl()
+def lstm_loops(B: int) -> bool:
+    """Whether an LSTM layer's whole time loop may run here too for a batch of B rows: with charlm's own
+    product, or with MKL's where the loop is split by rows (loop_parts). Unsplit, with MKL's, on the Zen 3
+    host, the loop was 0.85-0.98x as fast as the per-step form on two threads, each step's product split
+    between them; and beside MKL's on an Intel host with AVX-512, the loop through the own product measured
+    1.26x once, then 0.95-1.09x in five runs (docs/benchmarks.md, "On an Intel host with AMX"), so there
+    an unsplit LSTM steps."""
+    return loops() and (not gemm_is_mkl() or loop_parts(B) > 1)
 
 
 def _loops_off() -> str:
@@ -563,7 +565,7 @@ def _loops_off() -> str:
 
 
 def lstm_forward_loop(w: Packed, gates: Tensor, h0: Tensor, c0: Tensor, hs: Tensor, cs: Tensor, tanh_cs: Tensor,
-                      save: bool) -> None:
+                      save: bool, parts: int = 1) -> None:
     """The LSTM over the window: gates (T, B, 4H) from W_ih x<t> + b to the activated gates, a<t> into
     hs (T, B, H), c<t> into cs and tanh c<t> into tanh_cs (T + 1 and T steps with `save`, c0 already in
     cs[0]; 2 and 1 without). w: W_hh^T packed. h0, c0: (B, H), contiguous."""
@@ -571,11 +573,11 @@ def lstm_forward_loop(w: Packed, gates: Tensor, h0: Tensor, c0: Tensor, hs: Tens
     rec = gates.new_empty(B, 4 * H)
     _lib.charlm_lstm_forward_loop(w.compute, w.address, gates.data_ptr(), h0.data_ptr(), c0.data_ptr(),
                                   hs.data_ptr(), cs.data_ptr(), tanh_cs.data_ptr(), rec.data_ptr(), T, B, H,
-                                  int(save))
+                                  int(save), parts)
 
 
 def lstm_backward_loop(w: Packed, grad_hs: Tensor, dc: Tensor, gates: Tensor, cs: Tensor, tanh_cs: Tensor,
-                       d_pre: Tensor) -> None:
+                       d_pre: Tensor, parts: int = 1) -> None:
     """dL/d(gate pre-activations) of every step into d_pre (T, B, 4H); dc (B, H), contiguous, goes from
     dL/dc<T> to dL/dc<0>. w: W_hh packed; grad_hs (T, B, H) with each row contiguous; the rest as the
     forward saved."""
@@ -584,7 +586,7 @@ def lstm_backward_loop(w: Packed, grad_hs: Tensor, dc: Tensor, gates: Tensor, cs
     rec = gates.new_empty(B, H)
     _lib.charlm_lstm_backward_loop(w.compute, w.address, grad_hs.data_ptr(), grad_hs.stride(0),
                                    grad_hs.stride(1), dc.data_ptr(), gates.data_ptr(), cs.data_ptr(),
-                                   tanh_cs.data_ptr(), d_pre.data_ptr(), rec.data_ptr(), T, B, H)
+                                   tanh_cs.data_ptr(), d_pre.data_ptr(), rec.data_ptr(), T, B, H, parts)
 
 
 def rnn_forward_loop(w: Packed, hs: Tensor, h0: Tensor, relu: bool, parts: int = 1) -> None:

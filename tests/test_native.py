@@ -95,7 +95,7 @@ def test_layers_give_the_same_values_and_gradients_with_and_without_the_kernels(
     results = {}
     if native.loops():  # a window of 20 steps: the GRU's whole loop in C, forward and backward
         results["loops"] = _lstm_and_gru_layers(x, h0, c0, weights)
-        assert set(calls) == set(LOOPS + (LSTM_LOOPS if native.lstm_loops() else LSTM_STEP_KERNELS))
+        assert set(calls) == set(LOOPS + (LSTM_LOOPS if native.lstm_loops(5) else LSTM_STEP_KERNELS))
         calls.clear()
     monkeypatch.setattr(native, "loops", lambda: False)  # each step's element-wise part in C
     results["steps"] = _lstm_and_gru_layers(x, h0, c0, weights)
@@ -173,6 +173,27 @@ def test_the_rnn_loop_split_into_blocks_of_rows_gives_the_same_values_and_gradie
 
 
 @pytest.mark.skipif(not native.loops(), reason="native time loops off")
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_the_lstm_loop_split_into_blocks_of_rows_gives_the_same_values_and_gradients(monkeypatch, parts):
+    x, h0, c0, weights = _inputs(7, T=20, B=17, E=7, H=16, scale=0.3)
+    lstm = {"lstm": weights["lstm"]}
+    seen = []
+    monkeypatch.setattr(native, "loop_parts", lambda B: (seen.append(B), parts)[1])
+    monkeypatch.setattr(native, "lstm_loops", lambda B: True)  # also with MKL's product, unsplit (parts 1)
+    calls = _recording(monkeypatch, LSTM_LOOPS)
+    split = _lstm_and_gru_layers(x, h0, c0, lstm)
+    assert calls == list(LSTM_LOOPS) and seen == [17, 17]
+    w_ih, bias, w_hh = lstm["lstm"]
+    with torch.no_grad():  # inference: the loop keeps two steps of c<t>
+        inferred, c_last = cells_fast.lstm_layer(x, w_ih, bias, h0, c0, w_hh)
+    assert calls == list(LSTM_LOOPS) + ["lstm_forward_loop"]
+    monkeypatch.setattr(native, "usable", lambda *tensors: False)
+    _assert_same(split, _lstm_and_gru_layers(x, h0, c0, lstm))
+    with torch.no_grad():
+        _assert_same([(inferred, c_last)], [cells_fast.lstm_layer(x, w_ih, bias, h0, c0, w_hh)])
+
+
+@pytest.mark.skipif(not native.loops(), reason="native time loops off")
 def test_loop_parts_gives_one_block_per_thread_of_eight_rows_or_more_with_mkl():
     threads = native.openmp_threads()
     expected = threads if threads > 1 and native.gemm_is_mkl() else 1
@@ -212,7 +233,7 @@ def test_without_mkl_the_loops_wait_for_charlm_native_loops(monkeypatch):
         calls.clear()
         monkeypatch.setenv("CHARLM_NATIVE", "loops")
         native.loops.cache_clear()
-        assert native.loops() and native.lstm_loops()
+        assert native.loops() and native.lstm_loops(3)
         _assert_same(_lstm_and_gru_layers(x, h0, c0, weights), stepped)
         assert set(calls) == set(LOOPS + LSTM_LOOPS)
         monkeypatch.setattr(native, "own_gemm", lambda: None)  # and if the own product failed its test too
@@ -229,11 +250,13 @@ def test_amd_processors_with_avx512_take_the_own_product(monkeypatch):
     monkeypatch.setattr(native, "loops", lambda: True)
     monkeypatch.setattr(native, "_mkl_at_half_width", lambda: True)
     assert native.gemm() is native.own_gemm() is not None and not native.gemm_is_mkl()
-    assert native.lstm_loops()  # the LSTM's loop only with the own product
+    assert native.lstm_loops(1) and native.lstm_loops(64)  # the own product: the LSTM's loop, unsplit too
     monkeypatch.setattr(native, "_mkl_at_half_width", lambda: False)
     assert native.gemm() is (native.mkl_gemm() or native.own_gemm())
     assert native.gemm_is_mkl() == (native.mkl_gemm() is not None)
-    assert native.lstm_loops() == (native.mkl_gemm() is None)
+    # with MKL's, the LSTM's loop only where it is split by rows
+    assert native.lstm_loops(1) == (native.mkl_gemm() is None)
+    assert native.lstm_loops(64) == (native.mkl_gemm() is None or native.loop_parts(64) > 1)
 
 
 def _packed_products():
