@@ -130,12 +130,12 @@ def _native_fits(gates: Tensor, B: int, H: int, *states: Tensor) -> bool:
     return all(s.shape == (B, H) for s in states) and native.usable(gates, *states)
 
 
-def _whole_loop(T: int, fits: bool, lstm_rows: int = 0) -> bool:
+def _whole_loop(T: int, fits: bool, lstm: tuple[int, int] | None = None) -> bool:
     """The whole time loop goes to native.c (its products through `native.gemm()`): the kernels take
-    the buffers (`fits`, from _native_fits), a packed product is there (for an LSTM of lstm_rows batch
-    rows, native.c's own or a loop split by rows: native.lstm_loops), and the window is long enough to
+    the buffers (`fits`, from _native_fits), a packed product is there (for an LSTM of `lstm` = (B, H),
+    native.c's own, or MKL's in a loop split by rows: native.lstm_loops), and the window is long enough to
     repay laying W_hh out."""
-    return fits and T >= _LOOP_MIN_STEPS and (native.lstm_loops(lstm_rows) if lstm_rows else native.loops())
+    return fits and T >= _LOOP_MIN_STEPS and (native.lstm_loops(*lstm) if lstm else native.loops())
 
 
 def _loop_products(loop: bool):
@@ -235,7 +235,7 @@ def lstm_layer_forward(x: Tensor, w_ih: Tensor, bias: Tensor, h0: Tensor, c0: Te
         cs[0] = c0
     tanh_cs = gates.new_empty(T if save else 1, B, H)
     fits = _native_fits(gates, B, H, h0, c0)
-    if _whole_loop(T, fits, lstm_rows=B):
+    if _whole_loop(T, fits, lstm=(B, H)):
         native.lstm_forward_loop(native.Packed(w_hh.t(), B), gates, h0.contiguous(), c0.contiguous(), hs, cs,
                                  tanh_cs, save, native.loop_parts(B))
         return hs, cs[T if save else (T - 1) % 2], (gates, cs, tanh_cs)
@@ -282,7 +282,7 @@ class LSTMLayer(torch.autograd.Function):
         fits = _native_fits(gates, B, H, h0)
         if fits and grad_hs.stride(2) != 1:  # the C kernels take each step's rows apart, but each row contiguous
             grad_hs = grad_hs.contiguous()
-        if _whole_loop(T, fits, lstm_rows=B):
+        if _whole_loop(T, fits, lstm=(B, H)):
             dc = grad_c_last.clone(memory_format=torch.contiguous_format)
             native.lstm_backward_loop(native.Packed(w_hh, B), grad_hs, dc, gates, cs, tanh_cs, d_pre,
                                       native.loop_parts(B))

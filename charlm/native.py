@@ -40,9 +40,9 @@ product disagrees with torch's in a self-test, not where this torch has no
 MKL unless CHARLM_NATIVE=loops (the own product is unmeasured there), and
 not with CHARLM_NATIVE=steps. The LSTM's loop (`lstm_forward_loop`,
 `lstm_backward_loop`) runs with the own product, and with MKL's only where
-the loop is split by batch rows among the threads (`lstm_loops(B)`): unsplit,
-its one product a step was no faster than oneDNN's and on two threads the
-loop measured slower (docs/benchmarks.md).
+the loop is split by batch rows among the threads and W_hh is small
+(`lstm_loops(B, H)`): unsplit, its one product a step was no faster than
+oneDNN's and on two threads the loop measured slower (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -546,14 +546,19 @@ def _fewer_rows_agree() -> bool:
                for lo, hi in ((0, 16), (16, 32), (0, 9), (9, 32), (5, 6)))
 
 
-def lstm_loops(B: int) -> bool:
-    """Whether an LSTM layer's whole time loop may run here too for a batch of B rows: with charlm's own
-    product, or with MKL's where the loop is split by rows (loop_parts). Unsplit, with MKL's, on the Zen 3
-    host, the loop was 0.85-0.98x as fast as the per-step form on two threads, each step's product split
-    between them; and beside MKL's on an Intel host with AVX-512, the loop through the own product measured
-    1.26x once, then 0.95-1.09x in five runs (docs/benchmarks.md, "On an Intel host with AMX"), so there
-    an unsplit LSTM steps."""
-    return loops() and (not gemm_is_mkl() or loop_parts(B) > 1)
+def lstm_loops(B: int, H: int) -> bool:
+    """Whether an LSTM layer's whole time loop may run here too, for B batch rows of H hidden units: with
+    charlm's own product; with MKL's only where the loop is split by rows (loop_parts) and W_hh holds 1 MiB
+    or less. On the Zen 3 host of 2026-12-03, against the per-step form, the split loop trained 1.15-1.18x
+    faster at hidden 256 (inference 1.02x), but at hidden 512, where each thread reads the whole 4 MiB of
+    W_hh at every step instead of half of it, inference ran 0.89-0.95x as fast and training 0.94-1.13x.
+    Unsplit, with MKL's, on the Zen 3 host, the loop was 0.85-0.98x as fast as the per-step form on two
+    threads, each step's product split between them; and beside MKL's on an Intel host with AVX-512, the
+    loop through the own product measured 1.26x once, then 0.95-1.09x in five runs (docs/benchmarks.md,
+    "On an Intel host with AMX"), so there an unsplit LSTM steps."""
+    if not loops():
+        return False
+    return not gemm_is_mkl() or (4 * H * H * 4 <= 1 << 20 and loop_parts(B) > 1)
 
 
 def _loops_off() -> str:

@@ -95,7 +95,7 @@ def test_layers_give_the_same_values_and_gradients_with_and_without_the_kernels(
     results = {}
     if native.loops():  # a window of 20 steps: the GRU's whole loop in C, forward and backward
         results["loops"] = _lstm_and_gru_layers(x, h0, c0, weights)
-        assert set(calls) == set(LOOPS + (LSTM_LOOPS if native.lstm_loops(5) else LSTM_STEP_KERNELS))
+        assert set(calls) == set(LOOPS + (LSTM_LOOPS if native.lstm_loops(5, 16) else LSTM_STEP_KERNELS))
         calls.clear()
     monkeypatch.setattr(native, "loops", lambda: False)  # each step's element-wise part in C
     results["steps"] = _lstm_and_gru_layers(x, h0, c0, weights)
@@ -179,7 +179,7 @@ def test_the_lstm_loop_split_into_blocks_of_rows_gives_the_same_values_and_gradi
     lstm = {"lstm": weights["lstm"]}
     seen = []
     monkeypatch.setattr(native, "loop_parts", lambda B: (seen.append(B), parts)[1])
-    monkeypatch.setattr(native, "lstm_loops", lambda B: True)  # also with MKL's product, unsplit (parts 1)
+    monkeypatch.setattr(native, "lstm_loops", lambda B, H: True)  # also with MKL's product, unsplit (parts 1)
     calls = _recording(monkeypatch, LSTM_LOOPS)
     split = _lstm_and_gru_layers(x, h0, c0, lstm)
     assert calls == list(LSTM_LOOPS) and seen == [17, 17]
@@ -233,7 +233,7 @@ def test_without_mkl_the_loops_wait_for_charlm_native_loops(monkeypatch):
         calls.clear()
         monkeypatch.setenv("CHARLM_NATIVE", "loops")
         native.loops.cache_clear()
-        assert native.loops() and native.lstm_loops(3)
+        assert native.loops() and native.lstm_loops(3, 5)
         _assert_same(_lstm_and_gru_layers(x, h0, c0, weights), stepped)
         assert set(calls) == set(LOOPS + LSTM_LOOPS)
         monkeypatch.setattr(native, "own_gemm", lambda: None)  # and if the own product failed its test too
@@ -250,13 +250,18 @@ def test_amd_processors_with_avx512_take_the_own_product(monkeypatch):
     monkeypatch.setattr(native, "loops", lambda: True)
     monkeypatch.setattr(native, "_mkl_at_half_width", lambda: True)
     assert native.gemm() is native.own_gemm() is not None and not native.gemm_is_mkl()
-    assert native.lstm_loops(1) and native.lstm_loops(64)  # the own product: the LSTM's loop, unsplit too
+    # the own product: the LSTM's loop, unsplit too and at any size
+    assert native.lstm_loops(1, 256) and native.lstm_loops(64, 256) and native.lstm_loops(64, 512)
     monkeypatch.setattr(native, "_mkl_at_half_width", lambda: False)
     assert native.gemm() is (native.mkl_gemm() or native.own_gemm())
     assert native.gemm_is_mkl() == (native.mkl_gemm() is not None)
-    # with MKL's, the LSTM's loop only where it is split by rows
-    assert native.lstm_loops(1) == (native.mkl_gemm() is None)
-    assert native.lstm_loops(64) == (native.mkl_gemm() is None or native.loop_parts(64) > 1)
+    # with MKL's, the LSTM's loop only where it is split by rows and W_hh holds 1 MiB or less
+    no_mkl = native.mkl_gemm() is None
+    assert native.lstm_loops(1, 256) == no_mkl
+    assert native.lstm_loops(64, 256) == (no_mkl or native.loop_parts(64) > 1)
+    assert native.lstm_loops(64, 512) == no_mkl
+    monkeypatch.setattr(native, "loop_parts", lambda B: 2)
+    assert native.lstm_loops(16, 256) and native.lstm_loops(16, 257) == no_mkl
 
 
 def _packed_products():
