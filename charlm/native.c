@@ -36,25 +36,27 @@
 int charlm_openmp_threads(void) { return omp_get_max_threads(); }
 /* A time loop split by batch rows (parts > 1): `parts` threads, each running the statement with lo and
    n naming its block of the B rows, the whole window through, its products and kernels in its own
-   thread. Otherwise the statement runs once for all the rows. */
+   thread. Otherwise the statement runs once for all the rows. The macro itself declares lo and n (and
+   the names ending in _), for the statement to use. */
 #define BY_ROWS(parts, B, ...) do {                                                           \
         const int parts_ = (parts);                                                           \
+        const int64_t B_ = (B);                                                               \
         if (parts_ > 1) {                                                                     \
             _Pragma("omp parallel num_threads(parts_)")                                       \
             {                                                                                 \
                 const int64_t k_ = omp_get_thread_num(), m_ = omp_get_num_threads();          \
-                const int64_t lo = (B) * k_ / m_, n = (B) * (k_ + 1) / m_ - lo;               \
+                const int64_t lo = B_ * k_ / m_, n = B_ * (k_ + 1) / m_ - lo;                 \
                 __VA_ARGS__;                                                                  \
             }                                                                                 \
         } else {                                                                              \
-            const int64_t lo = 0, n = (B);                                                    \
+            const int64_t lo = 0, n = B_;                                                     \
             __VA_ARGS__;                                                                      \
         }                                                                                     \
     } while (0)
 #else
 #define PARALLEL_ROWS
 int charlm_openmp_threads(void) { return 0; }
-#define BY_ROWS(parts, B, ...) do { (void)(parts); const int64_t lo = 0, n = (B); __VA_ARGS__; } while (0)
+#define BY_ROWS(parts, B, ...) do { (void)(parts); const int64_t B_ = (B), lo = 0, n = B_; __VA_ARGS__; } while (0)
 #endif
 
 /* e^x - 1, within a few ulp of e^x - 1 also near 0, where the difference e^x - 1 would lose
@@ -293,7 +295,8 @@ static void product(charlm_gemm gemm, const float *packed, const float *a, int64
 
    With MKL's product the LSTM's loop did not pay unsplit (its one product a step, 32 x 256 by 256 x 1024,
    was as fast through oneDNN and ran slower inside the loop on two threads); native.py runs it with
-   charlm's own product, and with MKL's only split by batch rows (docs/benchmarks.md). */
+   charlm's own product, and with MKL's only split by batch rows and where W_hh holds 1 MiB or less
+   (native.lstm_loops, docs/benchmarks.md). */
 
 /* The LSTM forward over T steps, for the n batch rows from row lo of a batch of B; rec: (n, 4H) scratch. */
 static void lstm_forward_rows(charlm_gemm gemm, const float *w, float *gates, const float *h0, const float *c0,
@@ -325,7 +328,8 @@ void charlm_lstm_forward_loop(charlm_gemm gemm, const float *w, float *gates, co
                                         save));
 }
 
-/* The LSTM backward over T steps, for the n batch rows from row lo of a batch of B. */
+/* The LSTM backward over T steps, for the n batch rows from row lo of a batch of B; rec: the (B, H) scratch
+   of the whole batch, of which the block uses its own rows. */
 static void lstm_backward_rows(charlm_gemm gemm, const float *w, const float *grad_hs, int64_t t_stride,
                                int64_t b_stride, float *dc, const float *gates, const float *cs,
                                const float *tanh_cs, float *d_pre, float *rec, int64_t T, int64_t B, int64_t lo,
@@ -411,7 +415,8 @@ static void rnn_backward_row(const float *restrict gh, const float *restrict rb,
     }
 }
 
-/* The plain RNN backward over T steps, for the n batch rows from row lo of a batch of B. */
+/* The plain RNN backward over T steps, for the n batch rows from row lo of a batch of B; rec as for the
+   LSTM's. */
 static void rnn_backward_rows(charlm_gemm gemm, const float *w, const float *grad_hs, int64_t t_stride,
                               int64_t b_stride, const float *hs, float *d_pre, float *rec, int64_t T, int64_t B,
                               int64_t lo, int64_t n, int64_t H, int relu)

@@ -524,8 +524,8 @@ def loops() -> bool:
 
 
 def loop_parts(B: int) -> int:
-    """Blocks of batch rows for a GRU or plain RNN time loop, each run through the whole window by a thread
-    of its own with one-thread products: one block per OpenMP thread where each holds 8 rows or more and
+    """Blocks of batch rows for a time loop (GRU, plain RNN, LSTM), each run through the whole window by a
+    thread of its own with one-thread products: one block per OpenMP thread where each holds 8 rows or more and
     the product is MKL's, else 1 (every product and kernel split among the threads at each step instead).
     On the Intel host of 2026-12-03 the GRU's forward loop ran 1.05-1.4x faster so (docs/benchmarks.md);
     with charlm's own product, whose panels are split among the threads, it was not measured."""
@@ -573,7 +573,8 @@ def lstm_forward_loop(w: Packed, gates: Tensor, h0: Tensor, c0: Tensor, hs: Tens
                       save: bool, parts: int = 1) -> None:
     """The LSTM over the window: gates (T, B, 4H) from W_ih x<t> + b to the activated gates, a<t> into
     hs (T, B, H), c<t> into cs and tanh c<t> into tanh_cs (T + 1 and T steps with `save`, c0 already in
-    cs[0]; 2 and 1 without). w: W_hh^T packed. h0, c0: (B, H), contiguous."""
+    cs[0]; 2 and 1 without). w: W_hh^T packed. h0, c0: (B, H), contiguous; parts: blocks of rows
+    (loop_parts)."""
     T, B, H = hs.shape
     rec = gates.new_empty(B, 4 * H)
     _lib.charlm_lstm_forward_loop(w.compute, w.address, gates.data_ptr(), h0.data_ptr(), c0.data_ptr(),
@@ -585,7 +586,7 @@ def lstm_backward_loop(w: Packed, grad_hs: Tensor, dc: Tensor, gates: Tensor, cs
                        d_pre: Tensor, parts: int = 1) -> None:
     """dL/d(gate pre-activations) of every step into d_pre (T, B, 4H); dc (B, H), contiguous, goes from
     dL/dc<T> to dL/dc<0>. w: W_hh packed; grad_hs (T, B, H) with each row contiguous; the rest as the
-    forward saved."""
+    forward saved; parts: as for the forward."""
     T, B, G = gates.shape
     H = G // 4
     rec = gates.new_empty(B, H)
@@ -603,7 +604,7 @@ def rnn_forward_loop(w: Packed, hs: Tensor, h0: Tensor, relu: bool, parts: int =
 
 def rnn_backward_loop(w: Packed, grad_hs: Tensor, hs: Tensor, d_pre: Tensor, relu: bool, parts: int = 1) -> None:
     """dL/d(pre-activation) of every step into d_pre (T, B, H). w: W_aa packed; grad_hs (T, B, H) with each
-    row contiguous; hs: the forward's a<t>."""
+    row contiguous; hs: the forward's a<t>; parts: as for the forward."""
     T, B, H = hs.shape
     rec = hs.new_empty(B, H)
     _lib.charlm_rnn_backward_loop(w.compute, w.address, grad_hs.data_ptr(), grad_hs.stride(0),

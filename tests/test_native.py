@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
@@ -76,8 +77,8 @@ def _assert_same(results, expected):
 STEP_KERNELS = ("lstm_forward", "lstm_backward", "gru_gates", "gru_state", "gru_backward_state",
                 "gru_backward_reset")
 LOOPS = ("gru_forward_loop", "gru_backward_loop")
-LSTM_LOOPS = ("lstm_forward_loop", "lstm_backward_loop")  # with charlm's own product only
-LSTM_STEP_KERNELS = ("lstm_forward", "lstm_backward")  # with MKL's, the LSTM steps from Python, each step in C
+LSTM_LOOPS = ("lstm_forward_loop", "lstm_backward_loop")  # own product; MKL's split, H <= 256
+LSTM_STEP_KERNELS = ("lstm_forward", "lstm_backward")  # else the LSTM steps from Python, each step in C
 
 
 def _recording(monkeypatch, names):
@@ -128,69 +129,68 @@ def test_the_rnn_loop_in_c_gives_the_pytorch_form_values_and_gradients(monkeypat
     _assert_same([looped], [run()])
 
 
-@pytest.mark.skipif(not native.loops(), reason="native time loops off")
-@pytest.mark.parametrize("parts", [1, 2, 3])
-def test_the_gru_loop_split_into_blocks_of_rows_gives_the_same_values_and_gradients(monkeypatch, parts):
-    # 17 rows: blocks of 5 and 6 (or 8 and 9), each run through the window by a thread of its own
-    x, h0, c0, weights = _inputs(5, T=20, B=17, E=7, H=16, scale=0.3)
-    gru = {"gru": weights["gru"]}
-    seen = []
-    monkeypatch.setattr(native, "loop_parts", lambda B: (seen.append(B), parts)[1])
-    calls = _recording(monkeypatch, LOOPS)
-    split = _lstm_and_gru_layers(x, h0, c0, gru)
-    assert calls == list(LOOPS) and seen == [17, 17]
-    w_ih, bias, w_hh = gru["gru"]
-    with torch.no_grad():  # inference: the loop keeps one step of Γr * h<t-1>, not the window's
-        inferred = cells_fast.gru_layer(x, w_ih, bias, h0, w_hh)
-    assert calls == list(LOOPS) + ["gru_forward_loop"]
-    monkeypatch.setattr(native, "usable", lambda *tensors: False)
-    expected = _lstm_and_gru_layers(x, h0, c0, gru)
-    _assert_same(split, expected)
-    torch.testing.assert_close(inferred, expected[0][0], atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.skipif(not native.loops(), reason="native time loops off")
-@pytest.mark.parametrize("parts", [1, 2, 3])
-@pytest.mark.parametrize("relu", [False, True])
-def test_the_rnn_loop_split_into_blocks_of_rows_gives_the_same_values_and_gradients(monkeypatch, parts, relu):
-    x, h0, _, weights = _inputs(6, T=20, B=17, E=7, H=16, scale=0.3)
-    w_ih, bias, w_hh = (w[: 16] for w in weights["gru"])
-    w_hh = w_hh[:, :16]
-
-    def run():
+def _split_layer(cell, x, h0, c0, weights, relu=False):
+    """One cells_fast layer's outputs and the gradients of all its inputs, from an output gradient laid out
+    batch-major (rows T * H apart within a step), as a batch-first model's loss hands it back."""
+    T, B, H = x.shape[0], x.shape[1], h0.shape[1]
+    g = torch.Generator().manual_seed(11)
+    grad_hs = (torch.randn(B, T, H, generator=g) * 0.3).transpose(0, 1)
+    w_ih, bias, w_hh = weights
+    if cell == "lstm":
+        params = [t.clone().requires_grad_(True) for t in (x, w_ih, bias, h0, c0, w_hh)]
+        outputs, grads = cells_fast.lstm_layer(*params), (grad_hs, torch.randn(B, H, generator=g) * 0.3)
+    else:
         params = [t.clone().requires_grad_(True) for t in (x, w_ih, bias, h0, w_hh)]
-        hs = cells_fast.rnn_layer(*params, relu=relu)
-        loss = (hs * torch.linspace(-1, 1, hs.numel()).view(hs.shape)).sum()
-        return (hs.detach(), *torch.autograd.grad(loss, params))
+        layer = cells_fast.gru_layer if cell == "gru" else partial(cells_fast.rnn_layer, relu=relu)
+        outputs, grads = (layer(*params),), (grad_hs,)
+    return [o.detach() for o in outputs] + list(torch.autograd.grad(outputs, params, grads))
 
-    seen = []
-    monkeypatch.setattr(native, "loop_parts", lambda B: (seen.append(B), parts)[1])
-    calls = _recording(monkeypatch, ("rnn_forward_loop", "rnn_backward_loop"))
-    split = run()
-    assert calls == ["rnn_forward_loop", "rnn_backward_loop"] and seen == [17, 17]
-    monkeypatch.setattr(native, "usable", lambda *tensors: False)
-    _assert_same([split], [run()])
+
+def _split_weights(cell, weights, H):
+    if cell != "rnn":
+        return weights[cell]
+    w_ih, bias, w_hh = (w[:H] for w in weights["gru"])  # one gate's worth of rows: an RNN's shapes
+    return w_ih, bias, w_hh[:, :H]
 
 
 @pytest.mark.skipif(not native.loops(), reason="native time loops off")
-@pytest.mark.parametrize("parts", [1, 2, 3])
-def test_the_lstm_loop_split_into_blocks_of_rows_gives_the_same_values_and_gradients(monkeypatch, parts):
-    x, h0, c0, weights = _inputs(7, T=20, B=17, E=7, H=16, scale=0.3)
-    lstm = {"lstm": weights["lstm"]}
-    seen = []
-    monkeypatch.setattr(native, "loop_parts", lambda B: (seen.append(B), parts)[1])
-    monkeypatch.setattr(native, "lstm_loops", lambda B, H: True)  # also with MKL's product, unsplit (parts 1)
-    calls = _recording(monkeypatch, LSTM_LOOPS)
-    split = _lstm_and_gru_layers(x, h0, c0, lstm)
-    assert calls == list(LSTM_LOOPS) and seen == [17, 17]
-    w_ih, bias, w_hh = lstm["lstm"]
-    with torch.no_grad():  # inference: the loop keeps two steps of c<t>
-        inferred, c_last = cells_fast.lstm_layer(x, w_ih, bias, h0, c0, w_hh)
-    assert calls == list(LSTM_LOOPS) + ["lstm_forward_loop"]
-    monkeypatch.setattr(native, "usable", lambda *tensors: False)
-    _assert_same(split, _lstm_and_gru_layers(x, h0, c0, lstm))
-    with torch.no_grad():
-        _assert_same([(inferred, c_last)], [cells_fast.lstm_layer(x, w_ih, bias, h0, c0, w_hh)])
+@pytest.mark.parametrize("parts", [2, 3])
+@pytest.mark.parametrize("cell, relu", [("gru", False), ("lstm", False), ("rnn", False), ("rnn", True)])
+@pytest.mark.parametrize("T, H", [(20, 16), (64, 128)])  # the larger one keeps the threads busy together
+def test_a_loop_split_into_blocks_of_rows_gives_the_same_values_and_gradients(monkeypatch, parts, cell, relu, T, H):
+    # 17 rows: blocks of 8 and 9 (or 5, 6, 6), each run through the window by a thread of its own
+    if native.openmp_threads() == 0:
+        pytest.skip("a build without OpenMP runs every loop unsplit")
+    x, h0, c0, weights = _inputs(5, T=T, B=17, E=7, H=H, scale=0.3 if H == 16 else 0.1)
+    w = _split_weights(cell, weights, H)
+    blocks, seen, b_strides = parts, [], []
+    monkeypatch.setattr(native, "loop_parts", lambda B: (seen.append(B), blocks)[1])
+    monkeypatch.setattr(native, "lstm_loops", lambda B, H: True)  # also with MKL's product, and unsplit
+    names = (f"{cell}_forward_loop", f"{cell}_backward_loop")
+    forward, backward = (getattr(native, n) for n in names)
+    monkeypatch.setattr(native, names[0], lambda *a: (seen.append("forward"), forward(*a))[1])
+    # the gradient's rows reach the C loop T * H apart (grad_hs is the backward wrappers' second tensor)
+    monkeypatch.setattr(native, names[1], lambda *a: (b_strides.append(a[2 if cell == "gru" else 1].stride(1)),
+                                                      backward(*a))[1])
+
+    def inference():  # one step of Γr * h<t-1> kept (GRU), two of c<t> (LSTM)
+        with torch.no_grad():
+            if cell == "lstm":
+                return list(cells_fast.lstm_layer(x, w[0], w[1], h0, c0, w[2]))
+            if cell == "gru":
+                return [cells_fast.gru_layer(x, w[0], w[1], h0, w[2])]
+            return [cells_fast.rnn_layer(x, w[0], w[1], h0, w[2], relu=relu)]
+
+    split, split_inferred = _split_layer(cell, x, h0, c0, w, relu), inference()
+    assert seen == [17, "forward", 17, 17, "forward"] and b_strides == [T * H]
+    blocks = 1
+    whole, whole_inferred = _split_layer(cell, x, h0, c0, w, relu), inference()
+    # the same kernels and products row by row: what a block of rows gets is what it gets in the whole batch
+    for got, want in zip(split + split_inferred, whole + whole_inferred):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    if H == 16:  # and the C loop is the PyTorch form's (over the larger window a relu may switch on rounding)
+        monkeypatch.setattr(native, "usable", lambda *tensors: False)
+        _assert_same([whole], [_split_layer(cell, x, h0, c0, w, relu)])
 
 
 @pytest.mark.skipif(not native.loops(), reason="native time loops off")
