@@ -1,0 +1,131 @@
+"""The CUDA path, where the machine has a GPU. CI has none, so there every test here skips; nothing else in
+the suite needs CUDA. CHARLM_TEST_DEVICE=cpu runs these tests on the CPU instead, to check the tests
+themselves on a machine without a GPU (the bf16 one keeps to CUDA)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from charlm.cells import CustomRNN
+from charlm.checkpoint import load_run
+from charlm.config import ModelConfig
+from charlm.model import build_model
+from charlm.score import score_sentences
+from charlm.train import train
+from conftest import TINY_TEXT, char_codec, random_model, tiny_config
+
+DEVICE = os.environ.get("CHARLM_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
+pytestmark = pytest.mark.skipif(DEVICE is None, reason="no CUDA device (CHARLM_TEST_DEVICE=cpu runs these on the CPU)")
+
+VARIANTS = {
+    "rnn_tanh": ("rnn", {"nonlinearity": "tanh"}, lambda e, h, l: nn.RNN(e, h, l, nonlinearity="tanh", batch_first=True)),
+    "rnn_relu": ("rnn", {"nonlinearity": "relu"}, lambda e, h, l: nn.RNN(e, h, l, nonlinearity="relu", batch_first=True)),
+    "gru": ("gru", {"gru_form": "torch"}, lambda e, h, l: nn.GRU(e, h, l, batch_first=True)),
+    "lstm": ("lstm", {}, lambda e, h, l: nn.LSTM(e, h, l, batch_first=True)),
+}
+
+
+@pytest.fixture(autouse=True)
+def _full_float32_products():
+    """TF32 keeps 10 bits of a product's inputs' mantissas: the 1e-5 parity asks for float32's 23."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_the_custom_cells_on_the_device_match_torch_nn_there(variant, layers):
+    # a window of 12 steps and 9 rows: the custom layers' fast path (cells_fast) against cuDNN's
+    cell, options, make_torch = VARIANTS[variant]
+    E, H, B, T = 5, 16, 9, 12
+    g = torch.Generator().manual_seed(layers)
+    torch.manual_seed(layers)
+    reference = make_torch(E, H, layers).to(DEVICE)
+    custom = CustomRNN(cell, E, H, layers, **options).to(DEVICE)
+    custom.load_state_dict(reference.state_dict())
+    x = torch.randn(B, T, E, generator=g).to(DEVICE)
+    states = [torch.randn(layers, B, H, generator=g).to(DEVICE) for _ in range(2 if cell == "lstm" else 1)]
+    out_weight = torch.randn(B, T, H, generator=g).to(DEVICE)
+    results = []
+    for module in (reference, custom):
+        xi = x.clone().requires_grad_(True)
+        si = [s.clone().requires_grad_(True) for s in states]
+        out, final = module(xi, tuple(si) if cell == "lstm" else si[0])
+        finals = list(final) if cell == "lstm" else [final]
+        loss = (out * out_weight).sum() + sum((f * (k + 2)).sum() for k, f in enumerate(finals))
+        loss.backward()
+        assert out.device.type == torch.device(DEVICE).type
+        results.append([out.detach(), *[f.detach() for f in finals], xi.grad, *[s.grad for s in si],
+                        *[p.grad for _, p in sorted(module.named_parameters())]])
+    assert len(results[0]) == len(results[1])
+    for want, got in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gru_form", ["classic", "torch"])
+def test_the_custom_models_gradients_on_the_device_are_the_cpu_ones(gru_form):
+    # the classic GRU (the default config's) has no torch.nn twin: the CPU's values are its reference
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(cell="gru", impl="custom", layers=2, embedding_size=4, hidden_size=16,
+                                    device="cpu", gru_form=gru_form), vocab_size=7)
+    tokens = torch.randint(0, 7, (9, 12), generator=torch.Generator().manual_seed(3))
+    results = []
+    for device in ("cpu", DEVICE):
+        model.to(device).train()
+        model.zero_grad()
+        nll, _ = model(tokens.to(device), targets=tokens.roll(-1, 1).to(device))
+        nll.mean().backward()
+        results.append([nll.detach().cpu(), *[p.grad.cpu() for _, p in sorted(model.named_parameters())]])
+    for want, got in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["custom", "torch"])
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_scores_on_the_device_are_the_cpu_scores(cell, impl):
+    model = random_model(cell, impl, vocab_size=6)
+    codec = char_codec("abcd")
+    lines = ["abcd" * 5, "a", "", "dcba dcba", "bad cab" * 3]
+    on_cpu = score_sentences(model, codec, lines, batch_size=2)
+    on_device = score_sentences(model.to(DEVICE), codec, lines, batch_size=2, device=DEVICE)
+    for a, b in zip(on_device, on_cpu):
+        assert a.tokens == b.tokens
+        assert math.isclose(a.logprob, b.logprob, rel_tol=1e-5, abs_tol=1e-4)
+        assert all(math.isclose(p, q, abs_tol=1e-5) for p, q in zip(a.token_logprobs, b.token_logprobs))
+
+
+def test_a_run_trained_on_the_device_loads_and_scores_on_the_cpu(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TINY_TEXT, encoding="utf-8")
+    cfg = tiny_config(model__device=DEVICE, model__cell="gru", model__impl="custom", train__max_steps=30)
+    result = train(cfg, corpus, out=tmp_path / "run", show_progress=False)
+    assert result.steps == 30 and result.val_loss is not None and math.isfinite(result.val_loss)
+    model, codec, saved = load_run(tmp_path / "run", device="cpu")
+    assert saved.cfg.model.device == DEVICE and next(model.parameters()).device.type == "cpu"
+    scores = score_sentences(model, codec, ["the cat sat on the mat.", "zzzz"])
+    # trained on the first line's text, the model finds it far likelier per token than unseen letters
+    assert scores[0].perplexity < scores[1].perplexity
+
+
+@pytest.mark.skipif(DEVICE is None or not DEVICE.startswith("cuda"), reason="bf16 autocast is for CUDA only")
+def test_bf16_training_on_cuda_learns_and_keeps_float32_weights(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TINY_TEXT, encoding="utf-8")
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        cfg = tiny_config(model__device=DEVICE, model__cell="lstm", model__impl="torch", train__max_steps=60,
+                          train__precision=precision)
+        result = train(cfg, corpus, out=tmp_path / precision, show_progress=False)
+        losses[precision] = result.val_loss
+        _, _, saved = load_run(tmp_path / precision)
+        assert all(t.dtype == torch.float32 for t in saved.tensors.values())
+    assert math.isfinite(losses["bf16"])
+    # bf16's products round to 8 bits of mantissa: close to fp32's loss, not equal to it
+    assert losses["bf16"] < losses["fp32"] + 0.1
