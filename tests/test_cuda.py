@@ -9,7 +9,6 @@ import os
 
 import pytest
 import torch
-from torch import nn
 
 from charlm.cells import CustomRNN
 from charlm.checkpoint import load_run
@@ -18,16 +17,10 @@ from charlm.model import build_model
 from charlm.score import score_sentences
 from charlm.train import train
 from conftest import TINY_TEXT, char_codec, random_model, tiny_config
+from test_cells import VARIANTS  # (cell, CustomRNN options, the torch.nn module of the same equations)
 
 DEVICE = os.environ.get("CHARLM_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
 pytestmark = pytest.mark.skipif(DEVICE is None, reason="no CUDA device (CHARLM_TEST_DEVICE=cpu runs these on the CPU)")
-
-VARIANTS = {
-    "rnn_tanh": ("rnn", {"nonlinearity": "tanh"}, lambda e, h, l: nn.RNN(e, h, l, nonlinearity="tanh", batch_first=True)),
-    "rnn_relu": ("rnn", {"nonlinearity": "relu"}, lambda e, h, l: nn.RNN(e, h, l, nonlinearity="relu", batch_first=True)),
-    "gru": ("gru", {"gru_form": "torch"}, lambda e, h, l: nn.GRU(e, h, l, batch_first=True)),
-    "lstm": ("lstm", {}, lambda e, h, l: nn.LSTM(e, h, l, batch_first=True)),
-}
 
 
 @pytest.fixture(autouse=True)
