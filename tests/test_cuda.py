@@ -108,12 +108,13 @@ def test_a_run_trained_on_the_device_loads_and_scores_on_the_cpu(tmp_path):
 
 
 @pytest.mark.skipif(DEVICE is None or not DEVICE.startswith("cuda"), reason="bf16 autocast is for CUDA only")
-def test_bf16_training_on_cuda_learns_and_keeps_float32_weights(tmp_path):
+@pytest.mark.parametrize("cell, impl", [("gru", "custom"), ("lstm", "torch")])  # the default's cells, and cuDNN's
+def test_bf16_training_on_cuda_learns_and_keeps_float32_weights(tmp_path, cell, impl):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TINY_TEXT, encoding="utf-8")
     losses = {}
     for precision in ("fp32", "bf16"):
-        cfg = tiny_config(model__device=DEVICE, model__cell="lstm", model__impl="torch", train__max_steps=60,
+        cfg = tiny_config(model__device=DEVICE, model__cell=cell, model__impl=impl, train__max_steps=60,
                           train__precision=precision)
         result = train(cfg, corpus, out=tmp_path / precision, show_progress=False)
         losses[precision] = result.val_loss
