@@ -8,8 +8,10 @@
 #   env.txt          torch, CUDA and the GPU
 #   tests.txt        tests/test_cuda.py on the GPU (the custom cells against cuDNN, scores, runs, bf16)
 #   standard.md      scripts/bench_standard.py --device cuda (the standard set, shorter rounds)
-#   bf16.txt         the character config trained for $SECONDS s (default 60) in fp32 and in bf16 autocast,
-#                    each run's JSON line, then `charlm eval` of each on $VAL (JSON)
+#   bench_log.txt    that script's own output
+#   bf16.txt         the character config trained for $SECONDS_PER_RUN s (default 60) in fp32 and in bf16
+#                    autocast, each run's JSON line, then `charlm eval` of each on $VAL (JSON)
+#   bf16_log.txt     the two runs' progress and any error
 # CORPUS and VAL (bf16 only): a training text and a validation text, e.g. tinyshakespeare's train.txt and
 # val.txt copied into a folder that git ignores and that the call carries. The runs themselves go to a
 # temporary folder; only the figures come back. Each stage's output is written as it goes, so a stage cut

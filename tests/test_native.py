@@ -109,12 +109,20 @@ def test_layers_give_the_same_values_and_gradients_with_and_without_the_kernels(
         _assert_same(results[form], results["pytorch"])
 
 
+def _layer_weights(cell, weights, H):
+    """(w_ih, bias, w_hh) of one layer of `cell` from _inputs' weights; an RNN takes one gate's worth of
+    the GRU's rows."""
+    if cell != "rnn":
+        return weights[cell]
+    w_ih, bias, w_hh = (w[:H] for w in weights["gru"])
+    return w_ih, bias, w_hh[:, :H]
+
+
 @pytest.mark.skipif(not native.loops(), reason="native time loops off")
 @pytest.mark.parametrize("relu", [False, True])
 def test_the_rnn_loop_in_c_gives_the_pytorch_form_values_and_gradients(monkeypatch, relu):
     x, h0, _, weights = _inputs(4, T=20, B=5, E=7, H=16, scale=0.3)
-    w_ih, bias, w_hh = (w[: 16] for w in weights["gru"])  # one gate's worth of rows: an RNN's shapes
-    w_hh = w_hh[:, :16]
+    w_ih, bias, w_hh = _layer_weights("rnn", weights, 16)
 
     def run():
         params = [t.clone().requires_grad_(True) for t in (x, w_ih, bias, h0, w_hh)]
@@ -146,13 +154,6 @@ def _split_layer(cell, x, h0, c0, weights, relu=False):
     return [o.detach() for o in outputs] + list(torch.autograd.grad(outputs, params, grads))
 
 
-def _split_weights(cell, weights, H):
-    if cell != "rnn":
-        return weights[cell]
-    w_ih, bias, w_hh = (w[:H] for w in weights["gru"])  # one gate's worth of rows: an RNN's shapes
-    return w_ih, bias, w_hh[:, :H]
-
-
 @pytest.mark.skipif(not native.loops(), reason="native time loops off")
 @pytest.mark.parametrize("parts", [2, 3])
 @pytest.mark.parametrize("cell, relu", [("gru", False), ("lstm", False), ("rnn", False), ("rnn", True)])
@@ -162,7 +163,7 @@ def test_a_loop_split_into_blocks_of_rows_gives_the_same_values_and_gradients(mo
     if native.openmp_threads() == 0:
         pytest.skip("a build without OpenMP runs every loop unsplit")
     x, h0, c0, weights = _inputs(5, T=T, B=17, E=7, H=H, scale=0.3 if H == 16 else 0.1)
-    w = _split_weights(cell, weights, H)
+    w = _layer_weights(cell, weights, H)
     blocks, seen, b_strides = parts, [], []
     monkeypatch.setattr(native, "loop_parts", lambda B: (seen.append(B), blocks)[1])
     monkeypatch.setattr(native, "lstm_loops", lambda B, H: True)  # also with MKL's product, and unsplit
@@ -187,6 +188,9 @@ def test_a_loop_split_into_blocks_of_rows_gives_the_same_values_and_gradients(mo
     whole, whole_inferred = _split_layer(cell, x, h0, c0, w, relu), inference()
     # the same kernels and products row by row: what a block of rows gets is what it gets in the whole batch
     for got, want in zip(split + split_inferred, whole + whole_inferred):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    # inference keeps less of the window, and gives what the training forward gives
+    for got, want in zip(whole_inferred, whole):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
     if H == 16:  # and the C loop is the PyTorch form's (over the larger window a relu may switch on rounding)
         monkeypatch.setattr(native, "usable", lambda *tensors: False)
