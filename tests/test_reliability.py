@@ -210,7 +210,8 @@ def test_forced_nan_stops_with_exit_1_at_that_step_and_keeps_the_last_good_check
 @pytest.mark.parametrize("fields,fragment", [
     (dict(model__cell="rnn", model__nonlinearity="relu", train__optimizer="sgd", train__lr=1e6,
           train__clip=0.0), "validation loss is NaN"),
-    (dict(train__lr=1e38, train__clip=0.0), "overflowed"),
+    # the fused AdamW update does not overflow on its own: the weights become infinite, and the evaluation says so
+    (dict(train__lr=1e38, train__clip=0.0), "validation loss is NaN or infinite"),
 ])
 def test_other_numeric_blow_ups_are_exit_1_naming_the_step(tmp_path, fields, fragment):
     """An exploding ReLU RNN whose training loss is still finite, and an lr beyond float32 in Adam's update."""
