@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .adaptive import TiedAdaptiveSoftmax
-from .cells import CustomRNN
+from .cells import CustomRNN, dropout
 from .config import ModelConfig
 from .products import output_linear
 
@@ -36,7 +36,6 @@ class RNNLM(nn.Module):
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.encoder = nn.Embedding(vocab_size, cfg.embedding_size)
-        self.drop = nn.Dropout(cfg.dropout)
         between = cfg.dropout if cfg.layers > 1 else 0.0
         if cfg.impl == "custom":
             self.rnn = CustomRNN(cfg.cell, cfg.embedding_size, cfg.hidden_size, cfg.layers, between,
@@ -70,9 +69,9 @@ class RNNLM(nn.Module):
             if p > 0 and self.training:  # one draw per token type: every occurrence of a dropped type is zeroed
                 keep = torch.empty(self.vocab_size, device=emb.device).bernoulli_(1 - p).div_(1 - p)
                 emb = emb * keep[tokens].unsqueeze(-1).to(emb.dtype)
-            emb = self.drop(emb)
+            emb = dropout(emb, self.cfg.dropout, self.training)
             out, state = self.rnn(emb, state)      # (B, T, H)
-        out = self.drop(out)
+        out = dropout(out, self.cfg.dropout, self.training)
         B, T, H = out.shape
         if targets is None:
             if self.adaptive:

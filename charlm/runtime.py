@@ -5,8 +5,11 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import sys
 from datetime import timedelta
+from functools import cache
+from pathlib import Path
 
 import torch
 
@@ -129,3 +132,15 @@ def keep_freed_memory(limit_bytes: int = 1 << 30) -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
     return bool(mallopt(m_mmap_threshold, limit_bytes)) and bool(mallopt(m_trim_threshold, limit_bytes))
+
+
+@cache
+def intel_cpu() -> bool:
+    """Whether this is an Intel processor: /proc/cpuinfo's vendor on Linux, else platform's words.
+
+    ATen draws a CPU Bernoulli mask (dropout's) with MKL's vectorised generator on Intel processors only;
+    on others it draws one value at a time (cells.dropout)."""
+    try:
+        return "GenuineIntel" in Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return "intel" in platform.processor().lower()

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.nn import functional as F
 
-from charlm.cells import CustomRNN
+from charlm.cells import CustomRNN, dropout
 from charlm.config import load_config
 from charlm.errors import UsageError
 
@@ -25,7 +24,7 @@ def test_training_uses_one_dropped_copy_of_w_hh_for_the_whole_window(cell, fast)
     out, _ = dropped(x)
     torch.manual_seed(1)  # the same draw: the mask is the first random number the layer takes
     with torch.no_grad():
-        plain.weight_hh_l0.copy_(F.dropout(plain.weight_hh_l0, 0.5, training=True))
+        plain.weight_hh_l0.copy_(dropout(plain.weight_hh_l0, 0.5, True))
     expected, _ = plain(x)
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
 
@@ -33,6 +32,26 @@ def test_training_uses_one_dropped_copy_of_w_hh_for_the_whole_window(cell, fast)
     kept = plain.weight_hh_l0 != 0
     grad = dropped.weight_hh_l0.grad
     assert (grad[~kept] == 0).all() and (~kept).any() and (grad[kept] != 0).any()
+
+
+@pytest.mark.parametrize("intel", [True, False], ids=["torch-bernoulli", "uniform-draw"])
+def test_dropout_keeps_each_value_with_probability_1_minus_p_and_scales_it(intel, monkeypatch):
+    """Both ways of drawing the mask (torch's Bernoulli on Intel processors, a uniform draw elsewhere) keep a
+    value with probability 1 - p, scale the kept ones by 1 / (1 - p), and pass the gradient through the mask."""
+    import charlm.cells as cells
+
+    monkeypatch.setattr(cells, "intel_cpu", lambda: intel)
+    torch.manual_seed(0)
+    x = torch.full((400, 500), 2.0, requires_grad=True)
+    for p in (0.1, 0.5, 0.8):
+        y = dropout(x, p, True)
+        kept = y != 0
+        # 200,000 draws: the kept fraction is within 0.5 % of 1 - p (over 5 standard deviations)
+        assert abs(kept.float().mean().item() - (1 - p)) < 5e-3
+        torch.testing.assert_close(y[kept], torch.full_like(y[kept], 2.0 / (1 - p)))
+        (grad,) = torch.autograd.grad(y.sum(), x)
+        torch.testing.assert_close(grad, kept.float() / (1 - p))
+    assert dropout(x, 0.5, False) is x and dropout(x, 0.0, True) is x
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
