@@ -44,10 +44,25 @@ def test_linear_mm_and_weight_grad_match_torch_in_every_layout(small_shapes_too)
         _close(mm(x, w.t()), x @ w.t())
     strided_x = _randn(7, 24, seed=5)[:, ::2]  # a non-contiguous first operand is copied, not misread
     _close(linear(strided_x, w_plain), strided_x @ w_plain.t())
-    for m in (3, 40):  # fewer and more output rows than inputs: the two orders weight_grad chooses from
+    for m in (3, 40):  # fewer and more output rows than inputs
         d = _randn(9, m, seed=6)
         _close(weight_grad(d, _randn(9, 12, seed=7)), d.t() @ _randn(9, 12, seed=7))
         assert weight_grad(d, _randn(9, 12, seed=7)).shape == (m, 12)
+
+
+@needs_onednn
+@pytest.mark.parametrize("n, m, first", [(9, 3, "d"), (9, 40, "d"), (40, 30, "x")])
+def test_weight_grad_takes_the_order_that_copies_fewer_values(n, m, first, monkeypatch, small_shapes_too):
+    """d^T first copies M x N values; x^T first K x N, then K x M for the transposed result (K = 12 here)."""
+    import charlm.products as products
+
+    firsts = []
+    real = products.linear
+    monkeypatch.setattr(products, "linear", lambda a, w, b=None: firsts.append(a.shape) or real(a, w, b))
+    d, x = _randn(n, m, seed=6), _randn(n, 12, seed=7)
+    got = weight_grad(d, x)
+    _close(got, d.t() @ x)
+    assert got.is_contiguous() and firsts == [(m, n) if first == "d" else (12, n)]
 
 
 @pytest.mark.parametrize("onednn", [True, False])
