@@ -63,8 +63,11 @@ class TiedAdaptiveSoftmax(nn.Module):
     def head_log_prob(self, h: Tensor, parts: tuple) -> Tensor:
         """(N, shortlist + clusters): log P of each head token and of each tail cluster; `parts` from _parts()."""
         weights, biases = parts
-        logits = torch.cat([output_linear(h, weights[0], biases[0]),
-                            output_linear(h, self.cluster_weight, self.cluster_bias)], dim=1)
+        # one product with the cluster rows joined to the head's: joining the two products' logits instead
+        # hands their gradients back as strided slices, which the backward products copy first (1.4 ms a
+        # training step of configs/word_wikitext.yaml, against 0.1 ms for joining the weights)
+        logits = output_linear(h, torch.cat([weights[0], self.cluster_weight]),
+                               torch.cat([biases[0], self.cluster_bias]))
         return torch.log_softmax(logits.float(), dim=1)
 
     def tail_log_prob(self, h: Tensor, i: int, parts: tuple) -> Tensor:
