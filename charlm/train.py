@@ -401,7 +401,12 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
 def _restore(resume: Path, state: dict, optimizer: torch.optim.Optimizer, device, rows: slice):
     """Optimizer, progress, this rank's hidden state and RNG from a trainer state; one that does not fit is refused."""
     try:
-        optimizer.load_state_dict(state["optimizer"])
+        saved = state["optimizer"]
+        for group in saved["param_groups"]:
+            # this version's choice of update (a run saved before 2026-12-06 asked for foreach, which agrees
+            # with fused to float32 rounding), set before loading so that the state is placed for it
+            group.update(fused=optimizer.defaults.get("fused"), foreach=optimizer.defaults.get("foreach"))
+        optimizer.load_state_dict(saved)
         p = Progress(**state["progress"])
         hidden = _map_state(state.get("hidden"), lambda s: s[:, rows].to(device))
         torch.set_rng_state(state["rng_cpu"])

@@ -92,6 +92,29 @@ def test_resume_after_a_stop_is_not_the_same_as_a_fresh_start(tmp_path):
     assert not all(torch.equal(weights(one)[k], weights(split)[k]) for k in weights(one))
 
 
+def test_a_run_saved_with_foreach_updates_resumes_on_the_fused_ones(tmp_path, monkeypatch):
+    """Runs saved before 2026-12-06 asked for foreach optimizer updates; a resume takes this version's fused
+    update (they agree to float32 rounding), and the continued run is the uninterrupted one to within that."""
+    corpus = write_corpus(tmp_path)
+    one = train_run(tmp_path, "one", corpus, train__max_steps=N, model__dropout=0.3, train__optimizer="adam")
+    real = train_mod._make_optimizer
+
+    def with_foreach(cfg, model):  # the optimizer as the older charlm made it
+        t = cfg.train
+        return torch.optim.Adam(model.parameters(), lr=t.lr, betas=(0.9, t.beta2), foreach=True)
+    monkeypatch.setattr(train_mod, "_make_optimizer", with_foreach)
+    split = train_run(tmp_path, "split", corpus, train__max_steps=5, model__dropout=0.3, train__optimizer="adam")
+    assert trainer_state(split)["optimizer"]["param_groups"][0]["foreach"] is True
+    monkeypatch.setattr(train_mod, "_make_optimizer", real)
+    result = train(tiny_config(train__max_steps=N, model__dropout=0.3, train__optimizer="adam"), None, resume=split,
+                   show_progress=False)
+    assert result.steps == N
+    group = trainer_state(split)["optimizer"]["param_groups"][0]
+    assert group["fused"] is True and group["foreach"] is None
+    for key, value in weights(one).items():
+        torch.testing.assert_close(weights(split)[key], value, atol=1e-5, rtol=1e-4)
+
+
 def _signal_at_step(monkeypatch, step, signum):
     """Send ourselves `signum` in the middle of training step `step` (from inside the loop)."""
     real = train_mod.learning_rate
