@@ -42,7 +42,8 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     """
     if not training or p == 0:
         return x
-    if x.device.type != "cpu" or intel_cpu() or not x.is_floating_point():
+    # bfloat16's and float16's uniform draws are too coarse near 1 to keep each value with probability 1 - p
+    if x.device.type != "cpu" or intel_cpu() or x.dtype not in (torch.float32, torch.float64):
         return nn.functional.dropout(x, p, training=True)
     keep = torch.rand_like(x).ge_(p).mul_(1.0 / (1.0 - p))
     return x * keep

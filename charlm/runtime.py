@@ -139,7 +139,8 @@ def intel_cpu() -> bool:
     """Whether this is an Intel processor: /proc/cpuinfo's vendor on Linux, else platform's words.
 
     ATen draws a CPU Bernoulli mask (dropout's) with MKL's vectorised generator on Intel processors only;
-    on others it draws one value at a time (cells.dropout)."""
+    on others it draws one value at a time (cells.dropout). Only speed depends on the answer, and without
+    /proc/cpuinfo it can miss an Intel processor (macOS names one 'i386')."""
     try:
         return "GenuineIntel" in Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
