@@ -404,8 +404,10 @@ def _restore(resume: Path, state: dict, optimizer: torch.optim.Optimizer, device
         saved = state["optimizer"]
         for group in saved["param_groups"]:
             # this version's choice of update (a run saved before 2026-12-06 asked for foreach, which agrees
-            # with fused to float32 rounding), set before loading so that the state is placed for it
-            group.update(fused=optimizer.defaults.get("fused"), foreach=optimizer.defaults.get("foreach"))
+            # with fused to float32 rounding), set before loading so that the state is placed for it; a group
+            # that is no mapping is left for load_state_dict to refuse
+            if isinstance(group, dict):
+                group.update(fused=optimizer.defaults.get("fused"), foreach=optimizer.defaults.get("foreach"))
         optimizer.load_state_dict(saved)
         p = Progress(**state["progress"])
         hidden = _map_state(state.get("hidden"), lambda s: s[:, rows].to(device))
