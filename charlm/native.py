@@ -62,6 +62,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .runtime import cpuinfo
+
 SOURCE = Path(__file__).with_name("native.c")
 # -fno-trapping-math lets GCC turn the clamps of native.c's exponential into vector blends on every
 # target (the floating-point exception flags, which it would otherwise preserve, are never read)
@@ -100,13 +102,10 @@ def _compiler() -> list[str] | None:
 
 def _processor() -> str:
     """What -march=native depends on: the CPU's model and feature flags (Linux), else platform's words."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
-        wanted = [ln for ln in lines if ln.split(":")[0].strip() in ("model name", "flags", "Features", "CPU part")]
-        if wanted:
-            return "\n".join(dict.fromkeys(wanted))
-    except OSError:
-        pass
+    lines = cpuinfo().splitlines()
+    wanted = [ln for ln in lines if ln.split(":")[0].strip() in ("model name", "flags", "Features", "CPU part")]
+    if wanted:
+        return "\n".join(dict.fromkeys(wanted))
     return f"{platform.machine()} {platform.processor()}"
 
 
@@ -504,10 +503,7 @@ def _mode() -> str:
 def _mkl_at_half_width() -> bool:
     """An AMD processor with AVX-512 (Zen 4 and 5), where MKL, which picks its kernels by the vendor,
     multiplied at about half oneDNN's speed (products.py); Linux only, False where it cannot tell."""
-    try:
-        info = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return False
+    info = cpuinfo()
     return "AuthenticAMD" in info and " avx512f" in info
 
 

@@ -135,13 +135,20 @@ def keep_freed_memory(limit_bytes: int = 1 << 30) -> bool:
 
 
 @cache
+def cpuinfo() -> str:
+    """/proc/cpuinfo's text (Linux), read once; "" where there is none."""
+    try:
+        return Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+@cache
 def intel_cpu() -> bool:
     """Whether this is an Intel processor: /proc/cpuinfo's vendor on Linux, else platform's words.
 
     ATen draws a CPU Bernoulli mask (dropout's) with MKL's vectorised generator on Intel processors only;
     on others it draws one value at a time (cells.dropout). Only speed depends on the answer, and without
     /proc/cpuinfo it can miss an Intel processor (macOS names one 'i386')."""
-    try:
-        return "GenuineIntel" in Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return "intel" in platform.processor().lower()
+    info = cpuinfo()
+    return "GenuineIntel" in info if info else "intel" in platform.processor().lower()

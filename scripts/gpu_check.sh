@@ -23,16 +23,13 @@ seconds=${SECONDS_PER_RUN:-60}
 py=${PYTHON:-python3}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-known=(tests bench bf16)  # the stages, in the order they run when none is named
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=("${known[@]}")
+[ ${#stages[@]} -eq 0 ] && stages=(tests bench bf16)
 for stage in "${stages[@]}"; do
-    found=0
-    for name in "${known[@]}"; do [ "$stage" = "$name" ] && found=1; done
-    if [ $found = 0 ]; then
-        echo "unknown stage '$stage': choose among ${known[*]}" >&2
-        exit 2
-    fi
+    case $stage in
+        tests|bench|bf16) ;;
+        *) echo "unknown stage '$stage': choose among tests, bench, bf16" >&2; exit 2 ;;
+    esac
 done
 
 {

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from charlm import cells
 from charlm.cells import CustomRNN, dropout
 from charlm.config import load_config
 from charlm.errors import UsageError
@@ -38,8 +39,6 @@ def test_training_uses_one_dropped_copy_of_w_hh_for_the_whole_window(cell, fast)
 def test_dropout_keeps_each_value_with_probability_1_minus_p_and_scales_it(intel, monkeypatch):
     """Both ways of drawing the mask (torch's Bernoulli on Intel processors, a uniform draw elsewhere) keep a
     value with probability 1 - p, scale the kept ones by 1 / (1 - p), and pass the gradient through the mask."""
-    import charlm.cells as cells
-
     monkeypatch.setattr(cells, "intel_cpu", lambda: intel)
     torch.manual_seed(0)
     x = torch.full((400, 500), 2.0, requires_grad=True)
@@ -56,8 +55,6 @@ def test_dropout_keeps_each_value_with_probability_1_minus_p_and_scales_it(intel
 
 def test_dropout_of_bfloat16_values_keeps_1_minus_p_of_them(monkeypatch):
     """A bfloat16 uniform draw is too coarse near 1 (it kept 0.898 at p = 0.1): such values take torch's mask."""
-    import charlm.cells as cells
-
     monkeypatch.setattr(cells, "intel_cpu", lambda: False)
     torch.manual_seed(0)
     kept = (dropout(torch.ones(2_000_000, dtype=torch.bfloat16), 0.1, True) != 0).float().mean().item()
