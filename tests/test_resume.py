@@ -168,6 +168,20 @@ def test_resume_with_a_conflicting_config_is_exit_2_naming_the_fields(stopped, c
     assert trainer_state(run)["progress"]["step"] == 6  # nothing was trained or saved
 
 
+@pytest.mark.parametrize("damage", ["a group that is no mapping", "no param_groups"])
+def test_resume_with_an_optimizer_state_that_does_not_fit_is_exit_2(stopped, damage):
+    run, _ = stopped
+    state = trainer_state(run)
+    if damage == "no param_groups":
+        del state["optimizer"]["param_groups"]
+    else:
+        state["optimizer"]["param_groups"] = [[1, 2]]
+    torch.save(state, run / "last" / "trainer.pt")
+    rehash(run / "last", "trainer.pt")  # a consistent manifest: the content itself must be refused
+    result = cli("train", "--resume", run, "--set", "train.max_steps=8", "-q")
+    assert_one_line_error(result, 2, "trainer.pt", "does not fit this run")
+
+
 def test_resume_accepts_harmless_changes(stopped):
     run, _ = stopped
     result = cli("train", "--resume", run, "-q", "--json", "--max-steps", "9", "--max-time", "600",
