@@ -23,12 +23,16 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import threading
 from contextlib import contextmanager
+from functools import cache
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from .runtime import cpuinfo
 
 _NONE: list = []
 
@@ -129,14 +133,27 @@ def weight_grad(d: Tensor, x: Tensor) -> Tensor:
     measured up to 1.7x slower for the gates' (M = 3H or 4H) gradients, copying
     x^T slower for a character model's output layer (M = 65) and for a tail
     cluster of the adaptive softmax (N = 114, M = 8,000, K = 256: 4.9 ms against
-    3.8 ms on the Zen 4 host of 2026-12-06).
+    3.8 ms on the Zen 4 host of 2026-12-06). On a Zen 4 processor MKL's product, which reads d^T as a
+    view, beats both orders (_weight_grads_in_mkl).
     """
-    if not _worth_it(d.shape[0], d.shape[1], x.shape[1], _MIN_WORK) or not _onednn(d, x):
+    if not _worth_it(d.shape[0], d.shape[1], x.shape[1], _MIN_WORK) or not _onednn(d, x) or _weight_grads_in_mkl():
         return d.t() @ x
     (N, M), K = d.shape, x.shape[1]
     if M * N <= K * (N + M):
         return linear(d.t(), x.t())
     return linear(x.t(), d.t()).t().contiguous()
+
+
+@cache
+def _weight_grads_in_mkl() -> bool:
+    """An AMD processor of family 25 with AVX-512 (Zen 4), whose 512-bit units run at half width, so MKL's
+    AVX2 kernels lose nothing: there torch's d.t() @ x (MKL, reading the transposed view without a copy)
+    computed the models' weight gradients 1.3-2.0x faster than oneDNN with its copies, and training steps
+    at hidden 256 ran 1.03-1.10x faster (docs/benchmarks.md, 2026-12-06). On the Zen 5 host (family 26)
+    oneDNN's were the faster ones (3.6 against 6.2 ms for an LSTM window's dW_hh); Linux only."""
+    info = cpuinfo()
+    return ("AuthenticAMD" in info and " avx512f" in info
+            and re.search(r"^cpu family\s*:\s*25\s*$", info, re.MULTILINE) is not None)
 
 
 class Repeated:

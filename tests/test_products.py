@@ -56,6 +56,7 @@ def test_weight_grad_takes_the_order_that_copies_fewer_values(n, m, first, monke
     """d^T first copies M x N values; x^T first K x N, then K x M for the transposed result (K = 12 here)."""
     import charlm.products as products
 
+    monkeypatch.setattr(products, "_weight_grads_in_mkl", lambda: False)
     firsts = []
     real = products.linear
     monkeypatch.setattr(products, "linear", lambda a, w, b=None: firsts.append(a.shape) or real(a, w, b))
@@ -63,6 +64,35 @@ def test_weight_grad_takes_the_order_that_copies_fewer_values(n, m, first, monke
     got = weight_grad(d, x)
     _close(got, d.t() @ x)
     assert got.is_contiguous() and firsts == [(m, n) if first == "d" else (12, n)]
+
+
+_ZEN4 = "vendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nflags\t\t: fpu avx2 avx512f avx512bw\n"
+
+
+@pytest.mark.parametrize("info, mkl", [
+    (_ZEN4, True),
+    (_ZEN4.replace(" avx512f avx512bw", ""), False),  # Zen 3: no AVX-512
+    (_ZEN4.replace(": 25", ": 26"), False),  # Zen 5: full-width AVX-512, where oneDNN's were faster
+    (_ZEN4.replace("AuthenticAMD", "GenuineIntel").replace(": 25", ": 6"), False),
+    ("", False),  # no /proc/cpuinfo
+])
+def test_weight_grads_go_to_mkl_on_zen4_only(info, mkl, monkeypatch):
+    monkeypatch.setattr(products, "cpuinfo", lambda: info)
+    products._weight_grads_in_mkl.cache_clear()
+    try:
+        assert products._weight_grads_in_mkl() is mkl
+    finally:
+        products._weight_grads_in_mkl.cache_clear()
+
+
+@needs_onednn
+def test_weight_grad_on_zen4_is_torchs_product(monkeypatch, small_shapes_too):
+    monkeypatch.setattr(products, "_weight_grads_in_mkl", lambda: True)
+    monkeypatch.setattr(products, "linear", lambda *args: pytest.fail("oneDNN was called"))
+    d, x = _randn(40, 30, seed=6), _randn(40, 12, seed=7)
+    got = weight_grad(d, x)
+    _close(got, d.t() @ x)
+    assert got.shape == (30, 12)
 
 
 @pytest.mark.parametrize("onednn", [True, False])
