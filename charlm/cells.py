@@ -42,11 +42,16 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     """
     if not training or p == 0:
         return x
-    # bfloat16's and float16's uniform draws are too coarse near 1 to keep each value with probability 1 - p
-    if x.device.type != "cpu" or intel_cpu() or x.dtype not in (torch.float32, torch.float64):
+    if not uniform_masks(x):
         return nn.functional.dropout(x, p, training=True)
     keep = torch.rand_like(x).ge_(p).mul_(1.0 / (1.0 - p))
     return x * keep
+
+
+def uniform_masks(x: Tensor) -> bool:
+    """Whether `dropout` draws x's mask from uniform numbers: float32 or float64 on a CPU that is not Intel's
+    (bfloat16's and float16's uniform draws are too coarse near 1 to keep each value with probability 1 - p)."""
+    return x.device.type == "cpu" and not intel_cpu() and x.dtype in (torch.float32, torch.float64)
 
 
 def rnn_cell(x_proj: Tensor, a_prev: Tensor, w_hh: Tensor, b_hh: Tensor, nonlinearity: str = "tanh") -> Tensor:

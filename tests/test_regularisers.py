@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from charlm import cells
+from charlm import model as model_module
 from charlm.cells import CustomRNN, dropout
 from charlm.config import load_config
 from charlm.errors import UsageError
+from charlm.model import build_model
 
 
 @pytest.mark.parametrize("fast", [True, False])
@@ -104,3 +106,59 @@ def test_embedding_dropout_drops_token_types_in_training_only():
     model.eval()
     model(tokens)
     torch.testing.assert_close(emb_in[-1], raw)
+
+
+def _torch_stack(cell, layers, dropout_p=0.5):
+    cfg = load_config(overrides=[f"model.cell={cell}", "model.impl=torch", f"model.layers={layers}",
+                                 f"model.dropout={dropout_p}", "model.embedding_size=6", "model.hidden_size=5"])
+    torch.manual_seed(0)
+    return build_model(cfg.model, 11)
+
+
+@pytest.mark.parametrize("given_state", [False, True], ids=["no-state", "state"])
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_a_torch_stack_run_layer_by_layer_is_the_stack_itself(cell, given_state, monkeypatch):
+    """Without the dropout between them, the layers run one by one (model._layer_by_layer) give the stack's
+    outputs, final states and gradients bit for bit; three layers, so that two share the second shell."""
+    model = _torch_stack(cell, layers=3)
+    monkeypatch.setattr(model_module, "dropout", lambda x, p, training: x)
+    x = torch.randn(2, 7, 6, requires_grad=True)
+    state = None
+    if given_state:
+        h = torch.randn(3, 2, 5)
+        state = (h, torch.randn(3, 2, 5)) if cell == "lstm" else h
+    out, final = model_module._layer_by_layer(model.rnn, model._shells, x, state)
+    model.rnn.dropout = 0.0
+    expected, expected_final = model.rnn(x, state)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    for got, want in zip(final if cell == "lstm" else (final,), expected_final if cell == "lstm" else (expected_final,)):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    weights = [x, *model.rnn.parameters()]
+    grads = torch.autograd.grad((out ** 2).sum(), weights)
+    expected_grads = torch.autograd.grad((expected ** 2).sum(), weights)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("intel", [True, False], ids=["intel", "other"])
+def test_a_torch_stack_in_training_drops_between_its_layers_with_charlms_masks_off_intel(intel, monkeypatch):
+    model = _torch_stack("lstm", layers=3).train()
+    monkeypatch.setattr(cells, "intel_cpu", lambda: intel)
+    drops = []
+    real = model_module.dropout
+    monkeypatch.setattr(model_module, "dropout", lambda x, p, training: drops.append(training) or real(x, p, training))
+    tokens = torch.randint(0, 11, (2, 7))
+    model(tokens)
+    # the embeddings and the output always; the two gaps between three layers only where torch's own are slow
+    assert drops == [True] * (2 if intel else 4)
+    drops.clear()
+    model.eval()
+    model(tokens)
+    assert drops == [False, False]
+
+
+def test_a_torch_stack_keeps_its_parameters_and_their_names():
+    dropped, plain = _torch_stack("gru", layers=2), _torch_stack("gru", layers=2, dropout_p=0.0)
+    assert list(dropped.state_dict()) == list(plain.state_dict())
+    assert [p.shape for p in dropped.parameters()] == [p.shape for p in plain.parameters()]
+    assert not hasattr(plain, "_shells") and all(p.is_meta for s in dropped._shells for p in s.parameters())
