@@ -44,7 +44,7 @@ class RNNLM(nn.Module):
             self.rnn = _torch_rnn(cfg, cfg.embedding_size, cfg.layers, between)
             if between > 0:
                 # one-layer modules of the same kind, for _layer_by_layer; a tuple, so not registered: the
-                # parameters stay the stack's own, and meta tensors, so the copies hold no memory
+                # parameters stay the stack's own, and the shells, made on the meta device, allocate none
                 self._shells = (_torch_rnn(cfg, cfg.embedding_size, 1, 0.0, "meta"),
                                 _torch_rnn(cfg, cfg.hidden_size, 1, 0.0, "meta"))
         cutoffs = [int(c) for c in cfg.adaptive_cutoffs.split(",") if 0 < int(c) < vocab_size - 1]
@@ -136,8 +136,12 @@ def _layer_by_layer(rnn: nn.RNNBase, shells: tuple[nn.RNNBase, nn.RNNBase], x: T
     Zen 4 host of 2026-12-06. Each layer here is the one-layer shell (the first takes the embeddings, the
     second any later layer) run on that layer's own parameters through torch.func.functional_call, so the
     gradients reach the stack's parameters; torch runs a stack's layers one by one on the CPU anyway.
+    Forward hooks on the stack itself do not run here.
     """
     lstm = isinstance(rnn, nn.LSTM)
+    if state is not None and any(s.dim() != 3 or s.shape[0] != rnn.num_layers
+                                 for s in (state if lstm else (state,))):
+        return rnn(x, state)  # torch's own message for a state that does not fit the stack
     finals = []
     for layer in range(rnn.num_layers):
         weights = {f"{name}_l0": getattr(rnn, f"{name}_l{layer}")

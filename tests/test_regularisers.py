@@ -157,6 +157,17 @@ def test_a_torch_stack_in_training_drops_between_its_layers_with_charlms_masks_o
     assert drops == [False, False]
 
 
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_a_torch_stack_in_training_refuses_a_state_with_other_layers_as_torch_does(cell, monkeypatch):
+    model = _torch_stack(cell, layers=2).train()
+    monkeypatch.setattr(cells, "intel_cpu", lambda: False)
+    tokens = torch.randint(0, 11, (2, 7))
+    for layers in (1, 3):
+        h = torch.zeros(layers, 2, 5)
+        with pytest.raises(RuntimeError, match="Expected hidden"):
+            model(tokens, (h, h.clone()) if cell == "lstm" else h)
+
+
 def test_a_torch_stack_keeps_its_parameters_and_their_names():
     dropped, plain = _torch_stack("gru", layers=2), _torch_stack("gru", layers=2, dropout_p=0.0)
     assert list(dropped.state_dict()) == list(plain.state_dict())
