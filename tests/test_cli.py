@@ -265,3 +265,32 @@ def test_train_sample_score_eval_in_a_real_process(tmp_path):
     assert len(scores) == 1 and scores[0]["logprob"] < 0 and scores[0]["tokens"] == len("the cat sat.") + 1
     evaluated = json.loads(charlm("eval", run, "--file", corpus, "--json"))
     assert evaluated["tokens"] == len(TINY_TEXT) and math.isfinite(evaluated["loss"])
+
+
+@pytest.mark.parametrize("world", [None, "1", "2"])
+def test_a_torchrun_rank_leaves_without_the_interpreters_teardown(world, monkeypatch):
+    """Under torchrun a rank runs the atexit functions, flushes and leaves through os._exit (a rank that
+    finished could abort in C++ teardown); alone, charlm exits as any program does."""
+    import charlm.cli as cli
+
+    if world is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world)
+    events = []
+
+    class Left(Exception):
+        pass
+
+    def os_exit(code):
+        events.append(("os._exit", code))
+        raise Left
+
+    monkeypatch.setattr(cli.atexit, "_run_exitfuncs", lambda: events.append(("atexit",)))
+    monkeypatch.setattr(cli.os, "_exit", os_exit)
+    with pytest.raises((SystemExit, Left)) as left:
+        cli._exit(3)
+    if world == "2":
+        assert left.type is Left and events == [("atexit",), ("os._exit", 3)]
+    else:
+        assert left.type is SystemExit and left.value.code == 3 and events == []
