@@ -644,13 +644,14 @@ def main() -> None:
 
 
 def _exit(code: int) -> None:
-    """sys.exit(code); but a rank of a torchrun job (WORLD_SIZE > 1) leaves without the interpreter's
-    teardown, once its output is flushed and the atexit functions have run (native.py's temporary folder).
-    After a complete two-process run, now and then a rank aborted (SIGABRT, "terminate called without an
-    active exception") in C++ teardown after its last Python line, with the process group already
-    destroyed, and torchrun reported the whole job failed (tests/test_distributed.py, about one run in 25
-    on the Zen 4 host of 2026-12-06)."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+    """sys.exit(code); but a rank of a torchrun job (WORLD_SIZE > 1) that succeeded leaves without the
+    interpreter's teardown, once its output is flushed and the atexit functions have run (native.py's
+    temporary folder). After a complete two-process run, now and then a rank aborted (SIGABRT, "terminate
+    called without an active exception") in C++ teardown after its last Python line, with the process group
+    already destroyed, and torchrun reported the whole job failed (tests/test_distributed.py, about one run
+    in 25 on the Zen 4 host of 2026-12-06). A rank that failed keeps the usual exit: one that left at once
+    after a peer's death could reach torchrun first and be named as the worker that failed first."""
+    if code != 0 or int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
         sys.exit(code)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):

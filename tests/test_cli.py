@@ -267,10 +267,10 @@ def test_train_sample_score_eval_in_a_real_process(tmp_path):
     assert evaluated["tokens"] == len(TINY_TEXT) and math.isfinite(evaluated["loss"])
 
 
-@pytest.mark.parametrize("world", [None, "1", "2"])
-def test_a_torchrun_rank_leaves_without_the_interpreters_teardown(world, monkeypatch):
-    """Under torchrun a rank runs the atexit functions, flushes and leaves through os._exit (a rank that
-    finished could abort in C++ teardown); alone, charlm exits as any program does."""
+@pytest.mark.parametrize("world, code", [(None, 0), ("1", 0), ("2", 0), ("2", 3)])
+def test_a_torchrun_rank_that_succeeded_leaves_without_the_interpreters_teardown(world, code, monkeypatch):
+    """Under torchrun a rank that succeeded runs the atexit functions, flushes and leaves through os._exit (a
+    rank that finished could abort in C++ teardown); one that failed, or charlm alone, exits as usual."""
     import charlm.cli as cli
 
     if world is None:
@@ -289,8 +289,8 @@ def test_a_torchrun_rank_leaves_without_the_interpreters_teardown(world, monkeyp
     monkeypatch.setattr(cli.atexit, "_run_exitfuncs", lambda: events.append(("atexit",)))
     monkeypatch.setattr(cli.os, "_exit", os_exit)
     with pytest.raises((SystemExit, Left)) as left:
-        cli._exit(3)
-    if world == "2":
-        assert left.type is Left and events == [("atexit",), ("os._exit", 3)]
+        cli._exit(code)
+    if world == "2" and code == 0:
+        assert left.type is Left and events == [("atexit",), ("os._exit", 0)]
     else:
-        assert left.type is SystemExit and left.value.code == 3 and events == []
+        assert left.type is SystemExit and left.value.code == code and events == []
