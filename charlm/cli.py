@@ -651,7 +651,7 @@ def _exit(code: int) -> None:
     already destroyed, and torchrun reported the whole job failed (tests/test_distributed.py, about one run
     in 25 on the Zen 4 host of 2026-12-06). A rank that failed keeps the usual exit: one that left at once
     after a peer's death could reach torchrun first and be named as the worker that failed first."""
-    if code != 0 or int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+    if code != 0 or int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:  # runtime.world_size(), without torch's import
         sys.exit(code)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):

@@ -37,6 +37,7 @@ class RNNLM(nn.Module):
         self.vocab_size = vocab_size
         self.encoder = nn.Embedding(vocab_size, cfg.embedding_size)
         between = cfg.dropout if cfg.layers > 1 else 0.0
+        self._shells = None  # one-layer copies of a torch stack with dropout between its layers (below)
         if cfg.impl == "custom":
             self.rnn = CustomRNN(cfg.cell, cfg.embedding_size, cfg.hidden_size, cfg.layers, between,
                                  cfg.nonlinearity, cfg.gru_form, weight_drop=cfg.weight_drop)
@@ -71,7 +72,7 @@ class RNNLM(nn.Module):
                 keep = torch.empty(self.vocab_size, device=emb.device).bernoulli_(1 - p).div_(1 - p)
                 emb = emb * keep[tokens].unsqueeze(-1).to(emb.dtype)
             emb = dropout(emb, self.cfg.dropout, self.training)
-            if self.training and getattr(self, "_shells", None) and uniform_masks(emb):
+            if self.training and self._shells is not None and uniform_masks(emb):
                 out, state = _layer_by_layer(self.rnn, self._shells, emb, state)
             else:
                 out, state = self.rnn(emb, state)  # (B, T, H)

@@ -62,7 +62,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .runtime import cpuinfo
+from .runtime import amd_avx512, cpuinfo
 
 SOURCE = Path(__file__).with_name("native.c")
 # -fno-trapping-math lets GCC turn the clamps of native.c's exponential into vector blends on every
@@ -503,8 +503,7 @@ def _mode() -> str:
 def _mkl_at_half_width() -> bool:
     """An AMD processor with AVX-512 (Zen 4 and 5), where MKL, which picks its kernels by the vendor,
     multiplied at about half oneDNN's speed (products.py); Linux only, False where it cannot tell."""
-    info = cpuinfo()
-    return "AuthenticAMD" in info and " avx512f" in info
+    return amd_avx512()
 
 
 @cache

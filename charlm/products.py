@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import platform
-import re
 import threading
 from contextlib import contextmanager
 from functools import cache
@@ -32,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .runtime import cpuinfo
+from .runtime import amd_avx512, cpu_family
 
 _NONE: list = []
 
@@ -148,12 +147,10 @@ def weight_grad(d: Tensor, x: Tensor) -> Tensor:
 def _weight_grads_in_mkl() -> bool:
     """An AMD processor of family 25 with AVX-512 (Zen 4), whose 512-bit units run at half width, so MKL's
     AVX2 kernels lose nothing: there torch's d.t() @ x (MKL, reading the transposed view without a copy)
-    computed the models' weight gradients 1.3-2.0x faster than oneDNN with its copies, and training steps
+    computed the models' weight gradients 1.1-2.0x faster than oneDNN with its copies, and training steps
     at hidden 256 ran 1.03-1.10x faster (docs/benchmarks.md, 2026-12-06). On the Zen 5 host (family 26)
     oneDNN's were the faster ones (3.6 against 6.2 ms for an LSTM window's dW_hh); Linux only."""
-    info = cpuinfo()
-    return ("AuthenticAMD" in info and " avx512f" in info
-            and re.search(r"^cpu family\s*:\s*25\s*$", info, re.MULTILINE) is not None)
+    return amd_avx512() and cpu_family() == 25
 
 
 class Repeated:

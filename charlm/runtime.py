@@ -6,6 +6,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import sys
 from datetime import timedelta
 from functools import cache
@@ -98,7 +99,7 @@ class Distributed:
 
 def init_distributed(device_name: str) -> tuple[Distributed, torch.device]:
     """Join the torchrun job if there is one (gloo on the CPU, nccl on CUDA) and pick this rank's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     if world <= 1:
         return Distributed(), resolve_device(device_name)
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -141,6 +142,24 @@ def cpuinfo() -> str:
         return Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
         return ""
+
+
+def amd_avx512() -> bool:
+    """An AMD processor with AVX-512 (Zen 4 and 5), where MKL, which picks its kernels by the vendor, keeps
+    to its AVX2 ones; Linux only, False where /proc/cpuinfo cannot tell."""
+    info = cpuinfo()
+    return "AuthenticAMD" in info and " avx512f" in info
+
+
+def cpu_family() -> int | None:
+    """The processor's family from /proc/cpuinfo (AMD: 25 for Zen 3 and 4, 26 for Zen 5); None where unknown."""
+    found = re.search(r"^cpu family\s*:\s*(\d+)\s*$", cpuinfo(), re.MULTILINE)
+    return int(found.group(1)) if found else None
+
+
+def world_size() -> int:
+    """The number of processes of this torchrun job (WORLD_SIZE), 1 outside torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
 @cache

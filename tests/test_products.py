@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from charlm import products
+from charlm import products, runtime
 from charlm.products import Repeated, linear, mm, output_linear, weight_grad
 
 needs_onednn = pytest.mark.skipif(not products.ONEDNN, reason="this torch build has no usable oneDNN product")
@@ -77,7 +77,7 @@ _ZEN4 = "vendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nflags\t\t: 
     ("", False),  # no /proc/cpuinfo
 ])
 def test_weight_grads_go_to_mkl_on_zen4_only(info, mkl, monkeypatch):
-    monkeypatch.setattr(products, "cpuinfo", lambda: info)
+    monkeypatch.setattr(runtime, "cpuinfo", lambda: info)
     products._weight_grads_in_mkl.cache_clear()
     try:
         assert products._weight_grads_in_mkl() is mkl

@@ -172,4 +172,4 @@ def test_a_torch_stack_keeps_its_parameters_and_their_names():
     dropped, plain = _torch_stack("gru", layers=2), _torch_stack("gru", layers=2, dropout_p=0.0)
     assert list(dropped.state_dict()) == list(plain.state_dict())
     assert [p.shape for p in dropped.parameters()] == [p.shape for p in plain.parameters()]
-    assert not hasattr(plain, "_shells") and all(p.is_meta for s in dropped._shells for p in s.parameters())
+    assert plain._shells is None and all(p.is_meta for s in dropped._shells for p in s.parameters())
