@@ -66,7 +66,7 @@ class ModelConfig:
     embedding_dropout: float = _f(0.0, "drop whole token types: in each training window every vocabulary entry's "
                                   "embedding is zeroed with this probability (Gal & Ghahramani, 2016)",
                                   low=0.0, high=1.0, high_open=True)
-    weight_drop: float = _f(0.0, "custom cells: dropout on the recurrent weights W_hh, one mask per window "
+    weight_drop: float = _f(0.0, "dropout on the recurrent weights W_hh, one mask per window "
                             "(DropConnect, as in AWD-LSTM)", low=0.0, high=1.0, high_open=True)
     tie_weights: bool = _f(False, "share the embedding and decoder weights (needs embedding_size == hidden_size)")
     nonlinearity: str = _f("tanh", "activation of the plain RNN cell", choices=("tanh", "relu"))
@@ -213,9 +213,6 @@ def validate(cfg: Config) -> None:
     if not cutoffs or cutoffs != sorted(set(cutoffs)) or cutoffs[0] < 1:
         raise UsageError(f"config: model.adaptive_cutoffs must be increasing positive numbers, "
                          f"got {m.adaptive_cutoffs!r}")
-    if m.weight_drop > 0 and m.impl != "custom":
-        raise UsageError("config: model.weight_drop needs model.impl custom (nn.RNN / nn.GRU / nn.LSTM keep "
-                         "their recurrent weights inside one kernel)")
     if m.tie_weights and m.embedding_size != m.hidden_size:
         raise UsageError(f"config: model.tie_weights needs model.embedding_size == model.hidden_size "
                          f"(got {m.embedding_size} and {m.hidden_size})")

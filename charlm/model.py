@@ -37,15 +37,16 @@ class RNNLM(nn.Module):
         self.vocab_size = vocab_size
         self.encoder = nn.Embedding(vocab_size, cfg.embedding_size)
         between = cfg.dropout if cfg.layers > 1 else 0.0
-        self._shells = None  # one-layer copies of a torch stack with dropout between its layers (below)
+        self._shells = None  # one-layer copies of a torch stack with dropout between its layers or on W_hh
         if cfg.impl == "custom":
             self.rnn = CustomRNN(cfg.cell, cfg.embedding_size, cfg.hidden_size, cfg.layers, between,
                                  cfg.nonlinearity, cfg.gru_form, weight_drop=cfg.weight_drop)
         else:
             self.rnn = _torch_rnn(cfg, cfg.embedding_size, cfg.layers, between)
-            if between > 0:
-                # one-layer modules of the same kind, for _layer_by_layer; a tuple, so not registered: the
-                # parameters stay the stack's own, and the shells, made on the meta device, allocate none
+            if between > 0 or cfg.weight_drop > 0:
+                # one-layer modules of the same kind, for _layer_by_layer (dropout between the layers, or
+                # on W_hh); a tuple, so not registered: the parameters stay the stack's own, and the
+                # shells, made on the meta device, allocate none
                 self._shells = (_torch_rnn(cfg, cfg.embedding_size, 1, 0.0, "meta"),
                                 _torch_rnn(cfg, cfg.hidden_size, 1, 0.0, "meta"))
         cutoffs = [int(c) for c in cfg.adaptive_cutoffs.split(",") if 0 < int(c) < vocab_size - 1]
@@ -72,8 +73,8 @@ class RNNLM(nn.Module):
                 keep = torch.empty(self.vocab_size, device=emb.device).bernoulli_(1 - p).div_(1 - p)
                 emb = emb * keep[tokens].unsqueeze(-1).to(emb.dtype)
             emb = dropout(emb, self.cfg.dropout, self.training)
-            if self.training and self._shells is not None and uniform_masks(emb):
-                out, state = _layer_by_layer(self.rnn, self._shells, emb, state)
+            if self.training and self._shells is not None and (self.cfg.weight_drop > 0 or uniform_masks(emb)):
+                out, state = _layer_by_layer(self.rnn, self._shells, emb, state, self.cfg.weight_drop)
             else:
                 out, state = self.rnn(emb, state)  # (B, T, H)
         out = dropout(out, self.cfg.dropout, self.training)
@@ -129,15 +130,17 @@ def _torch_rnn(cfg: ModelConfig, input_size: int, layers: int, between: float, d
 
 
 def _layer_by_layer(rnn: nn.RNNBase, shells: tuple[nn.RNNBase, nn.RNNBase], x: Tensor,
-                    state: State | None) -> tuple[Tensor, State]:
-    """rnn(x, state) in training, one layer at a time, with `cells.dropout` between the layers.
+                    state: State | None, weight_drop: float = 0.0) -> tuple[Tensor, State]:
+    """rnn(x, state) in training, one layer at a time, with `cells.dropout` between the layers and, with
+    weight_drop, on a DropConnect copy of each layer's W_hh (one mask per window, as AWD-LSTM's WeightDrop).
 
     nn.RNN / nn.GRU / nn.LSTM draw the mask between their layers inside torch's call, one value at a time
     on a CPU that is not Intel's (cells.dropout): 2.4 ms of the word config's 70 ms training step on the
-    Zen 4 host of 2026-12-06. Each layer here is the one-layer shell (the first takes the embeddings, the
-    second any later layer) run on that layer's own parameters through torch.func.functional_call, so the
-    gradients reach the stack's parameters; torch runs a stack's layers one by one on the CPU anyway.
-    Forward hooks on the stack itself do not run here.
+    Zen 4 host of 2026-12-06; and their kernels read W_hh as it is, with no place for a mask. Each layer
+    here is the one-layer shell (the first takes the embeddings, the second any later layer) run on that
+    layer's own parameters through torch.func.functional_call, so the gradients reach the stack's
+    parameters; torch runs a stack's layers one by one on the CPU anyway. Forward hooks on the stack itself
+    do not run here.
     """
     lstm = isinstance(rnn, nn.LSTM)
     if state is not None and any(s.dim() != 3 or s.shape[0] != rnn.num_layers
@@ -147,6 +150,8 @@ def _layer_by_layer(rnn: nn.RNNBase, shells: tuple[nn.RNNBase, nn.RNNBase], x: T
     for layer in range(rnn.num_layers):
         weights = {f"{name}_l0": getattr(rnn, f"{name}_l{layer}")
                    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+        if weight_drop > 0:  # DropConnect: one mask on W_hh for the whole window
+            weights["weight_hh_l0"] = dropout(weights["weight_hh_l0"], weight_drop, True)
         if state is None:
             initial = None
         else:

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from charlm.cells import CustomRNN
+from charlm.cells import CustomRNN, dropout
 from charlm.checkpoint import load_run
 from charlm.config import ModelConfig
 from charlm.model import build_model
@@ -123,3 +123,29 @@ def test_bf16_training_on_cuda_learns_and_keeps_float32_weights(tmp_path, cell, 
     assert math.isfinite(losses["bf16"])
     # bf16's products round to 8 bits of mantissa: close to fp32's loss, not equal to it
     assert losses["bf16"] < losses["fp32"] + 0.1
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_a_torch_stack_with_weight_drop_trains_on_the_device_on_masked_weights(cell):
+    """model.weight_drop on cuDNN's stack: each layer runs on a DropConnect copy of its W_hh, the same
+    outputs as the stack given that copy, and the dropped weights get no gradient."""
+    cfg = ModelConfig(cell=cell, impl="torch", layers=2, embedding_size=6, hidden_size=8, weight_drop=0.5)
+    torch.manual_seed(0)
+    model = build_model(cfg, 11).to(DEVICE).train()
+    masked = build_model(ModelConfig(cell=cell, impl="torch", layers=2, embedding_size=6, hidden_size=8),
+                         11).to(DEVICE).eval()
+    masked.load_state_dict(model.state_dict())
+    tokens = torch.randint(0, 11, (3, 9), device=DEVICE)
+    torch.manual_seed(1)
+    logits, _ = model(tokens)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for layer in range(2):
+            w = getattr(masked.rnn, f"weight_hh_l{layer}")
+            w.copy_(dropout(w, 0.5, True))  # charlm's draw: torch's on CUDA
+    torch.testing.assert_close(logits, masked(tokens)[0], atol=1e-5, rtol=1e-5)
+    logits.logsumexp(-1).sum().backward()
+    for layer in range(2):
+        dropped = getattr(masked.rnn, f"weight_hh_l{layer}") == 0
+        grad = getattr(model.rnn, f"weight_hh_l{layer}").grad
+        assert dropped.any() and (grad[dropped] == 0).all() and (grad[~dropped] != 0).any()

@@ -1,4 +1,4 @@
-"""Regularisers for small corpora: DropConnect on the custom cells' recurrent weights (model.weight_drop)
+"""Regularisers for small corpora: DropConnect on the recurrent weights (model.weight_drop)
 and dropout of whole token types (model.embedding_dropout)."""
 
 from __future__ import annotations
@@ -73,11 +73,12 @@ def test_evaluation_ignores_weight_drop(cell):
     torch.testing.assert_close(dropped(x)[0], plain(x)[0], atol=0, rtol=0)
 
 
-def test_weight_drop_needs_the_custom_cells():
-    with pytest.raises(UsageError, match="weight_drop needs model.impl custom"):
-        load_config(overrides=["model.weight_drop=0.3", "model.impl=torch"])
-    cfg = load_config(overrides=["model.weight_drop=0.3", "model.impl=custom"])
-    assert cfg.model.weight_drop == 0.3
+def test_weight_drop_is_a_setting_of_both_impls():
+    for impl in ("custom", "torch"):
+        cfg = load_config(overrides=["model.weight_drop=0.3", f"model.impl={impl}"])
+        assert cfg.model.weight_drop == 0.3
+    with pytest.raises(UsageError, match="weight_drop"):
+        load_config(overrides=["model.weight_drop=1.0"])
 
 
 def test_embedding_dropout_drops_token_types_in_training_only():
@@ -108,9 +109,10 @@ def test_embedding_dropout_drops_token_types_in_training_only():
     torch.testing.assert_close(emb_in[-1], raw)
 
 
-def _torch_stack(cell, layers, dropout_p=0.5):
+def _torch_stack(cell, layers, dropout_p=0.5, weight_drop=0.0):
     cfg = load_config(overrides=[f"model.cell={cell}", "model.impl=torch", f"model.layers={layers}",
-                                 f"model.dropout={dropout_p}", "model.embedding_size=6", "model.hidden_size=5"])
+                                 f"model.dropout={dropout_p}", f"model.weight_drop={weight_drop}",
+                                 "model.embedding_size=6", "model.hidden_size=5"])
     torch.manual_seed(0)
     return build_model(cfg.model, 11)
 
@@ -173,3 +175,40 @@ def test_a_torch_stack_keeps_its_parameters_and_their_names():
     assert list(dropped.state_dict()) == list(plain.state_dict())
     assert [p.shape for p in dropped.parameters()] == [p.shape for p in plain.parameters()]
     assert plain._shells is None and all(p.is_meta for s in dropped._shells for p in s.parameters())
+
+
+@pytest.mark.parametrize("intel", [True, False], ids=["intel", "other"])
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_a_torch_stack_with_weight_drop_runs_each_layer_on_one_dropped_copy_of_its_w_hh(cell, layers, intel,
+                                                                                        monkeypatch):
+    """model.weight_drop on nn.RNN / nn.GRU / nn.LSTM: in training each layer's W_hh gets a fresh DropConnect
+    mask for the window (the layers run one by one, on any processor); in evaluation the stack is untouched."""
+    monkeypatch.setattr(cells, "intel_cpu", lambda: intel)
+    model = _torch_stack(cell, layers, dropout_p=0.0, weight_drop=0.5).train()
+    masked = _torch_stack(cell, layers, dropout_p=0.0).eval()
+    masked.load_state_dict(model.state_dict())
+    tokens = torch.randint(0, 11, (3, 8))
+
+    torch.manual_seed(1)
+    logits, _ = model(tokens)
+    torch.manual_seed(1)  # the same draws, in the same order: layer 0's mask first
+    with torch.no_grad():
+        for layer in range(layers):
+            w = getattr(masked.rnn, f"weight_hh_l{layer}")
+            w.copy_(dropout(w, 0.5, True))
+    torch.testing.assert_close(logits, masked(tokens)[0], atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(logits, model.eval()(tokens)[0])  # the masks changed the outputs
+
+    model.train()
+    torch.manual_seed(1)
+    model(tokens)[0].logsumexp(-1).sum().backward()
+    for layer in range(layers):  # dropped weights get no gradient; kept ones get theirs
+        kept = getattr(masked.rnn, f"weight_hh_l{layer}") != 0
+        grad = getattr(model.rnn, f"weight_hh_l{layer}").grad
+        assert (~kept).any() and (grad[~kept] == 0).all() and (grad[kept] != 0).any()
+
+    model.eval()
+    plain = _torch_stack(cell, layers, dropout_p=0.0).eval()
+    plain.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model(tokens)[0], plain(tokens)[0], atol=0, rtol=0)
