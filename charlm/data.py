@@ -79,13 +79,22 @@ def _wide_codec(path: Path, encoding: str) -> tuple[str, int] | None:
     return name, len(mark) if head.startswith(mark) else 0
 
 
-def check_text_file(path: Path, encoding: str = "utf-8") -> Path:
-    """A readable file that does not look binary, or a UsageError that says what is wrong."""
+def _existing_file(path: Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise UsageError(f"file not found: {path}")
     if path.is_dir():
         raise UsageError(f"{path} is a folder, not a text file")
+    return path
+
+
+def check_text_file(path: Path, encoding: str = "utf-8") -> Path:
+    """A readable regular file that does not look binary, or a UsageError that says what is wrong. A corpus
+    is read more than once (hashed, split, tokenized), which a pipe cannot give: one is refused here."""
+    path = _existing_file(path)
+    if not path.is_file():
+        raise UsageError(f"{path} is not a regular file (a pipe or a device): a corpus is read more than once, "
+                         f"so save it to a file first")
     try:
         with open(path, "rb") as fh:
             head = fh.read(65536)
@@ -145,13 +154,15 @@ def decode(raw: bytes, name: str, encoding: str = "utf-8", errors: str = "strict
 
 
 def read_text(path: Path, encoding: str = "utf-8", errors: str = "strict") -> str:
-    """Read a whole (small) text file; a decoding error names the byte offset and how to proceed."""
-    path = check_text_file(path, encoding)
+    """Read a whole (small) text file; a decoding error names the byte offset and how to proceed. The file
+    is opened once, so a pipe (`--file <(...)`, /dev/stdin) is read whole too."""
+    path = _existing_file(path)
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as fh:
+            raw = fh.read()
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
-    return decode(raw, str(path), encoding, errors)
+    return decode(raw, str(path), encoding, errors)  # which refuses a binary file
 
 
 def _safe_cut(text: str, level: str) -> int:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
 from charlm.config import DataConfig
-from charlm.data import (batchify, char_count, check_trainable, encode, eval_streams, iter_text, prepare, read_text,
-                         split_text, window, windows_per_epoch)
+from charlm.data import (batchify, char_count, check_text_file, check_trainable, encode, eval_streams, iter_text,
+                         prepare, read_text, split_text, window, windows_per_epoch)
 from charlm.errors import UsageError
 from charlm.tokenizer import EOS_ID, UNK_ID, TextCodec, Tokenizer, Vocabulary, count_tokens
 
@@ -98,6 +100,55 @@ def test_read_text_refuses_binary_files_and_folders(tmp_path):
         read_text(path)
     with pytest.raises(UsageError, match="folder"):
         read_text(tmp_path)
+
+
+def _fifo_fed_with(tmp_path, payload: bytes):
+    """A named pipe and a thread that writes `payload` into it once a reader opens it."""
+    import os
+
+    path = tmp_path / "pipe"
+    os.mkfifo(path)
+
+    def feed():
+        with open(path, "wb") as fh:
+            fh.write(payload)
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    return path, writer
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="no named pipes here")
+def test_read_text_reads_a_pipe_whole(tmp_path):
+    """`charlm score --file <(...)` and `charlm eval --file /dev/stdin` hand over a pipe: read once, so that
+    nothing is lost to a first look at its head (a file of 3,000 lines once scored as 1,249)."""
+    text = "".join(f"line {i} of a text longer than the 64 KiB that the binary check reads\n" for i in range(3000))
+    assert len(text) > 3 * 65536
+    path, writer = _fifo_fed_with(tmp_path, text.encode())
+    got = []
+    reader = threading.Thread(target=lambda: got.append(read_text(path)), daemon=True)
+    reader.start()
+    reader.join(timeout=30)  # a second open of the pipe would wait for a writer that never comes
+    assert got == [text]
+    writer.join(timeout=10)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="no named pipes here")
+def test_a_corpus_must_be_a_regular_file(tmp_path):
+    """Training reads its corpus more than once (hash, split, tokens): a pipe is refused with a way out."""
+    import os
+
+    path = tmp_path / "pipe"
+    os.mkfifo(path)
+    refused = []
+
+    def check():
+        with pytest.raises(UsageError, match="not a regular file.*save it to a file first"):
+            check_text_file(path)
+        refused.append(True)
+    checker = threading.Thread(target=check, daemon=True)
+    checker.start()
+    checker.join(timeout=30)  # opening the pipe instead would wait for a writer that never comes
+    assert refused == [True]
 
 
 # ---------------------------------------------------------------- splits
