@@ -212,7 +212,8 @@ def find_checkpoint(path: Path, which: str | None = None) -> Path:
     for name in order:
         if is_checkpoint_folder(path / name):
             return path / name
-    raise UsageError(f"{path} holds no checkpoint (no {which}/manifest.json): train into it first")
+    looked = " or ".join(f"{name}/manifest.json" for name in order if not name.endswith(".old"))
+    raise UsageError(f"{path} holds no checkpoint (no {looked}): train into it first")
 
 
 @dataclass
@@ -230,13 +231,27 @@ class Checkpoint:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = _load_failure(exc)
             with open(path, "rb") as fh:
                 zipped = fh.read(4) == b"PK\x03\x04"  # torch.save's format
             if zipped and isinstance(exc, pickle.UnpicklingError):  # weights_only refused what it holds
                 raise UsageError(f"refusing {path}: it holds more than tensors and plain values ({first[:200]})") \
                     from None
             raise UsageError(f"cannot read {path}: it is damaged or not a torch file ({first[:200]})") from None
+
+
+def _load_failure(exc: Exception) -> str:
+    """torch.load's reason for refusing a file, without the advice around it: for weights_only=True torch
+    suggests loading again with weights_only=False (which would run whatever code the file holds), or
+    allowlisting the class the file names."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    text = text.split(" Please ", 1)[0]
+    lines = [line.strip() for line in text.splitlines()]
+    advice = ("Weights only load failed", "Check the documentation", "(1) ", "(2) ", "Please ")
+    reasons = [line for line in lines if line and not line.startswith(advice)]
+    return reasons[0] if reasons else type(exc).__name__
 
 
 def read_manifest(folder: Path) -> dict:

@@ -94,11 +94,15 @@ def _errors():
     except Exception as exc:  # a bug or an environment failure: still one line, the traceback with --debug
         text = str(exc).strip().splitlines()
         low = str(exc).lower()
-        if "out of memory" in low or "not enough memory" in low or isinstance(exc, MemoryError):
+        # CUDA's "out of memory", the CPU allocator's "can't allocate memory", Windows' "not enough memory"
+        if any(words in low for words in ("out of memory", "not enough memory", "can't allocate memory")) \
+                or isinstance(exc, MemoryError):
             message = ("out of memory: use a smaller train.batch_size or train.seq_len (or model.hidden_size), "
                        "or a smaller --batch-size")
         else:
-            message = f"{type(exc).__name__}: {text[0] if text else ''} (run with --debug for the traceback)"
+            message = f"{type(exc).__name__}: {text[0] if text else ''}"
+            if not _debug["on"]:  # with --debug the traceback is printed just above
+                message += " (run with --debug for the traceback)"
         raise _fail(message, EXIT_FAILURE) from None
 
 
@@ -112,6 +116,15 @@ def _columns(text: str) -> int:
 
 def _out(line: str = "") -> None:
     print(line, flush=False)
+
+
+def _figure(x: float, spec: str) -> str:
+    """x in `spec` (fixed decimals), or in exponent form where that would print hundreds of digits (the
+    perplexity of a model whose loss blew up)."""
+    if abs(x) < 1e15:
+        return format(x, spec)
+    width = spec.split(".")[0]
+    return format(x, f"{width}.4g")
 
 
 # ---------------------------------------------------------------- train
@@ -173,7 +186,7 @@ def train(
         _out(f"train loss      {result.train_loss:.4f}" if result.train_loss is not None
              else "train loss      - (no step left to run)")
         if result.val_loss is not None:
-            _out(f"val loss        {result.val_loss:.4f} nats/token, perplexity {result.val_perplexity:.2f}, "
+            _out(f"val loss        {result.val_loss:.4f} nats/token, perplexity {_figure(result.val_perplexity, '.2f')}, "
                  f"{result.val_bits_per_char:.4f} bits/char (best {result.best_val_loss:.4f})")
         _out(f"tokens/second   {result.tokens_per_second:,.0f}")
         _out(f"parameters      {result.parameters:,}")
@@ -284,6 +297,8 @@ def score(
 def _print_scores(results, per_token: bool, as_json: bool) -> None:
     import math
 
+    from .score import perplexity
+
     for r in results:
         if as_json:
             record = {"text": r.text, "logprob": r.logprob, "log10prob": r.log10prob, "tokens": len(r.tokens),
@@ -295,16 +310,16 @@ def _print_scores(results, per_token: bool, as_json: bool) -> None:
         if per_token:
             _out("\t".join(f"{t}={lp / math.log(10):.4f}" for t, lp in zip(r.tokens, r.token_logprobs)))
         _out(f"ln P {r.logprob:10.4f}  log10 P {r.log10prob:9.4f}  tokens {len(r.tokens):4d}  OOV {r.oov:3d}  "
-             f"ppl {r.perplexity:9.3f}  bits/token {r.bits_per_token:6.3f}  | {r.text}")
+             f"ppl {_figure(r.perplexity, '9.3f')}  bits/token {r.bits_per_token:6.3f}  | {r.text}")
     if not as_json and results:
         total = math.fsum(r.logprob for r in results)
         tokens = sum(len(r.tokens) for r in results)
         oov = sum(r.oov for r in results)
         known = [lp for r in results for lp, t in zip(r.token_logprobs, r.tokens) if t != "<unk>"]
         _out(f"Total: ln P {total:.4f}  log10 P {total / math.log(10):.4f}  tokens {tokens}  OOV {oov}")
-        _out(f"Perplexity including OOVs: {math.exp(-total / tokens):.4f}")
+        _out(f"Perplexity including OOVs: {_figure(perplexity(-total / tokens), '.4f')}")
         if known:
-            _out(f"Perplexity excluding OOVs: {math.exp(-math.fsum(known) / len(known)):.4f}")
+            _out(f"Perplexity excluding OOVs: {_figure(perplexity(-math.fsum(known) / len(known)), '.4f')}")
 
 
 # ---------------------------------------------------------------- eval
@@ -342,7 +357,7 @@ def eval_(
         _out(f"file            {r.file}")
         _out(f"tokens          {r.tokens:,} ({r.characters:,} characters, {r.lines:,} lines, {r.oov:,} OOV)")
         _out(f"loss            {r.loss:.4f} nats/token")
-        _out(f"perplexity      {r.perplexity:.3f}")
+        _out(f"perplexity      {_figure(r.perplexity, '.3f')}")
         _out(f"bits per token  {r.bits_per_token:.4f}")
         _out(f"bits per char   {r.bits_per_char:.4f}")
 
@@ -478,7 +493,9 @@ def _err_note(message: str) -> None:
 def export(
     run_dir: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint folder inside it).")],
     out: Annotated[Path, typer.Option(help="File to write (e.g. model.pt or model.onnx).")],
-    format_: Annotated[str, typer.Option("--format", help="torchscript, or onnx (needs pip install 'charlm[export]').")] = "torchscript",
+    format_: Annotated[Optional[str], typer.Option("--format", help="torchscript, or onnx (needs pip install "
+                                                      "'charlm[export]'); default: onnx for an --out ending in "
+                                                      ".onnx, else torchscript.")] = None,
     checkpoint: Annotated[Optional[str], typer.Option(help="best or last (default: best, else last; or the "
                                                           "checkpoint folder named).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,

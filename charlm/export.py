@@ -94,12 +94,19 @@ def zero_state(model: RNNLM, batch_size: int) -> Tensor:
     return torch.zeros(s, model.cfg.layers, batch_size, model.cfg.hidden_size)
 
 
-def export_model(run_dir: Path, fmt: str, out: Path, which: str | None = None, check_steps: int = 8,
+def export_model(run_dir: Path, fmt: str | None, out: Path, which: str | None = None, check_steps: int = 8,
                  seed: int = 0) -> ExportResult:
-    """Write the single-step model of a run to `out` in `fmt`, then check it against charlm's step."""
+    """Write the single-step model of a run to `out` in `fmt` (None: onnx for a name ending in .onnx, else
+    torchscript), then check it against charlm's step."""
+    out = Path(out)
+    onnx_name = out.suffix.lower() == ".onnx"
+    if fmt is None:
+        fmt = "onnx" if onnx_name else "torchscript"
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
-    out = Path(out)
+    if onnx_name != (fmt == "onnx") and out.suffix.lower() in (".onnx", ".pt", ".pth"):
+        raise UsageError(f"export: --out {out} names a{'n ONNX' if onnx_name else ' TorchScript'} file, but --format "
+                         f"is {fmt}: pass --format {'onnx' if onnx_name else 'torchscript'} or another name")
     _check_destination(out)
     model, codec, saved = load_run(run_dir, "cpu", which)
     if hasattr(model.rnn, "fast"):
@@ -155,7 +162,8 @@ def _write_torchscript(wrapper: SingleStep, example, out: Path, meta: dict) -> N
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings (the step's shapes are fixed but B) and deprecation
         traced = torch.jit.trace(wrapper, example, check_trace=False)
-        torch.jit.save(traced, str(out), _extra_files={EXTRA_FILE: json.dumps(meta, ensure_ascii=False)})
+        with open(out, "wb") as fh:  # opened here, so that a path that cannot be written is an OSError
+            torch.jit.save(traced, fh, _extra_files={EXTRA_FILE: json.dumps(meta, ensure_ascii=False)})
 
 
 def _write_onnx(wrapper: SingleStep, example, out: Path, meta: dict) -> None:

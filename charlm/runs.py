@@ -173,7 +173,7 @@ def summarize(run_dir: Path, name: str | None = None) -> RunSummary:
     manifest = _best_manifest(run_dir)
     problems += _damaged_checkpoints(run_dir)
     if manifest is None:
-        problems.append("no checkpoint")
+        problems.append("no checkpoint")  # unless the run has not ended (below): its first is yet to come
     else:
         s.parameters = _int(manifest.get("parameters"))
         s.steps = _int(manifest.get("step"))
@@ -204,6 +204,8 @@ def summarize(run_dir: Path, name: str | None = None) -> RunSummary:
             s.best_val_loss, s.best_val_bpc = float(best["val_loss"]), _number(best.get("val_bpc"))
         if m.end is None:
             s.status = "unfinished"
+            if "no checkpoint" in problems:  # still training, or stopped, before its first checkpoint
+                problems.remove("no checkpoint")
     if s.best_val_loss is None and manifest is not None:
         s.best_val_loss = _number(manifest.get("val_loss"))
 

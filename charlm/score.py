@@ -69,9 +69,15 @@ def score_sentences(model: RNNLM, codec: TextCodec, sentences: list[str], batch_
         known = [x for x, i in zip(lp, ids) if i != UNK_ID] + lp[-1:] if oov else lp
         n = len(lp)
         results.append(SentenceScore(
-            text, codec.vocab.decode(ids) + [EOS], lp, total, total / LN10, oov, math.exp(-total / n),
-            math.exp(-math.fsum(known) / len(known)), -total / n / LN2))
+            text, codec.vocab.decode(ids) + [EOS], lp, total, total / LN10, oov, perplexity(-total / n),
+            perplexity(-math.fsum(known) / len(known)), -total / n / LN2))
     return results
+
+
+def perplexity(loss: float) -> float:
+    """e ** loss (nats per token), capped at e ** 700: a diverged model's figure stays a float (a float64
+    overflows past e ** 709.78) instead of raising."""
+    return math.exp(min(loss, 700))
 
 
 @dataclass
@@ -98,5 +104,5 @@ def evaluate_file(model: RNNLM, codec: TextCodec, path: Path, streams: int = 1, 
     total, count = stream_nll(model, rows, mask, device=device)
     chars = char_count(text, codec.tokenizer.lowercase)
     loss = total / count
-    return CorpusEval(str(path), loss, math.exp(min(loss, 700)), loss / LN2, total / max(chars, 1) / LN2,
+    return CorpusEval(str(path), loss, perplexity(loss), loss / LN2, total / max(chars, 1) / LN2,
                       count, chars, len(codec.tokenizer.lines(text)), int((ids == UNK_ID).sum()))

@@ -37,7 +37,7 @@ from .data import (Splits, batchify, check_text_file, check_trainable, check_voc
                    window, windows_per_epoch)
 from .errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, RunFailure, UsageError
 from .model import EvaluationStopped, RNNLM, State, build_model, count_parameters, detach_state, stream_nll
-from .runs import run_folder_of
+from .runs import is_run_dir, run_folder_of
 from .runtime import Distributed, file_sha256, init_distributed, is_terminal, seed_everything
 
 TRAINER_FORMAT = 1
@@ -263,6 +263,20 @@ class _NonFinite(Exception):
     pass
 
 
+def _check_not_among_runs(run_dir: Path) -> None:
+    """A new run's folder neither holds other runs (`--out runs`) nor lies inside one: `charlm runs` does not
+    look into a run folder, so either way runs would vanish from its table."""
+    for parent in run_dir.absolute().parents:
+        if is_run_dir(parent):
+            raise UsageError(f"--out {run_dir} is inside the run folder {parent}; choose a folder outside it")
+    if run_dir.is_dir():
+        inside = sorted(d.name for d in run_dir.iterdir() if d.is_dir() and is_run_dir(d))
+        if inside:
+            raise UsageError(f"--out {run_dir} holds other runs ({', '.join(inside[:3])}"
+                             f"{', ...' if len(inside) > 3 else ''}); give this run a folder of its own, "
+                             f"such as {run_dir / 'new-run'}")
+
+
 def _resume_state(resume: Path, cfg: Config):
     if not resume.is_dir():
         raise UsageError(f"--resume: run folder not found: {resume}")
@@ -274,6 +288,9 @@ def _resume_state(resume: Path, cfg: Config):
     state = saved.trainer_state()
     if not isinstance(state, dict) or state.get("format") != TRAINER_FORMAT:
         found = state.get("format") if isinstance(state, dict) else None
+        if found is None:
+            raise UsageError(f"--resume {resume}: {saved.folder / ckpt.TRAINER_FILE} is not a charlm trainer state "
+                             f"(it names no format)")
         raise UsageError(f"--resume {resume}: trainer state format {found!r}; this charlm reads format {TRAINER_FORMAT}")
     return saved, state
 
@@ -344,6 +361,7 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
             if (run_dir / "last").exists() or (run_dir / "best").exists():
                 raise UsageError(f"run folder {run_dir} already holds a run: continue it with --resume {run_dir} "
                                  f"or choose another --out")
+            _check_not_among_runs(run_dir)
     t = cfg.train
     if t.batch_size % dist.world:
         raise UsageError(f"train.batch_size {t.batch_size} must be a multiple of the number of processes "
@@ -603,7 +621,11 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
             final_val = validate(None, final=True)
             select = validate(t.eval_tokens, final=True) if t.eval_tokens is not None else final_val
             after_validation(final_val, periodic=False, select=select)
-    except torch.OutOfMemoryError:
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+        # CUDA's OutOfMemoryError; the CPU allocator's is a RuntimeError that says "can't allocate memory"
+        if isinstance(exc, RuntimeError) and not isinstance(exc, torch.OutOfMemoryError) \
+                and "can't allocate memory" not in str(exc):
+            raise
         raise failure(p.step + 1, "out of memory; use a smaller train.batch_size or train.seq_len "
                                   "(or model.hidden_size)") from None
     finally:

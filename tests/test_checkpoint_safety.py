@@ -108,7 +108,8 @@ def test_pickled_payload_with_a_forged_manifest_is_refused_by_the_unpickler(run,
     marker = tmp_path / "pwned"
     _plant_payload(run, marker)
     rehash(run / "last", "trainer.pt")
-    assert_one_line_error(cli("train", "--resume", run, "-q"), 2, "refusing", "trainer.pt")
+    line = assert_one_line_error(cli("train", "--resume", run, "-q"), 2, "refusing", "trainer.pt", "GLOBAL")
+    assert "weights_only" not in line  # torch's advice to load it unsafely is not passed on
     assert not marker.exists()
     # the same payload through the library call, and the proof that it is live when unpickled unsafely
     with pytest.raises(UsageError, match="more than tensors"):
@@ -155,6 +156,16 @@ def test_trainer_state_of_another_format_is_refused_at_resume(run):
     torch.save(state, run / "last" / "trainer.pt")
     rehash(run / "last", "trainer.pt")
     assert_one_line_error(cli("train", "--resume", run, "-q"), 2, "trainer state format 99")
+
+
+def test_trainer_state_that_names_no_format_is_not_called_format_none(run):
+    state = torch.load(run / "last" / "trainer.pt", weights_only=True)
+    del state["format"]
+    torch.save(state, run / "last" / "trainer.pt")
+    rehash(run / "last", "trainer.pt")
+    line = assert_one_line_error(cli("train", "--resume", run, "-q"), 2, "not a charlm trainer state",
+                                 "names no format")
+    assert "None" not in line
 
 
 def test_vocabulary_file_of_another_format_is_refused(run):
@@ -301,4 +312,4 @@ def test_a_damaged_trainer_state_with_a_matching_manifest_is_called_damaged(run,
                       "empty": b""}[damage])
     rehash(run / "last", "trainer.pt")
     line = assert_one_line_error(cli("train", "--resume", run, "-q"), 2, "trainer.pt", "damaged")
-    assert "more than tensors" not in line
+    assert "more than tensors" not in line and "weights_only" not in line

@@ -223,8 +223,40 @@ def test_non_utf8_corpus_is_exit_2(cli, tmp_path):
 
 def test_commands_on_a_folder_without_checkpoint_are_exit_2(cli, tmp_path):
     for args in (("sample", tmp_path), ("score", tmp_path, "x"), ("eval", tmp_path, "--file", tmp_path),
-                 ("info", tmp_path)):
-        assert_usage_error(cli(*args), "no checkpoint")
+                 ("info", tmp_path), ("export", tmp_path, "--out", tmp_path / "m.pt")):
+        assert_usage_error(cli(*args), "no checkpoint (no best/manifest.json or last/manifest.json)")
+    assert_usage_error(cli("sample", tmp_path, "--checkpoint", "last"), "no checkpoint (no last/manifest.json)")
+
+
+def test_a_diverged_models_perplexity_is_printed_as_a_number_not_hundreds_of_digits(cli, tiny_run, monkeypatch):
+    from charlm import cli as cli_module
+    from charlm import score as score_module
+
+    assert cli_module._figure(196.24, ".2f") == "196.24" and cli_module._figure(3.5, "9.3f") == "    3.500"
+    assert cli_module._figure(math.exp(700), ".3f") == "1.014e+304"
+    real = score_module.evaluate_file
+
+    def diverged(*args, **kwargs):
+        result = real(*args, **kwargs)
+        result.loss, result.perplexity = 3.3e11, math.exp(700)
+        return result
+    monkeypatch.setattr(score_module, "evaluate_file", diverged)
+    result = cli("eval", tiny_run["run_dir"], "--file", tiny_run["corpus"])
+    assert result.exit_code == 0 and "perplexity      1.014e+304\n" in result.stdout, result.stdout
+
+
+def test_an_unexpected_error_is_one_line_and_offers_debug_only_without_it(cli, tiny_run, monkeypatch):
+    from charlm import score as score_module
+
+    def broken(*args, **kwargs):
+        raise ValueError("something unforeseen")
+    monkeypatch.setattr(score_module, "score_sentences", broken)
+    plain = cli("score", tiny_run["run_dir"], "x")
+    assert plain.exit_code == 1 and plain.stderr.splitlines() == [
+        "charlm: error: ValueError: something unforeseen (run with --debug for the traceback)"]
+    debug = cli("--debug", "score", tiny_run["run_dir"], "x")
+    assert debug.exit_code == 1 and "Traceback" in debug.stderr
+    assert debug.stderr.splitlines()[-1] == "charlm: error: ValueError: something unforeseen"
 
 
 @pytest.mark.parametrize("args,fragment", [

@@ -121,6 +121,33 @@ def test_export_refuses_an_unknown_format_and_a_folder_without_checkpoint(tmp_pa
     assert folder.exit_code == 2 and "is a folder" in folder.stderr and len(folder.stderr.strip().splitlines()) == 1
 
 
+def test_export_takes_its_format_from_the_name_and_refuses_a_contradiction(tmp_path):
+    runner = CliRunner()
+    run = make_run(tmp_path, "rnn", "torch", layers=1)
+    pt = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "m.pt"), "--json"])
+    assert pt.exit_code == 0 and json.loads(pt.stdout)["format"] == "torchscript"
+    for name, fmt, other in (("m.onnx", "torchscript", "onnx"), ("m.pt", "onnx", "torchscript")):
+        bad = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / f"x-{name}"), "--format", fmt])
+        assert bad.exit_code == 2 and f"pass --format {other}" in bad.stderr, bad.stderr
+        assert not (tmp_path / f"x-{name}").exists()
+    onnx = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "m.onnx"), "--json"])
+    if onnx.exit_code == 0:  # the onnx extra installed: an ONNX file was written
+        assert json.loads(onnx.stdout)["format"] == "onnx"
+    else:  # without it, the message asks for what ONNX needs: the name chose ONNX
+        assert onnx.exit_code == 2 and "charlm[export]" in onnx.stderr, onnx.stderr
+
+
+def test_export_to_a_place_that_cannot_be_written_is_one_line(tmp_path):
+    """torch.jit.save's own failure to open a file is a RuntimeError of several lines: the file is opened
+    by charlm instead. Here the name is a link into a folder that does not exist."""
+    run = make_run(tmp_path, "gru", "torch", layers=1)
+    out = tmp_path / "link.pt"
+    out.symlink_to(tmp_path / "missing" / "m.pt")
+    result = CliRunner().invoke(app, ["export", str(run), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("charlm: error: export: cannot write") and len(result.stderr.splitlines()) == 1
+
+
 def test_export_never_overwrites_a_checkpoint_or_a_file_that_is_not_an_export(tmp_path):
     runner = CliRunner()
     run = make_run(tmp_path, "gru", "custom", layers=1)

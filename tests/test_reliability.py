@@ -346,14 +346,20 @@ def test_too_little_free_space_is_detected_before_training(tmp_path, monkeypatch
 
 
 # ---------------------------------------------------------------- out of memory
-def test_out_of_memory_during_training_is_exit_1_with_a_suggestion(tmp_path, monkeypatch):
+CPU_ALLOCATOR_FAILURE = ("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory: "
+                         "you tried to allocate 102399999998976 bytes. Error code 12 (Cannot allocate memory)")
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+                                   RuntimeError(CPU_ALLOCATOR_FAILURE)], ids=["cuda", "cpu"])
+def test_out_of_memory_during_training_is_exit_1_with_a_suggestion(tmp_path, monkeypatch, error):
     real, calls = RNNLM.forward, {"n": 0}
 
     def forward(self, tokens, state=None, targets=None):
         if self.training:
             calls["n"] += 1
             if calls["n"] == 6:
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+                raise error
         return real(self, tokens, state, targets)
     monkeypatch.setattr(RNNLM, "forward", forward)
     run = tmp_path / "run"
@@ -371,3 +377,16 @@ def test_out_of_memory_while_sampling_is_exit_1_with_a_suggestion(tmp_path, monk
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
     monkeypatch.setattr(RNNLM, "forward", forward)
     assert_one_line_error(cli("sample", run), 1, "out of memory", "batch")
+
+
+def test_a_model_too_large_for_the_cpus_memory_is_exit_1_out_of_memory(tmp_path, monkeypatch):
+    """Outside the training loop (building the model, scoring) the CPU allocator's RuntimeError is still
+    said as out of memory, not as torch's enforce-fail text."""
+    run = train_run(tmp_path)
+
+    def forward(self, tokens, state=None, targets=None):
+        raise RuntimeError(CPU_ALLOCATOR_FAILURE)
+    monkeypatch.setattr(RNNLM, "forward", forward)
+    result = cli("score", run, "hello")
+    assert_one_line_error(result, 1, "out of memory", "--batch-size")
+    assert "enforce fail" not in result.stderr

@@ -1,6 +1,7 @@
 """charlm runs: finding run folders and summarising them from their text files alone."""
 
 import json
+import shutil
 
 import pytest
 
@@ -10,6 +11,7 @@ from charlm import checkpoint
 from charlm import runs as runs_mod
 from charlm.cli import app
 from charlm.config import load_config
+from charlm.errors import UsageError
 from charlm.runs import find_runs, list_runs, read_metrics, summarize
 from charlm.train import train
 
@@ -77,9 +79,40 @@ def test_broken_and_unfinished_runs_are_listed_not_fatal(tmp_path):
     assert by_name["good"].status == "done"
     assert by_name["unfinished"].status == "unfinished"
     assert by_name["bad"].status == "broken"
-    assert "config.yaml" in by_name["bad"].problem and "no checkpoint" in by_name["bad"].problem
+    # unfinished too (its metrics have no end record), but broken: an unreadable config, an empty last/
+    assert "config.yaml" in by_name["bad"].problem and "no last/manifest.json" in by_name["bad"].problem
     assert by_name["bad"].steps == 2  # what could be read is still shown
     assert read_metrics(bad).bad_lines == 1
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_unfinished_not_broken(tmp_path):
+    """A run still training, or killed, before its first save: metrics without an end record and no
+    checkpoint folder. A finished run without a checkpoint is still broken."""
+    run = tmp_path / "runs" / "early"
+    make_run(tmp_path, run)
+    lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(lines[:-1]) + "\n", encoding="utf-8")  # no end record
+    for name in ("best", "last"):
+        shutil.rmtree(run / name)
+    (summary,) = list_runs(tmp_path / "runs")
+    assert (summary.status, summary.problem) == ("unfinished", None)
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")  # the end record back
+    (summary,) = list_runs(tmp_path / "runs")
+    assert summary.status == "broken" and summary.problem == "no checkpoint"
+
+
+def test_a_new_run_neither_holds_other_runs_nor_lies_inside_one(tmp_path):
+    """`charlm runs` does not look inside a run folder: a run trained into `runs` itself, or into a folder
+    under another run, would hide runs from its table; both are refused before anything is written."""
+    make_run(tmp_path, tmp_path / "runs" / "a")
+    with pytest.raises(UsageError, match=r"holds other runs \(a\)"):
+        make_run(tmp_path, tmp_path / "runs")
+    with pytest.raises(UsageError, match="is inside the run folder"):
+        make_run(tmp_path, tmp_path / "runs" / "a" / "sub")
+    assert not (tmp_path / "runs" / "a" / "sub").exists() and not (tmp_path / "runs" / "config.yaml").exists()
+    assert [r.name for r in list_runs(tmp_path / "runs")] == ["a"]
+    make_run(tmp_path, tmp_path / "runs" / "b")  # beside it is fine
+    assert [r.name for r in list_runs(tmp_path / "runs")] == ["a", "b"]
 
 
 @pytest.mark.parametrize("damaged", ["best", "last"])

@@ -94,6 +94,17 @@ def test_score_fields_are_consistent():
     assert r.perplexity_no_oov == pytest.approx(math.exp(-sum(known) / 3))
 
 
+def test_a_diverged_model_scores_with_a_capped_perplexity_not_an_error():
+    """A model whose loss blew up (logits of 1e9) gives losses past float64's e ** 709.78: the perplexity
+    is capped at e ** 700, as in training and `charlm eval`, instead of raising OverflowError."""
+    model = random_model()
+    with torch.no_grad():
+        model.decoder.weight.mul_(1e9)
+    (r,) = score_sentences(model, char_codec("ab"), ["abba"])
+    assert -r.logprob / len(r.tokens) > 710
+    assert r.perplexity == r.perplexity_no_oov == math.exp(700)
+
+
 def test_decomposed_accents_score_like_composed_ones():
     codec = char_codec("ab\u00e9")
     model = random_model(vocab_size=len(codec.vocab))
