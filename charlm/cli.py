@@ -355,7 +355,8 @@ def eval_(
             _out(json.dumps(asdict(r)))
             return
         _out(f"file            {r.file}")
-        _out(f"tokens          {r.tokens:,} ({r.characters:,} characters, {r.lines:,} lines, {r.oov:,} OOV)")
+        _out(f"tokens          {r.tokens:,} ({r.characters:,} characters, {r.lines:,} "
+             f"line{'' if r.lines == 1 else 's'}, {r.oov:,} OOV)")
         _out(f"loss            {r.loss:.4f} nats/token")
         _out(f"perplexity      {_figure(r.perplexity, '.3f')}")
         _out(f"bits per token  {r.bits_per_token:.4f}")
@@ -566,6 +567,8 @@ def bench(
             raise UsageError("--generate and --score-lines must be >= 0, --score-batch-size >= 1")
         if not grid and not generate_tokens and not score_lines:
             raise UsageError("--no-grid leaves nothing to measure: add --generate N or --score-lines N")
+        if as_json and markdown:
+            raise UsageError("--json and --markdown are two ways to print the results: choose one")
         say = (lambda m: None) if quiet else (lambda m: print(f"bench: {m}", file=sys.stderr, flush=True))
         results = run_bench(s, say) if grid else []
         gen = [generate_speed(c, i, s, generate_tokens) for c in s.cells for i in s.impls] if generate_tokens else []

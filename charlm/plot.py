@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError
-from .runs import Metrics, read_metrics, run_folder_of, summarize
+from .runs import Metrics, checkpoint_folder_holding, read_metrics, run_folder_of, summarize
 
 LN2 = math.log(2.0)
 INSTALL_HINT = "pip install 'charlm[plot]'"
@@ -79,6 +79,9 @@ def plot_runs(run_dirs: list[Path], out: Path, dpi: int = 100) -> PlotResult:
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise UsageError(f"plot: --out must name a .png file, got {out}")
+    folder = checkpoint_folder_holding(out)
+    if folder is not None:  # the next save of that checkpoint replaces the folder, and the picture with it
+        raise UsageError(f"plot: --out {out} is inside the checkpoint folder {folder}; write it outside")
     Figure, FigureCanvasAgg, Line2D = _matplotlib()
 
     curves, skipped = [], []

@@ -193,6 +193,8 @@ def _make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
 
 def _check_writable(run_dir: Path) -> None:
     """Fail before training, not at the first checkpoint, when the run folder cannot be written."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--out {run_dir} is a file, not a folder: name a folder for the run")
     probe = run_dir / f".write-test-{os.getpid()}"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)

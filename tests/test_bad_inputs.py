@@ -312,6 +312,14 @@ def test_out_folder_that_already_holds_a_run_is_exit_2(tmp_path):
     assert_one_line_error(result, 2, "already holds a run", "--resume")
 
 
+def test_out_that_names_a_file_is_exit_2_and_says_so(tmp_path):
+    corpus = write_corpus(tmp_path)
+    before = corpus.read_bytes()
+    result = cli(*train_args(tmp_path, corpus, "--out", corpus))
+    assert_one_line_error(result, 2, "is a file, not a folder")
+    assert corpus.read_bytes() == before
+
+
 @pytest.mark.parametrize("inside", ["best", "last", "best/new"])
 def test_out_folder_inside_a_checkpoint_is_exit_2_and_the_run_stays_whole(tmp_path, inside):
     """A new run in runs/x/best would rewrite that checkpoint's config and vocabulary (which its manifest

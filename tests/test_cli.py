@@ -181,6 +181,10 @@ def test_bench_with_nothing_to_measure_is_exit_2(cli):
     assert_usage_error(cli("bench", "--no-grid"), "nothing to measure")
 
 
+def test_bench_refuses_two_output_forms(cli):
+    assert_usage_error(cli("bench", "--json", "--markdown", "--cells", "rnn", "--seconds", "0.1"), "choose one")
+
+
 def test_version_and_help(cli):
     version = cli("--version")
     assert version.exit_code == 0 and version.stdout.startswith("charlm ")

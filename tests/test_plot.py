@@ -63,6 +63,14 @@ def test_plot_refuses_a_folder_that_is_not_a_run_and_a_non_png_name(tmp_path):
     assert wrong.exit_code == 2 and ".png" in wrong.stderr
 
 
+def test_plot_refuses_to_draw_into_a_checkpoint_folder(tmp_path):
+    """The next save of that checkpoint would replace the folder, and the picture with it."""
+    run = make_run(tmp_path, "a")
+    inside = CliRunner().invoke(app, ["plot", str(run), "--out", str(run / "last" / "c.png")])
+    assert inside.exit_code == 2 and "inside the checkpoint folder" in inside.stderr, inside.output
+    assert not (run / "last" / "c.png").exists()
+
+
 def test_plot_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch):
     run = tmp_path / "run"
     run.mkdir()
