@@ -223,7 +223,11 @@ def sample(
         model, codec, _ = load_run(run_dir, dev, _which(checkpoint))
         samples = iter_samples(model, codec, prime, max_length, temperature, top_k, top_p, num_samples, seed,
                                allow_unk, dev)
-        for s in samples:  # drawn a group at a time: each sample is shown as soon as its group is done
+        for k, s in enumerate(samples):  # drawn a group at a time: each is shown as soon as its group is done
+            if k == 0 and s.prime_unk:
+                _err_note(f"{s.prime_unk} token{'s' if s.prime_unk > 1 else ''} of --prime "
+                          f"{'are' if s.prime_unk > 1 else 'is'} not in the run's vocabulary: the model reads "
+                          f"{'them' if s.prime_unk > 1 else 'it'} as <unk>")
             if as_json:
                 _out(json.dumps({"text": s.text, "generated": s.generated, "logprob": s.logprob,
                                  "tokens": len(s.tokens), "stopped_at": s.stopped_at, "prime_unk": s.prime_unk},

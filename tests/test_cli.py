@@ -84,6 +84,16 @@ def test_sample_with_prime_and_greedy(cli, tiny_run):
     assert result.stdout.startswith("the ")
 
 
+def test_sample_notes_once_on_stderr_a_prime_outside_the_vocabulary(cli, tiny_run):
+    unknown = cli("sample", tiny_run["run_dir"], "--prime", "\u4f60\u597d", "--num-samples", "3", "--seed", "1",
+                  "--max-length", "5")
+    assert unknown.exit_code == 0 and len(unknown.stdout.splitlines()) == 3
+    assert unknown.stderr.splitlines() == [
+        "charlm: note: 2 tokens of --prime are not in the run's vocabulary: the model reads them as <unk>"]
+    known = cli("sample", tiny_run["run_dir"], "--prime", TINY_TEXT[:3], "--seed", "1", "--max-length", "5")
+    assert known.exit_code == 0 and known.stderr == ""
+
+
 def test_score_json_matches_the_library(cli, tiny_run):
     sentences = ["the cat sat on the mat.", "zebra ☃"]
     result = cli("score", tiny_run["run_dir"], *sentences, "--json", "--per-token")
