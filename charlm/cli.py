@@ -22,7 +22,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import __version__
-from .errors import EXIT_FAILURE, EXIT_SIGINT, EXIT_SIGTERM, CharlmError
+from .errors import EXIT_FAILURE, EXIT_SIGINT, EXIT_SIGTERM, CharlmError, is_out_of_memory
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, rich_markup_mode=None,
                   help="Train, sample and score character- and word-level RNN / GRU / LSTM language models.",
@@ -93,10 +93,7 @@ def _errors():
         raise
     except Exception as exc:  # a bug or an environment failure: still one line, the traceback with --debug
         text = str(exc).strip().splitlines()
-        low = str(exc).lower()
-        # CUDA's "out of memory", the CPU allocator's "can't allocate memory", Windows' "not enough memory"
-        if any(words in low for words in ("out of memory", "not enough memory", "can't allocate memory")) \
-                or isinstance(exc, MemoryError):
+        if is_out_of_memory(exc):
             message = ("out of memory: use a smaller train.batch_size or train.seq_len (or model.hidden_size), "
                        "or a smaller --batch-size")
         else:
@@ -172,7 +169,7 @@ def train(
         if nproc > 1:
             from .launch import check_before_launch, run_torchrun
 
-            check_before_launch(cfg, corpus, val, nproc)
+            check_before_launch(cfg, corpus, val, nproc, out, resume)
             raise typer.Exit(run_torchrun(sys.argv[1:], nproc))
         result = run_training(cfg, corpus, out=out, val=val, resume=resume, show_progress=not quiet,
                               cache_dir=cache_dir)

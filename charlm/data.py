@@ -159,10 +159,13 @@ def read_text(path: Path, encoding: str = "utf-8", errors: str = "strict") -> st
     path = _existing_file(path)
     try:
         with open(path, "rb") as fh:
-            raw = fh.read()
+            head = fh.read(65536)
+            if _looks_wide_or_binary(head, encoding):  # refused before the rest is read (/dev/zero)
+                raise _binary_error(path, head[:4])
+            raw = head + fh.read()
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
-    return decode(raw, str(path), encoding, errors)  # which refuses a binary file
+    return decode(raw, str(path), encoding, errors)
 
 
 def _safe_cut(text: str, level: str) -> int:

@@ -39,3 +39,14 @@ class RunFailure(CharlmError):
 
 class Interrupted(CharlmError):
     """Training was stopped by a signal after saving a checkpoint (exit 130 or 143)."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """An allocation that failed: Python's MemoryError, torch's OutOfMemoryError (CUDA's "out of memory"),
+    the RuntimeError of torch's CPU allocator ("can't allocate memory"; "not enough memory" on Windows), or
+    the system's ENOMEM ("Cannot allocate memory")."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc).lower()
+    return any(words in text for words in ("out of memory", "can't allocate memory", "cannot allocate memory",
+                                           "not enough memory"))

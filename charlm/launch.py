@@ -16,15 +16,22 @@ import sys
 from pathlib import Path
 
 from .config import Config
+from .checkpoint import check_new_run_folder
 from .data import check_text_file
 from .errors import EXIT_FAILURE, EXIT_SIGINT, EXIT_SIGTERM, UsageError
+from .runs import check_room_for_a_new_run
 
 
-def check_before_launch(cfg: Config, corpus: Path | None, val: Path | None, nproc: int) -> None:
+def check_before_launch(cfg: Config, corpus: Path | None, val: Path | None, nproc: int,
+                        out: Path | None = None, resume: Path | None = None) -> None:
     """What would fail in every worker, found once, before torchrun starts."""
     for path in (corpus, val):
         if path is not None:
             check_text_file(path, cfg.data.encoding)
+    if resume is None and corpus is not None:  # the new run's folder, as `train` names it
+        run_dir = Path(out) if out is not None else Path("runs") / Path(corpus).stem
+        check_new_run_folder(run_dir)
+        check_room_for_a_new_run(run_dir)
     if cfg.train.batch_size % nproc:
         raise UsageError(f"train.batch_size {cfg.train.batch_size} must be a multiple of --nproc {nproc}: "
                          f"each process takes an equal share of the parallel streams")

@@ -7,6 +7,7 @@ the same forward interface, so the rest of charlm never asks which it holds.
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from typing import Callable, Union
 
@@ -49,6 +50,11 @@ class RNNLM(nn.Module):
                 # shells, made on the meta device, allocate none
                 self._shells = (_torch_rnn(cfg, cfg.embedding_size, 1, 0.0, "meta"),
                                 _torch_rnn(cfg, cfg.hidden_size, 1, 0.0, "meta"))
+                for shell in self._shells:
+                    # On CUDA, a module given new weights (functional_call) re-flattens them for cuDNN, which
+                    # moves the tensors it was given, the stack's own parameters, into a new buffer at every
+                    # call: the shells leave them where they are, as AWD-LSTM's WeightDrop does.
+                    shell.flatten_parameters = _leave_weights_in_place
         cutoffs = [int(c) for c in cfg.adaptive_cutoffs.split(",") if 0 < int(c) < vocab_size - 1]
         if cfg.softmax == "adaptive" and cutoffs and cfg.tie_weights:
             self.decoder = TiedAdaptiveSoftmax(self.encoder.weight, cutoffs)
@@ -156,13 +162,20 @@ def _layer_by_layer(rnn: nn.RNNBase, shells: tuple[nn.RNNBase, nn.RNNBase], x: T
             initial = None
         else:
             initial = tuple(s[layer:layer + 1] for s in state) if lstm else state[layer:layer + 1]
-        x, final = torch.func.functional_call(shells[min(layer, 1)], weights, (x, initial))
+        with warnings.catch_warnings():
+            # cuDNN then copies the layer's weights into one block at each call, and says so once
+            warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
+            x, final = torch.func.functional_call(shells[min(layer, 1)], weights, (x, initial))
         finals.append(final)
         if layer < rnn.num_layers - 1:
             x = dropout(x, rnn.dropout, True)
     if lstm:
         return x, (torch.cat([h for h, _ in finals]), torch.cat([c for _, c in finals]))
     return x, torch.cat(finals)
+
+
+def _leave_weights_in_place() -> None:
+    """The shells' flatten_parameters (see RNNLM.__init__)."""
 
 
 @contextmanager

@@ -127,6 +127,51 @@ def is_run_dir(path: Path) -> bool:
     return (path / CONFIG_FILE).is_file() and any((path / c).is_dir() for c in CHECKPOINTS)
 
 
+def check_room_for_a_new_run(run_dir: Path) -> None:
+    """A new run's folder neither holds runs (`--out runs`) nor lies inside one: `charlm runs` does not
+    look inside a run folder, so either way runs would drop out of its table. It only reads, so that every
+    process may call it before any folder is made. Above: the folders of the path up to the current one
+    (for a path outside it, the nearest four: not a stray metrics.jsonl far up); below: three levels."""
+    run_dir = Path(os.path.normpath(run_dir))
+    here = Path.cwd()
+    if run_dir.is_absolute() and run_dir.is_relative_to(here):
+        run_dir = run_dir.relative_to(here)
+    above = list(run_dir.parents)[:4] if run_dir.is_absolute() else list(run_dir.parents)[:-1]
+    for parent in above:
+        if _quietly(is_run_dir, parent):
+            raise UsageError(f"run folder {run_dir} would lie inside the run folder {parent}: choose another --out")
+    inside = _runs_below(run_dir, 3)
+    if inside:
+        names = [p.relative_to(run_dir).as_posix() for p in inside]
+        raise UsageError(f"run folder {run_dir} holds other runs ({', '.join(names[:3])}"
+                         f"{', ...' if len(names) > 3 else ''}): give this run a folder of its own, such as "
+                         f"{run_dir / 'new-run'}")
+
+
+def _runs_below(folder: Path, depth: int) -> list[Path]:
+    """Run folders below `folder`, at most `depth` levels down; what cannot be read is passed over."""
+    try:
+        entries = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and not p.is_symlink()
+                         and _quietly(Path.is_dir, p))
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        if _quietly(is_run_dir, entry):
+            found.append(entry)
+        elif depth > 1:
+            found += _runs_below(entry, depth - 1)
+    return found
+
+
+def _quietly(test, path: Path) -> bool:
+    """test(path), False where the path cannot be looked at (a folder without search permission)."""
+    try:
+        return test(path)
+    except OSError:
+        return False
+
+
 def find_runs(folder: Path) -> list[Path]:
     """Every run folder at or below `folder` (not descending into a run once found)."""
     folder = Path(folder)

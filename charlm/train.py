@@ -35,9 +35,10 @@ from . import checkpoint as ckpt
 from .config import Config, dump_yaml
 from .data import (Splits, batchify, check_text_file, check_trainable, check_vocabulary, eval_streams, prepare,
                    window, windows_per_epoch)
-from .errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, RunFailure, UsageError
+from .errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, RunFailure, UsageError, is_out_of_memory
 from .model import EvaluationStopped, RNNLM, State, build_model, count_parameters, detach_state, stream_nll
-from .runs import is_run_dir, run_folder_of
+from .runs import check_room_for_a_new_run, run_folder_of
+from .score import perplexity
 from .runtime import Distributed, file_sha256, init_distributed, is_terminal, seed_everything
 
 TRAINER_FORMAT = 1
@@ -265,20 +266,6 @@ class _NonFinite(Exception):
     pass
 
 
-def _check_not_among_runs(run_dir: Path) -> None:
-    """A new run's folder neither holds other runs (`--out runs`) nor lies inside one: `charlm runs` does not
-    look into a run folder, so either way runs would vanish from its table."""
-    for parent in run_dir.absolute().parents:
-        if is_run_dir(parent):
-            raise UsageError(f"--out {run_dir} is inside the run folder {parent}; choose a folder outside it")
-    if run_dir.is_dir():
-        inside = sorted(d.name for d in run_dir.iterdir() if d.is_dir() and is_run_dir(d))
-        if inside:
-            raise UsageError(f"--out {run_dir} holds other runs ({', '.join(inside[:3])}"
-                             f"{', ...' if len(inside) > 3 else ''}); give this run a folder of its own, "
-                             f"such as {run_dir / 'new-run'}")
-
-
 def _resume_state(resume: Path, cfg: Config):
     if not resume.is_dir():
         raise UsageError(f"--resume: run folder not found: {resume}")
@@ -354,6 +341,7 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
     run_dir = Path(out) if out is not None else Path("runs") / Path(corpus).stem
     if resume is None:
         ckpt.check_new_run_folder(run_dir)
+        check_room_for_a_new_run(run_dir)
     if dist.is_main:
         if not run_dir.exists():
             created.append(run_dir)
@@ -363,7 +351,6 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
             if (run_dir / "last").exists() or (run_dir / "best").exists():
                 raise UsageError(f"run folder {run_dir} already holds a run: continue it with --resume {run_dir} "
                                  f"or choose another --out")
-            _check_not_among_runs(run_dir)
     t = cfg.train
     if t.batch_size % dist.world:
         raise UsageError(f"train.batch_size {t.batch_size} must be a multiple of the number of processes "
@@ -508,7 +495,7 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
         if val_loss is not None:
             log.write({"step": p.step, "epoch": round(p.epoch + p.window / n_windows, 4),
                        "elapsed": round(p.elapsed, 3), "val_loss": val_loss,
-                       "val_ppl": math.exp(min(val_loss, 700)), "val_bpc": bits_per_char(val_loss)})
+                       "val_ppl": perplexity(val_loss), "val_bpc": bits_per_char(val_loss)})
             if not math.isfinite(val_loss):  # finite weights, but a broken model: do not save it
                 raise failure(p.step, "the validation loss is NaN or infinite (try a lower train.lr or train.clip)")
             if improved:
@@ -623,10 +610,8 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
             final_val = validate(None, final=True)
             select = validate(t.eval_tokens, final=True) if t.eval_tokens is not None else final_val
             after_validation(final_val, periodic=False, select=select)
-    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
-        # CUDA's OutOfMemoryError; the CPU allocator's is a RuntimeError that says "can't allocate memory"
-        if isinstance(exc, RuntimeError) and not isinstance(exc, torch.OutOfMemoryError) \
-                and "can't allocate memory" not in str(exc):
+    except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        if not is_out_of_memory(exc):
             raise
         raise failure(p.step + 1, "out of memory; use a smaller train.batch_size or train.seq_len "
                                   "(or model.hidden_size)") from None
@@ -639,7 +624,7 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
     train_loss = last_loss if math.isfinite(last_loss) else None  # a resume with no step left runs none
     result = TrainResult(str(run_dir), p.step, p.epoch + p.window / n_windows, train_loss, final_val, best,
                          bits_per_char(final_val) if final_val is not None else None,
-                         math.exp(min(final_val, 700)) if final_val is not None else None,
+                         perplexity(final_val) if final_val is not None else None,
                          (p.tokens - start_tokens) / trained, p.elapsed, n_params, stopped_by or "done")
     if dist.is_main:
         with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:

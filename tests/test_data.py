@@ -102,6 +102,35 @@ def test_read_text_refuses_binary_files_and_folders(tmp_path):
         read_text(tmp_path)
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="no named pipes here")
+def test_read_text_refuses_an_endless_binary_stream_from_its_head(tmp_path):
+    """A stream of NUL bytes without end (as /dev/zero is) is refused after its first 64 KiB, not read until
+    memory runs out."""
+    import os
+
+    path = tmp_path / "zeros"
+    os.mkfifo(path)
+
+    def feed():
+        try:
+            with open(path, "wb") as fh:
+                while True:
+                    fh.write(bytes(65536))
+        except OSError:  # the reader closed the pipe
+            pass
+    threading.Thread(target=feed, daemon=True).start()
+    refused = []
+
+    def read():
+        with pytest.raises(UsageError, match="binary"):
+            read_text(path)
+        refused.append(True)
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=10)  # short: reading the stream whole would fill the memory
+    assert refused == [True]
+
+
 def _fifo_fed_with(tmp_path, payload: bytes):
     """A named pipe and a thread that writes `payload` into it once a reader opens it."""
     import os
@@ -125,7 +154,13 @@ def test_read_text_reads_a_pipe_whole(tmp_path):
     assert len(text) > 3 * 65536
     path, writer = _fifo_fed_with(tmp_path, text.encode())
     got = []
-    reader = threading.Thread(target=lambda: got.append(read_text(path)), daemon=True)
+
+    def read():
+        try:
+            got.append(read_text(path))
+        except Exception as exc:  # shown by the assertion below, not lost in the thread
+            got.append(exc)
+    reader = threading.Thread(target=read, daemon=True)
     reader.start()
     reader.join(timeout=30)  # a second open of the pipe would wait for a writer that never comes
     assert got == [text]

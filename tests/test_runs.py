@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -105,14 +106,35 @@ def test_a_new_run_neither_holds_other_runs_nor_lies_inside_one(tmp_path):
     """`charlm runs` does not look inside a run folder: a run trained into `runs` itself, or into a folder
     under another run, would hide runs from its table; both are refused before anything is written."""
     make_run(tmp_path, tmp_path / "runs" / "a")
-    with pytest.raises(UsageError, match=r"holds other runs \(a\)"):
+    make_run(tmp_path, tmp_path / "runs" / "group" / "c")
+    with pytest.raises(UsageError, match=r"holds other runs \(a, group/c\)"):
         make_run(tmp_path, tmp_path / "runs")
-    with pytest.raises(UsageError, match="is inside the run folder"):
-        make_run(tmp_path, tmp_path / "runs" / "a" / "sub")
+    with pytest.raises(UsageError, match="would lie inside the run folder"):
+        make_run(tmp_path, tmp_path / "runs" / "a" / "sub" / "deeper")
     assert not (tmp_path / "runs" / "a" / "sub").exists() and not (tmp_path / "runs" / "config.yaml").exists()
-    assert [r.name for r in list_runs(tmp_path / "runs")] == ["a"]
-    make_run(tmp_path, tmp_path / "runs" / "b")  # beside it is fine
-    assert [r.name for r in list_runs(tmp_path / "runs")] == ["a", "b"]
+    assert [r.name for r in list_runs(tmp_path / "runs")] == ["a", "group/c"]
+    make_run(tmp_path, tmp_path / "runs" / "a" / ".." / "b")  # beside it is fine, however it is spelt
+    assert [r.name for r in list_runs(tmp_path / "runs")] == ["a", "b", "group/c"]
+
+
+def test_a_stray_metrics_file_far_above_does_not_stop_a_new_run(tmp_path, monkeypatch):
+    """Only the folders between the current one and the run are looked at above it."""
+    (tmp_path / "metrics.jsonl").write_text("", encoding="utf-8")
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    make_run(project, Path("runs") / "x")
+    assert [r.name for r in list_runs(project / "runs")] == ["x"]
+
+
+def test_train_with_nproc_refuses_a_folder_of_runs_before_starting_workers(tmp_path):
+    from charlm.launch import check_before_launch
+
+    make_run(tmp_path, tmp_path / "runs" / "a")
+    cfg = load_config(overrides=["train.batch_size=4"])
+    with pytest.raises(UsageError, match="holds other runs"):
+        check_before_launch(cfg, tmp_path / "corpus.txt", None, 2, out=tmp_path / "runs")
+    check_before_launch(cfg, tmp_path / "corpus.txt", None, 2, out=tmp_path / "runs" / "b")
 
 
 @pytest.mark.parametrize("damaged", ["best", "last"])
