@@ -413,8 +413,9 @@ def info(
 @app.command()
 def runs(
     folder: Annotated[Path, typer.Argument(help="Folder to search for run folders (a run folder itself is fine).")] = Path("runs"),
-    sort: Annotated[str, typer.Option(help="Column to sort by: name, status, level, cell, impl, size, parameters, "
-                                            "steps, val_loss, bpc, time; a leading '-' sorts descending.")] = "name",
+    sort: Annotated[str, typer.Option(help="Column to sort by: name, status, level, cell, impl, size (the hidden "
+                                            "size), parameters, steps, val_loss, bpc, time (also layers, "
+                                            "hidden_size); a leading '-' sorts descending.")] = "name",
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per run.")] = False,
 ) -> None:
     """List the runs under a folder: cell, size, parameters, steps, best validation loss, time.

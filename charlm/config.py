@@ -261,6 +261,10 @@ def read_yaml(path: Path) -> dict:
         tag = "python tags are never loaded" if "python/" in text or "python/" in str(exc) else ""
         raise UsageError(f"config file {path} is not plain YAML ({where}{problem})" + (f"; {tag}" if tag else "")) \
             from None
+    strangers = [k for k in raw if k not in SECTIONS] if isinstance(raw, dict) else []
+    if repeated and strangers:  # a text file given as --config is more likely than a doubled key
+        raise UsageError(f"config file {path} does not look like a charlm config: its top level has "
+                         f"'{strangers[0]}', not the sections data, model, train")
     if repeated:
         raise UsageError(f"config file {path}: {repeated}")
     return {} if raw is None else raw

@@ -158,6 +158,14 @@ def test_a_key_given_twice_is_refused_not_silently_replaced(tmp_path, text, key,
         load_config(path)
 
 
+def test_a_text_file_given_as_config_is_said_to_be_no_config(tmp_path):
+    """A play's speaker labels read as YAML keys, repeated: the message says what the file is not."""
+    path = tmp_path / "play.txt"
+    path.write_text("JULIET: O Romeo.\nROMEO: Lady.\nJULIET: Good night.\n", encoding="utf-8")
+    with pytest.raises(UsageError, match="does not look like a charlm config: its top level has 'JULIET'"):
+        load_config(path)
+
+
 def test_a_yaml_syntax_error_names_its_line_and_not_python_tags(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("model:\n  hidden_size: 8\ntrain: [1, 2\n", encoding="utf-8")
