@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -102,88 +103,69 @@ def test_read_text_refuses_binary_files_and_folders(tmp_path):
         read_text(tmp_path)
 
 
-@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="no named pipes here")
-def test_read_text_refuses_an_endless_binary_stream_from_its_head(tmp_path):
-    """A stream of NUL bytes without end (as /dev/zero is) is refused after its first 64 KiB, not read until
-    memory runs out."""
-    import os
+# Named pipes: each read runs in a thread with a time limit, since a wrong open of a pipe waits for ever.
+needs_fifos = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
 
-    path = tmp_path / "zeros"
+
+def _fifo(tmp_path, writes=None):
+    """A named pipe; with `writes` (an iterable of bytes), a thread that writes them into it once a reader
+    opens it, and stops when the reader closes it."""
+    path = tmp_path / "pipe"
     os.mkfifo(path)
 
     def feed():
         try:
             with open(path, "wb") as fh:
-                while True:
-                    fh.write(bytes(65536))
+                for chunk in writes:
+                    fh.write(chunk)
         except OSError:  # the reader closed the pipe
             pass
-    threading.Thread(target=feed, daemon=True).start()
-    refused = []
-
-    def read():
-        with pytest.raises(UsageError, match="binary"):
-            read_text(path)
-        refused.append(True)
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(timeout=10)  # short: reading the stream whole would fill the memory
-    assert refused == [True]
+    if writes is not None:
+        threading.Thread(target=feed, daemon=True).start()
+    return path
 
 
-def _fifo_fed_with(tmp_path, payload: bytes):
-    """A named pipe and a thread that writes `payload` into it once a reader opens it."""
-    import os
+def _in_a_thread(call, timeout: float) -> list:
+    """[what call() returned or raised], or [] if it had not finished after `timeout` seconds."""
+    outcome = []
 
-    path = tmp_path / "pipe"
-    os.mkfifo(path)
+    def run():
+        try:
+            outcome.append(call())
+        except Exception as exc:  # shown by the caller's assertion, not lost in the thread
+            outcome.append(exc)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return outcome
 
-    def feed():
-        with open(path, "wb") as fh:
-            fh.write(payload)
-    writer = threading.Thread(target=feed, daemon=True)
-    writer.start()
-    return path, writer
 
-
-@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="no named pipes here")
+@needs_fifos
 def test_read_text_reads_a_pipe_whole(tmp_path):
     """`charlm score --file <(...)` and `charlm eval --file /dev/stdin` hand over a pipe: read once, so that
     nothing is lost to a first look at its head (a file of 3,000 lines once scored as 1,249)."""
     text = "".join(f"line {i} of a text longer than the 64 KiB that the binary check reads\n" for i in range(3000))
     assert len(text) > 3 * 65536
-    path, writer = _fifo_fed_with(tmp_path, text.encode())
-    got = []
-
-    def read():
-        try:
-            got.append(read_text(path))
-        except Exception as exc:  # shown by the assertion below, not lost in the thread
-            got.append(exc)
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(timeout=30)  # a second open of the pipe would wait for a writer that never comes
-    assert got == [text]
-    writer.join(timeout=10)
+    path = _fifo(tmp_path, [text.encode()])
+    assert _in_a_thread(lambda: read_text(path), 30) == [text]  # a second open would wait for a writer
 
 
-@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="no named pipes here")
+@needs_fifos
+def test_read_text_refuses_an_endless_binary_stream_from_its_head(tmp_path):
+    """A stream of NUL bytes without end (as /dev/zero is) is refused after its first 64 KiB, not read until
+    memory runs out."""
+    path = _fifo(tmp_path, iter(lambda: bytes(65536), None))
+    (outcome,) = _in_a_thread(lambda: read_text(path), 10)  # short: reading it whole would fill the memory
+    assert isinstance(outcome, UsageError) and "binary" in outcome.message
+
+
+@needs_fifos
 def test_a_corpus_must_be_a_regular_file(tmp_path):
     """Training reads its corpus more than once (hash, split, tokens): a pipe is refused with a way out."""
-    import os
-
-    path = tmp_path / "pipe"
-    os.mkfifo(path)
-    refused = []
-
-    def check():
-        with pytest.raises(UsageError, match="not a regular file.*save it to a file first"):
-            check_text_file(path)
-        refused.append(True)
-    checker = threading.Thread(target=check, daemon=True)
-    checker.start()
-    checker.join(timeout=30)  # opening the pipe instead would wait for a writer that never comes
-    assert refused == [True]
+    path = _fifo(tmp_path)
+    (outcome,) = _in_a_thread(lambda: check_text_file(path), 30)  # opening it would wait for a writer
+    assert isinstance(outcome, UsageError) and "not a regular file" in outcome.message
+    assert "save it to a file first" in outcome.message
 
 
 # ---------------------------------------------------------------- splits
