@@ -483,6 +483,9 @@ def plot(
         result = plot_runs(run_dirs, out)
         for name in result.skipped:
             _err_note(f"{name}: no steps logged yet, left out")
+        if result.glyphs_missing:
+            _err_note("no installed font has some characters of the run names, which show as boxes: install "
+                      "a font with them (for Chinese, e.g. Noto Sans CJK: fonts-noto-cjk)")
         _out(f"wrote {result.out} ({result.width}x{result.height} px, {len(result.runs)} run"
              f"{'s' if len(result.runs) != 1 else ''})")
 

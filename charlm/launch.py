@@ -16,10 +16,9 @@ import sys
 from pathlib import Path
 
 from .config import Config
-from .checkpoint import check_new_run_folder
 from .data import check_text_file
 from .errors import EXIT_FAILURE, EXIT_SIGINT, EXIT_SIGTERM, UsageError
-from .runs import check_room_for_a_new_run
+from .train import check_new_run_dir
 
 
 def check_before_launch(cfg: Config, corpus: Path | None, val: Path | None, nproc: int,
@@ -28,13 +27,20 @@ def check_before_launch(cfg: Config, corpus: Path | None, val: Path | None, npro
     for path in (corpus, val):
         if path is not None:
             check_text_file(path, cfg.data.encoding)
+    if corpus is not None and _blank(corpus):
+        raise UsageError(f"corpus {corpus} is empty (or white space only): nothing to learn from")
     if resume is None and corpus is not None:  # the new run's folder, as `train` names it
-        run_dir = Path(out) if out is not None else Path("runs") / Path(corpus).stem
-        check_new_run_folder(run_dir)
-        check_room_for_a_new_run(run_dir)
+        check_new_run_dir(Path(out) if out is not None else Path("runs") / Path(corpus).stem)
     if cfg.train.batch_size % nproc:
         raise UsageError(f"train.batch_size {cfg.train.batch_size} must be a multiple of --nproc {nproc}: "
                          f"each process takes an equal share of the parallel streams")
+
+
+def _blank(path: Path) -> bool:
+    """A file of white space only (read whole up to 1 MiB; a larger one is left to the workers)."""
+    if path.stat().st_size > 1 << 20:
+        return False
+    return not path.read_bytes().strip()
 
 
 def run_torchrun(argv: list[str], nproc: int) -> int:

@@ -15,6 +15,7 @@ no global backend is switched in the caller's process.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ class PlotResult:
     skipped: list[str]     # runs with no metrics lines yet
     width: int             # pixels
     height: int
+    glyphs_missing: bool = False  # a label has characters that no installed font draws (shown as boxes)
 
 
 @dataclass
@@ -49,6 +51,19 @@ def _matplotlib():
     except ImportError:
         raise UsageError(f"charlm plot needs matplotlib, which is not installed: {INSTALL_HINT}") from None
     return Figure, FigureCanvasAgg, Line2D
+
+
+# Fonts with Chinese characters, tried after matplotlib's own where they are installed (a label may be a
+# Chinese run name); matplotlib takes each glyph from the first font of the list that has it.
+CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Source Han Sans SC", "WenQuanYi Zen Hei",
+             "WenQuanYi Micro Hei", "Microsoft YaHei", "SimHei", "PingFang SC", "Heiti SC", "Arial Unicode MS")
+
+
+def _font_families() -> list[str]:
+    from matplotlib import font_manager, rcParams
+
+    installed = {font.name for font in font_manager.fontManager.ttflist}
+    return [*rcParams["font.family"], *(name for name in CJK_FONTS if name in installed)]
 
 
 def _labels(run_dirs: list[Path]) -> list[str]:
@@ -100,6 +115,23 @@ def plot_runs(run_dirs: list[Path], out: Path, dpi: int = 100) -> PlotResult:
     has_bpc = any(c.level == "char" or any("val_bpc" in r for r in c.metrics.val) for c in curves)
     rows = 2 if has_bpc else 1
     width_in, height_in = 12.0, 4.0 * rows + 0.8
+    from matplotlib import rc_context
+
+    # matplotlib warns once per glyph that no font has (a Chinese run name without a CJK font): one note
+    # from the CLI instead, through glyphs_missing
+    with rc_context({"font.family": _font_families()}), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _draw(curves, rows, scale, unit, width_in, height_in, dpi, out, Figure, FigureCanvasAgg, Line2D)
+    missing = [w for w in caught if "missing from font" in str(w.message)]
+    for w in caught:  # anything else matplotlib said goes on as usual
+        if w not in missing:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return PlotResult(str(out), [c.label for c in curves], skipped,
+                      int(round(width_in * dpi)), int(round(height_in * dpi)), bool(missing))
+
+
+def _draw(curves, rows, scale, unit, width_in, height_in, dpi, out, Figure, FigureCanvasAgg, Line2D) -> None:
+    """The two columns (against steps, against time) of loss and bits per character, saved to `out`."""
     fig = Figure(figsize=(width_in, height_in), dpi=dpi)
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, 2, squeeze=False)
@@ -137,5 +169,3 @@ def plot_runs(run_dirs: list[Path], out: Path, dpi: int = 100) -> PlotResult:
         fig.savefig(out, format="png")
     except OSError as exc:
         raise UsageError(f"plot: cannot write {out}: {exc.strerror or exc}") from None
-    return PlotResult(str(out), [c.label for c in curves], skipped,
-                      int(round(width_in * dpi)), int(round(height_in * dpi)))

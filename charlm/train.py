@@ -192,10 +192,22 @@ def _make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=t.lr, betas=(0.9, t.beta2), weight_decay=t.weight_decay, fused=True)
 
 
-def _check_writable(run_dir: Path) -> None:
-    """Fail before training, not at the first checkpoint, when the run folder cannot be written."""
+def check_new_run_dir(run_dir: Path) -> None:
+    """What a new run's folder must not be, checked without writing anything (so by every process, and by
+    `--nproc` before its workers start): a checkpoint folder or a folder inside one, a file, a folder that
+    already holds a run (best/ or last/, or one of them caught mid-swap as .old), a folder of runs or a
+    folder inside a run."""
+    ckpt.check_new_run_folder(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out {run_dir} is a file, not a folder: name a folder for the run")
+    if any((run_dir / name).exists() for name in ("last", "best", "last.old", "best.old")):
+        raise UsageError(f"run folder {run_dir} already holds a run: continue it with --resume {run_dir} "
+                         f"or choose another --out")
+    check_room_for_a_new_run(run_dir)
+
+
+def _check_writable(run_dir: Path) -> None:
+    """Fail before training, not at the first checkpoint, when the run folder cannot be written."""
     probe = run_dir / f".write-test-{os.getpid()}"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -340,17 +352,13 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
         raise UsageError("no corpus: pass --corpus PATH")
     run_dir = Path(out) if out is not None else Path("runs") / Path(corpus).stem
     if resume is None:
-        ckpt.check_new_run_folder(run_dir)
-        check_room_for_a_new_run(run_dir)
+        check_new_run_dir(run_dir)
     if dist.is_main:
         if not run_dir.exists():
             created.append(run_dir)
         _check_writable(run_dir)
         if resume is None:
             ckpt.recover(run_dir)
-            if (run_dir / "last").exists() or (run_dir / "best").exists():
-                raise UsageError(f"run folder {run_dir} already holds a run: continue it with --resume {run_dir} "
-                                 f"or choose another --out")
     t = cfg.train
     if t.batch_size % dist.world:
         raise UsageError(f"train.batch_size {t.batch_size} must be a multiple of the number of processes "

@@ -63,6 +63,24 @@ def test_plot_refuses_a_folder_that_is_not_a_run_and_a_non_png_name(tmp_path):
     assert wrong.exit_code == 2 and ".png" in wrong.stderr
 
 
+def test_a_chinese_run_name_is_drawn_with_a_cjk_font_or_gets_one_note(tmp_path):
+    """matplotlib's own font has no Chinese characters: an installed CJK font is used where there is one;
+    without, the CLI says so in one note instead of matplotlib's warning for every missing glyph."""
+    pytest.importorskip("matplotlib")
+    from charlm.plot import CJK_FONTS, _font_families
+
+    make_run(tmp_path, "中文运行")
+    make_run(tmp_path, "plain")
+    result = CliRunner().invoke(app, ["plot", str(tmp_path / "中文运行"), str(tmp_path / "plain"),
+                                      "--out", str(tmp_path / "c.png")])
+    assert result.exit_code == 0, result.output
+    notes = result.stderr.splitlines()
+    if any(name in _font_families() for name in CJK_FONTS):
+        assert notes == []
+    else:
+        assert len(notes) == 1 and notes[0].startswith("charlm: note: no installed font has some characters")
+
+
 def test_plot_refuses_to_draw_into_a_checkpoint_folder(tmp_path):
     """The next save of that checkpoint would replace the folder, and the picture with it."""
     run = make_run(tmp_path, "a")

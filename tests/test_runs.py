@@ -127,14 +127,22 @@ def test_a_stray_metrics_file_far_above_does_not_stop_a_new_run(tmp_path, monkey
     assert [r.name for r in list_runs(project / "runs")] == ["x"]
 
 
-def test_train_with_nproc_refuses_a_folder_of_runs_before_starting_workers(tmp_path):
+def test_train_with_nproc_refuses_what_every_worker_would_refuse_before_starting_them(tmp_path):
+    """Found by the workers, such a mistake reached the user as several lines (a peer's gloo error first)
+    and, one time in four, exit 1."""
     from charlm.launch import check_before_launch
 
     make_run(tmp_path, tmp_path / "runs" / "a")
     cfg = load_config(overrides=["train.batch_size=4"])
-    with pytest.raises(UsageError, match="holds other runs"):
-        check_before_launch(cfg, tmp_path / "corpus.txt", None, 2, out=tmp_path / "runs")
-    check_before_launch(cfg, tmp_path / "corpus.txt", None, 2, out=tmp_path / "runs" / "b")
+    corpus = tmp_path / "corpus.txt"
+    (tmp_path / "blank.txt").write_text("\n  \n", encoding="utf-8")
+    for out, match in ((tmp_path / "runs", "holds other runs"), (tmp_path / "runs" / "a", "already holds a run"),
+                       (corpus, "is a file, not a folder")):
+        with pytest.raises(UsageError, match=match):
+            check_before_launch(cfg, corpus, None, 2, out=out)
+    with pytest.raises(UsageError, match="is empty"):
+        check_before_launch(cfg, tmp_path / "blank.txt", None, 2, out=tmp_path / "runs" / "b")
+    check_before_launch(cfg, corpus, None, 2, out=tmp_path / "runs" / "b")
 
 
 @pytest.mark.parametrize("damaged", ["best", "last"])
