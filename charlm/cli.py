@@ -115,6 +115,15 @@ def _out(line: str = "") -> None:
     print(line, flush=False)
 
 
+def _limit_advice(stopped_by: str) -> str:
+    """For a resume that had nothing left to do: which limit the run had already reached, and how to lift it
+    (the limits count the whole run)."""
+    option = {"max_steps": "--max-steps", "max_epochs": "--max-epochs", "max_time": "--max-time"}.get(stopped_by)
+    if option is None:
+        return "the run had already ended"
+    return f"train.{stopped_by} is already reached; raise it with {option}, or --set train.{stopped_by}=null"
+
+
 def _figure(x: float, spec: str) -> str:
     """x in `spec` (fixed decimals), or in exponent form where that would print hundreds of digits (the
     perplexity of a model whose loss blew up)."""
@@ -181,7 +190,7 @@ def train(
         _out(f"run folder      {result.run_dir}")
         _out(f"steps           {result.steps} ({result.epochs:.2f} epochs, {result.elapsed:.1f} s, stopped by {result.stopped_by})")
         _out(f"train loss      {result.train_loss:.4f}" if result.train_loss is not None
-             else "train loss      - (no step left to run)")
+             else f"train loss      - (no step left to run: {_limit_advice(result.stopped_by)})")
         if result.val_loss is not None:
             _out(f"val loss        {result.val_loss:.4f} nats/token, perplexity {_figure(result.val_perplexity, '.2f')}, "
                  f"{result.val_bits_per_char:.4f} bits/char (best {result.best_val_loss:.4f})")

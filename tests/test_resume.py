@@ -290,6 +290,7 @@ def test_a_resume_with_no_step_left_reports_no_train_loss_and_writes_strict_json
     assert end["event"] == "end" and end["steps"] == 4 and end["train_loss"] is None
     text = cli("train", "--resume", run, "--max-steps", "4", "-q")
     assert text.exit_code == 0 and "no step left" in text.stdout
+    assert "train.max_steps is already reached; raise it with --max-steps" in text.stdout
 
 
 @pytest.mark.parametrize("name", ["best", "last.old"])
