@@ -384,6 +384,11 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
     if splits.val is None and val is None and cfg.data.val_fraction > 0 and dist.is_main:
         print(f"charlm: note: {corpus} has no line end to cut a validation part at (data.val_fraction); "
               f"training without validation: pass --val FILE to have one", file=log_stream)
+    if len(splits.codec.vocab) <= 2 and dist.is_main:  # <eos> and <unk>: every token of the text is <unk>
+        limits = f"data.min_freq {cfg.data.min_freq}" + \
+            (f", data.max_size {cfg.data.max_size}" if cfg.data.max_size is not None else "")
+        print(f"charlm: note: the vocabulary holds only <eos> and <unk> ({limits}): the model can learn nothing "
+              f"but where lines end; lower data.min_freq or raise data.max_size", file=log_stream)
     share = t.batch_size // dist.world
     rows = batchify(splits.train, t.batch_size)[dist.rank * share:(dist.rank + 1) * share]  # (B/W, N // B)
     n_windows = windows_per_epoch(rows, t.seq_len)
@@ -400,8 +405,9 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
         _check_space(run_dir, model)
     if trainer_state is not None:
         p, hidden = _restore(resume, trainer_state, optimizer, device, slice(dist.rank * share, (dist.rank + 1) * share))
-    elif dist.is_main:
+    if dist.is_main:  # on --resume too: the limits, intervals or device it changed are the run's now
         ckpt.atomic_write_text(run_dir / ckpt.CONFIG_FILE, dump_yaml(cfg))
+    if trainer_state is None and dist.is_main:
         ckpt.atomic_write_text(run_dir / ckpt.VOCAB_FILE, splits.codec.to_json())
 
     try:

@@ -312,6 +312,14 @@ def test_out_folder_that_already_holds_a_run_is_exit_2(tmp_path):
     assert_one_line_error(result, 2, "already holds a run", "--resume")
 
 
+def test_a_vocabulary_of_only_eos_and_unk_gets_a_note(tmp_path):
+    result = cli(*train_args(tmp_path, write_corpus(tmp_path), "--set", "data.min_freq=1000000"))
+    assert result.exit_code == 0, result.stderr
+    assert "charlm: note: the vocabulary holds only <eos> and <unk> (data.min_freq 1000000)" in result.stderr
+    plain = cli(*train_args(tmp_path, write_corpus(tmp_path), "--out", tmp_path / "plain"))
+    assert plain.exit_code == 0 and "vocabulary holds only" not in plain.stderr
+
+
 def test_out_that_names_a_file_is_exit_2_and_says_so(tmp_path):
     corpus = write_corpus(tmp_path)
     before = corpus.read_bytes()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from charlm import train as train_mod
@@ -188,6 +189,9 @@ def test_resume_accepts_harmless_changes(stopped):
                  "--set", "train.log_interval=3", "--set", "train.eval_interval=5", "--device", "cpu")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["steps"] == 9
+    # the run folder's config.yaml, "the resolved config of the run", says what the run now is
+    resolved = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))["train"]
+    assert (resolved["max_steps"], resolved["max_time"], resolved["log_interval"]) == (9, 600, 3)
 
 
 def test_resume_with_another_corpus_is_refused(stopped, tmp_path):
