@@ -115,13 +115,19 @@ def _out(line: str = "") -> None:
     print(line, flush=False)
 
 
-def _limit_advice(stopped_by: str) -> str:
-    """For a resume that had nothing left to do: which limit the run had already reached, and how to lift it
-    (the limits count the whole run)."""
-    option = {"max_steps": "--max-steps", "max_epochs": "--max-epochs", "max_time": "--max-time"}.get(stopped_by)
-    if option is None:
+def _limit_advice(stopped_by: str, t) -> str:
+    """For a resume that had nothing left to do: which limit of the train config `t` the run had already
+    reached, and how to lift it (the limits count the whole run)."""
+    options = {"max_steps": "--max-steps", "max_epochs": "--max-epochs", "max_time": "--max-time"}
+    if stopped_by not in options:
         return "the run had already ended"
-    return f"train.{stopped_by} is already reached; raise it with {option}, or --set train.{stopped_by}=null"
+    if stopped_by == "max_epochs" and t.max_epochs is None:  # no limit at all: a run trains one epoch
+        return "with no limit set a run trains one epoch, which it has; give it one, such as --max-epochs N"
+    advice = f"train.{stopped_by} is already reached; raise it with {options[stopped_by]}"
+    others = [name for name in options if name != stopped_by and getattr(t, name)]
+    if others:  # lifting this limit leaves another one to stop the run
+        advice += f", or --set train.{stopped_by}=null to let {', '.join(f'train.{o}' for o in others)} decide"
+    return advice
 
 
 def _figure(x: float, spec: str) -> str:
@@ -190,7 +196,7 @@ def train(
         _out(f"run folder      {result.run_dir}")
         _out(f"steps           {result.steps} ({result.epochs:.2f} epochs, {result.elapsed:.1f} s, stopped by {result.stopped_by})")
         _out(f"train loss      {result.train_loss:.4f}" if result.train_loss is not None
-             else f"train loss      - (no step left to run: {_limit_advice(result.stopped_by)})")
+             else f"train loss      - (no step left to run: {_limit_advice(result.stopped_by, cfg.train)})")
         if result.val_loss is not None:
             _out(f"val loss        {result.val_loss:.4f} nats/token, perplexity {_figure(result.val_perplexity, '.2f')}, "
                  f"{result.val_bits_per_char:.4f} bits/char (best {result.best_val_loss:.4f})")
@@ -493,8 +499,11 @@ def plot(
         for name in result.skipped:
             _err_note(f"{name}: no steps logged yet, left out")
         if result.glyphs_missing:
-            _err_note("no installed font has some characters of the run names, which show as boxes: install "
-                      "a font with them (for Chinese, e.g. Noto Sans CJK: fonts-noto-cjk)")
+            from .plot import font_list_cache
+
+            _err_note(f"no installed font has some characters of the run names, which show as boxes: install "
+                      f"a font with them (for Chinese, e.g. Noto Sans CJK: fonts-noto-cjk), then remove "
+                      f"{font_list_cache()} so that matplotlib looks for fonts again")
         _out(f"wrote {result.out} ({result.width}x{result.height} px, {len(result.runs)} run"
              f"{'s' if len(result.runs) != 1 else ''})")
 

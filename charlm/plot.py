@@ -59,6 +59,14 @@ CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Source Han Sans SC", "WenQ
              "WenQuanYi Micro Hei", "Microsoft YaHei", "SimHei", "PingFang SC", "Heiti SC", "Arial Unicode MS")
 
 
+def font_list_cache() -> str:
+    """Where matplotlib keeps its list of installed fonts: read, not rebuilt, while its version is the same,
+    so a font installed later is found only once the file is gone."""
+    import matplotlib
+
+    return str(Path(matplotlib.get_cachedir()) / "fontlist-*.json")
+
+
 def _font_families() -> list[str]:
     from matplotlib import font_manager, rcParams
 

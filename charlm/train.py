@@ -385,10 +385,11 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
         print(f"charlm: note: {corpus} has no line end to cut a validation part at (data.val_fraction); "
               f"training without validation: pass --val FILE to have one", file=log_stream)
     if len(splits.codec.vocab) <= 2 and dist.is_main:  # <eos> and <unk>: every token of the text is <unk>
-        limits = f"data.min_freq {cfg.data.min_freq}" + \
-            (f", data.max_size {cfg.data.max_size}" if cfg.data.max_size is not None else "")
-        print(f"charlm: note: the vocabulary holds only <eos> and <unk> ({limits}): the model can learn nothing "
-              f"but where lines end; lower data.min_freq or raise data.max_size", file=log_stream)
+        d = cfg.data
+        cause = (f"data.max_size {d.max_size}: raise it" if d.max_size is not None and d.max_size <= 2
+                 else f"data.min_freq {d.min_freq}: lower it")
+        print(f"charlm: note: the vocabulary holds only <eos> and <unk> ({cause}); the model can learn nothing "
+              f"but where lines end", file=log_stream)
     share = t.batch_size // dist.world
     rows = batchify(splits.train, t.batch_size)[dist.rank * share:(dist.rank + 1) * share]  # (B/W, N // B)
     n_windows = windows_per_epoch(rows, t.seq_len)

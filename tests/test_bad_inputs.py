@@ -315,7 +315,8 @@ def test_out_folder_that_already_holds_a_run_is_exit_2(tmp_path):
 def test_a_vocabulary_of_only_eos_and_unk_gets_a_note(tmp_path):
     result = cli(*train_args(tmp_path, write_corpus(tmp_path), "--set", "data.min_freq=1000000"))
     assert result.exit_code == 0, result.stderr
-    assert "charlm: note: the vocabulary holds only <eos> and <unk> (data.min_freq 1000000)" in result.stderr
+    assert "charlm: note: the vocabulary holds only <eos> and <unk> (data.min_freq 1000000: lower it)" \
+        in result.stderr
     plain = cli(*train_args(tmp_path, write_corpus(tmp_path), "--out", tmp_path / "plain"))
     assert plain.exit_code == 0 and "vocabulary holds only" not in plain.stderr
 

@@ -259,6 +259,21 @@ def test_a_diverged_models_perplexity_is_printed_as_a_number_not_hundreds_of_dig
     assert result.exit_code == 0 and "perplexity      1.014e+304\n" in result.stdout, result.stdout
 
 
+def test_a_resume_with_no_step_left_is_told_the_limit_that_stopped_it_and_a_way_on():
+    from charlm.cli import _limit_advice
+    from charlm.config import TrainConfig
+
+    # the only limit: raising it is the way on (lifting it would fall back to one epoch)
+    only = _limit_advice("max_steps", TrainConfig(max_steps=20))
+    assert "train.max_steps is already reached; raise it with --max-steps" in only and "=null" not in only
+    both = _limit_advice("max_steps", TrainConfig(max_steps=20, max_time=600))
+    assert "--set train.max_steps=null to let train.max_time decide" in both
+    # no limit at all: one epoch, and lifting max_epochs (already null) would change nothing
+    none = _limit_advice("max_epochs", TrainConfig())
+    assert "with no limit set a run trains one epoch" in none and "=null" not in none
+    assert _limit_advice("done", TrainConfig()) == "the run had already ended"
+
+
 def test_an_unexpected_error_is_one_line_and_offers_debug_only_without_it(cli, tiny_run, monkeypatch):
     from charlm import score as score_module
 

@@ -126,7 +126,7 @@ def _fifo(tmp_path, writes=None):
 
 
 def _in_a_thread(call, timeout: float) -> list:
-    """[what call() returned or raised], or [] if it had not finished after `timeout` seconds."""
+    """[what call() returned or raised]; an AssertionError if it had not finished after `timeout` seconds."""
     outcome = []
 
     def run():
@@ -137,6 +137,7 @@ def _in_a_thread(call, timeout: float) -> list:
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     thread.join(timeout)
+    assert outcome, f"still waiting after {timeout} s"
     return outcome
 
 
