@@ -241,9 +241,9 @@ class Checkpoint:
 
 
 def _load_failure(exc: Exception) -> str:
-    """torch.load's reason for refusing a file, without the advice around it: for weights_only=True torch
-    suggests loading again with weights_only=False (which would run whatever code the file holds), or
-    allowlisting the class the file names."""
+    """torch.load's reason for refusing a file, without the advice around it: torch suggests loading the
+    file again without its tensors-only restriction (which would run whatever code the file holds), or
+    allowlisting the class the file names; charlm passes on neither."""
     text = str(exc)
     if "WeightsUnpickler error:" in text:
         text = text.split("WeightsUnpickler error:", 1)[1]

@@ -79,6 +79,10 @@ def _wide_codec(path: Path, encoding: str) -> tuple[str, int] | None:
     return name, len(mark) if head.startswith(mark) else 0
 
 
+def empty_corpus(corpus: Path) -> UsageError:
+    return UsageError(f"corpus {corpus} is empty (or white space only): nothing to learn from")
+
+
 def _existing_file(path: Path) -> Path:
     path = Path(path)
     if not path.exists():
@@ -507,7 +511,7 @@ def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextC
         bar.close()
     if not _has_text(train_enc):
         _discard(tmp)
-        raise UsageError(f"corpus {corpus} is empty (or white space only): nothing to learn from")
+        raise empty_corpus(corpus)
     if val is not None and not _has_text(val_enc):
         _discard(tmp)
         raise UsageError(f"validation file {val} is empty (or white space only): nothing to validate on")

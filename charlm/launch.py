@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 
 from .config import Config
-from .data import check_text_file
+from .data import check_text_file, empty_corpus
 from .errors import EXIT_FAILURE, EXIT_SIGINT, EXIT_SIGTERM, UsageError
-from .train import check_new_run_dir
+from .train import check_new_run_dir, new_run_dir
 
 
 def check_before_launch(cfg: Config, corpus: Path | None, val: Path | None, nproc: int,
@@ -28,9 +28,9 @@ def check_before_launch(cfg: Config, corpus: Path | None, val: Path | None, npro
         if path is not None:
             check_text_file(path, cfg.data.encoding)
     if corpus is not None and _blank(corpus):
-        raise UsageError(f"corpus {corpus} is empty (or white space only): nothing to learn from")
-    if resume is None and corpus is not None:  # the new run's folder, as `train` names it
-        check_new_run_dir(Path(out) if out is not None else Path("runs") / Path(corpus).stem)
+        raise empty_corpus(corpus)
+    if resume is None and corpus is not None:
+        check_new_run_dir(new_run_dir(out, corpus))
     if cfg.train.batch_size % nproc:
         raise UsageError(f"train.batch_size {cfg.train.batch_size} must be a multiple of --nproc {nproc}: "
                          f"each process takes an equal share of the parallel streams")

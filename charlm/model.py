@@ -162,9 +162,7 @@ def _layer_by_layer(rnn: nn.RNNBase, shells: tuple[nn.RNNBase, nn.RNNBase], x: T
             initial = None
         else:
             initial = tuple(s[layer:layer + 1] for s in state) if lstm else state[layer:layer + 1]
-        with warnings.catch_warnings():
-            # cuDNN then copies the layer's weights into one block at each call, and says so once
-            warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
+        with _quiet_weight_compaction(x.is_cuda):
             x, final = torch.func.functional_call(shells[min(layer, 1)], weights, (x, initial))
         finals.append(final)
         if layer < rnn.num_layers - 1:
@@ -176,6 +174,18 @@ def _layer_by_layer(rnn: nn.RNNBase, shells: tuple[nn.RNNBase, nn.RNNBase], x: T
 
 def _leave_weights_in_place() -> None:
     """The shells' flatten_parameters (see RNNLM.__init__)."""
+
+
+@contextmanager
+def _quiet_weight_compaction(cuda: bool):
+    """On CUDA, cuDNN copies a shell's weights (left in place) into one block at each call and warns that it
+    does; the CPU's path is left as it is."""
+    if not cuda:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
+        yield
 
 
 @contextmanager

@@ -217,9 +217,8 @@ def summarize(run_dir: Path, name: str | None = None) -> RunSummary:
 
     manifest = _best_manifest(run_dir)
     problems += _damaged_checkpoints(run_dir)
-    if manifest is None:
-        problems.append("no checkpoint")  # unless the run has not ended (below): its first is yet to come
-    else:
+    no_checkpoint_at = len(problems)  # "no checkpoint" goes here once the metrics say whether the run ended
+    if manifest is not None:
         s.parameters = _int(manifest.get("parameters"))
         s.steps = _int(manifest.get("step"))
         s.elapsed = _number(manifest.get("elapsed"))
@@ -249,8 +248,8 @@ def summarize(run_dir: Path, name: str | None = None) -> RunSummary:
             s.best_val_loss, s.best_val_bpc = float(best["val_loss"]), _number(best.get("val_bpc"))
         if m.end is None:
             s.status = "unfinished"
-            if "no checkpoint" in problems:  # still training, or stopped, before its first checkpoint
-                problems.remove("no checkpoint")
+    if manifest is None and not (m is not None and m.end is None):  # not still before its first checkpoint
+        problems.insert(no_checkpoint_at, "no checkpoint")
     if s.best_val_loss is None and manifest is not None:
         s.best_val_loss = _number(manifest.get("val_loss"))
 

@@ -192,6 +192,11 @@ def _make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=t.lr, betas=(0.9, t.beta2), weight_decay=t.weight_decay, fused=True)
 
 
+def new_run_dir(out: Path | None, corpus: Path) -> Path:
+    """--out, else runs/<the corpus's name>."""
+    return Path(out) if out is not None else Path("runs") / Path(corpus).stem
+
+
 def check_new_run_dir(run_dir: Path) -> None:
     """What a new run's folder must not be, checked without writing anything (so by every process, and by
     `--nproc` before its workers start): a checkpoint folder or a folder inside one, a file, a folder that
@@ -350,7 +355,7 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
         out = resume
     if corpus is None:
         raise UsageError("no corpus: pass --corpus PATH")
-    run_dir = Path(out) if out is not None else Path("runs") / Path(corpus).stem
+    run_dir = new_run_dir(out, corpus)
     if resume is None:
         check_new_run_dir(run_dir)
     if dist.is_main:
