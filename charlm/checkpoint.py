@@ -197,8 +197,9 @@ def check_new_run_folder(path: Path) -> None:
 
 
 def find_checkpoint(path: Path, which: str | None = None) -> Path:
-    """A checkpoint folder from a run folder (None or `best`: best/, falling back to last/) or a checkpoint
-    folder itself, which must not be the other one of a run's best/ and last/ when `which` names one."""
+    """A checkpoint folder from a run folder (None: best/, falling back to last/; `best` or `last`: that one
+    only) or a checkpoint folder itself, which must not be the other one of a run's best/ and last/ when
+    `which` names one."""
     path = Path(path)
     if not path.exists():
         raise UsageError(f"run folder not found: {path}")
@@ -208,10 +209,13 @@ def find_checkpoint(path: Path, which: str | None = None) -> Path:
             raise UsageError(f"{path} is a run's {kind} checkpoint, and --checkpoint {which} asks for the other: "
                              f"pass the run folder {path.parent} with --checkpoint {which}, or drop --checkpoint")
         return path
-    order = {"best": CHECKPOINT_NAMES, "last": ("last", "last.old"), None: CHECKPOINT_NAMES}[which]
+    order = {"best": ("best", "best.old"), "last": ("last", "last.old"), None: CHECKPOINT_NAMES}[which]
     for name in order:
         if is_checkpoint_folder(path / name):
             return path / name
+    if which == "best" and any(is_checkpoint_folder(path / name) for name in ("last", "last.old")):
+        raise UsageError(f"{path} has no best/ checkpoint (the run has not been validated yet, or has no "
+                         f"validation text): use --checkpoint last, or drop --checkpoint")
     looked = " or ".join(f"{name}/manifest.json" for name in order if not name.endswith(".old"))
     raise UsageError(f"{path} holds no checkpoint (no {looked}): train into it first")
 

@@ -187,6 +187,17 @@ def test_checkpoint_option_must_agree_with_a_checkpoint_folder(cli, tiny_run):
         assert cli("score", *args[:1], "the cat.", *args[1:]).exit_code == 0
 
 
+def test_checkpoint_best_is_not_answered_with_the_last_one(cli, tiny_run, tmp_path):
+    """A run with only last/ (not validated yet): the default falls back to it, --checkpoint best refuses."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run_dir"], run)
+    shutil.rmtree(run / "best")
+    assert cli("score", run, "the cat.").exit_code == 0
+    assert_usage_error(cli("score", run, "the cat.", "--checkpoint", "best"), "--checkpoint last")
+
+
 def test_bench_with_nothing_to_measure_is_exit_2(cli):
     assert_usage_error(cli("bench", "--no-grid"), "nothing to measure")
 
