@@ -590,6 +590,7 @@ def eval_streams(ids: Tensor, streams: int) -> tuple[Tensor, Tensor]:
     n_targets = ids.numel() - 1
     streams = max(1, min(streams, n_targets))
     per_row = math.ceil(n_targets / streams)
+    streams = math.ceil(n_targets / per_row)  # no row left without a target (10 targets in 7 rows of 2: 5 rows)
     rows = torch.full((streams, per_row + 1), EOS_ID, dtype=ids.dtype)
     mask = torch.zeros(streams, per_row + 1, dtype=torch.bool)
     for s in range(streams):

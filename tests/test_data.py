@@ -226,7 +226,7 @@ def test_check_trainable_refuses_a_corpus_too_short_for_one_window():
         check_trainable(torch.zeros(2 * 5 - 1), batch_size=2, seq_len=4)
 
 
-@pytest.mark.parametrize("streams", [1, 2, 3, 7, 50])
+@pytest.mark.parametrize("streams", [1, 2, 3, 7, 13, 20, 50])
 def test_eval_streams_score_every_token_exactly_once(streams):
     ids = torch.arange(23)
     rows, mask = eval_streams(ids, streams)
@@ -237,6 +237,7 @@ def test_eval_streams_score_every_token_exactly_once(streams):
         positions = mask[s].nonzero().flatten()
         assert torch.equal(rows[s, positions - 1], rows[s, positions] - 1)
     assert targets == list(range(1, 23))
+    assert bool(mask.any(dim=1).all()), "a row with no target is work for nothing"
 
 
 def test_a_utf8_sig_part_after_the_start_keeps_a_leading_zero_width_space(tmp_path):
