@@ -549,6 +549,7 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
                disable=not interactive, leave=True)
     net.train()
     last_loss, stopped_by, final_val = math.nan, None, None
+    checked: tuple[int, float | None] | None = None  # (step, loss) of the latest periodic validation
     signals = _Signals()
     window_start, window_tokens = time.perf_counter(), 0
     start_elapsed, clock = p.elapsed, time.perf_counter()
@@ -619,6 +620,7 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
                     p.log_loss_sum, p.log_loss_count = 0.0, 0
                 if t.eval_interval and p.step % t.eval_interval == 0:
                     val_loss = validate(t.eval_tokens)
+                    checked = (p.step, val_loss)
                     if val_loss is not None and show_progress and not interactive:
                         print(f"step {p.step} val_loss {val_loss:.4f}", file=log_stream, flush=True)
                     after_validation(val_loss, periodic=True)
@@ -627,9 +629,17 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
                 signals.received = stop_signal
                 interrupted()
             last_loss = dist.sum([last_loss])[0] / dist.world
-            final_val = validate(None, final=True)
-            select = validate(t.eval_tokens, final=True) if t.eval_tokens is not None else final_val
-            after_validation(final_val, periodic=False, select=select)
+            # A periodic check at this very step has measured (and logged, and saved) what the final one
+            # would measure again: the whole split when eval_tokens is null, else the slice that selects.
+            at_end = checked[1] if checked is not None and checked[0] == p.step else None
+            if at_end is not None and t.eval_tokens is None:
+                final_val = at_end
+                save("last", final_val)  # as after a final validation: the elapsed time now includes the check's
+            else:
+                final_val = validate(None, final=True)
+                select = final_val if t.eval_tokens is None else (
+                    at_end if at_end is not None else validate(t.eval_tokens, final=True))
+                after_validation(final_val, periodic=False, select=select)
     except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
         if not is_out_of_memory(exc):
             raise

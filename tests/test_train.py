@@ -41,7 +41,9 @@ def test_run_folder_holds_config_vocab_metrics_and_two_checkpoints(tiny_run):
     assert [r["step"] for r in steps] == [5, 10, 15, 20]
     assert all(r["tokens_per_second"] > 0 and r["lr"] > 0 for r in steps)
     evals = [r for r in records if "val_loss" in r and "event" not in r]
-    assert [r["step"] for r in evals] == [10, 20, 20]  # at the interval, then the final evaluation
+    # at the interval; the one at step 20 read the whole split, so the final evaluation is not run again
+    assert [r["step"] for r in evals] == [10, 20]
+    assert result.val_loss == evals[-1]["val_loss"]
     assert records[-1]["steps"] == result.steps == 20
     for name in ("last", "best"):
         folder = run_dir / name
@@ -53,6 +55,17 @@ def test_run_folder_holds_config_vocab_metrics_and_two_checkpoints(tiny_run):
     state = torch.load(run_dir / "last" / "trainer.pt", weights_only=True)  # plain values and tensors only
     assert state["progress"]["step"] == 20
     assert not list(run_dir.glob(".tmp-*"))
+
+
+def test_the_final_evaluation_reads_the_whole_split_after_a_check_on_a_slice(write_corpus, tmp_path):
+    """With eval_tokens, the check at the last step scores the slice; the final one still reads everything
+    (and the slice is not scored twice)."""
+    result = train(tiny_config(train__eval_tokens=8), write_corpus(TINY_TEXT), out=tmp_path / "run",
+                   show_progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "val_loss" in r and "event" not in r]
+    assert [r["step"] for r in evals] == [10, 20, 20]
+    assert result.val_loss == evals[-1]["val_loss"] != evals[-2]["val_loss"]
 
 
 def test_training_lowers_the_validation_loss(tiny_run):
