@@ -85,3 +85,30 @@ def test_relative_links_in_docs_exist():
     for doc in (README, README_ZH, EQUATIONS):
         for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", doc.read_text(encoding="utf-8")):
             assert (doc.parent / target).exists(), f"{doc.name} links to missing {target}"
+
+
+def _module_order(text: str) -> dict[str, int]:
+    """Module name -> line of the READMEs' "Where things live" list that names it."""
+    block = text[text.index("\ncharlm/\n"):]
+    block = block[: block.index("```")]
+    order = {}
+    for index, line in enumerate(block.splitlines()):
+        names = re.match(r"  ((?:[a-z_]+\.(?:py|c) ?)+)", line)
+        for name in (names.group(1).split() if names else []):
+            if name.endswith(".py"):
+                order[name.removesuffix(".py")] = index
+    return order
+
+
+def test_modules_import_only_those_above_them_in_the_readmes_list():
+    for readme in (README, README_ZH):
+        order = _module_order(readme.read_text(encoding="utf-8"))
+        listed = {p.stem for p in (ROOT / "charlm").glob("*.py")} - {"__init__", "__main__"}
+        assert set(order) == listed, readme.name
+        for module, line in order.items():
+            source = (ROOT / "charlm" / f"{module}.py").read_text(encoding="utf-8")
+            imported = re.findall(r"^from \.([a-z_]+) import", source, re.M)
+            imported += [n.strip() for group in re.findall(r"^from \. import ([a-z_, ]+)", source, re.M)
+                         for n in group.split(",")]
+            late = [name for name in imported if order.get(name, -1) > line]
+            assert not late, f"{readme.name}: {module}.py imports {late}, listed below it"
