@@ -307,9 +307,12 @@ def load_checkpoint(path: Path, which: str | None = None) -> Checkpoint:
             except OSError as exc:  # a file vanished or cannot be read
                 raise UsageError(f"checkpoint {folder}: cannot read {Path(exc.filename or '').name or 'a file'} "
                                  f"({reason(exc)})") from None
-        except UsageError:
-            if _identity(folder) == before:
-                raise  # nothing moved: the checkpoint itself is bad
+        except UsageError as exc:
+            if _identity(folder) == before:  # nothing moved: the checkpoint itself is bad
+                other = folder.parent / "last"
+                if folder.name == "best" and is_checkpoint_folder(other):
+                    raise UsageError(f"{exc}; the run's last checkpoint may be intact: {other}") from None
+                raise
         else:
             if _identity(folder) == before:
                 return saved

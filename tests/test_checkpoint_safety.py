@@ -55,7 +55,8 @@ def test_one_byte_flip_in_a_weight_file_is_refused_by_every_command(run, trained
     weights = run / "best" / "model.safetensors"
     flip_byte(weights, weights.stat().st_size - 3)  # inside the tensor data: still a valid safetensors file
     for args in every_command(run, trained[1]):
-        assert_one_line_error(cli(*args), 2, "model.safetensors", "SHA-256")
+        assert_one_line_error(cli(*args), 2, "model.safetensors", "SHA-256", f"may be intact: {run / 'last'}")
+    assert cli("score", run / "last", "a cat").exit_code == 0  # and it is
 
 
 def test_one_byte_flip_in_the_trainer_state_is_refused_at_resume(run):

@@ -59,6 +59,8 @@ def test_plot_refuses_a_folder_that_is_not_a_run_and_a_non_png_name(tmp_path):
     runner = CliRunner()
     missing = runner.invoke(app, ["plot", str(tmp_path), "--out", str(tmp_path / "a.png")])
     assert missing.exit_code == 2 and "no metrics.jsonl" in missing.stderr
+    gone = runner.invoke(app, ["plot", str(tmp_path / "nosuch"), "--out", str(tmp_path / "a.png")])
+    assert gone.exit_code == 2 and "run folder not found" in gone.stderr
     wrong = runner.invoke(app, ["plot", str(tmp_path), "--out", str(tmp_path / "a.pdf")])
     assert wrong.exit_code == 2 and ".png" in wrong.stderr
 
