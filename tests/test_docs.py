@@ -112,3 +112,13 @@ def test_modules_import_only_those_above_them_in_the_readmes_list():
                          for n in group.split(",")]
             late = [name for name in imported if order.get(name, -1) > line]
             assert not late, f"{readme.name}: {module}.py imports {late}, listed below it"
+
+
+def test_reliability_page_names_each_test_with_the_file_that_holds_it():
+    text = (ROOT / "docs" / "reliability.md").read_text(encoding="utf-8")
+    named = re.findall(r"`((?:test_\w+\.py::)?)(test_\w+)`", text)
+    assert len(named) > 50  # the page's tables were read
+    for file, name in named:
+        assert file, f"docs/reliability.md: give the file of {name} (test_x.py::{name})"
+        source = (ROOT / "tests" / file[:-2]).read_text(encoding="utf-8")
+        assert re.search(rf"^def {name}\(", source, re.M), f"docs/reliability.md: {file}{name} does not exist"
