@@ -45,7 +45,9 @@ from .tokenizer import EOS_ID, UNK_ID, SPECIALS, TextCodec, Tokenizer, Vocabular
 
 BLOCK_BYTES = 8 << 20   # read the corpus 8 MiB at a time (characters) ...
 WORD_BLOCK_BYTES = 1 << 20  # ... or 1 MiB (words: a token as a Python string costs ~50 bytes while it is counted)
-CACHE_FORMAT = 3  # 2: U+3000 is white space at word level (it was a token); 3: a UTF-8 mark is not text
+MAX_CARRY = 1 << 20  # characters held back at most while a block has no safe place to end (a pathological file)
+CACHE_FORMAT = 4  # 2: U+3000 is white space at word level (it was a token); 3: a UTF-8 mark is not text;
+#                 4: a block of a long line no longer ends between Hangul jamo that NFC joins
 
 
 # ---------------------------------------------------------------- reading text
@@ -183,9 +185,18 @@ def _safe_cut(text: str, level: str) -> int:
                 return i + 1
         return 0
     i = len(text) - 1
-    while i > 0 and (unicodedata.combining(text[i]) or text[i] == "\r"):
+    while i > 0 and (unicodedata.combining(text[i]) or text[i] == "\r" or _composes(text, i)):
         i -= 1
-    return max(i, 1) if len(text) > 1 else len(text)
+    if i == 0:  # no safe place yet: wait for more text, up to a bound
+        return 0 if len(text) < MAX_CARRY else len(text)
+    return i
+
+
+def _composes(text: str, i: int) -> bool:
+    """NFC joins text[i] to the text before it although its combining class is 0 (Hangul jamo: L + V, then
+    the syllable + T; some vowel signs): a cut before it would normalise the two sides apart."""
+    a, b = text[max(i - 8, 0):i], text[i:i + 8]
+    return unicodedata.normalize("NFC", a + b) != unicodedata.normalize("NFC", a) + unicodedata.normalize("NFC", b)
 
 
 def iter_text(path: Path, start: int = 0, end: int | None = None, encoding: str = "utf-8",

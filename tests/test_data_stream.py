@@ -13,7 +13,9 @@ from charlm.config import DataConfig
 from charlm.errors import UsageError
 from charlm.tokenizer import EOS_ID, UNK_ID
 
-TRICKY = "Hello, world!\r\nÉté\u0301 naïve 😀 emoji\n中文也可以。\n\nlast line without newline"
+# decomposed Hangul (jamo L V T, as macOS writes file names): combining class 0, yet NFC composes them
+TRICKY = ("Hello, world!\r\nÉté\u0301 naïve 😀 emoji\n中文也可以。\n\u1100\u1161\u11a8\u1100\u1161\u1100\u1161 "
+          "jamo\n\nlast line without newline")
 
 
 def write(path: Path, text: str) -> Path:
@@ -100,6 +102,15 @@ def test_a_long_line_is_read_in_bounded_pieces_without_splitting_words(tmp_path,
     cfg = DataConfig(level="word", val_fraction=0.0)
     splits = data.prepare(cfg, corpus, cache_dir=tmp_path / "cache")
     assert splits.train.numel() == 2000 + 2  # <eos>, the words, <eos>
+
+
+def test_a_line_with_no_safe_place_to_cut_is_still_read_in_bounded_pieces(tmp_path, monkeypatch):
+    """Combining marks only: the reader holds text back for a later cut, but not without bound."""
+    monkeypatch.setattr(data, "BLOCK_BYTES", 7)
+    monkeypatch.setattr(data, "MAX_CARRY", 20)
+    text = "a" + "\u0301" * 200 + "\n"
+    pieces = list(data.iter_text(write(tmp_path / "c.txt", text), level="char"))
+    assert "".join(pieces) == text and len(pieces) > 5 and max(len(p) for p in pieces) <= 24
 
 
 def test_invalid_utf8_reports_the_byte_offset_across_blocks(tmp_path, monkeypatch):
