@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from .adaptive import TiedAdaptiveSoftmax
 from .cells import CustomRNN, dropout, uniform_masks
 from .config import ModelConfig
+from .errors import UsageError
 from .products import output_linear
 
 State = Union[Tensor, tuple[Tensor, Tensor]]
@@ -59,6 +60,7 @@ class RNNLM(nn.Module):
         if cfg.softmax == "adaptive" and cutoffs and cfg.tie_weights:
             self.decoder = TiedAdaptiveSoftmax(self.encoder.weight, cutoffs)
         elif cfg.softmax == "adaptive" and cutoffs:
+            _check_tail_widths(cfg, len(cutoffs))
             self.decoder = nn.AdaptiveLogSoftmaxWithLoss(cfg.hidden_size, vocab_size, cutoffs,
                                                          div_value=cfg.adaptive_div, head_bias=True)
         else:  # a vocabulary smaller than the first cutoff needs no clusters
@@ -124,6 +126,17 @@ class RNNLM(nn.Module):
     def init_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
         h = torch.zeros(self.cfg.layers, batch_size, self.cfg.hidden_size, device=device)
         return (h, h.clone()) if self.cfg.cell == "lstm" else h
+
+
+def _check_tail_widths(cfg: ModelConfig, clusters: int) -> None:
+    """Each tail cluster of the untied adaptive softmax maps h through hidden_size // adaptive_div^k
+    dimensions (k = 1, 2, ...); at zero the cluster's distribution is uniform whatever the context."""
+    for k in range(1, clusters + 1):
+        width = int(cfg.hidden_size // (cfg.adaptive_div ** k))
+        if width < 1:
+            raise UsageError(f"model.adaptive_div {cfg.adaptive_div:g}: tail cluster {k} of the adaptive softmax "
+                             f"would be {cfg.hidden_size} // {cfg.adaptive_div:g}^{k} = 0 wide and could not tell "
+                             f"its words apart; lower adaptive_div, list fewer adaptive_cutoffs, or tie_weights")
 
 
 def _torch_rnn(cfg: ModelConfig, input_size: int, layers: int, between: float, device: str | None = None) -> nn.RNNBase:

@@ -112,6 +112,16 @@ def test_adaptive_softmax_needs_tied_sizes_and_increasing_cutoffs():
         load_config(overrides=["model.softmax=adaptive", "model.adaptive_cutoffs=10,5"])
 
 
+def test_an_untied_tail_cluster_of_zero_width_is_refused():
+    """hidden 16, div 4, three tail clusters: widths 4, 1 and 0; the last would score its words uniformly."""
+    cfg = ModelConfig(hidden_size=16, embedding_size=16, softmax="adaptive", adaptive_cutoffs="8,25,50",
+                      adaptive_div=4.0, tie_weights=False)
+    with pytest.raises(UsageError, match="tail cluster 3 .* 0 wide"):
+        build_model(cfg, 80)
+    build_model(cfg, 40)  # the cutoff 50 is past the vocabulary: two clusters, 4 and 1 wide
+    build_model(ModelConfig(**{**cfg.__dict__, "adaptive_div": 2.0}), 80)
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_an_adaptive_run_trains_saves_and_reloads(tmp_path, tied):
     corpus = tmp_path / "c.txt"
