@@ -219,7 +219,7 @@ def sample(
     checkpoint: Annotated[Optional[str], typer.Option(help="best or last (default: best, else last; or the "
                                                           "checkpoint folder named).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "cpu",
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per sample, with its log-probability.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per sample, with its log-probability under the model (temperature 1, untruncated).")] = False,
 ) -> None:
     """Generate text from a trained model, stopping at <eos> or --max-length.
 
