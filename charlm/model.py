@@ -56,11 +56,10 @@ class RNNLM(nn.Module):
                     # moves the tensors it was given, the stack's own parameters, into a new buffer at every
                     # call: the shells leave them where they are, as AWD-LSTM's WeightDrop does.
                     shell.flatten_parameters = _leave_weights_in_place
-        cutoffs = [int(c) for c in cfg.adaptive_cutoffs.split(",") if 0 < int(c) < vocab_size - 1]
+        cutoffs = adaptive_cutoffs(cfg, vocab_size)
         if cfg.softmax == "adaptive" and cutoffs and cfg.tie_weights:
             self.decoder = TiedAdaptiveSoftmax(self.encoder.weight, cutoffs)
         elif cfg.softmax == "adaptive" and cutoffs:
-            _check_tail_widths(cfg, len(cutoffs))
             self.decoder = nn.AdaptiveLogSoftmaxWithLoss(cfg.hidden_size, vocab_size, cutoffs,
                                                          div_value=cfg.adaptive_div, head_bias=True)
         else:  # a vocabulary smaller than the first cutoff needs no clusters
@@ -128,10 +127,18 @@ class RNNLM(nn.Module):
         return (h, h.clone()) if self.cfg.cell == "lstm" else h
 
 
-def _check_tail_widths(cfg: ModelConfig, clusters: int) -> None:
-    """Each tail cluster of the untied adaptive softmax maps h through hidden_size // adaptive_div^k
-    dimensions (k = 1, 2, ...); at zero the cluster's distribution is uniform whatever the context."""
-    for k in range(1, clusters + 1):
+def adaptive_cutoffs(cfg: ModelConfig, vocab_size: int) -> list[int]:
+    """The cutoffs of the adaptive softmax that fall inside the vocabulary."""
+    return [int(c) for c in cfg.adaptive_cutoffs.split(",") if 0 < int(c) < vocab_size - 1]
+
+
+def check_new_model(cfg: ModelConfig, vocab_size: int) -> None:
+    """What a new run must not build (runs saved before this check still load): an untied adaptive softmax
+    whose tail cluster k maps h through hidden_size // adaptive_div^k = 0 dimensions, so that the cluster's
+    distribution is uniform whatever the context."""
+    if cfg.softmax != "adaptive" or cfg.tie_weights:
+        return
+    for k in range(1, len(adaptive_cutoffs(cfg, vocab_size)) + 1):
         width = int(cfg.hidden_size // (cfg.adaptive_div ** k))
         if width < 1:
             raise UsageError(f"model.adaptive_div {cfg.adaptive_div:g}: tail cluster {k} of the adaptive softmax "

@@ -36,7 +36,8 @@ from .config import Config, dump_yaml
 from .data import (Splits, batchify, check_text_file, check_trainable, check_vocabulary, eval_streams, prepare,
                    window, windows_per_epoch)
 from .errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, RunFailure, UsageError, is_out_of_memory
-from .model import EvaluationStopped, RNNLM, State, build_model, count_parameters, detach_state, stream_nll
+from .model import (EvaluationStopped, RNNLM, State, build_model, check_new_model, count_parameters, detach_state,
+                    stream_nll)
 from .runs import check_room_for_a_new_run, run_folder_of
 from .score import perplexity
 from .runtime import Distributed, file_sha256, init_distributed, is_terminal, seed_everything
@@ -399,6 +400,8 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
     rows = batchify(splits.train, t.batch_size)[dist.rank * share:(dist.rank + 1) * share]  # (B/W, N // B)
     n_windows = windows_per_epoch(rows, t.seq_len)
 
+    if saved is None:
+        check_new_model(cfg.model, len(splits.codec.vocab))
     model = build_model(cfg.model, len(splits.codec.vocab)).to(device)
     p, hidden = Progress(), None
     if saved is not None:

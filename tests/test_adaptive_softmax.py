@@ -12,7 +12,7 @@ from charlm.adaptive import TiedAdaptiveSoftmax
 from charlm.checkpoint import load_run
 from charlm.config import ModelConfig, load_config
 from charlm.errors import UsageError
-from charlm.model import build_model
+from charlm.model import build_model, check_new_model
 from charlm.sample import generate
 from charlm.score import score_sentences
 from charlm.tokenizer import EOS_ID, TextCodec, Tokenizer, Vocabulary
@@ -117,10 +117,12 @@ def test_an_untied_tail_cluster_of_zero_width_is_refused():
     cfg = ModelConfig(hidden_size=16, embedding_size=16, softmax="adaptive", adaptive_cutoffs="8,25,50",
                       adaptive_div=4.0, tie_weights=False)
     with pytest.raises(UsageError, match="tail cluster 3 .* 0 wide"):
-        build_model(cfg, 80)
-    build_model(cfg, 40)  # the cutoff 50 is past the vocabulary: two clusters, 4 and 1 wide
-    build_model(ModelConfig(**{**cfg.__dict__, "adaptive_div": 2.0}), 80)
-
+        check_new_model(cfg, 80)
+    check_new_model(cfg, 40)  # the cutoff 50 is past the vocabulary: two clusters, 4 and 1 wide
+    check_new_model(ModelConfig(**{**cfg.__dict__, "adaptive_div": 2.0}), 80)
+    check_new_model(ModelConfig(**{**cfg.__dict__, "tie_weights": True}), 80)
+    with pytest.warns(UserWarning, match="zero-element"):  # torch's only sign of the empty projection
+        build_model(cfg, 80)  # a run saved before the check still loads
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_an_adaptive_run_trains_saves_and_reloads(tmp_path, tied):
