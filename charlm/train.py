@@ -633,14 +633,15 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
                 interrupted()
             last_loss = dist.sum([last_loss])[0] / dist.world
             # A periodic check at this very step has measured (and logged, and saved) what the final one
-            # would measure again: the whole split when eval_tokens is null, else the slice that selects.
+            # would measure again: the whole split when no eval_tokens slice is shorter, else the slice.
             at_end = checked[1] if checked is not None and checked[0] == p.step else None
-            if at_end is not None and t.eval_tokens is None:
+            sliced = t.eval_tokens is not None and splits.val is not None and splits.val.numel() > t.eval_tokens + 1
+            if at_end is not None and not sliced:
                 final_val = at_end
                 save("last", final_val)  # as after a final validation: the elapsed time now includes the check's
             else:
                 final_val = validate(None, final=True)
-                select = final_val if t.eval_tokens is None else (
+                select = final_val if not sliced else (
                     at_end if at_end is not None else validate(t.eval_tokens, final=True))
                 after_validation(final_val, periodic=False, select=select)
     except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError

@@ -57,15 +57,30 @@ def test_run_folder_holds_config_vocab_metrics_and_two_checkpoints(tiny_run):
     assert not list(run_dir.glob(".tmp-*"))
 
 
-def test_the_final_evaluation_reads_the_whole_split_after_a_check_on_a_slice(write_corpus, tmp_path):
-    """With eval_tokens, the check at the last step scores the slice; the final one still reads everything
-    (and the slice is not scored twice)."""
-    result = train(tiny_config(train__eval_tokens=8), write_corpus(TINY_TEXT), out=tmp_path / "run",
+@pytest.mark.parametrize("eval_tokens,scored,steps", [
+    (8, [8, 8, None], [10, 20, 20]),  # the slice at the last step, then the whole split once
+    (10 ** 6, [10 ** 6, 10 ** 6], [10, 20]),  # a "slice" longer than the split is the whole split
+])
+def test_the_last_step_is_evaluated_once_on_each_part(write_corpus, tmp_path, monkeypatch, eval_tokens, scored,
+                                                      steps):
+    """The periodic check at the last step is not repeated by the final evaluation: the whole split is read
+    once, and the slice that selects the best checkpoint once."""
+    import charlm.train as train_module
+
+    calls = []
+
+    def counting(model, ids, streams, device, max_tokens=None, *args, **kwargs):
+        calls.append(max_tokens)
+        return evaluate(model, ids, streams, device, max_tokens, *args, **kwargs)
+
+    evaluate = train_module.evaluate
+    monkeypatch.setattr(train_module, "evaluate", counting)
+    result = train(tiny_config(train__eval_tokens=eval_tokens), write_corpus(TINY_TEXT), out=tmp_path / "run",
                    show_progress=False)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "val_loss" in r and "event" not in r]
-    assert [r["step"] for r in evals] == [10, 20, 20]
-    assert result.val_loss == evals[-1]["val_loss"] != evals[-2]["val_loss"]
+    assert calls == scored and [r["step"] for r in evals] == steps
+    assert result.val_loss == evals[-1]["val_loss"]
 
 
 def test_training_lowers_the_validation_loss(tiny_run):
