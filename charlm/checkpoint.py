@@ -214,8 +214,9 @@ def find_checkpoint(path: Path, which: str | None = None) -> Path:
         if is_checkpoint_folder(path / name):
             return path / name
     if which == "best" and any(is_checkpoint_folder(path / name) for name in ("last", "last.old")):
-        raise UsageError(f"{path} has no best/ checkpoint (the run has not been validated yet, or has no "
-                         f"validation text): use --checkpoint last, or drop --checkpoint")
+        why = (f"its best/ folder has no {MANIFEST_FILE} (damaged)" if (path / "best").exists()
+               else "no best/ checkpoint yet (the run has not been validated so far)")
+        raise UsageError(f"{path}: {why}; use --checkpoint last, or drop --checkpoint")
     looked = " or ".join(f"{name}/manifest.json" for name in order if not name.endswith(".old"))
     raise UsageError(f"{path} holds no checkpoint (no {looked}): train into it first")
 
@@ -258,11 +259,16 @@ def _load_failure(exc: Exception) -> str:
     return reasons[0] if reasons else type(exc).__name__
 
 
+class Damaged(UsageError):
+    """A checkpoint whose files are missing, unreadable or not what its manifest says (not one that is
+    merely of another format or version)."""
+
+
 def read_manifest(folder: Path) -> dict:
     try:
         manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise UsageError(f"checkpoint {folder}: unreadable {MANIFEST_FILE} ({exc})") from None
+        raise Damaged(f"checkpoint {folder}: unreadable {MANIFEST_FILE} ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else None
         raise UsageError(_format_message(f"checkpoint {folder}", found))
@@ -272,15 +278,15 @@ def read_manifest(folder: Path) -> dict:
 def verify(folder: Path, manifest: dict) -> None:
     files = manifest.get("files")
     if not isinstance(files, dict) or MODEL_FILE not in files:
-        raise UsageError(f"checkpoint {folder}: {MANIFEST_FILE} lists no {MODEL_FILE}")
+        raise Damaged(f"checkpoint {folder}: {MANIFEST_FILE} lists no {MODEL_FILE}")
     for name, digest in files.items():
         if "/" in name or "\\" in name or name.startswith("."):
             raise UsageError(f"checkpoint {folder}: {MANIFEST_FILE} names an unexpected file {name!r}")
         path = folder / name
         if not path.exists():
-            raise UsageError(f"checkpoint {folder}: {name} is missing")
+            raise Damaged(f"checkpoint {folder}: {name} is missing")
         if sha256(path) != digest:
-            raise UsageError(f"checkpoint {folder}: {name} does not match its SHA-256 in {MANIFEST_FILE} "
+            raise Damaged(f"checkpoint {folder}: {name} does not match its SHA-256 in {MANIFEST_FILE} "
                              f"(corrupted or altered); refusing to load it")
 
 
@@ -305,12 +311,12 @@ def load_checkpoint(path: Path, which: str | None = None) -> Checkpoint:
             try:
                 saved = _read_checkpoint(folder)
             except OSError as exc:  # a file vanished or cannot be read
-                raise UsageError(f"checkpoint {folder}: cannot read {Path(exc.filename or '').name or 'a file'} "
+                raise Damaged(f"checkpoint {folder}: cannot read {Path(exc.filename or '').name or 'a file'} "
                                  f"({reason(exc)})") from None
         except UsageError as exc:
             if _identity(folder) == before:  # nothing moved: the checkpoint itself is bad
                 other = folder.parent / "last"
-                if folder.name == "best" and is_checkpoint_folder(other):
+                if isinstance(exc, Damaged) and folder.name == "best" and is_checkpoint_folder(other):
                     raise UsageError(f"{exc}; the run's last checkpoint may be intact: {other}") from None
                 raise
         else:
@@ -333,7 +339,7 @@ def _read_checkpoint(folder: Path) -> Checkpoint:
     try:
         tensors = load_file(str(folder / MODEL_FILE))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise UsageError(f"checkpoint {folder}: {MODEL_FILE} is not a valid safetensors file ({exc})") from None
+        raise Damaged(f"checkpoint {folder}: {MODEL_FILE} is not a valid safetensors file ({exc})") from None
     check_finite(tensors, f"checkpoint {folder} refused", UsageError)
     rows = tensors.get("encoder.weight")
     if rows is not None and rows.shape[0] != len(codec.vocab):

@@ -195,7 +195,9 @@ def test_checkpoint_best_is_not_answered_with_the_last_one(cli, tiny_run, tmp_pa
     shutil.copytree(tiny_run["run_dir"], run)
     shutil.rmtree(run / "best")
     assert cli("score", run, "the cat.").exit_code == 0
-    assert_usage_error(cli("score", run, "the cat.", "--checkpoint", "best"), "--checkpoint last")
+    assert_usage_error(cli("score", run, "the cat.", "--checkpoint", "best"), "not been validated")
+    (run / "best").mkdir()  # a best/ without its manifest: damaged, not missing
+    assert_usage_error(cli("score", run, "the cat.", "--checkpoint", "best"), "damaged")
 
 
 def test_bench_with_nothing_to_measure_is_exit_2(cli):
