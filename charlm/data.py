@@ -45,9 +45,11 @@ from .tokenizer import EOS_ID, UNK_ID, SPECIALS, TextCodec, Tokenizer, Vocabular
 
 BLOCK_BYTES = 8 << 20   # read the corpus 8 MiB at a time (characters) ...
 WORD_BLOCK_BYTES = 1 << 20  # ... or 1 MiB (words: a token as a Python string costs ~50 bytes while it is counted)
-MAX_CARRY = 1 << 20  # characters held back at most while a block has no safe place to end (a pathological file)
+# Characters held back at most while the text read so far has no safe place to end. A full block has more
+# characters than this, so only a whole block without one (nothing but combining marks) is passed on uncut.
+MAX_CARRY = 1 << 20
 CACHE_FORMAT = 4  # 2: U+3000 is white space at word level (it was a token); 3: a UTF-8 mark is not text;
-#                 4: a block of a long line no longer ends between Hangul jamo that NFC joins
+#                 4: a block of a long line no longer ends where NFC or lowercasing joins across the cut
 
 
 # ---------------------------------------------------------------- reading text
@@ -185,18 +187,26 @@ def _safe_cut(text: str, level: str) -> int:
                 return i + 1
         return 0
     i = len(text) - 1
-    while i > 0 and (unicodedata.combining(text[i]) or text[i] == "\r" or _composes(text, i)):
+    while i > 0 and (_is_mark(text[i]) or text[i] == "\r" or _composes(text, i)):
         i -= 1
-    if i == 0:  # no safe place yet: wait for more text, up to a bound
+    if i <= 0:  # no safe place yet (or no text): wait for more text, up to a bound
         return 0 if len(text) < MAX_CARRY else len(text)
     return i
 
 
+def _is_mark(c: str) -> bool:
+    """A character that attaches to the one before it: a combining mark, or one whose canonical
+    decomposition starts with one (U+0F73 TIBETAN VOWEL SIGN II has class 0 but decomposes into marks)."""
+    return unicodedata.combining(c) != 0 or unicodedata.combining(unicodedata.normalize("NFD", c)[0]) != 0
+
+
 def _composes(text: str, i: int) -> bool:
-    """NFC joins text[i] to the text before it although its combining class is 0 (Hangul jamo: L + V, then
-    the syllable + T; some vowel signs): a cut before it would normalise the two sides apart."""
+    """The text before text[i] and the text from it do not normalise apart, although text[i] is no mark:
+    NFC joins Hangul jamo (L + V, then the syllable + T) and some vowel signs, and lowercasing (data.lowercase)
+    writes a capital sigma as final or not by what follows it. A cut before text[i] would change the tokens."""
     a, b = text[max(i - 8, 0):i], text[i:i + 8]
-    return unicodedata.normalize("NFC", a + b) != unicodedata.normalize("NFC", a) + unicodedata.normalize("NFC", b)
+    whole = normalize(a + b)
+    return whole != normalize(a) + normalize(b) or whole.lower() != normalize(a, True) + normalize(b, True)
 
 
 def iter_text(path: Path, start: int = 0, end: int | None = None, encoding: str = "utf-8",
