@@ -143,7 +143,7 @@ def _figure(x: float, spec: str) -> str:
 @app.command()
 def train(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (sections data, model, train).")] = None,
-    corpus: Annotated[Optional[Path], typer.Option(help="UTF-8 text file to train on.")] = None,
+    corpus: Annotated[Optional[Path], typer.Option(help="Text file to train on (UTF-8 unless --encoding).")] = None,
     val: Annotated[Optional[Path], typer.Option(help="Validation text file (default: the last data.val_fraction of the corpus).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder to create (default: runs/<corpus name>).")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this folder from its last checkpoint.")] = None,

@@ -602,7 +602,8 @@ def window(rows: Tensor, index: int, seq_len: int) -> tuple[Tensor, Tensor]:
 
 
 def eval_streams(ids: Tensor, streams: int) -> tuple[Tensor, Tensor]:
-    """Cut a stream into `streams` rows that cover every token: (rows (S, L), mask (S, L) of real targets).
+    """Cut a stream into at most `streams` rows that cover every token: (rows (S, L), mask (S, L) of the real
+    targets).
 
     Row s continues where row s-1 ends (its first token is row s-1's last), so
     every token after the first is a target exactly once. With one row, the
@@ -610,8 +611,8 @@ def eval_streams(ids: Tensor, streams: int) -> tuple[Tensor, Tensor]:
     """
     n_targets = ids.numel() - 1
     streams = max(1, min(streams, n_targets))
-    per_row = math.ceil(n_targets / streams)
-    streams = math.ceil(n_targets / per_row)  # no row left without a target (10 targets in 7 rows of 2: 5 rows)
+    per_row = max(1, math.ceil(n_targets / streams))
+    streams = max(1, math.ceil(n_targets / per_row))  # no row left without a target (10 targets in 7 rows of 2: 5 rows)
     rows = torch.full((streams, per_row + 1), EOS_ID, dtype=ids.dtype)
     mask = torch.zeros(streams, per_row + 1, dtype=torch.bool)
     for s in range(streams):

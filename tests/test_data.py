@@ -240,6 +240,11 @@ def test_eval_streams_score_every_token_exactly_once(streams):
     assert bool(mask.any(dim=1).all()), "a row with no target is work for nothing"
 
 
+def test_eval_streams_of_a_single_token_is_one_row_without_targets():
+    rows, mask = eval_streams(torch.tensor([1]), 4)
+    assert rows.tolist() == [[1, 1]] and not mask.any()
+
+
 def test_a_utf8_sig_part_after_the_start_keeps_a_leading_zero_width_space(tmp_path):
     # The mark belongs to the file's first bytes; U+FEFF at the start of a later line is text.
     path = tmp_path / "sig.txt"
