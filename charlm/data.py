@@ -610,8 +610,7 @@ def eval_streams(ids: Tensor, streams: int) -> tuple[Tensor, Tensor]:
     state runs through the whole text: the exact corpus likelihood.
     """
     n_targets = ids.numel() - 1
-    streams = max(1, min(streams, n_targets))
-    per_row = max(1, math.ceil(n_targets / streams))
+    per_row = max(1, math.ceil(n_targets / max(1, streams)))
     streams = max(1, math.ceil(n_targets / per_row))  # no row left without a target (10 targets in 7 rows of 2: 5 rows)
     rows = torch.full((streams, per_row + 1), EOS_ID, dtype=ids.dtype)
     mask = torch.zeros(streams, per_row + 1, dtype=torch.bool)

@@ -108,9 +108,9 @@ def plot_runs(run_dirs: list[Path], out: Path, dpi: int = 100) -> PlotResult:
     Figure, FigureCanvasAgg, Line2D = _matplotlib()
 
     curves, skipped = [], []
-    missing = next((path for path in run_dirs if not Path(path).exists()), None)
-    if missing is not None:
-        raise UsageError(f"run folder not found: {missing}")
+    absent = next((path for path in run_dirs if not Path(path).exists()), None)
+    if absent is not None:
+        raise UsageError(f"run folder not found: {absent}")
     run_dirs = [run_folder_of(Path(path), "plot") for path in run_dirs]  # runs/x/best -> runs/x
     for path, label in zip(run_dirs, _labels(run_dirs)):
         metrics = read_metrics(path)  # UsageError if the folder has no metrics.jsonl

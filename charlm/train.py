@@ -119,6 +119,11 @@ def fraction_done(cfg: Config, p: Progress, windows: int) -> float:
     return max(parts) if parts else 0.0
 
 
+def reads_a_slice(ids: torch.Tensor | None, max_tokens: int | None) -> bool:
+    """Whether `evaluate` with `max_tokens` reads less than the whole of `ids`."""
+    return ids is not None and max_tokens is not None and ids.numel() > max_tokens + 1
+
+
 def evaluate(model: RNNLM, ids: torch.Tensor, streams: int, device, max_tokens: int | None = None,
              dist: Distributed | None = None, should_stop: Callable[[], bool] | None = None) -> float:
     """Mean negative log-likelihood (nats per token) of a stream, `<eos>` first.
@@ -127,7 +132,7 @@ def evaluate(model: RNNLM, ids: torch.Tensor, streams: int, device, max_tokens: 
     waits for the end of the evaluation, since every rank must reach the all-reduce); on one process
     `should_stop` can cut it short (EvaluationStopped).
     """
-    if max_tokens is not None and ids.numel() > max_tokens + 1:
+    if reads_a_slice(ids, max_tokens):
         ids = ids[: max_tokens + 1]
     rows, mask = eval_streams(ids, streams)
     total, count = 0.0, 0
@@ -635,7 +640,7 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
             # A periodic check at this very step has measured (and logged, and saved) what the final one
             # would measure again: the whole split when no eval_tokens slice is shorter, else the slice.
             at_end = checked[1] if checked is not None and checked[0] == p.step else None
-            sliced = t.eval_tokens is not None and splits.val is not None and splits.val.numel() > t.eval_tokens + 1
+            sliced = reads_a_slice(splits.val, t.eval_tokens)
             if at_end is not None and not sliced:
                 final_val = at_end
                 save("last", final_val)  # as after a final validation: the elapsed time now includes the check's
