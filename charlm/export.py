@@ -114,6 +114,9 @@ def export_model(run_dir: Path, fmt: str | None, out: Path, which: str | None = 
         # that size. The step functions compute the same values and trace into plain operations.
         model.rnn.fast = False
     wrapper = SingleStep(model).eval()
+    # The export is for inference: with weights that require gradients, TorchScript's outputs would too,
+    # and a user's in-place edit of the logits (masking <unk>) would fail on the custom cells' step.
+    wrapper.requires_grad_(False)
     meta = metadata(model, codec)
     example = (torch.full((2,), EOS_ID, dtype=torch.long), zero_state(model, 2))
     try:
