@@ -205,3 +205,25 @@ def test_plain_rnn_cell_reproduces_the_course_reference_values():
     assert a_next.shape == (5, 10) and y.shape == (2, 10)
     np.testing.assert_allclose(a_next[4].numpy(), expected_a4, rtol=0, atol=1e-6)
     np.testing.assert_allclose(y[1].numpy(), expected_y1, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("cell", ["rnn_tanh", "rnn_relu", "lstm", "gru_torch_form"])
+def test_each_step_function_equals_torchs_cell_on_the_same_weights(cell):
+    """The readable step functions on their own (the layers' fast paths are compared with them elsewhere, so
+    a mistake made in both, such as two LSTM gates swapped, would pass there but not here)."""
+    E, H, B = 3, 4, 2
+    torch.manual_seed(3)
+    reference = {"rnn_tanh": nn.RNNCell(E, H, nonlinearity="tanh"), "rnn_relu": nn.RNNCell(E, H, nonlinearity="relu"),
+                 "lstm": nn.LSTMCell(E, H), "gru_torch_form": nn.GRUCell(E, H)}[cell].double()
+    x, h, c = (torch.randn(B, n, dtype=torch.float64) for n in (E, H, H))
+    x_proj = x @ reference.weight_ih.t() + reference.bias_ih
+    args = (reference.weight_hh, reference.bias_hh)
+    with torch.no_grad():
+        if cell == "lstm":
+            got, expected = lstm_cell(x_proj, h, c, *args), reference(x, (h, c))
+        elif cell == "gru_torch_form":
+            got, expected = (gru_cell_torch_form(x_proj, h, *args),), (reference(x, h),)
+        else:
+            got, expected = (rnn_cell(x_proj, h, *args, nonlinearity=reference.nonlinearity),), (reference(x, h),)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

@@ -151,3 +151,15 @@ def test_a_trained_run_reloads_from_both_checkpoints(tiny_run, tmp_path):
         again = score_sentences(*load_run(run, which=which)[:2], SENTENCES)
         assert [r.logprob for r in first] == [r.logprob for r in again]
         assert all(math.isfinite(r.logprob) for r in first)
+
+
+def test_a_manifest_that_does_not_list_the_weights_is_refused(tmp_path):
+    # Otherwise the weights would load without their hash being checked.
+    cfg = tiny_config()
+    codec = TextCodec(Tokenizer("char"), Vocabulary(["<unk>", "<eos>", "a", "b"]))
+    folder = save_checkpoint(tmp_path, "best", build_model(cfg.model, len(codec.vocab)), cfg, codec)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["files"]["model.safetensors"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises((UsageError, RunFailure), match="model.safetensors"):
+        load_checkpoint(tmp_path)

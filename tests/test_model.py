@@ -124,3 +124,18 @@ def test_the_loss_with_targets_is_the_log_softmax_of_the_logits_and_has_its_grad
     (expected * torch.linspace(0.5, 1.5, 120).view(3, 40)).sum().backward()
     for g, p in zip(got, model.parameters()):
         torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_stream_nll_scores_without_dropout_counts_only_real_targets_and_restores_training_mode():
+    torch.manual_seed(2)
+    model = build_model(ModelConfig(cell="lstm", embedding_size=4, hidden_size=5, dropout=0.5, device="cpu"), 6)
+    model.train()  # as during training, where the periodic validation calls it
+    ids = torch.randint(0, 6, (30,))
+    total, count = stream_nll(model, *eval_streams(ids, 1))
+    assert model.training
+    with torch.no_grad():
+        logits, _ = model.eval()(ids[None, :-1])
+    expected = torch.nn.functional.cross_entropy(logits[0].double(), ids[1:], reduction="sum").item()
+    assert math.isclose(total, expected, rel_tol=1e-6)
+    _, count4 = stream_nll(model, *eval_streams(ids, 4))  # 29 targets in 4 rows: the last row is padded
+    assert count == count4 == 29

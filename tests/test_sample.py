@@ -278,3 +278,22 @@ def test_bad_sampling_options_are_usage_errors(options):
     values.update(options)
     with pytest.raises(UsageError):
         check_options(**values)
+
+
+@pytest.mark.parametrize("prime, ids", [("ab\n", [2, 3, EOS_ID]), ("ab\nba", [2, 3, EOS_ID, 3, 2])])
+def test_a_prime_with_line_ends_conditions_on_their_eos(prime, ids):
+    # Each line end of the prime is read as <eos>, after the <eos> that starts every sequence.
+    model, codec = random_model("lstm", vocab_size=4), char_codec("ab")
+    samples = generate(model, codec, prime=prime, max_length=1, num_samples=20, seed=0, allow_unk=True)
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([[EOS_ID] + ids]))
+    logp = torch.log_softmax(logits[0, -1].double(), dim=-1)
+    for s in samples:
+        (token,) = codec.vocab.encode(s.tokens)
+        assert s.logprob == pytest.approx(float(logp[token]), abs=1e-5)
+
+
+@pytest.mark.parametrize("options", [dict(top_k=3), dict(top_p=0.9)])
+def test_greedy_with_top_k_or_top_p_never_picks_unk(options):
+    (s,) = generate(unk_loving_model(), char_codec("abc"), max_length=30, temperature=0.0, **options)
+    assert s.tokens and UNK not in s.tokens

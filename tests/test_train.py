@@ -11,6 +11,8 @@ from safetensors.torch import load_file
 
 from charlm.config import Config
 from charlm.errors import UsageError
+from charlm import train as train_module
+from charlm.model import RNNLM
 from charlm.train import Progress, learning_rate, train
 from conftest import TINY_TEXT, tiny_config
 
@@ -223,3 +225,51 @@ def test_beta2_reaches_the_adam_optimizers(optimizer):
     cfg = tiny_config(train__optimizer=optimizer, train__beta2=0.99)
     opt = _make_optimizer(cfg, build_model(cfg.model, 7))
     assert opt.param_groups[0]["betas"] == (0.9, 0.99)
+
+
+def test_the_gradient_norm_is_clipped_to_train_clip(write_corpus, tmp_path):
+    # With plain SGD at lr 1 and a tiny clip, the second update moves the weights by exactly lr * clip.
+    corpus = write_corpus(TINY_TEXT)
+    fields = dict(train__optimizer="sgd", train__lr=1.0, train__clip=1e-3, train__schedule="constant",
+                  train__eval_interval=0, data__val_fraction=0.0)
+    for steps in (1, 2):
+        train(tiny_config(train__max_steps=steps, **fields), corpus, out=tmp_path / f"r{steps}", show_progress=False)
+    a, b = (load_file(str(tmp_path / f"r{s}" / "last" / "model.safetensors")) for s in (1, 2))
+    moved = math.sqrt(sum(float(((b[k] - a[k]).double() ** 2).sum()) for k in a))
+    assert moved == pytest.approx(1.0 * 1e-3, rel=1e-3)
+
+
+def test_the_state_is_carried_from_window_to_window_and_reset_at_each_epoch(write_corpus, tmp_path, monkeypatch):
+    seen = []  # (state given, state returned) of each training window
+    forward = RNNLM.forward
+
+    def recording(self, tokens, state=None, targets=None):
+        out, new = forward(self, tokens, state, targets)
+        if self.training:
+            seen.append((None if state is None else state[0].detach().clone(), new[0].detach().clone()))
+        return out, new
+
+    monkeypatch.setattr(RNNLM, "forward", recording)
+    result = train(tiny_config(train__max_epochs=2, train__max_steps=None, train__eval_interval=0, model__cell="lstm"),
+                   write_corpus(TINY_TEXT), out=tmp_path / "run", show_progress=False)
+    assert result.stopped_by == "max_epochs"
+    per_epoch = len(seen) // 2
+    assert len(seen) == 2 * per_epoch and per_epoch >= 2
+    for i, (given, _) in enumerate(seen):
+        if i % per_epoch == 0:
+            assert given is None, f"window {i} starts an epoch: from a zero state"
+        else:
+            assert torch.equal(given, seen[i - 1][1]), f"window {i} starts where window {i - 1} ended"
+
+
+def test_best_holds_the_lowest_of_scripted_validations_and_plateau_cuts_the_rate(write_corpus, tmp_path, monkeypatch):
+    # A loss that falls and then rises, so that best/ must stay at step 2 while later checks overwrite last/.
+    losses = iter([3.0, 1.0, 2.0, 2.5, 2.6, 2.7])
+    monkeypatch.setattr(train_module, "evaluate", lambda *args, **kwargs: next(losses))
+    train(tiny_config(train__max_steps=5, train__eval_interval=1, train__log_interval=1, train__schedule="plateau",
+                      train__plateau_patience=0, train__plateau_factor=0.5, train__lr=0.01),
+          write_corpus(TINY_TEXT), out=tmp_path / "run", show_progress=False)
+    best = json.loads((tmp_path / "run" / "best" / "manifest.json").read_text())
+    assert best["step"] == 2 and best["val_loss"] == 1.0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows if "lr" in r] == pytest.approx([0.01, 0.01, 0.01, 0.005, 0.0025])
