@@ -113,6 +113,18 @@ def check_text_file(path: Path, encoding: str = "utf-8") -> Path:
     return path
 
 
+def is_blank(path: Path, encoding: str, limit: int) -> bool:
+    """Whether a file of at most `limit` bytes holds white space only once decoded as tokenizing decodes it
+    (UTF-16's spaces are not blank bytes; UTF-8's byte-order mark is dropped). A larger file: False, and
+    tokenizing finds out."""
+    if path.stat().st_size > limit:
+        return False
+    text = path.read_bytes().decode(encoding, errors="replace")
+    if _utf8_mark(encoding):
+        text = text.removeprefix("\ufeff")
+    return not text.strip()
+
+
 def _decode_error(name, offset: int, byte: bytes, encoding: str) -> UsageError:
     return UsageError(f"{name} is not valid {encoding}: byte offset {offset} ({byte!r}); pass --encoding to name "
                       f"its encoding or --errors replace to substitute bad bytes")

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from .config import Config
-from .data import check_text_file, empty_corpus
+from .data import check_text_file, empty_corpus, is_blank
 from .errors import EXIT_FAILURE, EXIT_SIGINT, EXIT_SIGTERM, UsageError
 from .train import check_new_run_dir, new_run_dir
 
@@ -27,20 +27,13 @@ def check_before_launch(cfg: Config, corpus: Path | None, val: Path | None, npro
     for path in (corpus, val):
         if path is not None:
             check_text_file(path, cfg.data.encoding)
-    if corpus is not None and _blank(corpus):
+    if corpus is not None and is_blank(corpus, cfg.data.encoding, limit=1 << 20):
         raise empty_corpus(corpus)
     if resume is None and corpus is not None:
         check_new_run_dir(new_run_dir(out, corpus))
     if cfg.train.batch_size % nproc:
         raise UsageError(f"train.batch_size {cfg.train.batch_size} must be a multiple of --nproc {nproc}: "
                          f"each process takes an equal share of the parallel streams")
-
-
-def _blank(path: Path) -> bool:
-    """A file of white space only (read whole up to 1 MiB; a larger one is left to the workers)."""
-    if path.stat().st_size > 1 << 20:
-        return False
-    return not path.read_bytes().strip()
 
 
 def run_torchrun(argv: list[str], nproc: int) -> int:

@@ -145,6 +145,24 @@ def test_train_with_nproc_refuses_what_every_worker_would_refuse_before_starting
     check_before_launch(cfg, corpus, None, 2, out=tmp_path / "runs" / "b")
 
 
+@pytest.mark.parametrize("encoding, data", [("utf-16-le", " \n \n".encode("utf-16-le")),
+                                            ("utf-8", "\ufeff\n  \n".encode("utf-8"))])
+def test_nproc_sees_a_blank_corpus_as_the_workers_decode_it(tmp_path, encoding, data):
+    # UTF-16 without a byte-order mark: its spaces are not blank bytes; UTF-8's mark is not text.
+    from charlm.launch import check_before_launch
+
+    blank = tmp_path / "blank.txt"
+    blank.write_bytes(data)
+    cfg = load_config(overrides=["train.batch_size=4", f"data.encoding={encoding}"])
+    with pytest.raises(UsageError, match="is empty"):
+        check_before_launch(cfg, blank, None, 2, out=tmp_path / "runs" / "b")
+    with pytest.raises(UsageError, match="is empty"):  # what one process says of it
+        train(cfg, blank, out=tmp_path / "runs" / "c", show_progress=False, cache_dir=tmp_path / "cache")
+    text = tmp_path / "text.txt"
+    text.write_bytes("ab\n".encode(encoding))
+    check_before_launch(cfg, text, None, 2, out=tmp_path / "runs" / "b")
+
+
 @pytest.mark.parametrize("damaged", ["best", "last"])
 def test_a_run_with_an_unreadable_checkpoint_is_broken_not_done(tmp_path, damaged):
     run = tmp_path / "runs" / "k"
