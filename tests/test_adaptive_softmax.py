@@ -144,3 +144,26 @@ def test_an_adaptive_run_trains_saves_and_reloads(tmp_path, tied):
     (b,) = score_sentences(model2, loaded_codec, [line])
     assert a.logprob == b.logprob
     assert a.logprob > 7 * math.log(1 / 15)  # better than uniform over the 15 ids
+
+
+def test_each_tail_cluster_projects_h_with_its_own_matrix():
+    """Catches: tail_log_prob uses proj[0] for every cluster (still normalised, so sum-to-one tests pass)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(cell="lstm", impl="torch", layers=1, embedding_size=6, hidden_size=6, softmax="adaptive",
+                      adaptive_cutoffs="3,5", adaptive_div=2.0, tie_weights=True, device="cpu")
+    model = build_model(cfg, 7).eval()  # a head of 3 ids, clusters [3, 5) and [5, 7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.8)
+    dec, w = model.decoder, model.encoder.weight
+    assert not torch.equal(dec.proj[0], dec.proj[1])
+    h = torch.randn(5, 6)
+    with torch.no_grad():
+        head = torch.log_softmax(torch.cat([h @ w[:3].t() + dec.bias[:3],
+                                            h @ dec.cluster_weight.t() + dec.cluster_bias], dim=1), dim=1)
+        full = dec.log_prob(h)
+        for i, (a, b) in enumerate([(3, 5), (5, 7)]):
+            tail = torch.log_softmax(h @ dec.proj[i].t() @ w[a:b].t() + dec.bias[a:b], dim=1)
+            torch.testing.assert_close(full[:, a:b], head[:, 3 + i:4 + i] + tail)
+        targets = torch.tensor([5, 6, 3, 0, 6])
+        torch.testing.assert_close(dec(h, targets).output, full.gather(1, targets.unsqueeze(1)).squeeze(1))

@@ -106,3 +106,20 @@ def test_score_speed_compares_batched_with_one_at_a_time():
     s = score_speed("gru", "torch", BenchSettings(**TINY), lines=12, batch_size=5)
     assert s.lines == 12 and s.tokens > 12  # every line has tokens and its closing <eos>
     assert s.speedup == pytest.approx(s.batched_lines_per_s / s.single_lines_per_s)
+
+
+def test_every_ratio_is_the_median_of_the_per_round_ratios():
+    """Catches: only train_ratio computed; infer_ratio and sample_ratio stayed None (the JSON keys were still there)."""
+    import statistics
+
+    from charlm.bench import BenchSettings, run_bench
+
+    results = run_bench(BenchSettings(cells=("rnn",), impls=("custom", "torch"), hidden_size=8, embedding_size=4,
+                                      batch_size=2, seq_len=3, vocab_size=7, seconds=0.02, rounds=3,
+                                      warmup_seconds=0.01))
+    mine, ref = results
+    assert (mine.impl, ref.impl) == ("custom", "torch")
+    for what in ("train", "infer", "sample"):
+        assert getattr(ref, f"{what}_ratio") == 1.0
+        rounds = zip(getattr(mine, f"{what}_rounds"), getattr(ref, f"{what}_rounds"))
+        assert getattr(mine, f"{what}_ratio") == statistics.median(a / b for a, b in rounds)

@@ -172,3 +172,25 @@ def test_a_yaml_syntax_error_names_its_line_and_not_python_tags(tmp_path):
     with pytest.raises(UsageError, match="not plain YAML \\(line 4: ") as caught:
         load_config(path)
     assert "python" not in str(caught.value)
+
+
+def test_a_set_value_with_a_python_tag_is_read_as_text_never_constructed(tmp_path):
+    """Catches: --set values read with an unsafe YAML loader, which ran the tag's call."""
+    from charlm.config import load_config, parse_override
+    from charlm.errors import UsageError
+
+    made = tmp_path / "made"
+    assert parse_override("data.encoding=!!python/name:os.getcwd") == ("data", "encoding", "!!python/name:os.getcwd")
+    try:
+        load_config(overrides=[f"model.cell=!!python/object/apply:os.mkdir ['{made}']"])
+    except UsageError:
+        pass
+    assert not made.exists()
+
+
+def test_an_empty_set_value_means_null():
+    """Catches: an empty value kept as the empty string, so `--set train.max_steps=` was refused."""
+    from charlm.config import load_config
+
+    cfg = load_config(overrides=["train.max_steps=", "train.max_time=600"])
+    assert cfg.train.max_steps is None and cfg.train.max_time == 600

@@ -11,7 +11,7 @@ import torch
 from charlm import data
 from charlm.config import DataConfig
 from charlm.errors import UsageError
-from charlm.tokenizer import EOS_ID, UNK_ID
+from charlm.tokenizer import EOS_ID, UNK_ID, TextCodec, Tokenizer, Vocabulary
 
 # decomposed Hangul (jamo L V T, as macOS writes file names): combining class 0, yet NFC composes them
 # U+0F73 has class 0 but decomposes into marks; a capital sigma lowercases to a final one before a cut
@@ -173,3 +173,53 @@ def test_a_failed_token_file_write_leaves_nothing_behind(tmp_path, monkeypatch):
         data.prepare(DataConfig(), corpus, cache_dir=tmp_path / "cache")
     leftovers = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
     assert leftovers == []
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_bytes(text.encode("utf-8"))
+    return path
+
+
+@pytest.mark.parametrize("change", [dict(min_freq=2), dict(max_size=4), dict(val_fraction=0.5),
+                                    dict(word_split="space", level="word")])
+def test_every_setting_that_changes_the_ids_gets_its_own_token_files(tmp_path, change):
+    """Catches: min_freq / max_size / val_fraction / word_split left out of the token cache key, so a run with
+    other settings silently reused the first run's vocabulary and ids."""
+    corpus = _write(tmp_path / "c.txt", "aab,c aab,c\nabd e\n" * 5 + "x,yz q\n" * 5)
+    base = dict(val_fraction=0.2, level="word" if "word_split" in change else "char")
+    first = data.prepare(DataConfig(**base), corpus, cache_dir=tmp_path / "cache")
+    cfg = DataConfig(**{**base, **change})
+    second = data.prepare(cfg, corpus, cache_dir=tmp_path / "cache")
+    fresh = data.prepare(cfg, corpus, cache_dir=tmp_path / "fresh")  # the same settings from an empty cache
+    assert second.cache != first.cache
+    assert second.codec.vocab.tokens == fresh.codec.vocab.tokens
+    assert torch.equal(second.train, fresh.train)
+    assert (second.val is None) == (fresh.val is None)
+    if second.val is not None:
+        assert torch.equal(second.val, fresh.val)
+
+
+def test_token_files_of_a_given_vocabulary_are_not_those_of_the_corpus_own(tmp_path):
+    """Catches: the given codec's digest left out of the cache key: encoding with a run's own vocabulary (a
+    resume on another corpus) reused the token files built with the corpus's vocabulary, or the reverse."""
+    corpus = _write(tmp_path / "c.txt", "abcabc\nbca\n" * 10)
+    own = data.prepare(DataConfig(val_fraction=0.0), corpus, cache_dir=tmp_path / "cache")
+    other = TextCodec(Tokenizer("char"), Vocabulary(["<unk>", "<eos>", "c", "b"]))  # no 'a', another order
+    given = data.prepare(DataConfig(val_fraction=0.0), corpus, codec=other, cache_dir=tmp_path / "cache")
+    assert given.cache != own.cache
+    assert given.codec.vocab.tokens == other.vocab.tokens
+    text = corpus.read_text(encoding="utf-8")
+    assert torch.equal(given.train.long(), data.encode(other, text))
+    assert torch.equal(own.train.long(), data.encode(own.codec, text))
+
+
+@pytest.mark.parametrize("characters,dtype", [(254, torch.uint8), (255, torch.uint16)])
+def test_the_token_file_type_changes_exactly_past_256_ids(tmp_path, characters, dtype):
+    """254 characters + 2 specials = 256 ids fit a byte; 257 ids do not (mutant: `<= 257` wrapped id 256 to 0)."""
+    text = "".join(chr(0x4E00 + i) for i in range(characters)) + "\n"
+    corpus = _write(tmp_path / "c.txt", text)
+    splits = data.prepare(DataConfig(val_fraction=0.0), corpus, cache_dir=tmp_path / "cache")
+    assert len(splits.codec.vocab) == characters + 2
+    assert data.storage_dtype(len(splits.codec.vocab)) == dtype and splits.train.dtype == dtype
+    assert torch.equal(splits.train.long(), data.encode(splits.codec, text))
+    assert int(splits.train.long().max()) == characters + 1

@@ -202,3 +202,23 @@ def test_an_earlier_onnx_export_may_be_replaced(tmp_path):
     path.write_bytes(b"\x08\x07not an onnx model")
     with pytest.raises(Exception, match="not a charlm export"):
         export_model(run, "onnx", path)
+
+
+def test_the_export_check_compares_the_state_as_well_as_the_logits():
+    """Catches: check_against compared the logits only, so an export handing back a wrong state (whose effect on
+    the logits comes a step later, or never in the steps checked) passed its check."""
+    from charlm.export import SingleStep, check_against, zero_state
+    from conftest import random_model
+
+    model = random_model("lstm", vocab_size=5).eval()
+    right = SingleStep(model).eval()
+    kept = {"state": zero_state(model, 3)}
+
+    def run(tokens, state):  # the right logits, from the right state kept here, but a state handed back off by 0.25
+        with torch.no_grad():
+            logits, kept["state"] = right(tokens, kept["state"])
+        return logits, kept["state"] + 0.25
+
+    assert check_against(model, run, steps=4) == pytest.approx(0.25, abs=1e-5)
+    kept["state"] = zero_state(model, 3)
+    assert check_against(model, lambda t, s: right(t, s), steps=4) < 1e-5

@@ -439,3 +439,16 @@ def test_a_cache_folder_other_users_can_write_is_not_used(tmp_path):
     shared.chmod(0o777)  # a library there could have been put by anyone: it is built in a private folder
     assert _status_in_fresh_process(tmp_path, CHARLM_CACHE_DIR=str(shared))[0].startswith("on")
     assert not list(shared.iterdir())
+
+
+def test_where_a_c_compiler_is_found_the_kernels_build_and_pass_their_self_test():
+    """Every other test of native.c is skipped when the library is off, so a native.c that no longer compiles,
+    or whose kernel fails the self-test (mutant: a wrong factor in dΓf-pre), left the whole suite green."""
+    import os
+
+    from charlm import native
+
+    if native._compiler() is None or os.environ.get("CHARLM_NATIVE", "").strip() == "0":
+        pytest.skip("no C compiler here, or the kernels turned off by CHARLM_NATIVE=0")
+    assert native.kernels() is not None, native.why_not()
+    assert native.status().startswith("on")

@@ -118,3 +118,26 @@ def test_plot_takes_a_checkpoint_folder_for_its_run(tmp_path):
         result = CliRunner().invoke(app, ["plot", str(run / name), "--out", str(tmp_path / f"{name}.png")])
         assert result.exit_code == 0, result.output
         assert "1 run" in result.stdout and (tmp_path / f"{name}.png").stat().st_size > 0
+
+
+def test_two_runs_of_the_same_name_are_labelled_by_their_paths(tmp_path):
+    """Catches: _labels always the folder name, so two runs called 'run' got one label, and no way to tell
+    their curves apart."""
+    pytest.importorskip("matplotlib")
+    import shutil
+
+    from charlm.config import load_config
+    from charlm.plot import plot_runs
+    from charlm.train import train
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"line {i % 7} of a small corpus" for i in range(120)) + "\n", encoding="utf-8")
+    cfg = load_config(overrides=["model.hidden_size=8", "model.embedding_size=4", "train.batch_size=2",
+                                 "train.seq_len=8", "train.eval_interval=2", "train.log_interval=1",
+                                 "model.device=cpu", "train.max_steps=2"])
+    train(cfg, corpus, out=tmp_path / "a" / "run", show_progress=False)
+    shutil.copytree(tmp_path / "a" / "run", tmp_path / "b" / "run")
+    shutil.copytree(tmp_path / "a" / "run", tmp_path / "other")
+    runs = [tmp_path / "a" / "run", tmp_path / "b" / "run", tmp_path / "other"]
+    result = plot_runs(runs, tmp_path / "curves.png")
+    assert result.runs == [str(runs[0]), str(runs[1]), "other"]

@@ -209,3 +209,40 @@ def test_runs_command_refuses_unknown_column_and_missing_folder(tmp_path):
     assert bad_sort.exit_code == 2 and "unknown column 'colour'" in bad_sort.stderr
     missing = runner.invoke(app, ["runs", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "folder not found" in missing.stderr
+
+
+def _hand_made_run(folder: Path, records: list[dict], manifest: dict) -> Path:
+    import json
+
+    (folder / "last").mkdir(parents=True)
+    (folder / "config.yaml").write_text("data: {level: char}\nmodel: {cell: lstm, hidden_size: 8}\n", encoding="utf-8")
+    (folder / "last" / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return folder
+
+
+def test_a_summary_shows_the_latest_time_and_step_a_run_reached(tmp_path):
+    """Catches: the elapsed time taken as the smallest of the records' (the first log line's) instead of the largest."""
+    from charlm.runs import summarize
+
+    run = _hand_made_run(tmp_path / "r", [
+        {"event": "start", "parameters": 10},
+        {"step": 2, "elapsed": 1.0, "train_loss": 2.0},
+        {"step": 4, "elapsed": 2.5, "val_loss": 1.5, "val_bpc": 2.1},
+        {"event": "end", "steps": 4, "elapsed": 3.0},
+    ], {"step": 4, "elapsed": 0.5, "parameters": 10})
+    s = summarize(run)
+    assert (s.status, s.steps, s.elapsed, s.best_val_loss) == ("done", 4, 3.0, 1.5)
+
+
+@pytest.mark.parametrize("sort", ["val_loss", "-val_loss"])
+def test_runs_without_the_sorted_value_come_last_either_way(tmp_path, sort):
+    """Catches: runs missing the column's value listed first."""
+    from charlm.runs import list_runs
+
+    end = {"event": "end", "steps": 2, "elapsed": 1.0}
+    _hand_made_run(tmp_path / "a-none", [{"step": 2, "elapsed": 1.0, "train_loss": 2.0}, end], {"step": 2})
+    _hand_made_run(tmp_path / "b-low", [{"step": 2, "elapsed": 1.0, "val_loss": 1.0}, end], {"step": 2})
+    _hand_made_run(tmp_path / "c-high", [{"step": 2, "elapsed": 1.0, "val_loss": 2.0}, end], {"step": 2})
+    names = [r.name for r in list_runs(tmp_path, sort)]
+    assert names == (["b-low", "c-high", "a-none"] if sort == "val_loss" else ["c-high", "b-low", "a-none"])

@@ -177,3 +177,23 @@ def test_a_batch_of_empty_lines_scores_as_one_empty_line_without_warnings():
     (alone,) = score_sentences(model, codec, [""])
     assert [r.tokens for r in together] == [["<eos>"]] * 3
     assert all(abs(r.logprob - alone.logprob) < 1e-6 for r in together) and alone.logprob < 0
+
+
+def test_evaluating_in_streams_restarts_the_state_at_each_row(tmp_path):
+    """Catches: evaluate_file ignored --streams (always one row): the figure it printed was not the one asked for."""
+    from charlm.data import encode, eval_streams
+    from charlm.model import stream_nll
+    from charlm.score import evaluate_file
+    from conftest import char_codec, random_model
+
+    model = random_model()
+    codec = char_codec("ab")
+    path = tmp_path / "text.txt"
+    text = "abba\nbab\naab\nbbbab\nab\n"
+    path.write_text(text, encoding="utf-8")
+    one = evaluate_file(model, codec, path)
+    three = evaluate_file(model, codec, path, streams=3)
+    total, count = stream_nll(model, *eval_streams(encode(codec, text), 3))
+    assert three.tokens == one.tokens == count == 22
+    assert three.loss == pytest.approx(total / count, rel=1e-6)
+    assert abs(three.loss - one.loss) > 1e-4  # rows 2 and 3 start from a zero state, not the carried one

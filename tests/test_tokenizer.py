@@ -242,3 +242,12 @@ def test_broken_vocab_json_is_a_usage_error(tmp_path, content):
 def test_missing_vocab_json_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="not found"):
         TextCodec.load(tmp_path / "nope.json")
+
+
+def test_word_level_join_puts_no_space_after_an_opening_bracket_or_quote():
+    """Catches: the _NO_SPACE_AFTER rule dropped: '( quoted)'; split(join(t)) == t still held."""
+    tok = Tokenizer("word")
+    assert tok.join(["(", "quoted", ")", "and", "[", "x", "]"]) == "(quoted) and [x]"
+    assert tok.join(["¿", "Qué", "?"]) == "¿Qué?"
+    assert tok.join(["«", "oui", "»"]) == "«oui»"
+    assert tok.join(["“", "hi", "”"]) == "“hi”"

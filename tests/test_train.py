@@ -273,3 +273,51 @@ def test_best_holds_the_lowest_of_scripted_validations_and_plateau_cuts_the_rate
     assert best["step"] == 2 and best["val_loss"] == 1.0
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in rows if "lr" in r] == pytest.approx([0.01, 0.01, 0.01, 0.005, 0.0025])
+
+
+def test_the_budget_used_is_that_of_the_limit_nearest_its_end():
+    """Catches: fraction_done took the smallest fraction, so with max_steps and max_time both set the cosine
+    decayed on the budget that was not going to stop the run."""
+    from charlm.train import Progress, fraction_done
+    from conftest import tiny_config
+
+    both = tiny_config(train__max_steps=100, train__max_time=50.0)
+    assert fraction_done(both, Progress(step=10, elapsed=25.0), 4) == pytest.approx(0.5)    # time decides
+    assert fraction_done(both, Progress(step=80, elapsed=5.0), 4) == pytest.approx(0.8)     # steps decide
+    epochs = tiny_config(train__max_steps=1000, train__max_epochs=2)
+    assert fraction_done(epochs, Progress(step=10, epoch=1, window=2), 4) == pytest.approx(0.75)
+    one_epoch = tiny_config(train__max_steps=None, train__max_time=None, train__max_epochs=None)
+    assert fraction_done(one_epoch, Progress(epoch=0, window=1), 4) == pytest.approx(0.25)  # no limit: one epoch
+
+
+@pytest.mark.parametrize("name,kind", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam),
+                                       ("adamw", torch.optim.AdamW)])
+def test_the_optimizer_is_the_one_named_with_its_weight_decay(name, kind):
+    """Catches: 'adam' built AdamW (decoupled decay, another update), and SGD built without weight_decay."""
+    from charlm.model import build_model
+    from charlm.train import _make_optimizer
+    from conftest import tiny_config
+
+    cfg = tiny_config(train__optimizer=name, train__weight_decay=0.01, train__lr=0.5)
+    opt = _make_optimizer(cfg, build_model(cfg.model, 7))
+    assert type(opt) is kind
+    group = opt.param_groups[0]
+    assert group["weight_decay"] == 0.01 and group["lr"] == 0.5
+    if name == "sgd":
+        assert group["momentum"] == cfg.train.momentum
+
+
+def test_the_eval_tokens_slice_scores_exactly_that_many_targets():
+    """Catches: evaluate() cut the split at max_tokens ids (max_tokens - 1 targets) instead of max_tokens + 1."""
+    from charlm.data import eval_streams
+    from charlm.model import stream_nll
+    from charlm.train import evaluate
+    from conftest import random_model
+
+    model = random_model("gru", vocab_size=4)
+    ids = torch.tensor([1, 2, 3, 2, 2, 1, 3, 3, 2, 1, 2, 3, 1, 2, 2, 3, 1])
+    total, count = stream_nll(model, *eval_streams(ids[:9], 1))
+    assert count == 8
+    assert evaluate(model, ids, 1, "cpu", max_tokens=8) == pytest.approx(total / 8, rel=1e-6)
+    whole, n = stream_nll(model, *eval_streams(ids, 1))
+    assert evaluate(model, ids, 1, "cpu", max_tokens=100) == pytest.approx(whole / n, rel=1e-6)
