@@ -123,3 +123,11 @@ def test_every_ratio_is_the_median_of_the_per_round_ratios():
         assert getattr(ref, f"{what}_ratio") == 1.0
         rounds = zip(getattr(mine, f"{what}_rounds"), getattr(ref, f"{what}_rounds"))
         assert getattr(mine, f"{what}_ratio") == statistics.median(a / b for a, b in rounds)
+
+
+def test_bench_markdown_right_aligns_the_number_columns():
+    """Catches: the markdown separator row aligning a number column left (or a text column right)."""
+    result = CliRunner().invoke(app, ["bench", "--cells", "rnn", "--impls", "torch", "--markdown", *TINY_FLAGS])
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.stdout.splitlines() if line.startswith("|")]
+    assert rows[1] == "|---|---|" + "---:|" * 8

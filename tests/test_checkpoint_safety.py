@@ -315,3 +315,33 @@ def test_a_damaged_trainer_state_with_a_matching_manifest_is_called_damaged(run,
     rehash(run / "last", "trainer.pt")
     line = assert_one_line_error(cli("train", "--resume", run, "-q"), 2, "trainer.pt", "damaged")
     assert "more than tensors" not in line and "weights_only" not in line
+
+
+@pytest.mark.parametrize("name", ["last", "best"])
+@pytest.mark.parametrize("left", ["new and old", "old only", "new and a half-written one",
+                                  "old and a half-written one"])
+def test_recover_keeps_the_newest_complete_checkpoint_whatever_a_crash_left(tmp_path, name, left):
+    """Catches: recover() preferring name.old over a complete name/ (the older weights come back), leaving an
+    .old or a .tmp-<name>-<pid> folder behind (best's as well as last's), or not renaming a lone .old back."""
+    import json
+    import shutil
+
+    cfg, codec, model = _tiny_model()
+    run, kept = tmp_path / "run", tmp_path / "kept"
+    state = {"format": 1} if name == "last" else None
+    save_checkpoint(run, name, model, cfg, codec, state, {"step": 1})
+    shutil.copytree(run / name, kept)                            # step 1: the previous checkpoint
+    save_checkpoint(run, name, model, cfg, codec, state, {"step": 2})  # step 2: the newer, complete one
+    if left != "new and a half-written one":
+        shutil.copytree(kept, run / f"{name}.old")               # killed before the old copy was removed
+    if left in ("old only", "old and a half-written one"):
+        shutil.rmtree(run / name)                                 # killed between the two renames
+    if "half-written" in left:
+        half = run / f".tmp-{name}-4242"                          # killed while writing the next one
+        half.mkdir()
+        (half / "model.safetensors").write_bytes(b"\0" * 10)
+    recover(run)
+    assert sorted(p.name for p in run.iterdir()) == [name]
+    step = json.loads((run / name / "manifest.json").read_text())["step"]
+    assert step == (2 if left in ("new and old", "new and a half-written one") else 1)
+    load_checkpoint(run, name)

@@ -368,3 +368,128 @@ def test_a_torchrun_rank_that_succeeded_leaves_without_the_interpreters_teardown
         assert left.type is Left and events == [("atexit",), ("os._exit", 0)]
     else:
         assert left.type is SystemExit and left.value.code == code and events == []
+
+
+def test_train_human_output_states_the_figures_of_the_runs_end_record(cli, write_corpus, tmp_path):
+    """Catches: the human train report printing the wrong field, e.g. the final val loss as '(best ...)' or the
+    step count as the epochs (only the run folder and 'tokens/second' were checked)."""
+    out = tmp_path / "run"
+    # the periodic checks read a 30-token slice, the final one the whole split: best (on the slice) and the
+    # final validation loss differ, so a line that prints one for the other is seen
+    result = cli("train", "--config", TINY_CONFIG, "--corpus", write_corpus(TINY_TEXT), "--out", out,
+                 "--max-steps", 8, "--set", "train.eval_interval=4", "--set", "train.eval_tokens=30", "--quiet")
+    assert result.exit_code == 0, result.output
+    end = json.loads((out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()[-1])
+    assert end["event"] == "end" and end["best_val_loss"] != end["val_loss"]
+    lines = result.stdout.splitlines()
+    assert lines[1].startswith(f"steps           8 ({end['epochs']:.2f} epochs, ")
+    assert lines[1].endswith(", stopped by max_steps)")
+    assert lines[2] == f"train loss      {end['train_loss']:.4f}"
+    assert lines[3] == (f"val loss        {end['val_loss']:.4f} nats/token, perplexity {end['val_perplexity']:.2f}, "
+                        f"{end['val_bits_per_char']:.4f} bits/char (best {end['best_val_loss']:.4f})")
+    assert lines[5] == f"parameters      {end['parameters']:,}"
+
+
+def test_only_rank_0_of_a_torchrun_job_prints_the_train_result(cli, write_corpus, tmp_path, monkeypatch):
+    """Catches: every rank of `train --nproc N` printing its result (N copies of the report on stdout)."""
+    monkeypatch.setenv("RANK", "1")  # WORLD_SIZE stays unset: this process trains alone, but reports as rank 1
+    for n, form in enumerate(((), ("--json",))):
+        result = cli("train", "--config", TINY_CONFIG, "--corpus", write_corpus(TINY_TEXT), "--out",
+                     tmp_path / f"run{n}", "--max-steps", 2, "--quiet", *form)
+        assert result.exit_code == 0, result.output
+        assert result.stdout == ""
+
+
+def test_train_refuses_nproc_below_one(cli, write_corpus, tmp_path):
+    """Catches: --nproc 0 (or a negative count) accepted and silently trained on one process."""
+    result = cli("train", "--config", TINY_CONFIG, "--corpus", write_corpus(TINY_TEXT), "--out", tmp_path / "r",
+                 "--nproc", 0)
+    assert_usage_error(result, "--nproc must be at least 1, got 0")
+    assert not (tmp_path / "r").exists()
+
+
+def test_an_interrupt_or_termination_inside_a_command_is_130_or_143_in_one_line(cli, tiny_run, monkeypatch):
+    """Catches: _errors() mapping Ctrl-C (KeyboardInterrupt, _Interrupted) or SIGTERM (_Terminated) inside a
+    running command to the wrong exit code or message (only the parse-time path in main() was tested)."""
+    from charlm import cli as cli_module
+    from charlm import score as score_module
+
+    for raised, code, word in ((KeyboardInterrupt, 130, "interrupted"), (cli_module._Interrupted, 130, "interrupted"),
+                               (cli_module._Terminated, 143, "terminated")):
+        def stop(*args, raised=raised, **kwargs):
+            raise raised()
+        monkeypatch.setattr(score_module, "score_sentences", stop)
+        result = cli("score", tiny_run["run_dir"], "the cat.")
+        assert result.exit_code == code, (raised, result.output)
+        assert result.stderr.splitlines() == [f"charlm: error: {word}"] and result.stdout == ""
+
+
+def test_score_of_an_empty_argument_is_the_empty_sentence(cli, tiny_run):
+    """Catches: an empty sentence given as an argument dropped (and then 'holds no lines to score', exit 2)
+    instead of scored as P(<eos> | <eos>), as the library and an empty line of --file do."""
+    result = cli("score", tiny_run["run_dir"], "", "the cat.", "--json")
+    assert result.exit_code == 0, result.output
+    records = json_lines(result.stdout)
+    assert [r["text"] for r in records] == ["", "the cat."] and records[0]["tokens"] == 1
+    model, codec, _ = load_run(tiny_run["run_dir"])
+    (empty,) = score_sentences(model, codec, [""])
+    assert records[0]["logprob"] == pytest.approx(empty.logprob, abs=1e-9)
+
+
+def test_score_table_and_json_give_the_same_figures(cli, tiny_run):
+    """Catches: the score table's per-token values not in log10 as documented, its totals or perplexities
+    computed over the wrong count, and the JSON's perplexity / bits_per_token not those of the library."""
+    from charlm.score import perplexity
+
+    run, sentences = tiny_run["run_dir"], ["the cat sat.", "zebra dog"]  # z, b are outside the vocabulary
+    records = json_lines(cli("score", run, *sentences, "--json", "--per-token").stdout)
+    model, codec, _ = load_run(run)
+    for r, e in zip(records, score_sentences(model, codec, sentences)):
+        assert r["perplexity"] == pytest.approx(e.perplexity, rel=1e-12)
+        assert r["bits_per_token"] == pytest.approx(-e.logprob / len(e.tokens) / math.log(2), rel=1e-9)
+    table = cli("score", run, *sentences, "--per-token")
+    assert table.exit_code == 0, table.output
+    lines = table.stdout.splitlines()
+    for k, r in enumerate(records):
+        assert lines[2 * k] == "\t".join(f"{t}={lp / math.log(10):.4f}" for t, lp in r["token_logprobs"])
+        assert f"ppl {r['perplexity']:9.3f}  bits/token {r['bits_per_token']:6.3f}  | {r['text']}" in lines[2 * k + 1]
+    total = math.fsum(r["logprob"] for r in records)
+    tokens = sum(r["tokens"] for r in records)
+    known = [lp for r in records for t, lp in r["token_logprobs"] if t != "<unk>"]
+    assert sum(r["oov"] for r in records) > 0 and len(known) < tokens  # the two perplexities differ
+    assert lines[-3] == (f"Total: ln P {total:.4f}  log10 P {total / math.log(10):.4f}  tokens {tokens}  "
+                         f"OOV {sum(r['oov'] for r in records)}")
+    assert lines[-2] == f"Perplexity including OOVs: {perplexity(-total / tokens):.4f}"
+    assert lines[-1] == f"Perplexity excluding OOVs: {perplexity(-math.fsum(known) / len(known)):.4f}"
+
+
+def test_eval_table_gives_the_figures_of_its_json(cli, write_corpus, tmp_path):
+    """Catches: a line of the eval table printing another field, e.g. bits per token as bits per char (equal at
+    char level, so a word-level run is used); only --json was checked against the library."""
+    out = tmp_path / "words"
+    trained = cli("train", "--config", TINY_CONFIG, "--corpus", write_corpus(TINY_TEXT), "--out", out,
+                  "--max-steps", 2, "--set", "data.level=word", "--set", "train.seq_len=4", "--quiet")
+    assert trained.exit_code == 0, trained.output
+    corpus = tmp_path / "corpus.txt"
+    record = json.loads(cli("eval", out, "--file", corpus, "--json").stdout)
+    assert record["bits_per_char"] != pytest.approx(record["bits_per_token"], rel=1e-3)
+    assert record["lines"] > 1
+    assert cli("eval", out, "--file", corpus).stdout.splitlines() == [
+        f"file            {record['file']}",
+        f"tokens          {record['tokens']:,} ({record['characters']:,} characters, {record['lines']:,} lines, "
+        f"{record['oov']:,} OOV)",
+        f"loss            {record['loss']:.4f} nats/token",
+        f"perplexity      {record['perplexity']:.3f}",
+        f"bits per token  {record['bits_per_token']:.4f}",
+        f"bits per char   {record['bits_per_char']:.4f}",
+    ]
+
+
+def test_figure_keeps_the_column_width_in_exponent_form():
+    """Catches: _figure dropping the width of `spec` in exponent form, so a huge perplexity (1e20) breaks the
+    score table's fixed-width 'ppl' column."""
+    from charlm.cli import _figure
+
+    assert _figure(1e20, "9.3f") == "    1e+20"
+    assert _figure(1e20, ".2f") == "1e+20"
+    assert _figure(-1e20, "9.3f") == "   -1e+20"

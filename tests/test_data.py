@@ -261,3 +261,49 @@ def test_a_decoding_error_in_a_wide_files_later_part_names_the_encoding_as_given
     path.write_bytes(good + b"\x00\xdc" + "x\n".encode("utf-16-le"))  # a lone low surrogate
     with pytest.raises(UsageError, match=r"not valid UTF16\b"):
         "".join(iter_text(path, start=len(good), encoding="UTF16"))
+
+
+@pytest.mark.parametrize("text, fraction, val", [
+    ("aaaa\nbbbb\ncccc\ndddd\n", 0.25, "dddd\n"),        # the cut falls at a line start: it stays there
+    ("aaaa\nbbbb\ncccc\ndddd\n", 0.30, "dddd\n"),        # inside a line: after its end
+    ("aa\r\nbb\r\ncc\r\n", 0.30, "cc\r\n"),              # CRLF: the \r stays with its line
+    ("aaaa\nbbbb\ncccc", 0.40, "cccc"),                  # no final newline: the last line is the validation
+    ("aaaa\nbbbb\ncccc", 0.20, ""),                      # ... unless the cut falls in it: no line end after it
+    ("aaaa bbbb cccc", 0.50, ""),                        # no line end at all: everything trains
+])
+def test_split_point_cuts_at_a_line_end_as_split_text_does(tmp_path, text, fraction, val):
+    """Catches: split_point cutting one line late when int(size * (1 - fraction)) is already a line start,
+    cutting before the newline (the validation part then starts with it), or disagreeing with split_text."""
+    from charlm.data import split_point
+
+    path = tmp_path / "c.txt"
+    path.write_bytes(text.encode("utf-8"))
+    cut = split_point(path, fraction)
+    assert text.encode("utf-8")[cut:].decode("utf-8") == val
+    assert split_text(text, fraction) == (text[:len(text) - len(val)], val)
+
+
+@pytest.mark.parametrize("encoding", ["utf-32", "utf-32-be", "utf-16", "utf-16-be"])
+def test_a_wide_file_read_as_utf8_is_told_its_own_encoding(tmp_path, encoding):
+    """Catches: the byte-order-mark hint testing UTF-16's mark first, which UTF-32 LE's mark starts with: a
+    UTF-32 file would be told to pass --encoding utf-16."""
+    import codecs
+
+    family = encoding[:6]
+    mark = {"utf-32": codecs.BOM_UTF32_LE, "utf-32-be": codecs.BOM_UTF32_BE, "utf-16": codecs.BOM_UTF16_LE,
+            "utf-16-be": codecs.BOM_UTF16_BE}[encoding]
+    path = tmp_path / "wide.txt"
+    path.write_bytes(mark + "the cat sat.\n".encode(encoding if encoding.endswith("-be") else family + "-le"))
+    with pytest.raises(UsageError, match=f"{family.upper()} byte-order mark\\): pass --encoding {family}$"):
+        check_text_file(path)
+
+
+def test_a_latin1_text_that_starts_like_a_byte_order_mark_is_text(tmp_path):
+    """Catches: the UTF-16/32 byte-order-mark check applied to files read in another 8-bit encoding: a latin-1
+    text that starts with 'ÿþ' (bytes FF FE) would be refused as UTF-16."""
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("ÿþ is how it starts\nand a second line\n".encode("latin-1"))
+    assert check_text_file(path, "latin-1") == path
+    assert read_text(path, "latin-1").startswith("ÿþ is")
+    with pytest.raises(UsageError, match="UTF-16"):  # read as UTF-8 the same bytes are a UTF-16 mark
+        check_text_file(path)

@@ -240,3 +240,38 @@ def test_the_relay_shows_bar_frames_at_once_and_error_lines_once_and_holds_torch
     # the frame and the line in one read: the line is still found, counted and shown once
     shown, (_, said, _) = _relay([b"\rtraining  40%|####charlm: error: X\n", b"charlm: error: X\n"])
     assert shown == b"\rtraining  40%|####charlm: error: X\n" and said
+
+
+def test_the_torchrun_command_drops_nproc_in_both_spellings_and_keeps_every_other_argument(monkeypatch):
+    """Catches: run_torchrun passing '--nproc=N' (or the value after '--nproc') on to the workers, where each
+    worker would start a torchrun of its own, or dropping an argument that follows it."""
+    import sys
+
+    from charlm import launch
+
+    started = []
+
+    class FakePopen:
+        def __init__(self, cmd, **kwargs):
+            started.append(cmd)
+            self.returncode, self.stderr = 0, None
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def send_signal(self, sig):
+            pass
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(launch.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(launch, "relay_worker_stderr", lambda stream, signalled=None: (None, False, []))
+    argv = ["train", "--nproc", "2", "--corpus", "c.txt", "--nproc=2", "--set", "train.lr=0.1", "-q", "--json"]
+    assert launch.run_torchrun(argv, 2) == 0
+    (cmd,) = started
+    assert cmd[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert cmd[5:] == ["-m", "charlm", "train", "--corpus", "c.txt", "--set", "train.lr=0.1", "-q", "--json"]

@@ -222,3 +222,18 @@ def test_the_export_check_compares_the_state_as_well_as_the_logits():
     assert check_against(model, run, steps=4) == pytest.approx(0.25, abs=1e-5)
     kept["state"] = zero_state(model, 3)
     assert check_against(model, lambda t, s: right(t, s), steps=4) < 1e-5
+
+
+def test_export_human_output_states_the_step_signature(tmp_path):
+    """Catches: the printed signature giving the state's dimensions in the wrong order (layers first) or the
+    wrong vocabulary size; only --json was checked."""
+    run = make_run(tmp_path, "lstm", "torch", layers=1)
+    _, codec, _ = load_run(run)
+    out = tmp_path / "step.pt"
+    result = CliRunner().invoke(app, ["export", str(run), "--out", str(out), "--format", "torchscript"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"wrote           {out} (torchscript, from ")
+    assert lines[1] == (f"signature       step(tokens (B,) int64, state (2, 1, B, 12) float32) "
+                        f"-> (logits (B, {len(codec.vocab)}), state)")
+    assert lines[2].startswith("check           max |difference| from charlm over ")

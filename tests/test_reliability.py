@@ -390,3 +390,36 @@ def test_a_model_too_large_for_the_cpus_memory_is_exit_1_out_of_memory(tmp_path,
     result = cli("score", run, "hello")
     assert_one_line_error(result, 1, "out of memory", "--batch-size")
     assert "enforce fail" not in result.stderr
+
+
+def test_out_of_memory_is_recognised_in_every_form_the_docstring_names():
+    """Catches: is_out_of_memory missing one of its forms (the system's ENOMEM 'Cannot allocate memory', a
+    torch OutOfMemoryError whose text lacks the words, Windows' 'not enough memory', MemoryError), so that
+    failure would be reported as a bug ('... run with --debug') instead of with the batch-size advice."""
+    import errno
+    import os
+
+    import torch
+
+    from charlm.errors import is_out_of_memory
+
+    for exc in (MemoryError(), torch.OutOfMemoryError("Tried to allocate 2.00 GiB"),
+                OSError(errno.ENOMEM, os.strerror(errno.ENOMEM)),
+                RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory"),
+                RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"),
+                RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")):
+        assert is_out_of_memory(exc), exc
+    assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
+def test_a_second_signal_does_not_replace_the_one_being_handled():
+    """Catches: _Signals letting a later SIGTERM overwrite the SIGINT that is already stopping the run (the
+    exit code and the message would then name the wrong signal)."""
+    import signal
+
+    from charlm.train import _Signals
+
+    s = _Signals()
+    s._handler(signal.SIGINT, None)
+    s._handler(signal.SIGTERM, None)
+    assert s.received == signal.SIGINT

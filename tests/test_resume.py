@@ -310,3 +310,43 @@ def test_resume_of_another_checkpoint_than_last_is_exit_2_naming_the_run(tmp_pat
         shutil.copytree(run / "last", folder)
     line = assert_one_line_error(cli("train", "--resume", folder), 2, "not a run folder")
     assert str(run) in line
+
+
+def test_resume_accepts_new_evaluation_settings(stopped):
+    """Catches: train.eval_tokens or train.eval_batch_size dropped from RESUMABLE_CHANGES, so a resume that
+    only changes how validation is read is refused as a conflicting config."""
+    run, _ = stopped
+    result = cli("train", "--resume", run, "-q", "--json", "--max-steps", "8", "--set", "train.eval_tokens=40",
+                 "--set", "train.eval_batch_size=2")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["steps"] == 8
+
+
+def test_a_resumed_run_has_one_end_record_and_no_repeated_metrics_line(tmp_path):
+    """Catches: _Log keeping the end record of the finished first part on resume (its 'steps' key is no 'step',
+    so the step filter alone keeps it): metrics.jsonl would hold two end records, the stale one first."""
+    run = train_run(tmp_path, train__max_steps=4)
+    result = cli("train", "--resume", run, "-q", "--max-steps", "8")
+    assert result.exit_code == 0, result.stderr
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    ends = [r for r in records if r.get("event") == "end"]
+    assert len(ends) == 1 and records[-1] is ends[0] and ends[0]["steps"] == 8
+    seen = [(r["step"], "train_loss" in r) for r in records if "event" not in r]
+    assert len(seen) == len(set(seen)), seen
+    assert [r["event"] for r in records if "event" in r] == ["start", "resume", "end"]
+
+
+def test_resume_keeps_validating_on_the_runs_val_file(tmp_path):
+    """Catches: a resume without --val forgetting the run's --val file (from the trainer state): it would
+    validate on a cut of the corpus instead, or refuse the vocabulary that the whole corpus built."""
+    corpus = write_corpus(tmp_path)
+    val = write_corpus(tmp_path, "val.txt", lines=40, seed=5)
+    one = tmp_path / "one"
+    train(tiny_config(train__max_steps=12), corpus, out=one, val=val, show_progress=False)
+    split = tmp_path / "split"
+    train(tiny_config(train__max_steps=8), corpus, out=split, val=val, show_progress=False)
+    result = train(tiny_config(train__max_steps=12), None, resume=split, show_progress=False)
+    assert result.val_loss is not None
+    assert_same_weights(one, split)
+    assert [r for r in metric_lines(split) if "val_loss" in r and r["step"] == 12] == \
+        [r for r in metric_lines(one) if "val_loss" in r and r["step"] == 12]

@@ -246,3 +246,29 @@ def test_runs_without_the_sorted_value_come_last_either_way(tmp_path, sort):
     _hand_made_run(tmp_path / "c-high", [{"step": 2, "elapsed": 1.0, "val_loss": 2.0}, end], {"step": 2})
     names = [r.name for r in list_runs(tmp_path, sort)]
     assert names == (["b-low", "c-high", "a-none"] if sort == "val_loss" else ["c-high", "b-low", "a-none"])
+
+
+def test_terminal_columns_count_full_width_forms_as_two_and_combining_marks_as_none():
+    """Catches: _columns treating full-width forms (east-asian width F, e.g. 'Ａ') as one column, or a combining
+    mark as one: `charlm runs` would then misalign the columns after such a run name."""
+    from charlm.cli import _columns
+
+    assert _columns("ＡＢ") == 4          # full-width Latin letters (F)
+    assert _columns("中文") == 4          # CJK ideographs (W)
+    assert _columns("cafe\u0301") == 4    # a decomposed accent: the mark takes no column
+    assert _columns("plain") == 5
+
+
+def test_check_before_launch_refuses_a_batch_that_does_not_split_over_the_processes(tmp_path):
+    """Catches: `train --nproc N` no longer checking train.batch_size % N before torchrun starts (every worker
+    would then start, load torch and refuse it N times)."""
+    from charlm.config import load_config
+    from charlm.errors import UsageError
+    from charlm.launch import check_before_launch
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat.\n" * 20, encoding="utf-8")
+    cfg = load_config(None, ["train.batch_size=3"], {})
+    with pytest.raises(UsageError, match=r"train.batch_size 3 must be a multiple of --nproc 2"):
+        check_before_launch(cfg, corpus, None, 2, tmp_path / "run")
+    check_before_launch(load_config(None, ["train.batch_size=4"], {}), corpus, None, 2, tmp_path / "run")

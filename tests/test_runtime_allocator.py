@@ -54,3 +54,41 @@ def test_a_worker_of_nproc_knows_that_the_launcher_s_stderr_is_a_terminal(monkey
     assert not is_terminal(sys.stderr)
     monkeypatch.setenv("CHARLM_STDERR_IS_TERMINAL", "1")
     assert is_terminal(sys.stderr) and not is_terminal(io.StringIO())  # only stderr itself
+
+
+def test_cuda_and_cuda_n_are_refused_by_name_without_a_gpu():
+    """Catches: resolve_device recognising only 'cuda' (then 'cuda:1' on a machine without a GPU is called an
+    unknown device, and on one with a GPU it is refused outright)."""
+    import torch
+
+    from charlm.errors import UsageError
+    from charlm.runtime import resolve_device
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    for name in ("cuda", "cuda:0", "cuda:1"):
+        with pytest.raises(UsageError, match=f"device '{name}' was asked for but this machine has no CUDA GPU"):
+            resolve_device(name)
+
+
+def test_auto_takes_the_gpu_when_there_is_one_and_the_cpu_otherwise(monkeypatch):
+    """Catches: 'auto' resolving to the CPU whatever the machine (or to CUDA on a machine without it)."""
+    import torch
+
+    from charlm.runtime import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_an_unknown_device_name_is_a_usage_error():
+    """Catches: any unknown --device (gpu, mps, a typo) silently run on the CPU."""
+    from charlm.errors import UsageError
+    from charlm.runtime import resolve_device
+
+    for name in ("gpu", "CPU", "cpu:0x"):
+        with pytest.raises(UsageError, match=f"unknown device '{name}': use auto, cpu or cuda"):
+            resolve_device(name)
