@@ -198,8 +198,10 @@ def train(
         _out(f"train loss      {result.train_loss:.4f}" if result.train_loss is not None
              else f"train loss      - (no step left to run: {_limit_advice(result.stopped_by, cfg.train)})")
         if result.val_loss is not None:
+            # the checkpoint was chosen on a slice of the split, whose loss is not comparable with the whole's
+            scope = f" on the first {cfg.train.eval_tokens:,} tokens" if result.best_val_slice else ""
             _out(f"val loss        {result.val_loss:.4f} nats/token, perplexity {_figure(result.val_perplexity, '.2f')}, "
-                 f"{result.val_bits_per_char:.4f} bits/char (best {result.best_val_loss:.4f})")
+                 f"{result.val_bits_per_char:.4f} bits/char (best {result.best_val_loss:.4f}{scope})")
         _out(f"tokens/second   {result.tokens_per_second:,.0f}")
         _out(f"parameters      {result.parameters:,}")
 
@@ -412,13 +414,16 @@ def info(
         m = saved.manifest
         record = {"checkpoint": str(saved.folder), "parameters": count_parameters(model),
                   "vocab_size": len(codec.vocab), "level": codec.tokenizer.level, "step": m.get("step"),
-                  "epoch": m.get("epoch"), "val_loss": m.get("val_loss"), "elapsed": m.get("elapsed"),
-                  "config": saved.cfg.to_dict()}
+                  "epoch": m.get("epoch"), "val_loss": m.get("val_loss"), "val_slice": bool(m.get("val_slice")),
+                  "elapsed": m.get("elapsed"), "config": saved.cfg.to_dict()}
         if as_json:
             _out(json.dumps(record, ensure_ascii=False))
             return
         for key in ("checkpoint", "parameters", "vocab_size", "level", "step", "epoch", "val_loss", "elapsed"):
-            _out(f"{key:15s} {_info_value(key, record[key])}")
+            value = _info_value(key, record[key])
+            if key == "val_loss" and record["val_slice"] and saved.cfg.train.eval_tokens:
+                value += f" (on the first {saved.cfg.train.eval_tokens:,} validation tokens)"
+            _out(f"{key:15s} {value}")
         _out("config:")
         for line in dump_yaml(saved.cfg).splitlines():
             _out(f"  {line}")

@@ -243,6 +243,10 @@ def summarize(run_dir: Path, name: str | None = None) -> RunSummary:
         if times:
             s.elapsed = max(times + ([s.elapsed] if s.elapsed is not None else []))
         vals = [r for r in m.val if _number(r.get("val_loss")) is not None and math.isfinite(r["val_loss"])]
+        # A check on a slice of the split (train.eval_tokens) measures other text than the whole split does,
+        # and its loss may be far lower: once the run has a figure for the whole split, the slices step aside.
+        whole = [r for r in vals if r.get("val_slice") is not True]
+        vals = whole or vals
         if vals:
             best = min(vals, key=lambda r: r["val_loss"])
             s.best_val_loss, s.best_val_bpc = float(best["val_loss"]), _number(best.get("val_bpc"))

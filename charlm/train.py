@@ -56,13 +56,14 @@ class TrainResult:
     epochs: float
     train_loss: float | None          # the last step's loss; None when this call ran no step
     val_loss: float | None
-    best_val_loss: float | None
+    best_val_loss: float | None       # the loss that chose best/: on the first eval_tokens when best_val_slice
     val_bits_per_char: float | None
     val_perplexity: float | None
     tokens_per_second: float
     elapsed: float
     parameters: int
     stopped_by: str
+    best_val_slice: bool = False      # best_val_loss measured on a slice of the split (train.eval_tokens)
 
 
 @dataclass
@@ -478,7 +479,7 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
         kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved"
         return RunFailure(f"training stopped at step {step}: {what}; {kept}")
 
-    def save(name: str, val_loss: float | None) -> None:
+    def save(name: str, val_loss: float | None, on_slice: bool = False) -> None:
         bad = next((n for n, w in model.named_parameters() if not torch.isfinite(w).all()), None)
         if bad is not None:  # never save non-finite weights over a good checkpoint
             raise failure(p.step, f"weight {bad} became NaN or infinite (try a lower train.lr or train.clip)")
@@ -486,7 +487,7 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
         if not dist.is_main:
             return
         info = {"step": p.step, "epoch": p.epoch + p.window / n_windows, "val_loss": val_loss,
-                "elapsed": p.elapsed, "parameters": n_params}
+                "val_slice": val_loss is not None and on_slice, "elapsed": p.elapsed, "parameters": n_params}
         state = None
         if name == "last":
             state = {"format": TRAINER_FORMAT, "progress": asdict(p), "optimizer": optimizer.state_dict(),
@@ -515,7 +516,8 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
         raise Interrupted(f"interrupted by {name} {where}at step {p.step}; saved {run_dir / 'last'} "
                           f"(continue with --resume {run_dir})", code)
 
-    def after_validation(val_loss: float | None, periodic: bool, select: float | None = None) -> None:
+    def after_validation(val_loss: float | None, periodic: bool, select: float | None = None,
+                         on_slice: bool = False) -> None:
         # `select` (default: val_loss) decides the best checkpoint; it must be measured like the
         # periodic evaluations (the same eval_tokens slice) so that like is compared with like.
         select = val_loss if select is None else select
@@ -523,7 +525,7 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
         if val_loss is not None:
             log.write({"step": p.step, "epoch": round(p.epoch + p.window / n_windows, 4),
                        "elapsed": round(p.elapsed, 3), "val_loss": val_loss,
-                       "val_ppl": perplexity(val_loss), "val_bpc": bits_per_char(val_loss)})
+                       "val_ppl": perplexity(val_loss), "val_bpc": bits_per_char(val_loss), "val_slice": on_slice})
             if not math.isfinite(val_loss):  # finite weights, but a broken model: do not save it
                 raise failure(p.step, "the validation loss is NaN or infinite (try a lower train.lr or train.clip)")
             if improved:
@@ -539,8 +541,8 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
                         p.plateau_scale *= t.plateau_factor
                         p.plateau_bad = 0
         if improved or splits.val is None:
-            save("best", val_loss)
-        save("last", val_loss)
+            save("best", val_loss, on_slice)
+        save("last", val_loss, on_slice)
 
     def limit_reached() -> str | None:
         if t.max_steps and p.step >= t.max_steps:
@@ -631,7 +633,7 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
                     checked = (p.step, val_loss)
                     if val_loss is not None and show_progress and not interactive:
                         print(f"step {p.step} val_loss {val_loss:.4f}", file=log_stream, flush=True)
-                    after_validation(val_loss, periodic=True)
+                    after_validation(val_loss, periodic=True, on_slice=reads_a_slice(splits.val, t.eval_tokens))
                     p.elapsed = start_elapsed + time.perf_counter() - clock
             if stop_signal:  # as agreed above; a signal that came later is left for the next command
                 signals.received = stop_signal
@@ -664,7 +666,8 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
     result = TrainResult(str(run_dir), p.step, p.epoch + p.window / n_windows, train_loss, final_val, best,
                          bits_per_char(final_val) if final_val is not None else None,
                          perplexity(final_val) if final_val is not None else None,
-                         (p.tokens - start_tokens) / trained, p.elapsed, n_params, stopped_by or "done")
+                         (p.tokens - start_tokens) / trained, p.elapsed, n_params, stopped_by or "done",
+                         best is not None and reads_a_slice(splits.val, t.eval_tokens))
     if dist.is_main:
         with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps({"event": "end", **asdict(result)}) + "\n")

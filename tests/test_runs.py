@@ -272,3 +272,29 @@ def test_check_before_launch_refuses_a_batch_that_does_not_split_over_the_proces
     with pytest.raises(UsageError, match=r"train.batch_size 3 must be a multiple of --nproc 2"):
         check_before_launch(cfg, corpus, None, 2, tmp_path / "run")
     check_before_launch(load_config(None, ["train.batch_size=4"], {}), corpus, None, 2, tmp_path / "run")
+
+
+def test_a_loss_measured_on_a_slice_is_labelled_and_never_ranks_a_run_against_whole_splits(write_corpus, tmp_path,
+                                                                                          monkeypatch):
+    """The periodic checks of a run with train.eval_tokens read the first tokens of the validation split only,
+    and their loss can be far lower than the whole split's (1.43 against 1.48 for the shipped character
+    config): `runs` ranks a run by its whole-split figure once it has one, and train and info say when the
+    loss they show was measured on the slice."""
+    from charlm import train as train_module
+    from conftest import TINY_TEXT, tiny_config
+
+    losses = iter([1.0, 2.0, 3.0])  # step 1 and step 2 on the slice, then the whole split at the end
+    monkeypatch.setattr(train_module, "evaluate", lambda *args, **kwargs: next(losses))
+    run = tmp_path / "runs" / "sliced"
+    result = train(tiny_config(train__max_steps=2, train__eval_interval=1, train__eval_tokens=5),
+                   write_corpus(TINY_TEXT), out=run, show_progress=False)
+    assert (result.val_loss, result.best_val_loss, result.best_val_slice) == (3.0, 1.0, True)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["val_loss"], r["val_slice"]) for r in records if "val_slice" in r] == [(1.0, True), (2.0, True),
+                                                                                      (3.0, False)]
+    assert summarize(run).best_val_loss == 3.0  # not the slice's 1.0
+    best = json.loads((run / "best" / "manifest.json").read_text())
+    assert (best["step"], best["val_loss"], best["val_slice"]) == (1, 1.0, True)
+    shown = CliRunner().invoke(app, ["info", str(run)])
+    assert shown.exit_code == 0, shown.output
+    assert "val_loss        1.0000 nats/token (on the first 5 validation tokens)" in shown.stdout.splitlines()
