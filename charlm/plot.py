@@ -141,6 +141,16 @@ def plot_runs(run_dirs: list[Path], out: Path, dpi: int = 100) -> PlotResult:
                       int(round(width_in * dpi)), int(round(height_in * dpi)), bool(missing))
 
 
+def _periodic_and_whole(records: list[dict]) -> tuple[list[dict], list[dict]]:
+    """A run's validation records as (the periodic curve, whole-split points drawn apart). Where the periodic
+    checks read a slice of the split (train.eval_tokens), the whole split's loss at the end is another
+    measure, often higher: joined to the curve it would look like a last-minute rise."""
+    sliced = [r for r in records if r.get("val_slice") is True]
+    if not sliced:
+        return records, []
+    return sliced, [r for r in records if r.get("val_slice") is not True]
+
+
 def _draw(curves, rows, scale, unit, width_in, height_in, dpi, out, Figure, FigureCanvasAgg, Line2D) -> None:
     """The two columns (against steps, against time) of loss and bits per character, saved to `out`."""
     fig = Figure(figsize=(width_in, height_in), dpi=dpi)
@@ -148,17 +158,22 @@ def _draw(curves, rows, scale, unit, width_in, height_in, dpi, out, Figure, Figu
     axes = fig.subplots(rows, 2, squeeze=False)
     colours = [f"C{i % 10}" for i in range(len(curves))]
 
+    apart = False  # some run has whole-split points drawn apart from its periodic curve
     for c, colour in zip(curves, colours):
+        periodic, whole = _periodic_and_whole(c.metrics.val)
+        apart = apart or bool(whole)
         for col, (x, xscale) in enumerate((("step", 1.0), ("elapsed", scale))):
             ax = axes[0][col]
             ax.plot(*_xy(c.metrics.train, x, "train_loss", xscale), color=colour, lw=1.4, alpha=0.9)
-            ax.plot(*_xy(c.metrics.val, x, "val_loss", xscale), color=colour, lw=1.4, ls="--", marker="o", ms=3)
+            ax.plot(*_xy(periodic, x, "val_loss", xscale), color=colour, lw=1.4, ls="--", marker="o", ms=3)
+            ax.plot(*_xy(whole, x, "val_loss", xscale), color=colour, ls="none", marker="s", ms=5)
             if rows == 2:
                 ax = axes[1][col]
                 if c.level == "char":
                     xs, ys = _xy(c.metrics.train, x, "train_loss", xscale)
                     ax.plot(xs, [y / LN2 for y in ys], color=colour, lw=1.4, alpha=0.9)
-                ax.plot(*_xy(c.metrics.val, x, "val_bpc", xscale), color=colour, lw=1.4, ls="--", marker="o", ms=3)
+                ax.plot(*_xy(periodic, x, "val_bpc", xscale), color=colour, lw=1.4, ls="--", marker="o", ms=3)
+                ax.plot(*_xy(whole, x, "val_bpc", xscale), color=colour, ls="none", marker="s", ms=5)
 
     for r in range(rows):
         for col in range(2):
@@ -171,7 +186,10 @@ def _draw(curves, rows, scale, unit, width_in, height_in, dpi, out, Figure, Figu
 
     handles = [Line2D([], [], color=colour, lw=2.5, label=c.label) for c, colour in zip(curves, colours)]
     handles += [Line2D([], [], color="0.3", lw=1.4, label="training"),
-                Line2D([], [], color="0.3", lw=1.4, ls="--", marker="o", ms=3, label="validation")]
+                Line2D([], [], color="0.3", lw=1.4, ls="--", marker="o", ms=3,
+                       label="validation (periodic: first eval_tokens)" if apart else "validation")]
+    if apart:
+        handles.append(Line2D([], [], color="0.3", ls="none", marker="s", ms=5, label="validation, whole split"))
     fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 6), frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / height_in))
 

@@ -141,3 +141,13 @@ def test_two_runs_of_the_same_name_are_labelled_by_their_paths(tmp_path):
     runs = [tmp_path / "a" / "run", tmp_path / "b" / "run", tmp_path / "other"]
     result = plot_runs(runs, tmp_path / "curves.png")
     assert result.runs == [str(runs[0]), str(runs[1]), "other"]
+
+
+def test_a_whole_split_point_after_slice_checks_is_drawn_apart_from_the_periodic_curve():
+    from charlm.plot import _periodic_and_whole
+
+    sliced = [{"step": 1, "val_loss": 1.5, "val_slice": True}, {"step": 2, "val_loss": 1.4, "val_slice": True}]
+    final = {"step": 2, "val_loss": 1.48, "val_slice": False}
+    assert _periodic_and_whole(sliced + [final]) == (sliced, [final])
+    whole = [{"step": 1, "val_loss": 1.5, "val_slice": False}, {"step": 2, "val_loss": 1.45}]  # older runs: no key
+    assert _periodic_and_whole(whole) == (whole, [])
