@@ -631,9 +631,11 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
                 if t.eval_interval and p.step % t.eval_interval == 0:
                     val_loss = validate(t.eval_tokens)
                     checked = (p.step, val_loss)
+                    on_slice = reads_a_slice(splits.val, t.eval_tokens)
                     if val_loss is not None and show_progress and not interactive:
-                        print(f"step {p.step} val_loss {val_loss:.4f}", file=log_stream, flush=True)
-                    after_validation(val_loss, periodic=True, on_slice=reads_a_slice(splits.val, t.eval_tokens))
+                        scope = f" (first {t.eval_tokens:,} tokens)" if on_slice else ""
+                        print(f"step {p.step} val_loss {val_loss:.4f}{scope}", file=log_stream, flush=True)
+                    after_validation(val_loss, periodic=True, on_slice=on_slice)
                     p.elapsed = start_elapsed + time.perf_counter() - clock
             if stop_signal:  # as agreed above; a signal that came later is left for the next command
                 signals.received = stop_signal

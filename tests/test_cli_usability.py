@@ -61,9 +61,17 @@ def test_progress_is_plain_log_lines_when_stderr_is_not_a_terminal(tmp_path):
     assert result.exit_code == 0, result.output
     lines = result.stderr.splitlines()
     assert [ln.split()[:2] for ln in lines if " loss " in ln] == [["step", "2"], ["step", "4"], ["step", "6"]]
-    assert any(ln.startswith("step 4 val_loss ") for ln in lines)
+    assert any(ln.startswith("step 4 val_loss ") and ln.endswith(tuple("0123456789")) for ln in lines)
     assert "\r" not in result.stderr and "\x1b[" not in result.stderr  # no bar redrawn in place, no escapes
     assert "run folder" in result.stdout  # the result still goes to stdout
+
+
+def test_a_periodic_check_on_a_slice_says_so_in_the_log_line(tmp_path):
+    result = CliRunner().invoke(app, [*TRAIN, "--set", "train.eval_tokens=10", "--corpus", str(tiny_corpus(tmp_path)),
+                                      "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    line = next(ln for ln in result.stderr.splitlines() if ln.startswith("step 4 val_loss "))
+    assert line.endswith(" (first 10 tokens)")
 
 
 def test_quiet_silences_progress_but_not_the_result(tmp_path):
