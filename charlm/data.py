@@ -113,15 +113,27 @@ def check_text_file(path: Path, encoding: str = "utf-8") -> Path:
     return path
 
 
+def unknown_encoding(encoding: str) -> UsageError:
+    return UsageError(f"unknown text encoding '{encoding}' (try utf-8, latin-1, cp1252, utf-16)")
+
+
 def is_blank(path: Path, encoding: str, limit: int) -> bool:
     """Whether a file of at most `limit` bytes holds white space only once decoded as tokenizing decodes it
-    (UTF-16's spaces are not blank bytes; UTF-8's byte-order mark is dropped). A larger file: False, and
+    (UTF-16's spaces are not blank bytes; a byte-order mark is not text). A larger file: False, and
     tokenizing finds out."""
+    if _codec_name(encoding) is None:
+        raise unknown_encoding(encoding)
     if path.stat().st_size > limit:
         return False
-    text = path.read_bytes().decode(encoding, errors="replace")
-    if _utf8_mark(encoding):
-        text = text.removeprefix("\ufeff")
+    raw = path.read_bytes()
+    wide = _wide_codec(path, encoding)
+    if wide is not None:  # the byte order spelled out, the mark skipped, as iter_text reads the file
+        codec, mark = wide
+        text = raw[mark:].decode(codec, errors="replace")
+    else:
+        text = raw.decode(encoding, errors="replace")
+        if _utf8_mark(encoding):
+            text = text.removeprefix("\ufeff")
     return not text.strip()
 
 
@@ -168,7 +180,7 @@ def decode(raw: bytes, name: str, encoding: str = "utf-8", errors: str = "strict
     try:
         return raw[skip:].decode("utf-8" if skip else encoding, errors=errors)
     except LookupError:
-        raise UsageError(f"unknown text encoding '{encoding}' (try utf-8, latin-1, cp1252, utf-16)") from None
+        raise unknown_encoding(encoding) from None
     except UnicodeDecodeError as exc:
         raise _decode_error(name, skip + exc.start, raw[skip + exc.start:skip + exc.start + 1], encoding) from None
 
@@ -239,7 +251,7 @@ def iter_text(path: Path, start: int = 0, end: int | None = None, encoding: str 
     try:
         decoder = codecs.getincrementaldecoder(codec)(errors=errors)
     except LookupError:
-        raise UsageError(f"unknown text encoding '{encoding}' (try utf-8, latin-1, cp1252, utf-16)") from None
+        raise unknown_encoding(encoding) from None
     carry = ""
     with open(path, "rb") as fh:
         fh.seek(start)

@@ -146,6 +146,8 @@ def test_train_with_nproc_refuses_what_every_worker_would_refuse_before_starting
 
 
 @pytest.mark.parametrize("encoding, data", [("utf-16-le", " \n \n".encode("utf-16-le")),
+                                            ("utf-16-le", "\ufeff \n".encode("utf-16-le")),
+                                            ("utf-32-be", "\ufeff \n".encode("utf-32-be")),
                                             ("utf-8", "\ufeff\n  \n".encode("utf-8"))])
 def test_nproc_sees_a_blank_corpus_as_the_workers_decode_it(tmp_path, encoding, data):
     # UTF-16 without a byte-order mark: its spaces are not blank bytes; UTF-8's mark is not text.
@@ -161,6 +163,16 @@ def test_nproc_sees_a_blank_corpus_as_the_workers_decode_it(tmp_path, encoding, 
     text = tmp_path / "text.txt"
     text.write_bytes("ab\n".encode(encoding))
     check_before_launch(cfg, text, None, 2, out=tmp_path / "runs" / "b")
+
+
+def test_nproc_refuses_an_unknown_encoding_as_one_process_does(tmp_path):
+    from charlm.launch import check_before_launch
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some text\n", encoding="utf-8")
+    cfg = load_config(overrides=["train.batch_size=4", "data.encoding=nosuch"])
+    with pytest.raises(UsageError, match="unknown text encoding 'nosuch'"):
+        check_before_launch(cfg, corpus, None, 2, out=tmp_path / "runs" / "b")
 
 
 @pytest.mark.parametrize("damaged", ["best", "last"])
