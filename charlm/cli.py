@@ -199,7 +199,7 @@ def train(
              else f"train loss      - (no step left to run: {_limit_advice(result.stopped_by, cfg.train)})")
         if result.val_loss is not None:
             # the checkpoint was chosen on a slice of the split, whose loss is not comparable with the whole's
-            scope = f" on the first {cfg.train.eval_tokens:,} tokens" if result.best_val_slice else ""
+            scope = f" on the first {result.best_val_tokens:,} validation tokens" if result.best_val_tokens else ""
             _out(f"val loss        {result.val_loss:.4f} nats/token, perplexity {_figure(result.val_perplexity, '.2f')}, "
                  f"{result.val_bits_per_char:.4f} bits/char (best {result.best_val_loss:.4f}{scope})")
         _out(f"tokens/second   {result.tokens_per_second:,.0f}")

@@ -56,14 +56,17 @@ class TrainResult:
     epochs: float
     train_loss: float | None          # the last step's loss; None when this call ran no step
     val_loss: float | None
-    best_val_loss: float | None       # the loss that chose best/: on the first eval_tokens when best_val_slice
+    best_val_loss: float | None       # the loss that chose best/, measured on the first best_val_tokens
     val_bits_per_char: float | None
     val_perplexity: float | None
     tokens_per_second: float
     elapsed: float
     parameters: int
     stopped_by: str
-    best_val_slice: bool = False      # best_val_loss measured on a slice of the split (train.eval_tokens)
+    best_val_tokens: int | None = None  # the slice (first N tokens of the split) of best_val_loss; None: all
+
+
+UNKNOWN_MEASURE = -1
 
 
 @dataclass
@@ -76,6 +79,9 @@ class Progress:
     elapsed: float = 0.0
     tokens: int = 0
     best_val_loss: float = math.inf
+    # what measured best_val_loss: the first N validation tokens (train.eval_tokens), None for the whole
+    # split, UNKNOWN_MEASURE in a trainer state saved before this was kept
+    best_val_tokens: int | None = UNKNOWN_MEASURE
     plateau_best: float = math.inf    # best of the periodic evaluations only: the plateau schedule's reference
     plateau_scale: float = 1.0
     plateau_bad: int = 0
@@ -516,11 +522,15 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
         raise Interrupted(f"interrupted by {name} {where}at step {p.step}; saved {run_dir / 'last'} "
                           f"(continue with --resume {run_dir})", code)
 
+    def measure(on_slice: bool) -> int | None:
+        return t.eval_tokens if on_slice else None
+
     def after_validation(val_loss: float | None, periodic: bool, select: float | None = None,
-                         on_slice: bool = False) -> None:
+                         on_slice: bool = False, select_on_slice: bool | None = None) -> None:
         # `select` (default: val_loss) decides the best checkpoint; it must be measured like the
         # periodic evaluations (the same eval_tokens slice) so that like is compared with like.
         select = val_loss if select is None else select
+        select_on_slice = on_slice if select_on_slice is None else select_on_slice
         improved = select is not None and select < p.best_val_loss
         if val_loss is not None:
             log.write({"step": p.step, "epoch": round(p.epoch + p.window / n_windows, 4),
@@ -529,7 +539,7 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
             if not math.isfinite(val_loss):  # finite weights, but a broken model: do not save it
                 raise failure(p.step, "the validation loss is NaN or infinite (try a lower train.lr or train.clip)")
             if improved:
-                p.best_val_loss = select
+                p.best_val_loss, p.best_val_tokens = select, measure(select_on_slice)
             # Only the periodic evaluations drive the plateau schedule: the extra one at the end of a
             # run must not change what a resumed run does (resume is exact).
             if periodic and t.schedule == "plateau":
@@ -554,6 +564,16 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
             return "max_epochs"
         return None
 
+    def words(tokens: int | None) -> str:
+        return "the whole split" if tokens is None else f"the first {tokens:,} validation tokens"
+
+    now = measure(reads_a_slice(splits.val, t.eval_tokens))
+    if resumed and math.isfinite(p.best_val_loss) and p.best_val_tokens not in (UNKNOWN_MEASURE, now):
+        # a loss on other text cannot say which model is better: the next check chooses best/ afresh
+        if dist.is_main:
+            print(f"charlm: note: best/ was chosen on {words(p.best_val_tokens)} and this run's checks read "
+                  f"{words(now)}: the next check replaces it", file=log_stream)
+        p.best_val_loss, p.best_val_tokens = math.inf, now
     interactive = show_progress and is_terminal(log_stream)
     bar = tqdm(total=t.max_steps, initial=p.step, unit="step", file=log_stream, dynamic_ncols=True,
                disable=not interactive, leave=True)
@@ -633,7 +653,7 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
                     checked = (p.step, val_loss)
                     on_slice = reads_a_slice(splits.val, t.eval_tokens)
                     if val_loss is not None and show_progress and not interactive:
-                        scope = f" (first {t.eval_tokens:,} tokens)" if on_slice else ""
+                        scope = f" (on the first {t.eval_tokens:,} validation tokens)" if on_slice else ""
                         print(f"step {p.step} val_loss {val_loss:.4f}{scope}", file=log_stream, flush=True)
                     after_validation(val_loss, periodic=True, on_slice=on_slice)
                     p.elapsed = start_elapsed + time.perf_counter() - clock
@@ -652,7 +672,7 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
                 final_val = validate(None, final=True)
                 select = final_val if not sliced else (
                     at_end if at_end is not None else validate(t.eval_tokens, final=True))
-                after_validation(final_val, periodic=False, select=select)
+                after_validation(final_val, periodic=False, select=select, select_on_slice=sliced)
     except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
         if not is_out_of_memory(exc):
             raise
@@ -669,7 +689,7 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
                          bits_per_char(final_val) if final_val is not None else None,
                          perplexity(final_val) if final_val is not None else None,
                          (p.tokens - start_tokens) / trained, p.elapsed, n_params, stopped_by or "done",
-                         best is not None and reads_a_slice(splits.val, t.eval_tokens))
+                         p.best_val_tokens if best is not None and p.best_val_tokens != UNKNOWN_MEASURE else None)
     if dist.is_main:
         with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps({"event": "end", **asdict(result)}) + "\n")

@@ -386,8 +386,9 @@ def test_train_human_output_states_the_figures_of_the_runs_end_record(cli, write
     assert lines[1].endswith(", stopped by max_steps)")
     assert lines[2] == f"train loss      {end['train_loss']:.4f}"
     assert lines[3] == (f"val loss        {end['val_loss']:.4f} nats/token, perplexity {end['val_perplexity']:.2f}, "
-                        f"{end['val_bits_per_char']:.4f} bits/char (best {end['best_val_loss']:.4f} on the first 30 tokens)")
-    assert end["best_val_slice"] is True
+                        f"{end['val_bits_per_char']:.4f} bits/char (best {end['best_val_loss']:.4f} on the first 30 validation "
+                        f"tokens)")
+    assert end["best_val_tokens"] == 30
     assert lines[5] == f"parameters      {end['parameters']:,}"
 
 

@@ -71,7 +71,7 @@ def test_a_periodic_check_on_a_slice_says_so_in_the_log_line(tmp_path):
                                       "--out", str(tmp_path / "r")])
     assert result.exit_code == 0, result.output
     line = next(ln for ln in result.stderr.splitlines() if ln.startswith("step 4 val_loss "))
-    assert line.endswith(" (first 10 tokens)")
+    assert line.endswith(" (on the first 10 validation tokens)")
 
 
 def test_quiet_silences_progress_but_not_the_result(tmp_path):

@@ -300,7 +300,7 @@ def test_a_loss_measured_on_a_slice_is_labelled_and_never_ranks_a_run_against_wh
     run = tmp_path / "runs" / "sliced"
     result = train(tiny_config(train__max_steps=2, train__eval_interval=1, train__eval_tokens=5),
                    write_corpus(TINY_TEXT), out=run, show_progress=False)
-    assert (result.val_loss, result.best_val_loss, result.best_val_slice) == (3.0, 1.0, True)
+    assert (result.val_loss, result.best_val_loss, result.best_val_tokens) == (3.0, 1.0, 5)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["val_loss"], r["val_slice"]) for r in records if "val_slice" in r] == [(1.0, True), (2.0, True),
                                                                                       (3.0, False)]
@@ -310,3 +310,24 @@ def test_a_loss_measured_on_a_slice_is_labelled_and_never_ranks_a_run_against_wh
     shown = CliRunner().invoke(app, ["info", str(run)])
     assert shown.exit_code == 0, shown.output
     assert "val_loss        1.0000 nats/token (on the first 5 validation tokens)" in shown.stdout.splitlines()
+
+
+def test_a_resume_that_changes_what_the_checks_measure_chooses_best_afresh(write_corpus, tmp_path, monkeypatch):
+    """A best/ chosen on a slice's loss (1.0) cannot be compared with whole-split losses after a resume without
+    train.eval_tokens: kept, it would never be replaced by a model whose whole-split loss is 2.5."""
+    import io
+
+    from charlm import train as train_module
+    from conftest import TINY_TEXT, tiny_config
+
+    losses = iter([1.0, 2.0, 3.0, 2.5])  # two checks on the slice, the whole split at the end; then resumed
+    monkeypatch.setattr(train_module, "evaluate", lambda *args, **kwargs: next(losses))
+    corpus, run = write_corpus(TINY_TEXT), tmp_path / "runs" / "r"
+    train(tiny_config(train__max_steps=2, train__eval_interval=1, train__eval_tokens=5), corpus, out=run,
+          show_progress=False)
+    log = io.StringIO()
+    result = train(tiny_config(train__max_steps=3, train__eval_interval=1), corpus, resume=run, show_progress=False,
+                   log_stream=log)
+    assert "best/ was chosen on the first 5 validation tokens and this run's checks read the whole split" in log.getvalue()
+    best = json.loads((run / "best" / "manifest.json").read_text())
+    assert (best["step"], best["val_loss"], result.best_val_loss, result.best_val_tokens) == (3, 2.5, 2.5, None)
