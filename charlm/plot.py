@@ -145,10 +145,12 @@ def _periodic_and_whole(records: list[dict]) -> tuple[list[dict], list[dict]]:
     """A run's validation records as (the periodic curve, whole-split points drawn apart). Where the periodic
     checks read a slice of the split (train.eval_tokens), the whole split's loss at the end is another
     measure, often higher: joined to the curve it would look like a last-minute rise."""
-    sliced = [r for r in records if r.get("val_slice") is True]
-    if not sliced:
+    whole = [r for r in records if r.get("val_slice") is False]
+    if not whole or len(whole) == len(records):  # no key at all (an older run), or never a slice: one curve
         return records, []
-    return sliced, [r for r in records if r.get("val_slice") is not True]
+    # the rest: checks on a slice, and the checks an older version logged before a resume (no key: which
+    # of them read a slice cannot be told)
+    return [r for r in records if r.get("val_slice") is not False], whole
 
 
 def _draw(curves, rows, scale, unit, width_in, height_in, dpi, out, Figure, FigureCanvasAgg, Line2D) -> None:

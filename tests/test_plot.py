@@ -149,5 +149,9 @@ def test_a_whole_split_point_after_slice_checks_is_drawn_apart_from_the_periodic
     sliced = [{"step": 1, "val_loss": 1.5, "val_slice": True}, {"step": 2, "val_loss": 1.4, "val_slice": True}]
     final = {"step": 2, "val_loss": 1.48, "val_slice": False}
     assert _periodic_and_whole(sliced + [final]) == (sliced, [final])
-    whole = [{"step": 1, "val_loss": 1.5, "val_slice": False}, {"step": 2, "val_loss": 1.45}]  # older runs: no key
+    whole = [{"step": 1, "val_loss": 1.5, "val_slice": False}, {"step": 2, "val_loss": 1.45, "val_slice": False}]
     assert _periodic_and_whole(whole) == (whole, [])
+    older = [{"step": 1, "val_loss": 1.5}, {"step": 2, "val_loss": 1.43}, {"step": 2, "val_loss": 1.48}]
+    assert _periodic_and_whole(older) == (older, [])  # written before the key: drawn as it always was
+    resumed = older + [{"step": 3, "val_loss": 1.41, "val_slice": True}, final | {"step": 3}]
+    assert _periodic_and_whole(resumed) == (resumed[:4], [final | {"step": 3}])

@@ -331,3 +331,18 @@ def test_a_resume_that_changes_what_the_checks_measure_chooses_best_afresh(write
     assert "best/ was chosen on the first 5 validation tokens and this run's checks read the whole split" in log.getvalue()
     best = json.loads((run / "best" / "manifest.json").read_text())
     assert (best["step"], best["val_loss"], result.best_val_loss, result.best_val_tokens) == (3, 2.5, 2.5, None)
+
+
+def test_a_run_resumed_after_an_older_version_ranks_by_its_whole_split_checks(tmp_path):
+    """The older version logged no val_slice: its checks count as slices once newer records say which are which."""
+    end = {"event": "end", "steps": 3, "elapsed": 3.0}
+    run = _hand_made_run(tmp_path / "r", [{"step": 1, "elapsed": 1.0, "val_loss": 1.50},
+                                          {"step": 2, "elapsed": 2.0, "val_loss": 1.43},
+                                          {"step": 2, "elapsed": 2.0, "val_loss": 1.48},
+                                          {"step": 3, "elapsed": 3.0, "val_loss": 1.41, "val_slice": True},
+                                          {"step": 3, "elapsed": 3.0, "val_loss": 1.47, "val_slice": False}, end],
+                         {"step": 3})
+    assert summarize(run).best_val_loss == 1.47
+    older = _hand_made_run(tmp_path / "o", [{"step": 1, "elapsed": 1.0, "val_loss": 1.50},
+                                            {"step": 2, "elapsed": 2.0, "val_loss": 1.43}, end], {"step": 2})
+    assert summarize(older).best_val_loss == 1.43  # nothing says which were slices: all of them, as before
