@@ -96,7 +96,7 @@ class TrainConfig:
     clip: float = _f(1.0, "clip the gradient norm to this (0: no clipping)", low=0.0)
     schedule: str = _f("cosine", "learning-rate schedule after warm-up",
                        choices=("constant", "cosine", "linear", "plateau"))
-    warmup_steps: int = _f(0, "steps of linear warm-up to lr: update s of them uses lr * (s + 1) / warmup_steps", low=0)
+    warmup_steps: int = _f(0, "steps of linear warm-up to lr: update s (from 0) uses lr * (s + 1) / warmup_steps", low=0)
     final_lr_fraction: float = _f(0.0, "cosine, linear: the learning rate decays to lr times this at the end of the budget", low=0.0, high=1.0)
     plateau_factor: float = _f(0.25, "plateau: multiply lr by this when validation stops improving",
                                low=0.0, high=1.0, low_open=True, high_open=True)

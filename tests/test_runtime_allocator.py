@@ -56,7 +56,7 @@ def test_a_worker_of_nproc_knows_that_the_launcher_s_stderr_is_a_terminal(monkey
     assert is_terminal(sys.stderr) and not is_terminal(io.StringIO())  # only stderr itself
 
 
-def test_cuda_and_cuda_n_are_refused_by_name_without_a_gpu():
+def test_cuda_and_cuda_n_are_refused_by_name_without_a_gpu(monkeypatch):
     """Catches: resolve_device recognising only 'cuda' (then 'cuda:1' on a machine without a GPU is called an
     unknown device, and on one with a GPU it is refused outright)."""
     import torch
@@ -64,8 +64,7 @@ def test_cuda_and_cuda_n_are_refused_by_name_without_a_gpu():
     from charlm.errors import UsageError
     from charlm.runtime import resolve_device
 
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a CUDA GPU")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without one
     for name in ("cuda", "cuda:0", "cuda:1"):
         with pytest.raises(UsageError, match=f"device '{name}' was asked for but this machine has no CUDA GPU"):
             resolve_device(name)
