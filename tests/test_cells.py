@@ -227,3 +227,20 @@ def test_each_step_function_equals_torchs_cell_on_the_same_weights(cell):
             got, expected = (rnn_cell(x_proj, h, *args, nonlinearity=reference.nonlinearity),), (reference(x, h),)
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_the_step_function_layers_drop_between_layers_only_in_training(cell):
+    """Catches: CustomRNN(fast=False), which RNNLM.step and the export run, dropped between its layers in
+    evaluation too (only the fast path was tested), so sampling and exports of a 2-layer model were random."""
+    from charlm.cells import CustomRNN
+
+    torch.manual_seed(0)
+    custom = CustomRNN(cell, 3, 4, 2, dropout=0.5, fast=False)
+    plain = CustomRNN(cell, 3, 4, 2, fast=False)
+    plain.load_state_dict(custom.state_dict())
+    x = torch.randn(2, 5, 3)
+    custom.eval()
+    torch.testing.assert_close(custom(x)[0], plain(x)[0], atol=0, rtol=0)
+    custom.train()
+    assert not torch.allclose(custom(x)[0], plain(x)[0])

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,11 @@ from typer.testing import CliRunner
 
 from charlm.checkpoint import load_run
 from charlm.cli import app
-from charlm.config import load_config
+from charlm.config import ModelConfig, load_config
 from charlm.export import export_model
+from charlm.errors import UsageError
+from charlm.model import build_model
+from charlm.tokenizer import EOS, UNK
 from charlm.train import train
 
 STEPS = 6
@@ -237,3 +241,46 @@ def test_export_human_output_states_the_step_signature(tmp_path):
     assert lines[1] == (f"signature       step(tokens (B,) int64, state (2, 1, B, 12) float32) "
                         f"-> (logits (B, {len(codec.vocab)}), state)")
     assert lines[2].startswith("check           max |difference| from charlm over ")
+
+
+@pytest.mark.parametrize("cell, s", [("rnn", 1), ("gru", 1), ("lstm", 2)])
+def test_export_metadata_names_the_vocabulary_the_special_ids_and_the_state_shape(cell, s):
+    """Catches: eos_id and unk_id swapped (or the tokens list cut) in the metadata an exported file carries, which
+    the existing export tests never read: a user would start generation from <unk>."""
+    from charlm.export import metadata
+    from conftest import char_codec
+
+    codec = char_codec("ab")
+    model = build_model(ModelConfig(cell=cell, layers=3, embedding_size=4, hidden_size=5), len(codec.vocab))
+    meta = json.loads(json.dumps(metadata(model, codec), ensure_ascii=False))  # as stored in the file
+    assert meta["tokens"] == [UNK, EOS, "a", "b"] and meta["vocab_size"] == 4
+    assert meta["tokens"][meta["eos_id"]] == EOS and meta["tokens"][meta["unk_id"]] == UNK
+    assert meta["state_shape"] == [s, 3, "B", 5] and meta["cell"] == cell
+    assert meta["tokenizer"] == {"level": "char", "lowercase": False, "word_split": "punct"}
+
+
+def test_only_charlms_own_exports_may_be_overwritten(tmp_path):
+    """Catches: _is_export taking any zip archive (torch.save's files, a user's .zip) or any file that mentions
+    'charlm' near its end (a corpus, notes) for an earlier export, which --out then overwrote."""
+    from charlm.export import _check_destination, _is_export
+
+    saved_tensor = tmp_path / "weights.pt"
+    torch.save(torch.zeros(3), saved_tensor)  # a zip archive without charlm's extra file
+    archive = tmp_path / "data.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("data/corpus.txt", "text")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("trained with charlm\ncharlm export run --out model.onnx\n", encoding="utf-8")
+    for path in (saved_tensor, archive, notes):
+        assert not _is_export(path), path
+        with pytest.raises(UsageError, match="not a charlm export"):
+            _check_destination(path)
+
+    script = tmp_path / "model.pt"  # what torch.jit.save writes, reduced to the part that matters
+    with zipfile.ZipFile(script, "w") as z:
+        z.writestr("model/extra/charlm.json", "{}")
+    onnx_like = tmp_path / "model.onnx"  # a metadata_props entry: field tag, key length, key
+    onnx_like.write_bytes(b"\x08\x07graph bytes\x00" + b"\x0a\x06charlm\x12\x02{}")
+    for path in (script, onnx_like):
+        assert _is_export(path), path
+        _check_destination(path)

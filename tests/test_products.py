@@ -253,3 +253,25 @@ def test_torch_products_turns_onednn_off_in_its_own_thread_only(small_shapes_too
     with pytest.raises(ValueError), products.torch_products():
         raise ValueError  # an error inside still closes the block
     assert products._onednn(x, w)
+
+
+def test_output_linear_gives_the_bias_its_gradient_when_the_weight_is_frozen(monkeypatch):
+    """Catches: _Linear.backward asking needs_input_grad[1] (the weight's) for the bias, so a frozen output weight
+    left a trainable bias without a gradient."""
+    from charlm import products
+
+    if not products.ONEDNN:
+        pytest.skip("this torch build has no usable oneDNN product")
+    monkeypatch.setattr(products, "_MIN_WORK", 0)
+    monkeypatch.setattr(products, "_weight_grads_in_mkl", lambda: False)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 6, generator=gen, requires_grad=True)
+    w = torch.randn(5, 6, generator=gen)  # frozen
+    b = torch.randn(5, generator=gen, requires_grad=True)
+    y = products.output_linear(x, w, b)
+    assert type(y.grad_fn.next_functions[0][0]).__name__ == "_LinearBackward"  # oneDNN's Function, not F.linear
+    g = torch.randn(2, 3, 5, generator=gen)
+    y.backward(g)
+    assert b.grad is not None and w.grad is None
+    torch.testing.assert_close(b.grad, g.sum(dim=(0, 1)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad, g @ w, atol=1e-5, rtol=1e-5)

@@ -9,7 +9,7 @@ import torch
 from charlm import cells
 from charlm import model as model_module
 from charlm.cells import CustomRNN, dropout
-from charlm.config import load_config
+from charlm.config import ModelConfig, load_config
 from charlm.errors import UsageError
 from charlm.model import build_model
 
@@ -212,3 +212,45 @@ def test_a_torch_stack_with_weight_drop_runs_each_layer_on_one_dropped_copy_of_i
     plain = _torch_stack(cell, layers, dropout_p=0.0).eval()
     plain.load_state_dict(model.state_dict())
     torch.testing.assert_close(model(tokens)[0], plain(tokens)[0], atol=0, rtol=0)
+
+
+def _inputs_of_the_recurrent_layer(model):
+    """A list that receives what model.rnn's forward reads (the embeddings after their dropout)."""
+    seen = []
+    model.rnn.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    return seen
+
+
+def test_embedding_dropout_keeps_each_token_type_with_probability_1_minus_p_and_scales_it():
+    """Catches: the type mask drawn with bernoulli_(p) (keep probability p) or scaled by 1 / p; both pass at the
+    p = 0.5 of the other tests, where p = 1 - p."""
+    torch.manual_seed(0)
+    vocab, p = 2000, 0.25
+    model = build_model(ModelConfig(embedding_size=4, hidden_size=4, embedding_dropout=p), vocab).train()
+    seen = _inputs_of_the_recurrent_layer(model)
+    tokens = torch.arange(vocab).view(2, vocab // 2)  # every type once: 2,000 independent draws
+    model(tokens)
+    x, raw = seen[-1], model.encoder(tokens).detach()
+    dropped = (x == 0).all(dim=-1)
+    # kept fraction 0.75 with a standard deviation of 0.0097: 0.04 is over 4 of them
+    assert abs((~dropped).float().mean().item() - (1 - p)) < 0.04
+    torch.testing.assert_close(x[~dropped], raw[~dropped] / (1 - p))
+
+
+@pytest.mark.parametrize("dropout, embedding_dropout", [(0.3, 0.0), (0.0, 0.5)], ids=["dropout", "embedding_dropout"])
+def test_a_custom_char_model_in_training_drops_its_embeddings_instead_of_looking_up_its_projection(
+        dropout, embedding_dropout):
+    """Catches: RNNLM._looks_up took the looked-up input projection (read from the undropped embedding table) in
+    training with dropout or embedding_dropout set, so a character model's embeddings were never dropped."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(cell="gru", impl="custom", embedding_size=6, hidden_size=6, dropout=dropout,
+                                    embedding_dropout=embedding_dropout), 5)
+    seen = _inputs_of_the_recurrent_layer(model)
+    tokens = torch.arange(120).remainder(5).view(4, 30)  # 120 tokens for 5 rows: where the lookup pays
+    model.eval()(tokens)
+    assert seen == []  # evaluation does take the lookup (model.rnn.forward is not called): the regime is right
+    model.train()(tokens)
+    assert len(seen) == 1, "training must run the layer on the embeddings, after their dropout"
+    raw = model.encoder(tokens).detach()
+    zeroed = seen[0] == 0
+    assert zeroed.any() and not (raw == 0).any()

@@ -297,3 +297,21 @@ def test_a_prime_with_line_ends_conditions_on_their_eos(prime, ids):
 def test_greedy_with_top_k_or_top_p_never_picks_unk(options):
     (s,) = generate(unk_loving_model(), char_codec("abc"), max_length=30, temperature=0.0, **options)
     assert s.tokens and UNK not in s.tokens
+
+
+@pytest.mark.parametrize("top_k, top_p", [(3, 1.0), (0, 0.95)], ids=["top-k", "top-p"])
+def test_truncated_sampling_stops_each_sample_at_its_own_eos_or_at_max_length(top_k, top_p):
+    """Catches: the general sampler (top-k, nucleus, adaptive softmax) stopping every stream when the first one
+    drew <eos> (done.any() for done.all()): the others came back short, marked max_length."""
+    from charlm.sample import generate
+    from conftest import char_codec, random_model
+
+    model = random_model("gru", vocab_size=4)
+    samples = generate(model, char_codec("ab"), max_length=6, num_samples=100, seed=0, top_k=top_k, top_p=top_p)
+    reasons = [s.stopped_at for s in samples]
+    assert "eos" in reasons and "max_length" in reasons
+    for s in samples:
+        if s.stopped_at == "eos":
+            assert s.tokens[-1] == EOS and EOS not in s.tokens[:-1] and len(s.tokens) <= 6
+        else:
+            assert len(s.tokens) == 6 and EOS not in s.tokens

@@ -251,3 +251,34 @@ def test_word_level_join_puts_no_space_after_an_opening_bracket_or_quote():
     assert tok.join(["¿", "Qué", "?"]) == "¿Qué?"
     assert tok.join(["«", "oui", "»"]) == "«oui»"
     assert tok.join(["“", "hi", "”"]) == "“hi”"
+
+
+def test_word_split_keeps_inner_apostrophes_both_straight_and_curly_and_splits_hyphens_and_decimal_points():
+    """Catches: the curly apostrophe ’ dropped from the word pattern (don’t -> don ’ t), and '-' or '.' let into
+    words (well-known, 3.14 as one token each)."""
+    tok = Tokenizer("word")
+    assert tok.split("don't don’t rock’n’roll") == ["don't", "don’t", "rock’n’roll"]
+    assert tok.split("well-known 3.14 e-mail") == ["well", "-", "known", "3", ".", "14", "e", "-", "mail"]
+    assert tok.split("’tis 'quoted'") == ["’", "tis", "'", "quoted", "'"]  # joins only between letters
+
+
+def test_lowercase_lowers_without_case_folding():
+    """Catches: normalize using str.casefold, which turns ß into ss (and so changes a word's characters and a
+    character model's text length), where the option promises lowercasing."""
+    assert Tokenizer("word", lowercase=True).split("Straße STRASSE") == ["straße", "strasse"]
+    assert Tokenizer("char", lowercase=True).split("ẞß") == ["ß", "ß"]
+
+
+@pytest.mark.parametrize("tokenizer, tokens", [
+    ({"level": "word", "lowercase": False, "word_split": "regex"}, [UNK, EOS, "a"]),
+    ({"level": "char", "lowercase": False, "word_split": "punct"}, [UNK, EOS, 5]),
+], ids=["unknown-word-split", "token-not-a-string"])
+def test_a_vocab_json_with_an_unknown_word_split_or_a_token_that_is_not_a_string_is_refused(tmp_path, tokenizer,
+                                                                                           tokens):
+    """Catches: TextCodec.load no longer checking word_split (an unknown one silently split with the punct
+    pattern) or the tokens' type (an int token loaded, to fail later in decode or join)."""
+    path = tmp_path / "vocab.json"
+    path.write_text(json.dumps({"format": 1, "tokenizer": tokenizer, "tokens": tokens}), encoding="utf-8")
+    with pytest.raises(UsageError) as info:
+        TextCodec.load(path)
+    assert info.value.exit_code == 2
