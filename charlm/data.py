@@ -56,9 +56,10 @@ CACHE_FORMAT = 4  # 2: U+3000 is white space at word level (it was a token); 3: 
 def _codec_name(encoding: str) -> str | None:
     """Python's own name for an encoding (utf16, U16 and UTF_16 are all 'utf-16'); None if unknown."""
     try:
-        return codecs.lookup(encoding).name
+        info = codecs.lookup(encoding)
     except LookupError:
         return None
+    return info.name if getattr(info, "_is_text_encoding", True) else None  # not hex, base64, zlib...
 
 
 def _is_wide(encoding: str) -> bool:
@@ -248,10 +249,9 @@ def iter_text(path: Path, start: int = 0, end: int | None = None, encoding: str 
         if start == 0:
             with open(path, "rb") as fh:
                 start = len(codecs.BOM_UTF8) if fh.read(3) == codecs.BOM_UTF8 else 0
-    try:
-        decoder = codecs.getincrementaldecoder(codec)(errors=errors)
-    except LookupError:
-        raise unknown_encoding(encoding) from None
+    if _codec_name(codec) is None:  # unknown, or not a text encoding (hex, base64, zlib...)
+        raise unknown_encoding(encoding)
+    decoder = codecs.getincrementaldecoder(codec)(errors=errors)
     carry = ""
     with open(path, "rb") as fh:
         fh.seek(start)

@@ -146,7 +146,7 @@ def _periodic_and_whole(records: list[dict]) -> tuple[list[dict], list[dict]]:
     checks read a slice of the split (train.eval_tokens), the whole split's loss at the end is another
     measure, often higher: joined to the curve it would look like a last-minute rise."""
     whole = [r for r in records if r.get("val_slice") is False]
-    if not whole or len(whole) == len(records):  # no key at all (an older run), or never a slice: one curve
+    if not whole or not any(r.get("val_slice") is True for r in records):  # never a slice (or no key): one curve
         return records, []
     # the rest: checks on a slice, and the checks an older version logged before a resume (no key: which
     # of them read a slice cannot be told)

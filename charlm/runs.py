@@ -245,9 +245,9 @@ def summarize(run_dir: Path, name: str | None = None) -> RunSummary:
         vals = [r for r in m.val if _number(r.get("val_loss")) is not None and math.isfinite(r["val_loss"])]
         # A check on a slice of the split (train.eval_tokens) measures other text than the whole split does,
         # and its loss may be far lower: once the run has a figure for the whole split, the slices step aside.
-        # (a run resumed by this version after an older one logged without the key: its older checks count
-        # as slices, since they cannot be told apart)
-        if any("val_slice" in r for r in vals):
+        # (records of an older version, without the key, count as slices only in a run whose labelled
+        # records show it checks on a slice: a run resumed with the same settings)
+        if any(r.get("val_slice") is True for r in vals):
             vals = [r for r in vals if r.get("val_slice") is False] or vals
         if vals:
             best = min(vals, key=lambda r: r["val_loss"])

@@ -80,7 +80,8 @@ class Progress:
     tokens: int = 0
     best_val_loss: float = math.inf
     # what measured best_val_loss: the first N validation tokens (train.eval_tokens), None for the whole
-    # split, UNKNOWN_MEASURE in a trainer state saved before this was kept
+    # split; UNKNOWN_MEASURE until the first check (and in a trainer state saved before this was kept,
+    # until a resume works it out)
     best_val_tokens: int | None = UNKNOWN_MEASURE
     plateau_best: float = math.inf    # best of the periodic evaluations only: the plateau schedule's reference
     plateau_scale: float = 1.0
@@ -426,6 +427,9 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
         _check_space(run_dir, model)
     if trainer_state is not None:
         p, hidden = _restore(resume, trainer_state, optimizer, device, slice(dist.rank * share, (dist.rank + 1) * share))
+        if p.best_val_tokens == UNKNOWN_MEASURE:  # saved before it was kept: last/'s config says what it was
+            before = saved.cfg.train.eval_tokens
+            p.best_val_tokens = before if reads_a_slice(splits.val, before) else None
     if dist.is_main:  # on --resume too: the limits, intervals or device it changed are the run's now
         ckpt.atomic_write_text(run_dir / ckpt.CONFIG_FILE, dump_yaml(cfg))
     if trainer_state is None and dist.is_main:
@@ -531,7 +535,10 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
         # periodic evaluations (the same eval_tokens slice) so that like is compared with like.
         select = val_loss if select is None else select
         select_on_slice = on_slice if select_on_slice is None else select_on_slice
-        improved = select is not None and select < p.best_val_loss
+        # a loss on other text than best/'s (train.eval_tokens changed on a resume) cannot say which model is
+        # better: the first check on the new measure chooses best/ afresh
+        improved = select is not None and math.isfinite(select) and (
+            select < p.best_val_loss or p.best_val_tokens != measure(select_on_slice))
         if val_loss is not None:
             log.write({"step": p.step, "epoch": round(p.epoch + p.window / n_windows, 4),
                        "elapsed": round(p.elapsed, 3), "val_loss": val_loss,
@@ -567,13 +574,10 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
     def words(tokens: int | None) -> str:
         return "the whole split" if tokens is None else f"the first {tokens:,} validation tokens"
 
-    now = measure(reads_a_slice(splits.val, t.eval_tokens))
-    if resumed and math.isfinite(p.best_val_loss) and p.best_val_tokens not in (UNKNOWN_MEASURE, now):
-        # a loss on other text cannot say which model is better: the next check chooses best/ afresh
-        if dist.is_main:
-            print(f"charlm: note: best/ was chosen on {words(p.best_val_tokens)} and this run's checks read "
-                  f"{words(now)}: the next check replaces it", file=log_stream)
-        p.best_val_loss, p.best_val_tokens = math.inf, now
+    measuring = measure(reads_a_slice(splits.val, t.eval_tokens))
+    if resumed and math.isfinite(p.best_val_loss) and p.best_val_tokens != measuring and dist.is_main:
+        print(f"charlm: note: best/ was chosen on {words(p.best_val_tokens)} and this run's checks read "
+              f"{words(measuring)}: the next check replaces it", file=log_stream)
     interactive = show_progress and is_terminal(log_stream)
     bar = tqdm(total=t.max_steps, initial=p.step, unit="step", file=log_stream, dynamic_ncols=True,
                disable=not interactive, leave=True)
@@ -689,7 +693,7 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
                          bits_per_char(final_val) if final_val is not None else None,
                          perplexity(final_val) if final_val is not None else None,
                          (p.tokens - start_tokens) / trained, p.elapsed, n_params, stopped_by or "done",
-                         p.best_val_tokens if best is not None and p.best_val_tokens != UNKNOWN_MEASURE else None)
+                         p.best_val_tokens if best is not None else None)
     if dist.is_main:
         with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps({"event": "end", **asdict(result)}) + "\n")

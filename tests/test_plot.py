@@ -155,3 +155,5 @@ def test_a_whole_split_point_after_slice_checks_is_drawn_apart_from_the_periodic
     assert _periodic_and_whole(older) == (older, [])  # written before the key: drawn as it always was
     resumed = older + [{"step": 3, "val_loss": 1.41, "val_slice": True}, final | {"step": 3}]
     assert _periodic_and_whole(resumed) == (resumed[:4], [final | {"step": 3}])
+    unsliced = older + [final | {"step": 3}]  # an older run that read the whole split, resumed: one curve
+    assert _periodic_and_whole(unsliced) == (unsliced, [])

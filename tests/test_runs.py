@@ -346,3 +346,31 @@ def test_a_run_resumed_after_an_older_version_ranks_by_its_whole_split_checks(tm
     older = _hand_made_run(tmp_path / "o", [{"step": 1, "elapsed": 1.0, "val_loss": 1.50},
                                             {"step": 2, "elapsed": 2.0, "val_loss": 1.43}, end], {"step": 2})
     assert summarize(older).best_val_loss == 1.43  # nothing says which were slices: all of them, as before
+
+
+def test_a_resume_with_the_same_checks_keeps_best_against_a_worse_check(write_corpus, tmp_path, monkeypatch):
+    import io
+
+    from charlm import train as train_module
+    from conftest import TINY_TEXT, tiny_config
+
+    losses = iter([1.0, 2.0, 3.0, 2.5, 4.0])  # the resume's check (2.5) and its whole split (4.0) are worse
+    monkeypatch.setattr(train_module, "evaluate", lambda *args, **kwargs: next(losses))
+    corpus, run = write_corpus(TINY_TEXT), tmp_path / "runs" / "r"
+    settings = dict(train__eval_interval=1, train__eval_tokens=5)
+    train(tiny_config(train__max_steps=2, **settings), corpus, out=run, show_progress=False)
+    log = io.StringIO()
+    result = train(tiny_config(train__max_steps=3, **settings), corpus, resume=run, show_progress=False,
+                   log_stream=log)
+    assert "note" not in log.getvalue()
+    best = json.loads((run / "best" / "manifest.json").read_text())
+    assert (best["step"], best["val_loss"], result.best_val_loss, result.best_val_tokens) == (1, 1.0, 1.0, 5)
+
+
+def test_an_older_run_that_checked_the_whole_split_keeps_its_older_checks_after_a_resume(tmp_path):
+    end = {"event": "end", "steps": 3, "elapsed": 3.0}
+    run = _hand_made_run(tmp_path / "w", [{"step": 1, "elapsed": 1.0, "val_loss": 1.50},
+                                          {"step": 2, "elapsed": 2.0, "val_loss": 1.40},
+                                          {"step": 3, "elapsed": 3.0, "val_loss": 1.45, "val_slice": False}, end],
+                         {"step": 3})
+    assert summarize(run).best_val_loss == 1.40  # no labelled record read a slice: the older ones are whole-split
