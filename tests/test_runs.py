@@ -165,14 +165,17 @@ def test_nproc_sees_a_blank_corpus_as_the_workers_decode_it(tmp_path, encoding, 
     check_before_launch(cfg, text, None, 2, out=tmp_path / "runs" / "b")
 
 
-def test_nproc_refuses_an_unknown_encoding_as_one_process_does(tmp_path):
+@pytest.mark.parametrize("encoding", ["nosuch", "hex"])  # hex: a codec, but not a text encoding
+def test_nproc_refuses_an_unknown_encoding_as_one_process_does(tmp_path, encoding):
     from charlm.launch import check_before_launch
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("some text\n", encoding="utf-8")
-    cfg = load_config(overrides=["train.batch_size=4", "data.encoding=nosuch"])
-    with pytest.raises(UsageError, match="unknown text encoding 'nosuch'"):
+    cfg = load_config(overrides=["train.batch_size=4", f"data.encoding={encoding}"])
+    with pytest.raises(UsageError, match=f"unknown text encoding '{encoding}'"):
         check_before_launch(cfg, corpus, None, 2, out=tmp_path / "runs" / "b")
+    with pytest.raises(UsageError, match=f"unknown text encoding '{encoding}'"):
+        train(cfg, corpus, out=tmp_path / "runs" / "c", show_progress=False, cache_dir=tmp_path / "cache")
 
 
 @pytest.mark.parametrize("damaged", ["best", "last"])
