@@ -315,9 +315,9 @@ def load_checkpoint(path: Path, which: str | None = None) -> Checkpoint:
                                  f"({reason(exc)})") from None
         except UsageError as exc:
             if _identity(folder) == before:  # nothing moved: the checkpoint itself is bad
-                if isinstance(exc, Damaged) and folder.name == "best" and is_checkpoint_folder(folder.parent / "last"):
-                    raise UsageError(f"{exc}; the run's last checkpoint may be intact: {folder.parent / 'last'}") \
-                        from None
+                last = folder.parent / "last"
+                if isinstance(exc, Damaged) and folder.name == "best" and is_checkpoint_folder(last):
+                    raise UsageError(f"{exc}; the run's last checkpoint may be intact: {last}") from None
                 raise
         else:
             if _identity(folder) == before:

@@ -62,6 +62,10 @@ def _codec_name(encoding: str) -> str | None:
     return info.name if getattr(info, "_is_text_encoding", True) else None  # not hex, base64, zlib...
 
 
+def unknown_encoding(encoding: str) -> UsageError:
+    return UsageError(f"unknown text encoding '{encoding}' (try utf-8, latin-1, cp1252, utf-16)")
+
+
 def _is_wide(encoding: str) -> bool:
     """UTF-16 or UTF-32 under any of Python's names for them (utf16, U32, UTF_16LE...)."""
     return (_codec_name(encoding) or "").startswith(("utf-16", "utf-32"))
@@ -104,6 +108,8 @@ def check_text_file(path: Path, encoding: str = "utf-8") -> Path:
     if not path.is_file():
         raise UsageError(f"{path} is not a regular file (a pipe or a device): a corpus is read more than once, "
                          f"so save it to a file first")
+    if _codec_name(encoding) is None:  # unknown, or not a text encoding (hex, base64, zlib...)
+        raise unknown_encoding(encoding)
     try:
         with open(path, "rb") as fh:
             head = fh.read(65536)
@@ -114,28 +120,12 @@ def check_text_file(path: Path, encoding: str = "utf-8") -> Path:
     return path
 
 
-def unknown_encoding(encoding: str) -> UsageError:
-    return UsageError(f"unknown text encoding '{encoding}' (try utf-8, latin-1, cp1252, utf-16)")
-
-
 def is_blank(path: Path, encoding: str, limit: int) -> bool:
-    """Whether a file of at most `limit` bytes holds white space only once decoded as tokenizing decodes it
-    (UTF-16's spaces are not blank bytes; a byte-order mark is not text). A larger file: False, and
-    tokenizing finds out."""
-    if _codec_name(encoding) is None:
-        raise unknown_encoding(encoding)
+    """Whether a file of at most `limit` bytes holds white space only, read as tokenizing reads it (UTF-16's
+    spaces are not blank bytes; a byte-order mark is not text). A larger file: False, and tokenizing finds out."""
     if path.stat().st_size > limit:
         return False
-    raw = path.read_bytes()
-    wide = _wide_codec(path, encoding)
-    if wide is not None:  # the byte order spelled out, the mark skipped, as iter_text reads the file
-        codec, mark = wide
-        text = raw[mark:].decode(codec, errors="replace")
-    else:
-        text = raw.decode(encoding, errors="replace")
-        if _utf8_mark(encoding):
-            text = text.removeprefix("\ufeff")
-    return not text.strip()
+    return not any(piece.strip() for piece in iter_text(path, encoding=encoding, errors="replace"))
 
 
 def _decode_error(name, offset: int, byte: bytes, encoding: str) -> UsageError:

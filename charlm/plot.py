@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError
-from .runs import Metrics, checkpoint_folder_holding, read_metrics, run_folder_of, summarize
+from .runs import (Metrics, checkpoint_folder_holding, read_metrics, run_folder_of, slice_and_whole_checks,
+                   summarize)
 
 LN2 = math.log(2.0)
 INSTALL_HINT = "pip install 'charlm[plot]'"
@@ -145,12 +146,8 @@ def _periodic_and_whole(records: list[dict]) -> tuple[list[dict], list[dict]]:
     """A run's validation records as (the periodic curve, whole-split points drawn apart). Where the periodic
     checks read a slice of the split (train.eval_tokens), the whole split's loss at the end is another
     measure, often higher: joined to the curve it would look like a last-minute rise."""
-    whole = [r for r in records if r.get("val_slice") is False]
-    if not whole or not any(r.get("val_slice") is True for r in records):  # never a slice (or no key): one curve
-        return records, []
-    # the rest: checks on a slice, and the checks an older version logged before a resume (no key: which
-    # of them read a slice cannot be told)
-    return [r for r in records if r.get("val_slice") is not False], whole
+    sliced, whole = slice_and_whole_checks(records)
+    return (sliced, whole) if sliced and whole else (records, [])
 
 
 def _draw(curves, rows, scale, unit, width_in, height_in, dpi, out, Figure, FigureCanvasAgg, Line2D) -> None:

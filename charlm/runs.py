@@ -197,6 +197,15 @@ def find_runs(folder: Path) -> list[Path]:
     return found
 
 
+def slice_and_whole_checks(records: list[dict]) -> tuple[list[dict], list[dict]]:
+    """A run's validation records as (checks on a train.eval_tokens slice of the split, checks of the whole
+    split). Records of an older version, without `val_slice`, count as slices only in a run whose labelled
+    records show slices (a run resumed with the same settings); where none does, every check is whole-split."""
+    if not any(r.get("val_slice") is True for r in records):
+        return [], records
+    return [r for r in records if r.get("val_slice") is not False], [r for r in records if r.get("val_slice") is False]
+
+
 def summarize(run_dir: Path, name: str | None = None) -> RunSummary:
     """A RunSummary from the text files of one run; never raises for a damaged run."""
     run_dir = Path(run_dir)
@@ -243,12 +252,10 @@ def summarize(run_dir: Path, name: str | None = None) -> RunSummary:
         if times:
             s.elapsed = max(times + ([s.elapsed] if s.elapsed is not None else []))
         vals = [r for r in m.val if _number(r.get("val_loss")) is not None and math.isfinite(r["val_loss"])]
-        # A check on a slice of the split (train.eval_tokens) measures other text than the whole split does,
-        # and its loss may be far lower: once the run has a figure for the whole split, the slices step aside.
-        # (records of an older version, without the key, count as slices only in a run whose labelled
-        # records show it checks on a slice: a run resumed with the same settings)
-        if any(r.get("val_slice") is True for r in vals):
-            vals = [r for r in vals if r.get("val_slice") is False] or vals
+        # A check on a slice of the split measures other text than the whole split does, and its loss may be
+        # far lower: once the run has a figure for the whole split, the slices step aside.
+        sliced, whole = slice_and_whole_checks(vals)
+        vals = whole or sliced
         if vals:
             best = min(vals, key=lambda r: r["val_loss"])
             s.best_val_loss, s.best_val_bpc = float(best["val_loss"]), _number(best.get("val_bpc"))

@@ -526,19 +526,20 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
         raise Interrupted(f"interrupted by {name} {where}at step {p.step}; saved {run_dir / 'last'} "
                           f"(continue with --resume {run_dir})", code)
 
-    def measure(on_slice: bool) -> int | None:
-        return t.eval_tokens if on_slice else None
+    # The periodic checks, and the loss that chooses best/ at the end, read the first eval_tokens of the
+    # split where that is shorter than the split (`sliced`), else all of it; `measuring` says which, as
+    # Progress.best_val_tokens does.
+    sliced = reads_a_slice(splits.val, t.eval_tokens)
+    measuring = t.eval_tokens if sliced else None
 
     def after_validation(val_loss: float | None, periodic: bool, select: float | None = None,
-                         on_slice: bool = False, select_on_slice: bool | None = None) -> None:
-        # `select` (default: val_loss) decides the best checkpoint; it must be measured like the
-        # periodic evaluations (the same eval_tokens slice) so that like is compared with like.
+                         on_slice: bool = False) -> None:
+        # `select` (default: val_loss) decides the best checkpoint; it is measured like the periodic
+        # evaluations (`measuring`) so that like is compared with like. A best/ chosen on another measure
+        # (train.eval_tokens changed on a resume) cannot be compared with it: the first check chooses afresh.
         select = val_loss if select is None else select
-        select_on_slice = on_slice if select_on_slice is None else select_on_slice
-        # a loss on other text than best/'s (train.eval_tokens changed on a resume) cannot say which model is
-        # better: the first check on the new measure chooses best/ afresh
         improved = select is not None and math.isfinite(select) and (
-            select < p.best_val_loss or p.best_val_tokens != measure(select_on_slice))
+            select < p.best_val_loss or p.best_val_tokens != measuring)
         if val_loss is not None:
             log.write({"step": p.step, "epoch": round(p.epoch + p.window / n_windows, 4),
                        "elapsed": round(p.elapsed, 3), "val_loss": val_loss,
@@ -546,7 +547,7 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
             if not math.isfinite(val_loss):  # finite weights, but a broken model: do not save it
                 raise failure(p.step, "the validation loss is NaN or infinite (try a lower train.lr or train.clip)")
             if improved:
-                p.best_val_loss, p.best_val_tokens = select, measure(select_on_slice)
+                p.best_val_loss, p.best_val_tokens = select, measuring
             # Only the periodic evaluations drive the plateau schedule: the extra one at the end of a
             # run must not change what a resumed run does (resume is exact).
             if periodic and t.schedule == "plateau":
@@ -574,7 +575,6 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
     def words(tokens: int | None) -> str:
         return "the whole split" if tokens is None else f"the first {tokens:,} validation tokens"
 
-    measuring = measure(reads_a_slice(splits.val, t.eval_tokens))
     if resumed and math.isfinite(p.best_val_loss) and p.best_val_tokens != measuring and dist.is_main:
         print(f"charlm: note: best/ was chosen on {words(p.best_val_tokens)} and this run's checks read "
               f"{words(measuring)}: the next check replaces it", file=log_stream)
@@ -655,11 +655,10 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
                 if t.eval_interval and p.step % t.eval_interval == 0:
                     val_loss = validate(t.eval_tokens)
                     checked = (p.step, val_loss)
-                    on_slice = reads_a_slice(splits.val, t.eval_tokens)
                     if val_loss is not None and show_progress and not interactive:
-                        scope = f" (on the first {t.eval_tokens:,} validation tokens)" if on_slice else ""
+                        scope = f" (on {words(measuring)})" if sliced else ""
                         print(f"step {p.step} val_loss {val_loss:.4f}{scope}", file=log_stream, flush=True)
-                    after_validation(val_loss, periodic=True, on_slice=on_slice)
+                    after_validation(val_loss, periodic=True, on_slice=sliced)
                     p.elapsed = start_elapsed + time.perf_counter() - clock
             if stop_signal:  # as agreed above; a signal that came later is left for the next command
                 signals.received = stop_signal
@@ -668,7 +667,6 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
             # A periodic check at this very step has measured (and logged, and saved) what the final one
             # would measure again: the whole split when no eval_tokens slice is shorter, else the slice.
             at_end = checked[1] if checked is not None and checked[0] == p.step else None
-            sliced = reads_a_slice(splits.val, t.eval_tokens)
             if at_end is not None and not sliced:
                 final_val = at_end
                 save("last", final_val)  # as after a final validation: the elapsed time now includes the check's
@@ -676,7 +674,7 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
                 final_val = validate(None, final=True)
                 select = final_val if not sliced else (
                     at_end if at_end is not None else validate(t.eval_tokens, final=True))
-                after_validation(final_val, periodic=False, select=select, select_on_slice=sliced)
+                after_validation(final_val, periodic=False, select=select)
     except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
         if not is_out_of_memory(exc):
             raise
