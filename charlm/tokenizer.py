@@ -38,8 +38,13 @@ _CJK = ("\u2e80-\u2fff\u3001-\u303f\u3040-\u30ff\u3100-\u312f\u3190-\u31ff\u3400
 # then any other single non-space character (punctuation, symbols, emoji).
 _WORD_RE = re.compile(rf"<unk>|[{_CJK}]|(?:(?![{_CJK}])\w)+(?:['’](?:(?![{_CJK}])\w)+)*|[^\s{_CJK}]")
 _NO_SPACE_BEFORE = set(".,;:!?)]}%'’”»…")
-_NO_SPACE_AFTER = set("([{¿¡“«")
+_NO_SPACE_AFTER = set("([{¿¡“‘«")
 _IS_CJK = re.compile(rf"^[{_CJK}]$")
+# Full-width and CJK punctuation (，。：！？、「」《》) carries its own spacing: no space on either side.
+_IS_WIDE_PUNCT = re.compile("^[\u3001-\u303f\uff01-\uff0f\uff1a-\uff20\uff3b-\uff40\uff5b-\uff65]$")
+# Narrow punctuation that Chinese text also uses: quotes, the dash of "——", the ellipsis of "……" and the dot
+# of transliterated names; next to a CJK token it takes no space, as it would in the text.
+_CJK_COMPANIONS = set("“”‘’—…·")
 _SPACE = re.compile(r"\s")
 # A long line is split into pieces of about this many characters, cut just after
 # a white-space character: no token contains white space, so the tokens are the
@@ -65,6 +70,23 @@ def _pieces(line: str, size: int = PIECE_CHARS) -> Iterable[str]:
 def normalize(text: str, lowercase: bool = False) -> str:
     text = unicodedata.normalize("NFC", text)
     return text.lower() if lowercase else text
+
+
+def _spaced(before: str | None, prev: str, tok: str) -> bool:
+    """Whether word-level text puts a space between the tokens `prev` and `tok` (`before` precedes `prev`).
+    Each rule leaves out only a space that `split` does not need: CJK characters and punctuation are tokens
+    of their own whatever follows them, so `split(join(t)) == t` holds."""
+    if tok[0] in _NO_SPACE_BEFORE or prev[-1] in _NO_SPACE_AFTER:
+        return False
+    cjk_prev, cjk_tok = bool(_IS_CJK.match(prev)), bool(_IS_CJK.match(tok))
+    if (cjk_prev and cjk_tok) or _IS_WIDE_PUNCT.match(prev) or _IS_WIDE_PUNCT.match(tok):
+        return False
+    if (cjk_prev and tok in _CJK_COMPANIONS) or (cjk_tok and prev in _CJK_COMPANIONS) or prev == tok == "—":
+        return False
+    # a number's decimal point, time or thousands separator: 3.14, 10:30, 1,000 (but a list: 1, 2, 3)
+    if prev in ".:," and before is not None and before[-1].isdigit() and tok[0].isdigit():
+        return prev == "," and not (len(tok) == 3 and tok.isdigit())
+    return True
 
 
 @dataclass
@@ -98,15 +120,12 @@ class Tokenizer:
         if self.word_split == "space":
             return " ".join(tokens)
         out: list[str] = []
-        prev = None
+        before = prev = None
         for tok in tokens:
-            if prev is not None and not (
-                tok[0] in _NO_SPACE_BEFORE or prev[-1] in _NO_SPACE_AFTER
-                or (_IS_CJK.match(tok) and _IS_CJK.match(prev))
-            ):
+            if prev is not None and _spaced(before, prev, tok):
                 out.append(" ")
             out.append(tok)
-            prev = tok
+            before, prev = prev, tok
         return "".join(out)
 
     def lines(self, text: str) -> list[str]:

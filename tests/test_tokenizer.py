@@ -37,7 +37,7 @@ def test_char_level_splits_astral_emoji_into_one_token_each():
 def test_word_round_trip_keeps_cjk_and_emoji():
     # Word level joins tokens with the usual spacing, so the text is written that way
     # (adjacent emoji would come back separated by a space).
-    text = "Hello, world! 你好，世界。 Emoji 😀 and café.\n北京欢迎你 🐍\nlast line"
+    text = "Hello, world! 你好，世界。Emoji 😀 and café.\n北京欢迎你 🐍\nlast line"
     codec = codec_for(text, "word")
     encoded = codec.encode_text(text)
     assert encoded.unk_count == 0
@@ -50,11 +50,32 @@ def test_word_round_trip_keeps_cjk_and_emoji():
     "(quoted) \"x\" 3.14 <unk> café",
     "東京は日本の首都です。",
     "emoji 😀 inside 👍🏽 text!",
+    "他说：“今天很好。”我同意——‘好’的意思……列夫·托尔斯泰",
+    "价格是 5.5 元，10:30 到，共 1,000 人，编号 1, 2, 3; in 2019. 5 more",
 ])
 def test_word_split_of_join_gives_the_tokens_back(text):
     tok = Tokenizer("word")
     tokens = tok.split(text)
     assert tok.split(tok.join(tokens)) == tokens
+
+
+def test_word_level_join_writes_chinese_punctuation_without_spaces():
+    """Full-width punctuation takes no space on either side, and quotes, dashes, ellipses and the name dot
+    none next to a CJK character; a Latin word or a number keeps its spaces (the style of mixed text)."""
+    tok = Tokenizer("word")
+    for text in ["他说：“今天很好。”我同意。", "‘好’的意思", "他——我……", "列夫·托尔斯泰",
+                 "会说 English，因为 App 好用", "我有 65 本书", "Hello, world! 你好，世界。Emoji"]:
+        assert tok.join(tok.split(text)) == text
+    # the same narrow punctuation keeps English spacing when no CJK character is next to it
+    assert tok.join(tok.split("he said “hi” — and ‘yes’ (ok)")) == "he said “hi” — and ‘yes’ (ok)"
+
+
+def test_word_level_join_keeps_numbers_whole():
+    """A decimal point, a time's colon and a thousands comma between digits take no space; a list does."""
+    tok = Tokenizer("word")
+    assert tok.split("3.14") == ["3", ".", "14"]  # split apart, joined back whole
+    for text in ["pi is 3.14 or so", "at 10:30 sharp", "1,000 or 12,345,678 people", "items 1, 2, 3"]:
+        assert tok.join(tok.split(text)) == text
 
 
 def test_word_level_makes_each_cjk_character_a_token():
