@@ -28,6 +28,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import unicodedata
 from collections import Counter
@@ -128,9 +129,52 @@ def is_blank(path: Path, encoding: str, limit: int) -> bool:
     return not any(piece.strip() for piece in iter_text(path, encoding=encoding, errors="replace"))
 
 
-def _decode_error(name, offset: int, byte: bytes, encoding: str) -> UsageError:
-    return UsageError(f"{name} is not valid {encoding}: byte offset {offset} ({byte!r}); pass --encoding to name "
-                      f"its encoding or --errors replace to substitute bad bytes")
+def _decode_error(name, offset: int, byte: bytes, encoding: str, head: bytes = b"") -> UsageError:
+    """The message for an undecodable byte; `head`, the file's first bytes, may show what it is instead."""
+    other = _reads_as(head, encoding)
+    hint = (f"it reads as {other}: pass --encoding {other}" if other else
+            "pass --encoding to name its encoding (cp1252 for Western European text saved on Windows, gb18030 "
+            "for simplified Chinese, big5 for traditional, shift_jis for Japanese)")
+    return UsageError(f"{name} is not valid {encoding}: byte offset {offset} ({byte!r}); {hint}, or --errors "
+                      f"replace to substitute bad bytes")
+
+
+def _reads_as(head: bytes, encoding: str) -> str | None:
+    """An encoding that a file's first bytes read as, if they decode in it (and not in `encoding`) and the text
+    looks like what it is used for. A hint, not a promise: the legacy encodings decode much besides their own
+    text, so each is named only where its text shows a trait (UTF-8 where any byte outside ASCII would fail by
+    chance; GB18030 where the text is nearly all of GB2312's common characters; Shift JIS where a fifth is
+    kana; cp1252 where the bytes outside ASCII stand alone, as accented letters do)."""
+    if not head or head.isascii():
+        return None
+    for other in ("utf-8", "gb18030", "shift_jis", "cp1252"):
+        if _codec_name(encoding) == other:
+            continue
+        try:
+            text = codecs.getincrementaldecoder(other)().decode(head, final=False)
+        except UnicodeDecodeError:
+            continue
+        wide = [c for c in text if ord(c) > 127]
+        if other == "gb18030":
+            fits = sum(_in_gb2312(c) for c in wide) >= 0.9 * len(wide)
+        elif other == "shift_jis":
+            fits = sum("\u3040" <= c <= "\u30ff" for c in wide) >= 0.2 * len(wide)
+        elif other == "cp1252":
+            runs = [len(run) for run in re.findall(rb"[\x80-\xff]+", head)]
+            fits = sum(runs) <= 1.5 * len(runs)
+        else:
+            fits = True
+        if fits:
+            return other
+    return None
+
+
+def _in_gb2312(char: str) -> bool:
+    try:
+        char.encode("gb2312")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _utf8_mark(encoding: str) -> bool:
@@ -173,7 +217,8 @@ def decode(raw: bytes, name: str, encoding: str = "utf-8", errors: str = "strict
     except LookupError:
         raise unknown_encoding(encoding) from None
     except UnicodeDecodeError as exc:
-        raise _decode_error(name, skip + exc.start, raw[skip + exc.start:skip + exc.start + 1], encoding) from None
+        raise _decode_error(name, skip + exc.start, raw[skip + exc.start:skip + exc.start + 1], encoding,
+                            raw[:65536]) from None
 
 
 def read_text(path: Path, encoding: str = "utf-8", errors: str = "strict") -> str:
@@ -255,7 +300,9 @@ def iter_text(path: Path, start: int = 0, end: int | None = None, encoding: str 
             try:
                 text = carry + decoder.decode(block, final=final)
             except UnicodeDecodeError as exc:
-                raise _decode_error(path, offset + exc.start, block[exc.start:exc.start + 1], encoding) from None
+                with open(path, "rb") as head:
+                    raise _decode_error(path, offset + exc.start, block[exc.start:exc.start + 1], encoding,
+                                        head.read(65536)) from None
             except UnicodeError as exc:  # not tied to a byte
                 raise UsageError(f"{path} is not valid {encoding}: {exc}") from None
             if progress is not None:

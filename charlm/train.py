@@ -315,6 +315,24 @@ def _resume_state(resume: Path, cfg: Config):
     return saved, state
 
 
+def _note_replaced(splits: Splits, read: str, encoding: str, log_stream) -> None:
+    """Say how much of a corpus read with --errors replace is U+FFFD. A file in another encoding loses more than
+    its bad bytes: many byte pairs of GB18030 or Shift JIS are valid UTF-8 and read as wrong letters."""
+    replaced = torch.tensor(["\ufffd" in tok for tok in splits.codec.vocab.tokens])  # (V,) by token id
+    if not replaced.any():
+        return
+    count = 0
+    for ids in (splits.train, splits.val):
+        for start in range(0, 0 if ids is None else len(ids), 1 << 24):  # a part at a time: bounded memory
+            count += int(replaced[ids[start:start + (1 << 24)].long()].sum())
+    if not count:
+        return
+    tokens = "1 token" if count == 1 else f"{count:,} tokens"
+    print(f"charlm: note: {tokens} of {read} hold{'s' if count == 1 else ''} U+FFFD, put by --errors replace for "
+          f"bytes that are not {encoding}; if the text reads as nonsense, name its encoding with --encoding",
+          file=log_stream)
+
+
 def train(cfg: Config, corpus: Path | None, out: Path | None = None, val: Path | None = None,
           resume: Path | None = None, show_progress: bool = True, log_stream=None,
           cache_dir: Path | None = None) -> TrainResult:
@@ -409,6 +427,8 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
                  else f"data.min_freq {d.min_freq}: lower it")
         print(f"charlm: note: the vocabulary holds only <eos> and <unk> ({cause}); the model can learn nothing "
               f"but where lines end", file=log_stream)
+    if cfg.data.errors == "replace" and dist.is_main:
+        _note_replaced(splits, f"{corpus} and {val}" if val else str(corpus), cfg.data.encoding, log_stream)
     share = t.batch_size // dist.world
     rows = batchify(splits.train, t.batch_size)[dist.rank * share:(dist.rank + 1) * share]  # (B/W, N // B)
     n_windows = windows_per_epoch(rows, t.seq_len)

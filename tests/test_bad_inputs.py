@@ -120,6 +120,41 @@ def test_non_utf8_corpus_reports_the_byte_offset_and_encoding_or_errors_let_it_t
     assert replaced.exit_code == 0, replaced.stderr
     vocab = json.loads((tmp_path / "replaced" / "vocab.json").read_text(encoding="utf-8"))["tokens"]
     assert "\ufffd" in vocab and "é" not in vocab
+    assert "charlm: note: 1 token of " in replaced.stderr and "holds U+FFFD" in replaced.stderr
+    assert "U+FFFD" not in as_latin.stderr
+
+
+# Lines of each script for the encodings a file in the wrong one is likely to be in.
+CHINESE = "今天天气很好，我们去公园散步。他说：“明天见！”\n" * 40
+JAPANESE = "今日はいい天気ですね。散歩に行きましょう。\n" * 40
+FRENCH = "Le café crème, déjà vu : une façade naïve.\n" * 40
+
+
+@pytest.mark.parametrize("text, encoding, given, named", [
+    (CHINESE, "gb18030", "utf-8", "it reads as gb18030: pass --encoding gb18030"),
+    (JAPANESE, "shift_jis", "utf-8", "it reads as shift_jis: pass --encoding shift_jis"),
+    (FRENCH, "cp1252", "utf-8", "it reads as cp1252: pass --encoding cp1252"),
+    (CHINESE, "utf-8", "gb18030", "it reads as utf-8: pass --encoding utf-8"),
+    # Big5 shows none of the traits checked: the message lists the usual encodings instead of guessing
+    ("今天天氣很好，我們去公園散步。\n" * 40, "big5", "utf-8", "gb18030 for simplified Chinese, big5 for traditional"),
+])
+def test_a_file_in_another_encoding_is_named_in_the_error(tmp_path, text, encoding, given, named):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(text.encode(encoding))
+    line = assert_one_line_error(cli(*train_args(tmp_path, corpus, "--encoding", given)), 2, "not valid", named)
+    assert line.endswith("or --errors replace to substitute bad bytes")
+
+
+def test_chinese_read_as_utf8_with_errors_replace_gets_a_note(tmp_path):
+    """GB18030's byte pairs are often valid UTF-8 too, so --errors replace gives letters of other scripts besides
+    U+FFFD: the note counts the U+FFFD tokens and names --encoding."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(CHINESE.encode("gb18030"))
+    result = cli(*train_args(tmp_path, corpus, "--errors", "replace"))
+    assert result.exit_code == 0, result.stderr
+    notes = [line for line in result.stderr.splitlines() if "U+FFFD" in line]
+    assert len(notes) == 1 and notes[0].startswith("charlm: note: ") and "--encoding" in notes[0]
+    assert int(notes[0].split()[2].replace(",", "")) > 100
 
 
 def test_unknown_encoding_and_errors_value_are_exit_2(tmp_path):
