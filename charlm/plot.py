@@ -161,16 +161,17 @@ def _draw(curves, rows, scale, unit, width_in, height_in, dpi, out, Figure, Figu
     for c, colour in zip(curves, colours):
         periodic, whole = _periodic_and_whole(c.metrics.val)
         apart = apart or bool(whole)
+        lone = {"marker": "o", "ms": 3} if len(c.metrics.train) == 1 else {}  # a line of one point draws nothing
         for col, (x, xscale) in enumerate((("step", 1.0), ("elapsed", scale))):
             ax = axes[0][col]
-            ax.plot(*_xy(c.metrics.train, x, "train_loss", xscale), color=colour, lw=1.4, alpha=0.9)
+            ax.plot(*_xy(c.metrics.train, x, "train_loss", xscale), color=colour, lw=1.4, alpha=0.9, **lone)
             ax.plot(*_xy(periodic, x, "val_loss", xscale), color=colour, lw=1.4, ls="--", marker="o", ms=3)
             ax.plot(*_xy(whole, x, "val_loss", xscale), color=colour, ls="none", marker="s", ms=5)
             if rows == 2:
                 ax = axes[1][col]
                 if c.level == "char":
                     xs, ys = _xy(c.metrics.train, x, "train_loss", xscale)
-                    ax.plot(xs, [y / LN2 for y in ys], color=colour, lw=1.4, alpha=0.9)
+                    ax.plot(xs, [y / LN2 for y in ys], color=colour, lw=1.4, alpha=0.9, **lone)
                 ax.plot(*_xy(periodic, x, "val_bpc", xscale), color=colour, lw=1.4, ls="--", marker="o", ms=3)
                 ax.plot(*_xy(whole, x, "val_bpc", xscale), color=colour, ls="none", marker="s", ms=5)
 

@@ -157,3 +157,28 @@ def test_a_whole_split_point_after_slice_checks_is_drawn_apart_from_the_periodic
     assert _periodic_and_whole(resumed) == (resumed[:4], [final | {"step": 3}])
     unsliced = older + [final | {"step": 3}]  # an older run that read the whole split, resumed: one curve
     assert _periodic_and_whole(unsliced) == (unsliced, [])
+
+
+def test_a_run_with_one_training_record_draws_it_as_a_point(tmp_path, monkeypatch):
+    """Catches: a training curve of one record drawn as a line without a marker, which shows nothing (a short
+    run logs once)."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from charlm.config import load_config
+    from charlm.plot import plot_runs
+    from charlm.train import train
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"line {i % 7} of a small corpus" for i in range(120)) + "\n", encoding="utf-8")
+    cfg = load_config(overrides=["model.hidden_size=8", "model.embedding_size=4", "train.batch_size=2",
+                                 "train.seq_len=8", "train.log_interval=2", "model.device=cpu", "train.max_steps=3"])
+    train(cfg, corpus, out=tmp_path / "run", show_progress=False)
+    figures = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *args, **kwargs: figures.append(fig))
+    plot_runs([tmp_path / "run"], tmp_path / "curves.png")
+    (fig,) = figures
+    train_lines = [line for ax in fig.axes for line in ax.get_lines()
+                   if line.get_linestyle() == "-" and len(line.get_xdata()) == 1]
+    assert len(train_lines) == 4  # loss and bits per character, against steps and against time
+    assert all(line.get_marker() not in (None, "None", "", " ") for line in train_lines)
