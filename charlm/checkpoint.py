@@ -218,6 +218,15 @@ def find_checkpoint(path: Path, which: str | None = None) -> Path:
                else "no best/ checkpoint yet (the run has not been validated so far)")
         raise UsageError(f"{path}: {why}; use --checkpoint last, or drop --checkpoint")
     looked = " or ".join(f"{name}/manifest.json" for name in order if not name.endswith(".old"))
+    if (path / "metrics.jsonl").exists() or (path / "config.yaml").exists():  # a run that has not saved yet
+        raise UsageError(f"{path} holds no checkpoint yet (no {looked}): a run saves one at each validation "
+                         f"check (train.eval_interval) and at its end, or when stopped with Ctrl-C")
+    runs = sorted(sub.name for sub in path.iterdir() if sub.is_dir() and (sub / "config.yaml").exists()) \
+        if path.is_dir() else []
+    if runs:
+        shown = ", ".join(runs[:5]) + (f" and {len(runs) - 5} more" if len(runs) > 5 else "")
+        raise UsageError(f"{path} is not a run folder but holds runs ({shown}): name one of them, "
+                         f"e.g. {path / runs[-1]}")
     raise UsageError(f"{path} holds no checkpoint (no {looked}): train into it first")
 
 

@@ -225,18 +225,18 @@ def sample(
 ) -> None:
     """Generate text from a trained model, stopping at <eos> or --max-length.
 
-    Example: charlm sample runs/shakespeare --prime "ROMEO:" --temperature 0.8 --seed 1
+    Example: charlm sample runs/shakespeare --prime "O Romeo, " --temperature 0.8 --seed 1
     """
     with _errors():
-        from .checkpoint import load_run
         from .runtime import resolve_device
         from .sample import check_options, iter_samples
 
         check_options(max_length, temperature, top_k, top_p, num_samples, seed)
         dev = resolve_device(device)
-        model, codec, _ = load_run(run_dir, dev, _which(checkpoint))
+        model, codec, _ = _load(run_dir, dev, checkpoint)
         samples = iter_samples(model, codec, prime, max_length, temperature, top_k, top_p, num_samples, seed,
                                allow_unk, dev)
+        ended_at_once = 0  # primed samples whose first token was <eos>: nothing generated
         for k, s in enumerate(samples):  # drawn a group at a time: each is shown as soon as its group is done
             if k == 0 and s.prime_unk:
                 _err_note(f"{s.prime_unk} token{'s' if s.prime_unk > 1 else ''} of --prime "
@@ -249,12 +249,28 @@ def sample(
             else:
                 _out(s.text)
             sys.stdout.flush()
+            ended_at_once += bool(prime) and not s.generated and s.stopped_at == "eos"
+        if ended_at_once:
+            _err_note(f"{'the sample' if num_samples == 1 else f'{ended_at_once} of {num_samples} samples'} ended "
+                      f"right after --prime: the model closed the line there (a prime that starts a line the "
+                      f"model would go on with, such as the first words of a sentence, gives more)")
 
 
 def _check_errors(errors: str) -> None:
     from .errors import UsageError
     if errors not in ("strict", "replace"):
         raise UsageError(f"--errors must be strict or replace, got '{errors}'")
+
+
+def _load(run_dir: Path, device, checkpoint: str | None):
+    """load_run, with a note on stderr when a run without best/ answers from last/ (`--checkpoint` not given)."""
+    from .checkpoint import is_checkpoint_folder, load_run
+
+    loaded = load_run(run_dir, device, _which(checkpoint))
+    folder = loaded[2].folder
+    if checkpoint is None and not is_checkpoint_folder(Path(run_dir)) and folder.name.startswith("last"):
+        _err_note(f"{run_dir} has no best/ checkpoint yet (not validated so far): reading {folder.name}/")
+    return loaded
 
 
 def _which(checkpoint: str | None) -> str | None:
@@ -284,7 +300,6 @@ def score(
     Example: charlm score runs/shakespeare "To be, or not to be." --per-token
     """
     with _errors():
-        from .checkpoint import load_run
         from .data import decode, read_text
         from .errors import UsageError
         from .runtime import resolve_device
@@ -296,7 +311,7 @@ def score(
             raise UsageError("give the sentences to score as arguments or as --file, not both")
         _check_errors(errors)
         dev = resolve_device(device)
-        model, codec, saved = load_run(run_dir, dev, _which(checkpoint))
+        model, codec, saved = _load(run_dir, dev, checkpoint)
         if not text and file is None and sys.stdin.isatty():
             print("charlm: reading sentences from standard input, one a line (end with Ctrl-D)", file=sys.stderr)
         if text:
@@ -358,7 +373,6 @@ def eval_(
     Example: charlm eval runs/shakespeare --file val.txt
     """
     with _errors():
-        from .checkpoint import load_run
         from .errors import UsageError
         from .runtime import resolve_device
         from .score import evaluate_file
@@ -367,7 +381,7 @@ def eval_(
             raise UsageError(f"--streams must be at least 1, got {streams}")
         _check_errors(errors)
         dev = resolve_device(device)
-        model, codec, saved = load_run(run_dir, dev, _which(checkpoint))
+        model, codec, saved = _load(run_dir, dev, checkpoint)
         r = evaluate_file(model, codec, file, streams, encoding or saved.cfg.data.encoding, errors, dev)
         if as_json:
             _out(json.dumps(asdict(r)))

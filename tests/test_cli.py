@@ -33,13 +33,14 @@ def json_lines(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def assert_usage_error(result, fragment: str) -> None:
-    """Exit 2, stdout empty, and exactly one line on stderr: `charlm: error: ...`."""
+def assert_usage_error(result, fragment: str) -> str:
+    """Exit 2, stdout empty, and exactly one line on stderr: `charlm: error: ...`; returns the line."""
     assert result.exit_code == 2, (result.stdout, result.stderr)
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("charlm: error: ") and fragment in lines[0], lines[0]
     assert "Traceback" not in result.output
+    return lines[0]
 
 
 # ---------------------------------------------------------------- the commands
@@ -188,13 +189,21 @@ def test_checkpoint_option_must_agree_with_a_checkpoint_folder(cli, tiny_run):
 
 
 def test_checkpoint_best_is_not_answered_with_the_last_one(cli, tiny_run, tmp_path):
-    """A run with only last/ (not validated yet): the default falls back to it, --checkpoint best refuses."""
+    """A run with only last/ (not validated yet): the default falls back to it, saying so on stderr;
+    --checkpoint best refuses."""
     import shutil
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run["run_dir"], run)
     shutil.rmtree(run / "best")
-    assert cli("score", run, "the cat.").exit_code == 0
+    for args in (("score", run, "the cat."), ("sample", run, "--max-length", "5"),
+                 ("eval", run, "--file", tiny_run["corpus"])):
+        fell_back = cli(*args)
+        assert fell_back.exit_code == 0, fell_back.stderr
+        assert fell_back.stderr.splitlines() == [
+            f"charlm: note: {run} has no best/ checkpoint yet (not validated so far): reading last/"]
+    for args in ((run, "--checkpoint", "last"), (run / "last",), (tiny_run["run_dir"],)):
+        assert cli("score", *args[:1], "the cat.", *args[1:]).stderr == ""  # asked for, or best/ there
     assert_usage_error(cli("score", run, "the cat.", "--checkpoint", "best"), "not been validated")
     (run / "best").mkdir()  # a best/ without its manifest: damaged, not missing
     assert_usage_error(cli("score", run, "the cat.", "--checkpoint", "best"), "damaged")
@@ -246,6 +255,41 @@ def test_non_utf8_corpus_is_exit_2(cli, tmp_path):
     corpus.write_bytes("caf\u00e9\n".encode("latin-1") * 100)
     result = cli("train", "--config", TINY_CONFIG, "--corpus", corpus, "--out", tmp_path / "r")
     assert_usage_error(result, "not valid utf-8")
+
+
+def test_a_run_that_has_not_saved_yet_and_a_folder_of_runs_are_told_apart(cli, tiny_run, tmp_path):
+    """A run folder without a checkpoint yet (training, not validated) is not told to 'train into it'; a folder
+    of runs names them."""
+    import shutil
+
+    started = tmp_path / "runs" / "started"
+    started.mkdir(parents=True)
+    shutil.copy(tiny_run["run_dir"] / "config.yaml", started / "config.yaml")
+    for args in (("sample", started), ("score", started, "x"), ("info", started)):
+        line = assert_usage_error(cli(*args), "holds no checkpoint yet")
+        assert "train.eval_interval" in line and "train into it" not in line
+    shutil.copytree(tiny_run["run_dir"], tmp_path / "runs" / "done")
+    line = assert_usage_error(cli("sample", tmp_path / "runs"), "not a run folder but holds runs (done, started)")
+    assert line.endswith(f"e.g. {tmp_path / 'runs' / 'started'}")
+
+
+def test_a_primed_sample_that_ends_at_once_gets_a_note(cli, tmp_path):
+    """A prime the corpus only ever ends a line with: greedy decoding closes the line at once, and the user
+    is told why nothing follows the prime."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("ROMEO.\nA line of verse, spoken.\n" * 200, encoding="utf-8")
+    run = tmp_path / "run"
+    trained = cli("train", "--config", TINY_CONFIG, "--corpus", corpus, "--out", run, "-q", "--max-steps", "300",
+                  "--set", "train.lr=0.01")
+    assert trained.exit_code == 0, trained.stderr
+    ended = cli("sample", run, "--prime", "ROMEO.", "--temperature", "0", "--num-samples", "2", "--json")
+    assert ended.exit_code == 0, ended.stderr
+    assert [s["generated"] for s in json_lines(ended.stdout)] == ["", ""]
+    assert ended.stderr.splitlines() == ["charlm: note: 2 of 2 samples ended right after --prime: the model closed "
+                                         "the line there (a prime that starts a line the model would go on with, "
+                                         "such as the first words of a sentence, gives more)"]
+    goes_on = cli("sample", run, "--prime", "A line", "--temperature", "0")
+    assert goes_on.exit_code == 0 and goes_on.stdout.startswith("A line of") and goes_on.stderr == ""
 
 
 def test_commands_on_a_folder_without_checkpoint_are_exit_2(cli, tmp_path):
