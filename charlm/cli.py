@@ -130,12 +130,17 @@ def _limit_advice(stopped_by: str, t) -> str:
     return advice
 
 
+PERPLEXITY_CAP = 1.0142320547350045e304  # e ** 700, where score.perplexity stops (a float64 ends near e ** 709.8)
+
+
 def _figure(x: float, spec: str) -> str:
     """x in `spec` (fixed decimals), or in exponent form where that would print hundreds of digits (the
-    perplexity of a model whose loss blew up)."""
+    perplexity of a model whose loss blew up); a perplexity at the cap is a bound, and says so."""
     if abs(x) < 1e15:
         return format(x, spec)
     width = spec.split(".")[0]
+    if x >= PERPLEXITY_CAP:
+        return format(">1e+304", f">{width}" if width else "")
     return format(x, f"{width}.4g")
 
 
@@ -186,6 +191,11 @@ def train(
 
             check_before_launch(cfg, corpus, val, nproc, out, resume)
             raise typer.Exit(run_torchrun(sys.argv[1:], nproc))
+        if resume is not None and config is not None:  # its limits replace the run's: say which
+            from .train import resume_changes
+            changes = resume_changes(resume, cfg)
+            if changes:
+                _err_note(f"--config {config} changes the run's {', '.join(changes)}")
         result = run_training(cfg, corpus, out=out, val=val, resume=resume, show_progress=not quiet,
                               cache_dir=cache_dir)
         if int(os.environ.get("RANK", "0")) != 0:
@@ -195,13 +205,16 @@ def train(
             return
         _out(f"run folder      {result.run_dir}")
         _out(f"steps           {result.steps} ({result.epochs:.2f} epochs, {result.elapsed:.1f} s, stopped by {result.stopped_by})")
-        _out(f"train loss      {result.train_loss:.4f}" if result.train_loss is not None
+        _out(f"train loss      {_figure(result.train_loss, '.4f')}" if result.train_loss is not None
              else f"train loss      - (no step left to run: {_limit_advice(result.stopped_by, cfg.train)})")
         if result.val_loss is not None:
             # the checkpoint was chosen on a slice of the split, whose loss is not comparable with the whole's
-            scope = f" on the first {result.best_val_tokens:,} validation tokens" if result.best_val_tokens else ""
-            _out(f"val loss        {result.val_loss:.4f} nats/token, perplexity {_figure(result.val_perplexity, '.2f')}, "
-                 f"{result.val_bits_per_char:.4f} bits/char (best {result.best_val_loss:.4f}{scope})")
+            best = _figure(result.best_val_loss, '.4f')
+            best = (f"best/ chosen at {best} on the first {result.best_val_tokens:,} validation tokens"
+                    if result.best_val_tokens else f"best {best}")
+            _out(f"val loss        {_figure(result.val_loss, '.4f')} nats/token, perplexity "
+                 f"{_figure(result.val_perplexity, '.2f')}, {_figure(result.val_bits_per_char, '.4f')} bits/char "
+                 f"({best})")
         _out(f"tokens/second   {result.tokens_per_second:,.0f}")
         _out(f"parameters      {result.parameters:,}")
 
@@ -474,7 +487,7 @@ def runs(
 
 def _print_runs(summaries) -> None:
     def fmt(value, spec: str = "") -> str:
-        return "-" if value is None else format(value, spec)
+        return "-" if value is None else _figure(value, spec) if isinstance(value, float) else format(value, spec)
 
     def clock(seconds) -> str:
         if seconds is None:

@@ -192,6 +192,21 @@ def _conflicts(old: Config, new: Config) -> list[str]:
     return [f"{s}.{k}" for s in a for k in a[s] if a[s][k] != b[s][k] and f"{s}.{k}" not in RESUMABLE_CHANGES]
 
 
+def resume_changes(resume: Path, cfg: Config) -> list[str]:
+    """What a resume with `cfg` changes of the run's config, as 'train.max_time 20 -> null'; nothing where the
+    resume will be refused (no run there, or a field that may not change: its error says so)."""
+    try:
+        old = ckpt.load_checkpoint(run_folder_of(Path(resume), "--resume", names=("last",)), "last").cfg
+    except UsageError:
+        return []
+    if _conflicts(old, cfg):
+        return []
+    a, b = old.to_dict(), cfg.to_dict()
+    shown = {None: "null", True: "true", False: "false"}
+    return [f"{s}.{k} {shown.get(a[s][k], a[s][k])} -> {shown.get(b[s][k], b[s][k])}"
+            for s in a for k in a[s] if a[s][k] != b[s][k]]
+
+
 def _make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     t = cfg.train
     params = list(model.parameters())
@@ -304,7 +319,8 @@ def _resume_state(resume: Path, cfg: Config):
     conflicts = _conflicts(saved.cfg, cfg)
     if conflicts:
         raise UsageError(f"--resume {resume}: the config differs from the checkpoint in "
-                         f"{', '.join(conflicts)}; only limits, intervals and device may change")
+                         f"{', '.join(conflicts)}; only the limits, the intervals, the device and the evaluation "
+                         f"settings (train.eval_tokens, train.eval_batch_size) may change")
     state = saved.trainer_state()
     if not isinstance(state, dict) or state.get("format") != TRAINER_FORMAT:
         found = state.get("format") if isinstance(state, dict) else None
@@ -715,4 +731,9 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
     if dist.is_main:
         with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps({"event": "end", **asdict(result)}) + "\n")
+        uniform = math.log(len(splits.codec.vocab))  # the loss of a model that gives every token alike
+        if final_val is not None and final_val > uniform + 1:
+            print(f"charlm: note: the validation loss {final_val:.4g} is more than a nat above {uniform:.4f} (ln "
+                  f"{len(splits.codec.vocab)}), the loss of giving every token the same probability: the model "
+                  f"has diverged; try a lower train.lr (or train.clip)", file=log_stream)
     return result

@@ -304,16 +304,44 @@ def test_a_diverged_models_perplexity_is_printed_as_a_number_not_hundreds_of_dig
     from charlm import score as score_module
 
     assert cli_module._figure(196.24, ".2f") == "196.24" and cli_module._figure(3.5, "9.3f") == "    3.500"
-    assert cli_module._figure(math.exp(700), ".3f") == "1.014e+304"
+    assert cli_module._figure(1e37, ".4f") == "1e+37" and cli_module._figure(2e303, "9.3f") == "   2e+303"
+    # e ** 700 is where perplexity stops: a bound, not the figure
+    assert cli_module._figure(math.exp(700), ".3f") == ">1e+304" == cli_module._figure(score_module.perplexity(800), "")
+    assert cli_module._figure(math.exp(700), "9.3f") == "  >1e+304"
     real = score_module.evaluate_file
 
     def diverged(*args, **kwargs):
         result = real(*args, **kwargs)
-        result.loss, result.perplexity = 3.3e11, math.exp(700)
+        result.loss, result.perplexity = 3.3e11, score_module.perplexity(3.3e11)
         return result
     monkeypatch.setattr(score_module, "evaluate_file", diverged)
     result = cli("eval", tiny_run["run_dir"], "--file", tiny_run["corpus"])
-    assert result.exit_code == 0 and "perplexity      1.014e+304\n" in result.stdout, result.stdout
+    assert result.exit_code == 0 and "perplexity      >1e+304\n" in result.stdout, result.stdout
+
+
+def test_a_run_that_diverged_gets_a_note_and_its_figures_stay_short(cli, write_corpus, tmp_path):
+    """Catches: a run whose loss blew up (lr 5 for 5e-3) ending with exit 0 and no word, and its losses
+    printed with dozens of digits in the report and in `runs`."""
+    out = tmp_path / "runs" / "blown"
+    result = cli("train", "--config", TINY_CONFIG, "--corpus", write_corpus(TINY_TEXT), "--out", out,
+                 "--max-steps", 40, "--set", "train.lr=5", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    end = json.loads((out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()[-1])
+    vocab = len(json.loads((out / "vocab.json").read_text(encoding="utf-8"))["tokens"])
+    assert end["val_loss"] > math.log(vocab) + 1
+    assert result.stderr.splitlines() == [
+        f"charlm: note: the validation loss {end['val_loss']:.4g} is more than a nat above {math.log(vocab):.4f} "
+        f"(ln {vocab}), the loss of giving every token the same probability: the model has diverged; try a lower "
+        f"train.lr (or train.clip)"]
+    calm = cli("train", "--config", TINY_CONFIG, "--corpus", write_corpus(TINY_TEXT), "--out", tmp_path / "calm",
+               "--max-steps", 2, "--quiet")
+    assert calm.exit_code == 0 and calm.stderr == ""  # an untrained model scores about ln V: no note
+    # a loss of 1e37 (as a run of SGD at lr 1e6 gives) is printed in exponent form in `runs`
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    blown = [r | {"val_loss": 1e37, "val_bpc": 1.4e37} if "val_loss" in r else r for r in records]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in blown), encoding="utf-8")
+    listed = cli("runs", tmp_path / "runs")
+    assert listed.exit_code == 0 and " 1e+37 " in listed.stdout and "0000000" not in listed.stdout, listed.stdout
 
 
 def test_a_resume_with_no_step_left_is_told_the_limit_that_stopped_it_and_a_way_on():
@@ -430,8 +458,8 @@ def test_train_human_output_states_the_figures_of_the_runs_end_record(cli, write
     assert lines[1].endswith(", stopped by max_steps)")
     assert lines[2] == f"train loss      {end['train_loss']:.4f}"
     assert lines[3] == (f"val loss        {end['val_loss']:.4f} nats/token, perplexity {end['val_perplexity']:.2f}, "
-                        f"{end['val_bits_per_char']:.4f} bits/char (best {end['best_val_loss']:.4f} on the first 30 validation "
-                        f"tokens)")
+                        f"{end['val_bits_per_char']:.4f} bits/char (best/ chosen at {end['best_val_loss']:.4f} on the first "
+                        f"30 validation tokens)")
     assert end["best_val_tokens"] == 30
     assert lines[5] == f"parameters      {end['parameters']:,}"
 

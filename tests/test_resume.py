@@ -187,6 +187,26 @@ def test_resume_with_an_optimizer_state_that_does_not_fit_is_exit_2(stopped, dam
     assert_one_line_error(result, 2, "trainer.pt", "does not fit this run")
 
 
+def test_a_config_given_on_resume_says_which_settings_of_the_run_it_changes(stopped, tmp_path):
+    """Catches: `--resume RUN --config FILE` taking the file's limits in silence (a run stopped at 6 of its
+    max_steps went on to the file's, and its max_time became the file's null)."""
+    run, _ = stopped
+    config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+    config["train"].update(max_steps=8, max_time=None, log_interval=config["train"]["log_interval"] + 1)
+    path = tmp_path / "other.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    result = cli("train", "--resume", run, "--config", path, "-q", "--json")
+    assert result.exit_code == 0, result.stderr
+    log = config["train"]["log_interval"]
+    assert result.stderr.splitlines() == [f"charlm: note: --config {path} changes the run's train.max_steps 6 -> 8, "
+                                          f"train.log_interval {log - 1} -> {log}"]
+    plain = cli("train", "--resume", run, "-q", "--json", "--max-steps", "9")  # the run's own config: no note
+    assert plain.exit_code == 0 and plain.stderr == ""
+    config["model"]["hidden_size"] += 1  # refused: the error alone, no note before it
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    assert_one_line_error(cli("train", "--resume", run, "--config", path), 2, "model.hidden_size")
+
+
 def test_resume_accepts_harmless_changes(stopped):
     run, _ = stopped
     result = cli("train", "--resume", run, "-q", "--json", "--max-steps", "9", "--max-time", "600",
