@@ -104,8 +104,9 @@ class BenchResult:
     vocab_size: int
     parameters: int
     threads: int
-    products: str  # products.backend(): "onednn" where charlm sends its larger float32 CPU products there
+    products: str  # products.backend(): "onednn" where the custom cells send their larger float32 CPU products
     native: str  # native.status(): "on" where the custom cells' step kernels of native.c run, else why not
+    # (both "-" for torch's modules, which use neither, and on CUDA)
     train_tokens_per_s: float
     infer_tokens_per_s: float
     sample_tokens_per_s: float
@@ -275,7 +276,8 @@ def run_bench(s: BenchSettings, progress: Callable[[str], None] | None = None) -
         results.append(BenchResult(
             x.cell, x.impl, str(device), s.hidden_size, s.embedding_size, s.layers, s.batch_size, s.seq_len,
             s.vocab_size, count_parameters(x.model), torch.get_num_threads(),
-            products.backend() if device.type == "cpu" else "-", native.status() if device.type == "cpu" else "-",
+            # both describe the custom cells' CPU path; torch's modules and CUDA use neither
+            *((products.backend(), native.status()) if device.type == "cpu" and x.impl == "custom" else ("-", "-")),
             med["train"], med["infer"],
             med["sample"], peak, MEMORY_MEASURE[device.type], train_rounds=rounds[(i, "train")],
             infer_rounds=rounds[(i, "infer")], sample_rounds=rounds[(i, "sample")]))

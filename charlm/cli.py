@@ -159,7 +159,7 @@ def train(
     max_time: Annotated[Optional[float], typer.Option(help="Wall-clock budget in seconds (train.max_time).")] = None,
     encoding: Annotated[Optional[str], typer.Option(help="Text encoding of the corpus, e.g. latin-1 (data.encoding).")] = None,
     errors: Annotated[Optional[str], typer.Option(help="Undecodable bytes: strict refuses the file, replace substitutes U+FFFD (data.errors).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config field: section.field=value (repeatable).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", metavar="<section.field=value>", help="Override a config field: section.field=value (repeatable).")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Folder for token files, reused while the corpus and tokenizer settings are unchanged (default: $CHARLM_CACHE_DIR, else .charlm-cache).")] = None,
     nproc: Annotated[int, typer.Option(help="Train data-parallel on this many local processes (launches torchrun).")] = 1,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or log lines.")] = False,
@@ -655,11 +655,15 @@ def _print_bench(results, gen, sco, markdown: bool) -> None:
 
     if results:
         r0 = results[0]
-        products = f", {r0.products} products, native kernels {r0.native}" if r0.device == "cpu" else ""
+        custom = next((r for r in results if r.products != "-"), None)  # the custom cells' CPU path, if measured
+        products = (f", custom cells: {custom.products} products, native kernels {custom.native}"
+                    if custom is not None else "")
+        rounds = len(r0.train_rounds)
+        rounds = "the median of 1 round" if rounds == 1 else f"medians of {rounds} rounds"
         threads = f"{r0.threads} thread" + ("s" if r0.threads != 1 else "")
         _out(f"device {r0.device} ({threads}{products}), hidden {r0.hidden_size}, embedding {r0.embedding_size}, "
              f"layers {r0.layers}, batch {r0.batch_size}, window {r0.seq_len}, vocabulary {r0.vocab_size}; "
-             f"tokens/s are medians of {len(r0.train_rounds)} rounds; ratio = this impl / torch; memory: {r0.memory_measure}")
+             f"tokens/s are {rounds}; ratio = this impl / torch; memory: {r0.memory_measure}")
         _out()
         table(["cell", "impl", "train tok/s", "infer tok/s", "sample tok/s", "train ratio", "infer ratio",
                "sample ratio", "peak MiB", "parameters"],
@@ -700,7 +704,11 @@ def main() -> None:
             exc.show()
         else:
             where = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else "charlm"
-            _err(f"{exc.format_message()} (see {where} -h)")
+            message = exc.format_message()
+            ctx = getattr(exc, "ctx", None)
+            if getattr(exc, "option_name", None) == "--debug" and ctx is not None and ctx.parent is not None:
+                message += f"; --debug goes before the command: charlm --debug {ctx.info_name} ..."  # not after it
+            _err(f"{message} (see {where} -h)")
         sys.exit(exc.exit_code)
     except BrokenPipeError:
         devnull = os.open(os.devnull, os.O_WRONLY)

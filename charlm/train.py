@@ -331,6 +331,13 @@ def _resume_state(resume: Path, cfg: Config):
     return saved, state
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
+
+
 def _note_replaced(splits: Splits, read: str, encoding: str, log_stream) -> None:
     """Say how much of a corpus read with --errors replace is U+FFFD. A file in another encoding loses more than
     its bad bytes: many byte pairs of GB18030 or Shift JIS are valid UTF-8 and read as wrong letters."""
@@ -443,6 +450,9 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
                  else f"data.min_freq {d.min_freq}: lower it")
         print(f"charlm: note: the vocabulary holds only <eos> and <unk> ({cause}); the model can learn nothing "
               f"but where lines end", file=log_stream)
+    if val is not None and dist.is_main and _same_file(Path(val), Path(corpus)):
+        print(f"charlm: note: --val {val} is the corpus itself: validation then measures text the model trains "
+              f"on, not how it does on new text", file=log_stream)
     if cfg.data.errors == "replace" and dist.is_main:
         _note_replaced(splits, f"{corpus} and {val}" if val else str(corpus), cfg.data.encoding, log_stream)
     share = t.batch_size // dist.world

@@ -347,6 +347,18 @@ def test_out_folder_that_already_holds_a_run_is_exit_2(tmp_path):
     assert_one_line_error(result, 2, "already holds a run", "--resume")
 
 
+def test_validation_on_the_training_corpus_itself_gets_a_note(tmp_path):
+    corpus = write_corpus(tmp_path)
+    result = cli(*train_args(tmp_path, corpus, "--val", corpus))
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.splitlines() == [f"charlm: note: --val {corpus} is the corpus itself: validation then "
+                                          f"measures text the model trains on, not how it does on new text"]
+    other = tmp_path / "val.txt"
+    other.write_text(corpus.read_text(encoding="utf-8"), encoding="utf-8")  # the same text, another file: no note
+    plain = cli(*train_args(tmp_path, corpus, "--val", other, "--out", tmp_path / "plain"))
+    assert plain.exit_code == 0 and plain.stderr == ""
+
+
 def test_a_vocabulary_of_only_eos_and_unk_gets_a_note(tmp_path):
     result = cli(*train_args(tmp_path, write_corpus(tmp_path), "--set", "data.min_freq=1000000"))
     assert result.exit_code == 0, result.stderr
@@ -451,6 +463,7 @@ def test_ascii_terminal_gets_escapes_not_a_crash(tmp_path):
     (("train", "--bogus", "1"), "--bogus"),
     (("sample",), "run_dir"),
     (("bogus",), "bogus"),
+    (("sample", "--debug", "runs/x"), "--debug goes before the command: charlm --debug sample ..."),
 ])
 def test_bad_command_line_is_one_line_and_exit_2(args, fragment):
     """Click's own usage errors too: one line naming the option, exit 2 (through the real entry point)."""

@@ -67,6 +67,7 @@ def test_bench_command_prints_json_lines_with_the_documented_keys():
         assert key in records[0]
     assert records[0]["products"] in ("onednn", "default")  # which library ran the CPU products
     assert records[0]["native"] == native.status()          # whether native.c's step kernels ran
+    assert records[1]["products"] == records[1]["native"] == "-"  # torch's modules use neither
 
 
 def test_bench_command_prints_a_markdown_table():
