@@ -218,6 +218,9 @@ def find_checkpoint(path: Path, which: str | None = None) -> Path:
                else "no best/ checkpoint yet (the run has not been validated so far)")
         raise UsageError(f"{path}: {why}; use --checkpoint last, or drop --checkpoint")
     looked = " or ".join(f"{name}/manifest.json" for name in order if not name.endswith(".old"))
+    if path.name.removesuffix(".old") in ("best", "last") and (path.parent / "metrics.jsonl").exists():
+        raise UsageError(f"{path} is a damaged checkpoint folder (no {MANIFEST_FILE}): pass the run folder "
+                         f"{path.parent}, whose other checkpoint is read instead")
     if (path / "metrics.jsonl").exists() or (path / "config.yaml").exists():  # a run that has not saved yet
         raise UsageError(f"{path} holds no checkpoint yet (no {looked}): a run saves one at each validation "
                          f"check (train.eval_interval) and at its end, or when stopped with Ctrl-C")

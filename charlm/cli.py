@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import math
 import os
 import signal
 import sys
@@ -139,6 +140,8 @@ def _figure(x: float, spec: str) -> str:
     if abs(x) < 1e15:
         return format(x, spec)
     width = spec.split(".")[0]
+    if math.isinf(x):
+        return format(x, f"{width}")
     if x >= PERPLEXITY_CAP:
         return format(">1e+304", f">{width}" if width else "")
     return format(x, f"{width}.4g")
@@ -191,13 +194,8 @@ def train(
 
             check_before_launch(cfg, corpus, val, nproc, out, resume)
             raise typer.Exit(run_torchrun(sys.argv[1:], nproc))
-        if resume is not None and config is not None:  # its limits replace the run's: say which
-            from .train import resume_changes
-            changes = resume_changes(resume, cfg)
-            if changes:
-                _err_note(f"--config {config} changes the run's {', '.join(changes)}")
         result = run_training(cfg, corpus, out=out, val=val, resume=resume, show_progress=not quiet,
-                              cache_dir=cache_dir)
+                              cache_dir=cache_dir, note_changes=f"--config {config}" if config is not None else None)
         if int(os.environ.get("RANK", "0")) != 0:
             return  # under torchrun only rank 0 reports
         if as_json:
@@ -282,7 +280,9 @@ def _load(run_dir: Path, device, checkpoint: str | None):
     loaded = load_run(run_dir, device, _which(checkpoint))
     folder = loaded[2].folder
     if checkpoint is None and not is_checkpoint_folder(Path(run_dir)) and folder.name.startswith("last"):
-        _err_note(f"{run_dir} has no best/ checkpoint yet (not validated so far): reading {folder.name}/")
+        why = ("its best/ is damaged (no manifest.json)" if (Path(run_dir) / "best").exists()
+               else "it has no best/ checkpoint yet (not validated so far)")
+        _err_note(f"{run_dir}: {why}; reading {folder.name}/")
     return loaded
 
 

@@ -129,38 +129,65 @@ def is_blank(path: Path, encoding: str, limit: int) -> bool:
     return not any(piece.strip() for piece in iter_text(path, encoding=encoding, errors="replace"))
 
 
-def _decode_error(name, offset: int, byte: bytes, encoding: str, head: bytes = b"") -> UsageError:
-    """The message for an undecodable byte; `head`, the file's first bytes, may show what it is instead."""
-    other = _reads_as(head, encoding)
+def _decode_error(name, offset: int, byte: bytes, encoding: str, head: bytes = b"",
+                  around: bytes = b"") -> UsageError:
+    """The message for an undecodable byte. `head` (the file's first bytes) and `around` (the bytes about the
+    bad one) may show what went wrong: a damaged UTF-8 file, or a file in another encoding."""
+    where = f"{name} is not valid {encoding}: byte offset {offset} ({byte!r})"
+    if _codec_name(encoding) == "utf-8" and _mostly_utf8(around):
+        return UsageError(f"{where}; the text about it is UTF-8, so the file is damaged, cut off mid-character "
+                          f"or mixes encodings there: --errors replace substitutes the bad bytes")
+    other = _reads_as(head if not head.isascii() else around, encoding)
     hint = (f"it reads as {other}: pass --encoding {other}" if other else
             "pass --encoding to name its encoding (cp1252 for Western European text saved on Windows, gb18030 "
-            "for simplified Chinese, big5 for traditional, shift_jis for Japanese)")
-    return UsageError(f"{name} is not valid {encoding}: byte offset {offset} ({byte!r}); {hint}, or --errors "
-                      f"replace to substitute bad bytes")
+            "for simplified Chinese, big5 for traditional, shift_jis or euc_jp for Japanese, euc_kr for Korean)")
+    return UsageError(f"{where}; {hint}, or --errors replace to substitute bad bytes")
 
 
-def _reads_as(head: bytes, encoding: str) -> str | None:
-    """An encoding that a file's first bytes read as, if they decode in it (and not in `encoding`) and the text
-    looks like what it is used for. A hint, not a promise: the legacy encodings decode much besides their own
-    text, so each is named only where its text shows a trait (UTF-8 where any byte outside ASCII would fail by
-    chance; GB18030 where the text is nearly all of GB2312's common characters; Shift JIS where a fifth is
-    kana; cp1252 where the bytes outside ASCII stand alone, as accented letters do)."""
-    if not head or head.isascii():
+def _file_decode_error(path: Path, at: int, encoding: str) -> UsageError:
+    """_decode_error for the byte at offset `at` of a file, read again with the bytes about it."""
+    with open(path, "rb") as fh:
+        head = fh.read(65536)
+        fh.seek(max(at - 32768, 0))
+        around = fh.read(65536)
+    byte = around[min(at, 32768):min(at, 32768) + 1]
+    return _decode_error(path, at, byte, encoding, head, around)
+
+
+def _mostly_utf8(data: bytes) -> bool:
+    """Bytes whose characters outside ASCII are nearly all well-formed UTF-8 (a few bad bytes among them). In
+    another encoding few are: a GB18030 pair is a valid UTF-8 sequence about one time in seven."""
+    text = data.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd")
+    good = sum(ord(c) > 127 for c in text) - bad
+    return good >= 8 and good >= 4 * bad
+
+
+def _reads_as(sample: bytes, encoding: str) -> str | None:
+    """An encoding that a file's bytes read as, if they decode in it (and not in `encoding`) and the text looks
+    like what it is used for. A hint, not a promise: the legacy encodings decode much besides their own text,
+    so each is named only where its text shows a trait, and they are tried from the pickiest (UTF-8, where a
+    byte outside ASCII fails by chance; EUC-KR, mostly Hangul; EUC-JP, a fifth kana; GB18030, nearly all of
+    GB2312's characters; Shift JIS, a fifth kana; cp1252, where the bytes outside ASCII stand alone, as
+    accented letters do). Big5 shows none of these and is not named."""
+    if not sample or sample.isascii():
         return None
-    for other in ("utf-8", "gb18030", "shift_jis", "cp1252"):
-        if _codec_name(encoding) == other:
+    for other in ("utf-8", "euc_kr", "euc_jp", "gb18030", "shift_jis", "cp1252"):
+        if _codec_name(encoding) == _codec_name(other):
             continue
         try:
-            text = codecs.getincrementaldecoder(other)().decode(head, final=False)
+            text = codecs.getincrementaldecoder(other)().decode(sample, final=False)
         except UnicodeDecodeError:
             continue
         wide = [c for c in text if ord(c) > 127]
-        if other == "gb18030":
-            fits = sum(_in_gb2312(c) for c in wide) >= 0.9 * len(wide)
-        elif other == "shift_jis":
+        if other == "euc_kr":
+            fits = sum("\uac00" <= c <= "\ud7a3" for c in wide) >= 0.5 * len(wide)
+        elif other in ("euc_jp", "shift_jis"):
             fits = sum("\u3040" <= c <= "\u30ff" for c in wide) >= 0.2 * len(wide)
+        elif other == "gb18030":
+            fits = sum(_in_gb2312(c) for c in wide) >= 0.9 * len(wide)
         elif other == "cp1252":
-            runs = [len(run) for run in re.findall(rb"[\x80-\xff]+", head)]
+            runs = [len(run) for run in re.findall(rb"[\x80-\xff]+", sample)]
             fits = sum(runs) <= 1.5 * len(runs)
         else:
             fits = True
@@ -217,8 +244,9 @@ def decode(raw: bytes, name: str, encoding: str = "utf-8", errors: str = "strict
     except LookupError:
         raise unknown_encoding(encoding) from None
     except UnicodeDecodeError as exc:
-        raise _decode_error(name, skip + exc.start, raw[skip + exc.start:skip + exc.start + 1], encoding,
-                            raw[:65536]) from None
+        at = skip + exc.start
+        raise _decode_error(name, at, raw[at:at + 1], encoding, raw[:65536],
+                            raw[max(at - 32768, 0):at + 32768]) from None
 
 
 def read_text(path: Path, encoding: str = "utf-8", errors: str = "strict") -> str:
@@ -297,12 +325,11 @@ def iter_text(path: Path, start: int = 0, end: int | None = None, encoding: str 
             size = block_size if remaining is None else min(block_size, remaining)
             block = fh.read(size) if size > 0 else b""
             final = not block
+            pending = len(decoder.getstate()[0])  # bytes of the last block kept back (a character cut in two)
             try:
                 text = carry + decoder.decode(block, final=final)
             except UnicodeDecodeError as exc:
-                with open(path, "rb") as head:
-                    raise _decode_error(path, offset + exc.start, block[exc.start:exc.start + 1], encoding,
-                                        head.read(65536)) from None
+                raise _file_decode_error(path, offset - pending + exc.start, encoding) from None
             except UnicodeError as exc:  # not tied to a byte
                 raise UsageError(f"{path} is not valid {encoding}: {exc}") from None
             if progress is not None:

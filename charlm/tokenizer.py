@@ -40,8 +40,10 @@ _WORD_RE = re.compile(rf"<unk>|[{_CJK}]|(?:(?![{_CJK}])\w)+(?:['’](?:(?![{_CJK
 _NO_SPACE_BEFORE = set(".,;:!?)]}%'’”»…")
 _NO_SPACE_AFTER = set("([{¿¡“‘«")
 _IS_CJK = re.compile(rf"^[{_CJK}]$")
-# Full-width and CJK punctuation (，。：！？、「」《》) carries its own spacing: no space on either side.
-_IS_WIDE_PUNCT = re.compile("^[\u3001-\u303f\uff01-\uff0f\uff1a-\uff20\uff3b-\uff40\uff5b-\uff65]$")
+# Full-width and CJK punctuation (，。：！？、「」《》) carries its own spacing: no space on either side. (Not
+# the ideographic zero, iteration marks or Hangzhou numerals of the same block: they are letters and digits.)
+_IS_WIDE_PUNCT = re.compile("^[\u3001-\u3004\u3008-\u3020\u3030\u303d-\u303f"
+                            "\uff01-\uff0f\uff1a-\uff20\uff3b-\uff40\uff5b-\uff65]$")
 # Narrow punctuation that Chinese text also uses: quotes, the dash of "——", the ellipsis of "……" and the dot
 # of transliterated names; next to a CJK token it takes no space, as it would in the text.
 _CJK_COMPANIONS = set("“”‘’—…·")
@@ -83,9 +85,14 @@ def _spaced(before: str | None, prev: str, tok: str) -> bool:
         return False
     if (cjk_prev and tok in _CJK_COMPANIONS) or (cjk_tok and prev in _CJK_COMPANIONS) or prev == tok == "—":
         return False
-    # a number's decimal point, time or thousands separator: 3.14, 10:30, 1,000 (but a list: 1, 2, 3)
-    if prev in ".:," and before is not None and before[-1].isdigit() and tok[0].isdigit():
-        return prev == "," and not (len(tok) == 3 and tok.isdigit())
+    # inside a number: a decimal point (3.14), a time's colons (10:30, 1:05:22), a thousands comma (1,000 and
+    # 12,345,678; not a list 1, 2, 3, nor "In 1999, 100 people")
+    if before is not None and prev in ".:," and before.isdigit() and tok.isdigit():
+        if prev == ".":
+            return False
+        if prev == ":":
+            return not (len(before) <= 2 and len(tok) == 2)
+        return not (len(before) <= 3 and before[0] != "0" and len(tok) == 3)
     return True
 
 

@@ -192,19 +192,12 @@ def _conflicts(old: Config, new: Config) -> list[str]:
     return [f"{s}.{k}" for s in a for k in a[s] if a[s][k] != b[s][k] and f"{s}.{k}" not in RESUMABLE_CHANGES]
 
 
-def resume_changes(resume: Path, cfg: Config) -> list[str]:
-    """What a resume with `cfg` changes of the run's config, as 'train.max_time 20 -> null'; nothing where the
-    resume will be refused (no run there, or a field that may not change: its error says so)."""
-    try:
-        old = ckpt.load_checkpoint(run_folder_of(Path(resume), "--resume", names=("last",)), "last").cfg
-    except UsageError:
-        return []
-    if _conflicts(old, cfg):
-        return []
-    a, b = old.to_dict(), cfg.to_dict()
-    shown = {None: "null", True: "true", False: "false"}
-    return [f"{s}.{k} {shown.get(a[s][k], a[s][k])} -> {shown.get(b[s][k], b[s][k])}"
-            for s in a for k in a[s] if a[s][k] != b[s][k]]
+def _changes(old: Config, new: Config) -> list[str]:
+    """What `new` changes of `old`, as 'train.max_time 20 -> null'."""
+    def shown(value) -> str:
+        return "null" if value is None else "true" if value is True else "false" if value is False else str(value)
+    a, b = old.to_dict(), new.to_dict()
+    return [f"{s}.{k} {shown(a[s][k])} -> {shown(b[s][k])}" for s in a for k in a[s] if a[s][k] != b[s][k]]
 
 
 def _make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
@@ -358,14 +351,16 @@ def _note_replaced(splits: Splits, read: str, encoding: str, log_stream) -> None
 
 def train(cfg: Config, corpus: Path | None, out: Path | None = None, val: Path | None = None,
           resume: Path | None = None, show_progress: bool = True, log_stream=None,
-          cache_dir: Path | None = None) -> TrainResult:
-    """Train a model on `corpus` into the run folder `out` (or continue the run `resume`)."""
+          cache_dir: Path | None = None, note_changes: str | None = None) -> TrainResult:
+    """Train a model on `corpus` into the run folder `out` (or continue the run `resume`). `note_changes`
+    names where a resume's config came from (`--config FILE`): a note then says what it changes of the
+    run's, once the resume has passed its checks."""
     log_stream = log_stream or sys.stderr
     dist, device = init_distributed(cfg.model.device)
     created: list[Path] = []  # the run folder, if this call made it
     try:
         result = _train(cfg, corpus, out, val, resume, show_progress and dist.is_main, log_stream, cache_dir,
-                        dist, device, created)
+                        dist, device, created, note_changes)
         # Leave together: a rank that tore down its process group while rank 0 was still writing the
         # last checkpoint aborted now and then in gloo's teardown (SIGABRT, a failed job). Only on
         # success: after a failure the other ranks may be inside a collective that this would not match.
@@ -383,7 +378,7 @@ def train(cfg: Config, corpus: Path | None, out: Path | None = None, val: Path |
 
 
 def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, dist, device,
-           created: list[Path]) -> TrainResult:
+           created: list[Path], note_changes: str | None = None) -> TrainResult:
     if cfg.train.precision == "bf16" and device.type != "cuda":  # checked once `auto` is resolved: no silent fp32
         raise UsageError(f"train.precision bf16 is for CUDA, and this run is on {device.type}: use fp32 "
                          f"(bf16 training on a CPU was measured less accurate: docs/benchmarks.md)")
@@ -480,6 +475,10 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
         ckpt.atomic_write_text(run_dir / ckpt.CONFIG_FILE, dump_yaml(cfg))
     if trainer_state is None and dist.is_main:
         ckpt.atomic_write_text(run_dir / ckpt.VOCAB_FILE, splits.codec.to_json())
+    changes = _changes(saved.cfg, cfg) if saved is not None and note_changes else []
+    if changes and dist.is_main:  # a config file on a resume brings its own limits: say what they replace
+        print(f"charlm: note: this resume (with {note_changes}) changes the run's {', '.join(changes)}",
+              file=log_stream)
 
     try:
         return _loop(cfg, run_dir, corpus, val, splits, rows, n_windows, model, net, optimizer, p, hidden, device,
@@ -742,7 +741,7 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
         with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps({"event": "end", **asdict(result)}) + "\n")
         uniform = math.log(len(splits.codec.vocab))  # the loss of a model that gives every token alike
-        if final_val is not None and final_val > uniform + 1:
+        if final_val is not None and final_val > uniform + 1 and train_loss is not None and train_loss > uniform + 1:
             print(f"charlm: note: the validation loss {final_val:.4g} is more than a nat above {uniform:.4f} (ln "
                   f"{len(splits.codec.vocab)}), the loss of giving every token the same probability: the model "
                   f"has diverged; try a lower train.lr (or train.clip)", file=log_stream)

@@ -135,6 +135,9 @@ FRENCH = "Le café crème, déjà vu : une façade naïve.\n" * 40
     (JAPANESE, "shift_jis", "utf-8", "it reads as shift_jis: pass --encoding shift_jis"),
     (FRENCH, "cp1252", "utf-8", "it reads as cp1252: pass --encoding cp1252"),
     (CHINESE, "utf-8", "gb18030", "it reads as utf-8: pass --encoding utf-8"),
+    ("안녕하세요. 오늘 날씨가 좋네요.\n" * 40, "euc_kr", "utf-8", "it reads as euc_kr: pass --encoding euc_kr"),
+    (JAPANESE, "euc_jp", "utf-8", "it reads as euc_jp: pass --encoding euc_jp"),
+    ("Größe und Übung machen den Meister.\n" * 40, "latin-1", "utf-8", "it reads as cp1252"),
     # Big5 shows none of the traits checked: the message lists the usual encodings instead of guessing
     ("今天天氣很好，我們去公園散步。\n" * 40, "big5", "utf-8", "gb18030 for simplified Chinese, big5 for traditional"),
 ])
@@ -143,6 +146,18 @@ def test_a_file_in_another_encoding_is_named_in_the_error(tmp_path, text, encodi
     corpus.write_bytes(text.encode(encoding))
     line = assert_one_line_error(cli(*train_args(tmp_path, corpus, "--encoding", given)), 2, "not valid", named)
     assert line.endswith("or --errors replace to substitute bad bytes")
+
+
+def test_a_utf8_file_with_a_stray_byte_is_called_damaged_not_another_encoding(tmp_path):
+    """Catches: UTF-8 accented letters (C3 A9...) are GB2312 characters too, so a UTF-8 file with one Latin-1
+    byte was told to read as gb18030, which decodes it without an error into Chinese."""
+    raw = ("El niño está en la región; él también comió jamón.\n" * 40).encode("utf-8")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(raw[:700] + "ñ".encode("latin-1") + raw[700:])
+    line = assert_one_line_error(cli(*train_args(tmp_path, corpus)), 2, "byte offset 700")
+    assert line.endswith("the text about it is UTF-8, so the file is damaged, cut off mid-character or mixes "
+                         "encodings there: --errors replace substitutes the bad bytes")
+    assert "gb18030" not in line
 
 
 def test_chinese_read_as_utf8_with_errors_replace_gets_a_note(tmp_path):

@@ -201,12 +201,19 @@ def test_checkpoint_best_is_not_answered_with_the_last_one(cli, tiny_run, tmp_pa
         fell_back = cli(*args)
         assert fell_back.exit_code == 0, fell_back.stderr
         assert fell_back.stderr.splitlines() == [
-            f"charlm: note: {run} has no best/ checkpoint yet (not validated so far): reading last/"]
+            f"charlm: note: {run}: it has no best/ checkpoint yet (not validated so far); reading last/"]
     for args in ((run, "--checkpoint", "last"), (run / "last",), (tiny_run["run_dir"],)):
         assert cli("score", *args[:1], "the cat.", *args[1:]).stderr == ""  # asked for, or best/ there
     assert_usage_error(cli("score", run, "the cat.", "--checkpoint", "best"), "not been validated")
     (run / "best").mkdir()  # a best/ without its manifest: damaged, not missing
     assert_usage_error(cli("score", run, "the cat.", "--checkpoint", "best"), "damaged")
+    damaged = cli("score", run, "the cat.")
+    assert damaged.exit_code == 0
+    assert damaged.stderr == f"charlm: note: {run}: its best/ is damaged (no manifest.json); reading last/\n"
+    # named itself, the damaged folder says so and points at the run (not 'no checkpoint yet')
+    shutil.copy(run / "last" / "config.yaml", run / "best" / "config.yaml")
+    assert_usage_error(cli("sample", run / "best"), f"{run / 'best'} is a damaged checkpoint folder (no "
+                                                    f"manifest.json): pass the run folder {run}")
 
 
 def test_bench_with_nothing_to_measure_is_exit_2(cli):
@@ -336,6 +343,13 @@ def test_a_run_that_diverged_gets_a_note_and_its_figures_stay_short(cli, write_c
     calm = cli("train", "--config", TINY_CONFIG, "--corpus", write_corpus(TINY_TEXT), "--out", tmp_path / "calm",
                "--max-steps", 2, "--quiet")
     assert calm.exit_code == 0 and calm.stderr == ""  # an untrained model scores about ln V: no note
+    # validation text unlike the corpus (all <unk>) scores far above ln V while training goes well: no note
+    unlike = tmp_path / "unlike.txt"
+    unlike.write_text("今天天气很好，我们去公园散步。\n" * 20, encoding="utf-8")
+    apart = cli("train", "--config", TINY_CONFIG, "--corpus", write_corpus(TINY_TEXT), "--val", unlike,
+                "--out", tmp_path / "apart", "--max-steps", 60, "--quiet", "--json")
+    assert apart.exit_code == 0 and apart.stderr == "", apart.stderr
+    assert json.loads(apart.stdout)["val_loss"] > math.log(vocab) + 1
     # a loss of 1e37 (as a run of SGD at lr 1e6 gives) is printed in exponent form in `runs`
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     blown = [r | {"val_loss": 1e37, "val_bpc": 1.4e37} if "val_loss" in r else r for r in records]

@@ -115,6 +115,20 @@ def test_a_line_with_no_safe_place_to_cut_is_still_read_in_bounded_pieces(tmp_pa
     assert "".join(pieces) == text and len(pieces) > 5 and max(len(p) for p in pieces) <= 24
 
 
+@pytest.mark.parametrize("tail, offset", [
+    ("é".encode("utf-8")[:1], 79),    # a file cut off inside its last character: the decoder held the byte back
+    (b"\xe4\xb8" + b"x\n", 79),       # a character that spans two blocks and is broken in the second
+])
+def test_a_broken_character_across_blocks_is_named_at_its_own_offset(tmp_path, monkeypatch, tail, offset):
+    """Catches: the offset counted from the block being read, not from the bytes the decoder held back."""
+    monkeypatch.setattr(data, "BLOCK_BYTES", 16)
+    corpus = tmp_path / "cut.txt"
+    corpus.write_bytes("好的文本 line\n".encode("utf-8") * 4 + b"ok abc " + tail)  # 72 + 7 bytes: the break
+    # is the last byte of the fifth 16-byte block
+    with pytest.raises(UsageError, match=rf"byte offset {offset} \(b'\\x(c3|e4)'\); the text about it is UTF-8"):
+        data.prepare(DataConfig(), corpus, cache_dir=tmp_path / "cache")
+
+
 def test_invalid_utf8_reports_the_byte_offset_across_blocks(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "BLOCK_BYTES", 16)
     corpus = tmp_path / "bad.txt"

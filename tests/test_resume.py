@@ -198,11 +198,18 @@ def test_a_config_given_on_resume_says_which_settings_of_the_run_it_changes(stop
     result = cli("train", "--resume", run, "--config", path, "-q", "--json")
     assert result.exit_code == 0, result.stderr
     log = config["train"]["log_interval"]
-    assert result.stderr.splitlines() == [f"charlm: note: --config {path} changes the run's train.max_steps 6 -> 8, "
-                                          f"train.log_interval {log - 1} -> {log}"]
+    assert result.stderr.splitlines() == [f"charlm: note: this resume (with --config {path}) changes the run's "
+                                          f"train.max_steps 6 -> 8, train.log_interval {log - 1} -> {log}"]
     plain = cli("train", "--resume", run, "-q", "--json", "--max-steps", "9")  # the run's own config: no note
     assert plain.exit_code == 0 and plain.stderr == ""
-    config["model"]["hidden_size"] += 1  # refused: the error alone, no note before it
+    config["train"]["max_steps"] = 1  # a value of 1 is shown as 1, not as true
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    again = cli("train", "--resume", run, "--config", path, "-q")
+    assert again.exit_code == 0 and again.stderr.endswith("changes the run's train.max_steps 9 -> 1\n"), again.stderr
+    # refused: the error alone, no note before it
+    assert_one_line_error(cli("train", "--resume", run, "--config", path, "--out", tmp_path / "elsewhere"), 2,
+                          "--out")
+    config["model"]["hidden_size"] += 1
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     assert_one_line_error(cli("train", "--resume", run, "--config", path), 2, "model.hidden_size")
 

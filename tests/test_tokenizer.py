@@ -66,6 +66,8 @@ def test_word_level_join_writes_chinese_punctuation_without_spaces():
     for text in ["他说：“今天很好。”我同意。", "‘好’的意思", "他——我……", "列夫·托尔斯泰",
                  "会说 English，因为 App 好用", "我有 65 本书", "Hello, world! 你好，世界。Emoji"]:
         assert tok.join(tok.split(text)) == text
+    # the ideographic zero and the iteration marks are no punctuation: a Latin word beside them keeps its space
+    assert tok.join(tok.split("〇 and 々 English")) == "〇 and 々 English"
     # the same narrow punctuation keeps English spacing when no CJK character is next to it
     assert tok.join(tok.split("he said “hi” — and ‘yes’ (ok)")) == "he said “hi” — and ‘yes’ (ok)"
 
@@ -74,7 +76,8 @@ def test_word_level_join_keeps_numbers_whole():
     """A decimal point, a time's colon and a thousands comma between digits take no space; a list does."""
     tok = Tokenizer("word")
     assert tok.split("3.14") == ["3", ".", "14"]  # split apart, joined back whole
-    for text in ["pi is 3.14 or so", "at 10:30 sharp", "1,000 or 12,345,678 people", "items 1, 2, 3"]:
+    for text in ["pi is 3.14 or so", "at 10:30 sharp", "1,000 or 12,345,678 people", "items 1, 2, 3",
+                 "In 1999, 100 people", "Chapter 3: 100 ways", "at 1:05:22"]:
         assert tok.join(tok.split(text)) == text
 
 
