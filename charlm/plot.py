@@ -122,7 +122,8 @@ def plot_runs(run_dirs: list[Path], out: Path, dpi: int = 100) -> PlotResult:
     if not curves:
         raise UsageError("plot: no run has logged a step yet (metrics.jsonl holds no loss lines)")
 
-    longest = max((r.get("elapsed") or 0.0) for c in curves for r in c.metrics.train + c.metrics.val)
+    longest = max((r["elapsed"] for c in curves for r in c.metrics.train + c.metrics.val  # the points _xy draws
+                   if isinstance(r.get("elapsed"), (int, float)) and math.isfinite(r["elapsed"])), default=0.0)
     scale, unit = _time_unit(float(longest))
     has_bpc = any(c.level == "char" or any("val_bpc" in r for r in c.metrics.val) for c in curves)
     rows = 2 if has_bpc else 1

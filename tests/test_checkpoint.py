@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 
 import pytest
@@ -162,4 +163,86 @@ def test_a_manifest_that_does_not_list_the_weights_is_refused(tmp_path):
     del manifest["files"]["model.safetensors"]
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises((UsageError, RunFailure), match="model.safetensors"):
+        load_checkpoint(tmp_path)
+
+
+# Kills checkpoint.py:145 (`if old.exists(): shutil.rmtree(old)` dropped before `os.rename(final, old)`).
+def test_saving_over_a_stale_old_copy_left_by_a_crash_replaces_both(tmp_path):
+    """A crash after the swap but before `last.old` was removed leaves it behind; a process that saves
+    without running recover() first must still be able to save (rename onto a non-empty folder fails)."""
+    cfg, codec, model = codec_and_model()
+    save_checkpoint(tmp_path, "last", model, cfg, codec)
+    shutil.copytree(tmp_path / "last", tmp_path / "last.old")
+    with torch.no_grad():
+        model.decoder.bias.add_(1.0)
+    save_checkpoint(tmp_path, "last", model, cfg, codec)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+    loaded, _, _ = load_run(tmp_path, which="last")
+    assert torch.equal(loaded.decoder.bias, model.decoder.bias)
+
+
+# Kills checkpoint.py:126 (`if tmp.exists(): shutil.rmtree(tmp)` dropped: mkdir of the temp folder fails).
+def test_saving_clears_a_leftover_temporary_folder_of_the_same_process_id(tmp_path):
+    cfg, codec, model = codec_and_model()
+    stale = tmp_path / f".tmp-best-{os.getpid()}"  # a crashed process of the same pid, never recovered
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"\0" * 10)
+    save_checkpoint(tmp_path, "best", model, cfg, codec)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+    load_run(tmp_path, which="best")
+
+
+# Kills checkpoint.py:283 (the `"/" in name` test dropped: an absolute path in the manifest is hashed and accepted).
+def test_a_manifest_naming_an_absolute_path_is_refused(tmp_path):
+    cfg, codec, model = codec_and_model()
+    folder = save_checkpoint(tmp_path / "run", "best", model, cfg, codec)
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not part of the checkpoint")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"][str(outside)] = sha256(outside)  # a forger's manifest that matches the outside file
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UsageError, match="unexpected file"):
+        load_checkpoint(tmp_path / "run")
+
+
+def _rewrite_weights(folder, change):
+    tensors = load_file(str(folder / "model.safetensors"))
+    change(tensors)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "1"})
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["model.safetensors"] = sha256(folder / "model.safetensors")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+# Kills checkpoint.py:356 (`missing or unexpected` -> `unexpected`) and checkpoint.py:367 (_is_tied_alias
+# ignoring tie_weights): the untied decoder weight is missing and the model would keep its random initial values.
+def test_a_weight_missing_from_the_file_is_refused_not_left_at_its_initial_value(tmp_path):
+    cfg, codec, model = codec_and_model()
+    assert not cfg.model.tie_weights
+    folder = save_checkpoint(tmp_path, "best", model, cfg, codec)
+    _rewrite_weights(folder, lambda t: t.pop("decoder.weight"))
+    with pytest.raises(UsageError, match="missing.*decoder.weight"):
+        load_run(tmp_path)
+
+
+# Kills checkpoint.py:356 (`missing or unexpected` -> `missing`): an extra tensor then fails as a KeyError.
+def test_a_weight_the_model_does_not_have_is_refused(tmp_path):
+    cfg, codec, model = codec_and_model()
+    folder = save_checkpoint(tmp_path, "best", model, cfg, codec)
+    _rewrite_weights(folder, lambda t: t.update({"extra.weight": torch.zeros(2, 2)}))
+    with pytest.raises(UsageError, match="unexpected.*extra.weight"):
+        load_run(tmp_path)
+
+
+# Kills checkpoint.py:345 (`rows.shape[0] != len(codec.vocab)` -> `>`): a vocabulary longer than the weights.
+def test_a_vocabulary_longer_than_the_weights_is_refused_when_loading(tmp_path):
+    cfg, codec, model = codec_and_model()
+    folder = save_checkpoint(tmp_path, "best", model, cfg, codec)
+    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    vocab["tokens"].append("\u2603")
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["vocab.json"] = sha256(folder / "vocab.json")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UsageError, match="do not belong together"):
         load_checkpoint(tmp_path)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import yaml
 
-from charlm.config import Config, describe_fields, dump_yaml, from_dict, load_config, parse_override
+from charlm.config import (MAX_SEED, Config, ModelConfig, describe_fields, dump_yaml, from_dict, load_config,
+                           parse_override)
 from charlm.errors import UsageError
 from conftest import PROJECT_ROOT
 
@@ -194,3 +198,54 @@ def test_an_empty_set_value_means_null():
 
     cfg = load_config(overrides=["train.max_steps=", "train.max_time=600"])
     assert cfg.train.max_steps is None and cfg.train.max_time == 600
+
+
+# Kills config.py:173 (`value > high` -> `value >= high`: a closed upper bound refused at the bound itself).
+def test_a_value_at_a_closed_upper_bound_is_accepted():
+    cfg = from_dict({"data": {"val_fraction": 0.5}, "train": {"final_lr_fraction": 1.0, "seed": MAX_SEED},
+                     "model": {"layers": 64}})
+    assert (cfg.data.val_fraction, cfg.train.final_lr_fraction, cfg.train.seed, cfg.model.layers) == \
+        (0.5, 1.0, MAX_SEED, 64)
+
+
+# Kills config.py:182 (the mapping check dropped: `set(5)` raises TypeError, a traceback).
+@pytest.mark.parametrize("value", [5, "gru", [1, 2]])
+def test_a_section_that_is_not_a_mapping_is_a_usage_error(value):
+    with pytest.raises(UsageError, match="section 'model' must be a mapping"):
+        from_dict({"model": value})
+
+
+# Kills config.py:200 (`raw.get(name) or {}` -> `raw.get(name, {})`: a section left empty refused).
+def test_a_section_with_every_key_commented_out_gives_its_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  # hidden_size: 8\ntrain:\n  lr: 0.1\n", encoding="utf-8")
+    cfg = load_config(path)
+    assert cfg.model == ModelConfig() and cfg.train.lr == 0.1
+
+
+# Kills config.py:213 (`cutoffs[0] < 1` dropped, or `sorted(set(cutoffs))` -> `sorted(cutoffs)`).
+@pytest.mark.parametrize("cutoffs", ["0,10", "10,10", "-5"])
+def test_adaptive_cutoffs_must_be_positive_and_strictly_increasing(cutoffs):
+    with pytest.raises(UsageError, match="increasing positive"):
+        from_dict({"model": {"softmax": "adaptive", "adaptive_cutoffs": cutoffs}})
+
+
+# Kills config.py:301 (the check dropped: `--set` into a section that is not a mapping raises TypeError).
+def test_a_set_into_a_section_that_is_not_a_mapping_is_a_usage_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: 5\n", encoding="utf-8")
+    with pytest.raises(UsageError, match="section 'model' must be a mapping"):
+        load_config(path, ["model.cell=gru"])
+
+
+# Kills config.py:228 (`id(node) in seen_nodes` dropped: a recursive alias loops for ever). Run in a child
+# process so that the mutant hangs the child, not the test session; the timeout is generous.
+def test_a_recursive_yaml_alias_is_refused_and_does_not_hang(tmp_path):
+    path = tmp_path / "loop.yaml"
+    path.write_text("model: &a [*a]\n", encoding="utf-8")
+    script = ("import sys\nfrom charlm.config import load_config\nfrom charlm.errors import UsageError\n"
+              "try:\n    load_config(sys.argv[1])\nexcept UsageError as exc:\n    print(exc.message)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120,
+                          cwd=PROJECT_ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "section 'model' must be a mapping" in done.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -275,3 +276,118 @@ def test_the_torchrun_command_drops_nproc_in_both_spellings_and_keeps_every_othe
     (cmd,) = started
     assert cmd[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     assert cmd[5:] == ["-m", "charlm", "train", "--corpus", "c.txt", "--set", "train.lr=0.1", "-q", "--json"]
+
+
+class _FakeTorchrun:
+    """subprocess.Popen standing in for torchrun: ends with `returncode`; records the signals passed on.
+    `on_start` runs inside the constructor (before run_torchrun holds the process)."""
+
+    def __init__(self, returncode, on_start=None):
+        self.returncode_at_end, self.on_start, self.sent = returncode, on_start, []
+
+    def __call__(self, cmd, **kwargs):
+        self.returncode, self.stderr = None, None
+        if self.on_start:
+            self.on_start()
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def send_signal(self, sig):
+        self.sent.append(sig)
+
+    def wait(self):
+        self.returncode = self.returncode_at_end
+        return self.returncode
+
+
+def _run_fake_torchrun(monkeypatch, returncode, relayed=(None, False, []), during_relay=None, on_start=None):
+    from charlm import launch
+
+    fake = _FakeTorchrun(returncode, on_start)
+    monkeypatch.setattr(launch.subprocess, "Popen", fake)
+
+    def relay(stream, signalled=None):
+        if during_relay:
+            during_relay()
+        return relayed
+    monkeypatch.setattr(launch, "relay_worker_stderr", relay)
+    return launch.run_torchrun(["train", "--corpus", "c.txt", "--nproc", "2"], 2), fake
+
+
+# Kills launch.py:86 (torchrun's held-back report no longer shown when no worker said what went wrong).
+def test_a_failure_no_worker_explained_shows_torchrun_s_own_report(monkeypatch, capsys):
+    code, _ = _run_fake_torchrun(monkeypatch, 1, (None, False, [b"torchrun: rendezvous failed\n"]))
+    assert code == 1 and "torchrun: rendezvous failed" in capsys.readouterr().err
+
+
+# Kills launch.py:96 (`EXIT_FAILURE if code < 0` dropped: torchrun killed by a signal gave a negative exit code).
+def test_torchrun_killed_by_a_signal_exits_1_not_a_negative_code(monkeypatch):
+    code, _ = _run_fake_torchrun(monkeypatch, -9)
+    assert code == 1
+
+
+# Kills launch.py:92 (a worker killed by a signal described as "failed first, with exit code -9").
+def test_a_worker_killed_by_a_signal_is_named_with_the_signal(monkeypatch, capsys):
+    held = [b"E1202 05:51:14.327000 17218 torch/distributed/elastic/multiprocessing/api.py:1002] "
+            b"failed (exitcode: -9) local_rank: 1 (pid: 17223) of binary: python\n"]
+    code, _ = _run_fake_torchrun(monkeypatch, 1, (-9, True, held))
+    assert code == 1
+    assert "charlm: error: torchrun: the worker of local rank 1 was killed by signal 9" in capsys.readouterr().err
+
+
+# Kills launch.py:67 (`signum not in stopped` dropped: a second Ctrl-C passed on again, which makes torchrun
+# kill the workers while they save).
+def test_a_second_signal_is_not_passed_on_to_torchrun_again(monkeypatch):
+    def two_ctrl_c():
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+    code, fake = _run_fake_torchrun(monkeypatch, 1, during_relay=two_ctrl_c)
+    assert fake.sent == [signal.SIGINT] and code == 130
+
+
+# Kills launch.py:76 (a signal that came before torchrun was started never passed on to it).
+def test_a_signal_before_torchrun_started_is_passed_on_once_it_has(monkeypatch):
+    code, fake = _run_fake_torchrun(monkeypatch, 1, on_start=lambda: signal.raise_signal(signal.SIGTERM))
+    assert fake.sent == [signal.SIGTERM] and code == 143
+
+
+# Kills launch.py:115 (`worker_code or int(...)` -> the last exit code torchrun printed, not the first failure's).
+def test_the_relay_keeps_the_exit_code_of_the_first_failure():
+    first = (b"E1202 05:51:14.327000 17218 torch/distributed/elastic/multiprocessing/api.py:1002] "
+             b"failed (exitcode: 3) local_rank: 1 (pid: 17223) of binary: python\n")
+    _, (code, _, _) = _relay([b"charlm: error: rank 0 lost its peer\n", first,
+                              b"Traceback (most recent call last):\n  torchrun's\n",
+                              b"  exitcode  : 3\n", b"  exitcode  : 1\n"])
+    assert code == 3
+
+
+# Kills launch.py:27 (the --val file no longer checked before the workers start).
+def test_check_before_launch_refuses_a_missing_validation_file(tmp_path):
+    from charlm.config import load_config
+    from charlm.errors import UsageError
+    from charlm.launch import check_before_launch
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat.\n" * 20, encoding="utf-8")
+    with pytest.raises(UsageError, match="file not found: .*nowhere.txt"):
+        check_before_launch(load_config(None, ["train.batch_size=4"], {}), corpus, tmp_path / "nowhere.txt", 2,
+                            tmp_path / "run")
+
+
+# Kills launch.py:32 (`resume is None` dropped: `--resume runs/corpus --corpus corpus.txt --nproc 2` refused as
+# "already holds a run", since the default --out of that corpus is the run being resumed).
+def test_check_before_launch_lets_a_resume_continue_the_corpus_s_default_run(tmp_path, monkeypatch):
+    from charlm.config import load_config
+    from charlm.launch import check_before_launch
+
+    monkeypatch.chdir(tmp_path)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat.\n" * 20, encoding="utf-8")
+    run = tmp_path / "runs" / "corpus"
+    (run / "last").mkdir(parents=True)  # the run started earlier with the default --out
+    check_before_launch(load_config(None, ["train.batch_size=4"], {}), corpus, None, 2, None, resume=run)

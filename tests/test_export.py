@@ -1,5 +1,6 @@
 """charlm export: the single-step model runs without charlm and gives charlm's logits and state."""
 
+import builtins
 import json
 import subprocess
 import sys
@@ -284,3 +285,50 @@ def test_only_charlms_own_exports_may_be_overwritten(tmp_path):
     for path in (script, onnx_like):
         assert _is_export(path), path
         _check_destination(path)
+
+
+# Kills export.py:102 (the suffix compared without .lower(): "m.ONNX" written as TorchScript).
+def test_export_takes_onnx_from_an_upper_case_suffix(tmp_path):
+    pytest.importorskip("onnx")
+    run = make_run(tmp_path, "rnn", "torch", layers=1)
+    assert export_model(run, None, tmp_path / "m.ONNX").format == "onnx"
+
+
+# Kills export.py:107 (the contradiction check applied to every name: --format onnx refused for "m.bin").
+def test_an_explicit_format_may_write_a_name_of_another_suffix(tmp_path):
+    pytest.importorskip("onnx")
+    run = make_run(tmp_path, "rnn", "torch", layers=1)
+    assert export_model(run, "onnx", tmp_path / "m.bin").format == "onnx"
+    assert export_model(run, "torchscript", tmp_path / "m.ts").format == "torchscript"
+
+
+# Kills export.py:131 (the check's result replaced by 0.0: a broken export reported as exact).
+def test_export_reports_the_difference_its_check_finds(tmp_path, monkeypatch):
+    from charlm import export as export_mod
+
+    run = make_run(tmp_path, "gru", "torch", layers=1)
+    real_load = export_mod._load_torchscript
+
+    def load_off_by_one(path):
+        step = real_load(path)
+        return lambda tokens, state: (lambda out: (out[0] + 1.0, out[1]))(step(tokens, state))
+    monkeypatch.setattr(export_mod, "_load_torchscript", load_off_by_one)
+    result = export_model(run, "torchscript", tmp_path / "m.pt")
+    assert result.max_abs_diff == pytest.approx(1.0, abs=1e-4) and result.check_steps == 8
+
+
+# Kills export.py:201 (no onnxruntime made a failure) and export.py:133 (check_steps reported for a check
+# that did not run).
+def test_an_onnx_export_without_onnxruntime_is_written_and_says_it_was_not_checked(tmp_path, monkeypatch):
+    pytest.importorskip("onnx")
+    run = make_run(tmp_path, "rnn", "torch", layers=1)
+    real_import = builtins.__import__
+
+    def no_onnxruntime(name, *args, **kwargs):
+        if name == "onnxruntime" or name.startswith("onnxruntime."):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_onnxruntime)
+    result = export_model(run, "onnx", tmp_path / "m.onnx")
+    assert (tmp_path / "m.onnx").stat().st_size > 0
+    assert result.max_abs_diff is None and result.check_steps == 0

@@ -1,12 +1,17 @@
 """charlm plot: the PNG is written, has the promised size and is not blank; a clear error without matplotlib."""
 
 import builtins
+import json
+import math
+import warnings
 
 import pytest
 from typer.testing import CliRunner
 
+from charlm import plot as plot_mod
 from charlm.cli import app
 from charlm.config import load_config
+from charlm.errors import UsageError
 from charlm.train import train
 
 
@@ -182,3 +187,124 @@ def test_a_run_with_one_training_record_draws_it_as_a_point(tmp_path, monkeypatc
                    if line.get_linestyle() == "-" and len(line.get_xdata()) == 1]
     assert len(train_lines) == 4  # loss and bits per character, against steps and against time
     assert all(line.get_marker() not in (None, "None", "", " ") for line in train_lines)
+
+
+def hand_made_run(folder, level, records):
+    """A run folder with only what plot reads: config.yaml (for the level) and metrics.jsonl."""
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(f"data: {{level: {level}}}\n", encoding="utf-8")
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return folder
+
+
+def record_figures(monkeypatch):
+    """The matplotlib Figures plot_runs makes, kept for the test to read the drawn lines from."""
+    Figure, FigureCanvasAgg, Line2D = plot_mod._matplotlib()
+    made = []
+
+    class Recorded(Figure):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(plot_mod, "_matplotlib", lambda: (Recorded, FigureCanvasAgg, Line2D))
+    return made
+
+
+# Kills plot.py:96 (time divided -> multiplied by the unit), plot.py:125 (the unit chosen from the shortest
+# time, not the longest) and plot.py:95 (non-finite losses kept as points).
+def test_plot_draws_the_logged_points_against_steps_and_minutes(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    figures = record_figures(monkeypatch)
+    run = hand_made_run(tmp_path / "r", "char", [
+        {"step": 2, "elapsed": 100.0, "train_loss": 2.0},
+        {"step": 2, "elapsed": 100.0, "val_loss": float("nan"), "val_bpc": float("nan")},
+        {"step": 4, "elapsed": 600.0, "train_loss": 1.5},
+        {"step": 4, "elapsed": 600.0, "val_loss": 1.4, "val_bpc": 2.0},
+    ])
+    plot_mod.plot_runs([run], tmp_path / "c.png")
+    (fig,) = figures
+    steps, minutes = fig.axes[0], fig.axes[1]
+    train, val = steps.lines[0], steps.lines[1]
+    assert list(train.get_xdata()) == [2, 4] and list(train.get_ydata()) == [2.0, 1.5]
+    assert list(val.get_xdata()) == [4] and list(val.get_ydata()) == [1.4]  # the NaN check is left out
+    assert minutes.get_xlabel() == "wall-clock time (min)"
+    assert list(minutes.lines[0].get_xdata()) == pytest.approx([100 / 60, 10.0])
+
+
+# Kills plot.py:85 (`seconds < 180` moved: a two-minute run drawn in minutes) and the other thresholds.
+def test_the_time_axis_unit_follows_the_length_of_the_run():
+    assert plot_mod._time_unit(120) == (1.0, "s")
+    assert plot_mod._time_unit(600) == (60.0, "min")
+    assert plot_mod._time_unit(4 * 3600) == (3600.0, "h")
+
+
+# Kills plot.py:128 (`rows = 2 if has_bpc else 1` -> `rows = 2`: an empty bits-per-character row).
+def test_a_word_run_without_bits_per_character_gets_one_row(tmp_path):
+    pytest.importorskip("matplotlib")
+    run = hand_made_run(tmp_path / "w", "word", [{"step": 2, "elapsed": 1.0, "train_loss": 5.0},
+                                                 {"step": 2, "elapsed": 1.0, "val_loss": 5.5}])
+    result = plot_mod.plot_runs([run], tmp_path / "w.png")
+    assert (result.width, result.height) == (1200, 480)
+
+
+# Kills plot.py:127 (a char run without val_bpc no longer gets the bits-per-character row of its training loss).
+def test_a_char_run_gets_a_bits_per_character_row_from_its_training_loss(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    figures = record_figures(monkeypatch)
+    run = hand_made_run(tmp_path / "c", "char", [{"step": 2, "elapsed": 1.0, "train_loss": 2.0}])
+    result = plot_mod.plot_runs([run], tmp_path / "c.png")
+    assert result.height == 880
+    bits = figures[0].axes[2].lines[0]
+    assert list(bits.get_ydata()) == pytest.approx([2.0 / math.log(2)])
+
+
+# Kills plot.py:118 (a run with validation lines but no training line yet skipped as "no steps logged").
+def test_a_run_that_has_logged_only_validation_lines_is_drawn(tmp_path):
+    pytest.importorskip("matplotlib")
+    run = hand_made_run(tmp_path / "v", "char", [{"step": 10, "elapsed": 1.0, "val_loss": 2.5, "val_bpc": 3.6}])
+    result = plot_mod.plot_runs([run], tmp_path / "v.png")
+    assert result.runs == ["v"] and result.skipped == []
+
+
+# Kills plot.py:104 (the suffix compared without .lower(): "curves.PNG" refused).
+def test_plot_accepts_an_upper_case_png_suffix(tmp_path):
+    pytest.importorskip("matplotlib")
+    run = hand_made_run(tmp_path / "r", "char", [{"step": 2, "elapsed": 1.0, "train_loss": 2.0}])
+    plot_mod.plot_runs([run], tmp_path / "curves.PNG")
+    assert (tmp_path / "curves.PNG").stat().st_size > 0
+
+
+# Kills plot.py:198 (OSError no longer turned into a UsageError: a traceback when --out cannot be written).
+def test_plot_to_a_place_that_cannot_be_written_is_a_usage_error(tmp_path):
+    pytest.importorskip("matplotlib")
+    run = hand_made_run(tmp_path / "r", "char", [{"step": 2, "elapsed": 1.0, "train_loss": 2.0}])
+    (tmp_path / "file.txt").write_text("a file, not a folder", encoding="utf-8")
+    with pytest.raises(UsageError, match="cannot write"):
+        plot_mod.plot_runs([run], tmp_path / "file.txt" / "c.png")
+
+
+# Kills plot.py:137 (every warning taken for a missing glyph: others swallowed and glyphs_missing set).
+def test_other_matplotlib_warnings_pass_through_and_are_not_called_missing_glyphs(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    run = hand_made_run(tmp_path / "r", "char", [{"step": 2, "elapsed": 1.0, "train_loss": 2.0}])
+    real_draw = plot_mod._draw
+
+    def draw_and_warn(*args):
+        warnings.warn("tight_layout not applied", UserWarning)
+        real_draw(*args)
+    monkeypatch.setattr(plot_mod, "_draw", draw_and_warn)
+    with pytest.warns(UserWarning, match="tight_layout not applied"):
+        result = plot_mod.plot_runs([run], tmp_path / "c.png")
+    assert result.glyphs_missing is False
+
+
+def test_a_time_that_is_not_a_number_is_left_out_rather_than_failing(tmp_path):
+    """Catches: the time unit chosen over every record's elapsed, so a damaged line ("2.0" as text, or
+    Infinity) made plot fail with a TypeError while runs coped with the same file."""
+    pytest.importorskip("matplotlib")
+    run = hand_made_run(tmp_path / "r", "char", [{"step": 1, "elapsed": 1.0, "train_loss": 2.0},
+                                                 {"step": 2, "elapsed": "2.0", "train_loss": 1.9},
+                                                 {"step": 3, "elapsed": float("inf"), "train_loss": 1.8}])
+    result = plot_mod.plot_runs([run], tmp_path / "c.png")
+    assert result.runs == ["r"] and (tmp_path / "c.png").stat().st_size > 0

@@ -377,3 +377,84 @@ def test_an_older_run_that_checked_the_whole_split_keeps_its_older_checks_after_
                                           {"step": 3, "elapsed": 3.0, "val_loss": 1.45, "val_slice": False}, end],
                          {"step": 3})
     assert summarize(run).best_val_loss == 1.40  # no labelled record read a slice: the older ones are whole-split
+
+
+# Kills runs.py:84 (non-object lines not counted: `record.get` on an int raises) and runs.py:336 (_int
+# without isfinite: int(inf) raises OverflowError); summarize must never raise for a damaged run.
+def test_metrics_lines_that_are_not_objects_or_hold_an_infinite_step_do_not_break_the_summary(tmp_path):
+    run = _hand_made_run(tmp_path / "r", [
+        {"step": 2, "elapsed": 1.0, "train_loss": 2.0},
+        {"step": float("inf"), "elapsed": 1.5, "train_loss": 1.9},
+        {"event": "end", "steps": 4, "elapsed": 3.0},
+    ], {"step": 4})
+    with open(run / "metrics.jsonl", "a", encoding="utf-8") as fh:
+        fh.write("3\n[1, 2]\n")
+    assert read_metrics(run).bad_lines == 2
+    s = summarize(run)
+    assert (s.status, s.steps) == ("done", 4)
+
+
+# Kills runs.py:127 (is_run_dir ignoring "config.yaml beside best/ or last/": a run without metrics is not found).
+def test_a_run_folder_without_metrics_is_found_by_its_config_and_checkpoint(tmp_path):
+    run = _hand_made_run(tmp_path / "runs" / "old", [], {"step": 3})
+    (run / "metrics.jsonl").unlink()
+    assert find_runs(tmp_path / "runs") == [run]
+    (summary,) = list_runs(tmp_path / "runs")
+    assert summary.status == "broken" and summary.problem == "no metrics.jsonl" and summary.steps == 3
+
+
+# Kills runs.py:190 (hidden folders searched: a run kept under runs/.trash is listed).
+def test_runs_under_a_hidden_folder_are_not_listed(tmp_path):
+    end = {"event": "end", "steps": 2, "elapsed": 1.0}
+    _hand_made_run(tmp_path / "runs" / "a", [{"step": 2, "elapsed": 1.0, "train_loss": 2.0}, end], {"step": 2})
+    _hand_made_run(tmp_path / "runs" / ".trash" / "old", [{"step": 2, "elapsed": 1.0, "train_loss": 2.0}, end],
+                   {"step": 2})
+    assert [r.name for r in list_runs(tmp_path / "runs")] == ["a"]
+
+
+# Kills runs.py:254 (non-finite validation losses kept: min() over a NaN gives NaN as the best loss).
+def test_a_nan_validation_loss_never_becomes_the_best(tmp_path):
+    run = _hand_made_run(tmp_path / "r", [
+        {"step": 2, "elapsed": 1.0, "val_loss": float("nan"), "val_bpc": float("nan")},
+        {"step": 4, "elapsed": 2.0, "val_loss": 1.5, "val_bpc": 2.2},
+        {"event": "end", "steps": 4, "elapsed": 3.0},
+    ], {"step": 4})
+    s = summarize(run)
+    assert (s.best_val_loss, s.best_val_bpc) == (1.5, 2.2)
+
+
+# Kills runs.py:266 (the manifest's val_loss no longer used when the metrics hold no validation line).
+def test_the_best_loss_falls_back_to_the_checkpoint_manifest(tmp_path):
+    run = _hand_made_run(tmp_path / "r", [{"step": 4, "elapsed": 1.0, "train_loss": 2.0},
+                                          {"event": "end", "steps": 4, "elapsed": 2.0}],
+                         {"step": 4, "val_loss": 1.75})
+    assert summarize(run).best_val_loss == 1.75
+
+
+# Kills runs.py:285 (the name sort before the column sort dropped: ties come in folder-walk order).
+def test_runs_with_equal_values_are_listed_in_name_order(tmp_path):
+    records = [{"step": 2, "elapsed": 1.0, "train_loss": 2.0}, {"event": "end", "steps": 2, "elapsed": 1.0}]
+    _hand_made_run(tmp_path / "b", records, {"step": 2})
+    _hand_made_run(tmp_path / "a" / "x", records, {"step": 2})  # found after b: the walk finds b first
+    for sort in ("steps", "-steps"):
+        assert [r.name for r in list_runs(tmp_path, sort)] == ["a/x", "b"]
+
+
+# Kills runs.py:246 (the end record's step count ignored: a run whose last log line came before its end).
+def test_a_finished_run_counts_the_steps_its_end_record_gives(tmp_path):
+    run = _hand_made_run(tmp_path / "r", [{"step": 2, "elapsed": 1.0, "train_loss": 2.0},
+                                          {"step": 4, "elapsed": 2.0, "train_loss": 1.8},
+                                          {"event": "end", "steps": 5, "elapsed": 2.5}], {"step": 4})
+    assert summarize(run).steps == 5
+
+
+# Kills runs.py:242 (parameters taken from the checkpoint manifest only: a run before its first save shows none).
+def test_a_run_before_its_first_checkpoint_shows_its_parameters_from_the_start_record(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "config.yaml").write_text("data: {level: char}\nmodel: {cell: lstm, hidden_size: 8}\n", encoding="utf-8")
+    (run / "metrics.jsonl").write_text(json.dumps({"event": "start", "parameters": 1234}) + "\n"
+                                       + json.dumps({"step": 2, "elapsed": 1.0, "train_loss": 2.0}) + "\n",
+                                       encoding="utf-8")
+    s = summarize(run)
+    assert (s.status, s.parameters, s.steps) == ("unfinished", 1234, 2)

@@ -99,3 +99,21 @@ def test_fast_sampling_frequencies_match_the_scores(cell, impl, gru_form):
     for key, p in probs.items():
         z = (counts[key] - n * p) / math.sqrt(n * p * (1 - p))
         assert abs(z) < 6, (key, counts[key], n * p)
+
+
+# Kills stepper.py:65 / :84 (the state's h / c rows used without .clone(): stepping overwrote the caller's state).
+@pytest.mark.parametrize("cell,impl,gru_form", [("lstm", "torch", "classic"), ("gru", "custom", "classic"),
+                                                ("rnn", "torch", "classic")])
+def test_the_stepper_leaves_the_state_it_starts_from_untouched(cell, impl, gru_form):
+    model = spread_model(cell, impl, gru_form, "tanh", layers=2)
+    with torch.no_grad():
+        _, state = model(torch.randint(0, 11, (3, 4)))
+        before = tuple(s.clone() for s in state) if isinstance(state, tuple) else state.clone()
+        stepper = Stepper(model, state)
+        out = torch.empty(3, 11)
+        for t in range(3):
+            stepper.step(torch.tensor([t, t + 1, t + 2]), out)
+    if isinstance(state, tuple):
+        assert all(torch.equal(a, b) for a, b in zip(state, before))
+    else:
+        assert torch.equal(state, before)

@@ -9,8 +9,8 @@ from collections import Counter
 import pytest
 
 from charlm.errors import UsageError
-from charlm.tokenizer import (EOS, EOS_ID, UNK, UNK_ID, TextCodec, Tokenizer, Vocabulary, count_tokens,
-                              normalize)
+from charlm.tokenizer import (EOS, EOS_ID, PIECE_CHARS, UNK, UNK_ID, TextCodec, Tokenizer, Vocabulary,
+                              count_tokens, normalize)
 
 MIXED = "Hello, world! 你好，世界。 Emoji 😀👍🏽 and café.\n北京欢迎你 🐍\nlast line"
 
@@ -306,3 +306,22 @@ def test_a_vocab_json_with_an_unknown_word_split_or_a_token_that_is_not_a_string
     with pytest.raises(UsageError) as info:
         TextCodec.load(path)
     assert info.value.exit_code == 2
+
+
+# Kills tokenizer.py:57 (the piece cut searched for any character instead of white space, splitting a word).
+@pytest.mark.parametrize("word_split", ["punct", "space"])
+def test_a_line_longer_than_a_piece_gives_the_same_words(word_split):
+    n = PIECE_CHARS // 8 + 100  # 8 characters a word: a piece boundary falls on the first letter of a word
+    line = "abcdefg " * n
+    assert Tokenizer("word", word_split=word_split).split(line) == ["abcdefg"] * n
+
+
+# Kills tokenizer.py:155 (sort key `(-count, token)` -> `-count`: ties kept in first-appearance order).
+def test_vocabulary_ties_are_ordered_by_code_point_not_by_first_appearance():
+    vocab = Vocabulary.build(Counter("bbaa" + "dc"))  # b, a seen first; d before c
+    assert vocab.tokens == [UNK, EOS, "a", "b", "c", "d"]
+
+
+# Kills tokenizer.py:236 (char-level count_tokens ignoring `lowercase`: upper-case letters in the vocabulary).
+def test_char_level_counts_lowercase_the_text_when_asked():
+    assert count_tokens(Tokenizer("char", lowercase=True), "AbA\nB\n") == Counter({"a": 2, "b": 2})
