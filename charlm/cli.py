@@ -131,7 +131,8 @@ def _limit_advice(stopped_by: str, t) -> str:
     return advice
 
 
-PERPLEXITY_CAP = 1.0142320547350045e304  # e ** 700, where score.perplexity stops (a float64 ends near e ** 709.8)
+PERPLEXITY_CAP = 1.0142320547350045e304  # e ** model.MAX_LOG_PERPLEXITY, where perplexity() stops (model imports
+# torch, which the CLI loads only inside its commands)
 
 
 def _figure(x: float, spec: str) -> str:
@@ -341,31 +342,27 @@ def score(
 
 
 def _print_scores(results, per_token: bool, as_json: bool) -> None:
-    import math
-
-    from .score import perplexity
+    from .score import LN10, score_totals
 
     for r in results:
         if as_json:
             record = {"text": r.text, "logprob": r.logprob, "log10prob": r.log10prob, "tokens": len(r.tokens),
-                      "oov": r.oov, "perplexity": r.perplexity, "bits_per_token": r.bits_per_token}
+                      "oov": r.oov, "perplexity": r.perplexity, "perplexity_no_oov": r.perplexity_no_oov,
+                      "bits_per_token": r.bits_per_token}
             if per_token:
                 record["token_logprobs"] = [[t, lp] for t, lp in zip(r.tokens, r.token_logprobs)]
             _out(json.dumps(record, ensure_ascii=False))
             continue
         if per_token:
-            _out("\t".join(f"{t}={lp / math.log(10):.4f}" for t, lp in zip(r.tokens, r.token_logprobs)))
+            _out("\t".join(f"{t}={lp / LN10:.4f}" for t, lp in zip(r.tokens, r.token_logprobs)))
         _out(f"ln P {r.logprob:10.4f}  log10 P {r.log10prob:9.4f}  tokens {len(r.tokens):4d}  OOV {r.oov:3d}  "
              f"ppl {_figure(r.perplexity, '9.3f')}  bits/token {r.bits_per_token:6.3f}  | {r.text}")
     if not as_json and results:
-        total = math.fsum(r.logprob for r in results)
-        tokens = sum(len(r.tokens) for r in results)
-        oov = sum(r.oov for r in results)
-        known = [lp for r in results for lp, t in zip(r.token_logprobs, r.tokens) if t != "<unk>"]
-        _out(f"Total: ln P {total:.4f}  log10 P {total / math.log(10):.4f}  tokens {tokens}  OOV {oov}")
-        _out(f"Perplexity including OOVs: {_figure(perplexity(-total / tokens), '.4f')}")
-        if known:
-            _out(f"Perplexity excluding OOVs: {_figure(perplexity(-math.fsum(known) / len(known)), '.4f')}")
+        t = score_totals(results)
+        _out(f"Total: ln P {t.logprob:.4f}  log10 P {t.log10prob:.4f}  tokens {t.tokens}  OOV {t.oov}")
+        _out(f"Perplexity including OOVs: {_figure(t.perplexity, '.4f')}")
+        if t.perplexity_no_oov is not None:
+            _out(f"Perplexity excluding OOVs: {_figure(t.perplexity_no_oov, '.4f')}")
 
 
 # ---------------------------------------------------------------- eval

@@ -292,7 +292,7 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None,
     """Read a YAML config (or `base`, or the defaults), apply `--set` overrides then `extra` {'section.field': value}."""
     raw = read_yaml(path) if path is not None else (read_yaml(base) if base is not None else {})
     if not isinstance(raw, dict):
-        raise UsageError(f"config file {path}: the top level must be a mapping with sections data, model, train")
+        raise UsageError(f"config file {path or base}: the top level must be a mapping with sections data, model, train")
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     items = [parse_override(o) for o in overrides or []]
     items += [(*k.split(".", 1), v) for k, v in (extra or {}).items() if v is not None]

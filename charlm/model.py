@@ -7,6 +7,7 @@ the same forward interface, so the rest of charlm never asks which it holds.
 
 from __future__ import annotations
 
+import math
 import warnings
 from contextlib import contextmanager
 from typing import Callable, Union
@@ -255,6 +256,15 @@ def count_parameters(model: nn.Module) -> int:
 
 class EvaluationStopped(Exception):
     """`stream_nll` was asked to stop (a signal arrived) before it read the whole split."""
+
+
+MAX_LOG_PERPLEXITY = 700  # a float64 overflows past e ** 709.78
+
+
+def perplexity(loss: float) -> float:
+    """e ** loss (nats per token), capped at e ** MAX_LOG_PERPLEXITY: a diverged model's figure stays a float
+    instead of raising."""
+    return math.exp(min(loss, MAX_LOG_PERPLEXITY))
 
 
 @torch.no_grad()

@@ -38,13 +38,18 @@ def resolve_device(name: str) -> torch.device:
     """Map `auto | cpu | cuda | cuda:N` to a torch.device, refusing CUDA where there is none."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UsageError(f"device '{name}' was asked for but this machine has no CUDA GPU; use --device cpu")
-        return torch.device(name)
     if name == "cpu":
         return torch.device("cpu")
-    raise UsageError(f"unknown device '{name}': use auto, cpu or cuda")
+    cuda = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if cuda is None:  # torch.device would raise a RuntimeError for 'cudax' or 'cuda:abc'
+        raise UsageError(f"unknown device '{name}': use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise UsageError(f"device '{name}' was asked for but this machine has no CUDA GPU; use --device cpu")
+    count = torch.cuda.device_count()
+    if cuda.group(1) is not None and int(cuda.group(1)) >= count:
+        raise UsageError(f"device '{name}' was asked for but this machine has {count} CUDA GPU"
+                         f"{'s' if count != 1 else ''} (cuda:0 to cuda:{count - 1})")
+    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:

@@ -18,8 +18,8 @@ import torch
 
 from .errors import UsageError
 from .data import char_count, encode, eval_streams, read_text
-from .model import RNNLM, stream_nll
-from .tokenizer import EOS, EOS_ID, UNK_ID, TextCodec
+from .model import RNNLM, perplexity, stream_nll
+from .tokenizer import EOS, EOS_ID, UNK, UNK_ID, TextCodec
 
 LN10 = math.log(10.0)
 LN2 = math.log(2.0)
@@ -74,10 +74,30 @@ def score_sentences(model: RNNLM, codec: TextCodec, sentences: list[str], batch_
     return results
 
 
-def perplexity(loss: float) -> float:
-    """e ** loss (nats per token), capped at e ** 700: a diverged model's figure stays a float (a float64
-    overflows past e ** 709.78) instead of raising."""
-    return math.exp(min(loss, 700))
+@dataclass
+class ScoreTotals:
+    """The sentences of one `score` call together, as KenLM's query ends: totals and both perplexities."""
+    logprob: float
+    log10prob: float
+    tokens: int
+    oov: int
+    perplexity: float
+    perplexity_no_oov: float | None  # None if every token was outside the vocabulary (none, in fact: <eos> is in)
+
+
+def score_totals(results: list[SentenceScore]) -> ScoreTotals:
+    total = math.fsum(r.logprob for r in results)
+    tokens = sum(len(r.token_logprobs) for r in results)
+    known = [lp for r in results for lp in _known_logprobs(r)]
+    return ScoreTotals(total, total / LN10, tokens, sum(r.oov for r in results), perplexity(-total / max(tokens, 1)),
+                       perplexity(-math.fsum(known) / len(known)) if known else None)
+
+
+def _known_logprobs(r: SentenceScore) -> list[float]:
+    """The log-probabilities of a sentence's tokens inside the vocabulary (the closing <eos> always is)."""
+    return [lp for lp, tok in zip(r.token_logprobs, r.tokens) if tok != UNK] if r.oov else r.token_logprobs
+
+
 
 
 @dataclass

@@ -1,8 +1,11 @@
 """The training loop: truncated BPTT with clipping, a learning-rate schedule,
 validation, checkpoints, exact resume, clean stops, and data parallelism.
 
-`train()` returns a `TrainResult`; it prints nothing but the progress bar and
-log lines (to stderr), which `cli` may silence.
+`train()` returns a `TrainResult`. It writes only to `log_stream` (stderr by
+default): the progress bar and log lines, which `cli` may silence, and one-line
+notes (`charlm: note: ...`) on what the user should know of a run that goes on
+(no validation part, a corpus read with --errors replace, a diverged model,
+what a resume changes), which stay.
 
 Under torchrun (WORLD_SIZE > 1) every rank runs this same loop on its share
 of the parallel streams (rank r takes rows r*B/W .. (r+1)*B/W of the batch),
@@ -37,9 +40,8 @@ from .data import (Splits, batchify, check_text_file, check_trainable, check_voc
                    window, windows_per_epoch)
 from .errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, RunFailure, UsageError, is_out_of_memory
 from .model import (EvaluationStopped, RNNLM, State, build_model, check_new_model, count_parameters, detach_state,
-                    stream_nll)
+                    perplexity, stream_nll)
 from .runs import check_room_for_a_new_run, run_folder_of
-from .score import perplexity
 from .runtime import Distributed, file_sha256, init_distributed, is_terminal, seed_everything
 
 TRAINER_FORMAT = 1

@@ -313,6 +313,8 @@ def test_a_diverged_models_perplexity_is_printed_as_a_number_not_hundreds_of_dig
     assert cli_module._figure(196.24, ".2f") == "196.24" and cli_module._figure(3.5, "9.3f") == "    3.500"
     assert cli_module._figure(1e37, ".4f") == "1e+37" and cli_module._figure(2e303, "9.3f") == "   2e+303"
     # e ** 700 is where perplexity stops: a bound, not the figure
+    from charlm.model import MAX_LOG_PERPLEXITY
+    assert cli_module.PERPLEXITY_CAP == math.exp(MAX_LOG_PERPLEXITY)
     assert cli_module._figure(math.exp(700), ".3f") == ">1e+304" == cli_module._figure(score_module.perplexity(800), "")
     assert cli_module._figure(math.exp(700), "9.3f") == "  >1e+304"
     real = score_module.evaluate_file
@@ -535,6 +537,8 @@ def test_score_table_and_json_give_the_same_figures(cli, tiny_run):
     for r, e in zip(records, score_sentences(model, codec, sentences)):
         assert r["perplexity"] == pytest.approx(e.perplexity, rel=1e-12)
         assert r["bits_per_token"] == pytest.approx(-e.logprob / len(e.tokens) / math.log(2), rel=1e-9)
+        known_here = [lp for t, lp in r["token_logprobs"] if t != "<unk>"]
+        assert r["perplexity_no_oov"] == pytest.approx(perplexity(-math.fsum(known_here) / len(known_here)))
     table = cli("score", run, *sentences, "--per-token")
     assert table.exit_code == 0, table.output
     lines = table.stdout.splitlines()

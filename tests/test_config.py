@@ -249,3 +249,11 @@ def test_a_recursive_yaml_alias_is_refused_and_does_not_hang(tmp_path):
                           cwd=PROJECT_ROOT)
     assert done.returncode == 0, done.stderr
     assert "section 'model' must be a mapping" in done.stdout
+
+
+def test_a_base_config_that_is_no_mapping_is_named_in_the_error(tmp_path):
+    """Catches: a resume's base config (the run's config.yaml, no --config given) named as 'config file None'."""
+    base = tmp_path / "config.yaml"
+    base.write_text("- a list\n", encoding="utf-8")
+    with pytest.raises(UsageError, match=rf"config file {base}: the top level must be a mapping"):
+        load_config(None, [], {}, base=base)

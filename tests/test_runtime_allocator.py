@@ -88,6 +88,23 @@ def test_an_unknown_device_name_is_a_usage_error():
     from charlm.errors import UsageError
     from charlm.runtime import resolve_device
 
-    for name in ("gpu", "CPU", "cpu:0x"):
-        with pytest.raises(UsageError, match=f"unknown device '{name}': use auto, cpu or cuda"):
+    for name in ("gpu", "CPU", "cpu:0x", "cudax", "cuda:abc", "cuda:", "cuda:-1"):
+        with pytest.raises(UsageError, match=f"unknown device '{name}': use auto, cpu, cuda or cuda:N"):
             resolve_device(name)
+
+
+def test_a_gpu_index_the_machine_does_not_have_is_a_usage_error(monkeypatch):
+    """Catches: 'cudax' or 'cuda:abc' reaching torch.device on a machine with CUDA (a RuntimeError, exit 1),
+    and 'cuda:3' on a one-GPU machine accepted until the first tensor moved there."""
+    import torch
+
+    from charlm.errors import UsageError
+    from charlm.runtime import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0) and resolve_device("cuda") == torch.device("cuda")
+    with pytest.raises(UsageError, match=r"device 'cuda:3' was asked for but this machine has 1 CUDA GPU \(cuda:0 "):
+        resolve_device("cuda:3")
+    with pytest.raises(UsageError, match="unknown device 'cudax'"):
+        resolve_device("cudax")
