@@ -196,6 +196,12 @@ def check_new_run_folder(path: Path) -> None:
                          f"(to continue that run, use --resume with its run folder)")
 
 
+def why_no_best(run_dir: Path) -> str:
+    """Why a run folder has no usable best/: damaged, or not validated yet."""
+    return (f"its best/ folder has no {MANIFEST_FILE} (damaged)" if (Path(run_dir) / "best").exists()
+            else "no best/ checkpoint yet (the run has not been validated so far)")
+
+
 def find_checkpoint(path: Path, which: str | None = None) -> Path:
     """A checkpoint folder from a run folder (None: best/, falling back to last/; `best` or `last`: that one
     only) or a checkpoint folder itself, which must not be the other one of a run's best/ and last/ when
@@ -214,9 +220,7 @@ def find_checkpoint(path: Path, which: str | None = None) -> Path:
         if is_checkpoint_folder(path / name):
             return path / name
     if which == "best" and any(is_checkpoint_folder(path / name) for name in ("last", "last.old")):
-        why = (f"its best/ folder has no {MANIFEST_FILE} (damaged)" if (path / "best").exists()
-               else "no best/ checkpoint yet (the run has not been validated so far)")
-        raise UsageError(f"{path}: {why}; use --checkpoint last, or drop --checkpoint")
+        raise UsageError(f"{path}: {why_no_best(path)}; use --checkpoint last, or drop --checkpoint")
     looked = " or ".join(f"{name}/manifest.json" for name in order if not name.endswith(".old"))
     if path.name.removesuffix(".old") in ("best", "last") and (path.parent / "metrics.jsonl").exists():
         raise UsageError(f"{path} is a damaged checkpoint folder (no {MANIFEST_FILE}): pass the run folder "

@@ -276,14 +276,12 @@ def _check_errors(errors: str) -> None:
 
 def _load(run_dir: Path, device, checkpoint: str | None):
     """load_run, with a note on stderr when a run without best/ answers from last/ (`--checkpoint` not given)."""
-    from .checkpoint import is_checkpoint_folder, load_run
+    from .checkpoint import is_checkpoint_folder, load_run, why_no_best
 
     loaded = load_run(run_dir, device, _which(checkpoint))
     folder = loaded[2].folder
     if checkpoint is None and not is_checkpoint_folder(Path(run_dir)) and folder.name.startswith("last"):
-        why = ("its best/ is damaged (no manifest.json)" if (Path(run_dir) / "best").exists()
-               else "it has no best/ checkpoint yet (not validated so far)")
-        _err_note(f"{run_dir}: {why}; reading {folder.name}/")
+        _err_note(f"{run_dir}: {why_no_best(run_dir)}; reading {folder.name}/")
     return loaded
 
 

@@ -201,7 +201,7 @@ def test_checkpoint_best_is_not_answered_with_the_last_one(cli, tiny_run, tmp_pa
         fell_back = cli(*args)
         assert fell_back.exit_code == 0, fell_back.stderr
         assert fell_back.stderr.splitlines() == [
-            f"charlm: note: {run}: it has no best/ checkpoint yet (not validated so far); reading last/"]
+            f"charlm: note: {run}: no best/ checkpoint yet (the run has not been validated so far); reading last/"]
     for args in ((run, "--checkpoint", "last"), (run / "last",), (tiny_run["run_dir"],)):
         assert cli("score", *args[:1], "the cat.", *args[1:]).stderr == ""  # asked for, or best/ there
     assert_usage_error(cli("score", run, "the cat.", "--checkpoint", "best"), "not been validated")
@@ -209,7 +209,7 @@ def test_checkpoint_best_is_not_answered_with_the_last_one(cli, tiny_run, tmp_pa
     assert_usage_error(cli("score", run, "the cat.", "--checkpoint", "best"), "damaged")
     damaged = cli("score", run, "the cat.")
     assert damaged.exit_code == 0
-    assert damaged.stderr == f"charlm: note: {run}: its best/ is damaged (no manifest.json); reading last/\n"
+    assert damaged.stderr == f"charlm: note: {run}: its best/ folder has no manifest.json (damaged); reading last/\n"
     # named itself, the damaged folder says so and points at the run (not 'no checkpoint yet')
     shutil.copy(run / "last" / "config.yaml", run / "best" / "config.yaml")
     assert_usage_error(cli("sample", run / "best"), f"{run / 'best'} is a damaged checkpoint folder (no "
