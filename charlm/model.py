@@ -101,7 +101,15 @@ class RNNLM(nn.Module):
         """-log p of each target: out (X, Y, H) and targets (X, Y) -> (X, Y)."""
         X, Y, H = out.shape
         if self.adaptive:
-            return -self.decoder(out.reshape(X * Y, H), targets.reshape(-1)).output.view(X, Y)
+            nll = -self.decoder(out.reshape(X * Y, H), targets.reshape(-1)).output.view(X, Y)
+            if self.training and torch.is_grad_enabled():
+                # A tail cluster that no target falls in is skipped, which left its weights without a gradient:
+                # under DistributedDataParallel, on one rank only, and its reductions fell out of step (gloo
+                # aborted the job). Every weight joins the graph, with a zero weight: a gradient of zeros
+                # where it was None, in one process as under torchrun, so that the two still train alike
+                # (find_unused_parameters would leave them None, at the price of a warning on every run).
+                nll = nll + 0.0 * sum(p.view(-1)[0] for p in self.decoder.parameters())
+            return nll
         logits = output_linear(out, self.decoder.weight, self.decoder.bias)
         return nn.functional.cross_entropy(logits.float().reshape(X * Y, -1), targets.reshape(-1),
                                            reduction="none").view(X, Y)
