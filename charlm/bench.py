@@ -7,7 +7,7 @@ autograd, as before the fast path existed) a full language model is built by
 
 - training: forward, cross-entropy, backward, gradient clipping and an AdamW
   step on windows of (B, T) tokens, the state carried (detached) from window
-  to window as in `train.py`;
+  to window, the loss taken through the model's `targets` as in `train.py`;
 - inference: forward without gradients over windows of (B, T) tokens;
 - sampling: one token at a time for B streams with `stepper.Stepper`, the
   fused step `charlm sample` uses, the next input being the most likely token.
@@ -37,7 +37,7 @@ from torch import nn
 
 from . import native, products
 from .config import ModelConfig
-from .errors import UsageError
+from .errors import RunFailure, UsageError
 from .model import RNNLM, build_model, count_parameters, detach_state
 from .runtime import resolve_device
 from .sample import generate
@@ -157,8 +157,8 @@ class _Subject:
         self.model.train()
         w = self._window()
         x, y = w[:, :-1], w[:, 1:]
-        logits, state = self.model(x, detach_state(self.train_state))
-        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        nll, state = self.model(x, detach_state(self.train_state), targets=y)  # the loss as train.py takes it
+        loss = nll.float().mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -370,7 +370,7 @@ def generate_speed(cell: str, impl: str, s: BenchSettings, tokens: int = 10_000)
         out = generate(model, codec, max_length=tokens, seed=s.seed + r, device=device)
         times.append(time.perf_counter() - start)
         if len(out[0].tokens) != tokens:
-            raise RuntimeError(f"generation stopped after {len(out[0].tokens)} of {tokens} tokens")
+            raise RunFailure(f"generation stopped after {len(out[0].tokens)} of {tokens} tokens")
     seconds = statistics.median(times)
     return GenerateSpeed(cell, impl, s.hidden_size, s.layers, s.vocab_size, tokens, seconds, tokens / seconds, times)
 
@@ -391,7 +391,7 @@ def score_speed(cell: str, impl: str, s: BenchSettings, lines: int = 10_000, bat
     single_seconds = time.perf_counter() - start
     worst = max(abs(a.logprob - b.logprob) for a, b in zip(batched, single))
     if not worst < 1e-2 * max(1.0, max(abs(a.logprob) for a in single)):
-        raise RuntimeError(f"batched and single scores differ by {worst}")
+        raise RunFailure(f"batched and single scores differ by {worst}")
     n_tokens = sum(len(r.tokens) for r in batched)
     return ScoreSpeed(cell, impl, s.hidden_size, s.layers, s.vocab_size, lines, n_tokens, batch_size,
                       batched_seconds, single_seconds, lines / batched_seconds, lines / single_seconds,
