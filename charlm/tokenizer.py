@@ -145,6 +145,12 @@ class Tokenizer:
     def to_dict(self) -> dict:
         return {"level": self.level, "lowercase": self.lowercase, "word_split": self.word_split}
 
+    def describe(self) -> dict:
+        """How to split text as `split` does without charlm: normalise (NFC, then lowercase if asked), then
+        take every match of `pattern` (None: each character at char level, white-space split at `space`)."""
+        pattern = _WORD_RE.pattern if self.level == "word" and self.word_split == "punct" else None
+        return {**self.to_dict(), "normalization": "NFC", "pattern": pattern}
+
 
 @dataclass
 class Vocabulary:

@@ -575,6 +575,9 @@ def test_eval_table_gives_the_figures_of_its_json(cli, write_corpus, tmp_path):
         f"bits per token  {record['bits_per_token']:.4f}",
         f"bits per char   {record['bits_per_char']:.4f}",
     ]
+    streams = cli("eval", out, "--file", corpus, "--streams", 3).stdout.splitlines()
+    assert streams[-1] == ("streams         at most 3, read side by side, each after the first from a fresh "
+                           "state: not the exact likelihood of the file")
 
 
 def test_figure_keeps_the_column_width_in_exponent_form():

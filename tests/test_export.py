@@ -257,7 +257,27 @@ def test_export_metadata_names_the_vocabulary_the_special_ids_and_the_state_shap
     assert meta["tokens"] == [UNK, EOS, "a", "b"] and meta["vocab_size"] == 4
     assert meta["tokens"][meta["eos_id"]] == EOS and meta["tokens"][meta["unk_id"]] == UNK
     assert meta["state_shape"] == [s, 3, "B", 5] and meta["cell"] == cell
-    assert meta["tokenizer"] == {"level": "char", "lowercase": False, "word_split": "punct"}
+    assert meta["tokenizer"] == {"level": "char", "lowercase": False, "word_split": "punct",
+                                 "normalization": "NFC", "pattern": None}
+
+
+def test_export_metadata_lets_a_word_prime_be_split_without_charlm():
+    """Catches: metadata naming only the tokenizer's settings, so a deployer without charlm split a prime on
+    white space ('(24', 'in),', '3.14') and fed the model unknown words; the pattern and the normalisation
+    written into the file give charlm's tokens."""
+    import re
+    import unicodedata
+
+    from charlm.export import metadata
+    from charlm.tokenizer import TextCodec, Tokenizer, Vocabulary
+
+    codec = TextCodec(Tokenizer("word"), Vocabulary())
+    model = build_model(ModelConfig(cell="gru", embedding_size=4, hidden_size=5), len(codec.vocab))
+    meta = json.loads(json.dumps(metadata(model, codec), ensure_ascii=False))["tokenizer"]
+    assert meta["normalization"] == "NFC" and meta["pattern"]
+    for text in ["It weighs (24 in), 3.14 kg. Don't stop!", "我爱北京 <unk> café, 'quoted' 👍🏽"]:
+        by_hand = re.findall(meta["pattern"], unicodedata.normalize(meta["normalization"], text))
+        assert by_hand == codec.tokenizer.split(text)
 
 
 def test_only_charlms_own_exports_may_be_overwritten(tmp_path):
