@@ -84,7 +84,7 @@ def metadata(model: RNNLM, codec) -> dict:
         "hidden_size": cfg.hidden_size, "vocab_size": model.vocab_size,
         "state_shape": [2 if cfg.cell == "lstm" else 1, cfg.layers, "B", cfg.hidden_size],
         "inputs": {"tokens": "(B,) int64", "state": "(S, L, B, H) float32"},
-        "outputs": {"logits": "(B, V) float32 log-probabilities", "state": "(S, L, B, H) float32"},
+        "outputs": {"logits": "(B, V) float32 scores; log_softmax gives the log-probabilities", "state": "(S, L, B, H) float32"},
         "eos_id": EOS_ID, "unk_id": UNK_ID, "tokenizer": codec.tokenizer.describe(), "tokens": codec.vocab.tokens,
     }
 

@@ -105,14 +105,25 @@ class RNNLM(nn.Module):
             if self.training and torch.is_grad_enabled():
                 # A tail cluster that no target falls in is skipped, which left its weights without a gradient:
                 # under DistributedDataParallel, on one rank only, and its reductions fell out of step (gloo
-                # aborted the job). Every weight joins the graph, with a zero weight: a gradient of zeros
-                # where it was None, in one process as under torchrun, so that the two still train alike
-                # (find_unused_parameters would leave them None, at the price of a warning on every run).
-                nll = nll + 0.0 * sum(p.view(-1)[0] for p in self.decoder.parameters())
+                # aborted the job). Such a cluster's weights join the graph with a zero weight: a gradient of
+                # zeros where it was None, in one process as under torchrun, so that the two still train
+                # alike (find_unused_parameters would leave them None, at the price of a warning on every run).
+                idle = self._idle_tail_parameters(targets)
+                if idle:
+                    nll = nll + 0.0 * sum(p.reshape(-1)[:1].sum() for p in idle)  # [:1]: a 0-wide tail
             return nll
         logits = output_linear(out, self.decoder.weight, self.decoder.bias)
         return nn.functional.cross_entropy(logits.float().reshape(X * Y, -1), targets.reshape(-1),
                                            reduction="none").view(X, Y)
+
+    def _idle_tail_parameters(self, targets: Tensor) -> list[nn.Parameter]:
+        """The weights of the adaptive softmax's tail clusters that no target falls in."""
+        cutoffs = self.decoder.cutoffs  # [head end, ..., vocabulary size], in both forms
+        tails = self.decoder.proj if isinstance(self.decoder, TiedAdaptiveSoftmax) else self.decoder.tail
+        counts = torch.bucketize(targets.reshape(-1), torch.tensor(cutoffs[:-1], device=targets.device),
+                                 right=True).bincount(minlength=len(cutoffs)).tolist()  # [head, cluster 1, ...]
+        return [p for i, tail in enumerate(tails) if counts[i + 1] == 0
+                for p in ([tail] if isinstance(tail, nn.Parameter) else tail.parameters())]
 
     def _looks_up(self, tokens: Tensor) -> bool:
         """The custom layers' first input projection read from a table of the vocabulary's rows

@@ -40,7 +40,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cpu":
         return torch.device("cpu")
-    cuda = re.fullmatch(r"cuda(?::(\d+))?", name)
+    cuda = re.fullmatch(r"cuda(?::(0|[1-9][0-9]*))?", name)  # ASCII digits, no leading zero, as torch reads them
     if cuda is None:  # torch.device would raise a RuntimeError for 'cudax' or 'cuda:abc'
         raise UsageError(f"unknown device '{name}': use auto, cpu, cuda or cuda:N")
     if not torch.cuda.is_available():

@@ -36,7 +36,7 @@ _CJK = ("\u2e80-\u2fff\u3001-\u303f\u3040-\u30ff\u3100-\u312f\u3190-\u31ff\u3400
 # A literal <unk> in a corpus (WikiText writes them) stays one token; then a CJK
 # character; then a word (letters and digits, with inner apostrophes: "don't");
 # then any other single non-space character (punctuation, symbols, emoji).
-_WORD_RE = re.compile(rf"<unk>|[{_CJK}]|(?:(?![{_CJK}])\w)+(?:['’](?:(?![{_CJK}])\w)+)*|[^\s{_CJK}]")
+_WORD_RE = re.compile(rf"<unk>|[{_CJK}]|[^\W{_CJK}]+(?:['’][^\W{_CJK}]+)*|[^\s{_CJK}]")
 _NO_SPACE_BEFORE = set(".,;:!?)]}%'’”»…")
 _NO_SPACE_AFTER = set("([{¿¡“‘«")
 _IS_CJK = re.compile(rf"^[{_CJK}]$")
@@ -149,7 +149,7 @@ class Tokenizer:
         """How to split text as `split` does without charlm: normalise (NFC, then lowercase if asked), then
         take every match of `pattern` (None: each character at char level, white-space split at `space`)."""
         pattern = _WORD_RE.pattern if self.level == "word" and self.word_split == "punct" else None
-        return {**self.to_dict(), "normalization": "NFC", "pattern": pattern}
+        return {**self.to_dict(), "normalization": "NFC", "pattern": pattern, "pattern_syntax": "python-re"}
 
 
 @dataclass

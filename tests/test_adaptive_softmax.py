@@ -167,3 +167,39 @@ def test_each_tail_cluster_projects_h_with_its_own_matrix():
             torch.testing.assert_close(full[:, a:b], head[:, 3 + i:4 + i] + tail)
         targets = torch.tensor([5, 6, 3, 0, 6])
         torch.testing.assert_close(dec(h, targets).output, full.gather(1, targets.unsqueeze(1)).squeeze(1))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_tail_cluster_no_target_falls_in_gets_zero_gradients_and_the_loss_is_unchanged(tied, monkeypatch):
+    """Catches: a skipped cluster's weights left without a gradient (None). Under torchrun that happened on
+    one rank only and DistributedDataParallel's reductions fell out of step; the zeros keep the ranks in step
+    and one process training as several do. Ids 0-2 are the head, 3-4 cluster 1, 5-6 cluster 2."""
+    model = adaptive_model(tied=tied).train()
+    tails = model.decoder.proj if tied else model.decoder.tail
+    x = torch.tensor([[1, 2, 2, 1]])
+    for targets, idle in ((torch.tensor([[2, 1, 3, 4]]), {1}), (torch.tensor([[2, 1, 0, 2]]), {0, 1}),
+                          (torch.tensor([[3, 5, 1, 6]]), set())):
+        model.zero_grad(set_to_none=True)
+        nll, _ = model(x, targets=targets)
+        with monkeypatch.context() as m:
+            m.setattr(type(model), "_idle_tail_parameters", lambda self, targets: [], raising=False)
+            assert torch.equal(nll, model(x, targets=targets)[0])  # the same losses as without the zero term
+        nll.mean().backward()
+        for i, tail in enumerate(tails):
+            for p in [tail] if tied else list(tail.parameters()):
+                assert p.grad is not None, (i, targets)
+                assert (not p.grad.any()) == (i in idle), (i, targets)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_the_zero_gradient_term_takes_a_zero_wide_tail_of_an_older_run():
+    """Catches: the term indexing each idle weight's first value, an IndexError for the 0-wide tail
+    projection that an older untied run may hold (new runs are refused one; old ones still load and resume)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(cell="gru", impl="torch", embedding_size=4, hidden_size=6, softmax="adaptive",
+                      adaptive_cutoffs="3,5", adaptive_div=8.0, device="cpu")
+    model = build_model(cfg, 7).train()
+    assert any(p.numel() == 0 for p in model.decoder.tail.parameters())
+    nll, _ = model(torch.tensor([[1, 2, 2]]), targets=torch.tensor([[2, 1, 0]]))  # every cluster idle
+    nll.mean().backward()
+    assert all(p.grad is not None for p in model.decoder.tail.parameters())

@@ -258,7 +258,7 @@ def test_export_metadata_names_the_vocabulary_the_special_ids_and_the_state_shap
     assert meta["tokens"][meta["eos_id"]] == EOS and meta["tokens"][meta["unk_id"]] == UNK
     assert meta["state_shape"] == [s, 3, "B", 5] and meta["cell"] == cell
     assert meta["tokenizer"] == {"level": "char", "lowercase": False, "word_split": "punct",
-                                 "normalization": "NFC", "pattern": None}
+                                 "normalization": "NFC", "pattern": None, "pattern_syntax": "python-re"}
 
 
 def test_export_metadata_lets_a_word_prime_be_split_without_charlm():

@@ -106,5 +106,6 @@ def test_a_gpu_index_the_machine_does_not_have_is_a_usage_error(monkeypatch):
     assert resolve_device("cuda:0") == torch.device("cuda", 0) and resolve_device("cuda") == torch.device("cuda")
     with pytest.raises(UsageError, match=r"device 'cuda:3' was asked for but this machine has 1 CUDA GPU \(cuda:0 "):
         resolve_device("cuda:3")
-    with pytest.raises(UsageError, match="unknown device 'cudax'"):
-        resolve_device("cudax")
+    for name in ("cudax", "cuda:01", "cuda:\u0661"):  # torch.device refuses a leading zero and other digits
+        with pytest.raises(UsageError, match=f"unknown device '{name}'"):
+            resolve_device(name)
