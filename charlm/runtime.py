@@ -89,6 +89,14 @@ class Distributed:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
         return t.tolist()
 
+    def gather_objects(self, value) -> list:
+        """Every rank's `value`, in rank order (charlm's own values: the generators' states)."""
+        if not self.enabled:
+            return [value]
+        values = [None] * self.world
+        torch.distributed.all_gather_object(values, value)
+        return values
+
     def gather_batch(self, tensor: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's share of a (L, B/W, H) state along the batch dimension."""
         if not self.enabled:

@@ -468,8 +468,11 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
     optimizer = _make_optimizer(cfg, model)
     if dist.is_main:
         _check_space(run_dir, model)
-    if trainer_state is not None:
-        p, hidden = _restore(resume, trainer_state, optimizer, device, slice(dist.rank * share, (dist.rank + 1) * share))
+    if trainer_state is None:
+        _seed_by_rank(dist, device)
+    else:
+        p, hidden = _restore(resume, trainer_state, optimizer, device, slice(dist.rank * share, (dist.rank + 1) * share),
+                             dist)
         if p.best_val_tokens == UNKNOWN_MEASURE:  # saved before it was kept: last/'s config says what it was
             before = saved.cfg.train.eval_tokens
             p.best_val_tokens = before if reads_a_slice(splits.val, before) else None
@@ -491,7 +494,20 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
                          f"intact: make room (or fix the folder) and continue with --resume {run_dir}") from None
 
 
-def _restore(resume: Path, state: dict, optimizer: torch.optim.Optimizer, device, rows: slice):
+def _seed_by_rank(dist: Distributed, device) -> None:
+    """Under torchrun, a generator of its own for each rank, drawn once the model is built alike everywhere:
+    with the one seed all ranks drew the same dropout masks, stream i of each rank the mask of stream i of
+    the others. One process is left as it is."""
+    if not dist.enabled:
+        return
+    base = int(torch.randint(2 ** 62, (1,)).item())  # the same on every rank: their generators agree until here
+    torch.manual_seed(base + dist.rank)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(base + dist.rank)
+
+
+def _restore(resume: Path, state: dict, optimizer: torch.optim.Optimizer, device, rows: slice,
+             dist: Distributed | None = None):
     """Optimizer, progress, this rank's hidden state and RNG from a trainer state; one that does not fit is refused."""
     try:
         saved = state["optimizer"]
@@ -504,9 +520,15 @@ def _restore(resume: Path, state: dict, optimizer: torch.optim.Optimizer, device
         optimizer.load_state_dict(saved)
         p = Progress(**state["progress"])
         hidden = _map_state(state.get("hidden"), lambda s: s[:, rows].to(device))
-        torch.set_rng_state(state["rng_cpu"])
-        if device.type == "cuda" and state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(state["rng_cuda"], device)
+        ranks = state.get("rng_ranks")  # every rank's generators, saved by a torchrun job
+        world, rank = (dist.world, dist.rank) if dist is not None else (1, 0)
+        rng_cpu, rng_cuda = ((ranks[rank]["cpu"], ranks[rank]["cuda"]) if ranks and len(ranks) == world
+                             else (state["rng_cpu"], state.get("rng_cuda")))
+        torch.set_rng_state(rng_cpu)
+        if device.type == "cuda" and rng_cuda is not None:
+            torch.cuda.set_rng_state(rng_cuda, device)
+        if world > 1 and not (ranks and len(ranks) == world):  # saved by another number of processes
+            _seed_by_rank(dist, device)
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise UsageError(f"--resume {resume}: the trainer state in last/{ckpt.TRAINER_FILE} does not fit this "
                          f"run ({type(exc).__name__}: {ckpt.reason(exc)})") from None
@@ -541,6 +563,9 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
         if bad is not None:  # never save non-finite weights over a good checkpoint
             raise failure(p.step, f"weight {bad} became NaN or infinite (try a lower train.lr or train.clip)")
         full_hidden = _map_state(hidden, lambda s: dist.gather_batch(s.detach()).cpu()) if name == "last" else None
+        rng_ranks = dist.gather_objects(
+            {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        ) if name == "last" and dist.enabled else None
         if not dist.is_main:
             return
         info = {"step": p.step, "epoch": p.epoch + p.window / n_windows, "val_loss": val_loss,
@@ -548,7 +573,7 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
         state = None
         if name == "last":
             state = {"format": TRAINER_FORMAT, "progress": asdict(p), "optimizer": optimizer.state_dict(),
-                     "hidden": full_hidden, "rng_cpu": torch.get_rng_state(),
+                     "hidden": full_hidden, "rng_cpu": torch.get_rng_state(), "rng_ranks": rng_ranks,
                      "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                      # absolute, so that a resume from another working folder finds them
                      "corpus": str(Path(corpus).absolute()), "val": str(Path(val).absolute()) if val else None,

@@ -80,6 +80,25 @@ def test_a_two_process_run_resumes_to_the_same_weights(setup, two_process_run):
     assert_close(weights(two_process_run), weights(tmp / "split"))
 
 
+def test_with_dropout_each_rank_draws_its_own_masks_and_a_resume_is_exact(setup):
+    """Catches: every rank seeded alike, so stream i of each rank drew the mask of stream i of the others (the
+    docs had said each rank draws its own); and, once they differ, a resume that gave every rank rank 0's
+    saved generator, which would make the resumed run leave the uninterrupted one."""
+    tmp, corpus, config = setup
+    args = ["--config", str(config), "--corpus", str(corpus), "--set", "model.dropout=0.3"]
+    whole = charlm([*args, "--out", str(tmp / "drop10"), "--max-steps", "10"], tmp, nproc=2)
+    assert whole.returncode == 0, whole.stderr
+    first = charlm([*args, "--out", str(tmp / "drop5"), "--max-steps", "5"], tmp, nproc=2)
+    assert first.returncode == 0, first.stderr
+    state = torch.load(tmp / "drop5" / "last" / "trainer.pt", weights_only=True)
+    ranks = state["rng_ranks"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["cpu"], ranks[1]["cpu"])
+    assert torch.equal(ranks[0]["cpu"], state["rng_cpu"])
+    second = charlm(["--resume", str(tmp / "drop5"), "--max-steps", "10"], tmp, nproc=2)
+    assert second.returncode == 0, second.stderr
+    assert_close(weights(tmp / "drop10"), weights(tmp / "drop5"))
+
+
 @pytest.mark.parametrize("tie", ["true", "false"])
 def test_an_adaptive_softmax_trains_when_a_rank_has_no_target_in_a_tail_cluster(tmp_path, tie):
     """Catches: a tail cluster with no target in a rank's window skipped, so its projection got no gradient
