@@ -56,6 +56,19 @@ def write_corpus(tmp_path):
     return write
 
 
+def block_import(monkeypatch, package: str) -> None:
+    """Make `import package` (and its submodules) fail as if it were not installed."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def without(name, *args, **kwargs):
+        if name == package or name.startswith(package + "."):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", without)
+
+
 def tiny_config(**fields):
     """A small, fast Config; keyword arguments are 'section__field' overrides (train__max_steps=5)."""
     extra = {

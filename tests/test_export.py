@@ -1,6 +1,5 @@
 """charlm export: the single-step model runs without charlm and gives charlm's logits and state."""
 
-import builtins
 import json
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from charlm.errors import UsageError
 from charlm.model import build_model
 from charlm.tokenizer import EOS, UNK
 from charlm.train import train
+from conftest import block_import
 
 STEPS = 6
 TOLERANCE = 1e-4
@@ -342,13 +342,7 @@ def test_export_reports_the_difference_its_check_finds(tmp_path, monkeypatch):
 def test_an_onnx_export_without_onnxruntime_is_written_and_says_it_was_not_checked(tmp_path, monkeypatch):
     pytest.importorskip("onnx")
     run = make_run(tmp_path, "rnn", "torch", layers=1)
-    real_import = builtins.__import__
-
-    def no_onnxruntime(name, *args, **kwargs):
-        if name == "onnxruntime" or name.startswith("onnxruntime."):
-            raise ImportError(f"No module named {name!r}")
-        return real_import(name, *args, **kwargs)
-    monkeypatch.setattr(builtins, "__import__", no_onnxruntime)
+    block_import(monkeypatch, "onnxruntime")
     result = export_model(run, "onnx", tmp_path / "m.onnx")
     assert (tmp_path / "m.onnx").stat().st_size > 0
     assert result.max_abs_diff is None and result.check_steps == 0

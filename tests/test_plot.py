@@ -1,6 +1,5 @@
 """charlm plot: the PNG is written, has the promised size and is not blank; a clear error without matplotlib."""
 
-import builtins
 import json
 import math
 import warnings
@@ -13,6 +12,7 @@ from charlm.cli import app
 from charlm.config import load_config
 from charlm.errors import UsageError
 from charlm.train import train
+from conftest import block_import
 
 
 def make_run(tmp_path, name, *settings, steps=8):
@@ -100,14 +100,7 @@ def test_plot_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch):
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"step": 1, "elapsed": 0.1, "train_loss": 2.0}\n', encoding="utf-8")
-    real_import = builtins.__import__
-
-    def no_matplotlib(name, *args, **kwargs):
-        if name == "matplotlib" or name.startswith("matplotlib."):
-            raise ImportError(f"No module named {name!r}")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    block_import(monkeypatch, "matplotlib")
     result = CliRunner().invoke(app, ["plot", str(run), "--out", str(tmp_path / "c.png")])
     assert result.exit_code == 2
     assert result.stderr.strip() == ("charlm: error: charlm plot needs matplotlib, which is not installed: "
