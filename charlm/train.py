@@ -529,6 +529,8 @@ def _restore(resume: Path, state: dict, optimizer: torch.optim.Optimizer, device
             torch.cuda.set_rng_state(rng_cuda, device)
         if world > 1 and not (ranks and len(ranks) == world):  # saved by another number of processes
             _seed_by_rank(dist, device)
+        elif world > 1 and device.type == "cuda" and rng_cuda is None:  # saved on the CPU: a CUDA generator
+            torch.cuda.manual_seed(int(torch.randint(2 ** 62, (1,)).item()))  # from this rank's own CPU one
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise UsageError(f"--resume {resume}: the trainer state in last/{ckpt.TRAINER_FILE} does not fit this "
                          f"run ({type(exc).__name__}: {ckpt.reason(exc)})") from None
