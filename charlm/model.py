@@ -101,7 +101,10 @@ class RNNLM(nn.Module):
         """-log p of each target: out (X, Y, H) and targets (X, Y) -> (X, Y)."""
         X, Y, H = out.shape
         if self.adaptive:
-            nll = -self.decoder(out.reshape(X * Y, H), targets.reshape(-1)).output.view(X, Y)
+            # float32 in: under CUDA's bf16 autocast cuDNN hands back bf16 outputs, and nn.AdaptiveLogSoftmaxWithLoss
+            # fills a buffer made like its input (bf16) with its tails' float32 log-probabilities (reasoned from
+            # its code by a review; tests/test_cuda.py checks it where a GPU is lent). A no-op in float32.
+            nll = -self.decoder(out.reshape(X * Y, H).float(), targets.reshape(-1)).output.view(X, Y)
             if self.training and torch.is_grad_enabled():
                 # A tail cluster that no target falls in is skipped, which left its weights without a gradient:
                 # under DistributedDataParallel, on one rank only, and its reductions fell out of step (gloo

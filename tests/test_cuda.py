@@ -126,6 +126,19 @@ def test_bf16_training_on_cuda_learns_and_keeps_float32_weights(tmp_path, cell, 
     assert losses["bf16"] < losses["fp32"] + 0.1
 
 
+@pytest.mark.skipif(DEVICE is None or not DEVICE.startswith("cuda"), reason="bf16 autocast is for CUDA only")
+@pytest.mark.parametrize("tie", [False, True])
+def test_bf16_training_with_an_adaptive_softmax_on_cuda(tmp_path, tie):
+    """cuDNN's bf16 outputs into the adaptive softmax, untied (torch's module) and tied (charlm's)."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TINY_TEXT, encoding="utf-8")
+    cfg = tiny_config(model__device=DEVICE, model__cell="lstm", model__impl="torch", data__level="word",
+                      model__softmax="adaptive", model__adaptive_cutoffs="4,8", model__tie_weights=tie,
+                      model__embedding_size=16, model__hidden_size=16, train__max_steps=30, train__precision="bf16")
+    result = train(cfg, corpus, out=tmp_path / "run", show_progress=False)
+    assert result.val_loss is not None and math.isfinite(result.val_loss)
+
+
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_a_torch_stack_with_weight_drop_trains_on_the_device_on_masked_weights(cell):
     """model.weight_drop on cuDNN's stack: each layer runs on a DropConnect copy of its W_hh, the same
