@@ -18,6 +18,7 @@ summed flags of all ranks, so they always stop at the same step.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -85,6 +86,9 @@ class Progress:
     # split; UNKNOWN_MEASURE until the first check (and in a trainer state saved before this was kept,
     # until a resume works it out)
     best_val_tokens: int | None = UNKNOWN_MEASURE
+    # and on which text, read how: a digest of the validation tokens and train.eval_batch_size (None in a
+    # trainer state saved before this was kept: taken as this run's)
+    best_val_text: str | None = None
     plateau_best: float = math.inf    # best of the periodic evaluations only: the plateau schedule's reference
     plateau_scale: float = 1.0
     plateau_bad: int = 0
@@ -494,6 +498,16 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
                          f"intact: make room (or fix the folder) and continue with --resume {run_dir}") from None
 
 
+def _val_reading(val: torch.Tensor | None, eval_batch_size: int) -> str | None:
+    """What the validation checks read, and how: a digest of the split's tokens and the streams it is read in."""
+    if val is None:
+        return None
+    digest = hashlib.sha256()
+    for start in range(0, val.numel(), 1 << 24):  # a part at a time: a memory-mapped split stays on disk
+        digest.update(val[start:start + (1 << 24)].to(torch.int64).numpy().tobytes())
+    return f"{digest.hexdigest()[:24]}/{eval_batch_size}"
+
+
 def _seed_by_rank(dist: Distributed, device) -> None:
     """Under torchrun, a generator of its own for each rank, drawn once the model is built alike everywhere:
     with the one seed all ranks drew the same dropout masks, stream i of each rank the mask of stream i of
@@ -605,6 +619,9 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
     # Progress.best_val_tokens does.
     sliced = reads_a_slice(splits.val, t.eval_tokens)
     measuring = t.eval_tokens if sliced else None
+    reading = _val_reading(splits.val, t.eval_batch_size)  # another --val or eval_batch_size on a resume
+    if p.best_val_text is None:
+        p.best_val_text = reading
 
     def after_validation(val_loss: float | None, periodic: bool, select: float | None = None,
                          on_slice: bool = False) -> None:
@@ -613,7 +630,7 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
         # (train.eval_tokens changed on a resume) cannot be compared with it: the first check chooses afresh.
         select = val_loss if select is None else select
         improved = select is not None and math.isfinite(select) and (
-            select < p.best_val_loss or p.best_val_tokens != measuring)
+            select < p.best_val_loss or p.best_val_tokens != measuring or p.best_val_text != reading)
         if val_loss is not None:
             log.write({"step": p.step, "epoch": round(p.epoch + p.window / n_windows, 4),
                        "elapsed": round(p.elapsed, 3), "val_loss": val_loss,
@@ -621,7 +638,7 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
             if not math.isfinite(val_loss):  # finite weights, but a broken model: do not save it
                 raise failure(p.step, "the validation loss is NaN or infinite (try a lower train.lr or train.clip)")
             if improved:
-                p.best_val_loss, p.best_val_tokens = select, measuring
+                p.best_val_loss, p.best_val_tokens, p.best_val_text = select, measuring, reading
             # Only the periodic evaluations drive the plateau schedule: the extra one at the end of a
             # run must not change what a resumed run does (resume is exact).
             if periodic and t.schedule == "plateau":
@@ -652,6 +669,9 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
     if resumed and math.isfinite(p.best_val_loss) and p.best_val_tokens != measuring and dist.is_main:
         print(f"charlm: note: best/ was chosen on {words(p.best_val_tokens)} and this run's checks read "
               f"{words(measuring)}: the next check replaces it", file=log_stream)
+    elif resumed and math.isfinite(p.best_val_loss) and p.best_val_text != reading and dist.is_main:
+        print("charlm: note: best/ was chosen on other validation text (or another train.eval_batch_size) than "
+              "this run's checks read: the next check replaces it", file=log_stream)
     interactive = show_progress and is_terminal(log_stream)
     bar = tqdm(total=t.max_steps, initial=p.step, unit="step", file=log_stream, dynamic_ncols=True,
                disable=not interactive, leave=True)

@@ -336,6 +336,41 @@ def test_a_resume_that_changes_what_the_checks_measure_chooses_best_afresh(write
     assert (best["step"], best["val_loss"], result.best_val_loss, result.best_val_tokens) == (3, 2.5, 2.5, None)
 
 
+@pytest.mark.parametrize("change", ["val", "eval_batch_size"])
+def test_a_resume_on_other_validation_text_or_streams_chooses_best_afresh(write_corpus, tmp_path, monkeypatch,
+                                                                          change):
+    """Catches: best/ kept across a resume whose checks read another --val file (or the split in another
+    number of streams), although its 1.0 and their 3.0 measure different things."""
+    import io
+
+    from charlm import train as train_module
+    from conftest import TINY_TEXT, tiny_config
+
+    losses = iter([1.0, 2.0, 3.0])  # the checks of steps 1 and 2 (the second is the end's), then the resume's
+    monkeypatch.setattr(train_module, "evaluate", lambda *args, **kwargs: next(losses))
+    corpus, run = write_corpus(TINY_TEXT), tmp_path / "runs" / "r"
+    val = tmp_path / "val.txt"
+    val.write_text("the cat sat.\n" * 5, encoding="utf-8")
+    train(tiny_config(train__max_steps=2, train__eval_interval=1), corpus, out=run, val=val, show_progress=False)
+    other = tmp_path / "other.txt"
+    other.write_text("the dog sat on the log.\n" * 5, encoding="utf-8")
+    extra = {"train__eval_batch_size": 2} if change == "eval_batch_size" else {}
+    log = io.StringIO()
+    result = train(tiny_config(train__max_steps=3, train__eval_interval=1, **extra), corpus, resume=run,
+                   val=other if change == "val" else None, show_progress=False, log_stream=log)
+    assert ("best/ was chosen on other validation text (or another train.eval_batch_size) than this run's checks "
+            "read: the next check replaces it") in log.getvalue()
+    best = json.loads((run / "best" / "manifest.json").read_text())
+    assert (best["step"], best["val_loss"], result.best_val_loss) == (3, 3.0, 3.0)
+    plain = tmp_path / "runs" / "plain"  # the same text and streams on resume: best/ kept
+    losses = iter([1.0, 2.0, 3.0])
+    train(tiny_config(train__max_steps=2, train__eval_interval=1), corpus, out=plain, val=val, show_progress=False)
+    log = io.StringIO()
+    kept = train(tiny_config(train__max_steps=3, train__eval_interval=1), corpus, resume=plain, val=val,
+                 show_progress=False, log_stream=log)
+    assert "best/ was chosen" not in log.getvalue() and kept.best_val_loss == 1.0
+
+
 def test_a_run_resumed_after_an_older_version_ranks_by_its_whole_split_checks(tmp_path):
     """The older version logged no val_slice: its checks count as slices once newer records say which are which."""
     end = {"event": "end", "steps": 3, "elapsed": 3.0}
