@@ -123,8 +123,11 @@ class RNNLM(nn.Module):
         """The weights of the adaptive softmax's tail clusters that no target falls in."""
         cutoffs = self.decoder.cutoffs  # [head end, ..., vocabulary size], in both forms
         tails = self.decoder.proj if isinstance(self.decoder, TiedAdaptiveSoftmax) else self.decoder.tail
-        counts = torch.bucketize(targets.reshape(-1), torch.tensor(cutoffs[:-1], device=targets.device),
-                                 right=True).bincount(minlength=len(cutoffs)).tolist()  # [head, cluster 1, ...]
+        bounds = getattr(self, "_tail_bounds", None)
+        if bounds is None or bounds.device != targets.device:  # made once, not copied to the device every step
+            bounds = self._tail_bounds = torch.tensor(cutoffs[:-1], device=targets.device)
+        counts = torch.bucketize(targets.reshape(-1), bounds, right=True).bincount(
+            minlength=len(cutoffs)).tolist()  # [head, cluster 1, ...]
         return [p for i, tail in enumerate(tails) if counts[i + 1] == 0
                 for p in ([tail] if isinstance(tail, nn.Parameter) else tail.parameters())]
 
