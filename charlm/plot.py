@@ -151,6 +151,20 @@ def _periodic_and_whole(records: list[dict]) -> tuple[list[dict], list[dict]]:
     return (sliced, whole) if sliced and whole else (records, [])
 
 
+def _slice_parts(records: list[dict]) -> list[list[dict]]:
+    """The periodic checks cut where the slice they read changes (train.eval_tokens changed on a resume): two
+    slices' losses are not one curve. Records without `val_tokens` (older versions) go with their neighbours."""
+    parts: list[list[dict]] = []
+    current = None  # the slice of the last part, as far as its records say
+    for r in records:
+        tokens = r.get("val_tokens", current)
+        if not parts or (tokens != current and current is not None):
+            parts.append([])
+        parts[-1].append(r)
+        current = tokens if tokens is not None else current
+    return parts
+
+
 def _draw(curves, rows, scale, unit, width_in, height_in, dpi, out, Figure, FigureCanvasAgg, Line2D) -> None:
     """The two columns (against steps, against time) of loss and bits per character, saved to `out`."""
     fig = Figure(figsize=(width_in, height_in), dpi=dpi)
@@ -166,14 +180,16 @@ def _draw(curves, rows, scale, unit, width_in, height_in, dpi, out, Figure, Figu
         for col, (x, xscale) in enumerate((("step", 1.0), ("elapsed", scale))):
             ax = axes[0][col]
             ax.plot(*_xy(c.metrics.train, x, "train_loss", xscale), color=colour, lw=1.4, alpha=0.9, **lone)
-            ax.plot(*_xy(periodic, x, "val_loss", xscale), color=colour, lw=1.4, ls="--", marker="o", ms=3)
+            for part in _slice_parts(periodic):
+                ax.plot(*_xy(part, x, "val_loss", xscale), color=colour, lw=1.4, ls="--", marker="o", ms=3)
             ax.plot(*_xy(whole, x, "val_loss", xscale), color=colour, ls="none", marker="s", ms=5)
             if rows == 2:
                 ax = axes[1][col]
                 if c.level == "char":
                     xs, ys = _xy(c.metrics.train, x, "train_loss", xscale)
                     ax.plot(xs, [y / LN2 for y in ys], color=colour, lw=1.4, alpha=0.9, **lone)
-                ax.plot(*_xy(periodic, x, "val_bpc", xscale), color=colour, lw=1.4, ls="--", marker="o", ms=3)
+                for part in _slice_parts(periodic):
+                    ax.plot(*_xy(part, x, "val_bpc", xscale), color=colour, lw=1.4, ls="--", marker="o", ms=3)
                 ax.plot(*_xy(whole, x, "val_bpc", xscale), color=colour, ls="none", marker="s", ms=5)
 
     for r in range(rows):

@@ -634,7 +634,8 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
         if val_loss is not None:
             log.write({"step": p.step, "epoch": round(p.epoch + p.window / n_windows, 4),
                        "elapsed": round(p.elapsed, 3), "val_loss": val_loss,
-                       "val_ppl": perplexity(val_loss), "val_bpc": bits_per_char(val_loss), "val_slice": on_slice})
+                       "val_ppl": perplexity(val_loss), "val_bpc": bits_per_char(val_loss), "val_slice": on_slice,
+                       "val_tokens": measuring if on_slice else None})
             if not math.isfinite(val_loss):  # finite weights, but a broken model: do not save it
                 raise failure(p.step, "the validation loss is NaN or infinite (try a lower train.lr or train.clip)")
             if improved:

@@ -301,3 +301,21 @@ def test_a_time_that_is_not_a_number_is_left_out_rather_than_failing(tmp_path):
                                                  {"step": 3, "elapsed": float("inf"), "train_loss": 1.8}])
     result = plot_mod.plot_runs([run], tmp_path / "c.png")
     assert result.runs == ["r"] and (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_checks_on_two_slice_sizes_are_two_curves(tmp_path, monkeypatch):
+    """Catches: a resume that changed train.eval_tokens joining the two slices' losses into one dashed curve
+    (records before val_tokens was written join their neighbours)."""
+    pytest.importorskip("matplotlib")
+    figures = record_figures(monkeypatch)
+    run = hand_made_run(tmp_path / "r", "word", [
+        {"step": 1, "elapsed": 1.0, "train_loss": 5.0},
+        {"step": 1, "elapsed": 1.0, "val_loss": 5.5, "val_slice": True},
+        {"step": 2, "elapsed": 2.0, "val_loss": 5.3, "val_slice": True, "val_tokens": 5},
+        {"step": 3, "elapsed": 3.0, "val_loss": 5.8, "val_slice": True, "val_tokens": 50},
+        {"step": 4, "elapsed": 4.0, "val_loss": 5.6, "val_slice": True, "val_tokens": 50},
+        {"step": 4, "elapsed": 4.0, "val_loss": 5.9, "val_slice": False, "val_tokens": None}])
+    plot_mod.plot_runs([run], tmp_path / "c.png")
+    steps = figures[0].axes[0]
+    dashed = [list(line.get_xdata()) for line in steps.lines if line.get_linestyle() == "--"]
+    assert dashed == [[1, 2], [3, 4]]
