@@ -40,7 +40,7 @@ from .config import Config, dump_yaml
 from .data import (Splits, batchify, check_text_file, check_trainable, check_vocabulary, eval_streams, prepare,
                    window, windows_per_epoch)
 from .errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, RunFailure, UsageError, is_out_of_memory
-from .model import (EvaluationStopped, RNNLM, State, build_model, check_new_model, count_parameters, detach_state,
+from .model import (EvaluationStopped, RNNLM, build_model, check_new_model, count_parameters, detach_state,
                     perplexity, stream_nll)
 from .runs import check_room_for_a_new_run, run_folder_of
 from .runtime import Distributed, file_sha256, init_distributed, is_terminal, seed_everything
