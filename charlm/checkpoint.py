@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from . import config as config_mod
 from .errors import RunFailure, UsageError
-from .runs import CHECKPOINT_NAMES, checkpoint_folder_holding, is_checkpoint_folder
+from .runs import METRICS_FILE, CHECKPOINT_NAMES, checkpoint_folder_holding, is_checkpoint_folder
 from .runtime import file_sha256
 from .tokenizer import TextCodec
 
@@ -222,13 +222,13 @@ def find_checkpoint(path: Path, which: str | None = None) -> Path:
     if which == "best" and any(is_checkpoint_folder(path / name) for name in ("last", "last.old")):
         raise UsageError(f"{path}: {why_no_best(path)}; use --checkpoint last, or drop --checkpoint")
     looked = " or ".join(f"{name}/manifest.json" for name in order if not name.endswith(".old"))
-    if path.name.removesuffix(".old") in ("best", "last") and (path.parent / "metrics.jsonl").exists():
+    if path.name.removesuffix(".old") in ("best", "last") and (path.parent / METRICS_FILE).exists():
         raise UsageError(f"{path} is a damaged checkpoint folder (no {MANIFEST_FILE}): pass the run folder "
                          f"{path.parent}, whose other checkpoint is read instead")
-    if (path / "metrics.jsonl").exists() or (path / "config.yaml").exists():  # a run that has not saved yet
+    if (path / METRICS_FILE).exists() or (path / CONFIG_FILE).exists():  # a run that has not saved yet
         raise UsageError(f"{path} holds no checkpoint yet (no {looked}): a run saves one at each validation "
                          f"check (train.eval_interval) and at its end, or when stopped with Ctrl-C")
-    runs = sorted(sub.name for sub in path.iterdir() if sub.is_dir() and (sub / "config.yaml").exists()) \
+    runs = sorted(sub.name for sub in path.iterdir() if sub.is_dir() and (sub / CONFIG_FILE).exists()) \
         if path.is_dir() else []
     if runs:
         shown = ", ".join(runs[:5]) + (f" and {len(runs) - 5} more" if len(runs) > 5 else "")

@@ -359,8 +359,7 @@ def _print_scores(results, per_token: bool, as_json: bool) -> None:
         t = score_totals(results)
         _out(f"Total: ln P {t.logprob:.4f}  log10 P {t.log10prob:.4f}  tokens {t.tokens}  OOV {t.oov}")
         _out(f"Perplexity including OOVs: {_figure(t.perplexity, '.4f')}")
-        if t.perplexity_no_oov is not None:
-            _out(f"Perplexity excluding OOVs: {_figure(t.perplexity_no_oov, '.4f')}")
+        _out(f"Perplexity excluding OOVs: {_figure(t.perplexity_no_oov, '.4f')}")
 
 
 # ---------------------------------------------------------------- eval

@@ -134,7 +134,7 @@ def _decode_error(name, offset: int, byte: bytes, encoding: str, head: bytes = b
     """The message for an undecodable byte. `head` (the file's first bytes) and `around` (the bytes about the
     bad one) may show what went wrong: a damaged UTF-8 file, or a file in another encoding."""
     where = f"{name} is not valid {encoding}: byte offset {offset} ({byte!r})"
-    if _codec_name(encoding) == "utf-8" and _mostly_utf8(around):
+    if _utf8_mark(encoding) and _mostly_utf8(around):
         return UsageError(f"{where}; the text about it is UTF-8, so the file is damaged, cut off mid-character "
                           f"or mixes encodings there: --errors replace substitutes the bad bytes")
     other = _reads_as(head if not head.isascii() else around, encoding)
@@ -538,6 +538,7 @@ class Splits:
     val_chars: int
     corpus_sha256: str
     cache: Path | None = None
+    val_sha256: str | None = None  # the --val file's; None where the validation part is cut from the corpus
 
 
 def _discard(tmp: Path) -> None:
@@ -584,7 +585,7 @@ def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextC
             dtype = getattr(torch, meta["dtype"])
             return Splits(cached, map_tokens(folder / "train.bin", dtype, meta["train_tokens"]),
                           map_tokens(folder / "val.bin", dtype, meta["val_tokens"]) if meta["val_tokens"] else None,
-                          meta["train_chars"], meta["val_chars"], digest, folder)
+                          meta["train_chars"], meta["val_chars"], digest, folder, val_digest)
         except (OSError, ValueError, KeyError, UsageError, RuntimeError):
             pass  # a damaged cache entry is rebuilt below
     size = corpus.stat().st_size
@@ -637,7 +638,7 @@ def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextC
     dtype = train_enc.dtype
     return Splits(codec, map_tokens(folder / "train.bin", dtype, meta["train_tokens"]),
                   map_tokens(folder / "val.bin", dtype, val_tokens) if val_tokens else None,
-                  train_enc.chars, val_enc.chars, digest, folder)
+                  train_enc.chars, val_enc.chars, digest, folder, val_digest)
 
 
 def check_vocabulary(saved: TextCodec, fresh: TextCodec, corpus: Path) -> None:

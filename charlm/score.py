@@ -64,12 +64,11 @@ def score_sentences(model: RNNLM, codec: TextCodec, sentences: list[str], batch_
     results = []
     for text, ids, lp in zip(sentences, encoded, logps):
         total = math.fsum(lp)
-        oov = ids.count(UNK_ID)
-        # the in-vocabulary tokens' log-probabilities; the closing <eos> (the last) is always one of them
-        known = [x for x, i in zip(lp, ids) if i != UNK_ID] + lp[-1:] if oov else lp
+        tokens = codec.vocab.decode(ids) + [EOS]
+        known = _known_logprobs(lp, tokens)
         n = len(lp)
         results.append(SentenceScore(
-            text, codec.vocab.decode(ids) + [EOS], lp, total, total / LN10, oov, perplexity(-total / n),
+            text, tokens, lp, total, total / LN10, ids.count(UNK_ID), perplexity(-total / n),
             perplexity(-math.fsum(known) / len(known)), -total / n / LN2))
     return results
 
@@ -82,22 +81,21 @@ class ScoreTotals:
     tokens: int
     oov: int
     perplexity: float
-    perplexity_no_oov: float | None  # None if every token was outside the vocabulary (none, in fact: <eos> is in)
+    perplexity_no_oov: float
 
 
 def score_totals(results: list[SentenceScore]) -> ScoreTotals:
+    """Totals of one or more sentences' scores."""
     total = math.fsum(r.logprob for r in results)
     tokens = sum(len(r.token_logprobs) for r in results)
-    known = [lp for r in results for lp in _known_logprobs(r)]
-    return ScoreTotals(total, total / LN10, tokens, sum(r.oov for r in results), perplexity(-total / max(tokens, 1)),
-                       perplexity(-math.fsum(known) / len(known)) if known else None)
+    known = [lp for r in results for lp in _known_logprobs(r.token_logprobs, r.tokens)]
+    return ScoreTotals(total, total / LN10, tokens, sum(r.oov for r in results), perplexity(-total / tokens),
+                       perplexity(-math.fsum(known) / len(known)))
 
 
-def _known_logprobs(r: SentenceScore) -> list[float]:
-    """The log-probabilities of a sentence's tokens inside the vocabulary (the closing <eos> always is)."""
-    return [lp for lp, tok in zip(r.token_logprobs, r.tokens) if tok != UNK] if r.oov else r.token_logprobs
-
-
+def _known_logprobs(logprobs: list[float], tokens: list[str]) -> list[float]:
+    """The log-probabilities of the tokens inside the vocabulary: never empty, the closing <eos> always is."""
+    return [lp for lp, tok in zip(logprobs, tokens) if tok != UNK] if UNK in tokens else logprobs
 
 
 @dataclass

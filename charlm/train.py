@@ -18,7 +18,6 @@ summed flags of all ranks, so they always stop at the same step.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -86,8 +85,8 @@ class Progress:
     # split; UNKNOWN_MEASURE until the first check (and in a trainer state saved before this was kept,
     # until a resume works it out)
     best_val_tokens: int | None = UNKNOWN_MEASURE
-    # and on which text, read how: a digest of the validation tokens and train.eval_batch_size (None in a
-    # trainer state saved before this was kept: taken as this run's)
+    # and on which text, read how: the --val file's digest and train.eval_batch_size (None in a trainer state
+    # saved before this was kept: taken as this run's)
     best_val_text: str | None = None
     plateau_best: float = math.inf    # best of the periodic evaluations only: the plateau schedule's reference
     plateau_scale: float = 1.0
@@ -193,17 +192,21 @@ def _map_state(state, fn):
     return fn(state)
 
 
-def _conflicts(old: Config, new: Config) -> list[str]:
+def _differences(old: Config, new: Config) -> list[tuple[str, object, object]]:
+    """('section.field', old value, new value) for each field the two configs hold differently."""
     a, b = old.to_dict(), new.to_dict()
-    return [f"{s}.{k}" for s in a for k in a[s] if a[s][k] != b[s][k] and f"{s}.{k}" not in RESUMABLE_CHANGES]
+    return [(f"{s}.{k}", a[s][k], b[s][k]) for s in a for k in a[s] if a[s][k] != b[s][k]]
+
+
+def _conflicts(old: Config, new: Config) -> list[str]:
+    return [key for key, _, _ in _differences(old, new) if key not in RESUMABLE_CHANGES]
 
 
 def _changes(old: Config, new: Config) -> list[str]:
     """What `new` changes of `old`, as 'train.max_time 20 -> null'."""
     def shown(value) -> str:
         return "null" if value is None else "true" if value is True else "false" if value is False else str(value)
-    a, b = old.to_dict(), new.to_dict()
-    return [f"{s}.{k} {shown(a[s][k])} -> {shown(b[s][k])}" for s in a for k in a[s] if a[s][k] != b[s][k]]
+    return [f"{key} {shown(a)} -> {shown(b)}" for key, a, b in _differences(old, new)]
 
 
 def _make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
@@ -498,16 +501,6 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
                          f"intact: make room (or fix the folder) and continue with --resume {run_dir}") from None
 
 
-def _val_reading(val: torch.Tensor | None, eval_batch_size: int) -> str | None:
-    """What the validation checks read, and how: a digest of the split's tokens and the streams it is read in."""
-    if val is None:
-        return None
-    digest = hashlib.sha256()
-    for start in range(0, val.numel(), 1 << 24):  # a part at a time: a memory-mapped split stays on disk
-        digest.update(val[start:start + (1 << 24)].to(torch.int64).numpy().tobytes())
-    return f"{digest.hexdigest()[:24]}/{eval_batch_size}"
-
-
 def _seed_by_rank(dist: Distributed, device) -> None:
     """Under torchrun, a generator of its own for each rank, drawn once the model is built alike everywhere:
     with the one seed all ranks drew the same dropout masks, stream i of each rank the mask of stream i of
@@ -619,7 +612,10 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
     # Progress.best_val_tokens does.
     sliced = reads_a_slice(splits.val, t.eval_tokens)
     measuring = t.eval_tokens if sliced else None
-    reading = _val_reading(splits.val, t.eval_batch_size)  # another --val or eval_batch_size on a resume
+    # what the checks read, and how: the --val file's digest (prepare hashed it; a part cut from the corpus is
+    # the same text on every resume, whose corpus is checked) and the streams (another --val or
+    # train.eval_batch_size on a resume)
+    reading = None if splits.val is None else f"{splits.val_sha256 or 'corpus'}/{t.eval_batch_size}"
     if p.best_val_text is None:
         p.best_val_text = reading
 
