@@ -386,6 +386,70 @@ def train(cfg: Config, corpus: Path | None, out: Path | None = None, val: Path |
         dist.close()
 
 
+def _open_resume(cfg: Config, resume: Path, out: Path | None, corpus: Path | None, val: Path | None,
+                 dist: Distributed):
+    """The run folder, last/ and its trainer state that --resume names, checked against this call's config;
+    the corpus and --val default to the run's own. Returns (run folder, last/, state, corpus, val)."""
+    # runs/x/last continues runs/x (from last/, as always), not a new run inside it; best/ or a *.old
+    # folder is refused, since the resume would not start from the checkpoint it names
+    resume = run_folder_of(Path(resume), "--resume", names=("last",))
+    if out is not None and Path(out).absolute() != resume.absolute():
+        raise UsageError(f"--resume continues {resume} in its own folder, and --out names another ({out}): "
+                         f"drop --out (to branch the run, copy its folder and resume the copy)")
+    if dist.is_main:
+        ckpt.recover(resume)
+    dist.barrier()
+    saved, trainer_state = _resume_state(resume, cfg)
+    if corpus is None:
+        corpus = Path(trainer_state["corpus"])
+        if not corpus.exists():
+            raise UsageError(f"--resume {resume}: the run's corpus {corpus} is not found; "
+                             f"pass --corpus PATH to the same text")
+    corpus = Path(corpus)
+    if val is None and trainer_state.get("val"):
+        val = Path(trainer_state["val"])
+    return resume, saved, trainer_state, corpus, val
+
+
+def _read_corpus(cfg: Config, corpus: Path, val: Path | None, resume: Path | None, saved, trainer_state,
+                 cache_dir: Path | None, show_progress: bool, dist: Distributed) -> Splits:
+    """The corpus (and --val) as token ids, checked to be the run's text on a resume and long enough to train on.
+    The first process of each machine tokenizes (or finds the cache); the others then read its token files."""
+    digest = file_sha256(check_text_file(corpus, cfg.data.encoding))  # once: also the token cache's key
+    if trainer_state is not None and digest != trainer_state["corpus_sha256"]:
+        raise UsageError(f"--resume {resume}: corpus {corpus} is not the text this run was trained on "
+                         f"(SHA-256 differs); resume with the original corpus")
+    splits = None
+    if dist.local_rank == 0:
+        splits = prepare(cfg.data, corpus, val, cache_dir=cache_dir, show_progress=show_progress,
+                         corpus_sha256=digest)
+    dist.barrier()
+    if dist.local_rank != 0:
+        splits = prepare(cfg.data, corpus, val, cache_dir=cache_dir, corpus_sha256=digest)
+    if saved is not None:  # the run's vocabulary must be the one this corpus builds
+        check_vocabulary(saved.codec, splits.codec, corpus)
+    check_trainable(splits.train, cfg.train.batch_size, cfg.train.seq_len)
+    return splits
+
+
+def _note_data(cfg: Config, splits: Splits, corpus: Path, val: Path | None, log_stream) -> None:
+    """Notes on text that trains, but not as the user may expect."""
+    if splits.val is None and val is None and cfg.data.val_fraction > 0:
+        print(f"charlm: note: {corpus} has no line end to cut a validation part at (data.val_fraction); "
+              f"training without validation: pass --val FILE to have one", file=log_stream)
+    if len(splits.codec.vocab) <= 2:  # <eos> and <unk>: every token of the text is <unk>
+        d = cfg.data
+        cause = (f"data.max_size {d.max_size}: raise it" if d.max_size is not None and d.max_size <= 2
+                 else f"data.min_freq {d.min_freq}: lower it")
+        print(f"charlm: note: the vocabulary holds only <eos> and <unk> ({cause}); the model can learn nothing "
+              f"but where lines end", file=log_stream)
+    if val is not None and _same_file(Path(val), Path(corpus)):
+        print(f"charlm: note: --val {val} is the corpus itself: validation then measures text the model trains "
+              f"on, not how it does on new text", file=log_stream)
+    if cfg.data.errors == "replace":
+        _note_replaced(splits, f"{corpus} and {val}" if val else str(corpus), cfg.data.encoding, log_stream)
+
+
 def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, dist, device,
            created: list[Path], note_changes: str | None = None) -> TrainResult:
     if cfg.train.precision == "bf16" and device.type != "cuda":  # checked once `auto` is resolved: no silent fp32
@@ -393,24 +457,7 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
                          f"(bf16 training on a CPU was measured less accurate: docs/benchmarks.md)")
     saved, trainer_state = None, None
     if resume is not None:
-        # runs/x/last continues runs/x (from last/, as always), not a new run inside it; best/ or a *.old
-        # folder is refused, since the resume would not start from the checkpoint it names
-        resume = run_folder_of(Path(resume), "--resume", names=("last",))
-        if out is not None and Path(out).absolute() != resume.absolute():
-            raise UsageError(f"--resume continues {resume} in its own folder, and --out names another ({out}): "
-                             f"drop --out (to branch the run, copy its folder and resume the copy)")
-        if dist.is_main:
-            ckpt.recover(resume)
-        dist.barrier()
-        saved, trainer_state = _resume_state(resume, cfg)
-        if corpus is None:
-            corpus = Path(trainer_state["corpus"])
-            if not corpus.exists():
-                raise UsageError(f"--resume {resume}: the run's corpus {corpus} is not found; "
-                                 f"pass --corpus PATH to the same text")
-        corpus = Path(corpus)
-        if val is None and trainer_state.get("val"):
-            val = Path(trainer_state["val"])
+        resume, saved, trainer_state, corpus, val = _open_resume(cfg, resume, out, corpus, val, dist)
         out = resume
     if corpus is None:
         raise UsageError("no corpus: pass --corpus PATH")
@@ -429,60 +476,18 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
                          f"({dist.world}): each takes an equal share of the parallel streams")
     seed_everything(t.seed)
 
-    # The first process of each machine tokenizes (or finds the cache); the others then read its token files.
-    splits: Splits | None = None
-    digest = file_sha256(check_text_file(Path(corpus), cfg.data.encoding))  # once: also the token cache's key
-    if trainer_state is not None and digest != trainer_state["corpus_sha256"]:
-        raise UsageError(f"--resume {resume}: corpus {corpus} is not the text this run was trained on "
-                         f"(SHA-256 differs); resume with the original corpus")
-    if dist.local_rank == 0:
-        splits = prepare(cfg.data, Path(corpus), Path(val) if val else None, cache_dir=cache_dir,
-                         show_progress=show_progress, corpus_sha256=digest)
-    dist.barrier()
-    if dist.local_rank != 0:
-        splits = prepare(cfg.data, Path(corpus), Path(val) if val else None, cache_dir=cache_dir,
-                         corpus_sha256=digest)
-    if saved is not None:  # the run's vocabulary must be the one this corpus builds
-        check_vocabulary(saved.codec, splits.codec, Path(corpus))
-    check_trainable(splits.train, t.batch_size, t.seq_len)
-    if splits.val is None and val is None and cfg.data.val_fraction > 0 and dist.is_main:
-        print(f"charlm: note: {corpus} has no line end to cut a validation part at (data.val_fraction); "
-              f"training without validation: pass --val FILE to have one", file=log_stream)
-    if len(splits.codec.vocab) <= 2 and dist.is_main:  # <eos> and <unk>: every token of the text is <unk>
-        d = cfg.data
-        cause = (f"data.max_size {d.max_size}: raise it" if d.max_size is not None and d.max_size <= 2
-                 else f"data.min_freq {d.min_freq}: lower it")
-        print(f"charlm: note: the vocabulary holds only <eos> and <unk> ({cause}); the model can learn nothing "
-              f"but where lines end", file=log_stream)
-    if val is not None and dist.is_main and _same_file(Path(val), Path(corpus)):
-        print(f"charlm: note: --val {val} is the corpus itself: validation then measures text the model trains "
-              f"on, not how it does on new text", file=log_stream)
-    if cfg.data.errors == "replace" and dist.is_main:
-        _note_replaced(splits, f"{corpus} and {val}" if val else str(corpus), cfg.data.encoding, log_stream)
+    splits = _read_corpus(cfg, Path(corpus), Path(val) if val else None, resume, saved, trainer_state, cache_dir,
+                          show_progress, dist)
+    if dist.is_main:
+        _note_data(cfg, splits, corpus, val, log_stream)
     share = t.batch_size // dist.world
     rows = batchify(splits.train, t.batch_size)[dist.rank * share:(dist.rank + 1) * share]  # (B/W, N // B)
     n_windows = windows_per_epoch(rows, t.seq_len)
 
-    if saved is None:
-        check_new_model(cfg.model, len(splits.codec.vocab))
-    model = build_model(cfg.model, len(splits.codec.vocab)).to(device)
-    p, hidden = Progress(), None
-    if saved is not None:
-        ckpt.load_weights(model, saved.tensors, saved.folder)
-    net = model
-    if dist.enabled:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = _make_optimizer(cfg, model)
+    model, net, optimizer, p, hidden = _build(cfg, splits, saved, trainer_state, resume,
+                                              slice(dist.rank * share, (dist.rank + 1) * share), device, dist)
     if dist.is_main:
         _check_space(run_dir, model)
-    if trainer_state is None:
-        _seed_by_rank(dist, device)
-    else:
-        p, hidden = _restore(resume, trainer_state, optimizer, device, slice(dist.rank * share, (dist.rank + 1) * share),
-                             dist)
-        if p.best_val_tokens == UNKNOWN_MEASURE:  # saved before it was kept: last/'s config says what it was
-            before = saved.cfg.train.eval_tokens
-            p.best_val_tokens = before if reads_a_slice(splits.val, before) else None
     if dist.is_main:  # on --resume too: the limits, intervals or device it changed are the run's now
         ckpt.atomic_write_text(run_dir / ckpt.CONFIG_FILE, dump_yaml(cfg))
     if trainer_state is None and dist.is_main:
@@ -493,12 +498,37 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
               file=log_stream)
 
     try:
-        return _loop(cfg, run_dir, corpus, val, splits, rows, n_windows, model, net, optimizer, p, hidden, device,
-                     saved is not None, show_progress, log_stream, dist)
+        return _Loop(cfg, run_dir, corpus, val, splits, rows, n_windows, model, net, optimizer, p, hidden, device,
+                     saved is not None, show_progress, log_stream, dist).run()
     except OSError as exc:  # the metrics log or the run folder's files (checkpoints report their own)
         where = exc.filename or run_dir
         raise RunFailure(f"could not write {where} ({ckpt.reason(exc)}); the last checkpoint in {run_dir} is "
                          f"intact: make room (or fix the folder) and continue with --resume {run_dir}") from None
+
+
+def _build(cfg: Config, splits: Splits, saved, trainer_state, resume: Path | None, rows: slice, device,
+           dist: Distributed):
+    """The model (wrapped for DDP as `net` under torchrun), its optimizer, the progress and this rank's hidden
+    state (`rows` of the batch): new, or as last/ saved them. Returns (model, net, optimizer, progress, hidden)."""
+    vocab_size = len(splits.codec.vocab)
+    if saved is None:
+        check_new_model(cfg.model, vocab_size)
+    model = build_model(cfg.model, vocab_size).to(device)
+    p, hidden = Progress(), None
+    if saved is not None:
+        ckpt.load_weights(model, saved.tensors, saved.folder)
+    net = model
+    if dist.enabled:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = _make_optimizer(cfg, model)
+    if trainer_state is None:
+        _seed_by_rank(dist, device)
+    else:
+        p, hidden = _restore(resume, trainer_state, optimizer, device, rows, dist)
+        if p.best_val_tokens == UNKNOWN_MEASURE:  # saved before it was kept: last/'s config says what it was
+            before = saved.cfg.train.eval_tokens
+            p.best_val_tokens = before if reads_a_slice(splits.val, before) else None
+    return model, net, optimizer, p, hidden
 
 
 def _seed_by_rank(dist: Distributed, device) -> None:
@@ -544,98 +574,224 @@ def _restore(resume: Path, state: dict, optimizer: torch.optim.Optimizer, device
     return p, hidden
 
 
-def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: torch.Tensor, n_windows: int,
-          model: RNNLM, net: nn.Module, optimizer: torch.optim.Optimizer, p: Progress, hidden, device,
-          resumed: bool, show_progress: bool, log_stream, dist: Distributed) -> TrainResult:
-    t = cfg.train
-    n_params = count_parameters(model)
-    start_tokens = p.tokens
-    log = _Log(run_dir / "metrics.jsonl" if dist.is_main else None, p.step if resumed else None)
-    if not resumed:
-        log.write({"event": "start", "step": 0, "parameters": n_params, "vocab_size": len(splits.codec.vocab),
-                   "train_tokens": splits.train.numel(), "device": str(device), "processes": dist.world})
-    else:
-        log.write({"event": "resume", "step": p.step, "device": str(device)})
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if t.precision == "bf16" else nullcontext()
+def _slice_words(tokens: int | None) -> str:
+    return "the whole split" if tokens is None else f"the first {tokens:,} validation tokens"
 
-    def bits_per_char(loss: float) -> float:
-        # nats per token -> bits per character of the validation text (the same at char level)
-        return loss * (splits.val.numel() - 1) / max(splits.val_chars, 1) / LN2
 
-    def failure(step: int, what: str) -> RunFailure:
-        last = run_dir / "last"
-        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved"
-        return RunFailure(f"training stopped at step {step}: {what}; {kept}")
+class _Loop:
+    """One call's training, from the state `_train` built (a new run or a resumed one) to its TrainResult.
 
-    def save(name: str, val_loss: float | None, on_slice: bool = False) -> None:
-        bad = next((n for n, w in model.named_parameters() if not torch.isfinite(w).all()), None)
-        if bad is not None:  # never save non-finite weights over a good checkpoint
-            raise failure(p.step, f"weight {bad} became NaN or infinite (try a lower train.lr or train.clip)")
-        full_hidden = _map_state(hidden, lambda s: dist.gather_batch(s.detach()).cpu()) if name == "last" else None
-        rng_ranks = dist.gather_objects(
-            {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-        ) if name == "last" and dist.enabled else None
-        if not dist.is_main:
-            return
-        info = {"step": p.step, "epoch": p.epoch + p.window / n_windows, "val_loss": val_loss,
-                "val_slice": val_loss is not None and on_slice, "elapsed": p.elapsed, "parameters": n_params}
-        state = None
-        if name == "last":
-            state = {"format": TRAINER_FORMAT, "progress": asdict(p), "optimizer": optimizer.state_dict(),
-                     "hidden": full_hidden, "rng_cpu": torch.get_rng_state(), "rng_ranks": rng_ranks,
-                     "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                     # absolute, so that a resume from another working folder finds them
-                     "corpus": str(Path(corpus).absolute()), "val": str(Path(val).absolute()) if val else None,
-                     "corpus_sha256": splits.corpus_sha256}
-        ckpt.save_checkpoint(run_dir, name, model, cfg, splits.codec, state, info)
+    `run()` is the loop: each pass agrees on whether to stop, takes one step (`_step`), and now and then
+    logs (`_log_training`) or validates (`_periodic_check`); at the end `_final_check` measures the model
+    and `_result` reports. The checkpoints (`_save`), the choice of best/ (`_after_validation`) and a clean
+    stop on a signal (`_interrupted`) are methods of their own.
+    """
 
-    def validate(limit: int | None, final: bool = False) -> float | None:
+    def __init__(self, cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: torch.Tensor,
+                 n_windows: int, model: RNNLM, net: nn.Module, optimizer: torch.optim.Optimizer, p: Progress,
+                 hidden, device, resumed: bool, show_progress: bool, log_stream, dist: Distributed):
+        self.cfg, self.t, self.run_dir, self.corpus, self.val, self.splits = cfg, cfg.train, run_dir, corpus, val, splits
+        self.rows, self.n_windows, self.model, self.net, self.optimizer = rows, n_windows, model, net, optimizer
+        self.p, self.hidden, self.device, self.resumed, self.dist = p, hidden, device, resumed, dist
+        self.show_progress, self.log_stream = show_progress, log_stream
+        self.interactive = show_progress and is_terminal(log_stream)
+        self.n_params = count_parameters(model)
+        self.start_tokens, self.start_elapsed = p.tokens, p.elapsed
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.t.precision == "bf16" else nullcontext()
+        self.signals = _Signals()
+        self.last_loss = math.nan       # the last step's loss (all ranks' mean once the loop ends)
+        self.checked: tuple[int, float | None] | None = None  # (step, loss) of the latest periodic validation
+        # The periodic checks, and the loss that chooses best/ at the end, read the first eval_tokens of the
+        # split where that is shorter than the split (`sliced`), else all of it; `measuring` says which, as
+        # Progress.best_val_tokens does.
+        self.sliced = reads_a_slice(splits.val, self.t.eval_tokens)
+        self.measuring = self.t.eval_tokens if self.sliced else None
+        # what the checks read, and how: the --val file's digest (prepare hashed it; a part cut from the corpus
+        # is the same text on every resume, whose corpus is checked) and the streams (another --val or
+        # train.eval_batch_size on a resume)
+        self.reading = None if splits.val is None else f"{splits.val_sha256 or 'corpus'}/{self.t.eval_batch_size}"
+        if p.best_val_text is None:
+            p.best_val_text = self.reading
+        self.log = _Log(run_dir / "metrics.jsonl" if dist.is_main else None, p.step if resumed else None)
+
+    def run(self) -> TrainResult:
+        p, t = self.p, self.t
+        if not self.resumed:
+            self.log.write({"event": "start", "step": 0, "parameters": self.n_params,
+                            "vocab_size": len(self.splits.codec.vocab), "train_tokens": self.splits.train.numel(),
+                            "device": str(self.device), "processes": self.dist.world})
+        else:
+            self.log.write({"event": "resume", "step": p.step, "device": str(self.device)})
+        self._note_best_replaced()
+        self.bar = tqdm(total=t.max_steps, initial=p.step, unit="step", file=self.log_stream, dynamic_ncols=True,
+                        disable=not self.interactive, leave=True)
+        self.net.train()
+        stopped_by, final_val = None, None
+        self.window_start, self.window_tokens = time.perf_counter(), 0
+        self.clock = time.perf_counter()
+        try:
+            with self.signals.installed():
+                while True:
+                    stop_signal = self._agreed_signal()
+                    stopped_by = self._limit_reached()
+                    if stopped_by or stop_signal:
+                        break
+                    lr, grad_norm = self._step()
+                    self.bar.update(1)
+                    if p.step % t.log_interval == 0:
+                        self._log_training(lr, grad_norm)
+                    if t.eval_interval and p.step % t.eval_interval == 0:
+                        self._periodic_check()
+                if stop_signal:  # as agreed above; a signal that came later is left for the next command
+                    self.signals.received = stop_signal
+                    self._interrupted()
+                self.last_loss = self.dist.sum([self.last_loss])[0] / self.dist.world
+                final_val = self._final_check()
+        except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+            if not is_out_of_memory(exc):
+                raise
+            raise self._failure(p.step + 1, "out of memory; use a smaller train.batch_size or train.seq_len "
+                                            "(or model.hidden_size)") from None
+        finally:
+            self.bar.close()
+            self.log.close()
+        return self._result(final_val, stopped_by or "done")
+
+    def _agreed_signal(self) -> int | None:
+        """The signal that stops this pass, if any. Under torchrun all ranks agree on the clock of rank 0 and
+        on any signal: every rank decides on the sums, never on its own flag, since a signal that reaches one
+        rank just after them would stop it a step before the others, left waiting in a collective."""
+        stop_signal, p, dist = self.signals.received, self.p, self.dist
+        if dist.enabled:
+            interrupts, terms, elapsed = dist.sum([float(stop_signal == signal.SIGINT),
+                                                   float(stop_signal == signal.SIGTERM),
+                                                   p.elapsed if dist.is_main else 0.0])
+            p.elapsed = elapsed
+            stop_signal = signal.SIGINT if interrupts else (signal.SIGTERM if terms else None)
+        return stop_signal
+
+    def _limit_reached(self) -> str | None:
+        t, p = self.t, self.p
+        if t.max_steps and p.step >= t.max_steps:
+            return "max_steps"
+        if t.max_time and p.elapsed >= t.max_time:
+            return "max_time"
+        epochs = epoch_limit(self.cfg)
+        if epochs and p.epoch + p.window / self.n_windows >= epochs - 1e-12:
+            return "max_epochs"
+        return None
+
+    def _step(self) -> tuple[float, torch.Tensor]:
+        """One window of every stream: forward, backward, clipping, the update. Returns (lr, grad_norm)."""
+        t, p, dist = self.t, self.p, self.dist
+        x, y = window(self.rows, p.window, t.seq_len)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        self.hidden = detach_state(self.hidden)
+        try:
+            with self.autocast:
+                nll, self.hidden = self.net(x, self.hidden, targets=y)
+                loss = nll.float().mean()
+            if not torch.isfinite(loss):
+                raise _NonFinite("loss")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), t.clip if t.clip > 0 else math.inf)
+            if not torch.isfinite(grad_norm):
+                raise _NonFinite("gradient")
+        except _NonFinite as exc:
+            raise self._failure(p.step + 1, f"the {exc.args[0]} is NaN or infinite (try a lower train.lr "
+                                            f"or train.clip)") from None
+        lr = learning_rate(self.cfg, p, fraction_done(self.cfg, p, self.n_windows))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        # an update beyond the float range (a huge train.lr) makes weights infinite: the next loss,
+        # validation or save stops the run with a message naming the step
+        self.optimizer.step()
+        p.step += 1
+        p.window += 1
+        if p.window >= self.n_windows:  # a new epoch reads the streams from their start, from a zero state
+            p.window, p.epoch, self.hidden = 0, p.epoch + 1, None
+        p.tokens += y.numel() * dist.world
+        self.window_tokens += y.numel() * dist.world
+        self.last_loss = loss.item()
+        p.log_loss_sum += self.last_loss
+        p.log_loss_count += 1
+        p.elapsed = self.start_elapsed + time.perf_counter() - self.clock
+        return lr, grad_norm
+
+    def _log_training(self, lr: float, grad_norm: torch.Tensor) -> None:
+        """A metrics line with the mean training loss since the last one (over the global batch), the
+        progress bar's figures, or a plain line where the output is not a terminal."""
+        p = self.p
+        now = time.perf_counter()
+        tps = self.window_tokens / max(now - self.window_start, 1e-9)
+        loss_sum, loss_count = self.dist.sum([p.log_loss_sum, float(p.log_loss_count)])
+        mean = loss_sum / loss_count
+        self.log.write({"step": p.step, "epoch": self._epoch(4), "elapsed": round(p.elapsed, 3),
+                        "train_loss": mean, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_second": tps})
+        rate = f"bpc={mean / LN2:.3f}" if self.cfg.data.level == "char" else f"ppl={math.exp(min(mean, 50)):.1f}"
+        self.bar.set_postfix_str(f"loss={mean:.3f} {rate} tok/s={tps:,.0f} lr={lr:.2e}")
+        if self.show_progress and not self.interactive:
+            print(f"step {p.step} loss {mean:.4f} {rate} tok/s {tps:,.0f} lr {lr:.3g} elapsed {p.elapsed:.0f}s",
+                  file=self.log_stream, flush=True)
+        self.window_start, self.window_tokens = now, 0
+        p.log_loss_sum, p.log_loss_count = 0.0, 0
+
+    def _periodic_check(self) -> None:
+        p = self.p
+        val_loss = self._validate(self.t.eval_tokens)
+        self.checked = (p.step, val_loss)
+        if val_loss is not None and self.show_progress and not self.interactive:
+            scope = f" (on {_slice_words(self.measuring)})" if self.sliced else ""
+            print(f"step {p.step} val_loss {val_loss:.4f}{scope}", file=self.log_stream, flush=True)
+        self._after_validation(val_loss, periodic=True, on_slice=self.sliced)
+        p.elapsed = self.start_elapsed + time.perf_counter() - self.clock
+
+    def _final_check(self) -> float | None:
+        """The validation loss on the whole split at the end of the run, and the last checkpoints. A periodic
+        check at this very step has measured (and logged, and saved) what the final one would measure again:
+        the whole split when no eval_tokens slice is shorter, else the slice."""
+        at_end = self.checked[1] if self.checked is not None and self.checked[0] == self.p.step else None
+        if at_end is not None and not self.sliced:
+            self._save("last", at_end)  # as after a final validation: the elapsed time now includes the check's
+            return at_end
+        final_val = self._validate(None, final=True)
+        select = final_val if not self.sliced else (
+            at_end if at_end is not None else self._validate(self.t.eval_tokens, final=True))
+        self._after_validation(final_val, periodic=False, select=select)
+        return final_val
+
+    def _validate(self, limit: int | None, final: bool = False) -> float | None:
         """Periodic validations run to the end (a resumed run must see the same ones); the final ones,
         over the whole split and possibly long, stop at a signal: a resumed run simply repeats them."""
-        if splits.val is None:
+        if self.splits.val is None:
             return None
         try:
-            return evaluate(model, splits.val, t.eval_batch_size, device, limit, dist,
-                            should_stop=(lambda: signals.received is not None) if final else None)
+            return evaluate(self.model, self.splits.val, self.t.eval_batch_size, self.device, limit, self.dist,
+                            should_stop=(lambda: self.signals.received is not None) if final else None)
         except EvaluationStopped:
-            interrupted("during the final validation ")
+            self._interrupted("during the final validation ")
 
-    def interrupted(where: str = "") -> NoReturn:
-        save("last", None)
-        code = EXIT_SIGINT if signals.received == signal.SIGINT else EXIT_SIGTERM
-        name = "SIGINT" if signals.received == signal.SIGINT else "SIGTERM"
-        raise Interrupted(f"interrupted by {name} {where}at step {p.step}; saved {run_dir / 'last'} "
-                          f"(continue with --resume {run_dir})", code)
-
-    # The periodic checks, and the loss that chooses best/ at the end, read the first eval_tokens of the
-    # split where that is shorter than the split (`sliced`), else all of it; `measuring` says which, as
-    # Progress.best_val_tokens does.
-    sliced = reads_a_slice(splits.val, t.eval_tokens)
-    measuring = t.eval_tokens if sliced else None
-    # what the checks read, and how: the --val file's digest (prepare hashed it; a part cut from the corpus is
-    # the same text on every resume, whose corpus is checked) and the streams (another --val or
-    # train.eval_batch_size on a resume)
-    reading = None if splits.val is None else f"{splits.val_sha256 or 'corpus'}/{t.eval_batch_size}"
-    if p.best_val_text is None:
-        p.best_val_text = reading
-
-    def after_validation(val_loss: float | None, periodic: bool, select: float | None = None,
-                         on_slice: bool = False) -> None:
-        # `select` (default: val_loss) decides the best checkpoint; it is measured like the periodic
-        # evaluations (`measuring`) so that like is compared with like. A best/ chosen on another measure
-        # (train.eval_tokens changed on a resume) cannot be compared with it: the first check chooses afresh.
+    def _after_validation(self, val_loss: float | None, periodic: bool, select: float | None = None,
+                          on_slice: bool = False) -> None:
+        """Log a validation, choose best/ and drive the plateau schedule, then save. `select` (default: val_loss)
+        decides the best checkpoint; it is measured like the periodic evaluations (`measuring`) so that like is
+        compared with like. A best/ chosen on another measure (train.eval_tokens, another --val or
+        train.eval_batch_size on a resume) cannot be compared with it: the first check chooses afresh."""
+        p, t = self.p, self.t
         select = val_loss if select is None else select
         improved = select is not None and math.isfinite(select) and (
-            select < p.best_val_loss or p.best_val_tokens != measuring or p.best_val_text != reading)
+            select < p.best_val_loss or p.best_val_tokens != self.measuring or p.best_val_text != self.reading)
         if val_loss is not None:
-            log.write({"step": p.step, "epoch": round(p.epoch + p.window / n_windows, 4),
-                       "elapsed": round(p.elapsed, 3), "val_loss": val_loss,
-                       "val_ppl": perplexity(val_loss), "val_bpc": bits_per_char(val_loss), "val_slice": on_slice,
-                       "val_tokens": measuring if on_slice else None})
+            self.log.write({"step": p.step, "epoch": self._epoch(4), "elapsed": round(p.elapsed, 3),
+                            "val_loss": val_loss, "val_ppl": perplexity(val_loss),
+                            "val_bpc": self._bits_per_char(val_loss), "val_slice": on_slice,
+                            "val_tokens": self.measuring if on_slice else None})
             if not math.isfinite(val_loss):  # finite weights, but a broken model: do not save it
-                raise failure(p.step, "the validation loss is NaN or infinite (try a lower train.lr or train.clip)")
+                raise self._failure(p.step, "the validation loss is NaN or infinite (try a lower train.lr or "
+                                            "train.clip)")
             if improved:
-                p.best_val_loss, p.best_val_tokens, p.best_val_text = select, measuring, reading
+                p.best_val_loss, p.best_val_tokens, p.best_val_text = select, self.measuring, self.reading
             # Only the periodic evaluations drive the plateau schedule: the extra one at the end of a
             # run must not change what a resumed run does (resume is exact).
             if periodic and t.schedule == "plateau":
@@ -646,149 +802,86 @@ def _loop(cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: t
                     if p.plateau_bad > t.plateau_patience:
                         p.plateau_scale *= t.plateau_factor
                         p.plateau_bad = 0
-        if improved or splits.val is None:
-            save("best", val_loss, on_slice)
-        save("last", val_loss, on_slice)
+        if improved or self.splits.val is None:
+            self._save("best", val_loss, on_slice)
+        self._save("last", val_loss, on_slice)
 
-    def limit_reached() -> str | None:
-        if t.max_steps and p.step >= t.max_steps:
-            return "max_steps"
-        if t.max_time and p.elapsed >= t.max_time:
-            return "max_time"
-        epochs = epoch_limit(cfg)
-        if epochs and p.epoch + p.window / n_windows >= epochs - 1e-12:
-            return "max_epochs"
-        return None
+    def _save(self, name: str, val_loss: float | None, on_slice: bool = False) -> None:
+        p, dist, device = self.p, self.dist, self.device
+        bad = next((n for n, w in self.model.named_parameters() if not torch.isfinite(w).all()), None)
+        if bad is not None:  # never save non-finite weights over a good checkpoint
+            raise self._failure(p.step, f"weight {bad} became NaN or infinite (try a lower train.lr or train.clip)")
+        last = name == "last"
+        full_hidden = _map_state(self.hidden, lambda s: dist.gather_batch(s.detach()).cpu()) if last else None
+        rng_ranks = dist.gather_objects(
+            {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        ) if last and dist.enabled else None
+        if not dist.is_main:
+            return
+        info = {"step": p.step, "epoch": self._epoch(), "val_loss": val_loss,
+                "val_slice": val_loss is not None and on_slice, "elapsed": p.elapsed, "parameters": self.n_params}
+        state = None
+        if last:
+            state = {"format": TRAINER_FORMAT, "progress": asdict(p), "optimizer": self.optimizer.state_dict(),
+                     "hidden": full_hidden, "rng_cpu": torch.get_rng_state(), "rng_ranks": rng_ranks,
+                     "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                     # absolute, so that a resume from another working folder finds them
+                     "corpus": str(Path(self.corpus).absolute()),
+                     "val": str(Path(self.val).absolute()) if self.val else None,
+                     "corpus_sha256": self.splits.corpus_sha256}
+        ckpt.save_checkpoint(self.run_dir, name, self.model, self.cfg, self.splits.codec, state, info)
 
-    def words(tokens: int | None) -> str:
-        return "the whole split" if tokens is None else f"the first {tokens:,} validation tokens"
+    def _interrupted(self, where: str = "") -> NoReturn:
+        self._save("last", None)
+        sigint = self.signals.received == signal.SIGINT
+        raise Interrupted(f"interrupted by {'SIGINT' if sigint else 'SIGTERM'} {where}at step {self.p.step}; saved "
+                          f"{self.run_dir / 'last'} (continue with --resume {self.run_dir})",
+                          EXIT_SIGINT if sigint else EXIT_SIGTERM)
 
-    if resumed and math.isfinite(p.best_val_loss) and p.best_val_tokens != measuring and dist.is_main:
-        print(f"charlm: note: best/ was chosen on {words(p.best_val_tokens)} and this run's checks read "
-              f"{words(measuring)}: the next check replaces it", file=log_stream)
-    elif resumed and math.isfinite(p.best_val_loss) and p.best_val_text != reading and dist.is_main:
-        print("charlm: note: best/ was chosen on other validation text (or another train.eval_batch_size) than "
-              "this run's checks read: the next check replaces it", file=log_stream)
-    interactive = show_progress and is_terminal(log_stream)
-    bar = tqdm(total=t.max_steps, initial=p.step, unit="step", file=log_stream, dynamic_ncols=True,
-               disable=not interactive, leave=True)
-    net.train()
-    last_loss, stopped_by, final_val = math.nan, None, None
-    checked: tuple[int, float | None] | None = None  # (step, loss) of the latest periodic validation
-    signals = _Signals()
-    window_start, window_tokens = time.perf_counter(), 0
-    start_elapsed, clock = p.elapsed, time.perf_counter()
-    try:
-        with signals.installed():
-            while True:
-                stop_signal = signals.received
-                if dist.enabled:  # all ranks agree on the clock of rank 0 and on any signal
-                    interrupts, terms, elapsed = dist.sum([float(stop_signal == signal.SIGINT),
-                                                           float(stop_signal == signal.SIGTERM),
-                                                           p.elapsed if dist.is_main else 0.0])
-                    p.elapsed = elapsed
-                    # Every rank decides on the sums, never on its own flag: a signal that reaches one rank
-                    # just after them would stop it a step before the others, left waiting in a collective.
-                    stop_signal = signal.SIGINT if interrupts else (signal.SIGTERM if terms else None)
-                stopped_by = limit_reached()
-                if stopped_by or stop_signal:
-                    break
-                x, y = window(rows, p.window, t.seq_len)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                hidden = detach_state(hidden)
-                try:
-                    with autocast:
-                        nll, hidden = net(x, hidden, targets=y)
-                        loss = nll.float().mean()
-                    if not torch.isfinite(loss):
-                        raise _NonFinite("loss")
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), t.clip if t.clip > 0 else math.inf)
-                    if not torch.isfinite(grad_norm):
-                        raise _NonFinite("gradient")
-                except _NonFinite as exc:
-                    raise failure(p.step + 1, f"the {exc.args[0]} is NaN or infinite (try a lower train.lr "
-                                              f"or train.clip)") from None
-                lr = learning_rate(cfg, p, fraction_done(cfg, p, n_windows))
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                # an update beyond the float range (a huge train.lr) makes weights infinite: the next loss,
-                # validation or save stops the run with a message naming the step
-                optimizer.step()
-                p.step += 1
-                p.window += 1
-                if p.window >= n_windows:  # a new epoch reads the streams from their start, from a zero state
-                    p.window, p.epoch, hidden = 0, p.epoch + 1, None
-                p.tokens += y.numel() * dist.world
-                window_tokens += y.numel() * dist.world
-                last_loss = loss.item()
-                p.log_loss_sum += last_loss
-                p.log_loss_count += 1
-                p.elapsed = start_elapsed + time.perf_counter() - clock
-                bar.update(1)
-                if p.step % t.log_interval == 0:
-                    now = time.perf_counter()
-                    tps = window_tokens / max(now - window_start, 1e-9)
-                    loss_sum, loss_count = dist.sum([p.log_loss_sum, float(p.log_loss_count)])  # global batch
-                    mean = loss_sum / loss_count
-                    log.write({"step": p.step, "epoch": round(p.epoch + p.window / n_windows, 4),
-                               "elapsed": round(p.elapsed, 3), "train_loss": mean, "lr": lr,
-                               "grad_norm": float(grad_norm), "tokens_per_second": tps})
-                    rate = (f"bpc={mean / LN2:.3f}" if cfg.data.level == "char"
-                            else f"ppl={math.exp(min(mean, 50)):.1f}")
-                    bar.set_postfix_str(f"loss={mean:.3f} {rate} tok/s={tps:,.0f} lr={lr:.2e}")
-                    if show_progress and not interactive:
-                        print(f"step {p.step} loss {mean:.4f} {rate} tok/s {tps:,.0f} lr {lr:.3g} "
-                              f"elapsed {p.elapsed:.0f}s", file=log_stream, flush=True)
-                    window_start, window_tokens = now, 0
-                    p.log_loss_sum, p.log_loss_count = 0.0, 0
-                if t.eval_interval and p.step % t.eval_interval == 0:
-                    val_loss = validate(t.eval_tokens)
-                    checked = (p.step, val_loss)
-                    if val_loss is not None and show_progress and not interactive:
-                        scope = f" (on {words(measuring)})" if sliced else ""
-                        print(f"step {p.step} val_loss {val_loss:.4f}{scope}", file=log_stream, flush=True)
-                    after_validation(val_loss, periodic=True, on_slice=sliced)
-                    p.elapsed = start_elapsed + time.perf_counter() - clock
-            if stop_signal:  # as agreed above; a signal that came later is left for the next command
-                signals.received = stop_signal
-                interrupted()
-            last_loss = dist.sum([last_loss])[0] / dist.world
-            # A periodic check at this very step has measured (and logged, and saved) what the final one
-            # would measure again: the whole split when no eval_tokens slice is shorter, else the slice.
-            at_end = checked[1] if checked is not None and checked[0] == p.step else None
-            if at_end is not None and not sliced:
-                final_val = at_end
-                save("last", final_val)  # as after a final validation: the elapsed time now includes the check's
-            else:
-                final_val = validate(None, final=True)
-                select = final_val if not sliced else (
-                    at_end if at_end is not None else validate(t.eval_tokens, final=True))
-                after_validation(final_val, periodic=False, select=select)
-    except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
-        if not is_out_of_memory(exc):
-            raise
-        raise failure(p.step + 1, "out of memory; use a smaller train.batch_size or train.seq_len "
-                                  "(or model.hidden_size)") from None
-    finally:
-        bar.close()
-        log.close()
+    def _failure(self, step: int, what: str) -> RunFailure:
+        last = self.run_dir / "last"
+        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved"
+        return RunFailure(f"training stopped at step {step}: {what}; {kept}")
 
-    trained = max(p.elapsed - start_elapsed, 1e-9)
-    best = p.best_val_loss if math.isfinite(p.best_val_loss) else None
-    train_loss = last_loss if math.isfinite(last_loss) else None  # a resume with no step left runs none
-    result = TrainResult(str(run_dir), p.step, p.epoch + p.window / n_windows, train_loss, final_val, best,
-                         bits_per_char(final_val) if final_val is not None else None,
-                         perplexity(final_val) if final_val is not None else None,
-                         (p.tokens - start_tokens) / trained, p.elapsed, n_params, stopped_by or "done",
-                         p.best_val_tokens if best is not None else None)
-    if dist.is_main:
-        with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+    def _note_best_replaced(self) -> None:
+        p = self.p
+        if not (self.resumed and math.isfinite(p.best_val_loss) and self.dist.is_main):
+            return
+        if p.best_val_tokens != self.measuring:
+            print(f"charlm: note: best/ was chosen on {_slice_words(p.best_val_tokens)} and this run's checks read "
+                  f"{_slice_words(self.measuring)}: the next check replaces it", file=self.log_stream)
+        elif p.best_val_text != self.reading:
+            print("charlm: note: best/ was chosen on other validation text (or another train.eval_batch_size) than "
+                  "this run's checks read: the next check replaces it", file=self.log_stream)
+
+    def _epoch(self, digits: int | None = None) -> float:
+        """Epochs done, with the fraction of the current one."""
+        done = self.p.epoch + self.p.window / self.n_windows
+        return done if digits is None else round(done, digits)
+
+    def _bits_per_char(self, loss: float) -> float:
+        # nats per token -> bits per character of the validation text (the same at char level)
+        return loss * (self.splits.val.numel() - 1) / max(self.splits.val_chars, 1) / LN2
+
+    def _result(self, final_val: float | None, stopped_by: str) -> TrainResult:
+        """The run's figures; rank 0 also appends them to metrics.jsonl and notes a diverged model."""
+        p = self.p
+        trained = max(p.elapsed - self.start_elapsed, 1e-9)
+        best = p.best_val_loss if math.isfinite(p.best_val_loss) else None
+        train_loss = self.last_loss if math.isfinite(self.last_loss) else None  # a resume with no step left runs none
+        result = TrainResult(str(self.run_dir), p.step, self._epoch(), train_loss, final_val, best,
+                             self._bits_per_char(final_val) if final_val is not None else None,
+                             perplexity(final_val) if final_val is not None else None,
+                             (p.tokens - self.start_tokens) / trained, p.elapsed, self.n_params, stopped_by,
+                             p.best_val_tokens if best is not None else None)
+        if not self.dist.is_main:
+            return result
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps({"event": "end", **asdict(result)}) + "\n")
-        uniform = math.log(len(splits.codec.vocab))  # the loss of a model that gives every token alike
+        vocab_size = len(self.splits.codec.vocab)
+        uniform = math.log(vocab_size)  # the loss of a model that gives every token alike
         if final_val is not None and final_val > uniform + 1 and train_loss is not None and train_loss > uniform + 1:
             print(f"charlm: note: the validation loss {final_val:.4g} is more than a nat above {uniform:.4f} (ln "
-                  f"{len(splits.codec.vocab)}), the loss of giving every token the same probability: the model "
-                  f"has diverged; try a lower train.lr (or train.clip)", file=log_stream)
-    return result
+                  f"{vocab_size}), the loss of giving every token the same probability: the model has diverged; "
+                  f"try a lower train.lr (or train.clip)", file=self.log_stream)
+        return result
