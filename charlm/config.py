@@ -74,7 +74,8 @@ class ModelConfig:
                       "ones in clusters; exact probabilities, much less work for large vocabularies; with "
                       "tie_weights the clusters score the embedding rows)", choices=("full", "adaptive"))
     adaptive_cutoffs: str = _f("2000,10000", "adaptive softmax: ids where the head and each tail cluster end "
-                               "(comma-separated, increasing; those not below the vocabulary size are dropped)",
+                               "(comma-separated, increasing; those from vocabulary size - 1 up, which would leave a "
+                               "cluster of one token or none, are dropped)",
                                numbers=True)
     adaptive_div: float = _f(4.0, "adaptive softmax, untied: each tail cluster's projection is this much "
                              "narrower", low=1.0)

@@ -400,6 +400,12 @@ def _open_resume(cfg: Config, resume: Path, out: Path | None, corpus: Path | Non
         ckpt.recover(resume)
     dist.barrier()
     saved, trainer_state = _resume_state(resume, cfg)
+    if val is not None and not trainer_state.get("val") and cfg.data.val_fraction > 0:
+        # the validation part was cut from the corpus: with --val all of the corpus would become training text,
+        # another stream (and, as often as not, another vocabulary) than the one the run trained on
+        raise UsageError(f"--resume {resume}: this run cuts its validation text from the corpus (data.val_fraction "
+                         f"{cfg.data.val_fraction:g}), and --val would make all of the corpus training text; resume "
+                         f"without --val (`charlm eval {resume} --file {val}` measures the model on that file)")
     if corpus is None:
         corpus = Path(trainer_state["corpus"])
         if not corpus.exists():

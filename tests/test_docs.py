@@ -122,3 +122,23 @@ def test_reliability_page_names_each_test_with_the_file_that_holds_it():
         assert file, f"docs/reliability.md: give the file of {name} (test_x.py::{name})"
         source = (ROOT / "tests" / file[:-2]).read_text(encoding="utf-8")
         assert re.search(rf"^def {name}\(", source, re.M), f"docs/reliability.md: {file}{name} does not exist"
+
+
+def test_multi_process_examples_divide_the_configs_batch():
+    """Every `--nproc N` or torchrun command in the docs with a shipped config must be one that train accepts:
+    its train.batch_size a multiple of the processes (the two-machine example once asked for 8 with 20)."""
+    from charlm.config import load_config
+    commands = []
+    for doc in (README, README_ZH, ROOT / "docs" / "scaling.md"):
+        text = doc.read_text(encoding="utf-8").replace("\\\n", " ")
+        commands += [line for line in text.splitlines() if "--config configs/" in line
+                     and ("--nproc " in line or "torchrun " in line)]
+    assert len(commands) >= 5
+    for line in commands:
+        nproc = re.search(r"--nproc (\d+)", line)
+        per_node = re.search(r"--nproc_per_node (\d+)", line)
+        nodes = re.search(r"--nnodes (\d+)", line)
+        processes = int(nproc.group(1)) if nproc else int(per_node.group(1)) * int(nodes.group(1) if nodes else 1)
+        config = re.search(r"--config (configs/\S+)", line).group(1)
+        batch = load_config(ROOT / config).train.batch_size
+        assert batch % processes == 0, f"{line.strip()}: {config}'s batch_size {batch} is not a multiple of {processes}"

@@ -377,3 +377,23 @@ def test_resume_keeps_validating_on_the_runs_val_file(tmp_path):
     assert_same_weights(one, split)
     assert [r for r in metric_lines(split) if "val_loss" in r and r["step"] == 12] == \
         [r for r in metric_lines(one) if "val_loss" in r and r["step"] == 12]
+
+
+def test_resume_with_val_is_refused_when_the_run_cut_its_validation_from_the_corpus(tmp_path):
+    """Catches: --val on a resume of a run whose validation text is the corpus's last data.val_fraction. All of
+    the corpus would become training text, another stream than the run's (and often another vocabulary, which
+    was refused as 'belongs to another corpus'); the error now says what --val does here."""
+    corpus = write_corpus(tmp_path)
+    val = write_corpus(tmp_path, "val.txt", lines=40, seed=5)
+    run = tmp_path / "run"
+    train(tiny_config(train__max_steps=4), corpus, out=run, show_progress=False)
+    before = weights(run)
+    line = assert_one_line_error(cli("train", "--resume", run, "--val", val, "--max-steps", "8", "-q"), 2,
+                                 "data.val_fraction 0.1", "without --val", f"--file {val}")
+    assert "another corpus" not in line
+    after = weights(run)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing trained
+    # a run that started with --val may change it on a resume
+    run2 = tmp_path / "run2"
+    train(tiny_config(train__max_steps=4), corpus, out=run2, val=val, show_progress=False)
+    assert train(tiny_config(train__max_steps=6), None, resume=run2, val=corpus, show_progress=False).steps == 6
