@@ -348,7 +348,8 @@ def iter_text(path: Path, start: int = 0, end: int | None = None, encoding: str 
 
 
 def split_point(path: Path, fraction: float, encoding: str = "utf-8") -> int:
-    """Byte offset where the validation part (the last `fraction`) starts, at a line boundary; 0 if none.
+    """Byte offset where the validation part (the last `fraction`) starts, at a line boundary; the file's size
+    when none is cut (a fraction of 0, or no line end after the cut).
 
     In UTF-16 and UTF-32 a line ends with a 2- or 4-byte newline, found only at offsets that are whole
     code units from the start of the file.

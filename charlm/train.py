@@ -37,7 +37,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from .config import Config, dump_yaml
 from .data import (Splits, batchify, check_text_file, check_trainable, check_vocabulary, eval_streams, prepare,
-                   window, windows_per_epoch)
+                   split_point, window, windows_per_epoch)
 from .errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, RunFailure, UsageError, is_out_of_memory
 from .model import (EvaluationStopped, RNNLM, build_model, check_new_model, count_parameters, detach_state,
                     perplexity, stream_nll)
@@ -400,12 +400,6 @@ def _open_resume(cfg: Config, resume: Path, out: Path | None, corpus: Path | Non
         ckpt.recover(resume)
     dist.barrier()
     saved, trainer_state = _resume_state(resume, cfg)
-    if val is not None and not trainer_state.get("val") and cfg.data.val_fraction > 0:
-        # the validation part was cut from the corpus: with --val all of the corpus would become training text,
-        # another stream (and, as often as not, another vocabulary) than the one the run trained on
-        raise UsageError(f"--resume {resume}: this run cuts its validation text from the corpus (data.val_fraction "
-                         f"{cfg.data.val_fraction:g}), and --val would make all of the corpus training text; resume "
-                         f"without --val (`charlm eval {resume} --file {val}` measures the model on that file)")
     if corpus is None:
         corpus = Path(trainer_state["corpus"])
         if not corpus.exists():
@@ -425,6 +419,13 @@ def _read_corpus(cfg: Config, corpus: Path, val: Path | None, resume: Path | Non
     if trainer_state is not None and digest != trainer_state["corpus_sha256"]:
         raise UsageError(f"--resume {resume}: corpus {corpus} is not the text this run was trained on "
                          f"(SHA-256 differs); resume with the original corpus")
+    if (val is not None and trainer_state is not None and not trainer_state.get("val")
+            and split_point(corpus, cfg.data.val_fraction, cfg.data.encoding) < corpus.stat().st_size):
+        # the run's validation part is cut from its corpus: with --val all of the corpus would become training
+        # text, another stream (and, as often as not, another vocabulary) than the one the run trained on
+        raise UsageError(f"--resume {resume}: this run cuts its validation text from the corpus (data.val_fraction "
+                         f"{cfg.data.val_fraction:g}), and --val would make all of the corpus training text; resume "
+                         f"without --val (`charlm eval {resume} --file {val}` measures the model on that file)")
     splits = None
     if dist.local_rank == 0:
         splits = prepare(cfg.data, corpus, val, cache_dir=cache_dir, show_progress=show_progress,
@@ -490,10 +491,8 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
     rows = batchify(splits.train, t.batch_size)[dist.rank * share:(dist.rank + 1) * share]  # (B/W, N // B)
     n_windows = windows_per_epoch(rows, t.seq_len)
 
-    model, net, optimizer, p, hidden = _build(cfg, splits, saved, trainer_state, resume,
+    model, net, optimizer, p, hidden = _build(cfg, splits, saved, trainer_state, resume, run_dir,
                                               slice(dist.rank * share, (dist.rank + 1) * share), device, dist)
-    if dist.is_main:
-        _check_space(run_dir, model)
     if dist.is_main:  # on --resume too: the limits, intervals or device it changed are the run's now
         ckpt.atomic_write_text(run_dir / ckpt.CONFIG_FILE, dump_yaml(cfg))
     if trainer_state is None and dist.is_main:
@@ -512,10 +511,11 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
                          f"intact: make room (or fix the folder) and continue with --resume {run_dir}") from None
 
 
-def _build(cfg: Config, splits: Splits, saved, trainer_state, resume: Path | None, rows: slice, device,
-           dist: Distributed):
+def _build(cfg: Config, splits: Splits, saved, trainer_state, resume: Path | None, run_dir: Path, rank_rows: slice,
+           device, dist: Distributed):
     """The model (wrapped for DDP as `net` under torchrun), its optimizer, the progress and this rank's hidden
-    state (`rows` of the batch): new, or as last/ saved them. Returns (model, net, optimizer, progress, hidden)."""
+    state (`rank_rows` of the batch): new, or as last/ saved them; first, that the disk can hold the model's
+    checkpoints. Returns (model, net, optimizer, progress, hidden)."""
     vocab_size = len(splits.codec.vocab)
     if saved is None:
         check_new_model(cfg.model, vocab_size)
@@ -527,10 +527,12 @@ def _build(cfg: Config, splits: Splits, saved, trainer_state, resume: Path | Non
     if dist.enabled:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = _make_optimizer(cfg, model)
+    if dist.is_main:
+        _check_space(run_dir, model)
     if trainer_state is None:
         _seed_by_rank(dist, device)
     else:
-        p, hidden = _restore(resume, trainer_state, optimizer, device, rows, dist)
+        p, hidden = _restore(resume, trainer_state, optimizer, device, rank_rows, dist)
         if p.best_val_tokens == UNKNOWN_MEASURE:  # saved before it was kept: last/'s config says what it was
             before = saved.cfg.train.eval_tokens
             p.best_val_tokens = before if reads_a_slice(splits.val, before) else None
@@ -581,6 +583,7 @@ def _restore(resume: Path, state: dict, optimizer: torch.optim.Optimizer, device
 
 
 def _slice_words(tokens: int | None) -> str:
+    """What a check with Progress.best_val_tokens = `tokens` read, in words."""
     return "the whole split" if tokens is None else f"the first {tokens:,} validation tokens"
 
 
@@ -596,13 +599,19 @@ class _Loop:
     def __init__(self, cfg: Config, run_dir: Path, corpus: Path, val, splits: Splits, rows: torch.Tensor,
                  n_windows: int, model: RNNLM, net: nn.Module, optimizer: torch.optim.Optimizer, p: Progress,
                  hidden, device, resumed: bool, show_progress: bool, log_stream, dist: Distributed):
-        self.cfg, self.t, self.run_dir, self.corpus, self.val, self.splits = cfg, cfg.train, run_dir, corpus, val, splits
-        self.rows, self.n_windows, self.model, self.net, self.optimizer = rows, n_windows, model, net, optimizer
-        self.p, self.hidden, self.device, self.resumed, self.dist = p, hidden, device, resumed, dist
+        self.cfg, self.t = cfg, cfg.train
+        self.run_dir, self.corpus, self.val = run_dir, corpus, val
+        self.splits, self.rows, self.n_windows = splits, rows, n_windows  # rows: this rank's (B/W, N // B) streams
+        self.model, self.net, self.optimizer = model, net, optimizer
+        self.p, self.hidden = p, hidden
+        self.device, self.dist, self.resumed = device, dist, resumed
         self.show_progress, self.log_stream = show_progress, log_stream
         self.interactive = show_progress and is_terminal(log_stream)
         self.n_params = count_parameters(model)
         self.start_tokens, self.start_elapsed = p.tokens, p.elapsed
+        self.clock = 0.0                # perf_counter() when the loop starts: elapsed = start_elapsed + now - clock
+        self.bar = None                 # the progress bar, made when the loop starts
+        self.window_start, self.window_tokens = 0.0, 0  # the tokens a second since the last log line
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.t.precision == "bf16" else nullcontext()
         self.signals = _Signals()
         self.last_loss = math.nan       # the last step's loss (all ranks' mean once the loop ends)
@@ -616,7 +625,7 @@ class _Loop:
         # is the same text on every resume, whose corpus is checked) and the streams (another --val or
         # train.eval_batch_size on a resume)
         self.reading = None if splits.val is None else f"{splits.val_sha256 or 'corpus'}/{self.t.eval_batch_size}"
-        if p.best_val_text is None:
+        if p.best_val_text is None:  # a new run, or a trainer state saved before this was kept
             p.best_val_text = self.reading
         self.log = _Log(run_dir / "metrics.jsonl" if dist.is_main else None, p.step if resumed else None)
 
@@ -677,6 +686,7 @@ class _Loop:
         return stop_signal
 
     def _limit_reached(self) -> str | None:
+        """The limit (as TrainResult.stopped_by names it) that the run has reached, if any."""
         t, p = self.t, self.p
         if t.max_steps and p.step >= t.max_steps:
             return "max_steps"
@@ -744,6 +754,8 @@ class _Loop:
         p.log_loss_sum, p.log_loss_count = 0.0, 0
 
     def _periodic_check(self) -> None:
+        """A validation every train.eval_interval steps (on the eval_tokens slice where that is shorter), and
+        the checkpoints after it; its time counts in the elapsed time."""
         p = self.p
         val_loss = self._validate(self.t.eval_tokens)
         self.checked = (p.step, val_loss)

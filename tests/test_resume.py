@@ -397,3 +397,16 @@ def test_resume_with_val_is_refused_when_the_run_cut_its_validation_from_the_cor
     run2 = tmp_path / "run2"
     train(tiny_config(train__max_steps=4), corpus, out=run2, val=val, show_progress=False)
     assert train(tiny_config(train__max_steps=6), None, resume=run2, val=corpus, show_progress=False).steps == 6
+
+
+def test_resume_may_add_val_when_no_validation_part_was_cut(tmp_path):
+    """Catches: refusing --val on a resume because data.val_fraction > 0 when the corpus had no line end to cut
+    at. The run trained on all of it and its note said to pass --val; with --val the stream is the same."""
+    corpus = tmp_path / "one_line.txt"
+    corpus.write_text("to be or not to be that is the question " * 40, encoding="utf-8")
+    val = write_corpus(tmp_path, "val.txt", lines=40, seed=5)
+    run = tmp_path / "run"
+    first = train(tiny_config(train__max_steps=4), corpus, out=run, show_progress=False)
+    assert first.val_loss is None
+    result = train(tiny_config(train__max_steps=8), None, resume=run, val=val, show_progress=False)
+    assert result.steps == 8 and result.val_loss is not None
