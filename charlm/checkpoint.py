@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from . import config as config_mod
 from .errors import RunFailure, UsageError
-from .runs import METRICS_FILE, CHECKPOINT_NAMES, checkpoint_folder_holding, is_checkpoint_folder
+from .runs import METRICS_FILE, CHECKPOINT_NAMES, checkpoint_folder_holding, is_checkpoint_folder, read_metrics
 from .runtime import file_sha256
 from .tokenizer import TextCodec
 
@@ -209,6 +209,9 @@ def find_checkpoint(path: Path, which: str | None = None) -> Path:
     path = Path(path)
     if not path.exists():
         raise UsageError(f"run folder not found: {path}")
+    if not path.is_dir():
+        raise UsageError(f"{path} is a file, not a run folder: name the folder that `charlm train` wrote "
+                         f"(its --out)")
     if is_checkpoint_folder(path):
         kind = path.name.removesuffix(".old")
         if which is not None and kind in ("best", "last") and kind != which:
@@ -225,6 +228,10 @@ def find_checkpoint(path: Path, which: str | None = None) -> Path:
     if path.name.removesuffix(".old") in ("best", "last") and (path.parent / METRICS_FILE).exists():
         raise UsageError(f"{path} is a damaged checkpoint folder (no {MANIFEST_FILE}): pass the run folder "
                          f"{path.parent}, whose other checkpoint is read instead")
+    failed = read_metrics(path).failed if (path / METRICS_FILE).is_file() else None
+    if failed is not None:  # the run stopped on an error before its first checkpoint
+        raise UsageError(f"{path} holds no checkpoint: its training stopped at step {failed.get('step')} before "
+                         f"saving one: {failed.get('error')}")
     if (path / METRICS_FILE).exists() or (path / CONFIG_FILE).exists():  # a run that has not saved yet
         raise UsageError(f"{path} holds no checkpoint yet (no {looked}): a run saves one at each validation "
                          f"check (train.eval_interval) and at its end, or when stopped with Ctrl-C")
@@ -345,7 +352,7 @@ def load_checkpoint(path: Path, which: str | None = None) -> Checkpoint:
 def _read_checkpoint(folder: Path) -> Checkpoint:
     manifest = read_manifest(folder)
     verify(folder, manifest)
-    cfg = config_mod.from_dict(config_mod.read_yaml(folder / CONFIG_FILE))
+    cfg = config_mod.from_dict(config_mod.read_yaml(folder / CONFIG_FILE), saved_run=True)
     codec = TextCodec.load(folder / VOCAB_FILE)
     data = cfg.data
     if codec.tokenizer.to_dict() != {"level": data.level, "lowercase": data.lowercase, "word_split": data.word_split}:

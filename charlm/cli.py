@@ -298,7 +298,8 @@ def score(
     run_dir: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint folder inside it).")],
     text: Annotated[Optional[list[str]], typer.Argument(help="Sentences to score (default: --file, else stdin).")] = None,
     file: Annotated[Optional[Path], typer.Option("--file", "-f", help="Score every line of this file.")] = None,
-    per_token: Annotated[bool, typer.Option("--per-token", help="Also give every token's log-probability.")] = False,
+    per_token: Annotated[bool, typer.Option("--per-token", help="Also give every token's log-probability: log10 "
+                                                                "in the table, natural log in --json.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per sentence.")] = False,
     batch_size: Annotated[int, typer.Option(help="Sentences scored together.")] = 128,
     encoding: Annotated[Optional[str], typer.Option(help="Text encoding of --file (default: the run's data.encoding).")] = None,
@@ -327,6 +328,10 @@ def score(
         if not text and file is None and sys.stdin.isatty():
             print("charlm: reading sentences from standard input, one a line (end with Ctrl-D)", file=sys.stderr)
         if text:
+            named = next((t for t in text if _names_a_file(t)), None)
+            if named is not None:  # `score RUN FILE`: the -f forgotten, or a sentence that is also a file name
+                print(f"charlm: note: '{named}' is scored as a sentence; to score the lines of the file {named}, "
+                      f"use --file {named}", file=sys.stderr)
             sentences = [line for t in text for line in (codec.tokenizer.lines(t) or [""])]
         elif file is not None:
             sentences = codec.tokenizer.lines(read_text(file, encoding or saved.cfg.data.encoding, errors))
@@ -337,6 +342,13 @@ def score(
             raise UsageError(f"{file if file is not None else 'standard input'} holds no lines to score")
         results = score_sentences(model, codec, sentences, batch_size, dev)
         _print_scores(results, per_token, as_json)
+
+
+def _names_a_file(text: str) -> bool:
+    try:
+        return "\n" not in text and Path(text).is_file()
+    except (OSError, ValueError):  # too long a name, a NUL: a sentence, not a path
+        return False
 
 
 def _print_scores(results, per_token: bool, as_json: bool) -> None:
@@ -506,7 +518,7 @@ def _print_runs(summaries) -> None:
         _out("  ".join(pad + c if i in numeric else c + pad for i, (c, pad) in enumerate(zip(r, pads))).rstrip())
     for s in summaries:
         if s.problem:
-            _out(f"{s.name}: broken: {s.problem}")
+            _out(f"{s.name}: {s.status}: {s.problem}")
 
 
 # ---------------------------------------------------------------- plot

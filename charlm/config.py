@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,9 @@ class ModelConfig:
 class TrainConfig:
     batch_size: int = _f(32, "parallel token streams per step", low=1)
     seq_len: int = _f(64, "tokens per window of truncated back-propagation through time", low=1)
+    fresh_streams: int = _f(2, "streams added to each step that start at a random line from a zero state, as "
+                            "sample and score do, so that the model learns how lines begin (the batch_size "
+                            "streams carry their state through the corpus)", low=0)
     optimizer: str = _f("adamw", "optimizer", choices=("adamw", "adam", "sgd"))
     lr: float = _f(3e-3, "peak learning rate", low=0.0, low_open=True)
     weight_decay: float = _f(0.0, "decoupled weight decay (adamw) or L2 penalty (adam, sgd)", low=0.0)
@@ -189,12 +193,29 @@ def _build_section(section: str, values: dict) -> Any:
     return cls(**checked)
 
 
-def from_dict(raw: dict) -> Config:
-    """Build and validate a Config from nested plain values (as read from YAML)."""
+# Fields added after runs were first saved, with the value that a run's config.yaml without them implies
+# (what that version did); a config the user writes gets the field's default instead.
+SAVED_BEFORE = {("train", "fresh_streams"): 0}
+
+
+def _fill_saved_before(raw: dict) -> dict:
+    """A copy of a run's config with the fields it predates set as its version ran them."""
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for (section, name), value in SAVED_BEFORE.items():
+        if isinstance(raw.get(section, {}), dict):
+            raw.setdefault(section, {}).setdefault(name, value)
+    return raw
+
+
+def from_dict(raw: dict, saved_run: bool = False) -> Config:
+    """Build and validate a Config from nested plain values (as read from YAML); `saved_run`: a run folder's
+    config.yaml, whose missing fields take the value of the version that wrote it (SAVED_BEFORE)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise UsageError("config: the top level must be a mapping with sections data, model, train")
+    if saved_run:
+        raw = _fill_saved_before(raw)
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise UsageError(f"config: unknown section '{unknown[0]}' (known: data, model, train)")
@@ -244,21 +265,44 @@ def _repeated_key(root: yaml.Node | None) -> str | None:
     return None
 
 
+# A key followed by a full-width colon, or a line indented with full-width spaces: what a Chinese input method
+# types, and YAML reads as plain text (so the error would say that a section is not a mapping)
+_WIDE_SYNTAX = re.compile(r"^(?P<indent>[ \t]*)(?:(?P<wide_indent>\u3000+)|[\w.-]+[ \t]*(?P<colon>\uff1a))")
+
+
+def _check_ascii_syntax(path: Path, text: str) -> None:
+    for number, line in enumerate(text.splitlines(), start=1):
+        m = _WIDE_SYNTAX.match(line)
+        if m is None:
+            continue
+        if m.group("colon"):
+            raise UsageError(f"config file {path}, line {number}: '{line.strip()}' has a full-width colon '：' "
+                             f"(U+FF1A); YAML needs the ASCII colon ':' after a key")
+        raise UsageError(f"config file {path}, line {number} is indented with full-width spaces (U+3000); "
+                         f"YAML needs ASCII spaces")
+
+
 def read_yaml(path: Path) -> dict:
     """Read a YAML mapping with safe_load, refusing a repeated key, every failure a one-line UsageError."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UsageError(f"config file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"config file {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                         f"{exc.start}): save it as UTF-8") from None
+    except OSError as exc:
         raise UsageError(f"cannot read config file {path}: {exc}") from None
+    _check_ascii_syntax(path, text)
     try:
         raw = yaml.safe_load(text)
         repeated = _repeated_key(yaml.compose(text))
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
         mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark is not None else ""
+        # a mark past the last line (an unclosed bracket or quote) is where the file ends
+        where = ("" if mark is None else f"line {mark.line + 1}: " if mark.line < len(text.splitlines())
+                 else "at the end of the file: ")
         tag = "python tags are never loaded" if "python/" in text or "python/" in str(exc) else ""
         raise UsageError(f"config file {path} is not plain YAML ({where}{problem})" + (f"; {tag}" if tag else "")) \
             from None
@@ -290,11 +334,14 @@ def parse_override(item: str) -> tuple[str, str, Any]:
 
 def load_config(path: Path | None = None, overrides: list[str] | None = None,
                 extra: dict[str, Any] | None = None, base: Path | None = None) -> Config:
-    """Read a YAML config (or `base`, or the defaults), apply `--set` overrides then `extra` {'section.field': value}."""
+    """Read a YAML config (or `base`, a run's config.yaml, or the defaults), apply `--set` overrides then `extra`
+    {'section.field': value}."""
     raw = read_yaml(path) if path is not None else (read_yaml(base) if base is not None else {})
     if not isinstance(raw, dict):
         raise UsageError(f"config file {path or base}: the top level must be a mapping with sections data, model, train")
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    if path is None and base is not None:  # a run's own config (a resume without --config)
+        raw = _fill_saved_before(raw)
     items = [parse_override(o) for o in overrides or []]
     items += [(*k.split(".", 1), v) for k, v in (extra or {}).items() if v is not None]
     for section, name, value in items:

@@ -4,13 +4,15 @@ A corpus becomes one stream of ids: `<eos>` first (the start symbol), then
 each line's tokens followed by `<eos>`. For training the stream is cut into
 `batch_size` parallel streams, one row each, and read in windows of `seq_len`:
 
-    stream  e a b c e d e f g e h i ...        (e = <eos>)
-    batchify(B=2):   row 0: e a b c e d        row 1: e f g e h i
+    stream  e a b c e d f e g h i e ...        (e = <eos>)
+    batchify(B=2):   row 0: e a b c e d        row 1: f e g h i e
     window t:  inputs  rows[:, t*T : t*T+T]
                targets rows[:, t*T+1 : t*T+T+1]
 
 The hidden state at the end of one window starts the next (detached), so
-every stream is read as one long text.
+every stream is read as one long text. Only row 0 starts where sampling and
+scoring start, at an `<eos>` from a zero state; `fresh_windows` adds rows
+that do, at random lines, so that the model learns how a line begins.
 
 Corpora may be larger than memory: the text is read in blocks (bounded
 memory, however long a line), the vocabulary counted in one streaming pass,
@@ -28,6 +30,7 @@ import io
 import json
 import math
 import os
+import random
 import re
 import shutil
 import unicodedata
@@ -41,6 +44,7 @@ from torch import Tensor
 
 from .config import DataConfig
 from .errors import RunFailure, UsageError
+from .runs import is_run_dir
 from .runtime import file_sha256, is_terminal
 from .tokenizer import EOS_ID, UNK_ID, SPECIALS, TextCodec, Tokenizer, Vocabulary, count_tokens, normalize
 
@@ -98,7 +102,8 @@ def _existing_file(path: Path) -> Path:
     if not path.exists():
         raise UsageError(f"file not found: {path}")
     if path.is_dir():
-        raise UsageError(f"{path} is a folder, not a text file")
+        raise UsageError(f"{path} is a folder, not a text file" +
+                         (f": it holds a run, which --resume {path} continues" if is_run_dir(path) else ""))
     return path
 
 
@@ -141,6 +146,8 @@ def _decode_error(name, offset: int, byte: bytes, encoding: str, head: bytes = b
     hint = (f"it reads as {other}: pass --encoding {other}" if other else
             "pass --encoding to name its encoding (cp1252 for Western European text saved on Windows, gb18030 "
             "for simplified Chinese, big5 for traditional, shift_jis or euc_jp for Japanese, euc_kr for Korean)")
+    if other and other != "cp1252":  # a multi-byte encoding: replacing its bytes would leave little of the text
+        return UsageError(f"{where}; {hint}")
     return UsageError(f"{where}; {hint}, or --errors replace to substitute bad bytes")
 
 
@@ -689,6 +696,26 @@ def window(rows: Tensor, index: int, seq_len: int) -> tuple[Tensor, Tensor]:
     start = index * seq_len
     end = min(start + seq_len, rows.shape[1] - 1)
     return rows[:, start:end].long(), rows[:, start + 1:end + 1].long()
+
+
+FRESH_SCAN = 4096  # tokens searched for a line start after a random position
+
+
+def fresh_windows(ids: Tensor, count: int, seq_len: int, seed: int, step: int) -> tuple[Tensor, Tensor]:
+    """`count` windows (inputs, targets: (count, seq_len) int64) that each begin at an `<eos>`, the start of a
+    line, as sampling and scoring begin; the model reads them from a zero state. The lines are drawn from
+    `seed` and `step` alone, so a resumed run draws the same ones, and so do all processes under torchrun.
+    Where no `<eos>` follows a drawn position within FRESH_SCAN tokens, the window starts at that position."""
+    last = ids.numel() - seq_len - 1  # the last start with a whole window and its targets
+    draw = random.Random(f"fresh/{seed}/{step}")
+    starts = []
+    for _ in range(count):
+        pos = draw.randint(0, last)
+        ends = (ids[pos:min(pos + FRESH_SCAN, last + 1)] == EOS_ID).nonzero()
+        starts.append(pos + int(ends[0]) if len(ends) else pos)
+    x = torch.stack([ids[s:s + seq_len] for s in starts]).long()
+    y = torch.stack([ids[s + 1:s + seq_len + 1] for s in starts]).long()
+    return x, y
 
 
 def eval_streams(ids: Tensor, streams: int) -> tuple[Tensor, Tensor]:

@@ -60,6 +60,7 @@ class Metrics:
     val: list[dict] = field(default_factory=list)     # lines with val_loss
     start: dict | None = None                          # {"event": "start", ...}
     end: dict | None = None                            # {"event": "end", ...}: the run finished
+    failed: dict | None = None                         # {"event": "failed", "step", "error"}: it stopped on an error
     bad_lines: int = 0                                 # lines that are not JSON objects (a torn last line)
 
 
@@ -87,6 +88,8 @@ def read_metrics(run_dir: Path) -> Metrics:
             m.start = record
         elif record.get("event") == "end":
             m.end = record
+        elif record.get("event") == "failed":
+            m.failed = record
         elif _number(record.get("train_loss")) is not None:
             m.train.append(record)
         elif _number(record.get("val_loss")) is not None:
@@ -100,7 +103,8 @@ class RunSummary:
 
     name: str
     path: str
-    status: str                      # "done", "unfinished" (no end record: still running, or stopped) or "broken"
+    status: str                      # "done", "unfinished" (no end record: still running, or stopped), "failed"
+                                     # (stopped on an error: `problem` says which) or "broken"
     level: str | None = None
     cell: str | None = None
     impl: str | None = None
@@ -261,6 +265,8 @@ def summarize(run_dir: Path, name: str | None = None) -> RunSummary:
             s.best_val_loss, s.best_val_bpc = float(best["val_loss"]), _number(best.get("val_bpc"))
         if m.end is None:
             s.status = "unfinished"
+        if m.end is None and m.failed is not None:
+            s.status, s.problem = "failed", f"stopped at step {m.failed.get('step')}: {m.failed.get('error')}"
     if manifest is None and not (m is not None and m.end is None):  # not still before its first checkpoint
         problems.insert(no_checkpoint_at, "no checkpoint")
     if s.best_val_loss is None and manifest is not None:

@@ -36,8 +36,8 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .config import Config, dump_yaml
-from .data import (Splits, batchify, check_text_file, check_trainable, check_vocabulary, eval_streams, prepare,
-                   split_point, window, windows_per_epoch)
+from .data import (Splits, batchify, check_text_file, check_trainable, check_vocabulary, eval_streams,
+                   fresh_windows, prepare, split_point, window, windows_per_epoch)
 from .errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, RunFailure, UsageError, is_out_of_memory
 from .model import (EvaluationStopped, RNNLM, build_model, check_new_model, count_parameters, detach_state,
                     perplexity, stream_nll)
@@ -293,7 +293,8 @@ class _Log:
                     record = json.loads(ln)
                 except ValueError:
                     continue  # a partial last line, written when the process was killed
-                if isinstance(record, dict) and record.get("event") != "end" and record.get("step", 0) <= resume_step:
+                if (isinstance(record, dict) and record.get("event") not in ("end", "failed")
+                        and record.get("step", 0) <= resume_step):
                     kept.append(ln)
             ckpt.atomic_write_text(path, "".join(ln + "\n" for ln in kept))
         elif resume_step is None:
@@ -442,7 +443,8 @@ def _read_corpus(cfg: Config, corpus: Path, val: Path | None, resume: Path | Non
 def _note_data(cfg: Config, splits: Splits, corpus: Path, val: Path | None, log_stream) -> None:
     """Notes on text that trains, but not as the user may expect."""
     if splits.val is None and val is None and cfg.data.val_fraction > 0:
-        print(f"charlm: note: {corpus} has no line end to cut a validation part at (data.val_fraction); "
+        print(f"charlm: note: {corpus} has no line end in its last {cfg.data.val_fraction:.0%} to cut a validation "
+              f"part at (data.val_fraction); "
               f"training without validation: pass --val FILE to have one", file=log_stream)
     if len(splits.codec.vocab) <= 2:  # <eos> and <unk>: every token of the text is <unk>
         d = cfg.data
@@ -478,9 +480,10 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
         if resume is None:
             ckpt.recover(run_dir)
     t = cfg.train
-    if t.batch_size % dist.world:
-        raise UsageError(f"train.batch_size {t.batch_size} must be a multiple of the number of processes "
-                         f"({dist.world}): each takes an equal share of the parallel streams")
+    for name, streams in (("batch_size", t.batch_size), ("fresh_streams", t.fresh_streams)):
+        if streams % dist.world:
+            raise UsageError(f"train.{name} {streams} must be a multiple of the number of processes "
+                             f"({dist.world}): each takes an equal share of the parallel streams")
     seed_everything(t.seed)
 
     splits = _read_corpus(cfg, Path(corpus), Path(val) if val else None, resume, saved, trainer_state, cache_dir,
@@ -501,6 +504,8 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
     if changes and dist.is_main:  # a config file on a resume brings its own limits: say what they replace
         print(f"charlm: note: this resume (with {note_changes}) changes the run's {', '.join(changes)}",
               file=log_stream)
+    if saved is not None and dist.is_main:
+        _note_schedule_moved(saved.cfg, cfg, p, n_windows, log_stream)
 
     try:
         return _Loop(cfg, run_dir, corpus, val, splits, rows, n_windows, model, net, optimizer, p, hidden, device,
@@ -537,6 +542,18 @@ def _build(cfg: Config, splits: Splits, saved, trainer_state, resume: Path | Non
             before = saved.cfg.train.eval_tokens
             p.best_val_tokens = before if reads_a_slice(splits.val, before) else None
     return model, net, optimizer, p, hidden
+
+
+def _note_schedule_moved(before: Config, now: Config, p: Progress, n_windows: int, log_stream) -> None:
+    """A decay over the budget (cosine, linear) spans the resume's limits: say so when new limits move the
+    learning rate from where the run had taken it (more steps after a finished run start high again)."""
+    if now.train.schedule not in ("cosine", "linear"):
+        return
+    then = learning_rate(before, p, fraction_done(before, p, n_windows))
+    lr = learning_rate(now, p, fraction_done(now, p, n_windows))
+    if abs(lr - then) > 0.01 * max(lr, then):
+        print(f"charlm: note: the {now.train.schedule} learning-rate schedule spans the new limits: it goes on at "
+              f"{lr:.3g} where the run had reached {then:.3g}", file=log_stream)
 
 
 def _seed_by_rank(dist: Distributed, device) -> None:
@@ -604,6 +621,9 @@ class _Loop:
         self.splits, self.rows, self.n_windows = splits, rows, n_windows  # rows: this rank's (B/W, N // B) streams
         self.model, self.net, self.optimizer = model, net, optimizer
         self.p, self.hidden = p, hidden
+        # this rank's share of the fresh rows that each step adds after the batch's streams (train.fresh_streams)
+        share = self.t.fresh_streams // dist.world
+        self.fresh_rows = slice(dist.rank * share, (dist.rank + 1) * share)
         self.device, self.dist, self.resumed = device, dist, resumed
         self.show_progress, self.log_stream = show_progress, log_stream
         self.interactive = show_progress and is_terminal(log_stream)
@@ -665,7 +685,7 @@ class _Loop:
         except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
             if not is_out_of_memory(exc):
                 raise
-            raise self._failure(p.step + 1, "out of memory; use a smaller train.batch_size or train.seq_len "
+            raise self._fail(p.step + 1, "out of memory; use a smaller train.batch_size or train.seq_len "
                                             "(or model.hidden_size)") from None
         finally:
             self.bar.close()
@@ -701,12 +721,19 @@ class _Loop:
         """One window of every stream: forward, backward, clipping, the update. Returns (lr, grad_norm)."""
         t, p, dist = self.t, self.p, self.dist
         x, y = window(self.rows, p.window, t.seq_len)
+        streams = x.shape[0]
+        hidden = self.hidden = detach_state(self.hidden)
+        if t.fresh_streams:  # rows that begin at a line from a zero state, after the streams (B + k, T)
+            fresh_x, fresh_y = fresh_windows(self.splits.train, t.fresh_streams, x.shape[1], t.seed, p.step)
+            x, y = torch.cat([x, fresh_x[self.fresh_rows]]), torch.cat([y, fresh_y[self.fresh_rows]])
+            rows = x.shape[0] - streams
+            hidden = _map_state(hidden, lambda s: torch.cat([s, s.new_zeros(s.shape[0], rows, *s.shape[2:])], 1))
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        self.hidden = detach_state(self.hidden)
         try:
             with self.autocast:
-                nll, self.hidden = self.net(x, self.hidden, targets=y)
+                nll, hidden = self.net(x, hidden, targets=y)
                 loss = nll.float().mean()
+            self.hidden = _map_state(hidden, lambda s: s[:, :streams])  # the streams' state goes on; fresh rows end
             if not torch.isfinite(loss):
                 raise _NonFinite("loss")
             self.optimizer.zero_grad(set_to_none=True)
@@ -715,7 +742,7 @@ class _Loop:
             if not torch.isfinite(grad_norm):
                 raise _NonFinite("gradient")
         except _NonFinite as exc:
-            raise self._failure(p.step + 1, f"the {exc.args[0]} is NaN or infinite (try a lower train.lr "
+            raise self._fail(p.step + 1, f"the {exc.args[0]} is NaN or infinite (try a lower train.lr "
                                             f"or train.clip)") from None
         lr = learning_rate(self.cfg, p, fraction_done(self.cfg, p, self.n_windows))
         for group in self.optimizer.param_groups:
@@ -806,7 +833,7 @@ class _Loop:
                             "val_bpc": self._bits_per_char(val_loss), "val_slice": on_slice,
                             "val_tokens": self.measuring if on_slice else None})
             if not math.isfinite(val_loss):  # finite weights, but a broken model: do not save it
-                raise self._failure(p.step, "the validation loss is NaN or infinite (try a lower train.lr or "
+                raise self._fail(p.step, "the validation loss is NaN or infinite (try a lower train.lr or "
                                             "train.clip)")
             if improved:
                 p.best_val_loss, p.best_val_tokens, p.best_val_text = select, self.measuring, self.reading
@@ -828,7 +855,7 @@ class _Loop:
         p, dist, device = self.p, self.dist, self.device
         bad = next((n for n, w in self.model.named_parameters() if not torch.isfinite(w).all()), None)
         if bad is not None:  # never save non-finite weights over a good checkpoint
-            raise self._failure(p.step, f"weight {bad} became NaN or infinite (try a lower train.lr or train.clip)")
+            raise self._fail(p.step, f"weight {bad} became NaN or infinite (try a lower train.lr or train.clip)")
         last = name == "last"
         full_hidden = _map_state(self.hidden, lambda s: dist.gather_batch(s.detach()).cpu()) if last else None
         rng_ranks = dist.gather_objects(
@@ -856,9 +883,12 @@ class _Loop:
                           f"{self.run_dir / 'last'} (continue with --resume {self.run_dir})",
                           EXIT_SIGINT if sigint else EXIT_SIGTERM)
 
-    def _failure(self, step: int, what: str) -> RunFailure:
+    def _fail(self, step: int, what: str) -> RunFailure:
+        """The error that stops the run, recorded in metrics.jsonl first (so that `runs` and `info` can tell a
+        failed run from one still going; a resume drops the record)."""
         last = self.run_dir / "last"
         kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved"
+        self.log.write({"event": "failed", "step": step, "error": what})
         return RunFailure(f"training stopped at step {step}: {what}; {kept}")
 
     def _note_best_replaced(self) -> None:

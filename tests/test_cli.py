@@ -121,6 +121,18 @@ def test_score_reads_a_file_or_stdin(cli, tiny_run, write_corpus):
     assert from_file.stdout == from_stdin.stdout
 
 
+def test_score_of_an_argument_that_names_a_file_scores_it_as_a_sentence_and_says_so(cli, tiny_run, write_corpus):
+    """Catches: `charlm score RUN sentences.txt` (the -f forgotten) scoring the file's name in silence."""
+    path = write_corpus("the cat.\na dog.\n", "sentences.txt")
+    result = cli("score", tiny_run["run_dir"], str(path), "a sentence", "x" * 300, "--json")
+    assert result.exit_code == 0, result.output
+    assert [r["text"] for r in json_lines(result.stdout)] == [str(path), "a sentence", "x" * 300]
+    assert f"note: '{path}' is scored as a sentence; to score the lines of the file {path}, use --file {path}" \
+        in result.stderr
+    plain = cli("score", tiny_run["run_dir"], "the cat.", "x" * 300)  # no file by that name, a name too long
+    assert plain.exit_code == 0 and "note" not in plain.stderr
+
+
 def test_score_refuses_sentences_and_a_file_together(cli, tiny_run, write_corpus):
     path = write_corpus("the cat.\n", "sentences.txt")
     assert_usage_error(cli("score", tiny_run["run_dir"], "a dog.", "--file", path), "not both")

@@ -173,7 +173,10 @@ def test_a_text_file_given_as_config_is_said_to_be_no_config(tmp_path):
 def test_a_yaml_syntax_error_names_its_line_and_not_python_tags(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("model:\n  hidden_size: 8\ntrain: [1, 2\n", encoding="utf-8")
-    with pytest.raises(UsageError, match="not plain YAML \\(line 4: ") as caught:
+    with pytest.raises(UsageError, match="not plain YAML \\(at the end of the file: ") as caught:  # 3 lines
+        load_config(path)
+    path.write_text("model:\n  hidden_size: [8\ntrain: {}\n", encoding="utf-8")
+    with pytest.raises(UsageError, match="not plain YAML \\(line 3: "):
         load_config(path)
     assert "python" not in str(caught.value)
 
@@ -257,3 +260,47 @@ def test_a_base_config_that_is_no_mapping_is_named_in_the_error(tmp_path):
     base.write_text("- a list\n", encoding="utf-8")
     with pytest.raises(UsageError, match=rf"config file {base}: the top level must be a mapping"):
         load_config(None, [], {}, base=base)
+
+
+@pytest.mark.parametrize("text, line, named", [
+    ("model:\n  cell\uff1a gru\n", 2, "full-width colon"),         # 'section must be a mapping' before
+    ("train\uff1a\n  lr\uff1a 0.01\n", 1, "full-width colon"),     # 'the top level must be a mapping' before
+    ("train:\n  max_steps\uff1a 5\n", 2, "full-width colon"),     # 'line 3: could not find expected ...' before
+    ("model:\n\u3000\u3000cell: gru\n", 2, "full-width spaces"),
+])
+def test_full_width_yaml_syntax_is_named_with_its_line(tmp_path, text, line, named):
+    """What a Chinese input method types into a config: a key's colon as U+FF1A, an indent of U+3000."""
+    path = tmp_path / "zh.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(UsageError, match=rf"line {line}\b.*{named}"):
+        load_config(path)
+
+
+def test_full_width_colons_in_comments_and_values_are_fine(tmp_path):
+    path = tmp_path / "zh.yaml"
+    path.write_text("# 说明：字符级\ntrain:\n  lr: 0.01  # 学习率：很小\ndata:\n  level: char\n", encoding="utf-8")
+    assert load_config(path).train.lr == 0.01
+
+
+def test_a_config_in_another_encoding_is_named_not_utf8(tmp_path):
+    path = tmp_path / "gbk.yaml"
+    path.write_bytes("# 我的配置\ntrain:\n  lr: 0.01\n".encode("gbk"))
+    with pytest.raises(UsageError, match=r"is not UTF-8 text \(byte 0xce at offset 2\): save it as UTF-8") as info:
+        load_config(path)
+    assert "codec" not in str(info.value)
+
+
+def test_a_saved_runs_config_without_fresh_streams_reads_as_the_version_that_wrote_it(tmp_path):
+    """Catches: a run saved before train.fresh_streams existed taking the new default (2) when it is loaded or
+    resumed without --config: the resumed run would silently train otherwise than it did. A config the user
+    writes without the field gets the default."""
+    raw = {"data": {"level": "char"}, "train": {"batch_size": 4}}
+    assert from_dict(raw, saved_run=True).train.fresh_streams == 0
+    assert from_dict({"data": {"level": "char"}}, saved_run=True).train.fresh_streams == 0
+    assert from_dict(raw).train.fresh_streams == 2
+    assert from_dict({"train": {"fresh_streams": 4}}, saved_run=True).train.fresh_streams == 4
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    assert load_config(None, [], {}, base=path).train.fresh_streams == 0    # a resume's base: the run's own
+    assert load_config(path, [], {}).train.fresh_streams == 2               # --config: the user's file
+    assert raw == {"data": {"level": "char"}, "train": {"batch_size": 4}}   # the caller's dict is left alone

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from charlm.config import DataConfig
-from charlm.data import (batchify, char_count, check_text_file, check_trainable, encode, eval_streams, iter_text,
-                         prepare, read_text, split_text, window, windows_per_epoch)
+from charlm.data import (batchify, char_count, check_text_file, check_trainable, encode, eval_streams,
+                         fresh_windows, iter_text, prepare, read_text, split_text, window, windows_per_epoch)
 from charlm.errors import UsageError
 from charlm.tokenizer import EOS_ID, UNK_ID, TextCodec, Tokenizer, Vocabulary, count_tokens
 
@@ -307,3 +307,30 @@ def test_a_latin1_text_that_starts_like_a_byte_order_mark_is_text(tmp_path):
     assert read_text(path, "latin-1").startswith("ÿþ is")
     with pytest.raises(UsageError, match="UTF-16"):  # read as UTF-8 the same bytes are a UTF-16 mark
         check_text_file(path)
+
+
+def test_fresh_windows_begin_at_line_starts_drawn_from_the_seed_and_step():
+    """Each fresh window begins with <eos> (a line's start, as sampling and scoring begin), its targets are
+    the next tokens, and the draw depends on (seed, step) only: a resume and every rank draw the same."""
+    ids = torch.tensor([EOS_ID] + [5, 6, 7, EOS_ID, 8, 9, EOS_ID, 4, 4, 4, 4, EOS_ID] * 50, dtype=torch.uint8)
+    x, y = fresh_windows(ids, 6, 5, seed=1, step=3)
+    assert x.shape == y.shape == (6, 5) and x.dtype == y.dtype == torch.int64
+    assert (x[:, 0] == EOS_ID).all()
+    starts = [next(s for s in range(len(ids) - 5) if torch.equal(ids[s:s + 5].long(), row)) for row in x]
+    for s, row in zip(starts, y):
+        assert torch.equal(row, ids[s + 1:s + 6].long())
+    again_x, _ = fresh_windows(ids, 6, 5, seed=1, step=3)
+    assert torch.equal(again_x, x)
+    draws = {tuple(fresh_windows(ids, 6, 5, seed=1, step=step)[0][:, 1].tolist()) for step in range(8)}
+    assert len(draws) > 1  # another step, other lines
+    assert not torch.equal(fresh_windows(ids, 6, 5, seed=2, step=3)[0], x) or \
+        not torch.equal(fresh_windows(ids, 6, 5, seed=3, step=3)[0], x)
+
+
+def test_fresh_windows_without_a_line_end_in_reach_start_where_drawn_and_stay_inside():
+    ids = torch.arange(10, 60)  # no <eos> at all: a window starts at the drawn position, whole, with targets
+    x, y = fresh_windows(ids, 20, 7, seed=0, step=0)
+    assert torch.equal(y, x + 1) and int(x.min()) >= 10 and int(y.max()) <= 59
+    short = torch.tensor([EOS_ID, 5, 6])  # exactly one window and its target
+    x, y = fresh_windows(short, 3, 2, seed=0, step=0)
+    assert x.tolist() == [[EOS_ID, 5]] * 3 and y.tolist() == [[5, 6]] * 3

@@ -410,3 +410,40 @@ def test_resume_may_add_val_when_no_validation_part_was_cut(tmp_path):
     assert first.val_loss is None
     result = train(tiny_config(train__max_steps=8), None, resume=run, val=val, show_progress=False)
     assert result.steps == 8 and result.val_loss is not None
+
+
+def test_a_run_saved_before_fresh_streams_resumes_without_them(tmp_path):
+    """Catches: a run whose config.yaml predates train.fresh_streams resuming with the new default of 2 fresh
+    rows (its checkpoint's config read without saved_run): the resumed steps would differ from the run's."""
+    corpus = write_corpus(tmp_path)
+    one = tmp_path / "one"
+    train(tiny_config(train__max_steps=N, train__fresh_streams=0), corpus, out=one, show_progress=False)
+    split = tmp_path / "split"
+    train(tiny_config(train__max_steps=N // 2, train__fresh_streams=0), corpus, out=split, show_progress=False)
+    for folder in (split, split / "last", split / "best"):  # as the older version wrote them
+        path = folder / "config.yaml"
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        del raw["train"]["fresh_streams"]
+        path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+        if folder != split:
+            rehash(folder, "config.yaml")
+    result = cli("train", "--resume", split, "--max-steps", N, "-q")
+    assert result.exit_code == 0, result.stderr
+    assert_same_weights(one, split)
+
+
+def test_a_resume_whose_limits_move_the_decay_says_where_the_rate_goes(tmp_path):
+    """Catches: more steps after a finished cosine run starting again at a high learning rate without a word
+    (the schedule spans the new budget), which a user continuing 'exactly where it left off' would not expect."""
+    corpus = write_corpus(tmp_path)
+    run = tmp_path / "run"
+    train(tiny_config(train__max_steps=6, train__schedule="cosine"), corpus, out=run, show_progress=False)
+    result = cli("train", "--resume", run, "--max-steps", 12, "-q")
+    assert result.exit_code == 0, result.stderr
+    assert "note: the cosine learning-rate schedule spans the new limits: it goes on at" in result.stderr
+    assert "where the run had reached 0\n" in result.stderr
+    again = cli("train", "--resume", run, "--max-steps", 12, "-q")  # the same limits: nothing moved
+    assert again.exit_code == 0 and "schedule" not in again.stderr
+    flat = tmp_path / "flat"
+    train(tiny_config(train__max_steps=6, train__schedule="constant"), corpus, out=flat, show_progress=False)
+    assert "schedule" not in cli("train", "--resume", flat, "--max-steps", 12, "-q").stderr

@@ -287,6 +287,9 @@ def test_check_before_launch_refuses_a_batch_that_does_not_split_over_the_proces
     with pytest.raises(UsageError, match=r"train.batch_size 3 must be a multiple of --nproc 2"):
         check_before_launch(cfg, corpus, None, 2, tmp_path / "run")
     check_before_launch(load_config(None, ["train.batch_size=4"], {}), corpus, None, 2, tmp_path / "run")
+    with pytest.raises(UsageError, match=r"train.fresh_streams 3 must be a multiple of --nproc 2"):
+        check_before_launch(load_config(None, ["train.batch_size=4", "train.fresh_streams=3"], {}), corpus, None, 2,
+                            tmp_path / "run")
 
 
 def test_a_loss_measured_on_a_slice_is_labelled_and_never_ranks_a_run_against_whole_splits(write_corpus, tmp_path,
@@ -493,3 +496,35 @@ def test_a_run_before_its_first_checkpoint_shows_its_parameters_from_the_start_r
                                        encoding="utf-8")
     s = summarize(run)
     assert (s.status, s.parameters, s.steps) == ("unfinished", 1234, 2)
+
+
+def test_a_run_that_failed_shows_as_failed_until_a_resume_goes_on(write_corpus, tmp_path, monkeypatch):
+    """Catches: a run stopped by a NaN listed as 'unfinished', as if still training, and `info` on one that
+    failed before its first checkpoint saying that it will save one. The failure is a metrics record, which a
+    resume drops."""
+    from charlm import train as train_module
+    from charlm.errors import RunFailure
+    from conftest import TINY_TEXT, tiny_config
+
+    corpus = write_corpus(TINY_TEXT)
+    losses = iter([2.0, float("nan")])  # the second check fails, after the first saved best/ and last/
+    monkeypatch.setattr(train_module, "evaluate", lambda *args, **kwargs: next(losses))
+    run = tmp_path / "runs" / "nan"
+    with pytest.raises(RunFailure, match="step 4: the validation loss is NaN"):
+        train(tiny_config(train__max_steps=8, train__eval_interval=2), corpus, out=run, show_progress=False)
+    failed = summarize(run)
+    assert failed.status == "failed" and "stopped at step 4: the validation loss is NaN" in failed.problem
+    assert read_metrics(run).failed == {"event": "failed", "step": 4, "error": failed.problem.split(": ", 1)[1]}
+    listed = CliRunner().invoke(app, ["runs", str(tmp_path / "runs")])
+    assert "nan: failed: stopped at step 4" in listed.stdout
+    monkeypatch.undo()
+    train(tiny_config(train__max_steps=8, train__eval_interval=2), None, resume=run, show_progress=False)
+    assert summarize(run).status == "done" and read_metrics(run).failed is None
+
+    early = tmp_path / "runs" / "early"  # fails at its second step, before any checkpoint
+    with pytest.raises(RunFailure, match="no checkpoint was saved"):
+        train(tiny_config(train__max_steps=8, train__lr=1e39), corpus, out=early, show_progress=False)
+    assert summarize(early).status == "failed"
+    shown = CliRunner().invoke(app, ["info", str(early)])
+    assert shown.exit_code == 2
+    assert "holds no checkpoint: its training stopped at step" in shown.stderr and "yet" not in shown.stderr

@@ -13,6 +13,7 @@ from charlm.config import Config
 from charlm.errors import UsageError
 from charlm import train as train_module
 from charlm.model import RNNLM
+from charlm.tokenizer import EOS_ID
 from charlm.train import Progress, learning_rate, train
 from conftest import TINY_TEXT, tiny_config
 
@@ -241,25 +242,32 @@ def test_the_gradient_norm_is_clipped_to_train_clip(write_corpus, tmp_path):
 
 def test_the_state_is_carried_from_window_to_window_and_reset_at_each_epoch(write_corpus, tmp_path, monkeypatch):
     seen = []  # (state given, state returned) of each training window
+    firsts = []  # each training window's first input token of every row
     forward = RNNLM.forward
 
     def recording(self, tokens, state=None, targets=None):
         out, new = forward(self, tokens, state, targets)
         if self.training:
             seen.append((None if state is None else state[0].detach().clone(), new[0].detach().clone()))
+            firsts.append(tokens[:, 0].clone())
         return out, new
 
     monkeypatch.setattr(RNNLM, "forward", recording)
-    result = train(tiny_config(train__max_epochs=2, train__max_steps=None, train__eval_interval=0, model__cell="lstm"),
-                   write_corpus(TINY_TEXT), out=tmp_path / "run", show_progress=False)
+    cfg = tiny_config(train__max_epochs=2, train__max_steps=None, train__eval_interval=0, model__cell="lstm")
+    B, k = cfg.train.batch_size, cfg.train.fresh_streams
+    assert k > 0  # the default adds fresh rows after the B streams
+    result = train(cfg, write_corpus(TINY_TEXT), out=tmp_path / "run", show_progress=False)
     assert result.stopped_by == "max_epochs"
     per_epoch = len(seen) // 2
     assert len(seen) == 2 * per_epoch and per_epoch >= 2
-    for i, (given, _) in enumerate(seen):
+    for i, (given, new) in enumerate(seen):
+        assert new.shape[1] == B + k
         if i % per_epoch == 0:
             assert given is None, f"window {i} starts an epoch: from a zero state"
         else:
-            assert torch.equal(given, seen[i - 1][1]), f"window {i} starts where window {i - 1} ended"
+            assert torch.equal(given[:, :B], seen[i - 1][1][:, :B]), f"window {i} starts where window {i - 1} ended"
+            assert not given[:, B:].any(), f"window {i}: the fresh rows start from a zero state"
+        assert (firsts[i][B:] == EOS_ID).all(), f"window {i}: the fresh rows start at a line, after <eos>"
 
 
 def test_best_holds_the_lowest_of_scripted_validations_and_plateau_cuts_the_rate(write_corpus, tmp_path, monkeypatch):
