@@ -267,7 +267,7 @@ def _repeated_key(root: yaml.Node | None) -> str | None:
 
 # A key followed by a full-width colon, or a line indented with full-width spaces: what a Chinese input method
 # types, and YAML reads as plain text (so the error would say that a section is not a mapping)
-_WIDE_SYNTAX = re.compile(r"^(?P<indent>[ \t]*)(?:(?P<wide_indent>\u3000+)|[\w.-]+[ \t]*(?P<colon>\uff1a))")
+_WIDE_SYNTAX = re.compile(r"^[ \t]*(?:\u3000|[\w.-]+[ \t]*(?P<colon>\uff1a))")
 
 
 def _check_ascii_syntax(path: Path, text: str) -> None:

@@ -443,7 +443,7 @@ def _read_corpus(cfg: Config, corpus: Path, val: Path | None, resume: Path | Non
 def _note_data(cfg: Config, splits: Splits, corpus: Path, val: Path | None, log_stream) -> None:
     """Notes on text that trains, but not as the user may expect."""
     if splits.val is None and val is None and cfg.data.val_fraction > 0:
-        print(f"charlm: note: {corpus} has no line end in its last {cfg.data.val_fraction:.0%} to cut a validation "
+        print(f"charlm: note: {corpus} has no line end in its last {cfg.data.val_fraction * 100:g}% to cut a validation "
               f"part at (data.val_fraction); "
               f"training without validation: pass --val FILE to have one", file=log_stream)
     if len(splits.codec.vocab) <= 2:  # <eos> and <unk>: every token of the text is <unk>
