@@ -26,7 +26,6 @@ from __future__ import annotations
 import codecs
 from array import array
 import hashlib
-import io
 import json
 import math
 import os
@@ -472,6 +471,8 @@ def char_count(text: str, lowercase: bool = False) -> int:
     """Characters of a text as the model sees them (NFC, as training counts them, so that a decomposed
     é is one character, not two): every line's characters plus one for its end."""
     text = normalize(text, lowercase).replace("\r\n", "\n")
+    if text.endswith("\r"):  # a final '\r' ends the last line, as Tokenizer.lines and the encoder read it
+        text = text[:-1] + "\n"
     return len(text) + (0 if not text or text.endswith("\n") else 1)
 
 

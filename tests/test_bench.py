@@ -9,8 +9,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from charlm import native
-from charlm.bench import BenchSettings, _build, generate_speed, parse_list, run_bench, score_speed
+from charlm import bench, native
+from charlm.bench import (BenchSettings, _build, generate_speed, parse_list, run_bench, score_speed, synthetic_codec,
+                          synthetic_lines)
 from charlm.cells import CustomRNN
 from charlm.cli import app
 from charlm.errors import UsageError
@@ -132,3 +133,66 @@ def test_bench_markdown_right_aligns_the_number_columns():
     assert result.exit_code == 0, result.output
     rows = [line for line in result.stdout.splitlines() if line.startswith("|")]
     assert rows[1] == "|---|---|" + "---:|" * 8
+
+
+TINY = dict(hidden_size=8, embedding_size=4, batch_size=2, seq_len=3, vocab_size=7, seconds=0.02, rounds=3,
+            warmup_seconds=0.01)  # as test_bench.py's TINY
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("vocab_size", 2, "--vocab-size must be at least 3"),   # <unk> and <eos> alone: nothing to draw
+    ("seconds", 0.0, "--seconds must be > 0"),
+    ("threads", -1, "--threads must be >= 0"),
+    ("cells", (), "at least one cell and one impl"),
+])
+def test_bench_settings_refuse_the_edge_values(field, value, fragment):
+    """Catches: `vocab_size < 3` written `< 2`, `not seconds > 0` written `seconds < 0`, `threads < 0` written
+    `< -1`, and the empty-list check removed (bench.py:80-90): each edge value was let through."""
+    with pytest.raises(UsageError, match=fragment):
+        BenchSettings(**{**TINY, field: value}).check()
+    BenchSettings(**TINY).check()
+
+
+def test_bench_rounds_alternate_which_model_goes_first(monkeypatch):
+    """Catches: every round run in the same order (bench.py:268): a burst of load then always hit the same
+    model first, which the per-round ratios are meant to cancel."""
+    calls = []
+
+    def timed(subject, step, seconds, min_calls=1):
+        if min_calls == 1:  # the timed rounds (warm-ups ask for two calls)
+            calls.append((step.__name__, subject.cell))
+        return 1.0
+    monkeypatch.setattr(bench, "_timed", timed)
+    monkeypatch.setattr(bench, "peak_training_memory", lambda subject: 1)
+    bench.run_bench(BenchSettings(**{**TINY, "cells": ("rnn", "gru"), "impls": ("torch",), "rounds": 2}))
+    for what in ("train_step", "infer_step", "sample_step"):
+        assert [cell for name, cell in calls if name == what] == ["rnn", "gru", "gru", "rnn"]
+
+
+def test_synthetic_codec_is_character_level_up_to_96_ids():
+    """Catches: `vocab_size <= 96` written `< 96` (bench.py:337): 94 printable ASCII characters (33..126) and
+    the two specials fill exactly 96 ids at character level."""
+    codec = synthetic_codec(96)
+    assert codec.tokenizer.level == "char" and len(codec.vocab) == 96 and codec.vocab.tokens[-1] == "~"
+    words = synthetic_codec(97)
+    assert words.tokenizer.level == "word" and len(words.vocab) == 97
+
+
+def test_score_speed_counts_every_line_s_closing_eos():
+    """Catches: the token count leaving out each line's closing <eos> (bench.py:395), which score counts."""
+    s = score_speed("gru", "torch", BenchSettings(**TINY), lines=12, batch_size=5)
+    codec = synthetic_codec(TINY["vocab_size"])
+    lines = synthetic_lines(codec, 12, seed=0)
+    assert s.tokens == sum(len(codec.encode_line(line)) + 1 for line in lines)
+
+
+@pytest.mark.parametrize("impl", ["custom", "torch"])
+def test_peak_training_memory_is_the_peak_not_what_is_left_at_the_end(impl):
+    """Catches: the running sum's last value taken for its maximum (bench.py:243): a training step that ends
+    with as much memory live as it began with (after the first, which makes the optimizer state) reported 0."""
+    subject = bench._Subject("lstm", impl, BenchSettings(**TINY), torch.device("cpu"))
+    subject.train_step()
+    subject.train_step()
+    peaks = [bench.peak_training_memory(subject) for _ in range(3)]  # the first profiled step keeps a little
+    # every step had at least its (B, T) float32 losses live at once, besides the activations behind them
+    assert min(peaks) >= TINY["batch_size"] * TINY["seq_len"] * 4, peaks

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -244,3 +246,23 @@ def test_the_step_function_layers_drop_between_layers_only_in_training(cell):
     torch.testing.assert_close(custom(x)[0], plain(x)[0], atol=0, rtol=0)
     custom.train()
     assert not torch.allclose(custom(x)[0], plain(x)[0])
+
+
+def test_custom_rnn_initialises_like_torch():
+    """Catches: the initial bound 1/H instead of 1/sqrt(H) (cells.py:136): a custom model started with weights
+    four times smaller than torch's at H = 16, so custom and torch runs of one config trained differently."""
+    torch.manual_seed(0)
+    custom = CustomRNN("lstm", 3, 16, 2)
+    bound = 1 / math.sqrt(16)
+    values = torch.cat([p.detach().flatten() for p in custom.parameters()])
+    assert values.abs().max() <= bound
+    assert values.abs().max() > 0.9 * bound  # thousands of uniform draws: the largest is near the bound
+    reference = nn.LSTM(3, 16, 2, batch_first=True)
+    assert {n: p.shape for n, p in custom.named_parameters()} == {n: p.shape for n, p in reference.named_parameters()}
+
+
+def test_an_unknown_cell_is_refused_by_name():
+    """Catches: the unknown-cell check removed (cells.py:118): a KeyError ('transformer') instead of a
+    ValueError naming the cell."""
+    with pytest.raises(ValueError, match="unknown cell 'transformer'"):
+        CustomRNN("transformer", 3, 4)

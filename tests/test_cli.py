@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from charlm.checkpoint import load_run
-from charlm.cli import app
+from charlm.cli import _figure, app
 from charlm.score import evaluate_file, score_sentences
 from conftest import PROJECT_ROOT, TINY_TEXT
 
@@ -600,3 +600,66 @@ def test_figure_keeps_the_column_width_in_exponent_form():
     assert _figure(1e20, "9.3f") == "    1e+20"
     assert _figure(1e20, ".2f") == "1e+20"
     assert _figure(-1e20, "9.3f") == "   -1e+20"
+
+
+@pytest.mark.parametrize("command", ["score", "eval"])
+def test_score_and_eval_refuse_an_errors_value_they_do_not_know(cli, tiny_run, command, tmp_path):
+    """Catches: _check_errors letting 'ignore' through (cli.py:273): score / eval silently dropped bad bytes,
+    which train refuses as a config error."""
+    text = tmp_path / "t.txt"
+    text.write_text("the cat.\n", encoding="utf-8")
+    args = ("score", tiny_run["run_dir"], "--file", text) if command == "score" else (
+        "eval", tiny_run["run_dir"], "--file", text)
+    assert_usage_error(cli(*args, "--errors", "ignore"), "--errors must be strict or replace, got 'ignore'")
+
+
+def test_score_batch_size_and_eval_streams_below_one_are_exit_2(cli, tiny_run, tmp_path):
+    """Catches: `batch_size < 1` and `streams < 1` written `< 0` (cli.py:321, :399): 0 reached the library and
+    failed as an unexpected error (exit 1, 'ValueError: range() arg 3 must not be zero') or ran anyway."""
+    text = tmp_path / "t.txt"
+    text.write_text("the cat.\n", encoding="utf-8")
+    assert_usage_error(cli("score", tiny_run["run_dir"], "the cat.", "--batch-size", 0),
+                          "--batch-size must be at least 1, got 0")
+    assert_usage_error(cli("eval", tiny_run["run_dir"], "--file", text, "--streams", 0),
+                          "--streams must be at least 1, got 0")
+
+
+def test_eval_of_a_one_line_file_says_line_not_lines(cli, tiny_run, tmp_path):
+    """Catches: the plural always printed (cli.py:410): '1 lines'."""
+    text = tmp_path / "one.txt"
+    text.write_text("the cat.\n", encoding="utf-8")
+    result = cli("eval", tiny_run["run_dir"], "--file", text)
+    assert result.exit_code == 0, result.output
+    assert "(9 characters, 1 line, 0 OOV)" in result.stdout.splitlines()[1]
+
+
+def test_a_prime_with_one_unknown_token_gets_a_singular_note(cli, tiny_run):
+    """Catches: the note's 'are' chosen for one token too (cli.py:255): '1 token of --prime are not ...'."""
+    result = cli("sample", tiny_run["run_dir"], "--prime", "the \u4f60", "--seed", 1, "--max-length", 5)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [
+        "charlm: note: 1 token of --prime is not in the run's vocabulary: the model reads it as <unk>"]
+
+
+def test_figure_prints_an_infinite_value_as_inf_not_as_the_perplexity_bound():
+    """Catches: the infinity branch of _figure removed (cli.py:144): an infinite train loss was printed as
+    '>1e+304', the bound of a capped perplexity, which it is not."""
+    assert _figure(float("inf"), ".4f") == "inf"
+    assert _figure(float("inf"), "9.3f") == "      inf"
+    assert _figure(float("-inf"), ".4f") == "-inf"
+
+
+def test_info_notes_a_validation_slice_only_where_the_check_was_on_a_slice(cli, tmp_path):
+    """Catches: the '(on the first N validation tokens)' note shown whenever train.eval_tokens is set
+    (cli.py:460), also where eval_tokens covers the whole validation split and the check was on all of it."""
+    from charlm.train import train
+    from conftest import TINY_TEXT, tiny_config
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TINY_TEXT, encoding="utf-8")
+    run = tmp_path / "run"
+    train(tiny_config(train__max_steps=2, train__eval_interval=2, train__eval_tokens=100000), corpus, out=run,
+          show_progress=False)
+    lines = cli("info", run).stdout.splitlines()
+    (val_line,) = [line for line in lines if line.startswith("val_loss")]
+    assert "nats/token" in val_line and "validation tokens" not in val_line

@@ -8,9 +8,11 @@ import threading
 import pytest
 import torch
 
+from charlm import data
 from charlm.config import DataConfig
-from charlm.data import (batchify, char_count, check_text_file, check_trainable, encode, eval_streams,
-                         fresh_windows, iter_text, prepare, read_text, split_text, window, windows_per_epoch)
+from charlm.data import (batchify, char_count, check_text_file, check_trainable, check_vocabulary, encode, eval_streams,
+                         fresh_windows, is_blank, iter_text, prepare, read_text, split_text, storage_dtype, window,
+                         windows_per_epoch)
 from charlm.errors import UsageError
 from charlm.tokenizer import EOS_ID, UNK_ID, TextCodec, Tokenizer, Vocabulary, count_tokens
 
@@ -334,3 +336,60 @@ def test_fresh_windows_without_a_line_end_in_reach_start_where_drawn_and_stay_in
     short = torch.tensor([EOS_ID, 5, 6])  # exactly one window and its target
     x, y = fresh_windows(short, 3, 2, seed=0, step=0)
     assert x.tolist() == [[EOS_ID, 5]] * 3 and y.tolist() == [[5, 6]] * 3
+
+
+def test_storage_dtype_changes_exactly_past_65536_ids():
+    """Catches: `vocab_size <= 65536` written `< 65536` (data.py:383): a vocabulary of exactly 65,536 ids (ids
+    0..65535, which uint16 holds) stored as int32, twice the token file."""
+    assert storage_dtype(256) == torch.uint8 and storage_dtype(257) == torch.uint16
+    assert storage_dtype(65536) == torch.uint16
+    assert storage_dtype(65537) == torch.int32
+
+
+def test_is_blank_reads_a_file_of_exactly_the_limit(tmp_path):
+    """Catches: `st_size > limit` written `>= limit` (data.py:127): a blank file of exactly `limit` bytes was
+    not looked at (reported not blank), so `--nproc` launched workers on it."""
+    path = tmp_path / "blank.txt"
+    path.write_bytes(b"  \n\t\n")
+    assert is_blank(path, "utf-8", limit=5) is True
+    assert is_blank(path, "utf-8", limit=4) is False  # larger than the limit: not read, tokenizing finds out
+    path.write_bytes(b"a \n\t\n")
+    assert is_blank(path, "utf-8", limit=5) is False
+
+
+def test_a_file_with_many_bad_bytes_among_its_utf8_is_not_called_damaged(tmp_path):
+    """Catches: `good >= 4 * bad` written `good >= bad` (data.py:163): a text where a third of the characters
+    outside ASCII are bad bytes was called damaged UTF-8 instead of being sent to --encoding."""
+    many_bad = tmp_path / "many.txt"
+    many_bad.write_bytes(" ".join(["caf\u00e9"] * 10).encode("utf-8") + b" \xff \xfe \xff \xfe \xff\n")  # 10 good, 5 bad
+    with pytest.raises(UsageError) as info:
+        read_text(many_bad)
+    assert "damaged" not in info.value.message and "--encoding" in info.value.message
+    few_bad = tmp_path / "few.txt"
+    few_bad.write_bytes(" ".join(["caf\u00e9"] * 12).encode("utf-8") + b" \xff \xfe \xff\n")  # 12 good, 3 bad
+    with pytest.raises(UsageError, match="damaged"):
+        read_text(few_bad)
+
+
+def test_errors_setting_gets_its_own_token_files(tmp_path):
+    """Catches: data.errors left out of the token cache key (data.py:558): after a run with errors=replace, a
+    run with errors=strict reused its token files and trained on the substituted text instead of refusing the
+    undecodable byte."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_bytes(b"abc abc\nab\xe9c\n" * 5)
+    cache = tmp_path / "cache"
+    replaced = data.prepare(DataConfig(errors="replace", val_fraction=0.0), corpus, cache_dir=cache)
+    assert "\ufffd" in replaced.codec.vocab.tokens
+    with pytest.raises(UsageError, match="byte offset"):
+        data.prepare(DataConfig(errors="strict", val_fraction=0.0), corpus, cache_dir=cache)
+
+
+def test_check_vocabulary_compares_the_tokenizer_settings_too(tmp_path):
+    """Catches: check_vocabulary comparing only the token lists (data.py:646): a run saved with lowercase on,
+    resumed with lowercase off, went on with the same tokens but text tokenized another way."""
+    vocab = ["<unk>", "<eos>", "a", "b"]
+    saved = TextCodec(Tokenizer("char", lowercase=True), Vocabulary(vocab))
+    fresh = TextCodec(Tokenizer("char", lowercase=False), Vocabulary(vocab))
+    check_vocabulary(saved, TextCodec(Tokenizer("char", lowercase=True), Vocabulary(vocab)), tmp_path / "c.txt")
+    with pytest.raises(UsageError, match="does not match"):
+        check_vocabulary(saved, fresh, tmp_path / "c.txt")

@@ -40,6 +40,18 @@ def test_streaming_prepare_matches_in_memory_encoding(tmp_path, monkeypatch, lev
     assert splits.train_chars == data.char_count(text)
 
 
+@pytest.mark.parametrize("text", ["ab\r", "ab\n\r", "ab\r\r", "x\r", "a\r\r\n", "ab\r\n", "ab", "ab\n", "a\rb\n",
+                                  "caf\u00e9\r"])
+def test_char_count_agrees_with_training_on_a_file_of_each_text(tmp_path, text):
+    """Catches: char_count counting a file's final lone '\r' as a character and a line end, where training
+    (and Tokenizer.lines) read it as the line end only: eval's bits per character then differed from
+    validation's for the same text ('ab\r': 4 characters against 3)."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_bytes(text.encode("utf-8"))
+    splits = data.prepare(DataConfig(val_fraction=0.0), corpus, cache_dir=tmp_path / "cache")
+    assert splits.train_chars == data.char_count(text)
+
+
 def test_validation_split_is_the_last_fraction_at_a_line_boundary(tmp_path):
     lines = [f"line number {i}" for i in range(100)]
     corpus = write(tmp_path / "c.txt", "\n".join(lines) + "\n")

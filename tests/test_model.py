@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 from charlm.config import ModelConfig
 from charlm.data import eval_streams
-from charlm.model import build_model, count_parameters, detach_state, stream_nll
+from charlm.model import adaptive_cutoffs, build_model, count_parameters, detach_state, stream_nll
 
 CELLS = ["rnn", "gru", "lstm"]
 
@@ -139,3 +140,49 @@ def test_stream_nll_scores_without_dropout_counts_only_real_targets_and_restores
     assert math.isclose(total, expected, rel_tol=1e-6)
     _, count4 = stream_nll(model, *eval_streams(ids, 4))  # 29 targets in 4 rows: the last row is padded
     assert count == count4 == 29
+
+
+def test_a_one_layer_model_with_dropout_builds_without_torchs_warning():
+    """Catches: dropout passed between the layers of a one-layer torch stack (model.py:42): nn.LSTM warns that
+    it has no effect, on every run of a one-layer config with model.dropout."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = build_model(ModelConfig(cell="lstm", impl="torch", layers=1, embedding_size=4, hidden_size=5,
+                                        dropout=0.3, device="cpu"), 6)
+        model.train()
+        model(torch.tensor([[1, 2, 3]]))
+
+
+def test_a_cutoff_that_would_leave_a_one_token_cluster_is_dropped():
+    """Catches: `c < vocab_size - 1` written `c < vocab_size` (model.py:158), which made a tail cluster of one
+    token (the README: cutoffs 'from vocabulary size - 1 up ... are dropped')."""
+    cfg = ModelConfig(softmax="adaptive", adaptive_cutoffs="4,9,12", device="cpu")
+    assert adaptive_cutoffs(cfg, 10) == [4]
+    assert adaptive_cutoffs(cfg, 11) == [4, 9]
+
+
+def test_stream_nll_leaves_a_model_in_evaluation_mode_as_it_found_it():
+    """Catches: stream_nll ending with model.train() instead of restoring the mode it found (model.py:320): a
+    model evaluated by `charlm eval` or score code came back in training mode, its dropout switched on."""
+    model = build_model(ModelConfig(cell="gru", embedding_size=4, hidden_size=5, dropout=0.5, device="cpu"), 6)
+    model.eval()
+    stream_nll(model, *eval_streams(torch.randint(0, 6, (20,)), 2))
+    assert not model.training
+
+
+def test_stream_nll_leaves_the_padding_of_the_last_row_out_of_the_total():
+    """Catches: the mask not applied to the summed loss (model.py:317): only the count was masked, so the
+    padded end of the last row added its loss to the total (the count test alone does not see it)."""
+    torch.manual_seed(2)
+    model = build_model(ModelConfig(cell="lstm", embedding_size=4, hidden_size=5, device="cpu"), 6).eval()
+    ids = torch.randint(0, 6, (30,))
+    rows, mask = eval_streams(ids, 4)  # 29 targets in 4 rows of 8: the last row has 3 padded places
+    assert not mask[-1].all()
+    total, count = stream_nll(model, rows, mask)
+    other = rows.clone()
+    other[~mask & (torch.arange(rows.shape[1]) > 0)] = 3  # change what the padded places hold
+    assert stream_nll(model, other, mask) == pytest.approx((total, count), rel=1e-9)
+    with torch.no_grad():
+        logits, _ = model(rows[:, :-1])
+    nll = nn.functional.cross_entropy(logits.double().reshape(-1, 6), rows[:, 1:].reshape(-1), reduction="none")
+    assert math.isclose(total, float((nll.view(rows.shape[0], -1) * mask[:, 1:]).sum()), rel_tol=1e-6)

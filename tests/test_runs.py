@@ -528,3 +528,21 @@ def test_a_run_that_failed_shows_as_failed_until_a_resume_goes_on(write_corpus, 
     shown = CliRunner().invoke(app, ["info", str(early)])
     assert shown.exit_code == 2
     assert "holds no checkpoint: its training stopped at step" in shown.stderr and "yet" not in shown.stderr
+
+
+def test_runs_table_right_aligns_its_numeric_columns(tmp_path):
+    """Catches: the numeric columns padded on the right like the text ones (cli.py:515): steps 3 and 12 (and
+    the other figures) no longer lined up on their last digit under the header."""
+    make_run(tmp_path, tmp_path / "runs" / "short", steps=3)
+    make_run(tmp_path, tmp_path / "runs" / "long", steps=12)
+    table = CliRunner().invoke(app, ["runs", str(tmp_path / "runs"), "--json"])
+    import json
+
+    steps = {r["name"]: r["steps"] for r in map(json.loads, table.stdout.splitlines())}
+    assert steps == {"long": 12, "short": 3}
+    lines = CliRunner().invoke(app, ["runs", str(tmp_path / "runs")]).stdout.splitlines()
+    header, rows = lines[0], lines[1:3]
+    end = header.index("steps") + len("steps")
+    for row, name in zip(rows, ("long", "short")):
+        assert row.startswith(name)
+        assert row[:end].endswith(f" {steps[name]}"), (header, row)

@@ -9,9 +9,11 @@ import math
 import pytest
 import torch
 
-from charlm.errors import UsageError
 from charlm import sample as sample_module
-from charlm.sample import check_options, generate, iter_samples, next_token_distribution
+from charlm import stepper as stepper_module
+from charlm.config import MAX_SEED
+from charlm.errors import UsageError
+from charlm.sample import MIN_TEMPERATURE, check_options, generate, iter_samples, next_token_distribution
 from charlm.score import score_sentences
 from charlm.tokenizer import EOS, EOS_ID, UNK, UNK_ID, TextCodec, Tokenizer, Vocabulary
 from conftest import char_codec, random_model
@@ -315,3 +317,40 @@ def test_truncated_sampling_stops_each_sample_at_its_own_eos_or_at_max_length(to
             assert s.tokens[-1] == EOS and EOS not in s.tokens[:-1] and len(s.tokens) <= 6
         else:
             assert len(s.tokens) == 6 and EOS not in s.tokens
+
+
+def test_the_edges_of_the_seed_and_temperature_ranges_are_accepted():
+    """Catches: `seed <= MAX_SEED` written `< MAX_SEED` and `MIN_TEMPERATURE <= temperature` written `<`
+    (sample.py:50, :41): the documented largest seed (2^63 - 1) and the smallest temperature were refused."""
+    check_options(10, 1.0, 0, 1.0, 1, seed=MAX_SEED)
+    check_options(10, 1.0, 0, 1.0, 1, seed=0)
+    check_options(10, MIN_TEMPERATURE, 0, 1.0, 1)
+
+
+def test_samples_without_a_seed_differ_from_call_to_call():
+    """Catches: the generator seeded with a constant when no --seed is given (sample.py:110): every unseeded
+    `charlm sample` printed the same text."""
+    model = random_model("lstm", vocab_size=4)
+    with torch.no_grad():
+        model.decoder.bias[EOS_ID] -= 5.0  # long samples: two equal draws are practically impossible
+    codec = char_codec("ab")
+    first = generate(model, codec, max_length=40, num_samples=4)
+    second = generate(model, codec, max_length=40, num_samples=4)
+    assert [s.tokens for s in first] != [s.tokens for s in second]
+
+
+def test_a_single_sample_stops_stepping_at_its_eos(monkeypatch):
+    """Catches: the one-stream test of the fast sampler never stopping at <eos> (sample.py:207): the output
+    was trimmed right, but `charlm sample` ran the model for all --max-length steps after the sample ended
+    (counted through Stepper.step, not timed)."""
+    model = random_model("gru", vocab_size=4)
+    with torch.no_grad():
+        model.decoder.weight.zero_()
+        model.decoder.bias.fill_(-30.0)
+        model.decoder.bias[EOS_ID] = 30.0  # <eos> first, whatever the state
+    steps = []
+    real_step = stepper_module.Stepper.step
+    monkeypatch.setattr(stepper_module.Stepper, "step", lambda self, *a, **k: steps.append(1) or real_step(self, *a, **k))
+    (s,) = generate(model, char_codec("ab"), max_length=200, seed=0)
+    assert s.stopped_at == "eos" and s.tokens == ["<eos>"]
+    assert len(steps) == 0

@@ -9,8 +9,11 @@ import warnings
 import pytest
 import torch
 
+from charlm.config import ModelConfig
+from charlm.data import char_count
 from charlm.errors import UsageError
-from charlm.score import evaluate_file, score_sentences
+from charlm.model import build_model
+from charlm.score import evaluate_file, score_sentences, score_totals
 from charlm.tokenizer import EOS_ID, UNK_ID, TextCodec, Tokenizer, Vocabulary, count_tokens
 from conftest import char_codec, random_model
 
@@ -197,3 +200,49 @@ def test_evaluating_in_streams_restarts_the_state_at_each_row(tmp_path):
     assert three.tokens == one.tokens == count == 22
     assert three.loss == pytest.approx(total / count, rel=1e-6)
     assert abs(three.loss - one.loss) > 1e-4  # rows 2 and 3 start from a zero state, not the carried one
+
+
+def test_evaluation_counts_a_last_line_without_a_newline(tmp_path):
+    """Catches: CorpusEval.lines counted as newlines (score.py:126): a file whose last line has no line end
+    was reported one line short ('1 line' for two)."""
+    path = tmp_path / "two.txt"
+    path.write_text("ab\nba", encoding="utf-8")
+    result = evaluate_file(random_model(), char_codec("ab"), path)
+    assert result.lines == 2 and result.tokens == 6
+
+
+def test_score_totals_add_up_the_oov_of_every_sentence():
+    """Catches: the totals' OOV taken as the largest of the sentences' (score.py:92), not their sum."""
+    results = score_sentences(random_model(), char_codec("ab"), ["az", "zb", "ab"])
+    assert [r.oov for r in results] == [1, 1, 0]
+    totals = score_totals(results)
+    assert totals.oov == 2 and totals.tokens == 9
+    assert totals.logprob == pytest.approx(math.fsum(r.logprob for r in results))
+
+
+def test_bits_per_char_of_a_lowercasing_run_count_the_lowercased_characters(tmp_path):
+    """Catches: evaluate_file counting characters without the run's lowercasing (score.py:123): 'İ' is two
+    characters once lowercased (i + U+0307), as training counts them, so eval's bits/char disagreed."""
+    codec = TextCodec(Tokenizer("char", lowercase=True), Vocabulary(["<unk>", "<eos>", "i", "\u0307", "x"]))
+    path = tmp_path / "upper.txt"
+    path.write_text("\u0130x\n", encoding="utf-8")
+    model = random_model(vocab_size=len(codec.vocab))
+    result = evaluate_file(model, codec, path)
+    assert result.characters == char_count("\u0130x\n", True) == 4
+    assert result.oov == 0 and result.tokens == 4
+    assert result.bits_per_char == pytest.approx(result.loss * result.tokens / 4 / math.log(2))
+
+
+def test_scoring_a_model_left_in_training_mode_uses_no_dropout():
+    """Catches: score_sentences not putting the model in evaluation mode (score.py:45): a model with dropout
+    straight from training gave random scores."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(cell="lstm", embedding_size=8, hidden_size=16, dropout=0.5, device="cpu"), 4)
+    sentences = ["abba", "ba", ""]
+    model.train()
+    first = [r.logprob for r in score_sentences(model, char_codec("ab"), sentences)]
+    model.train()
+    second = [r.logprob for r in score_sentences(model, char_codec("ab"), sentences)]
+    model.eval()
+    expected = [r.logprob for r in score_sentences(model, char_codec("ab"), sentences)]
+    assert first == second == expected
