@@ -248,7 +248,7 @@ def sample(
         model, codec, _ = _load(run_dir, dev, checkpoint)
         samples = iter_samples(model, codec, prime, max_length, temperature, top_k, top_p, num_samples, seed,
                                allow_unk, dev)
-        ended_at_once = 0  # primed samples whose first token was <eos>: nothing generated
+        ended_at_once = 0  # samples whose first token was <eos>: nothing generated
         for k, s in enumerate(samples):  # drawn a group at a time: each is shown as soon as its group is done
             if k == 0 and s.prime_unk:
                 _err_note(f"{s.prime_unk} token{'s' if s.prime_unk > 1 else ''} of --prime "
@@ -261,11 +261,15 @@ def sample(
             else:
                 _out(s.text)
             sys.stdout.flush()
-            ended_at_once += bool(prime) and not s.generated and s.stopped_at == "eos"
-        if ended_at_once:
-            _err_note(f"{'the sample' if num_samples == 1 else f'{ended_at_once} of {num_samples} samples'} ended "
-                      f"right after --prime: the model closed the line there (a prime that starts a line the "
-                      f"model would go on with, such as the first words of a sentence, gives more)")
+            ended_at_once += not s.generated and s.stopped_at == "eos"
+        which = "the sample" if num_samples == 1 else f"{ended_at_once} of {num_samples} samples"
+        if ended_at_once and prime:
+            _err_note(f"{which} ended right after --prime: the model closed the line there (a prime that starts a "
+                      f"line the model would go on with, such as the first words of a sentence, gives more)")
+        elif ended_at_once:  # the model learned that lines may be empty (a blank line between paragraphs)
+            _err_note(f"{which} {'is' if num_samples == 1 else 'are'} empty: the model ended "
+                      f"{'it' if num_samples == 1 else 'them'} at once (in a corpus with blank lines, a line may "
+                      f"be empty); --prime gives each sample a start")
 
 
 def _check_errors(errors: str) -> None:

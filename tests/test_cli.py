@@ -292,6 +292,27 @@ def test_a_run_that_has_not_saved_yet_and_a_folder_of_runs_are_told_apart(cli, t
     assert line.endswith(f"e.g. {tmp_path / 'runs' / 'started'}")
 
 
+def test_empty_samples_without_a_prime_get_a_note(cli, tmp_path):
+    """Catches: a blank line printed for a sample the model ended at once, without a word. With fresh streams
+    the model learns how often a line of its corpus is empty (here three lines in four), and greedy decoding
+    from the start of a line then ends it at once."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n\nA line of verse, spoken.\n" * 200, encoding="utf-8")
+    run = tmp_path / "run"
+    trained = cli("train", "--config", TINY_CONFIG, "--corpus", corpus, "--out", run, "-q", "--max-steps", "300",
+                  "--set", "train.lr=0.01")
+    assert trained.exit_code == 0, trained.stderr
+    empty = cli("sample", run, "--temperature", "0", "--num-samples", "2")
+    assert empty.exit_code == 0 and empty.stdout == "\n\n"
+    assert empty.stderr.splitlines() == ["charlm: note: 2 of 2 samples are empty: the model ended them at once (in a "
+                                         "corpus with blank lines, a line may be empty); --prime gives each sample "
+                                         "a start"]
+    one = cli("sample", run, "--temperature", "0")
+    assert one.stderr.startswith("charlm: note: the sample is empty: the model ended it at once")
+    primed = cli("sample", run, "--prime", "A line", "--temperature", "0")
+    assert primed.stdout.startswith("A line of") and primed.stderr == ""
+
+
 def test_a_primed_sample_that_ends_at_once_gets_a_note(cli, tmp_path):
     """A prime the corpus only ever ends a line with: greedy decoding closes the line at once, and the user
     is told why nothing follows the prime."""
