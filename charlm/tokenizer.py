@@ -40,6 +40,14 @@ _WORD_RE = re.compile(rf"<unk>|[{_CJK}]|[^\W{_CJK}]+(?:['’][^\W{_CJK}]+)*|[^\s
 _NO_SPACE_BEFORE = set(".,;:!?)]}%'’”»…")
 _NO_SPACE_AFTER = set("([{¿¡“‘«")
 _IS_CJK = re.compile(rf"^[{_CJK}]$")
+_HAS_CJK_RUN = re.compile(rf"[{_CJK}]{{4}}")  # four CJK characters in a row: more than a word, as a rule
+
+
+def unsegmented_cjk(tokens: list[str]) -> bool:
+    """Whether most words of a `space`-split vocabulary are runs of CJK text: Chinese (or Japanese) written
+    without spaces, where `space` makes a whole clause one word."""
+    words = [t for t in tokens if not t.startswith("<")]
+    return bool(words) and sum(bool(_HAS_CJK_RUN.search(t)) for t in words) > len(words) / 2
 # Full-width and CJK punctuation (，。：！？、「」《》) carries its own spacing: no space on either side. (Not
 # the ideographic zero, iteration marks or Hangzhou numerals of the same block: they are letters and digits.)
 _IS_WIDE_PUNCT = re.compile("^[\u3001-\u3004\u3008-\u3020\u3030\u303d-\u303f"

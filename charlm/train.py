@@ -43,6 +43,7 @@ from .model import (EvaluationStopped, RNNLM, build_model, check_new_model, coun
                     perplexity, stream_nll)
 from .runs import check_room_for_a_new_run, run_folder_of
 from .runtime import Distributed, file_sha256, init_distributed, is_terminal, seed_everything
+from .tokenizer import unsegmented_cjk
 
 TRAINER_FORMAT = 1
 LN2 = math.log(2.0)
@@ -452,6 +453,11 @@ def _note_data(cfg: Config, splits: Splits, corpus: Path, val: Path | None, log_
                  else f"data.min_freq {d.min_freq}: lower it")
         print(f"charlm: note: the vocabulary holds only <eos> and <unk> ({cause}); the model can learn nothing "
               f"but where lines end", file=log_stream)
+    if cfg.data.level == "word" and cfg.data.word_split == "space" and unsegmented_cjk(splits.codec.vocab.tokens):
+        print("charlm: note: most words of the vocabulary are runs of Chinese (or Japanese) characters: data."
+              "word_split space splits at spaces only, and charlm does not segment such text, so a whole clause "
+              "is one word; segment the corpus first, or use word_split punct (each character a word) or data."
+              "level char", file=log_stream)
     if val is not None and _same_file(Path(val), Path(corpus)):
         print(f"charlm: note: --val {val} is the corpus itself: validation then measures text the model trains "
               f"on, not how it does on new text", file=log_stream)

@@ -498,3 +498,18 @@ def test_a_run_folder_given_where_a_file_or_a_run_is_expected_says_what_to_pass(
     assert_one_line_error(cli(*train_args(tmp_path, run, "--out", tmp_path / "other")), 2,
                           "is a folder, not a text file: it holds a run, which --resume")
     assert_one_line_error(cli("sample", corpus), 2, "is a file, not a run folder")
+
+
+def test_unsegmented_chinese_split_at_spaces_gets_a_note(tmp_path):
+    """Catches: `data.word_split: space` on Chinese written without spaces training in silence on whole
+    clauses as words; segmented text, or the punct split, gets no note."""
+    clauses = ["今天天气很好我们去公园散步", "明天下雨了大家都在家里看书", "山上的树叶慢慢变红了"]
+    for name, text, split, noted in [("whole", "\n".join(clauses), "space", True),
+                                     ("spaced", "\n".join(" ".join(c) for c in clauses), "space", False),
+                                     ("punct", "\n".join(clauses), "punct", False)]:
+        corpus = tmp_path / f"{name}.txt"
+        corpus.write_text((text + "\n") * 60, encoding="utf-8")
+        result = cli(*train_args(tmp_path, corpus, "--out", tmp_path / name, "--set", "data.level=word",
+                                 "--set", f"data.word_split={split}"))
+        assert result.exit_code == 0, result.stderr
+        assert ("runs of Chinese (or Japanese) characters" in result.stderr) == noted, (name, result.stderr)
