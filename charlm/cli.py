@@ -345,7 +345,7 @@ def score(
         if not sentences:  # as `charlm eval` does: an empty input is more likely a mistake than a request
             raise UsageError(f"{file if file is not None else 'standard input'} holds no lines to score")
         results = score_sentences(model, codec, sentences, batch_size, dev)
-        _print_scores(results, per_token, as_json)
+        _print_scores(results, per_token, as_json, codec.tokenizer)
 
 
 def _names_a_file(text: str) -> bool:
@@ -355,7 +355,7 @@ def _names_a_file(text: str) -> bool:
         return False
 
 
-def _print_scores(results, per_token: bool, as_json: bool) -> None:
+def _print_scores(results, per_token: bool, as_json: bool, tokenizer) -> None:
     from .score import LN10, score_totals
 
     for r in results:
@@ -367,8 +367,10 @@ def _print_scores(results, per_token: bool, as_json: bool) -> None:
                 record["token_logprobs"] = [[t, lp] for t, lp in zip(r.tokens, r.token_logprobs)]
             _out(json.dumps(record, ensure_ascii=False))
             continue
-        if per_token:
-            _out("\t".join(f"{t}={lp / LN10:.4f}" for t, lp in zip(r.tokens, r.token_logprobs)))
+        if per_token:  # an out-of-vocabulary token shown as the text has it, then <unk>, as it was scored
+            words = tokenizer.split(r.text) + [r.tokens[-1]]
+            _out("\t".join(f"{t if w == t else f'{w}({t})'}={lp / LN10:.4f}"
+                           for w, t, lp in zip(words, r.tokens, r.token_logprobs)))
         _out(f"ln P {r.logprob:10.4f}  log10 P {r.log10prob:9.4f}  tokens {len(r.tokens):4d}  OOV {r.oov:3d}  "
              f"ppl {_figure(r.perplexity, '9.3f')}  bits/token {r.bits_per_token:6.3f}  | {r.text}")
     if not as_json and results:

@@ -154,6 +154,17 @@ def test_score_table_has_totals_and_perplexities(cli, tiny_run):
     assert "<eos>=" in result.stdout
 
 
+def test_score_per_token_shows_an_unknown_token_as_the_text_has_it(cli, tiny_run):
+    """Catches: the per-token table printing `<unk>=-6.5` where the sentence said `你`: which word was
+    unknown could not be read from it. The JSON keeps the token scored (<unk>)."""
+    table = cli("score", tiny_run["run_dir"], "the 你.", "--per-token")
+    assert table.exit_code == 0, table.output
+    cells = table.stdout.splitlines()[0].split("\t")
+    assert [c.split("=")[0] for c in cells] == ["t", "h", "e", " ", "你(<unk>)", ".", "<eos>"]
+    record = json_lines(cli("score", tiny_run["run_dir"], "the 你.", "--per-token", "--json").stdout)[0]
+    assert [t for t, _ in record["token_logprobs"]][4] == "<unk>"
+
+
 def test_eval_json_matches_the_library(cli, tiny_run):
     result = cli("eval", tiny_run["run_dir"], "--file", tiny_run["corpus"], "--json")
     assert result.exit_code == 0, result.output
@@ -576,7 +587,9 @@ def test_score_table_and_json_give_the_same_figures(cli, tiny_run):
     assert table.exit_code == 0, table.output
     lines = table.stdout.splitlines()
     for k, r in enumerate(records):
-        assert lines[2 * k] == "\t".join(f"{t}={lp / math.log(10):.4f}" for t, lp in r["token_logprobs"])
+        words = codec.tokenizer.split(r["text"]) + ["<eos>"]  # an unknown one shown as written, then <unk>
+        assert lines[2 * k] == "\t".join(f"{t if w == t else f'{w}({t})'}={lp / math.log(10):.4f}"
+                                         for w, (t, lp) in zip(words, r["token_logprobs"]))
         assert f"ppl {r['perplexity']:9.3f}  bits/token {r['bits_per_token']:6.3f}  | {r['text']}" in lines[2 * k + 1]
     total = math.fsum(r["logprob"] for r in records)
     tokens = sum(r["tokens"] for r in records)
