@@ -699,23 +699,31 @@ def window(rows: Tensor, index: int, seq_len: int) -> tuple[Tensor, Tensor]:
     return rows[:, start:end].long(), rows[:, start + 1:end + 1].long()
 
 
-FRESH_SCAN = 4096  # tokens searched for a line start after a random position
+def line_starts(ids: Tensor, seq_len: int) -> Tensor:
+    """Positions of the `<eos>` tokens that a line follows and a whole window of `seq_len` (with its targets)
+    can start at: (lines,), read a part at a time (bounded memory on a memory-mapped token file) and kept as
+    int32 where the positions fit (4 bytes a line: 80 MB for a corpus of 20 million lines)."""
+    last = ids.numel() - seq_len - 1
+    kind = torch.int32 if last < 2 ** 31 else torch.int64
+    parts = [((ids[start:min(start + (1 << 24), last + 1)] == EOS_ID).nonzero().flatten() + start).to(kind)
+             for start in range(0, last + 1, 1 << 24)]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=kind)
 
 
-def fresh_windows(ids: Tensor, count: int, seq_len: int, seed: int, step: int) -> tuple[Tensor, Tensor]:
+def fresh_windows(ids: Tensor, starts: Tensor, count: int, seq_len: int, seed: int,
+                  step: int) -> tuple[Tensor, Tensor]:
     """`count` windows (inputs, targets: (count, seq_len) int64) that each begin at an `<eos>`, the start of a
-    line, as sampling and scoring begin; the model reads them from a zero state. The lines are drawn from
-    `seed` and `step` alone, so a resumed run draws the same ones, and so do all processes under torchrun.
-    Where no `<eos>` follows a drawn position within FRESH_SCAN tokens, the window starts at that position."""
-    last = ids.numel() - seq_len - 1  # the last start with a whole window and its targets
+    line, as sampling and scoring begin; the model reads them from a zero state. Every line is as likely
+    (`starts` from `line_starts`, for windows of at least `seq_len`); the draw depends on `seed` and `step`
+    alone, so a resumed run draws the same lines, and so do all processes under torchrun. A text with no
+    line end to start at gives windows at random positions."""
     draw = random.Random(f"fresh/{seed}/{step}")
-    starts = []
-    for _ in range(count):
-        pos = draw.randint(0, last)
-        ends = (ids[pos:min(pos + FRESH_SCAN, last + 1)] == EOS_ID).nonzero()
-        starts.append(pos + int(ends[0]) if len(ends) else pos)
-    x = torch.stack([ids[s:s + seq_len] for s in starts]).long()
-    y = torch.stack([ids[s + 1:s + seq_len + 1] for s in starts]).long()
+    if len(starts):
+        chosen = [int(starts[draw.randrange(len(starts))]) for _ in range(count)]
+    else:
+        chosen = [draw.randint(0, ids.numel() - seq_len - 1) for _ in range(count)]
+    x = torch.stack([ids[s:s + seq_len] for s in chosen]).long()
+    y = torch.stack([ids[s + 1:s + seq_len + 1] for s in chosen]).long()
     return x, y
 
 

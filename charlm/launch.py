@@ -31,10 +31,9 @@ def check_before_launch(cfg: Config, corpus: Path | None, val: Path | None, npro
         raise empty_corpus(corpus)
     if resume is None and corpus is not None:
         check_new_run_dir(new_run_dir(out, corpus))
-    for name in ("batch_size", "fresh_streams"):
-        if getattr(cfg.train, name) % nproc:
-            raise UsageError(f"train.{name} {getattr(cfg.train, name)} must be a multiple of --nproc {nproc}: "
-                             f"each process takes an equal share of the parallel streams")
+    if cfg.train.batch_size % nproc:
+        raise UsageError(f"train.batch_size {cfg.train.batch_size} must be a multiple of --nproc {nproc}: "
+                         f"each process takes an equal share of the parallel streams")
 
 
 def run_torchrun(argv: list[str], nproc: int) -> int:

@@ -35,9 +35,9 @@ from torch import nn
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .config import Config, dump_yaml
+from .config import SAVED_BEFORE, Config, dump_yaml
 from .data import (Splits, batchify, check_text_file, check_trainable, check_vocabulary, eval_streams,
-                   fresh_windows, prepare, split_point, window, windows_per_epoch)
+                   fresh_windows, line_starts, prepare, split_point, window, windows_per_epoch)
 from .errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, RunFailure, UsageError, is_out_of_memory
 from .model import (EvaluationStopped, RNNLM, build_model, check_new_model, count_parameters, detach_state,
                     perplexity, stream_nll)
@@ -322,9 +322,15 @@ def _resume_state(resume: Path, cfg: Config):
     saved = ckpt.load_checkpoint(resume, "last")
     conflicts = _conflicts(saved.cfg, cfg)
     if conflicts:
+        # a field added since (SAVED_BEFORE) that the run holds at its old value: a config file without it gets
+        # the new default, which the user did not choose
+        older = [(key, value) for key, value in ((k, _saved_value(saved.cfg, k)) for k in conflicts)
+                 if SAVED_BEFORE.get(tuple(key.split("."))) == value]
+        hint = "".join(f"; the run trains with {key} {value} (as runs saved before the field existed do): add "
+                       f"--set {key}={value}" for key, value in older)
         raise UsageError(f"--resume {resume}: the config differs from the checkpoint in "
                          f"{', '.join(conflicts)}; only the limits, the intervals, the device and the evaluation "
-                         f"settings (train.eval_tokens, train.eval_batch_size) may change")
+                         f"settings (train.eval_tokens, train.eval_batch_size) may change{hint}")
     state = saved.trainer_state()
     if not isinstance(state, dict) or state.get("format") != TRAINER_FORMAT:
         found = state.get("format") if isinstance(state, dict) else None
@@ -333,6 +339,11 @@ def _resume_state(resume: Path, cfg: Config):
                              f"(it names no format)")
         raise UsageError(f"--resume {resume}: trainer state format {found!r}; this charlm reads format {TRAINER_FORMAT}")
     return saved, state
+
+
+def _saved_value(cfg: Config, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -486,10 +497,9 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
         if resume is None:
             ckpt.recover(run_dir)
     t = cfg.train
-    for name, streams in (("batch_size", t.batch_size), ("fresh_streams", t.fresh_streams)):
-        if streams % dist.world:
-            raise UsageError(f"train.{name} {streams} must be a multiple of the number of processes "
-                             f"({dist.world}): each takes an equal share of the parallel streams")
+    if t.batch_size % dist.world:
+        raise UsageError(f"train.batch_size {t.batch_size} must be a multiple of the number of processes "
+                         f"({dist.world}): each takes an equal share of the parallel streams")
     seed_everything(t.seed)
 
     splits = _read_corpus(cfg, Path(corpus), Path(val) if val else None, resume, saved, trainer_state, cache_dir,
@@ -627,9 +637,10 @@ class _Loop:
         self.splits, self.rows, self.n_windows = splits, rows, n_windows  # rows: this rank's (B/W, N // B) streams
         self.model, self.net, self.optimizer = model, net, optimizer
         self.p, self.hidden = p, hidden
-        # this rank's share of the fresh rows that each step adds after the batch's streams (train.fresh_streams)
-        share = self.t.fresh_streams // dist.world
-        self.fresh_rows = slice(dist.rank * share, (dist.rank + 1) * share)
+        # the lines that fresh rows (train.fresh_streams) may start at, for windows of seq_len; a rank takes
+        # every world-th of a step's fresh rows, so shares may differ by one (the loss is weighted for it)
+        self.line_starts = line_starts(splits.train, self.t.seq_len) if self.t.fresh_streams else None
+        self.global_rows = self.t.batch_size + self.t.fresh_streams  # a step's rows over all processes
         self.device, self.dist, self.resumed = device, dist, resumed
         self.show_progress, self.log_stream = show_progress, log_stream
         self.interactive = show_progress and is_terminal(log_stream)
@@ -729,16 +740,20 @@ class _Loop:
         x, y = window(self.rows, p.window, t.seq_len)
         streams = x.shape[0]
         hidden = self.hidden = detach_state(self.hidden)
-        if t.fresh_streams:  # rows that begin at a line from a zero state, after the streams (B + k, T)
-            fresh_x, fresh_y = fresh_windows(self.splits.train, t.fresh_streams, x.shape[1], t.seed, p.step)
-            x, y = torch.cat([x, fresh_x[self.fresh_rows]]), torch.cat([y, fresh_y[self.fresh_rows]])
+        if t.fresh_streams:  # rows that begin at a line from a zero state, after the streams (B/W + k_r, T)
+            fresh_x, fresh_y = fresh_windows(self.splits.train, self.line_starts, t.fresh_streams, x.shape[1],
+                                             t.seed, p.step)
+            x = torch.cat([x, fresh_x[dist.rank::dist.world]])
+            y = torch.cat([y, fresh_y[dist.rank::dist.world]])
             rows = x.shape[0] - streams
             hidden = _map_state(hidden, lambda s: torch.cat([s, s.new_zeros(s.shape[0], rows, *s.shape[2:])], 1))
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         try:
             with self.autocast:
                 nll, hidden = self.net(x, hidden, targets=y)
-                loss = nll.float().mean()
+                # the mean over the global batch's rows (streams and fresh rows): DDP averages the ranks'
+                # gradients, so each rank's sum counts against a W-th of them (its mean where shares are equal)
+                loss = nll.float().sum() / (self.global_rows * y.shape[1] / dist.world)
             self.hidden = _map_state(hidden, lambda s: s[:, :streams])  # the streams' state goes on; fresh rows end
             if not torch.isfinite(loss):
                 raise _NonFinite("loss")
@@ -760,8 +775,8 @@ class _Loop:
         p.window += 1
         if p.window >= self.n_windows:  # a new epoch reads the streams from their start, from a zero state
             p.window, p.epoch, self.hidden = 0, p.epoch + 1, None
-        p.tokens += y.numel() * dist.world
-        self.window_tokens += y.numel() * dist.world
+        p.tokens += self.global_rows * y.shape[1]
+        self.window_tokens += self.global_rows * y.shape[1]
         self.last_loss = loss.item()
         p.log_loss_sum += self.last_loss
         p.log_loss_count += 1
@@ -863,7 +878,8 @@ class _Loop:
         if bad is not None:  # never save non-finite weights over a good checkpoint
             raise self._fail(p.step, f"weight {bad} became NaN or infinite (try a lower train.lr or train.clip)")
         last = name == "last"
-        full_hidden = _map_state(self.hidden, lambda s: dist.gather_batch(s.detach()).cpu()) if last else None
+        # cloned: in one process the streams' state is a view of the (L, B + k, H) state of the last window
+        full_hidden = _map_state(self.hidden, lambda s: dist.gather_batch(s.detach()).cpu().clone()) if last else None
         rng_ranks = dist.gather_objects(
             {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
         ) if last and dist.enabled else None

@@ -70,6 +70,22 @@ def test_two_processes_give_the_weights_of_one_with_the_same_global_batch(setup,
     assert sum('"event": "start"' in line for line in log) == 1
 
 
+def test_an_uneven_share_of_fresh_rows_gives_the_weights_of_one_process(setup):
+    """Catches: fresh rows that had to be a multiple of the processes (the default 2 refused --nproc 4, the
+    README's two machines of two), or an uneven share averaged as if even: a rank with more rows than another
+    must count them against the global batch, so that two processes still equal one."""
+    tmp, corpus, config = setup
+    args = ["--config", str(config), "--corpus", str(corpus), "--max-steps", "6", "--set", "train.fresh_streams=3"]
+    two = charlm([*args, "--out", str(tmp / "fresh3-two")], tmp, nproc=2)
+    assert two.returncode == 0, two.stderr
+    one = charlm([*args, "--out", str(tmp / "fresh3-one")], tmp)
+    assert one.returncode == 0, one.stderr
+    assert_close(weights(tmp / "fresh3-one"), weights(tmp / "fresh3-two"))
+    losses = [[json.loads(line)["train_loss"] for line in (tmp / name / "metrics.jsonl").read_text().splitlines()
+               if '"train_loss"' in line] for name in ("fresh3-one", "fresh3-two")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)  # the global batch's mean, logged by rank 0
+
+
 def test_a_two_process_run_resumes_to_the_same_weights(setup, two_process_run):
     tmp, corpus, config = setup
     first = charlm(["--config", str(config), "--corpus", str(corpus), "--out", str(tmp / "split"),

@@ -447,3 +447,21 @@ def test_a_resume_whose_limits_move_the_decay_says_where_the_rate_goes(tmp_path)
     flat = tmp_path / "flat"
     train(tiny_config(train__max_steps=6, train__schedule="constant"), corpus, out=flat, show_progress=False)
     assert "schedule" not in cli("train", "--resume", flat, "--max-steps", 12, "-q").stderr
+
+
+def test_an_old_run_resumed_with_a_config_file_is_told_how_to_keep_its_fresh_streams(tmp_path):
+    """Catches: `--resume OLD --config FILE` refused with 'the config differs in train.fresh_streams' though the
+    user changed nothing (the file gets the new default 2, the run trains with 0), and no word on the fix."""
+    corpus = write_corpus(tmp_path)
+    run = tmp_path / "run"
+    train(tiny_config(train__max_steps=4, train__fresh_streams=0), corpus, out=run, show_progress=False)
+    config = tmp_path / "mine.yaml"
+    raw = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+    del raw["train"]["fresh_streams"]  # a config written before the field existed, or without it
+    config.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    assert_one_line_error(cli("train", "--resume", run, "--config", config, "--max-steps", 8, "-q"), 2,
+                          "differs from the checkpoint in train.fresh_streams",
+                          "add --set train.fresh_streams=0")
+    result = cli("train", "--resume", run, "--config", config, "--set", "train.fresh_streams=0", "--max-steps", 8,
+                 "-q")
+    assert result.exit_code == 0, result.stderr
