@@ -303,16 +303,22 @@ def test_a_run_that_has_not_saved_yet_and_a_folder_of_runs_are_told_apart(cli, t
     assert line.endswith(f"e.g. {tmp_path / 'runs' / 'started'}")
 
 
-def test_empty_samples_without_a_prime_get_a_note(cli, tmp_path):
-    """Catches: a blank line printed for a sample the model ended at once, without a word. With fresh streams
-    the model learns how often a line of its corpus is empty (here three lines in four), and greedy decoding
-    from the start of a line then ends it at once."""
+def _trained_on(cli, tmp_path, text: str):
+    """A tiny run trained to learn `text` by heart (300 steps): its run folder."""
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n\nA line of verse, spoken.\n" * 200, encoding="utf-8")
+    corpus.write_text(text, encoding="utf-8")
     run = tmp_path / "run"
     trained = cli("train", "--config", TINY_CONFIG, "--corpus", corpus, "--out", run, "-q", "--max-steps", "300",
                   "--set", "train.lr=0.01")
     assert trained.exit_code == 0, trained.stderr
+    return run
+
+
+def test_empty_samples_without_a_prime_get_a_note(cli, tmp_path):
+    """Catches: a blank line printed for a sample the model ended at once, without a word. With fresh streams
+    the model learns how often a line of its corpus is empty (here three lines in four), and greedy decoding
+    from the start of a line then ends it at once."""
+    run = _trained_on(cli, tmp_path, "\n\n\nA line of verse, spoken.\n" * 200)
     empty = cli("sample", run, "--temperature", "0", "--num-samples", "2")
     assert empty.exit_code == 0 and empty.stdout == "\n\n"
     assert empty.stderr.splitlines() == ["charlm: note: 2 of 2 samples are empty: the model ended them at once (in a "
@@ -327,12 +333,7 @@ def test_empty_samples_without_a_prime_get_a_note(cli, tmp_path):
 def test_a_primed_sample_that_ends_at_once_gets_a_note(cli, tmp_path):
     """A prime the corpus only ever ends a line with: greedy decoding closes the line at once, and the user
     is told why nothing follows the prime."""
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("ROMEO.\nA line of verse, spoken.\n" * 200, encoding="utf-8")
-    run = tmp_path / "run"
-    trained = cli("train", "--config", TINY_CONFIG, "--corpus", corpus, "--out", run, "-q", "--max-steps", "300",
-                  "--set", "train.lr=0.01")
-    assert trained.exit_code == 0, trained.stderr
+    run = _trained_on(cli, tmp_path, "ROMEO.\nA line of verse, spoken.\n" * 200)
     ended = cli("sample", run, "--prime", "ROMEO.", "--temperature", "0", "--num-samples", "2", "--json")
     assert ended.exit_code == 0, ended.stderr
     assert [s["generated"] for s in json_lines(ended.stdout)] == ["", ""]
