@@ -340,8 +340,6 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None,
     if not isinstance(raw, dict):
         raise UsageError(f"config file {path or base}: the top level must be a mapping with sections data, model, train")
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
-    if path is None and base is not None:  # a run's own config (a resume without --config)
-        raw = _fill_saved_before(raw)
     items = [parse_override(o) for o in overrides or []]
     items += [(*k.split(".", 1), v) for k, v in (extra or {}).items() if v is not None]
     for section, name, value in items:
@@ -349,7 +347,7 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None,
         if not isinstance(current, dict):
             raise UsageError(f"config: section '{section}' must be a mapping of keys to values")
         current[name] = value
-    return from_dict(raw)
+    return from_dict(raw, saved_run=path is None and base is not None)  # base: a run's own config (a resume)
 
 
 def dump_yaml(cfg: Config) -> str:

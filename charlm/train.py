@@ -199,8 +199,9 @@ def _differences(old: Config, new: Config) -> list[tuple[str, object, object]]:
     return [(f"{s}.{k}", a[s][k], b[s][k]) for s in a for k in a[s] if a[s][k] != b[s][k]]
 
 
-def _conflicts(old: Config, new: Config) -> list[str]:
-    return [key for key, _, _ in _differences(old, new) if key not in RESUMABLE_CHANGES]
+def _conflicts(old: Config, new: Config) -> list[tuple[str, object]]:
+    """(key, old value) of each difference a resume may not make."""
+    return [(key, a) for key, a, _ in _differences(old, new) if key not in RESUMABLE_CHANGES]
 
 
 def _changes(old: Config, new: Config) -> list[str]:
@@ -324,13 +325,12 @@ def _resume_state(resume: Path, cfg: Config):
     if conflicts:
         # a field added since (SAVED_BEFORE) that the run holds at its old value: a config file without it gets
         # the new default, which the user did not choose
-        older = [(key, value) for key, value in ((k, _saved_value(saved.cfg, k)) for k in conflicts)
-                 if SAVED_BEFORE.get(tuple(key.split("."))) == value]
         hint = "".join(f"; the run trains with {key} {value} (as runs saved before the field existed do): add "
-                       f"--set {key}={value}" for key, value in older)
+                       f"--set {key}={value}" for key, value in conflicts
+                       if SAVED_BEFORE.get(tuple(key.split("."))) == value)
         raise UsageError(f"--resume {resume}: the config differs from the checkpoint in "
-                         f"{', '.join(conflicts)}; only the limits, the intervals, the device and the evaluation "
-                         f"settings (train.eval_tokens, train.eval_batch_size) may change{hint}")
+                         f"{', '.join(key for key, _ in conflicts)}; only the limits, the intervals, the device and "
+                         f"the evaluation settings (train.eval_tokens, train.eval_batch_size) may change{hint}")
     state = saved.trainer_state()
     if not isinstance(state, dict) or state.get("format") != TRAINER_FORMAT:
         found = state.get("format") if isinstance(state, dict) else None
@@ -339,11 +339,6 @@ def _resume_state(resume: Path, cfg: Config):
                              f"(it names no format)")
         raise UsageError(f"--resume {resume}: trainer state format {found!r}; this charlm reads format {TRAINER_FORMAT}")
     return saved, state
-
-
-def _saved_value(cfg: Config, key: str):
-    section, name = key.split(".")
-    return getattr(getattr(cfg, section), name)
 
 
 def _same_file(a: Path, b: Path) -> bool:
