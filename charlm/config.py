@@ -240,6 +240,37 @@ def validate(cfg: Config) -> None:
                          f"(got {m.embedding_size} and {m.hidden_size})")
 
 
+# Settings that only some configs read: (section, field, whether this config reads it, which configs do).
+# data.val_fraction, which a run with --val does not read, is not among them: a config file may serve both.
+_READ_WHEN = (
+    ("data", "word_split", lambda c: c.data.level == "word", "data.level word"),
+    ("model", "nonlinearity", lambda c: c.model.cell == "rnn", "model.cell rnn"),
+    ("model", "gru_form", lambda c: c.model.cell == "gru" and c.model.impl == "custom",
+     "model.cell gru, model.impl custom"),
+    ("model", "adaptive_cutoffs", lambda c: c.model.softmax == "adaptive", "model.softmax adaptive"),
+    ("model", "adaptive_div", lambda c: c.model.softmax == "adaptive" and not c.model.tie_weights,
+     "model.softmax adaptive, untied"),
+    ("train", "momentum", lambda c: c.train.optimizer == "sgd", "train.optimizer sgd"),
+    ("train", "beta2", lambda c: c.train.optimizer != "sgd", "train.optimizer adam or adamw"),
+    ("train", "final_lr_fraction", lambda c: c.train.schedule in ("cosine", "linear"),
+     "train.schedule cosine or linear"),
+    ("train", "plateau_factor", lambda c: c.train.schedule == "plateau", "train.schedule plateau"),
+    ("train", "plateau_patience", lambda c: c.train.schedule == "plateau", "train.schedule plateau"),
+)
+
+
+def unread_settings(cfg: Config) -> list[tuple[str, str, str]]:
+    """The settings given another value than their default that this config never reads (a GRU's
+    nonlinearity, SGD's momentum on AdamW, ...), each as (section, field, which configs read it): a run
+    takes them silently, and the user may believe they changed something."""
+    found = []
+    for section, name, read, readers in _READ_WHEN:
+        f = next(f for f in dataclasses.fields(SECTIONS[section]) if f.name == name)
+        if getattr(getattr(cfg, section), name) != f.default and not read(cfg):
+            found.append((section, name, readers))
+    return found
+
+
 def _repeated_key(root: yaml.Node | None) -> str | None:
     """A key given twice in one mapping of a composed YAML document, said with its lines; None if none
     is. PyYAML keeps the last of two equal keys, so a second `model:` section would silently replace

@@ -35,7 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .config import SAVED_BEFORE, Config, dump_yaml
+from .config import SAVED_BEFORE, Config, dump_yaml, unread_settings
 from .data import (Splits, batchify, check_text_file, check_trainable, check_vocabulary, eval_streams,
                    fresh_windows, line_starts, prepare, split_point, window, windows_per_epoch)
 from .errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, RunFailure, UsageError, is_out_of_memory
@@ -447,6 +447,16 @@ def _read_corpus(cfg: Config, corpus: Path, val: Path | None, resume: Path | Non
     return splits
 
 
+def _note_unread(cfg: Config, log_stream) -> None:
+    """A note on the settings that this run never reads: the user may believe that they changed something.
+    Said when a run starts (a resume may not change any of them)."""
+    unread = unread_settings(cfg)
+    if unread:
+        listed = "; ".join(f"{section}.{name} (for {readers})" for section, name, readers in unread)
+        print(f"charlm: note: {'this setting has' if len(unread) == 1 else 'these settings have'} no effect on "
+              f"this run: {listed}", file=log_stream)
+
+
 def _note_data(cfg: Config, splits: Splits, corpus: Path, val: Path | None, log_stream) -> None:
     """Notes on text that trains, but not as the user may expect."""
     if splits.val is None and val is None and cfg.data.val_fraction > 0:
@@ -501,6 +511,8 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
                           show_progress, dist)
     if dist.is_main:
         _note_data(cfg, splits, corpus, val, log_stream)
+        if saved is None:
+            _note_unread(cfg, log_stream)
     share = t.batch_size // dist.world
     rows = batchify(splits.train, t.batch_size)[dist.rank * share:(dist.rank + 1) * share]  # (B/W, N // B)
     n_windows = windows_per_epoch(rows, t.seq_len)

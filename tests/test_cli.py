@@ -405,6 +405,24 @@ def test_a_run_that_diverged_gets_a_note_and_its_figures_stay_short(cli, write_c
     assert listed.exit_code == 0 and " 1e+37 " in listed.stdout and "0000000" not in listed.stdout, listed.stdout
 
 
+def test_settings_the_run_never_reads_get_a_note_when_it_starts(cli, write_corpus, tmp_path):
+    """Catches: `--set model.gru_form=torch` on nn.LSTM, or a plateau's patience on a cosine schedule, taken
+    without a word."""
+    corpus, run = write_corpus(TINY_TEXT), tmp_path / "run"
+    first = cli("train", "--config", TINY_CONFIG, "--corpus", corpus, "--out", run, "-q", "--max-steps", 2,
+                "--set", "model.gru_form=torch", "--set", "train.plateau_patience=3")
+    assert first.exit_code == 0, first.output
+    assert first.stderr.splitlines() == [
+        "charlm: note: these settings have no effect on this run: model.gru_form (for model.cell gru, "
+        "model.impl custom); train.plateau_patience (for train.schedule plateau)"]
+    again = cli("train", "--resume", run, "-q", "--max-steps", 4)  # said once, when the run starts
+    assert again.exit_code == 0 and "no effect" not in again.stderr, again.output
+    one = cli("train", "--config", TINY_CONFIG, "--corpus", corpus, "--out", tmp_path / "one", "-q", "--max-steps",
+              2, "--set", "train.momentum=0.9")
+    assert one.stderr.splitlines() == ["charlm: note: this setting has no effect on this run: train.momentum "
+                                       "(for train.optimizer sgd)"]
+
+
 def test_a_resume_with_no_step_left_is_told_the_limit_that_stopped_it_and_a_way_on():
     from charlm.cli import _limit_advice
     from charlm.config import TrainConfig

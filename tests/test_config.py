@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from charlm.config import (MAX_SEED, Config, ModelConfig, describe_fields, dump_yaml, from_dict, load_config,
-                           parse_override)
+                           parse_override, unread_settings)
 from charlm.errors import UsageError
 from conftest import PROJECT_ROOT
 
@@ -297,3 +297,33 @@ def test_a_saved_runs_config_without_fresh_streams_reads_as_the_version_that_wro
     assert load_config(None, [], {}, base=path).train.fresh_streams == 0    # a resume's base: the run's own
     assert load_config(path, [], {}).train.fresh_streams == 2               # --config: the user's file
     assert raw == {"data": {"level": "char"}, "train": {"batch_size": 4}}   # the caller's dict is left alone
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_no_shipped_config_sets_what_its_runs_do_not_read(path):
+    assert unread_settings(load_config(path)) == []
+
+
+@pytest.mark.parametrize("overrides, unread", [
+    (["model.cell=gru", "model.impl=torch", "model.gru_form=torch"], [("model", "gru_form")]),
+    (["model.cell=gru", "model.impl=custom", "model.gru_form=torch"], []),
+    (["model.cell=lstm", "model.impl=custom", "model.gru_form=torch"], [("model", "gru_form")]),
+    (["model.cell=gru", "model.nonlinearity=relu"], [("model", "nonlinearity")]),
+    (["model.cell=rnn", "model.nonlinearity=relu"], []),
+    (["train.optimizer=adamw", "train.momentum=0.9"], [("train", "momentum")]),
+    (["train.optimizer=sgd", "train.momentum=0.9", "train.beta2=0.99"], [("train", "beta2")]),
+    (["train.schedule=constant", "train.final_lr_fraction=0.1", "train.plateau_patience=2"],
+     [("train", "final_lr_fraction"), ("train", "plateau_patience")]),
+    (["train.schedule=plateau", "train.plateau_factor=0.5", "train.plateau_patience=2"], []),
+    (["model.adaptive_cutoffs=100", "model.adaptive_div=2"],
+     [("model", "adaptive_cutoffs"), ("model", "adaptive_div")]),
+    (["model.softmax=adaptive", "model.adaptive_div=2", "model.tie_weights=true", "model.embedding_size=32",
+      "model.hidden_size=32"], [("model", "adaptive_div")]),
+    (["data.level=char", "data.word_split=space"], [("data", "word_split")]),
+    (["data.level=word", "data.word_split=space"], []),
+])
+def test_settings_a_run_never_reads_are_found(overrides, unread):
+    """Catches: a setting that the run takes silently and ignores (nn.GRU has no classic form, AdamW no
+    momentum), so that the user believes they changed the model or the optimizer."""
+    cfg = load_config(None, overrides)
+    assert [(section, name) for section, name, _ in unread_settings(cfg)] == unread
