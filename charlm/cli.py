@@ -531,7 +531,8 @@ def _print_runs(summaries) -> None:
 @app.command()
 def plot(
     run_dirs: Annotated[list[Path], typer.Argument(help="One or more run folders, drawn on one figure.")],
-    out: Annotated[Path, typer.Option(help="PNG file to write.")] = Path("curves.png"),
+    out: Annotated[Path, typer.Option(help="PNG file to write (one already there is replaced, with a note).")] = Path(
+        "curves.png"),
 ) -> None:
     """Draw training and validation loss (and bits per character) against steps and time, as a PNG.
 
@@ -542,7 +543,10 @@ def plot(
     with _errors():
         from .plot import plot_runs
 
+        replaced = out.is_file()  # said after the picture is drawn, not if the plot is refused
         result = plot_runs(run_dirs, out)
+        if replaced:
+            _err_note(f"{out} was there before and is replaced (--out FILE writes another)")
         for name in result.skipped:
             _err_note(f"{name}: no steps logged yet, left out")
         if result.glyphs_missing:
@@ -697,6 +701,16 @@ def _print_bench(results, gen, sco, markdown: bool) -> None:
                 f"{c.batched_lines_per_s:,.0f}", f"{c.single_lines_per_s:,.1f}", f"{c.speedup:.1f}x"] for c in sco])
 
 
+def _command_path(args: list[str]) -> str:
+    """`charlm COMMAND` for a command line whose error Click raised without a context (an option at the end
+    without its value): the first word that names a command, else `charlm`."""
+    main_module = sys.modules.get("__main__")
+    program = f"python -m {main_module.__package__}" if getattr(main_module, "__package__", None) else "charlm"
+    names = set(typer.main.get_command(app).commands)  # as Click names the program, for `python -m charlm`
+    command = next((a for a in args if a in names), None)
+    return f"{program} {command}" if command else program
+
+
 def main() -> None:
     """Console entry point: output survives ASCII terminals and closed pipes; a bad command line,
     like every other error, is one line on stderr (Click's own display takes four)."""
@@ -718,9 +732,12 @@ def main() -> None:
         if type(exc).__name__ == "NoArgsIsHelpError":  # `charlm` or `charlm train` alone: the help
             exc.show()
         else:
-            where = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else "charlm"
-            message = exc.format_message()
             ctx = getattr(exc, "ctx", None)
+            where = ctx.command_path if ctx is not None else _command_path(sys.argv[1:])
+            message = exc.format_message()
+            param = getattr(exc, "param", None)
+            if type(exc).__name__ == "MissingParameter" and getattr(param, "param_type_name", "") == "argument":
+                message = message.replace(f"'{param.name}'", param.name.upper())  # RUN_DIR, as the help shows it
             if getattr(exc, "option_name", None) == "--debug" and ctx is not None and ctx.parent is not None:
                 message += f"; --debug goes before the command: charlm --debug {ctx.info_name} ..."  # not after it
             _err(f"{message} (see {where} -h)")

@@ -149,6 +149,20 @@ def test_a_file_in_another_encoding_is_named_in_the_error(tmp_path, text, encodi
     assert line.endswith("or --errors replace to substitute bad bytes") == (encoding in ("big5", "cp1252", "latin-1"))
 
 
+@pytest.mark.parametrize("text, encoding", [
+    ("今天天气很好我们去公园", "gb18030"), ("你好世界", "gb18030"), ("我爱北京天安门", "gb18030"),
+    ("春眠不觉晓，处处闻啼鸟。", "gb18030"), ("人工智能改变世界", "gb18030"),
+    ("감사합니다", "euc_kr"), ("대한민국", "euc_kr"), ("봄이 오면 꽃이 핀다", "euc_kr"),
+    ("안녕하세요 저는 학생입니다", "euc_kr"),
+])
+def test_a_short_chinese_or_korean_text_is_named_apart(text, encoding):
+    """Catches: GB2312's common characters are byte pairs that EUC-KR decodes as Hangul too, so a line of ten
+    Chinese characters saved in GBK was told to read as euc_kr (longer texts hold a pair that EUC-KR refuses)."""
+    from charlm.data import _reads_as
+
+    assert _reads_as((text + "\n").encode(encoding), "utf-8") == encoding
+
+
 def test_a_utf8_file_with_a_stray_byte_is_called_damaged_not_another_encoding(tmp_path):
     """Catches: UTF-8 accented letters (C3 A9...) are GB2312 characters too, so a UTF-8 file with one Latin-1
     byte was told to read as gb18030, which decodes it without an error into Chinese."""
@@ -474,19 +488,22 @@ def test_ascii_terminal_gets_escapes_not_a_crash(tmp_path):
     assert missing.stderr.startswith(b"charlm: error: file not found") and missing.stderr.isascii()
 
 
-@pytest.mark.parametrize("args,fragment", [
-    (("train", "--max-steps", "abc"), "--max-steps"),
-    (("train", "--bogus", "1"), "--bogus"),
-    (("sample",), "run_dir"),
-    (("bogus",), "bogus"),
-    (("sample", "--debug", "runs/x"), "--debug goes before the command: charlm --debug sample ..."),
+@pytest.mark.parametrize("args,fragment,help", [
+    (("train", "--max-steps", "abc"), "--max-steps", "charlm train -h"),
+    (("train", "--bogus", "1"), "--bogus", "charlm train -h"),
+    (("sample",), "Missing argument RUN_DIR.", "charlm sample -h"),  # the name the help shows
+    (("bogus",), "bogus", "charlm -h"),
+    (("sample", "--debug", "runs/x"), "--debug goes before the command: charlm --debug sample ...", "charlm sample -h"),
+    # Click raises this one without a context: the help named is still the command's, not charlm's
+    (("train", "--corpus"), "Option '--corpus' requires an argument", "charlm train -h"),
+    (("--debug", "score", "runs/x", "--file"), "Option '--file' requires an argument", "charlm score -h"),
 ])
-def test_bad_command_line_is_one_line_and_exit_2(args, fragment):
+def test_bad_command_line_is_one_line_and_exit_2(args, fragment, help):
     """Click's own usage errors too: one line naming the option, exit 2 (through the real entry point)."""
     result = subprocess.run([sys.executable, "-m", "charlm", *args], capture_output=True, text=True,
                             env=child_env(), cwd=ROOT, timeout=60)
     line = assert_one_line_error(result, 2, fragment)
-    assert line.endswith("-h)")
+    assert line.endswith(f"(see python -m {help})")  # Click names the program as it was run
 
 
 def test_a_run_folder_given_where_a_file_or_a_run_is_expected_says_what_to_pass(tmp_path):

@@ -45,6 +45,21 @@ def test_plot_writes_a_png_of_the_stated_size_that_is_not_blank(tmp_path):
         assert (abs(rgb - colour).sum(axis=-1) < 30).sum() > 200
 
 
+def test_a_picture_that_replaces_an_earlier_one_gets_a_note_and_a_refused_plot_touches_nothing(tmp_path):
+    """Catches: `charlm plot` (whose --out defaults to curves.png) writing over the figure of an earlier
+    comparison without a word."""
+    pytest.importorskip("matplotlib")
+    run, out = make_run(tmp_path, "lstm"), tmp_path / "curves.png"
+    first = CliRunner().invoke(app, ["plot", str(run), "--out", str(out)])
+    assert first.exit_code == 0 and first.stderr == "", first.output
+    second = CliRunner().invoke(app, ["plot", str(run), "--out", str(out)])
+    assert second.exit_code == 0 and second.stdout.startswith(f"wrote {out} ")
+    assert second.stderr == f"charlm: note: {out} was there before and is replaced (--out FILE writes another)\n"
+    out.write_bytes(b"an earlier figure")
+    refused = CliRunner().invoke(app, ["plot", str(tmp_path / "absent"), "--out", str(out)])
+    assert refused.exit_code == 2 and "replaced" not in refused.stderr and out.read_bytes() == b"an earlier figure"
+
+
 def test_plot_leaves_out_runs_without_steps_and_refuses_when_none_has_any(tmp_path):
     pytest.importorskip("matplotlib")
     good = make_run(tmp_path, "good")
