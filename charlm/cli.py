@@ -71,9 +71,20 @@ def _fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
+# What each command can do when memory runs out (the others: the model itself does not fit)
+_MEMORY_ADVICE = {
+    "train": "use a smaller train.batch_size or train.seq_len (or model.hidden_size)",
+    "sample": "draw fewer --num-samples at once, or a smaller --max-length",
+    "score": "score with a smaller --batch-size",
+    "eval": "read the file with fewer --streams",
+    "bench": "measure a smaller --batch-size, --seq-len or --hidden-size",
+}
+
+
 @contextmanager
-def _errors():
-    """Map library errors to one stderr line and an exit code (and set up the process for torch)."""
+def _errors(command: str = ""):
+    """Map library errors to one stderr line and an exit code (and set up the process for torch); `command`
+    names what is running, for the advice on running out of memory."""
     try:
         from .runtime import keep_freed_memory  # imports torch: here, so that --help stays fast
 
@@ -95,8 +106,7 @@ def _errors():
     except Exception as exc:  # a bug or an environment failure: still one line, the traceback with --debug
         text = str(exc).strip().splitlines()
         if is_out_of_memory(exc):
-            message = ("out of memory: use a smaller train.batch_size or train.seq_len (or model.hidden_size), "
-                       "or a smaller --batch-size")
+            message = f"out of memory: {_MEMORY_ADVICE.get(command, 'the model does not fit in this machine')}"
         else:
             message = f"{type(exc).__name__}: {text[0] if text else ''}"
             if not _debug["on"]:  # with --debug the traceback is printed just above
@@ -173,7 +183,7 @@ def train(
 
     Example: charlm train --config configs/char_shakespeare.yaml --corpus data/shakespeare.txt --max-time 180
     """
-    with _errors():
+    with _errors("train"):
         from .config import load_config
         from .train import train as run_training
 
@@ -184,6 +194,7 @@ def train(
         extra = {"model.device": device, "train.seed": seed, "train.max_steps": max_steps,
                  "train.max_epochs": max_epochs, "train.max_time": max_time, "data.encoding": encoding,
                  "data.errors": errors}
+        _check_shortcuts(extra, set_ or [])
         base = None
         if resume is not None and config is None:
             from .checkpoint import CONFIG_FILE, find_checkpoint
@@ -239,7 +250,7 @@ def sample(
 
     Example: charlm sample runs/shakespeare --prime "O Romeo, " --temperature 0.8 --seed 1
     """
-    with _errors():
+    with _errors("sample"):
         from .runtime import resolve_device
         from .sample import check_options, iter_samples
 
@@ -289,6 +300,25 @@ def _load(run_dir: Path, device, checkpoint: str | None):
     return loaded
 
 
+_SHORTCUTS = {"model.device": "--device", "train.seed": "--seed", "train.max_steps": "--max-steps",
+              "train.max_epochs": "--max-epochs", "train.max_time": "--max-time", "data.encoding": "--encoding",
+              "data.errors": "--errors"}
+
+
+def _check_shortcuts(extra: dict, overrides: list[str]) -> None:
+    """Refuse a field that a shortcut option and --set give different values (the option would win, whatever
+    their order, in silence)."""
+    from .config import parse_override
+    from .errors import UsageError
+
+    for item in overrides:
+        section, name, value = parse_override(item)
+        key = f"{section}.{name}"
+        if extra.get(key) is not None and extra[key] != value:
+            raise UsageError(f"{key} is given twice, as {_SHORTCUTS[key]} {extra[key]} and as --set {item.strip()}: "
+                             f"give it once")
+
+
 def _which(checkpoint: str | None) -> str | None:
     from .errors import UsageError
     if checkpoint not in ("best", "last", None):
@@ -301,13 +331,17 @@ def _which(checkpoint: str | None) -> str | None:
 def score(
     run_dir: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint folder inside it).")],
     text: Annotated[Optional[list[str]], typer.Argument(help="Sentences to score (default: --file, else stdin).")] = None,
-    file: Annotated[Optional[Path], typer.Option("--file", "-f", help="Score every line of this file.")] = None,
+    file: Annotated[Optional[Path], typer.Option("--file", "-f", help="Score every line of this file ('-': "
+                                                 "standard input).")] = None,
     per_token: Annotated[bool, typer.Option("--per-token", help="Also give every token's log-probability: log10 "
                                                                 "in the table, natural log in --json.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per sentence.")] = False,
     batch_size: Annotated[int, typer.Option(help="Sentences scored together.")] = 128,
-    encoding: Annotated[Optional[str], typer.Option(help="Text encoding of --file (default: the run's data.encoding).")] = None,
-    errors: Annotated[str, typer.Option(help="Undecodable bytes in --file: strict refuses it, replace substitutes U+FFFD.")] = "strict",
+    encoding: Annotated[Optional[str], typer.Option(help="Text encoding of --file (default: the run's data.encoding) "
+                                                    "or of standard input (default: the terminal's, as for the "
+                                                    "sentences given as arguments).")] = None,
+    errors: Annotated[str, typer.Option(help="Undecodable bytes in --file or standard input: strict refuses it, "
+                                             "replace substitutes U+FFFD.")] = "strict",
     checkpoint: Annotated[Optional[str], typer.Option(help="best or last (default: best, else last; or the "
                                                           "checkpoint folder named).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "cpu",
@@ -316,7 +350,7 @@ def score(
 
     Example: charlm score runs/shakespeare "To be, or not to be." --per-token
     """
-    with _errors():
+    with _errors("score"):
         from .data import decode, read_text
         from .errors import UsageError
         from .runtime import resolve_device
@@ -329,6 +363,8 @@ def score(
         _check_errors(errors)
         dev = resolve_device(device)
         model, codec, saved = _load(run_dir, dev, checkpoint)
+        if file is not None and str(file) == "-":  # the usual name of standard input
+            file = None
         if not text and file is None and sys.stdin.isatty():
             print("charlm: reading sentences from standard input, one a line (end with Ctrl-D)", file=sys.stderr)
         if text:
@@ -340,8 +376,10 @@ def score(
         elif file is not None:
             sentences = codec.tokenizer.lines(read_text(file, encoding or saved.cfg.data.encoding, errors))
         else:
+            # text typed or piped in, as the arguments are: in the terminal's encoding, not the corpus's (a run
+            # trained on a cp1252 file read a piped 'thé' as 'thÃ©')
             sentences = codec.tokenizer.lines(decode(sys.stdin.buffer.read(), "standard input",
-                                                     encoding or saved.cfg.data.encoding, errors))
+                                                     encoding or sys.stdin.encoding or "utf-8", errors))
         if not sentences:  # as `charlm eval` does: an empty input is more likely a mistake than a request
             raise UsageError(f"{file if file is not None else 'standard input'} holds no lines to score")
         results = score_sentences(model, codec, sentences, batch_size, dev)
@@ -386,8 +424,11 @@ def eval_(
     run_dir: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint folder inside it).")],
     file: Annotated[Path, typer.Option("--file", "-f", help="Text file to evaluate, read as one stream.")],
     streams: Annotated[int, typer.Option(help="Parallel streams; 1 (default) is the exact likelihood of the file.")] = 1,
-    encoding: Annotated[Optional[str], typer.Option(help="Text encoding of --file (default: the run's data.encoding).")] = None,
-    errors: Annotated[str, typer.Option(help="Undecodable bytes in --file: strict refuses it, replace substitutes U+FFFD.")] = "strict",
+    encoding: Annotated[Optional[str], typer.Option(help="Text encoding of --file (default: the run's data.encoding) "
+                                                    "or of standard input (default: the terminal's, as for the "
+                                                    "sentences given as arguments).")] = None,
+    errors: Annotated[str, typer.Option(help="Undecodable bytes in --file or standard input: strict refuses it, "
+                                             "replace substitutes U+FFFD.")] = "strict",
     checkpoint: Annotated[Optional[str], typer.Option(help="best or last (default: best, else last; or the "
                                                           "checkpoint folder named).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "cpu",
@@ -397,7 +438,7 @@ def eval_(
 
     Example: charlm eval runs/shakespeare --file val.txt
     """
-    with _errors():
+    with _errors("eval"):
         from .errors import UsageError
         from .runtime import resolve_device
         from .score import evaluate_file
@@ -424,7 +465,7 @@ def eval_(
 
 
 # ---------------------------------------------------------------- info
-_INFO_FORMATS = {"epoch": "{:.2f}", "val_loss": "{:.4f} nats/token", "elapsed": "{:.1f} s"}
+_INFO_FORMATS = {"epoch": (".2f", ""), "val_loss": (".4f", " nats/token"), "elapsed": (".1f", " s")}
 
 
 def _info_value(key: str, value) -> str:
@@ -434,7 +475,8 @@ def _info_value(key: str, value) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"
     if isinstance(value, float) and key in _INFO_FORMATS:
-        return _INFO_FORMATS[key].format(value)
+        spec, unit = _INFO_FORMATS[key]
+        return _figure(value, spec) + unit  # a loss that blew up in exponent form, as train and runs print it
     return str(value)
 
 
@@ -515,13 +557,19 @@ def _print_runs(summaries) -> None:
     rows = [header]
     for s in summaries:
         size = f"{s.layers}x{s.hidden_size}" if s.layers is not None and s.hidden_size is not None else "-"
+        mark = "*" if s.best_val_slice and s.best_val_loss is not None else ""
         rows.append((s.name, s.status, fmt(s.level), fmt(s.cell), fmt(s.impl), size, fmt(s.parameters, ","),
-                     fmt(s.steps, ","), fmt(s.best_val_loss, ".4f"), fmt(s.best_val_bpc, ".4f"), clock(s.elapsed)))
+                     fmt(s.steps, ","), fmt(s.best_val_loss, ".4f") + mark,
+                     fmt(s.best_val_bpc, ".4f") + (mark if s.best_val_bpc is not None else ""),
+                     clock(s.elapsed)))
     widths = [max(_columns(r[i]) for r in rows) for i in range(len(header))]
     numeric = {6, 7, 8, 9, 10}
     for r in rows:
         pads = [" " * (w - _columns(c)) for c, w in zip(r, widths)]
         _out("  ".join(pad + c if i in numeric else c + pad for i, (c, pad) in enumerate(zip(r, pads))).rstrip())
+    if any(s.best_val_slice and s.best_val_loss is not None for s in summaries):
+        _out("* best/ was chosen on the first train.eval_tokens of the validation split, and its loss on the "
+             "whole split is not known: not comparable with the other figures")
     for s in summaries:
         if s.problem:
             _out(f"{s.name}: {s.status}: {s.problem}")
@@ -629,7 +677,7 @@ def bench(
 
     Example: charlm bench --cells lstm --hidden-size 512 --seconds 10
     """
-    with _errors():
+    with _errors("bench"):
         from .bench import CELLS, IMPLS, BenchSettings, generate_speed, parse_list, run_bench, score_speed
         from .errors import UsageError
 

@@ -18,7 +18,8 @@ from pathlib import Path
 from .config import Config
 from .data import check_text_file, empty_corpus, is_blank
 from .errors import EXIT_FAILURE, EXIT_SIGINT, EXIT_SIGTERM, UsageError
-from .train import check_new_run_dir, new_run_dir
+from .runs import run_folder_of
+from .train import check_new_run_dir, check_run_folder_free, new_run_dir
 
 
 def check_before_launch(cfg: Config, corpus: Path | None, val: Path | None, nproc: int,
@@ -31,6 +32,9 @@ def check_before_launch(cfg: Config, corpus: Path | None, val: Path | None, npro
         raise empty_corpus(corpus)
     if resume is None and corpus is not None:
         check_new_run_dir(new_run_dir(out, corpus))
+        check_run_folder_free(new_run_dir(out, corpus))
+    if resume is not None:
+        check_run_folder_free(run_folder_of(Path(resume), "--resume", names=("last",)))
     if cfg.train.batch_size % nproc:
         raise UsageError(f"train.batch_size {cfg.train.batch_size} must be a multiple of --nproc {nproc}: "
                          f"each process takes an equal share of the parallel streams")

@@ -112,8 +112,10 @@ class RunSummary:
     hidden_size: int | None = None
     parameters: int | None = None
     steps: int | None = None
-    best_val_loss: float | None = None
+    best_val_loss: float | None = None  # of the model best/ holds, where its manifest says so
     best_val_bpc: float | None = None
+    best_val_slice: bool = False        # best_val_loss measured on a train.eval_tokens slice of the split
+    best_val_tokens: int | None = None  # the slice's size, where the record says
     elapsed: float | None = None
     problem: str | None = None       # why a run is broken
 
@@ -259,8 +261,11 @@ def summarize(run_dir: Path, name: str | None = None) -> RunSummary:
         # A check on a slice of the split measures other text than the whole split does, and its loss may be
         # far lower: once the run has a figure for the whole split, the slices step aside.
         sliced, whole = slice_and_whole_checks(vals)
+        chosen = _loss_of_best(run_dir, vals)
         vals = whole or sliced
-        if vals:
+        if chosen is not None:
+            s.best_val_loss, s.best_val_bpc, s.best_val_slice, s.best_val_tokens = chosen
+        elif vals:  # a run saved before manifests said on what their loss was measured, or with no best/
             best = min(vals, key=lambda r: r["val_loss"])
             s.best_val_loss, s.best_val_bpc = float(best["val_loss"]), _number(best.get("val_bpc"))
         if m.end is None:
@@ -318,6 +323,26 @@ def _damaged_checkpoints(run_dir: Path) -> list[str]:
         if not isinstance(manifest, dict):
             problems.append(f"unreadable {name}/{MANIFEST_FILE}")
     return problems
+
+
+def _loss_of_best(run_dir: Path, vals: list[dict]) -> tuple[float, float | None, bool, int | None] | None:
+    """(loss, bits per character, measured on a slice, the slice's size) of the model that best/ holds, from
+    its manifest and the validation record it was saved after: the lowest loss in metrics.jsonl may be another
+    model's (the last one's, over the whole split, where best/ was chosen on a slice) or another text's (a
+    resume with another --val, which chooses best/ afresh). None where best/ or its manifest's `val_slice` is
+    missing."""
+    try:
+        manifest = json.loads((run_dir / "best" / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or "val_slice" not in manifest:
+        return None
+    loss, on_slice = _number(manifest.get("val_loss")), manifest.get("val_slice") is True
+    if loss is None or not math.isfinite(loss):
+        return None
+    record = next((r for r in reversed(vals) if r.get("step") == manifest.get("step") and r["val_loss"] == loss
+                   and bool(r.get("val_slice")) == on_slice), {})
+    return loss, _number(record.get("val_bpc")), on_slice, _int(record.get("val_tokens")) if on_slice else None
 
 
 def _best_manifest(run_dir: Path) -> dict | None:

@@ -38,10 +38,18 @@ class SentenceScore:
     bits_per_token: float
 
 
+# Logits a scoring pass holds at once (2^24 floats, 64 MiB): a batch reads its rows in windows of time steps
+# no larger than that allows, so that a long line, or a large vocabulary, does not hold (lines x length x
+# vocabulary) of them (one line of 100,000 words over 7,258 took 2.2 GB, as eval takes 0.3)
+LOGIT_BUDGET = 1 << 24
+
+
 @torch.no_grad()
 def score_sentences(model: RNNLM, codec: TextCodec, sentences: list[str], batch_size: int = 128,
-                    device: torch.device | str = "cpu") -> list[SentenceScore]:
-    """Score each sentence (one line of text) from a fresh start-of-sequence state."""
+                    device: torch.device | str = "cpu", window: int = 256) -> list[SentenceScore]:
+    """Score each sentence (one line of text) from a fresh start-of-sequence state. A batch is read in windows
+    of at most `window` time steps (fewer for a large vocabulary: LOGIT_BUDGET), the state carried from one
+    to the next, so that memory does not grow with a line's length; the scores do not depend on it."""
     model.eval()
     encoded = [codec.encode_line(s) for s in sentences]
     order = sorted(range(len(sentences)), key=lambda i: len(encoded[i]))  # similar lengths batch together
@@ -58,9 +66,8 @@ def score_sentences(model: RNNLM, codec: TextCodec, sentences: list[str], batch_
             flat += [EOS_ID] * (longest - len(encoded[i]))
         # through an int64 array: 0.16 ms for 128 rows of 48 against 1.1 ms for torch.tensor of the rows
         rows = torch.frombuffer(array("q", flat), dtype=torch.int64).view(len(batch), longest + 1)
-        nll, _ = model(rows[:, :-1].to(device), targets=rows[:, 1:].to(device))
-        for i, row in zip(batch, (-nll).double().cpu().tolist()):
-            logps[i] = row[:len(encoded[i]) + 1]  # the line's targets with its closing <eos>
+        for i, lp in zip(batch, _batch_logprobs(model, rows, [len(encoded[i]) + 1 for i in batch], device, window)):
+            logps[i] = lp
     results = []
     for text, ids, lp in zip(sentences, encoded, logps):
         total = math.fsum(lp)
@@ -71,6 +78,34 @@ def score_sentences(model: RNNLM, codec: TextCodec, sentences: list[str], batch_
             text, tokens, lp, total, total / LN10, ids.count(UNK_ID), perplexity(-total / n),
             perplexity(-math.fsum(known) / len(known)), -total / n / LN2))
     return results
+
+
+def _batch_logprobs(model: RNNLM, rows: torch.Tensor, lengths: list[int], device, window: int) -> list[list[float]]:
+    """The log-probabilities of the first lengths[r] targets of each row of `rows` (B, L + 1), whose lengths
+    do not decrease: read window by window, a row whose targets all lie behind leaves the batch (and its
+    state) so that a long line does not carry its short neighbours' padding along."""
+    steps = max(1, min(window, LOGIT_BUDGET // (rows.shape[0] * model.vocab_size)))
+    out: list[list[float]] = [[] for _ in lengths]
+    first, state = 0, None
+    for begin in range(0, rows.shape[1] - 1, steps):
+        gone = first
+        while lengths[gone] <= begin:
+            gone += 1
+        if gone > first and state is not None:
+            state = _rows_from(state, gone - first)
+        first = gone
+        end = min(begin + steps, rows.shape[1] - 1)
+        nll, state = model(rows[first:, begin:end].to(device), state, targets=rows[first:, begin + 1:end + 1].to(device))
+        for r, row in enumerate((-nll).double().cpu().tolist(), start=first):
+            out[r] += row[:max(0, lengths[r] - begin)]
+    return out
+
+
+def _rows_from(state, k: int):
+    """The state of the rows from the k-th on: (layers, B, H), or a pair of them for the LSTM."""
+    if isinstance(state, tuple):
+        return tuple(s[:, k:].contiguous() for s in state)
+    return state[:, k:].contiguous()
 
 
 @dataclass

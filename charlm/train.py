@@ -263,6 +263,42 @@ def _check_writable(run_dir: Path) -> None:
             pass
 
 
+def lock_run_folder(run_dir: Path, held: list[int]) -> None:
+    """Hold an advisory lock on the run folder while this process trains it (its descriptor is appended to
+    `held`; closing it, or the process ending in any way, lets go): a second `charlm train` into the same
+    folder, a `--resume` while the run still trains say, would write the same checkpoints and metrics as
+    the first, and each would replace what the other saved. The folder itself is locked, so no file is
+    left behind. Where the system has no flock (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    try:
+        fd = os.open(run_dir, os.O_RDONLY)
+    except OSError:  # the folder cannot be opened: the checks that follow say why
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UsageError(f"run folder {run_dir} is being trained by another charlm process right now: wait for it "
+                         f"to end (or stop it: Ctrl-C saves its last checkpoint), then continue with --resume "
+                         f"{run_dir}") from None
+    except OSError:  # a file system without locks: train as before
+        os.close(fd)
+        return
+    held.append(fd)
+
+
+def check_run_folder_free(run_dir: Path) -> None:
+    """lock_run_folder's refusal without keeping the lock, for `--nproc` before its workers start."""
+    if run_dir.is_dir():
+        held: list[int] = []
+        lock_run_folder(run_dir, held)
+        for fd in held:
+            os.close(fd)
+
+
 def _check_space(run_dir: Path, model: nn.Module) -> None:
     """Refuse to start when the disk cannot hold the checkpoints this run will write.
 
@@ -375,9 +411,10 @@ def train(cfg: Config, corpus: Path | None, out: Path | None = None, val: Path |
     log_stream = log_stream or sys.stderr
     dist, device = init_distributed(cfg.model.device)
     created: list[Path] = []  # the run folder, if this call made it
+    locks: list[int] = []  # rank 0's lock on the run folder (lock_run_folder)
     try:
         result = _train(cfg, corpus, out, val, resume, show_progress and dist.is_main, log_stream, cache_dir,
-                        dist, device, created, note_changes)
+                        dist, device, created, note_changes, locks)
         # Leave together: a rank that tore down its process group while rank 0 was still writing the
         # last checkpoint aborted now and then in gloo's teardown (SIGABRT, a failed job). Only on
         # success: after a failure the other ranks may be inside a collective that this would not match.
@@ -391,11 +428,13 @@ def train(cfg: Config, corpus: Path | None, out: Path | None = None, val: Path |
                 pass
         raise
     finally:
+        for fd in locks:
+            os.close(fd)
         dist.close()
 
 
 def _open_resume(cfg: Config, resume: Path, out: Path | None, corpus: Path | None, val: Path | None,
-                 dist: Distributed):
+                 dist: Distributed, locks: list[int]):
     """The run folder, last/ and its trainer state that --resume names, checked against this call's config;
     the corpus and --val default to the run's own. Returns (run folder, last/, state, corpus, val)."""
     # runs/x/last continues runs/x (from last/, as always), not a new run inside it; best/ or a *.old
@@ -405,6 +444,7 @@ def _open_resume(cfg: Config, resume: Path, out: Path | None, corpus: Path | Non
         raise UsageError(f"--resume continues {resume} in its own folder, and --out names another ({out}): "
                          f"drop --out (to branch the run, copy its folder and resume the copy)")
     if dist.is_main:
+        lock_run_folder(resume, locks)  # before recover(), which may move a checkpoint that the other saves
         ckpt.recover(resume)
     dist.barrier()
     saved, trainer_state = _resume_state(resume, cfg)
@@ -482,13 +522,14 @@ def _note_data(cfg: Config, splits: Splits, corpus: Path, val: Path | None, log_
 
 
 def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, dist, device,
-           created: list[Path], note_changes: str | None = None) -> TrainResult:
+           created: list[Path], note_changes: str | None = None, locks: list[int] | None = None) -> TrainResult:
+    locks = [] if locks is None else locks
     if cfg.train.precision == "bf16" and device.type != "cuda":  # checked once `auto` is resolved: no silent fp32
         raise UsageError(f"train.precision bf16 is for CUDA, and this run is on {device.type}: use fp32 "
                          f"(bf16 training on a CPU was measured less accurate: docs/benchmarks.md)")
     saved, trainer_state = None, None
     if resume is not None:
-        resume, saved, trainer_state, corpus, val = _open_resume(cfg, resume, out, corpus, val, dist)
+        resume, saved, trainer_state, corpus, val = _open_resume(cfg, resume, out, corpus, val, dist, locks)
         out = resume
     if corpus is None:
         raise UsageError("no corpus: pass --corpus PATH")
@@ -500,6 +541,7 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
             created.append(run_dir)
         _check_writable(run_dir)
         if resume is None:
+            lock_run_folder(run_dir, locks)
             ckpt.recover(run_dir)
     t = cfg.train
     if t.batch_size % dist.world:

@@ -121,6 +121,24 @@ def test_score_reads_a_file_or_stdin(cli, tiny_run, write_corpus):
     assert from_file.stdout == from_stdin.stdout
 
 
+def test_score_reads_standard_input_in_the_terminals_encoding_not_the_corpus_and_takes_file_dash(cli, tmp_path):
+    """Catches: a run trained on a cp1252 corpus reading a piped UTF-8 'thé' as 'thÃ©' (two <unk> and another
+    probability than the same sentence given as an argument); and `--file -` taken for a file named '-'."""
+    corpus = tmp_path / "latin.txt"
+    corpus.write_bytes(("thé king said the queen.\n" * 60).encode("cp1252"))
+    run = tmp_path / "run"
+    assert cli("train", "--config", TINY_CONFIG, "--corpus", corpus, "--encoding", "cp1252", "--out", run, "-q",
+               "--max-steps", 3).exit_code == 0
+    argument = json_lines(cli("score", run, "thé king", "--json").stdout)
+    piped = cli("score", run, "--json", input="thé king\n".encode("utf-8"))
+    assert piped.exit_code == 0, piped.output
+    assert json_lines(piped.stdout) == argument and argument[0]["oov"] == 0
+    dash = cli("score", run, "--file", "-", "--json", input="thé king\n".encode("utf-8"))
+    assert dash.exit_code == 0 and json_lines(dash.stdout) == argument
+    named = cli("score", run, "--json", "--encoding", "cp1252", input="thé king\n".encode("cp1252"))
+    assert json_lines(named.stdout) == argument
+
+
 def test_score_of_an_argument_that_names_a_file_scores_it_as_a_sentence_and_says_so(cli, tiny_run, write_corpus):
     """Catches: `charlm score RUN sentences.txt` (the -f forgotten) scoring the file's name in silence."""
     path = write_corpus("the cat.\na dog.\n", "sentences.txt")
@@ -190,6 +208,8 @@ def test_info_json_describes_the_run(cli, tiny_run):
 # `charlm info`'s table: (key, value in the run's record, what the table shows)
 INFO_TABLE_SAMPLES = [("epoch", 0.23809523809523808, "0.24"), ("elapsed", 7.395505962000016, "7.4 s"),
                       ("val_loss", 1.23456789, "1.2346 nats/token"), ("val_loss", None, "- (no validation)"),
+                      # a loss that blew up: in exponent form, as train and runs print it, not 32 digits
+                      ("val_loss", 1.5673885660545843e31, "1.567e+31 nats/token"),
                       ("parameters", 268482, "268,482")]
 
 
@@ -401,8 +421,24 @@ def test_a_run_that_diverged_gets_a_note_and_its_figures_stay_short(cli, write_c
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     blown = [r | {"val_loss": 1e37, "val_bpc": 1.4e37} if "val_loss" in r else r for r in records]
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in blown), encoding="utf-8")
+    manifest = out / "best" / "manifest.json"  # where `runs` reads the loss of the model best/ holds
+    manifest.write_text(json.dumps(json.loads(manifest.read_text(encoding="utf-8")) | {"val_loss": 1e37}),
+                        encoding="utf-8")
     listed = cli("runs", tmp_path / "runs")
     assert listed.exit_code == 0 and " 1e+37 " in listed.stdout and "0000000" not in listed.stdout, listed.stdout
+
+
+def test_a_field_given_by_a_shortcut_option_and_by_set_is_refused_unless_they_agree(cli, write_corpus, tmp_path):
+    """Catches: `--max-steps 5 --set train.max_steps=3` training 5 steps in silence, whatever the order."""
+    corpus = write_corpus(TINY_TEXT)
+    for args in (("--max-steps", 5, "--set", "train.max_steps=3"), ("--set", "train.max_steps=3", "--max-steps", 5)):
+        assert_usage_error(cli("train", "--config", TINY_CONFIG, "--corpus", corpus, "--out", tmp_path / "x", *args),
+                           "train.max_steps is given twice, as --max-steps 5 and as --set train.max_steps=3: give it "
+                           "once")
+    assert_usage_error(cli("train", "--corpus", corpus, "--seed", 1, "--set", "train.seed=2"), "as --seed 1")
+    agreed = cli("train", "--config", TINY_CONFIG, "--corpus", corpus, "--out", tmp_path / "run", "-q", "--json",
+                 "--max-steps", 2, "--set", "train.max_steps=2")
+    assert agreed.exit_code == 0 and json.loads(agreed.stdout)["steps"] == 2
 
 
 def test_settings_the_run_never_reads_get_a_note_when_it_starts(cli, write_corpus, tmp_path):

@@ -133,6 +133,59 @@ def test_signal_during_training_saves_a_checkpoint_and_exits_130_or_143(tmp_path
     assert json.loads(result.stdout)["steps"] == step + 2
 
 
+def test_a_run_folder_that_another_process_trains_is_refused_and_its_checkpoints_kept(tmp_path):
+    """Catches: `charlm train --resume RUN` while RUN still trains in another process: both wrote last/, best/
+    and metrics.jsonl, each replacing what the other saved, and both exited 0 (two end records, the first
+    run's lines after the fork gone)."""
+    corpus = write_corpus(tmp_path, lines=600)
+    config = write_config(tmp_path, train__eval_interval=2, train__log_interval=1, train__max_steps=100_000)
+    run = tmp_path / "run"
+    proc = start_training(tmp_path, "--config", config, "--corpus", corpus, "--out", run)
+    try:
+        wait_for(lambda: (run / "last").exists(), proc)
+        before = (run / "metrics.jsonl").read_text()
+        resumed = cli("train", "--resume", run, "--max-time", 2)  # bounded, were it to train
+        assert_one_line_error(resumed, 2, f"run folder {run} is being trained by another charlm process right now",
+                              f"--resume {run}")
+        again = cli("train", "--config", config, "--corpus", corpus, "--out", run)  # a fresh run into it
+        assert again.exit_code == 2 and "already holds a run" in again.stderr
+        assert (run / "metrics.jsonl").read_text().startswith(before)  # nothing of it rewritten
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 130, stderr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    step = saved_step(run)  # the first process saved last at its own step, and let go of the folder on exit
+    result = cli("train", "--resume", run, "--max-steps", step + 1, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["steps"] == step + 1
+
+
+def test_a_folder_locked_by_a_trainer_is_refused_before_the_processes_of_nproc_start(tmp_path):
+    """The lock as --nproc checks it before launching torchrun (the workers would each fail alone)."""
+    from charlm.launch import check_before_launch
+    from charlm.train import lock_run_folder
+
+    run = train_run(tmp_path)
+    held: list[int] = []
+    lock_run_folder(run, held)
+    try:
+        cfg = load_config_for(run)
+        with pytest.raises(train_mod.UsageError, match="is being trained by another charlm process"):
+            check_before_launch(cfg, None, None, 2, resume=run / "last")
+    finally:
+        for fd in held:
+            os.close(fd)
+    check_before_launch(load_config_for(run), None, None, 2, resume=run)  # free again: no error
+
+
+def load_config_for(run):
+    from charlm.config import load_config
+
+    return load_config(base=run / "last" / "config.yaml")
+
+
 def test_a_signal_during_the_final_validation_stops_it_saves_last_and_a_resume_finishes(tmp_path, monkeypatch):
     """The final validation reads the whole split and may be long: a signal stops it at the next window.
 
@@ -376,7 +429,25 @@ def test_out_of_memory_while_sampling_is_exit_1_with_a_suggestion(tmp_path, monk
     def forward(self, tokens, state=None, targets=None):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
     monkeypatch.setattr(RNNLM, "forward", forward)
-    assert_one_line_error(cli("sample", run), 1, "out of memory", "batch")
+    assert_one_line_error(cli("sample", run), 1, "out of memory: draw fewer --num-samples at once")
+
+
+def test_out_of_memory_advice_names_what_the_command_running_can_change(tmp_path, monkeypatch):
+    """Catches: `eval` and `score --batch-size 1` told to use a smaller train.batch_size, which they do not read
+    (one message for every command)."""
+    run = train_run(tmp_path)
+    text = tmp_path / "text.txt"
+    text.write_text("a line of text\n", encoding="utf-8")
+
+    def forward(self, tokens, state=None, targets=None):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    monkeypatch.setattr(RNNLM, "forward", forward)
+    line = assert_one_line_error(cli("eval", run, "--file", text), 1, "out of memory: read the file with fewer "
+                                 "--streams")
+    assert "train." not in line
+    line = assert_one_line_error(cli("score", run, "hello", "--batch-size", "1"), 1, "out of memory: score with "
+                                 "a smaller --batch-size")
+    assert "train." not in line
 
 
 def test_a_model_too_large_for_the_cpus_memory_is_exit_1_out_of_memory(tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """charlm runs: finding run folders and summarising them from their text files alone."""
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -292,12 +293,13 @@ def test_check_before_launch_refuses_a_batch_that_does_not_split_over_the_proces
                         tmp_path / "run")
 
 
-def test_a_loss_measured_on_a_slice_is_labelled_and_never_ranks_a_run_against_whole_splits(write_corpus, tmp_path,
-                                                                                          monkeypatch):
+def test_a_loss_measured_on_a_slice_is_labelled_and_runs_shows_the_loss_of_the_model_best_holds(write_corpus,
+                                                                                              tmp_path, monkeypatch):
     """The periodic checks of a run with train.eval_tokens read the first tokens of the validation split only,
     and their loss can be far lower than the whole split's (1.43 against 1.48 for the shipped character
-    config): `runs` ranks a run by its whole-split figure once it has one, and train and info say when the
-    loss they show was measured on the slice."""
+    config): train, info and runs say when the loss they show was measured on the slice. Catches: `runs`
+    showing the whole-split loss of the final model (3.0) as the run's best, where best/ holds the model of
+    step 1, chosen on the slice (an over-fitting run ranked by its worst model)."""
     from charlm import train as train_module
     from conftest import TINY_TEXT, tiny_config
 
@@ -310,7 +312,10 @@ def test_a_loss_measured_on_a_slice_is_labelled_and_never_ranks_a_run_against_wh
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["val_loss"], r["val_slice"]) for r in records if "val_slice" in r] == [(1.0, True), (2.0, True),
                                                                                       (3.0, False)]
-    assert summarize(run).best_val_loss == 3.0  # not the slice's 1.0
+    summary = summarize(run)  # best/'s own figure, marked as the slice's, not the final model's 3.0
+    assert (summary.best_val_loss, summary.best_val_slice, summary.best_val_tokens) == (1.0, True, 5)
+    table = CliRunner().invoke(app, ["runs", str(tmp_path / "runs")]).stdout.splitlines()
+    assert "1.0000*" in table[1] and table[2].startswith("* best/ was chosen on the first train.eval_tokens")
     best = json.loads((run / "best" / "manifest.json").read_text())
     assert (best["step"], best["val_loss"], best["val_slice"]) == (1, 1.0, True)
     shown = CliRunner().invoke(app, ["info", str(run)])
@@ -406,6 +411,26 @@ def test_a_resume_with_the_same_checks_keeps_best_against_a_worse_check(write_co
     assert "best/ was chosen" not in log.getvalue()  # no resume note (the whole split of 4.0 gets its own)
     best = json.loads((run / "best" / "manifest.json").read_text())
     assert (best["step"], best["val_loss"], result.best_val_loss, result.best_val_tokens) == (1, 1.0, 1.0, 5)
+
+
+def test_after_a_resume_on_another_val_text_runs_shows_the_loss_best_was_chosen_on(write_corpus, tmp_path,
+                                                                                     monkeypatch):
+    """Catches: `runs` taking the lowest loss of metrics.jsonl (1.0, on the first --val text, of a model
+    best/ no longer holds) where the resume on another text chose best/ afresh (5.0)."""
+    from charlm import train as train_module
+    from conftest import TINY_TEXT, tiny_config
+
+    losses = iter([1.0, 1.2, 5.0, 5.5])  # steps 1 and 2 on the first text; step 3 and the final on the second
+    monkeypatch.setattr(train_module, "evaluate", lambda *args, **kwargs: next(losses))
+    corpus, run = write_corpus(TINY_TEXT), tmp_path / "runs" / "r"
+    first, second = write_corpus(TINY_TEXT[:400], "v1.txt"), write_corpus(TINY_TEXT[400:800], "v2.txt")
+    train(tiny_config(train__max_steps=2, train__eval_interval=1), corpus, out=run, val=first, show_progress=False)
+    train(tiny_config(train__max_steps=3, train__eval_interval=1), corpus, resume=run, val=second,
+          show_progress=False, log_stream=io.StringIO())
+    best = json.loads((run / "best" / "manifest.json").read_text())
+    assert (best["step"], best["val_loss"]) == (3, 5.0)
+    summary = summarize(run)
+    assert (summary.best_val_loss, summary.best_val_slice) == (5.0, False)
 
 
 def test_an_older_run_that_checked_the_whole_split_keeps_its_older_checks_after_a_resume(tmp_path):

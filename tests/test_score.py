@@ -86,6 +86,45 @@ def test_batch_size_and_padding_do_not_change_scores():
         assert together == pytest.approx(one_at_a_time, abs=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["torch", "custom"])
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_a_batch_read_in_windows_with_finished_rows_leaving_scores_as_in_one_piece(cell, impl):
+    """Catches: a long line's scores or its short neighbours' changing when a batch is read a few time steps
+    at a time (the state carried across windows, the rows whose line has ended dropped from it)."""
+    model = random_model(cell, impl)
+    codec = char_codec("ab")
+    sentences = ["", "a", "ab", "abbab", "ba" * 9, "bab" * 15, "xab" * 40]
+    whole = [r.token_logprobs for r in score_sentences(model, codec, sentences)]
+    assert max(len(lp) for lp in whole) == 121
+    for window in (1, 2, 7):
+        windowed = score_sentences(model, codec, sentences, window=window)
+        for got, expected in zip(windowed, whole):
+            assert len(got.token_logprobs) == len(expected)
+            assert got.token_logprobs == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_large_vocabulary_reads_a_batch_in_windows_within_the_logit_budget(monkeypatch):
+    """Catches: logits of (lines x longest line x vocabulary) held at once, which took 2.2 GB for one line of
+    100,000 words: each call of the model sees at most LOGIT_BUDGET of them."""
+    from charlm import score as score_module
+
+    model = random_model(cell="gru", impl="custom")
+    codec = char_codec("ab")
+    sentences = ["ab" * 30, "b" * 5, "a"]
+    expected = [r.logprob for r in score_sentences(model, codec, sentences)]
+    monkeypatch.setattr(score_module, "LOGIT_BUDGET", 3 * model.vocab_size * 4)  # 4 steps of 3 rows
+    seen, forward = [], type(model).forward
+
+    def counting(self, tokens, state=None, targets=None):
+        seen.append(tuple(tokens.shape))
+        return forward(self, tokens, state, targets)
+    monkeypatch.setattr(type(model), "forward", counting)
+    got = [r.logprob for r in score_sentences(model, codec, sentences)]
+    assert got == pytest.approx(expected, abs=1e-5)
+    assert seen[0] == (3, 4) and all(rows * steps <= 12 for rows, steps in seen)
+    assert (1, 4) in seen and sum(steps for _, steps in seen) == 61  # the long line alone after its neighbours end
+
+
 def test_score_fields_are_consistent():
     model = random_model()
     (r,) = score_sentences(model, char_codec("ab"), ["abzz"])
