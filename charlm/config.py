@@ -219,7 +219,9 @@ def from_dict(raw: dict, saved_run: bool = False) -> Config:
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise UsageError(f"config: unknown section '{unknown[0]}' (known: data, model, train)")
-    cfg = Config(**{name: _build_section(name, raw.get(name) or {}) for name in SECTIONS})
+    # an empty section (`model:` alone) reads as None: the defaults; `model: []` or `model: 0` is refused as
+    # `model: [1, 2]` is, not read as the defaults in silence
+    cfg = Config(**{name: _build_section(name, {} if raw.get(name) is None else raw[name]) for name in SECTIONS})
     validate(cfg)
     return cfg
 

@@ -235,8 +235,11 @@ def summarize(run_dir: Path, name: str | None = None) -> RunSummary:
     no_checkpoint_at = len(problems)  # "no checkpoint" goes here once the metrics say whether the run ended
     if manifest is not None:
         s.parameters = _int(manifest.get("parameters"))
-        s.steps = _int(manifest.get("step"))
-        s.elapsed = _number(manifest.get("elapsed"))
+    # the furthest checkpoint: last/ is often ahead of best/, and of the last metrics line (a run stopped by a
+    # signal between two of them, which --resume goes on from)
+    saved = [m for m in map(lambda name: _manifest(run_dir, name), CHECKPOINTS) if m is not None]
+    s.steps = max((x for x in (_int(m.get("step")) for m in saved) if x is not None), default=None)
+    s.elapsed = max((x for x in (_number(m.get("elapsed")) for m in saved) if x is not None), default=None)
 
     try:
         m = read_metrics(run_dir)
@@ -331,11 +334,8 @@ def _loss_of_best(run_dir: Path, vals: list[dict]) -> tuple[float, float | None,
     model's (the last one's, over the whole split, where best/ was chosen on a slice) or another text's (a
     resume with another --val, which chooses best/ afresh). None where best/ or its manifest's `val_slice` is
     missing."""
-    try:
-        manifest = json.loads((run_dir / "best" / MANIFEST_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(manifest, dict) or "val_slice" not in manifest:
+    manifest = _manifest(run_dir, "best")
+    if manifest is None or "val_slice" not in manifest:
         return None
     loss, on_slice = _number(manifest.get("val_loss")), manifest.get("val_slice") is True
     if loss is None or not math.isfinite(loss):
@@ -345,15 +345,17 @@ def _loss_of_best(run_dir: Path, vals: list[dict]) -> tuple[float, float | None,
     return loss, _number(record.get("val_bpc")), on_slice, _int(record.get("val_tokens")) if on_slice else None
 
 
+def _manifest(run_dir: Path, name: str) -> dict | None:
+    """The manifest of the checkpoint `name` of a run, or None where it is missing or unreadable."""
+    try:
+        manifest = json.loads((run_dir / name / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
 def _best_manifest(run_dir: Path) -> dict | None:
-    for name in CHECKPOINTS:
-        try:
-            manifest = json.loads((run_dir / name / MANIFEST_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(manifest, dict):
-            return manifest
-    return None
+    return next((m for m in (_manifest(run_dir, name) for name in CHECKPOINTS) if m is not None), None)
 
 
 def _number(value) -> float | None:

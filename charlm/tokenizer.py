@@ -261,10 +261,11 @@ class TextCodec:
         if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
             raise UsageError(f"vocabulary file {path}: 'tokens' must be a list of strings")
         try:
-            tokenizer = Tokenizer(level=tok["level"], lowercase=bool(tok["lowercase"]), word_split=tok["word_split"])
+            tokenizer = Tokenizer(level=tok["level"], lowercase=tok["lowercase"], word_split=tok["word_split"])
         except (KeyError, TypeError):
             raise UsageError(f"vocabulary file {path}: 'tokenizer' must give level, lowercase, word_split") from None
-        if tokenizer.level not in ("char", "word") or tokenizer.word_split not in ("punct", "space"):
+        if (tokenizer.level not in ("char", "word") or tokenizer.word_split not in ("punct", "space")
+                or not isinstance(tok["lowercase"], bool)):  # "false" in quotes is no false: not read as true
             raise UsageError(f"vocabulary file {path}: unknown tokenizer settings {tok}")
         return cls(tokenizer, Vocabulary(tokens))
 

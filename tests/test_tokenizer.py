@@ -296,7 +296,9 @@ def test_lowercase_lowers_without_case_folding():
 @pytest.mark.parametrize("tokenizer, tokens", [
     ({"level": "word", "lowercase": False, "word_split": "regex"}, [UNK, EOS, "a"]),
     ({"level": "char", "lowercase": False, "word_split": "punct"}, [UNK, EOS, 5]),
-], ids=["unknown-word-split", "token-not-a-string"])
+    # a hand-edited "false" in quotes was read as true (bool of a non-empty string): every text lowercased
+    ({"level": "char", "lowercase": "false", "word_split": "punct"}, [UNK, EOS, "a"]),
+], ids=["unknown-word-split", "token-not-a-string", "lowercase-not-a-bool"])
 def test_a_vocab_json_with_an_unknown_word_split_or_a_token_that_is_not_a_string_is_refused(tmp_path, tokenizer,
                                                                                            tokens):
     """Catches: TextCodec.load no longer checking word_split (an unknown one silently split with the punct
