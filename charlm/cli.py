@@ -18,7 +18,7 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 
@@ -71,20 +71,30 @@ def _fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
-# What each command can do when memory runs out (the others: the model itself does not fit)
-_MEMORY_ADVICE = {
-    "train": "use a smaller train.batch_size or train.seq_len (or model.hidden_size)",
-    "sample": "draw fewer --num-samples at once, or a smaller --max-length",
-    "score": "score with a smaller --batch-size",
-    "eval": "read the file with fewer --streams",
-    "bench": "measure a smaller --batch-size, --seq-len or --hidden-size",
-}
+# What a command's options can change when memory runs out, where a smaller value is left to give
+_NOT_FIT = "the model does not fit in this machine"
+_TRAIN_MEMORY = "use a smaller train.batch_size or train.seq_len (or model.hidden_size)"
+_BENCH_MEMORY = "measure a smaller --batch-size, --seq-len or --hidden-size"
+
+
+def _memory_advice(lower: list[tuple[str, int, int]]) -> str:
+    """Out-of-memory advice from ('smaller --option', its value, the value below which memory no longer
+    falls) of a command: the options that can still go lower, or that the model does not fit."""
+    options = [option for option, value, floor in lower if value > floor]
+    return f"use a {' or a '.join(options)}" if options else _NOT_FIT
+
+
+def _sample_memory(num_samples: int, max_length: int, prime: str) -> str:
+    from .sample import GROUP  # samples are drawn GROUP at a time: fewer than that lowers memory, more does not
+
+    return _memory_advice([("smaller --num-samples", min(num_samples, GROUP), 1),
+                           ("smaller --max-length", max_length, 1), ("shorter --prime", len(prime), 0)])
 
 
 @contextmanager
-def _errors(command: str = ""):
-    """Map library errors to one stderr line and an exit code (and set up the process for torch); `command`
-    names what is running, for the advice on running out of memory."""
+def _errors(memory: str | Callable[[], str] = _NOT_FIT):
+    """Map library errors to one stderr line and an exit code (and set up the process for torch); `memory`
+    says what the running command can change when memory runs out."""
     try:
         from .runtime import keep_freed_memory  # imports torch: here, so that --help stays fast
 
@@ -106,7 +116,7 @@ def _errors(command: str = ""):
     except Exception as exc:  # a bug or an environment failure: still one line, the traceback with --debug
         text = str(exc).strip().splitlines()
         if is_out_of_memory(exc):
-            message = f"out of memory: {_MEMORY_ADVICE.get(command, 'the model does not fit in this machine')}"
+            message = f"out of memory: {memory() if callable(memory) else memory}"
         else:
             message = f"{type(exc).__name__}: {text[0] if text else ''}"
             if not _debug["on"]:  # with --debug the traceback is printed just above
@@ -183,7 +193,7 @@ def train(
 
     Example: charlm train --config configs/char_shakespeare.yaml --corpus data/shakespeare.txt --max-time 180
     """
-    with _errors("train"):
+    with _errors(_TRAIN_MEMORY):
         from .config import load_config
         from .train import train as run_training
 
@@ -250,7 +260,7 @@ def sample(
 
     Example: charlm sample runs/shakespeare --prime "O Romeo, " --temperature 0.8 --seed 1
     """
-    with _errors("sample"):
+    with _errors(lambda: _sample_memory(num_samples, max_length, prime)):
         from .runtime import resolve_device
         from .sample import check_options, iter_samples
 
@@ -308,13 +318,19 @@ _SHORTCUTS = {"model.device": "--device", "train.seed": "--seed", "train.max_ste
 def _check_shortcuts(extra: dict, overrides: list[str]) -> None:
     """Refuse a field that a shortcut option and --set give different values (the option would win, whatever
     their order, in silence)."""
-    from .config import parse_override
+    from .config import checked_value, parse_override
     from .errors import UsageError
 
     for item in overrides:
         section, name, value = parse_override(item)
         key = f"{section}.{name}"
-        if extra.get(key) is not None and extra[key] != value:
+        if extra.get(key) is None:
+            continue
+        try:  # compared as the config reads them: --max-time 1000 and --set train.max_time=1e3 agree
+            same = checked_value(section, name, extra[key]) == checked_value(section, name, value)
+        except UsageError:  # a value the config refuses: compared as given
+            same = extra[key] == value
+        if not same:
             raise UsageError(f"{key} is given twice, as {_SHORTCUTS[key]} {extra[key]} and as --set {item.strip()}: "
                              f"give it once")
 
@@ -350,7 +366,7 @@ def score(
 
     Example: charlm score runs/shakespeare "To be, or not to be." --per-token
     """
-    with _errors("score"):
+    with _errors(_memory_advice([("smaller --batch-size", batch_size, 1)])):
         from .data import decode, read_text
         from .errors import UsageError
         from .runtime import resolve_device
@@ -424,11 +440,8 @@ def eval_(
     run_dir: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint folder inside it).")],
     file: Annotated[Path, typer.Option("--file", "-f", help="Text file to evaluate, read as one stream.")],
     streams: Annotated[int, typer.Option(help="Parallel streams; 1 (default) is the exact likelihood of the file.")] = 1,
-    encoding: Annotated[Optional[str], typer.Option(help="Text encoding of --file (default: the run's data.encoding) "
-                                                    "or of standard input (default: the terminal's, as for the "
-                                                    "sentences given as arguments).")] = None,
-    errors: Annotated[str, typer.Option(help="Undecodable bytes in --file or standard input: strict refuses it, "
-                                             "replace substitutes U+FFFD.")] = "strict",
+    encoding: Annotated[Optional[str], typer.Option(help="Text encoding of --file (default: the run's data.encoding).")] = None,
+    errors: Annotated[str, typer.Option(help="Undecodable bytes in --file: strict refuses it, replace substitutes U+FFFD.")] = "strict",
     checkpoint: Annotated[Optional[str], typer.Option(help="best or last (default: best, else last; or the "
                                                           "checkpoint folder named).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "cpu",
@@ -438,7 +451,7 @@ def eval_(
 
     Example: charlm eval runs/shakespeare --file val.txt
     """
-    with _errors("eval"):
+    with _errors(_memory_advice([("smaller --streams", streams, 1)])):
         from .errors import UsageError
         from .runtime import resolve_device
         from .score import evaluate_file
@@ -677,7 +690,7 @@ def bench(
 
     Example: charlm bench --cells lstm --hidden-size 512 --seconds 10
     """
-    with _errors("bench"):
+    with _errors(_BENCH_MEMORY):
         from .bench import CELLS, IMPLS, BenchSettings, generate_speed, parse_list, run_bench, score_speed
         from .errors import UsageError
 

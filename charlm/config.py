@@ -181,6 +181,14 @@ def _check_value(section: str, f: dataclasses.Field, value: Any) -> Any:
     return value
 
 
+def checked_value(section: str, name: str, value: Any) -> Any:
+    """`value` as the field section.name takes it (`1e3` for a number is 1000.0); UsageError if it cannot."""
+    fields = {f.name: f for f in dataclasses.fields(SECTIONS[section])}
+    if name not in fields:
+        raise UsageError(f"config: unknown key {section}.{name} (known keys: {', '.join(fields)})")
+    return _check_value(section, fields[name], value)
+
+
 def _build_section(section: str, values: dict) -> Any:
     cls = SECTIONS[section]
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -376,7 +384,9 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None,
     items = [parse_override(o) for o in overrides or []]
     items += [(*k.split(".", 1), v) for k, v in (extra or {}).items() if v is not None]
     for section, name, value in items:
-        current = raw.setdefault(section, {})
+        if raw.get(section) is None:  # `model:` with nothing under it (or no such section): the defaults
+            raw[section] = {}
+        current = raw[section]
         if not isinstance(current, dict):
             raise UsageError(f"config: section '{section}' must be a mapping of keys to values")
         current[name] = value

@@ -298,6 +298,8 @@ def list_runs(folder: Path, sort: str = "name") -> list[RunSummary]:
     missing = [r for r in runs if getattr(r, attr) is None]
     present.sort(key=lambda r: r.name)
     present.sort(key=lambda r: getattr(r, attr), reverse=descending)  # stable: ties stay in name order
+    if attr in ("best_val_loss", "best_val_bpc"):  # a loss on a slice is not comparable: after the others
+        present.sort(key=lambda r: r.best_val_slice)
     return present + sorted(missing, key=lambda r: r.name)  # runs without the value always last
 
 
@@ -342,6 +344,10 @@ def _loss_of_best(run_dir: Path, vals: list[dict]) -> tuple[float, float | None,
         return None
     record = next((r for r in reversed(vals) if r.get("step") == manifest.get("step") and r["val_loss"] == loss
                    and bool(r.get("val_slice")) == on_slice), {})
+    whole = next((r for r in reversed(vals) if on_slice and r.get("step") == manifest.get("step")
+                  and r.get("val_slice") is False), None)
+    if whole is not None:  # the final check read the whole split at the very step best/ was saved: its weights
+        return float(whole["val_loss"]), _number(whole.get("val_bpc")), False, None
     return loss, _number(record.get("val_bpc")), on_slice, _int(record.get("val_tokens")) if on_slice else None
 
 

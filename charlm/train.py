@@ -537,8 +537,11 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
     if resume is None:
         check_new_run_dir(run_dir)
     if dist.is_main:
-        if not run_dir.exists():
+        try:  # made here, not only missing a moment ago: a run refused by another's lock removes no folder
+            run_dir.mkdir(parents=True)
             created.append(run_dir)
+        except OSError:  # there already, or cannot be made: _check_writable says why
+            pass
         _check_writable(run_dir)
         if resume is None:
             lock_run_folder(run_dir, locks)

@@ -437,8 +437,8 @@ def test_a_field_given_by_a_shortcut_option_and_by_set_is_refused_unless_they_ag
                            "once")
     assert_usage_error(cli("train", "--corpus", corpus, "--seed", 1, "--set", "train.seed=2"), "as --seed 1")
     agreed = cli("train", "--config", TINY_CONFIG, "--corpus", corpus, "--out", tmp_path / "run", "-q", "--json",
-                 "--max-steps", 2, "--set", "train.max_steps=2")
-    assert agreed.exit_code == 0 and json.loads(agreed.stdout)["steps"] == 2
+                 "--max-steps", 2, "--set", "train.max_steps=2", "--max-time", 100, "--set", "train.max_time=1e2")
+    assert agreed.exit_code == 0 and json.loads(agreed.stdout)["steps"] == 2  # 1e2 is 100 as the config reads it
 
 
 def test_settings_the_run_never_reads_get_a_note_when_it_starts(cli, write_corpus, tmp_path):

@@ -91,3 +91,12 @@ def test_a_section_that_is_empty_but_no_mapping_is_refused_as_other_non_mappings
     with pytest.raises(UsageError, match="section 'model' must be a mapping"):
         from_dict({"model": empty})
     assert from_dict({"model": None}).model.hidden_size == 256  # `model:` with nothing under it: the defaults
+
+
+def test_an_empty_section_takes_a_set_or_a_shortcut_for_it(tmp_path):
+    """Catches: a `model:` section with nothing under it (its keys commented out) read as the defaults alone, but
+    refused as "not a mapping" once --set or --device gave a value in it."""
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n#  cell: gru\ntrain:\n  max_steps: 3\n", encoding="utf-8")
+    cfg = load_config(path, ["model.hidden_size=32"], {"model.device": "cpu"})
+    assert (cfg.model.hidden_size, cfg.model.device, cfg.train.max_steps) == (32, "cpu", 3)

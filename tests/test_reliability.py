@@ -180,6 +180,24 @@ def test_a_folder_locked_by_a_trainer_is_refused_before_the_processes_of_nproc_s
     check_before_launch(load_config_for(run), None, None, 2, resume=run)  # free again: no error
 
 
+def test_a_fresh_run_into_a_folder_another_trainer_holds_is_refused_and_leaves_it(tmp_path):
+    """Catches: a new run into a folder that another trainer holds before its first checkpoint (still empty, or
+    holding only its metrics) training beside it; and the refused run removing that folder as one it made."""
+    from charlm.train import lock_run_folder
+
+    run = tmp_path / "new"
+    run.mkdir()
+    held: list[int] = []
+    lock_run_folder(run, held)
+    try:
+        result = cli("train", "--config", write_config(tmp_path), "--corpus", write_corpus(tmp_path), "--out", run)
+        assert_one_line_error(result, 2, f"run folder {run} is being trained by another charlm process right now")
+        assert run.is_dir() and list(run.iterdir()) == []
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
 def load_config_for(run):
     from charlm.config import load_config
 
@@ -429,12 +447,16 @@ def test_out_of_memory_while_sampling_is_exit_1_with_a_suggestion(tmp_path, monk
     def forward(self, tokens, state=None, targets=None):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
     monkeypatch.setattr(RNNLM, "forward", forward)
-    assert_one_line_error(cli("sample", run), 1, "out of memory: draw fewer --num-samples at once")
+    # one sample of the default length and no --prime: only --max-length can go lower
+    assert_one_line_error(cli("sample", run), 1, "out of memory: use a smaller --max-length")
+    line = assert_one_line_error(cli("sample", run, "--num-samples", 300, "--prime", "ab", "--max-length", 1), 1,
+                                 "out of memory: use a smaller --num-samples or a shorter --prime")
+    assert "--max-length" not in line
 
 
 def test_out_of_memory_advice_names_what_the_command_running_can_change(tmp_path, monkeypatch):
-    """Catches: `eval` and `score --batch-size 1` told to use a smaller train.batch_size, which they do not read
-    (one message for every command)."""
+    """Catches: `eval` and `score` told to use a smaller train.batch_size, which they do not read (one message
+    for every command), or a smaller --batch-size that is already 1."""
     run = train_run(tmp_path)
     text = tmp_path / "text.txt"
     text.write_text("a line of text\n", encoding="utf-8")
@@ -442,12 +464,13 @@ def test_out_of_memory_advice_names_what_the_command_running_can_change(tmp_path
     def forward(self, tokens, state=None, targets=None):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
     monkeypatch.setattr(RNNLM, "forward", forward)
-    line = assert_one_line_error(cli("eval", run, "--file", text), 1, "out of memory: read the file with fewer "
-                                 "--streams")
-    assert "train." not in line
-    line = assert_one_line_error(cli("score", run, "hello", "--batch-size", "1"), 1, "out of memory: score with "
-                                 "a smaller --batch-size")
-    assert "train." not in line
+    assert_one_line_error(cli("eval", run, "--file", text, "--streams", 2), 1, "out of memory: use a smaller "
+                          "--streams")
+    assert_one_line_error(cli("score", run, "hello", "--batch-size", 2), 1, "out of memory: use a smaller "
+                          "--batch-size")
+    for args in (("eval", run, "--file", text), ("score", run, "hello", "--batch-size", 1)):  # nothing left to lower
+        line = assert_one_line_error(cli(*args), 1, "out of memory: the model does not fit in this machine")
+        assert "train." not in line and "--" not in line
 
 
 def test_a_model_too_large_for_the_cpus_memory_is_exit_1_out_of_memory(tmp_path, monkeypatch):

@@ -433,6 +433,42 @@ def test_after_a_resume_on_another_val_text_runs_shows_the_loss_best_was_chosen_
     assert (summary.best_val_loss, summary.best_val_slice) == (5.0, False)
 
 
+def _run_with_best(folder: Path, records: list[dict], best: dict) -> Path:
+    run = _hand_made_run(folder, records + [{"event": "end", "steps": 20, "elapsed": 3.0}], {"step": 20})
+    (run / "best").mkdir()
+    (run / "best" / "manifest.json").write_text(json.dumps(best), encoding="utf-8")
+    return run
+
+
+def test_a_best_chosen_on_a_slice_at_the_last_step_shows_the_final_whole_split_figure(tmp_path):
+    """Catches: best/ saved at a periodic check on the slice (step 20), the final check at the same step then
+    reading the whole split of the same weights without saving best/ again: `runs` showed the slice's 2.4760*
+    where metrics.jsonl holds the whole split's 2.4475 for that very model (any --max-steps that is a multiple
+    of train.eval_interval)."""
+    run = _run_with_best(tmp_path / "runs" / "a", [
+        {"step": 10, "elapsed": 1.0, "val_loss": 2.554, "val_bpc": 3.68, "val_slice": True, "val_tokens": 20},
+        {"step": 20, "elapsed": 2.0, "val_loss": 2.476, "val_bpc": 3.57, "val_slice": True, "val_tokens": 20},
+        {"step": 20, "elapsed": 3.0, "val_loss": 2.4475, "val_bpc": 3.53, "val_slice": False}],
+        {"step": 20, "val_loss": 2.476, "val_slice": True})
+    s = summarize(run)
+    assert (s.best_val_loss, s.best_val_bpc, s.best_val_slice) == (2.4475, 3.53, False)
+
+
+@pytest.mark.parametrize("sort", ["val_loss", "-val_loss", "bpc"])
+def test_runs_whose_best_was_chosen_on_a_slice_sort_after_the_whole_split_figures(tmp_path, sort):
+    """Catches: a slice figure (lower than the whole split's by about 0.05 on Shakespeare) ranked among the
+    whole-split ones, which the table's footnote calls not comparable."""
+    whole = {"step": 20, "elapsed": 2.0, "val_loss": 1.50, "val_bpc": 2.1, "val_slice": False}
+    _run_with_best(tmp_path / "runs" / "whole-high", [whole], whole)
+    _run_with_best(tmp_path / "runs" / "whole-low", [whole | {"val_loss": 1.45, "val_bpc": 2.0}],
+                   whole | {"val_loss": 1.45})
+    sliced = {"step": 10, "elapsed": 1.0, "val_loss": 1.40, "val_bpc": 1.9, "val_slice": True, "val_tokens": 5}
+    _run_with_best(tmp_path / "runs" / "sliced", [sliced, whole | {"val_loss": 1.60, "val_bpc": 2.3}], sliced)
+    names = [r.name for r in list_runs(tmp_path / "runs", sort)]
+    assert names == (["whole-high", "whole-low", "sliced"] if sort == "-val_loss"
+                     else ["whole-low", "whole-high", "sliced"])
+
+
 def test_an_older_run_that_checked_the_whole_split_keeps_its_older_checks_after_a_resume(tmp_path):
     end = {"event": "end", "steps": 3, "elapsed": 3.0}
     run = _hand_made_run(tmp_path / "w", [{"step": 1, "elapsed": 1.0, "val_loss": 1.50},

@@ -125,6 +125,33 @@ def test_a_large_vocabulary_reads_a_batch_in_windows_within_the_logit_budget(mon
     assert (1, 4) in seen and sum(steps for _, steps in seen) == 61  # the long line alone after its neighbours end
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_an_adaptive_softmax_model_is_windowed_by_its_head_not_its_vocabulary(monkeypatch, tied):
+    """Catches: the logit budget counted over the whole vocabulary for a model that holds only its head's
+    scores (frequent tokens and one per cluster) at every position: windows of one step, a model call each."""
+    from charlm import score as score_module
+
+    cfg = ModelConfig(cell="gru", impl="custom", softmax="adaptive", adaptive_cutoffs="10,30", embedding_size=16,
+                      hidden_size=16, tie_weights=tied)
+    torch.manual_seed(0)
+    model = build_model(cfg, 100)
+    tokens = ["<unk>", "<eos>"] + [chr(ord("A") + i) for i in range(58)] + [chr(0x4E00 + i) for i in range(40)]
+    codec = TextCodec(Tokenizer("char"), Vocabulary(tokens))
+    sentences = ["ABC" * 10, "一丁七" * 6, "A"]
+    expected = [r.token_logprobs for r in score_sentences(model, codec, sentences)]
+    monkeypatch.setattr(score_module, "LOGIT_BUDGET", 3 * 12 * 4)  # 3 rows x (10 + 2 clusters) x 4 steps
+    seen, forward = [], type(model).forward
+
+    def counting(self, tokens, state=None, targets=None):
+        seen.append(tuple(tokens.shape))
+        return forward(self, tokens, state, targets)
+    monkeypatch.setattr(type(model), "forward", counting)
+    got = [r.token_logprobs for r in score_sentences(model, codec, sentences)]
+    for g, e in zip(got, expected):
+        assert g == pytest.approx(e, abs=1e-5)
+    assert seen[0] == (3, 4)
+
+
 def test_score_fields_are_consistent():
     model = random_model()
     (r,) = score_sentences(model, char_codec("ab"), ["abzz"])
