@@ -40,7 +40,7 @@ class SentenceScore:
 
 # Logits a scoring pass holds at once (2^24 floats, 64 MiB): a batch reads its rows in windows of time steps
 # no larger than that allows, so that a long line, or a large vocabulary, does not hold (lines x length x
-# vocabulary) of them (one line of 100,000 words over 7,258 took 2.2 GB, as eval takes 0.3)
+# vocabulary) of them (one line of 100,000 words over 13,777 took 4.6 GB, 349 MB in windows: docs/benchmarks.md)
 LOGIT_BUDGET = 1 << 24
 
 
