@@ -103,8 +103,19 @@ def test_a_batch_read_in_windows_with_finished_rows_leaving_scores_as_in_one_pie
             assert got.token_logprobs == pytest.approx(expected, abs=1e-5)
 
 
+def _count_calls(monkeypatch, model) -> list[tuple[int, int]]:
+    """The (rows, steps) of every call of the model's forward from now on."""
+    seen, forward = [], type(model).forward
+
+    def counting(self, tokens, state=None, targets=None):
+        seen.append(tuple(tokens.shape))
+        return forward(self, tokens, state, targets)
+    monkeypatch.setattr(type(model), "forward", counting)
+    return seen
+
+
 def test_a_large_vocabulary_reads_a_batch_in_windows_within_the_logit_budget(monkeypatch):
-    """Catches: logits of (lines x longest line x vocabulary) held at once, which took 2.2 GB for one line of
+    """Catches: logits of (lines x longest line x vocabulary) held at once, which took 4.6 GB for one line of
     100,000 words: each call of the model sees at most LOGIT_BUDGET of them."""
     from charlm import score as score_module
 
@@ -113,12 +124,7 @@ def test_a_large_vocabulary_reads_a_batch_in_windows_within_the_logit_budget(mon
     sentences = ["ab" * 30, "b" * 5, "a"]
     expected = [r.logprob for r in score_sentences(model, codec, sentences)]
     monkeypatch.setattr(score_module, "LOGIT_BUDGET", 3 * model.vocab_size * 4)  # 4 steps of 3 rows
-    seen, forward = [], type(model).forward
-
-    def counting(self, tokens, state=None, targets=None):
-        seen.append(tuple(tokens.shape))
-        return forward(self, tokens, state, targets)
-    monkeypatch.setattr(type(model), "forward", counting)
+    seen = _count_calls(monkeypatch, model)
     got = [r.logprob for r in score_sentences(model, codec, sentences)]
     assert got == pytest.approx(expected, abs=1e-5)
     assert seen[0] == (3, 4) and all(rows * steps <= 12 for rows, steps in seen)
@@ -140,12 +146,7 @@ def test_an_adaptive_softmax_model_is_windowed_by_its_head_not_its_vocabulary(mo
     sentences = ["ABC" * 10, "一丁七" * 6, "A"]
     expected = [r.token_logprobs for r in score_sentences(model, codec, sentences)]
     monkeypatch.setattr(score_module, "LOGIT_BUDGET", 3 * 12 * 4)  # 3 rows x (10 + 2 clusters) x 4 steps
-    seen, forward = [], type(model).forward
-
-    def counting(self, tokens, state=None, targets=None):
-        seen.append(tuple(tokens.shape))
-        return forward(self, tokens, state, targets)
-    monkeypatch.setattr(type(model), "forward", counting)
+    seen = _count_calls(monkeypatch, model)
     got = [r.token_logprobs for r in score_sentences(model, codec, sentences)]
     for g, e in zip(got, expected):
         assert g == pytest.approx(e, abs=1e-5)
