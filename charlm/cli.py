@@ -506,12 +506,17 @@ def info(
         from .checkpoint import load_run
         from .config import dump_yaml
         from .model import count_parameters
+        from .runs import whole_split_loss
 
         model, codec, saved = load_run(run_dir, "cpu")
         m = saved.manifest
+        val_loss, on_slice = m.get("val_loss"), bool(m.get("val_slice"))
+        whole = whole_split_loss(saved.folder.parent, m.get("step")) if on_slice else None
+        if whole is not None:  # the same weights, read over the whole split by the final check (as runs shows)
+            val_loss, on_slice = whole, False
         record = {"checkpoint": str(saved.folder), "parameters": count_parameters(model),
                   "vocab_size": len(codec.vocab), "level": codec.tokenizer.level, "step": m.get("step"),
-                  "epoch": m.get("epoch"), "val_loss": m.get("val_loss"), "val_slice": bool(m.get("val_slice")),
+                  "epoch": m.get("epoch"), "val_loss": val_loss, "val_slice": on_slice,
                   "elapsed": m.get("elapsed"), "config": saved.cfg.to_dict()}
         if as_json:
             _out(json.dumps(record, ensure_ascii=False))

@@ -344,8 +344,7 @@ def _loss_of_best(run_dir: Path, vals: list[dict]) -> tuple[float, float | None,
         return None
     record = next((r for r in reversed(vals) if r.get("step") == manifest.get("step") and r["val_loss"] == loss
                    and bool(r.get("val_slice")) == on_slice), {})
-    whole = next((r for r in reversed(vals) if on_slice and r.get("step") == manifest.get("step")
-                  and r.get("val_slice") is False), None)
+    whole = _whole_split_check(vals, manifest.get("step")) if on_slice else None
     if whole is not None:  # the final check read the whole split at the very step best/ was saved: its weights
         return float(whole["val_loss"]), _number(whole.get("val_bpc")), False, None
     return loss, _number(record.get("val_bpc")), on_slice, _int(record.get("val_tokens")) if on_slice else None
@@ -358,6 +357,23 @@ def _manifest(run_dir: Path, name: str) -> dict | None:
     except (OSError, ValueError):
         return None
     return manifest if isinstance(manifest, dict) else None
+
+
+def _whole_split_check(vals: list[dict], step) -> dict | None:
+    """The last validation record over the whole split at `step` (the final check of a run that also checked
+    a slice at that step, on the same weights), or None."""
+    return next((r for r in reversed(vals) if r.get("step") == step and r.get("val_slice") is False
+                 and _number(r.get("val_loss")) is not None and math.isfinite(r["val_loss"])), None)
+
+
+def whole_split_loss(run_dir: Path, step) -> float | None:
+    """The whole split's loss of the model saved at `step` after a check on a slice, where the final check
+    read the whole split at that step (metrics.jsonl), else None."""
+    try:
+        record = _whole_split_check(read_metrics(run_dir).val, step)
+    except UsageError:  # no metrics.jsonl
+        return None
+    return None if record is None else float(record["val_loss"])
 
 
 def _best_manifest(run_dir: Path) -> dict | None:

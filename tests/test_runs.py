@@ -433,6 +433,26 @@ def test_after_a_resume_on_another_val_text_runs_shows_the_loss_best_was_chosen_
     assert (summary.best_val_loss, summary.best_val_slice) == (5.0, False)
 
 
+def test_info_and_runs_agree_on_a_best_whose_step_the_final_check_read_whole(write_corpus, tmp_path, monkeypatch):
+    """Catches: `info` showing the slice's loss of best/ (1.0, "on the first 5 validation tokens") where the
+    final check read the whole split at that very step, on the same weights (3.0), which `runs` shows."""
+    from charlm import train as train_module
+    from conftest import TINY_TEXT, tiny_config
+
+    losses = iter([2.0, 1.0, 3.0])  # slices at steps 1 and 2 (best/ at step 2), the whole split at step 2
+    monkeypatch.setattr(train_module, "evaluate", lambda *args, **kwargs: next(losses))
+    run = tmp_path / "runs" / "r"
+    train(tiny_config(train__max_steps=2, train__eval_interval=1, train__eval_tokens=5), write_corpus(TINY_TEXT),
+          out=run, show_progress=False)
+    best = json.loads((run / "best" / "manifest.json").read_text())
+    assert (best["step"], best["val_loss"], best["val_slice"]) == (2, 1.0, True)
+    assert (summarize(run).best_val_loss, summarize(run).best_val_slice) == (3.0, False)
+    shown = json.loads(CliRunner().invoke(app, ["info", str(run), "--json"]).stdout)
+    assert (shown["val_loss"], shown["val_slice"]) == (3.0, False)
+    table = CliRunner().invoke(app, ["info", str(run)]).stdout.splitlines()
+    assert "val_loss        3.0000 nats/token" in table
+
+
 def _run_with_best(folder: Path, records: list[dict], best: dict) -> Path:
     run = _hand_made_run(folder, records + [{"event": "end", "steps": 20, "elapsed": 3.0}], {"step": 20})
     (run / "best").mkdir()
