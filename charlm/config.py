@@ -181,17 +181,20 @@ def _check_value(section: str, f: dataclasses.Field, value: Any) -> Any:
     return value
 
 
+def _fields(section: str) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(SECTIONS[section])}
+
+
 def checked_value(section: str, name: str, value: Any) -> Any:
     """`value` as the field section.name takes it (`1e3` for a number is 1000.0); UsageError if it cannot."""
-    fields = {f.name: f for f in dataclasses.fields(SECTIONS[section])}
+    fields = _fields(section)
     if name not in fields:
         raise UsageError(f"config: unknown key {section}.{name} (known keys: {', '.join(fields)})")
     return _check_value(section, fields[name], value)
 
 
 def _build_section(section: str, values: dict) -> Any:
-    cls = SECTIONS[section]
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    cls, fields = SECTIONS[section], _fields(section)
     if not isinstance(values, dict):
         raise UsageError(f"config: section '{section}' must be a mapping of keys to values")
     unknown = sorted(set(values) - set(fields))
@@ -275,8 +278,7 @@ def unread_settings(cfg: Config) -> list[tuple[str, str, str]]:
     takes them silently, and the user may believe they changed something."""
     found = []
     for section, name, read, readers in _READ_WHEN:
-        f = next(f for f in dataclasses.fields(SECTIONS[section]) if f.name == name)
-        if getattr(getattr(cfg, section), name) != f.default and not read(cfg):
+        if getattr(getattr(cfg, section), name) != _fields(section)[name].default and not read(cfg):
             found.append((section, name, readers))
     return found
 

@@ -31,8 +31,9 @@ def check_before_launch(cfg: Config, corpus: Path | None, val: Path | None, npro
     if corpus is not None and is_blank(corpus, cfg.data.encoding, limit=1 << 20):
         raise empty_corpus(corpus)
     if resume is None and corpus is not None:
-        check_new_run_dir(new_run_dir(out, corpus))
-        check_run_folder_free(new_run_dir(out, corpus))
+        run_dir = new_run_dir(out, corpus)
+        check_new_run_dir(run_dir)
+        check_run_folder_free(run_dir)
     if resume is not None:
         check_run_folder_free(run_folder_of(Path(resume), "--resume", names=("last",)))
     if cfg.train.batch_size % nproc:

@@ -230,14 +230,15 @@ def summarize(run_dir: Path, name: str | None = None) -> RunSummary:
     except (OSError, ValueError, yaml.YAMLError, AttributeError):
         problems.append(f"unreadable {CONFIG_FILE}")
 
-    manifest = _best_manifest(run_dir)
+    manifests = {name: _manifest(run_dir, name) for name in CHECKPOINTS}  # each read once
+    saved = [m for m in manifests.values() if m is not None]  # best/'s first, as the commands read them
+    manifest = saved[0] if saved else None
     problems += _damaged_checkpoints(run_dir)
     no_checkpoint_at = len(problems)  # "no checkpoint" goes here once the metrics say whether the run ended
     if manifest is not None:
         s.parameters = _int(manifest.get("parameters"))
     # the furthest checkpoint: last/ is often ahead of best/, and of the last metrics line (a run stopped by a
     # signal between two of them, which --resume goes on from)
-    saved = [m for m in map(lambda name: _manifest(run_dir, name), CHECKPOINTS) if m is not None]
     s.steps = max((x for x in (_int(m.get("step")) for m in saved) if x is not None), default=None)
     s.elapsed = max((x for x in (_number(m.get("elapsed")) for m in saved) if x is not None), default=None)
 
@@ -264,7 +265,7 @@ def summarize(run_dir: Path, name: str | None = None) -> RunSummary:
         # A check on a slice of the split measures other text than the whole split does, and its loss may be
         # far lower: once the run has a figure for the whole split, the slices step aside.
         sliced, whole = slice_and_whole_checks(vals)
-        chosen = _loss_of_best(run_dir, vals)
+        chosen = _loss_of_best(manifests["best"], vals)
         vals = whole or sliced
         if chosen is not None:
             s.best_val_loss, s.best_val_bpc, s.best_val_slice, s.best_val_tokens = chosen
@@ -330,23 +331,22 @@ def _damaged_checkpoints(run_dir: Path) -> list[str]:
     return problems
 
 
-def _loss_of_best(run_dir: Path, vals: list[dict]) -> tuple[float, float | None, bool, int | None] | None:
+def _loss_of_best(manifest: dict | None, vals: list[dict]) -> tuple[float, float | None, bool, int | None] | None:
     """(loss, bits per character, measured on a slice, the slice's size) of the model that best/ holds, from
     its manifest and the validation record it was saved after: the lowest loss in metrics.jsonl may be another
     model's (the last one's, over the whole split, where best/ was chosen on a slice) or another text's (a
     resume with another --val, which chooses best/ afresh). None where best/ or its manifest's `val_slice` is
     missing."""
-    manifest = _manifest(run_dir, "best")
     if manifest is None or "val_slice" not in manifest:
         return None
-    loss, on_slice = _number(manifest.get("val_loss")), manifest.get("val_slice") is True
+    loss, on_slice, step = _number(manifest.get("val_loss")), manifest.get("val_slice") is True, manifest.get("step")
     if loss is None or not math.isfinite(loss):
         return None
-    record = next((r for r in reversed(vals) if r.get("step") == manifest.get("step") and r["val_loss"] == loss
-                   and bool(r.get("val_slice")) == on_slice), {})
-    whole = _whole_split_check(vals, manifest.get("step")) if on_slice else None
+    whole = _whole_split_check(vals, step) if on_slice else None
     if whole is not None:  # the final check read the whole split at the very step best/ was saved: its weights
         return float(whole["val_loss"]), _number(whole.get("val_bpc")), False, None
+    record = next((r for r in reversed(vals) if r.get("step") == step and r["val_loss"] == loss
+                   and bool(r.get("val_slice")) == on_slice), {})
     return loss, _number(record.get("val_bpc")), on_slice, _int(record.get("val_tokens")) if on_slice else None
 
 
@@ -374,10 +374,6 @@ def whole_split_loss(run_dir: Path, step) -> float | None:
     except UsageError:  # no metrics.jsonl
         return None
     return None if record is None else float(record["val_loss"])
-
-
-def _best_manifest(run_dir: Path) -> dict | None:
-    return next((m for m in (_manifest(run_dir, name) for name in CHECKPOINTS) if m is not None), None)
 
 
 def _number(value) -> float | None:

@@ -522,8 +522,7 @@ def _note_data(cfg: Config, splits: Splits, corpus: Path, val: Path | None, log_
 
 
 def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, dist, device,
-           created: list[Path], note_changes: str | None = None, locks: list[int] | None = None) -> TrainResult:
-    locks = [] if locks is None else locks
+           created: list[Path], note_changes: str | None, locks: list[int]) -> TrainResult:
     if cfg.train.precision == "bf16" and device.type != "cuda":  # checked once `auto` is resolved: no silent fp32
         raise UsageError(f"train.precision bf16 is for CUDA, and this run is on {device.type}: use fp32 "
                          f"(bf16 training on a CPU was measured less accurate: docs/benchmarks.md)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -270,8 +271,12 @@ def test_a_worker_refuses_a_batch_that_does_not_split_over_the_processes(tmp_pat
     from charlm.errors import UsageError
     from charlm.runtime import Distributed
 
-    run = tmp_path / "run"
-    with pytest.raises(UsageError, match=r"train.batch_size 3 must be a multiple of the number of processes \(2\)"):
-        train_mod._train(tiny_config(train__batch_size=3), write_corpus(tmp_path), run, None, None, False,
-                         io.StringIO(), None, Distributed(rank=0, world=2), torch.device("cpu"), [])
+    run, locks = tmp_path / "run", []
+    try:
+        with pytest.raises(UsageError, match=r"train.batch_size 3 must be a multiple of the number of processes \(2\)"):
+            train_mod._train(tiny_config(train__batch_size=3), write_corpus(tmp_path), run, None, None, False,
+                             io.StringIO(), None, Distributed(rank=0, world=2), torch.device("cpu"), [], None, locks)
+    finally:
+        for fd in locks:  # as train() lets go of the run folder's lock
+            os.close(fd)
     assert not (run / "metrics.jsonl").exists() and not (run / "config.yaml").exists()
