@@ -148,6 +148,14 @@ class RNNLM(nn.Module):
             logits, state = self.forward(token.unsqueeze(1), state)
         return logits[:, 0], state
 
+    @property
+    def output_width(self) -> int:
+        """Scores held for every position read: the vocabulary, or for an adaptive softmax its head (its frequent
+        tokens and one per cluster), since a cluster's are computed only for the targets that fall in it."""
+        if self.adaptive:
+            return int(self.decoder.cutoffs[0]) + len(self.decoder.cutoffs) - 1
+        return self.vocab_size
+
     def init_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
         h = torch.zeros(self.cfg.layers, batch_size, self.cfg.hidden_size, device=device)
         return (h, h.clone()) if self.cfg.cell == "lstm" else h
@@ -292,30 +300,45 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, MAX_LOG_PERPLEXITY))
 
 
+# Scores a `stream_nll` pass holds at once (2^27 floats, 512 MiB): beyond it the streams are read in shorter
+# windows, and beyond one step of them in groups of rows. Training's validation does not reach it with the
+# shipped configs, nor with a full softmax over 13,777 words at their 10 streams (2^25.1), so such runs read
+# their split as before; `charlm eval --streams 1000` at that vocabulary took 7.1 GB, 1.9 GB within it.
+STREAM_LOGIT_BUDGET = 1 << 27
+
+
 @torch.no_grad()
 def stream_nll(model: RNNLM, rows: Tensor, mask: Tensor, window: int = 256,
                device: torch.device | str = "cpu",
-               should_stop: Callable[[], bool] | None = None) -> tuple[float, int]:
+               should_stop: Callable[[], bool] | None = None,
+               budget: int = STREAM_LOGIT_BUDGET) -> tuple[float, int]:
     """Summed negative log-likelihood (nats) and target count of streams read left to right.
 
     rows (S, L) and mask (S, L) come from `data.eval_streams`; the state is
-    carried from window to window, so the result does not depend on `window`.
+    carried from window to window, so the result does not depend on `window`
+    (up to float rounding). At most `budget` scores are held at once: windows
+    shrink, and rows are read in groups, where all S rows would hold more.
     `should_stop` is asked before each window; when it says yes, EvaluationStopped is raised.
     """
     was_training = model.training
     model.eval()
-    total, count, state = 0.0, 0, None
+    width = model.output_width
+    steps = max(1, min(window, budget // (rows.shape[0] * width)))
+    group = max(1, min(rows.shape[0], budget // (steps * width)))
+    total, count = 0.0, 0
     try:
-        for start in range(0, rows.shape[1] - 1, window):
-            if should_stop is not None and should_stop():
-                raise EvaluationStopped
-            end = min(start + window, rows.shape[1] - 1)
-            x = rows[:, start:end].long().to(device)
-            y = rows[:, start + 1:end + 1].long().to(device)
-            m = mask[:, start + 1:end + 1].to(device)
-            nll, state = model(x, state, targets=y)
-            total += float((nll.float() * m).sum(dtype=torch.float64))
-            count += int(m.sum())
+        for first in range(0, rows.shape[0], group):
+            part, part_mask, state = rows[first:first + group], mask[first:first + group], None
+            for start in range(0, rows.shape[1] - 1, steps):
+                if should_stop is not None and should_stop():
+                    raise EvaluationStopped
+                end = min(start + steps, rows.shape[1] - 1)
+                x = part[:, start:end].long().to(device)
+                y = part[:, start + 1:end + 1].long().to(device)
+                m = part_mask[:, start + 1:end + 1].to(device)
+                nll, state = model(x, state, targets=y)
+                total += float((nll.float() * m).sum(dtype=torch.float64))
+                count += int(m.sum())
     finally:
         model.train(was_training)
     return total, count

@@ -84,10 +84,7 @@ def _batch_logprobs(model: RNNLM, rows: torch.Tensor, lengths: list[int], device
     """The log-probabilities of the first lengths[r] targets of each row of `rows` (B, L + 1), whose lengths
     do not decrease: read window by window, a row whose targets all lie behind leaves the batch (and its
     state) so that a long line does not carry its short neighbours' padding along."""
-    # an adaptive softmax holds the head's scores (its frequent tokens and one per cluster) for every position,
-    # a cluster's only for the targets that fall in it
-    width = int(model.decoder.cutoffs[0]) + len(model.decoder.cutoffs) - 1 if model.adaptive else model.vocab_size
-    steps = max(1, min(window, LOGIT_BUDGET // (rows.shape[0] * width)))
+    steps = max(1, min(window, LOGIT_BUDGET // (rows.shape[0] * model.output_width)))
     out: list[list[float]] = [[] for _ in lengths]
     first, state = 0, None
     for begin in range(0, rows.shape[1] - 1, steps):

@@ -104,6 +104,45 @@ def test_stream_nll_is_the_exact_likelihood_whatever_the_window(window):
     assert math.isclose(total, expected, rel_tol=1e-6)
 
 
+@pytest.mark.parametrize("budget, shape", [
+    (4 * 11 * 3, (4, 3)),  # 4 rows of 3 steps: windows shrink
+    (11 * 2, (2, 1)),      # not even one step of all 4 rows: 2 rows at a time
+    (10, (1, 1)),          # less than one position: one row, one step at a time
+])
+@pytest.mark.parametrize("cell", CELLS)
+def test_stream_nll_holds_at_most_its_budget_of_scores_and_gives_the_same_likelihood(monkeypatch, cell, budget,
+                                                                                       shape):
+    """Catches: every stream's whole window of scores held at once (streams x 256 x vocabulary), which made
+    `charlm eval --streams 1000` ask for 3.5 G scores at a vocabulary of 13,777; and rows read in groups
+    without a fresh state each, or with a group's targets left out."""
+    torch.manual_seed(4)
+    model = build_model(model_config(cell=cell, impl="custom"), 11).eval()
+    rows, mask = eval_streams(torch.randint(0, 11, (39,)), 4)  # 38 targets in 4 rows of 10 (the last padded)
+    expected = stream_nll(model, rows, mask)
+    seen = []
+    forward = type(model).forward
+
+    def counting(self, tokens, state=None, targets=None):
+        seen.append(tuple(tokens.shape))
+        return forward(self, tokens, state, targets)
+
+    monkeypatch.setattr(type(model), "forward", counting)
+    total, count = stream_nll(model, rows, mask, budget=budget)
+    assert count == expected[1] == 38
+    assert math.isclose(total, expected[0], rel_tol=1e-6)
+    assert seen[0] == shape
+    assert all(r * t * 11 <= max(budget, 11) for r, t in seen)
+    assert sum(r * t for r, t in seen) == 4 * 10
+
+
+def test_the_output_width_is_the_vocabulary_or_an_adaptive_softmaxs_head():
+    assert build_model(model_config(), 13).output_width == 13
+    for tied in (False, True):
+        model = build_model(model_config(softmax="adaptive", adaptive_cutoffs="5,9", embedding_size=16,
+                                         hidden_size=16, tie_weights=tied), 13)
+        assert model.output_width == 5 + 2
+
+
 @pytest.mark.parametrize("softmax", ["full", "adaptive"])
 @pytest.mark.parametrize("impl", ["torch", "custom"])
 @pytest.mark.parametrize("cell", CELLS)
