@@ -78,8 +78,11 @@ def _pieces(line: str, size: int = PIECE_CHARS) -> Iterable[str]:
 
 
 def normalize(text: str, lowercase: bool = False) -> str:
+    """NFC, then lowercase if asked. Lowercasing can undo NFC ("T" + U+0308, which has no composed capital,
+    lowers to "t" + U+0308, which NFC composes to U+1E97), so the lowered text is composed again: normalising
+    twice then gives what once does, and every path reads a text to the same tokens."""
     text = unicodedata.normalize("NFC", text)
-    return text.lower() if lowercase else text
+    return unicodedata.normalize("NFC", text.lower()) if lowercase else text
 
 
 def _spaced(before: str | None, prev: str, tok: str) -> bool:
@@ -154,8 +157,9 @@ class Tokenizer:
         return {"level": self.level, "lowercase": self.lowercase, "word_split": self.word_split}
 
     def describe(self) -> dict:
-        """How to split text as `split` does without charlm: normalise (NFC, then lowercase if asked), then
-        take every match of `pattern` (None: each character at char level, white-space split at `space`)."""
+        """How to split text as `split` does without charlm: normalise (NFC; if asked, then lowercase and NFC
+        again), then take every match of `pattern` (None: each character at char level, white-space split at
+        `space`)."""
         pattern = _WORD_RE.pattern if self.level == "word" and self.word_split == "punct" else None
         return {**self.to_dict(), "normalization": "NFC", "pattern": pattern, "pattern_syntax": "python-re"}
 

@@ -406,3 +406,22 @@ def test_check_vocabulary_compares_the_tokenizer_settings_too(tmp_path):
     check_vocabulary(saved, TextCodec(Tokenizer("char", lowercase=True), Vocabulary(vocab)), tmp_path / "c.txt")
     with pytest.raises(UsageError, match="does not match"):
         check_vocabulary(saved, fresh, tmp_path / "c.txt")
+
+
+def test_a_file_counted_and_encoded_as_it_streams_reads_the_tokens_that_score_reads(tmp_path):
+    """Catches: the streaming paths (the vocabulary count and the encoder of train and eval) normalising a
+    lowercased text twice while score and sample's prime normalise it once: with "T" + U+0308 the vocabulary
+    held the composed small letter, score read three <unk> where eval read none."""
+    text = "T\u0308est one two\nthe test of one\n"
+    path = tmp_path / "corpus.txt"
+    path.write_text(text, encoding="utf-8")
+    cfg = DataConfig(level="word", lowercase=True, word_split="space")
+    counts = data.count_vocabulary(path, cfg, 0, path.stat().st_size)
+    tokenizer = Tokenizer("word", lowercase=True, word_split="space")
+    assert counts == count_tokens(tokenizer, text)
+    codec = data.build_vocabulary(counts, cfg)
+    streamed = encode(codec, text).tolist()
+    by_line = [EOS_ID]
+    for line in text.splitlines():
+        by_line += codec.encode_line(line) + [EOS_ID]
+    assert streamed == by_line and UNK_ID not in streamed
