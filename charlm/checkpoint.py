@@ -22,6 +22,7 @@ import json
 import os
 import pickle
 import shutil
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,9 +127,12 @@ def save_checkpoint(run_dir: Path, name: str, model: torch.nn.Module, cfg, codec
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": str(FORMAT)})
         (tmp / CONFIG_FILE).write_text(config_mod.dump_yaml(cfg), encoding="utf-8")
         (tmp / VOCAB_FILE).write_text(codec.to_json(), encoding="utf-8")
+        save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": str(FORMAT)})
+        # safetensors creates its file readable by the owner only; the weights get the mode the umask gave
+        # the run's other files, so whoever may read a run's config may read its model too
+        os.chmod(tmp / MODEL_FILE, stat.S_IMODE(os.stat(tmp / CONFIG_FILE).st_mode))
         files = [MODEL_FILE, CONFIG_FILE, VOCAB_FILE]
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_FILE)

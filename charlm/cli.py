@@ -230,8 +230,15 @@ def train(
         if result.val_loss is not None:
             # the checkpoint was chosen on a slice of the split, whose loss is not comparable with the whole's
             best = _figure(result.best_val_loss, '.4f')
-            best = (f"best/ chosen at {best} on the first {result.best_val_tokens:,} validation tokens"
-                    if result.best_val_tokens else f"best {best}")
+            if result.best_val_tokens:
+                from .runs import read_manifest
+
+                step = (read_manifest(Path(result.run_dir), "best") or {}).get("step")
+                which = ("best/ holds this model, chosen" if step == result.steps
+                         else f"best/ (step {step:,}) chosen" if isinstance(step, int) else "best/ chosen")
+                best = f"{which} at {best} on the first {result.best_val_tokens:,} validation tokens"
+            else:
+                best = f"best {best}"
             _out(f"val loss        {_figure(result.val_loss, '.4f')} nats/token, perplexity "
                  f"{_figure(result.val_perplexity, '.2f')}, {_figure(result.val_bits_per_char, '.4f')} bits/char "
                  f"({best})")
@@ -438,7 +445,8 @@ def _print_scores(results, per_token: bool, as_json: bool, tokenizer) -> None:
 @app.command("eval")
 def eval_(
     run_dir: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint folder inside it).")],
-    file: Annotated[Path, typer.Option("--file", "-f", help="Text file to evaluate, read as one stream.")],
+    file: Annotated[Path, typer.Option("--file", "-f", help="Text file to evaluate, read as one stream "
+                                                            "(-: standard input).")],
     streams: Annotated[int, typer.Option(help="Parallel streams; 1 (default) is the exact likelihood of the file.")] = 1,
     encoding: Annotated[Optional[str], typer.Option(help="Text encoding of --file (default: the run's data.encoding).")] = None,
     errors: Annotated[str, typer.Option(help="Undecodable bytes in --file: strict refuses it, replace substitutes U+FFFD.")] = "strict",
@@ -461,11 +469,13 @@ def eval_(
         _check_errors(errors)
         dev = resolve_device(device)
         model, codec, saved = _load(run_dir, dev, checkpoint)
+        if str(file) == "-" and sys.stdin.isatty():
+            print("charlm: reading the text to evaluate from standard input (end with Ctrl-D)", file=sys.stderr)
         r = evaluate_file(model, codec, file, streams, encoding or saved.cfg.data.encoding, errors, dev)
         if as_json:
             _out(json.dumps(asdict(r)))
             return
-        _out(f"file            {r.file}")
+        _out(f"file            {r.file}{' (standard input)' if r.file == '-' else ''}")
         _out(f"tokens          {r.tokens:,} ({r.characters:,} characters, {r.lines:,} "
              f"line{'' if r.lines == 1 else 's'}, {r.oov:,} OOV)")
         _out(f"loss            {r.loss:.4f} nats/token")
@@ -506,7 +516,7 @@ def info(
         from .checkpoint import load_run
         from .config import dump_yaml
         from .model import count_parameters
-        from .runs import whole_split_loss
+        from .runs import summarize, whole_split_loss
 
         model, codec, saved = load_run(run_dir, "cpu")
         m = saved.manifest
@@ -514,10 +524,12 @@ def info(
         whole = whole_split_loss(saved.folder.parent, m.get("step")) if on_slice else None
         if whole is not None:  # the same weights, read over the whole split by the final check (as runs shows)
             val_loss, on_slice = whole, False
+        run = summarize(saved.folder.parent)  # the run's own steps and time: best/ may lie far behind them
         record = {"checkpoint": str(saved.folder), "parameters": count_parameters(model),
                   "vocab_size": len(codec.vocab), "level": codec.tokenizer.level, "step": m.get("step"),
                   "epoch": m.get("epoch"), "val_loss": val_loss, "val_slice": on_slice,
-                  "elapsed": m.get("elapsed"), "config": saved.cfg.to_dict()}
+                  "elapsed": m.get("elapsed"), "run_steps": run.steps, "run_elapsed": run.elapsed,
+                  "config": saved.cfg.to_dict()}
         if as_json:
             _out(json.dumps(record, ensure_ascii=False))
             return
@@ -525,6 +537,10 @@ def info(
             value = _info_value(key, record[key])
             if key == "val_loss" and record["val_slice"] and saved.cfg.train.eval_tokens:
                 value += f" (on the first {saved.cfg.train.eval_tokens:,} validation tokens)"
+            if key == "step" and run.steps is not None and record["step"] != run.steps:
+                value += f" (this checkpoint's; the run went on to step {run.steps:,})"
+            if key == "elapsed" and run.elapsed is not None and record["step"] != run.steps:
+                value += f" (the run trained {_info_value(key, run.elapsed)})"
             _out(f"{key:15s} {value}")
         _out("config:")
         for line in dump_yaml(saved.cfg).splitlines():

@@ -363,7 +363,12 @@ def parse_override(item: str) -> tuple[str, str, Any]:
     key, sep, text = item.partition("=")
     section, dot, name = key.strip().partition(".")
     if not sep or not dot or not name:
-        raise UsageError(f"--set expects section.field=value, got '{item}'")
+        wide = [c for c in "＝．" if c in item]  # an input method's full-width forms of '=' and '.'
+        hint = ""
+        if wide:
+            narrow = " and ".join(repr(chr(ord(c) - 0xFEE0)) for c in wide)
+            hint = f" (with the ASCII {narrow}, not the full-width {' and '.join(map(repr, wide))})"
+        raise UsageError(f"--set expects section.field=value{hint}, got '{item}'")
     if section not in SECTIONS:
         raise UsageError(f"--set {item}: unknown section '{section}' (known: data, model, train)")
     try:

@@ -32,8 +32,10 @@ import os
 import random
 import re
 import shutil
+import sys
 import unicodedata
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -42,7 +44,7 @@ import torch
 from torch import Tensor
 
 from .config import DataConfig
-from .errors import RunFailure, UsageError
+from .errors import EncodingMismatch, RunFailure, UsageError
 from .runs import is_run_dir
 from .runtime import file_sha256, is_terminal
 from .tokenizer import EOS_ID, UNK_ID, SPECIALS, TextCodec, Tokenizer, Vocabulary, count_tokens, normalize
@@ -98,6 +100,9 @@ def empty_corpus(corpus: Path) -> UsageError:
 
 def _existing_file(path: Path) -> Path:
     path = Path(path)
+    if str(path) == "-":
+        raise UsageError("- names standard input, which a corpus cannot be read from: a corpus is read more than "
+                         "once (hashed, split, tokenized), so save it to a file first")
     if not path.exists():
         raise UsageError(f"file not found: {path}")
     if path.is_dir():
@@ -146,7 +151,9 @@ def _decode_error(name, offset: int, byte: bytes, encoding: str, head: bytes = b
             "pass --encoding to name its encoding (cp1252 for Western European text saved on Windows, gb18030 "
             "for simplified Chinese, big5 for traditional, shift_jis or euc_jp for Japanese, euc_kr for Korean)")
     if other and other != "cp1252":  # a multi-byte encoding: replacing its bytes would leave little of the text
-        return UsageError(f"{where}; {hint}")
+        return EncodingMismatch(f"{where}; {hint}", where, other)
+    if other:
+        return EncodingMismatch(f"{where}; {hint}, or --errors replace to substitute bad bytes", where, other)
     return UsageError(f"{where}; {hint}, or --errors replace to substitute bad bytes")
 
 
@@ -267,17 +274,18 @@ def decode(raw: bytes, name: str, encoding: str = "utf-8", errors: str = "strict
 
 def read_text(path: Path, encoding: str = "utf-8", errors: str = "strict") -> str:
     """Read a whole (small) text file; a decoding error names the byte offset and how to proceed. The file
-    is opened once, so a pipe (`--file <(...)`, /dev/stdin) is read whole too."""
-    path = _existing_file(path)
+    is opened once, so a pipe (`--file <(...)`, /dev/stdin) is read whole too, and so is `-`, standard input."""
+    stdin = str(path) == "-"
+    path = path if stdin else _existing_file(path)
     try:
-        with open(path, "rb") as fh:
+        with nullcontext(sys.stdin.buffer) if stdin else open(path, "rb") as fh:
             head = fh.read(65536)
             if _looks_wide_or_binary(head, encoding):  # refused before the rest is read (/dev/zero)
-                raise _binary_error(path, head[:4])
+                raise _binary_error("standard input" if stdin else path, head[:4])
             raw = head + fh.read()
     except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
-    return decode(raw, str(path), encoding, errors)
+        raise UsageError(f"cannot read {'standard input' if stdin else path}: {exc.strerror or exc}") from None
+    return decode(raw, "standard input" if stdin else str(path), encoding, errors)
 
 
 def _safe_cut(text: str, level: str) -> int:
@@ -626,7 +634,12 @@ def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextC
             train_enc = encode_to_file(corpus, cfg, codec, 0, cut, out, bar.update)
         with open(tmp / "val.bin", "wb") as out:
             if val is not None:
-                val_enc = encode_to_file(val, cfg, codec, 0, None, out, bar.update)
+                try:
+                    val_enc = encode_to_file(val, cfg, codec, 0, None, out, bar.update)
+                except EncodingMismatch as exc:  # "pass --encoding X" would move the error onto the corpus
+                    raise UsageError(f"{exc.where}; it reads as {exc.reads_as}, but --encoding ({cfg.encoding}) is "
+                                     f"the encoding of the corpus and of --val alike: save {val} in {cfg.encoding}, "
+                                     f"as {corpus} is") from None
             else:
                 val_enc = encode_to_file(corpus, cfg, codec, cut, size, out, bar.update)
     except OSError as exc:  # a full disk or a folder that vanished: nothing half-written stays behind

@@ -30,6 +30,16 @@ class UsageError(CharlmError):
         super().__init__(message, EXIT_USAGE)
 
 
+class EncodingMismatch(UsageError):
+    """A file that does not decode in the encoding given but reads in another (`reads_as`); `where` says
+    which byte failed."""
+
+    def __init__(self, message: str, where: str, reads_as: str):
+        super().__init__(message)
+        self.where = where
+        self.reads_as = reads_as
+
+
 class RunFailure(CharlmError):
     """Something went wrong while running: NaN loss, out of memory, disk full (exit 1)."""
 

@@ -230,10 +230,10 @@ def summarize(run_dir: Path, name: str | None = None) -> RunSummary:
     except (OSError, ValueError, yaml.YAMLError, AttributeError):
         problems.append(f"unreadable {CONFIG_FILE}")
 
-    manifests = {name: _manifest(run_dir, name) for name in CHECKPOINTS}  # each read once
+    manifests = {name: read_manifest(run_dir, name) for name in CHECKPOINTS}  # each read once
     saved = [m for m in manifests.values() if m is not None]  # best/'s first, as the commands read them
     manifest = saved[0] if saved else None
-    problems += _damaged_checkpoints(run_dir)
+    problems += _damaged_checkpoints(run_dir, manifests)
     no_checkpoint_at = len(problems)  # "no checkpoint" goes here once the metrics say whether the run ended
     if manifest is not None:
         s.parameters = _int(manifest.get("parameters"))
@@ -312,22 +312,23 @@ def _display_name(path: Path, folder: Path) -> str:
     return path.name if str(rel) == "." else rel.as_posix()
 
 
-def _damaged_checkpoints(run_dir: Path) -> list[str]:
+def _damaged_checkpoints(run_dir: Path, manifests: dict[str, dict | None]) -> list[str]:
     """What is wrong with the checkpoint folders that are there (a run without best/ is fine): a missing
-    or unreadable manifest. The weights' hashes are checked when a command loads them, not here."""
+    or unreadable manifest, or a file it lists that is not there. The weights' hashes are checked when a
+    command loads them, not here: that would read every model."""
     problems = []
     for name in CHECKPOINTS:
         if not (run_dir / name).is_dir():
             continue
-        try:
-            manifest = json.loads((run_dir / name / MANIFEST_FILE).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            problems.append(f"no {name}/{MANIFEST_FILE}")
+        manifest = manifests[name]
+        if manifest is None:
+            there = (run_dir / name / MANIFEST_FILE).exists()
+            problems.append(f"{'unreadable' if there else 'no'} {name}/{MANIFEST_FILE}")
             continue
-        except (OSError, ValueError):
-            manifest = None
-        if not isinstance(manifest, dict):
-            problems.append(f"unreadable {name}/{MANIFEST_FILE}")
+        files = manifest.get("files")
+        missing = [f for f in files if not (run_dir / name / str(f)).is_file()] if isinstance(files, dict) else []
+        if missing:
+            problems.append(f"no {name}/{missing[0]}")
     return problems
 
 
@@ -350,7 +351,7 @@ def _loss_of_best(manifest: dict | None, vals: list[dict]) -> tuple[float, float
     return loss, _number(record.get("val_bpc")), on_slice, _int(record.get("val_tokens")) if on_slice else None
 
 
-def _manifest(run_dir: Path, name: str) -> dict | None:
+def read_manifest(run_dir: Path, name: str) -> dict | None:
     """The manifest of the checkpoint `name` of a run, or None where it is missing or unreadable."""
     try:
         manifest = json.loads((run_dir / name / MANIFEST_FILE).read_text(encoding="utf-8"))

@@ -16,6 +16,7 @@ from torch import Tensor
 from .config import MAX_SEED
 from .errors import UsageError
 from .model import RNNLM
+from .score import LOGIT_BUDGET
 from .stepper import Stepper
 from .tokenizer import EOS_ID, UNK_ID, TextCodec
 
@@ -123,18 +124,40 @@ def iter_samples(model: RNNLM, codec: TextCodec, prime: str = "", max_length: in
     shown = prime[:-1] if prime.endswith("\r") else prime  # a line end the tokenizer drops too ("a\r")
     shown_prime = _Prime(shown, last_words[-1] if last_words else None)
     prime_unk = sum(1 for i in prime_ids if i == UNK_ID)
+    primed = _read_prime(model, prime_ids, device)
     for first in range(0, num_samples, GROUP):
-        yield from _group(model, codec, prime_ids, shown_prime, prime_unk, min(GROUP, num_samples - first),
+        yield from _group(model, codec, primed, shown_prime, prime_unk, min(GROUP, num_samples - first),
                           max_length, temperature, top_k, top_p, allow_unk, generator, device)
 
 
 @torch.no_grad()
-def _group(model: RNNLM, codec: TextCodec, prime_ids: list[int], prime: _Prime, prime_unk: int, n: int,
+def _read_prime(model: RNNLM, prime_ids: list[int], device: torch.device | str, window: int = 256):
+    """The logits (1, V) after `<eos>` and the prime, and the state there: read once for all the samples (the
+    same for each), in windows of at most `window` tokens and LOGIT_BUDGET scores, so that a long prime costs
+    memory neither by its length nor by the number of samples."""
+    ids = torch.tensor([[EOS_ID] + prime_ids], device=device)
+    steps = max(1, min(window, LOGIT_BUDGET // model.output_width))
+    state = None
+    for begin in range(0, ids.shape[1], steps):
+        logits, state = model(ids[:, begin:begin + steps], state)
+    return logits[:, -1], state
+
+
+def _rows(primed, n: int):
+    """The prime's logits and state repeated for n samples."""
+    logits, state = primed
+    if isinstance(state, tuple):
+        state = tuple(s.expand(-1, n, -1).contiguous() for s in state)
+    else:
+        state = state.expand(-1, n, -1).contiguous()
+    return logits.expand(n, -1).contiguous(), state
+
+
+@torch.no_grad()
+def _group(model: RNNLM, codec: TextCodec, primed, prime: _Prime, prime_unk: int, n: int,
            max_length: int, temperature: float, top_k: int, top_p: float, allow_unk: bool,
            generator: torch.Generator, device: torch.device | str) -> list[Sample]:
-    start = torch.tensor([[EOS_ID] + prime_ids] * n, device=device)  # (n, 1 + P)
-    logits, state = model(start)
-    logits = logits[:, -1]  # (n, V)
+    logits, state = _rows(primed, n)  # (n, V), and the state after the prime for each of the n samples
     if top_k == 0 and top_p == 1.0 and not model.adaptive:
         ids, step_logp = _sample_fast(model, logits, state, max_length, temperature, allow_unk, generator)
     else:

@@ -39,9 +39,9 @@ from .config import SAVED_BEFORE, Config, dump_yaml, unread_settings
 from .data import (Splits, batchify, check_text_file, check_trainable, check_vocabulary, eval_streams,
                    fresh_windows, line_starts, prepare, split_point, window, windows_per_epoch)
 from .errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, RunFailure, UsageError, is_out_of_memory
-from .model import (EvaluationStopped, RNNLM, build_model, check_new_model, count_parameters, detach_state,
-                    perplexity, stream_nll)
-from .runs import check_room_for_a_new_run, run_folder_of
+from .model import (EvaluationStopped, RNNLM, adaptive_cutoffs, build_model, check_new_model, count_parameters,
+                    detach_state, perplexity, stream_nll)
+from .runs import METRICS_FILE, check_room_for_a_new_run, read_metrics, run_folder_of
 from .runtime import Distributed, file_sha256, init_distributed, is_terminal, seed_everything
 from .tokenizer import unsegmented_cjk
 
@@ -233,15 +233,29 @@ def new_run_dir(out: Path | None, corpus: Path) -> Path:
 def check_new_run_dir(run_dir: Path) -> None:
     """What a new run's folder must not be, checked without writing anything (so by every process, and by
     `--nproc` before its workers start): a checkpoint folder or a folder inside one, a file, a folder that
-    already holds a run (best/ or last/, or one of them caught mid-swap as .old), a folder of runs or a
-    folder inside a run."""
+    already holds a run (best/ or last/, or one of them caught mid-swap as .old) or the files a run writes
+    beside them (a user's own config.yaml, say), a folder of runs or a folder inside a run."""
     ckpt.check_new_run_folder(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out {run_dir} is a file, not a folder: name a folder for the run")
     if any((run_dir / name).exists() for name in ("last", "best", "last.old", "best.old")):
         raise UsageError(f"run folder {run_dir} already holds a run: continue it with --resume {run_dir} "
                          f"or choose another --out")
+    taken = [name for name in (ckpt.CONFIG_FILE, ckpt.VOCAB_FILE, METRICS_FILE) if (run_dir / name).exists()]
+    if taken and not _started_here_before(run_dir):  # `--out .` where the user keeps a config.yaml of their own
+        them = "it" if len(taken) == 1 else "them"
+        raise UsageError(f"run folder {run_dir} already holds {', '.join(taken)}, which a new run would "
+                         f"replace: choose another --out (a folder of its own), or move {them} away")
     check_room_for_a_new_run(run_dir)
+
+
+def _started_here_before(run_dir: Path) -> bool:
+    """Whether a run's log begins the folder's metrics.jsonl: a run that stopped before its first checkpoint,
+    whose files a new run replaces (not a folder of the user's own files)."""
+    try:
+        return read_metrics(run_dir).start is not None
+    except UsageError:  # no metrics.jsonl
+        return False
 
 
 def _check_writable(run_dir: Path) -> None:
@@ -487,7 +501,7 @@ def _read_corpus(cfg: Config, corpus: Path, val: Path | None, resume: Path | Non
     return splits
 
 
-def _note_unread(cfg: Config, log_stream) -> None:
+def _note_unread(cfg: Config, vocab_size: int, log_stream) -> None:
     """A note on the settings that this run never reads: the user may believe that they changed something.
     Said when a run starts (a resume may not change any of them)."""
     unread = unread_settings(cfg)
@@ -495,6 +509,10 @@ def _note_unread(cfg: Config, log_stream) -> None:
         listed = "; ".join(f"{section}.{name} (for {readers})" for section, name, readers in unread)
         print(f"charlm: note: {'this setting has' if len(unread) == 1 else 'these settings have'} no effect on "
               f"this run: {listed}", file=log_stream)
+    if cfg.model.softmax == "adaptive" and not adaptive_cutoffs(cfg.model, vocab_size):
+        print(f"charlm: note: model.softmax adaptive has no cluster at a vocabulary of {vocab_size:,} (no "
+              f"model.adaptive_cutoffs '{cfg.model.adaptive_cutoffs}' lies below {vocab_size - 1:,}): this run "
+              f"has a full softmax; set cutoffs inside the vocabulary to split it", file=log_stream)
 
 
 def _note_data(cfg: Config, splits: Splits, corpus: Path, val: Path | None, log_stream) -> None:
@@ -534,6 +552,7 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
         raise UsageError("no corpus: pass --corpus PATH")
     run_dir = new_run_dir(out, corpus)
     if resume is None:
+        check_text_file(Path(corpus), cfg.data.encoding)  # first: a mistyped corpus is not "a run is there"
         check_new_run_dir(run_dir)
     if dist.is_main:
         try:  # made here, not only missing a moment ago: a run refused by another's lock removes no folder
@@ -556,7 +575,7 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
     if dist.is_main:
         _note_data(cfg, splits, corpus, val, log_stream)
         if saved is None:
-            _note_unread(cfg, log_stream)
+            _note_unread(cfg, len(splits.codec.vocab), log_stream)
     share = t.batch_size // dist.world
     rows = batchify(splits.train, t.batch_size)[dist.rank * share:(dist.rank + 1) * share]  # (B/W, N // B)
     n_windows = windows_per_epoch(rows, t.seq_len)
@@ -715,7 +734,7 @@ class _Loop:
         self.reading = None if splits.val is None else f"{splits.val_sha256 or 'corpus'}/{self.t.eval_batch_size}"
         if p.best_val_text is None:  # a new run, or a trainer state saved before this was kept
             p.best_val_text = self.reading
-        self.log = _Log(run_dir / "metrics.jsonl" if dist.is_main else None, p.step if resumed else None)
+        self.log = _Log(run_dir / METRICS_FILE if dist.is_main else None, p.step if resumed else None)
 
     def run(self) -> TrainResult:
         p, t = self.p, self.t
@@ -997,7 +1016,7 @@ class _Loop:
                              p.best_val_tokens if best is not None else None)
         if not self.dist.is_main:
             return result
-        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+        with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as fh:
             fh.write(json.dumps({"event": "end", **asdict(result)}) + "\n")
         vocab_size = len(self.splits.codec.vocab)
         uniform = math.log(vocab_size)  # the loss of a model that gives every token alike

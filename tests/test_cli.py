@@ -572,8 +572,10 @@ def test_train_human_output_states_the_figures_of_the_runs_end_record(cli, write
     assert lines[1].startswith(f"steps           8 ({end['epochs']:.2f} epochs, ")
     assert lines[1].endswith(", stopped by max_steps)")
     assert lines[2] == f"train loss      {end['train_loss']:.4f}"
+    step = json.loads((out / "best" / "manifest.json").read_text(encoding="utf-8"))["step"]
+    which = "best/ holds this model, chosen" if step == 8 else f"best/ (step {step}) chosen"
     assert lines[3] == (f"val loss        {end['val_loss']:.4f} nats/token, perplexity {end['val_perplexity']:.2f}, "
-                        f"{end['val_bits_per_char']:.4f} bits/char (best/ chosen at {end['best_val_loss']:.4f} on the first "
+                        f"{end['val_bits_per_char']:.4f} bits/char ({which} at {end['best_val_loss']:.4f} on the first "
                         f"30 validation tokens)")
     assert end["best_val_tokens"] == 30
     assert lines[5] == f"parameters      {end['parameters']:,}"

@@ -354,3 +354,30 @@ def test_a_single_sample_stops_stepping_at_its_eos(monkeypatch):
     (s,) = generate(model, char_codec("ab"), max_length=200, seed=0)
     assert s.stopped_at == "eos" and s.tokens == ["<eos>"]
     assert len(steps) == 0
+
+
+@pytest.mark.parametrize("cell, options", [("lstm", {}), ("gru", {"top_k": 2})])
+def test_a_long_prime_is_read_once_in_windows_whatever_the_number_of_samples(monkeypatch, cell, options):
+    """Catches: the prime read by every sample at once, (samples x prime length) tokens in one call: a
+    5,000-character prime with 256 samples took 5.4 GB (300 MB for one sample). It is read once, at most 256
+    tokens a call, and each sample goes on from its state as if it had read the prime itself."""
+    model, codec = random_model(cell, vocab_size=4), char_codec("ab")
+    prime = "ab" * 300 + "a"
+    expected = generate(model, codec, prime=prime, max_length=4, num_samples=3, seed=5, **options)
+    forward, seen = type(model).forward, []
+
+    def counting(self, tokens, state=None, targets=None):
+        seen.append(tuple(tokens.shape))
+        return forward(self, tokens, state, targets)
+
+    monkeypatch.setattr(type(model), "forward", counting)
+    got = generate(model, codec, prime=prime, max_length=4, num_samples=3, seed=5, **options)
+    reads = [shape for shape in seen if shape[1] > 1]  # the steps of sampling read one token each
+    assert reads == [(1, 256), (1, 256), (1, 90)]  # <eos> and the 601 characters of the prime
+    assert [g.tokens for g in got] == [e.tokens for e in expected]
+    for s in got:  # each sample's log-probability given the prime, by one pass over prime and sample together
+        ids = codec.vocab.encode(s.tokens)
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([[EOS_ID] + codec.encode_line(prime) + ids[:-1]]))
+        logp = torch.log_softmax(logits[0, -len(ids):].double(), -1)
+        assert s.logprob == pytest.approx(float(logp.gather(1, torch.tensor(ids)[:, None]).sum()), abs=1e-5)

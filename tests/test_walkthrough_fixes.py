@@ -1,0 +1,190 @@
+"""What a learner's walkthrough found (2026-12-07): each test fails on the code before its fix."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+from typer.testing import CliRunner
+
+from charlm.cli import app
+from charlm.runs import summarize
+
+from conftest import PROJECT_ROOT, TINY_TEXT
+
+TINY_CONFIG = PROJECT_ROOT / "configs" / "tiny.yaml"
+
+
+@pytest.fixture
+def cli():
+    runner = CliRunner()
+
+    def invoke(*args, input=None):
+        return runner.invoke(app, [str(a) for a in args], input=input)
+
+    return invoke
+
+
+def one_error_line(result, fragment: str) -> str:
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("charlm: error: ") and fragment in lines[0], result.stderr
+    return lines[0]
+
+
+def test_a_new_run_into_a_folder_of_the_users_own_files_is_refused_and_replaces_none(cli, write_corpus, tmp_path):
+    """Catches: `--out .` where the user keeps a config.yaml (the one passed to -c, say) and other files: the
+    run replaced config.yaml with its resolved config and metrics.jsonl with its log, exit 0."""
+    corpus = write_corpus(TINY_TEXT)
+    folder = tmp_path / "project"
+    folder.mkdir()
+    mine = "# my own config, with comments\nmodel:\n  hidden_size: 16\n"
+    (folder / "config.yaml").write_text(mine, encoding="utf-8")
+    (folder / "metrics.jsonl").write_text("my notes\n", encoding="utf-8")
+    line = one_error_line(cli("train", "-c", folder / "config.yaml", "--corpus", corpus, "--out", folder,
+                              "--max-steps", 2, "--quiet"), "already holds config.yaml, metrics.jsonl")
+    assert "choose another --out" in line
+    assert (folder / "config.yaml").read_text(encoding="utf-8") == mine
+    assert (folder / "metrics.jsonl").read_text(encoding="utf-8") == "my notes\n"
+    assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "metrics.jsonl"]
+
+
+def test_a_new_run_into_a_folder_of_other_files_trains(cli, write_corpus, tmp_path):
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine\n", encoding="utf-8")
+    result = cli("train", "-c", TINY_CONFIG, "--corpus", write_corpus(TINY_TEXT), "--out", folder, "--max-steps", 2,
+                 "--quiet")
+    assert result.exit_code == 0, result.output
+    assert (folder / "notes.txt").read_text(encoding="utf-8") == "mine\n" and (folder / "best").is_dir()
+
+
+def test_a_mistyped_corpus_is_not_found_even_where_its_default_run_folder_holds_a_run(cli, write_corpus, tmp_path,
+                                                                                       monkeypatch):
+    """Catches: the default --out (runs/<the corpus's name>) checked before the corpus: a typo in the corpus's
+    suffix was answered 'run folder runs/zh already holds a run: continue it with --resume'."""
+    monkeypatch.chdir(tmp_path)
+    corpus = write_corpus(TINY_TEXT, "zh.txt")
+    assert cli("train", "-c", TINY_CONFIG, "--corpus", corpus, "--max-steps", 2, "--quiet").exit_code == 0
+    assert (tmp_path / "runs" / "zh" / "best").is_dir()
+    one_error_line(cli("train", "-c", TINY_CONFIG, "--corpus", tmp_path / "zh.tx", "--max-steps", 2, "--quiet"),
+                   "file not found")
+
+
+def test_corpus_dash_is_told_that_a_corpus_must_be_a_file(cli, tmp_path):
+    """Catches: `--corpus -` answered 'file not found: -', where /dev/stdin is told why a pipe will not do."""
+    line = one_error_line(cli("train", "-c", TINY_CONFIG, "--corpus", "-", "--out", tmp_path / "run", input="a\n"),
+                          "standard input")
+    assert "save it to a file" in line
+
+
+def test_eval_reads_standard_input_as_a_file(cli, tiny_run):
+    """`eval --file -` reads standard input as it reads a file (it said 'file not found: -')."""
+    piped = cli("eval", tiny_run["run_dir"], "--file", "-", "--json", input=TINY_TEXT)
+    assert piped.exit_code == 0, piped.output
+    from_file = cli("eval", tiny_run["run_dir"], "--file", tiny_run["corpus"], "--json")
+    a, b = json.loads(piped.stdout), json.loads(from_file.stdout)
+    assert a["file"] == "-" and a["loss"] == b["loss"] and a["tokens"] == b["tokens"] == len(TINY_TEXT)
+    assert "(standard input)" in cli("eval", tiny_run["run_dir"], "--file", "-", input=TINY_TEXT).stdout
+    one_error_line(cli("eval", tiny_run["run_dir"], "--file", "-", input=""), "holds no text")
+
+
+def test_the_weights_are_as_readable_as_the_other_files_of_a_run(write_corpus, tmp_path):
+    """Catches: model.safetensors written owner-only (safetensors' own file creation) while config.yaml,
+    vocab.json and manifest.json follow the umask: others could read a run's config but not its model."""
+    from charlm.train import train
+
+    from conftest import tiny_config
+
+    old = os.umask(0o022)
+    try:
+        train(tiny_config(train__max_steps=2), write_corpus(TINY_TEXT), out=tmp_path / "run", show_progress=False)
+    finally:
+        os.umask(old)
+    for name in ("best", "last"):
+        folder = tmp_path / "run" / name
+        modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in folder.iterdir()}
+        assert modes["model.safetensors"] == modes["config.yaml"] == 0o644, modes
+
+
+def test_runs_lists_a_run_whose_checkpoint_lost_its_weights_as_broken(tiny_run, tmp_path):
+    """Catches: `charlm runs` showing 'done' for a run whose best/model.safetensors is gone, which every
+    command that loads it refuses."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run["run_dir"], copy)
+    assert summarize(copy).status == "done"
+    (copy / "best" / "model.safetensors").unlink()
+    s = summarize(copy)
+    assert s.status == "broken" and s.problem == "no best/model.safetensors"
+
+
+def test_an_adaptive_softmax_without_a_cluster_is_noted(cli, write_corpus, tmp_path):
+    """Catches: model.softmax adaptive over a vocabulary below every cutoff (the defaults 2000,10000 on a
+    small Chinese corpus, as the README suggests it) trained a full softmax without a word."""
+    corpus = write_corpus(TINY_TEXT)
+    result = cli("train", "-c", TINY_CONFIG, "--corpus", corpus, "--out", tmp_path / "a", "--max-steps", 2,
+                 "--set", "model.softmax=adaptive", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "model.softmax adaptive has no cluster at a vocabulary of" in result.stderr
+    assert "full softmax" in result.stderr
+    split = cli("train", "-c", TINY_CONFIG, "--corpus", corpus, "--out", tmp_path / "b", "--max-steps", 2,
+                "--set", "model.softmax=adaptive", "--set", "model.adaptive_cutoffs=5", "--quiet")
+    assert split.exit_code == 0, split.output
+    assert "no cluster" not in split.stderr
+
+
+def _slice_run(cli, corpus, out, steps, lr):
+    return cli("train", "-c", TINY_CONFIG, "--corpus", corpus, "--out", out, "--max-steps", steps, "--quiet",
+               "--set", "train.eval_tokens=50", "--set", "train.eval_interval=5", "--set", f"train.lr={lr}",
+               "--set", "train.schedule=constant")
+
+
+def test_train_says_when_best_holds_the_final_model_and_info_gives_the_runs_own_steps(cli, write_corpus, tmp_path):
+    """Catches: train's 'val loss 4.58 (best/ chosen at 4.54 on the first 200 validation tokens)' where best/
+    is the final model, read as 'best/ is another, worse model'; and info showing best/'s step and time as
+    if they were the run's (step 100, 0.7 s for a run of 1,349 steps and 15 s)."""
+    corpus = write_corpus(TINY_TEXT)
+    final = _slice_run(cli, corpus, tmp_path / "final", 5, 0.01)
+    assert final.exit_code == 0, final.output
+    assert "(best/ holds this model, chosen at" in final.stdout
+    record = json.loads(cli("info", tmp_path / "final", "--json").stdout)
+    assert record["step"] == record["run_steps"] == 5
+    assert "the run went on" not in cli("info", tmp_path / "final").stdout
+    # a rate far too high: the loss on the slice rises after the first checks, so best/ stays behind
+    behind = _slice_run(cli, corpus, tmp_path / "behind", 40, 5.0)
+    assert behind.exit_code == 0, behind.output
+    record = json.loads(cli("info", tmp_path / "behind", "--json").stdout)
+    assert record["run_steps"] == 40 and record["step"] < 40
+    assert f"(best/ (step {record['step']:,}) chosen at" in behind.stdout
+    table = dict(line.split(None, 1) for line in cli("info", tmp_path / "behind").stdout.splitlines()[:8])
+    assert table["step"] == f"{record['step']:,} (this checkpoint's; the run went on to step 40)"
+    assert table["elapsed"].endswith(f"(the run trained {record['run_elapsed']:.1f} s)")
+
+
+def test_a_validation_file_in_another_encoding_than_the_corpus_is_told_to_match_it(cli, tmp_path):
+    """Catches: --val in UTF-8 beside a GBK corpus (--encoding gbk) answered 'it reads as utf-8: pass
+    --encoding utf-8', which moves the error onto the corpus: --encoding is the encoding of both."""
+    text = "春眠不觉晓，处处闻啼鸟。\n夜来风雨声，花落知多少。\n" * 40
+    corpus, val = tmp_path / "zh_gbk.txt", tmp_path / "zh_utf8.txt"
+    corpus.write_bytes(text.encode("gbk"))
+    val.write_bytes(text.encode("utf-8"))
+    line = one_error_line(cli("train", "-c", TINY_CONFIG, "--corpus", corpus, "--encoding", "gbk", "--val", val,
+                              "--out", tmp_path / "run", "--max-steps", 2, "--quiet"), f"{val} is not valid gbk")
+    assert "it reads as utf-8, but --encoding (gbk) is the encoding of the corpus and of --val alike" in line
+    assert "pass --encoding" not in line
+
+
+@pytest.mark.parametrize("item, hint", [("train.lr＝0.1", "with the ASCII '=', not the full-width '＝'"),
+                                        ("train．lr＝0.1", "with the ASCII '=' and '.', not the full-width '＝' and '．'")])
+def test_a_set_written_with_full_width_forms_is_told_so(item, hint):
+    """Catches: `--set train.lr＝0.1` (an input method's full-width '=') answered only 'expects
+    section.field=value', which the user believes to have written."""
+    from charlm.config import parse_override
+    from charlm.errors import UsageError
+
+    with pytest.raises(UsageError, match=hint):
+        parse_override(item)
