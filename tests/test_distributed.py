@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -220,7 +221,14 @@ def test_nproc_names_the_worker_that_failed_first_when_it_died_without_a_word(se
                              str(corpus), "--out", str(tmp / "silent"), "--max-steps", "12", "--quiet",
                              "--nproc", "2"], cwd=tmp, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode != 0
-    assert "local rank 1 failed first, with exit code 3" in result.stderr, result.stderr
+    # torchrun names the worker it saw fail first. Rank 0 fails a moment after rank 1 (the broken connection),
+    # and once in a while on a loaded machine it has died too (SIGABRT as gloo's threads go down) before
+    # torchrun looks: then torchrun, and so charlm, names rank 0 and its signal (seen once in a full run)
+    named = re.search(r"the worker of local rank (\d) (failed first, with exit code (\d+)|was killed by signal 6)$",
+                      result.stderr, re.M)
+    assert named, result.stderr
+    rank, code = named.group(1), named.group(3)
+    assert (rank, code) == ("1", "3") or (rank == "0" and code is None), result.stderr
     # torchrun's own report is held back (what the dying rank 0 prints of itself is not)
     assert "ChildFailedError" not in result.stderr and "torch/distributed/run.py" not in result.stderr
 
