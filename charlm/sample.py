@@ -136,7 +136,8 @@ def _read_prime(model: RNNLM, prime_ids: list[int], device: torch.device | str, 
     same for each), in windows of at most `window` tokens and LOGIT_BUDGET scores, so that a long prime costs
     memory neither by its length nor by the number of samples."""
     ids = torch.tensor([[EOS_ID] + prime_ids], device=device)
-    steps = max(1, min(window, LOGIT_BUDGET // model.output_width))
+    # without targets even an adaptive softmax gives every position its whole distribution
+    steps = max(1, min(window, LOGIT_BUDGET // model.vocab_size))
     state = None
     for begin in range(0, ids.shape[1], steps):
         logits, state = model(ids[:, begin:begin + steps], state)
