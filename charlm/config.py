@@ -358,15 +358,18 @@ def read_yaml(path: Path) -> dict:
     return {} if raw is None else raw
 
 
+_WIDE_FORMS = {"＝": "=", "．": ".", "。": "."}  # U+3002, the ideographic full stop, is a Chinese '.' key's default
+
+
 def parse_override(item: str) -> tuple[str, str, Any]:
     """Split `section.field=value`; the value is read as a YAML scalar (3, 1e-3, true, null, text)."""
     key, sep, text = item.partition("=")
     section, dot, name = key.strip().partition(".")
     if not sep or not dot or not name:
-        wide = [c for c in "＝．" if c in item]  # an input method's full-width forms of '=' and '.'
+        wide = [c for c in _WIDE_FORMS if c in item]  # what an input method types for '=' and '.'
         hint = ""
         if wide:
-            narrow = " and ".join(repr(chr(ord(c) - 0xFEE0)) for c in wide)
+            narrow = " and ".join(dict.fromkeys(repr(_WIDE_FORMS[c]) for c in wide))
             hint = f" (with the ASCII {narrow}, not the full-width {' and '.join(map(repr, wide))})"
         raise UsageError(f"--set expects section.field=value{hint}, got '{item}'")
     if section not in SECTIONS:

@@ -54,8 +54,9 @@ WORD_BLOCK_BYTES = 1 << 20  # ... or 1 MiB (words: a token as a Python string co
 # Characters held back at most while the text read so far has no safe place to end. A full block has more
 # characters than this, so only a whole block without one (nothing but combining marks) is passed on uncut.
 MAX_CARRY = 1 << 20
-CACHE_FORMAT = 4  # 2: U+3000 is white space at word level (it was a token); 3: a UTF-8 mark is not text;
-#                 4: a block of a long line no longer ends where NFC or lowercasing joins across the cut
+CACHE_FORMAT = 5  # 2: U+3000 is white space at word level (it was a token); 3: a UTF-8 mark is not text;
+#                 4: a block of a long line no longer ends where NFC or lowercasing joins across the cut;
+#                 5: lowercased text is composed again (tokenizer.normalize), at character level too
 
 
 # ---------------------------------------------------------------- reading text
@@ -318,7 +319,7 @@ def _composes(text: str, i: int) -> bool:
     writes a capital sigma as final or not by what follows it. A cut before text[i] would change the tokens."""
     a, b = text[max(i - 8, 0):i], text[i:i + 8]
     whole = normalize(a + b)
-    return whole != normalize(a) + normalize(b) or whole.lower() != normalize(a, True) + normalize(b, True)
+    return whole != normalize(a) + normalize(b) or normalize(a + b, True) != normalize(a, True) + normalize(b, True)
 
 
 def iter_text(path: Path, start: int = 0, end: int | None = None, encoding: str = "utf-8",
@@ -639,7 +640,8 @@ def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextC
                 except EncodingMismatch as exc:  # "pass --encoding X" would move the error onto the corpus
                     raise UsageError(f"{exc.where}; it reads as {exc.reads_as}, but --encoding ({cfg.encoding}) is "
                                      f"the encoding of the corpus and of --val alike: save {val} in {cfg.encoding}, "
-                                     f"as {corpus} is") from None
+                                     f"as {corpus} is, or pass --encoding {exc.reads_as} if {corpus} reads so too "
+                                     f"(plain ASCII does)") from None
             else:
                 val_enc = encode_to_file(corpus, cfg, codec, cut, size, out, bar.update)
     except OSError as exc:  # a full disk or a folder that vanished: nothing half-written stays behind

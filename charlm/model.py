@@ -300,10 +300,11 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, MAX_LOG_PERPLEXITY))
 
 
-# Scores a `stream_nll` pass holds at once (2^27 floats, 512 MiB): beyond it the streams are read in shorter
-# windows, and beyond one step of them in groups of rows. Training's validation does not reach it with the
-# shipped configs, nor with a full softmax over 13,777 words at their 10 streams (2^25.1), so such runs read
-# their split as before; `charlm eval --streams 1000` at that vocabulary took 7.1 GB, 1.9 GB within it.
+# Scores a `stream_nll` pass holds at once (2^27 floats, 512 MiB, about twice that with their log-softmax):
+# beyond it the streams are read in shorter windows, and beyond one step of them in groups of rows. Training's
+# validation does not reach it with the shipped configs, nor with a full softmax over 13,777 words at their
+# 10 streams (2^25.1), so such runs read their split as before; `charlm eval --streams 1000` at that
+# vocabulary took 7.1 GB, 1.9 GB within it.
 STREAM_LOGIT_BUDGET = 1 << 27
 
 

@@ -326,10 +326,26 @@ def _damaged_checkpoints(run_dir: Path, manifests: dict[str, dict | None]) -> li
             problems.append(f"{'unreadable' if there else 'no'} {name}/{MANIFEST_FILE}")
             continue
         files = manifest.get("files")
-        missing = [f for f in files if not (run_dir / name / str(f)).is_file()] if isinstance(files, dict) else []
-        if missing:
-            problems.append(f"no {name}/{missing[0]}")
+        for f in files if isinstance(files, dict) else ():
+            if not _checkpoint_file_there(run_dir / name, f):
+                problems.append(f"no {name}/{f}" if _plain_name(f) else f"{name}/{MANIFEST_FILE} names an "
+                                f"unexpected file {f!r}")
+                break
     return problems
+
+
+def _plain_name(name) -> bool:
+    """A file name a manifest may list: in its own folder, not hidden (as checkpoint.verify requires)."""
+    return isinstance(name, str) and bool(name) and not ("/" in name or "\\" in name or name.startswith("."))
+
+
+def _checkpoint_file_there(folder: Path, name) -> bool:
+    if not _plain_name(name):
+        return False
+    try:
+        return (folder / name).is_file()
+    except (OSError, ValueError):  # a name too long for the file system, or holding a NUL
+        return False
 
 
 def _loss_of_best(manifest: dict | None, vals: list[dict]) -> tuple[float, float | None, bool, int | None] | None:

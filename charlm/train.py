@@ -250,11 +250,13 @@ def check_new_run_dir(run_dir: Path) -> None:
 
 
 def _started_here_before(run_dir: Path) -> bool:
-    """Whether a run's log begins the folder's metrics.jsonl: a run that stopped before its first checkpoint,
-    whose files a new run replaces (not a folder of the user's own files)."""
+    """Whether the folder's metrics.jsonl is a run's: empty (a run writes it first, before its config.yaml and
+    vocab.json) or holding a start record. Such a run stopped before its first checkpoint, and a new run
+    replaces its files; a folder of the user's own files is left alone."""
+    path = run_dir / METRICS_FILE
     try:
-        return read_metrics(run_dir).start is not None
-    except UsageError:  # no metrics.jsonl
+        return path.stat().st_size == 0 or read_metrics(run_dir).start is not None
+    except (OSError, UsageError):  # no metrics.jsonl
         return False
 
 
@@ -582,6 +584,9 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
 
     model, net, optimizer, p, hidden = _build(cfg, splits, saved, trainer_state, resume, run_dir,
                                               slice(dist.rank * share, (dist.rank + 1) * share), device, dist)
+    if dist.is_main and resume is None:
+        # first: a run stopped before its start record is still a run's folder, not a user's (_started_here_before)
+        (run_dir / METRICS_FILE).write_text("", encoding="utf-8")
     if dist.is_main:  # on --resume too: the limits, intervals or device it changed are the run's now
         ckpt.atomic_write_text(run_dir / ckpt.CONFIG_FILE, dump_yaml(cfg))
     if trainer_state is None and dist.is_main:

@@ -249,3 +249,20 @@ def test_the_token_file_type_changes_exactly_past_256_ids(tmp_path, characters, 
     assert data.storage_dtype(len(splits.codec.vocab)) == dtype and splits.train.dtype == dtype
     assert torch.equal(splits.train.long(), data.encode(splits.codec, text))
     assert int(splits.train.long().max()) == characters + 1
+
+
+def test_a_lowercased_long_line_is_cut_where_lowering_and_composing_do_not_join_across(tmp_path, monkeypatch):
+    """Catches: the cut check comparing the text's plain lowering with the pieces normalised apart, which
+    differ wherever lowering composes ("T" + U+0308 -> U+1E97) once normalize composes again: no place was
+    safe, the held-back text grew to its bound, and the block was cut between "T" and its mark (a
+    stray "t" and "\u0308" in the vocabulary)."""
+    monkeypatch.setattr(data, "BLOCK_BYTES", 16)
+    monkeypatch.setattr(data, "MAX_CARRY", 64)
+    text = "abT\u0308" * 300 + "\n"
+    corpus = write(tmp_path / "c.txt", text)
+    pieces = list(data.iter_text(corpus, level="char"))
+    assert "".join(pieces) == text and max(len(p) for p in pieces) < 64
+    cfg = DataConfig(level="char", lowercase=True, val_fraction=0.0)
+    splits = data.prepare(cfg, corpus, cache_dir=tmp_path / "cache")
+    assert splits.codec.vocab.tokens[2:] == ["a", "b", "\u1e97"]
+    assert torch.equal(splits.train.long(), data.encode(splits.codec, text))

@@ -175,11 +175,12 @@ def test_a_validation_file_in_another_encoding_than_the_corpus_is_told_to_match_
     line = one_error_line(cli("train", "-c", TINY_CONFIG, "--corpus", corpus, "--encoding", "gbk", "--val", val,
                               "--out", tmp_path / "run", "--max-steps", 2, "--quiet"), f"{val} is not valid gbk")
     assert "it reads as utf-8, but --encoding (gbk) is the encoding of the corpus and of --val alike" in line
-    assert "pass --encoding" not in line
+    assert f"save {val} in gbk, as {corpus} is, or pass --encoding utf-8 if {corpus} reads so too" in line
 
 
 @pytest.mark.parametrize("item, hint", [("train.lr＝0.1", "with the ASCII '=', not the full-width '＝'"),
-                                        ("train．lr＝0.1", "with the ASCII '=' and '.', not the full-width '＝' and '．'")])
+                                        ("train．lr＝0.1", "with the ASCII '=' and '.', not the full-width '＝' and '．'"),
+                                        ("model。hidden_size=16", "with the ASCII '.', not the full-width '。'")])
 def test_a_set_written_with_full_width_forms_is_told_so(item, hint):
     """Catches: `--set train.lr＝0.1` (an input method's full-width '=') answered only 'expects
     section.field=value', which the user believes to have written."""
@@ -188,3 +189,46 @@ def test_a_set_written_with_full_width_forms_is_told_so(item, hint):
 
     with pytest.raises(UsageError, match=hint):
         parse_override(item)
+
+
+@pytest.mark.parametrize("name, problem", [
+    ("x" * 300, "no best/xxxx"),                      # too long for the file system: is_file() raised
+    ("../../../etc/passwd", "names an unexpected file"),  # outside the checkpoint: probed, and found, before
+    ("trainer.pt", "no best/trainer.pt"),
+])
+def test_runs_lists_a_forged_manifest_as_broken_without_failing_or_looking_outside(tiny_run, tmp_path, name,
+                                                                                   problem):
+    """Catches: `charlm runs` failing as a whole (OSError, exit 1) on one manifest that lists a name too long
+    for the file system, and counting a name outside the checkpoint folder as present."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run["run_dir"], copy)
+    manifest = json.loads((copy / "best" / "manifest.json").read_text(encoding="utf-8"))
+    manifest["files"][name] = "0" * 64
+    (copy / "best" / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    s = summarize(copy)
+    assert s.status == "broken" and problem in s.problem
+
+
+def test_a_run_stopped_before_its_start_record_does_not_block_the_same_command(write_corpus, tmp_path, monkeypatch):
+    """Catches: a run interrupted after writing config.yaml and vocab.json but before its first metrics line
+    left a folder that the same command then refused as the user's own files."""
+    from charlm import data as data_module
+    from charlm.train import train
+
+    from conftest import tiny_config
+
+    corpus, run = write_corpus(TINY_TEXT), tmp_path / "run"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(data_module, "line_starts", interrupted)
+        m.setattr("charlm.train.line_starts", interrupted, raising=False)
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny_config(train__max_steps=2), corpus, out=run, show_progress=False)
+    assert (run / "config.yaml").exists() and (run / "metrics.jsonl").read_text(encoding="utf-8") == ""
+    result = train(tiny_config(train__max_steps=2), corpus, out=run, show_progress=False)
+    assert result.steps == 2 and summarize(run).status == "done"
