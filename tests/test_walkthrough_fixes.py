@@ -1,4 +1,4 @@
-"""What a learner's walkthrough found (2026-12-07): each test fails on the code before its fix."""
+"""What a learner's walkthrough and a second review found (2026-12-07): each test fails on the code before its fix."""
 
 from __future__ import annotations
 
@@ -7,31 +7,13 @@ import os
 import stat
 
 import pytest
-from typer.testing import CliRunner
 
-from charlm.cli import app
 from charlm.runs import summarize
 
 from conftest import PROJECT_ROOT, TINY_TEXT
+from test_cli import assert_usage_error as one_error_line, cli  # noqa: F401 (cli is a fixture)
 
 TINY_CONFIG = PROJECT_ROOT / "configs" / "tiny.yaml"
-
-
-@pytest.fixture
-def cli():
-    runner = CliRunner()
-
-    def invoke(*args, input=None):
-        return runner.invoke(app, [str(a) for a in args], input=input)
-
-    return invoke
-
-
-def one_error_line(result, fragment: str) -> str:
-    assert result.exit_code == 2, (result.stdout, result.stderr)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("charlm: error: ") and fragment in lines[0], result.stderr
-    return lines[0]
 
 
 def test_a_new_run_into_a_folder_of_the_users_own_files_is_refused_and_replaces_none(cli, write_corpus, tmp_path):
