@@ -146,8 +146,8 @@ def save_checkpoint(run_dir: Path, name: str, model: torch.nn.Module, cfg, codec
         # Swap: `final` (if any) becomes `old`, then `tmp` becomes `final`. Should we die
         # between the two renames, `old` is complete and `recover` renames it back.
         if final.exists():
-            if old.exists():
-                shutil.rmtree(old)
+            if old.exists() or old.is_symlink():
+                _remove(old)
             os.rename(final, old)
             fsync_dir(run_dir)
         os.rename(tmp, final)
@@ -167,8 +167,18 @@ def save_checkpoint(run_dir: Path, name: str, model: torch.nn.Module, cfg, codec
                     os.rename(old, final)
                 except OSError:
                     pass  # `recover` and `find_checkpoint` still find it as name.old
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old, quietly=True)
     return final
+
+
+def _remove(path: Path, quietly: bool = False) -> None:
+    """Remove a replaced checkpoint folder; where the user had made it a link to a folder elsewhere (another
+    disk), the link (rmtree refuses links, and every later save failed)."""
+    try:
+        path.unlink() if path.is_symlink() else shutil.rmtree(path)
+    except OSError:
+        if not quietly:
+            raise
 
 
 def recover(run_dir: Path) -> None:
@@ -183,9 +193,9 @@ def recover(run_dir: Path) -> None:
             stray.unlink(missing_ok=True)
     for name in NAMES:
         final, old = run_dir / name, run_dir / f"{name}.old"
-        if old.exists():
+        if old.exists() or old.is_symlink():
             if final.exists():
-                shutil.rmtree(old, ignore_errors=True)
+                _remove(old, quietly=True)
             else:
                 os.rename(old, final)
     fsync_dir(run_dir)
@@ -292,6 +302,8 @@ class Damaged(UsageError):
 
 
 def read_manifest(folder: Path) -> dict:
+    if (folder / MANIFEST_FILE).exists() and not (folder / MANIFEST_FILE).is_file():
+        raise Damaged(f"checkpoint {folder}: {MANIFEST_FILE} is not a regular file")  # a FIFO: no hang
     try:
         manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -312,6 +324,8 @@ def verify(folder: Path, manifest: dict) -> None:
         path = folder / name
         if not path.exists():
             raise Damaged(f"checkpoint {folder}: {name} is missing")
+        if not path.is_file():  # a FIFO, or a link to /dev/zero, would hold the reader for ever
+            raise Damaged(f"checkpoint {folder}: {name} is not a regular file")
         if sha256(path) != digest:
             raise Damaged(f"checkpoint {folder}: {name} does not match its SHA-256 in {MANIFEST_FILE} "
                              f"(corrupted or altered); refusing to load it")

@@ -59,8 +59,46 @@ class _Interrupted(BaseException):
     'Aborted!' and exit 1 while the command line is being parsed."""
 
 
+_held: dict = {"on": False, "signals": []}  # while torch is imported, a signal is held back (_holding_signals)
+_console: dict = {"on": False}  # the process is charlm's own (main), not a caller's that runs a command in it
+
+
+def _signal_error(signum) -> BaseException:
+    return _Terminated() if signum == signal.SIGTERM else _Interrupted()
+
+
 def _on_signal(signum, frame) -> None:
-    raise _Terminated() if signum == signal.SIGTERM else _Interrupted()
+    if _held["on"]:
+        _held["signals"].append(signum)
+        return
+    raise _signal_error(signum)
+
+
+@contextmanager
+def _holding_signals():
+    """Hold SIGINT / SIGTERM back while the block runs, then raise the first that came. Raised inside
+    `import torch`, an exception is swallowed or turned into another by the import machinery and numpy's
+    (a run then trained to its end and exited 0, or failed with a RecursionError)."""
+    _held["on"], _held["signals"] = True, []
+    try:
+        yield
+    finally:
+        _held["on"] = False
+    if _held["signals"]:
+        raise _signal_error(_held["signals"][0])
+
+
+def _signals_end_the_process() -> None:
+    """After the first signal has been answered (and the run saved): a second one ends the process at once
+    (as killed by that signal), not with a traceback from the interpreter's teardown or a second line. Only
+    in charlm's own process: a program (or a test) that runs a command keeps its handlers."""
+    if not _console["on"]:
+        return
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+    except ValueError:  # not the main thread
+        pass
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -96,11 +134,14 @@ def _errors(memory: str | Callable[[], str] = _NOT_FIT):
     """Map library errors to one stderr line and an exit code (and set up the process for torch); `memory`
     says what the running command can change when memory runs out."""
     try:
-        from .runtime import keep_freed_memory  # imports torch: here, so that --help stays fast
+        with _holding_signals():
+            from .runtime import keep_freed_memory  # imports torch: here, so that --help stays fast
 
         keep_freed_memory()  # big buffers are reused, not page-faulted in at every step
         yield
     except CharlmError as exc:
+        if exc.exit_code in (EXIT_SIGINT, EXIT_SIGTERM):
+            _signals_end_the_process()
         raise _fail(exc.message, exc.exit_code) from None
     except BrokenPipeError:
         # The reader went away (`charlm sample | head -1`): stop quietly.
@@ -108,8 +149,10 @@ def _errors(memory: str | Callable[[], str] = _NOT_FIT):
         os.dup2(devnull, sys.stdout.fileno())
         raise typer.Exit(0) from None
     except (KeyboardInterrupt, _Interrupted):
+        _signals_end_the_process()
         raise _fail("interrupted", EXIT_SIGINT) from None
     except _Terminated:
+        _signals_end_the_process()
         raise _fail("terminated", EXIT_SIGTERM) from None
     except (typer.Exit, typer.Abort, SystemExit):
         raise
@@ -801,6 +844,7 @@ def main() -> None:
             stream.reconfigure(errors="backslashreplace")
         except (AttributeError, ValueError):
             pass
+    _console["on"] = True
     try:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, _on_signal)
@@ -829,9 +873,11 @@ def main() -> None:
         os.dup2(devnull, sys.stdout.fileno())
         sys.exit(0)
     except _Interrupted:  # while the command line was parsed, before a command ran
+        _signals_end_the_process()
         _err("interrupted")
         sys.exit(EXIT_SIGINT)
     except _Terminated:
+        _signals_end_the_process()
         _err("terminated")
         sys.exit(EXIT_SIGTERM)
     except typer.Abort:

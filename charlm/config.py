@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,17 @@ class Config:
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 
 
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxdict, _SHOWN.maxstring, _SHOWN.maxother = 2, 4, 4, 60, 60
+
+
+def _shown(value) -> str:
+    """A refused value as a message quotes it: short, whatever it holds (a YAML alias can nest a 1 KB file into
+    a list of billions of items, which a plain repr would spell out)."""
+    return _SHOWN.repr(value)
+
+
 def _check_value(section: str, f: dataclasses.Field, value: Any) -> Any:
     """Coerce one value to its field's type and check its range; raise UsageError naming the key."""
     name = f"{section}.{f.name}"
@@ -153,31 +165,31 @@ def _check_value(section: str, f: dataclasses.Field, value: Any) -> Any:
             pass
     if base == "bool":
         if not isinstance(value, bool):
-            raise UsageError(f"config: {name} must be true or false, got {value!r}")
+            raise UsageError(f"config: {name} must be true or false, got {_shown(value)}")
     elif base == "int":
         if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
-            raise UsageError(f"config: {name} must be a whole number, got {value!r}")
+            raise UsageError(f"config: {name} must be a whole number, got {_shown(value)}")
         value = int(value)
     elif base == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UsageError(f"config: {name} must be a number, got {value!r}")
+            raise UsageError(f"config: {name} must be a number, got {_shown(value)}")
         value = float(value)
         if not math.isfinite(value):
-            raise UsageError(f"config: {name} must be a finite number, got {value!r}")
+            raise UsageError(f"config: {name} must be a finite number, got {_shown(value)}")
     elif base == "str":
         if meta["numbers"] and isinstance(value, int) and not isinstance(value, bool):
             value = str(value)  # one cutoff, read by YAML (and --set) as a number
         if not isinstance(value, str):
-            raise UsageError(f"config: {name} must be a string, got {value!r}")
+            raise UsageError(f"config: {name} must be a string, got {_shown(value)}")
     if meta["choices"] and value not in meta["choices"]:
-        raise UsageError(f"config: {name} must be one of {', '.join(meta['choices'])}; got {value!r}")
+        raise UsageError(f"config: {name} must be one of {', '.join(meta['choices'])}; got {_shown(value)}")
     low, high = meta["low"], meta["high"]
     if low is not None and (value < low or (meta["low_open"] and value == low)):
         op = ">" if meta["low_open"] else ">="
-        raise UsageError(f"config: {name} must be {op} {_number(low)}, got {value!r}")
+        raise UsageError(f"config: {name} must be {op} {_number(low)}, got {_shown(value)}")
     if high is not None and (value > high or (meta["high_open"] and value == high)):
         op = "<" if meta["high_open"] else "<="
-        raise UsageError(f"config: {name} must be {op} {_number(high)}, got {value!r}")
+        raise UsageError(f"config: {name} must be {op} {_number(high)}, got {_shown(value)}")
     return value
 
 

@@ -32,6 +32,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import sys
 import unicodedata
 from collections import Counter
@@ -569,6 +570,22 @@ class Splits:
     val_sha256: str | None = None  # the --val file's; None where the validation part is cut from the corpus
 
 
+def _clear_stale(folder: Path) -> None:
+    """Remove what a process of this host, killed while writing this cache entry, left (`.tmp-HOST-PID` of a
+    PID that is gone); another host's, on a shared file system, are left alone."""
+    host = socket.gethostname()
+    for stray in folder.glob(".tmp-*"):
+        where, _, pid = stray.name[len(".tmp-"):].rpartition("-")
+        if where != host:
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:  # no such process: its files are dead
+            shutil.rmtree(stray, ignore_errors=True)
+        except (ValueError, OSError):  # not a PID, or one that lives (another user's, even)
+            pass
+
+
 def _discard(tmp: Path) -> None:
     """Remove a cache entry's unfinished files, and the entry's folder if nothing else is in it (another
     process writing the same entry keeps it: rmdir refuses a folder that is not empty)."""
@@ -620,9 +637,10 @@ def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextC
     cut = size if val is not None else split_point(corpus, cfg.val_fraction, cfg.encoding)
     total = size + (val.stat().st_size if val is not None else 0)
     bar = _progress_bar(total * (2 if codec is None else 1), show_progress)
-    tmp = folder / f".tmp-{os.getpid()}"
+    tmp = folder / f".tmp-{socket.gethostname()}-{os.getpid()}"  # the host too: a cache may be shared
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        _clear_stale(folder)
     except OSError as exc:
         bar.close()
         raise UsageError(f"cannot create the token cache folder {folder.parent} ({exc.strerror or exc}): "
@@ -664,11 +682,16 @@ def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextC
             "train_tokens": train_enc.tokens + 1, "val_tokens": val_tokens,
             "train_chars": train_enc.chars, "val_chars": val_enc.chars, "train_unk": train_enc.unk,
             "val_unk": val_enc.unk, "corpus_sha256": digest}
-    (tmp / "vocab.json").write_text(codec.to_json(), encoding="utf-8")
-    (tmp / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
-    for name in ("train.bin", "val.bin", "vocab.json", "meta.json"):  # meta.json last: it marks the entry done
-        os.replace(tmp / name, folder / name)
-    tmp.rmdir()
+    try:
+        (tmp / "vocab.json").write_text(codec.to_json(), encoding="utf-8")
+        (tmp / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+        for name in ("train.bin", "val.bin", "vocab.json", "meta.json"):  # meta.json last: it marks the entry done
+            os.replace(tmp / name, folder / name)
+        tmp.rmdir()
+    except OSError as exc:  # a disk that filled up at the last moment: as above, nothing half-written stays
+        _discard(tmp)
+        raise RunFailure(f"could not write token files in {folder} ({exc.strerror or exc}); free some space "
+                         f"or pass --cache-dir DIR") from None
     dtype = train_enc.dtype
     return Splits(codec, map_tokens(folder / "train.bin", dtype, meta["train_tokens"]),
                   map_tokens(folder / "val.bin", dtype, val_tokens) if val_tokens else None,

@@ -368,7 +368,10 @@ def _loss_of_best(manifest: dict | None, vals: list[dict]) -> tuple[float, float
 
 
 def read_manifest(run_dir: Path, name: str) -> dict | None:
-    """The manifest of the checkpoint `name` of a run, or None where it is missing or unreadable."""
+    """The manifest of the checkpoint `name` of a run, or None where it is missing or unreadable (a FIFO, say,
+    which would hold the reader for ever)."""
+    if not (run_dir / name / MANIFEST_FILE).is_file():
+        return None
     try:
         manifest = json.loads((run_dir / name / MANIFEST_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):

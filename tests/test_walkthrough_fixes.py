@@ -214,3 +214,127 @@ def test_a_run_stopped_before_its_start_record_does_not_block_the_same_command(w
     assert (run / "config.yaml").exists() and (run / "metrics.jsonl").read_text(encoding="utf-8") == ""
     result = train(tiny_config(train__max_steps=2), corpus, out=run, show_progress=False)
     assert result.steps == 2 and summarize(run).status == "done"
+
+
+def test_a_signal_while_torch_is_imported_is_held_back_and_raised_after():
+    """Catches: the raising handler firing inside `import torch`, where the import machinery and numpy
+    swallowed the exception (a run trained to its end and exited 0) or turned it into another (RecursionError,
+    'cannot load module more than once'): a signal in the block is held and raised once the block is done."""
+    import signal as signals
+
+    from charlm import cli as cli_module
+
+    with pytest.raises(cli_module._Terminated):
+        with cli_module._holding_signals():
+            cli_module._on_signal(signals.SIGTERM, None)  # as a signal arriving mid-import: no exception here
+            cli_module._on_signal(signals.SIGINT, None)
+            reached = True
+    assert reached and not cli_module._held["on"]
+    with pytest.raises(cli_module._Interrupted):
+        cli_module._on_signal(signals.SIGINT, None)  # outside the block, raised at once as before
+
+
+def test_after_the_first_signal_charlms_own_process_lets_a_second_one_end_it(tmp_path):
+    """Catches: the raising handler left in place after 'interrupted ... saved', so that a second SIGINT in the
+    interpreter's teardown printed a traceback from an atexit callback, or a second error line."""
+    import subprocess
+    import sys
+
+    code = ("import signal; from charlm import cli; signal.signal(signal.SIGTERM, cli._on_signal); "
+            "signal.signal(signal.SIGINT, cli._on_signal); cli._signals_end_the_process(); "
+            "a = signal.getsignal(signal.SIGTERM); cli._console['on'] = True; cli._signals_end_the_process(); "
+            "print(a is signal.SIG_DFL, signal.getsignal(signal.SIGINT) is signal.SIG_DFL, "
+            "signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["False", "True", "True"], out.stderr
+
+
+# ---------------------------------------------------------------- what a fault-injection audit found
+def test_a_checkpoint_file_that_is_a_fifo_is_refused_not_waited_on(cli, tiny_run, tmp_path):
+    """Catches: verify() hashing whatever the path opens: a FIFO (or a link to /dev/zero) in place of a
+    checkpoint file held every command for ever; runs read a FIFO manifest the same way."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run["run_dir"], copy)
+    (copy / "best" / "vocab.json").unlink()
+    os.mkfifo(copy / "best" / "vocab.json")
+    one_error_line(cli("info", copy), "vocab.json is not a regular file")
+    (copy / "last" / "manifest.json").unlink()
+    os.mkfifo(copy / "last" / "manifest.json")
+    s = summarize(copy)
+    assert s.status == "broken" and "unreadable last/manifest.json" in s.problem
+    one_error_line(cli("info", copy / "last"), "manifest.json is not a regular file")
+
+
+def test_a_config_whose_aliases_nest_a_huge_list_is_refused_in_one_short_line(cli, write_corpus, tmp_path):
+    """Catches: the refused value spelled out in full: YAML aliases nest a file of a few hundred bytes into
+    a list of 10^10 items, which the message's repr wrote out (522 MB of 'one line', or out of memory)."""
+    nested = '&a0 ["x","x","x","x","x","x","x","x","x","x"]'
+    for k in range(1, 10):
+        nested = f"&a{k} [{nested}" + f",*a{k - 1}" * 9 + "]"
+    config = tmp_path / "bomb.yaml"
+    config.write_text(f"model:\n  cell: {nested}\n", encoding="utf-8")
+    line = one_error_line(cli("train", "-c", config, "--corpus", write_corpus(TINY_TEXT), "--out", tmp_path / "r"),
+                          "model.cell must be a string, got [[")
+    assert len(line) < 300
+
+
+def test_a_token_cache_entry_left_by_a_killed_process_of_this_host_is_cleared(write_corpus, tmp_path):
+    """Catches: `.tmp-PID` folders that kill -9 left in the token cache staying there for good."""
+    import socket
+    import subprocess
+    import sys
+
+    from charlm import data
+    from charlm.config import DataConfig
+
+    corpus = write_corpus(TINY_TEXT)
+    splits = data.prepare(DataConfig(), corpus, cache_dir=tmp_path / "cache")
+    entry = splits.cache
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a PID that has ended
+    dead = entry / f".tmp-{socket.gethostname()}-{gone}"
+    elsewhere = entry / f".tmp-another-host-{gone}"
+    for stray in (dead, elsewhere):
+        stray.mkdir()
+        (stray / "train.bin").write_bytes(b"partial")
+    (entry / "meta.json").unlink()  # the entry is built again
+    data.prepare(DataConfig(), corpus, cache_dir=tmp_path / "cache")
+    assert not dead.exists() and elsewhere.exists() and (entry / "meta.json").exists()
+
+
+def test_a_disk_that_fills_while_a_token_cache_entry_is_finished_leaves_nothing_half_written(write_corpus, tmp_path,
+                                                                                              monkeypatch):
+    """Catches: the last writes of a cache entry (vocab.json, meta.json, the renames) outside the handling of
+    a full disk: an OSError line that named neither the folder nor --cache-dir, and a .tmp folder left."""
+    import errno
+
+    from charlm import data
+    from charlm.config import DataConfig
+    from charlm.errors import RunFailure
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(data.os, "replace", full)
+    with pytest.raises(RunFailure, match="could not write token files in .*No space left on device.*--cache-dir"):
+        data.prepare(DataConfig(), write_corpus(TINY_TEXT), cache_dir=tmp_path / "cache")
+    assert not list((tmp_path / "cache").glob("*/.tmp-*"))
+
+
+def test_a_last_checkpoint_that_is_a_link_to_another_disk_does_not_stop_the_saves(write_corpus, tmp_path):
+    """Catches: rmtree refusing the link that last/ had become (`Cannot call rmtree on a symbolic link`):
+    every later save failed, and the advice to resume led back to the same failure."""
+    from charlm.train import train
+
+    from conftest import tiny_config
+
+    corpus, run, elsewhere = write_corpus(TINY_TEXT), tmp_path / "run", tmp_path / "other-disk"
+    elsewhere.mkdir()
+    train(tiny_config(train__max_steps=4), corpus, out=run, show_progress=False)
+    (run / "last").rename(elsewhere / "last")
+    (run / "last").symlink_to(elsewhere / "last")
+    result = train(tiny_config(train__max_steps=8), None, resume=run, show_progress=False)
+    assert result.steps == 8 and summarize(run).status == "done"
+    assert not (run / "last.old").exists() and not (run / "last.old").is_symlink()
