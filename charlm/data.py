@@ -57,7 +57,8 @@ WORD_BLOCK_BYTES = 1 << 20  # ... or 1 MiB (words: a token as a Python string co
 MAX_CARRY = 1 << 20
 CACHE_FORMAT = 5  # 2: U+3000 is white space at word level (it was a token); 3: a UTF-8 mark is not text;
 #                 4: a block of a long line no longer ends where NFC or lowercasing joins across the cut;
-#                 5: lowercased text is composed again (tokenizer.normalize), at character level too
+#                 5: lowercased text is composed again (tokenizer.normalize), at character level too; meta.json
+#                    holds the token files' SHA-256
 
 
 # ---------------------------------------------------------------- reading text
@@ -570,6 +571,12 @@ class Splits:
     val_sha256: str | None = None  # the --val file's; None where the validation part is cut from the corpus
 
 
+def _sync(out: BinaryIO) -> None:
+    """A token file on the disk before meta.json, which marks its entry done, is renamed in."""
+    out.flush()
+    os.fsync(out.fileno())
+
+
 def _clear_stale(folder: Path) -> None:
     """Remove what a process of this host, killed while writing this cache entry, left (`.tmp-HOST-PID` of a
     PID that is gone); another host's, on a shared file system, are left alone."""
@@ -626,6 +633,9 @@ def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextC
     if meta_path.exists():
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            for name in ("train", "val"):  # token files changed underneath would train on other text
+                if file_sha256(folder / f"{name}.bin") != meta[f"{name}_sha256"]:
+                    raise ValueError(f"{name}.bin does not match its SHA-256")
             cached = TextCodec.load(folder / "vocab.json")
             dtype = getattr(torch, meta["dtype"])
             return Splits(cached, map_tokens(folder / "train.bin", dtype, meta["train_tokens"]),
@@ -651,6 +661,7 @@ def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextC
         tmp.mkdir(parents=True, exist_ok=True)
         with open(tmp / "train.bin", "wb") as out:
             train_enc = encode_to_file(corpus, cfg, codec, 0, cut, out, bar.update)
+            _sync(out)
         with open(tmp / "val.bin", "wb") as out:
             if val is not None:
                 try:
@@ -662,6 +673,7 @@ def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextC
                                      f"(plain ASCII does)") from None
             else:
                 val_enc = encode_to_file(corpus, cfg, codec, cut, size, out, bar.update)
+            _sync(out)
     except OSError as exc:  # a full disk or a folder that vanished: nothing half-written stays behind
         _discard(tmp)
         raise RunFailure(f"could not write token files in {folder} ({exc.strerror or exc}); free some space "
@@ -681,7 +693,9 @@ def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextC
     meta = {"format": CACHE_FORMAT, "dtype": str(train_enc.dtype).replace("torch.", ""),
             "train_tokens": train_enc.tokens + 1, "val_tokens": val_tokens,
             "train_chars": train_enc.chars, "val_chars": val_enc.chars, "train_unk": train_enc.unk,
-            "val_unk": val_enc.unk, "corpus_sha256": digest}
+            "val_unk": val_enc.unk, "corpus_sha256": digest,
+            # checked when the entry is used again (a file damaged or changed since is rebuilt, not trained on)
+            "train_sha256": file_sha256(tmp / "train.bin"), "val_sha256": file_sha256(tmp / "val.bin")}
     try:
         (tmp / "vocab.json").write_text(codec.to_json(), encoding="utf-8")
         (tmp / "meta.json").write_text(json.dumps(meta), encoding="utf-8")

@@ -338,3 +338,23 @@ def test_a_last_checkpoint_that_is_a_link_to_another_disk_does_not_stop_the_save
     result = train(tiny_config(train__max_steps=8), None, resume=run, show_progress=False)
     assert result.steps == 8 and summarize(run).status == "done"
     assert not (run / "last.old").exists() and not (run / "last.old").is_symlink()
+
+
+def test_a_token_file_changed_in_the_cache_is_rebuilt_not_trained_on(write_corpus, tmp_path):
+    """Catches: a cache entry trusted by its length alone: bytes of train.bin overwritten in place trained on
+    other text in silence (and a resume passed its corpus check), or an id past the vocabulary failed with
+    IndexError."""
+    import torch
+
+    from charlm import data
+    from charlm.config import DataConfig
+
+    corpus = write_corpus(TINY_TEXT)
+    first = data.prepare(DataConfig(), corpus, cache_dir=tmp_path / "cache")
+    expected = first.train.clone()
+    tokens = first.cache / "train.bin"
+    damaged = bytearray(tokens.read_bytes())
+    damaged[1:40] = bytes([250]) * 39
+    tokens.write_bytes(bytes(damaged))
+    again = data.prepare(DataConfig(), corpus, cache_dir=tmp_path / "cache")
+    assert torch.equal(again.train, expected) and tokens.read_bytes() != bytes(damaged)
