@@ -960,6 +960,9 @@ class _Loop:
         ) if last and dist.enabled else None
         if not dist.is_main:
             return
+        if not self.run_dir.is_dir():  # removed while the run trained: a save would make a folder of two
+            raise RunFailure(f"run folder {self.run_dir} was removed while the run trained (at step {p.step}); "
+                             f"nothing more is saved")  # checkpoints, without config, vocabulary or metrics
         info = {"step": p.step, "epoch": self._epoch(), "val_loss": val_loss,
                 "val_slice": val_loss is not None and on_slice, "elapsed": p.elapsed, "parameters": self.n_params}
         state = None

@@ -358,3 +358,26 @@ def test_a_token_file_changed_in_the_cache_is_rebuilt_not_trained_on(write_corpu
     tokens.write_bytes(bytes(damaged))
     again = data.prepare(DataConfig(), corpus, cache_dir=tmp_path / "cache")
     assert torch.equal(again.train, expected) and tokens.read_bytes() != bytes(damaged)
+
+
+def test_a_run_folder_removed_while_the_run_trains_stops_it_with_exit_1(write_corpus, tmp_path, monkeypatch):
+    """Catches: `rm -rf RUN` while it trained ended in exit 0 without a word, the next save making the folder
+    again with best/ and last/ alone (no config.yaml, vocab.json or metrics), which runs then called broken."""
+    import shutil
+
+    from charlm import train as train_module
+    from charlm.errors import RunFailure
+
+    from conftest import tiny_config
+
+    run = tmp_path / "run"
+    evaluate = train_module.evaluate
+
+    def removing(*args, **kwargs):  # the first periodic check: the folder goes just before its save
+        shutil.rmtree(run)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", removing)
+    with pytest.raises(RunFailure, match="was removed while the run trained"):
+        train_module.train(tiny_config(train__max_steps=20), write_corpus(TINY_TEXT), out=run, show_progress=False)
+    assert not run.exists()
