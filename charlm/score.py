@@ -152,7 +152,7 @@ def evaluate_file(model: RNNLM, codec: TextCodec, path: Path, streams: int = 1, 
     text = read_text(path, encoding, errors)
     ids = encode(codec, text)
     if ids.numel() < 2:
-        raise UsageError(f"{path} holds no text to evaluate")
+        raise UsageError(f"{'standard input' if str(path) == '-' else path} holds no text to evaluate")
     rows, mask = eval_streams(ids, streams)
     total, count = stream_nll(model, rows, mask, device=device)
     chars = char_count(text, codec.tokenizer.lowercase)

@@ -70,7 +70,7 @@ def test_eval_reads_standard_input_as_a_file(cli, tiny_run):
     a, b = json.loads(piped.stdout), json.loads(from_file.stdout)
     assert a["file"] == "-" and a["loss"] == b["loss"] and a["tokens"] == b["tokens"] == len(TINY_TEXT)
     assert "(standard input)" in cli("eval", tiny_run["run_dir"], "--file", "-", input=TINY_TEXT).stdout
-    one_error_line(cli("eval", tiny_run["run_dir"], "--file", "-", input=""), "holds no text")
+    one_error_line(cli("eval", tiny_run["run_dir"], "--file", "-", input=""), "standard input holds no text")
 
 
 def test_the_weights_are_as_readable_as_the_other_files_of_a_run(write_corpus, tmp_path):
