@@ -145,7 +145,7 @@ def save_checkpoint(run_dir: Path, name: str, model: torch.nn.Module, cfg, codec
         fsync_dir(tmp)
         # Swap: `final` (if any) becomes `old`, then `tmp` becomes `final`. Should we die
         # between the two renames, `old` is complete and `recover` renames it back.
-        if final.exists():
+        if final.exists() or final.is_symlink():  # a link to a disk since unmounted is moved aside too
             if old.exists() or old.is_symlink():
                 _remove(old)
             os.rename(final, old)
@@ -194,7 +194,7 @@ def recover(run_dir: Path) -> None:
     for name in NAMES:
         final, old = run_dir / name, run_dir / f"{name}.old"
         if old.exists() or old.is_symlink():
-            if final.exists():
+            if final.exists() or final.is_symlink():
                 _remove(old, quietly=True)
             else:
                 os.rename(old, final)

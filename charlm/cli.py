@@ -70,6 +70,9 @@ def _signal_error(signum) -> BaseException:
 def _on_signal(signum, frame) -> None:
     if _held["on"]:
         _held["signals"].append(signum)
+        if len(_held["signals"]) > 1 and _console["on"]:  # asked twice: an import that hangs (a stalled disk)
+            _signals_end_the_process()                  # is not waited for
+            os.kill(os.getpid(), signum)
         return
     raise _signal_error(signum)
 

@@ -193,6 +193,19 @@ def _check_value(section: str, f: dataclasses.Field, value: Any) -> Any:
     return value
 
 
+def is_resolved_config(path: Path) -> bool:
+    """Whether a config.yaml holds every field of every section, as the one a run writes does (a user's names
+    a few); a missing file counts as such too."""
+    if not path.exists():
+        return True
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and set(raw) == set(SECTIONS) and all(
+        isinstance(raw[name], dict) and set(raw[name]) == set(_fields(name)) for name in SECTIONS)
+
+
 def _fields(section: str) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(SECTIONS[section])}
 
@@ -256,10 +269,10 @@ def validate(cfg: Config) -> None:
         cutoffs = [int(c) for c in m.adaptive_cutoffs.split(",")]
     except ValueError:
         raise UsageError(f"config: model.adaptive_cutoffs must be whole numbers separated by commas, "
-                         f"got {m.adaptive_cutoffs!r}") from None
+                         f"got {_shown(m.adaptive_cutoffs)}") from None
     if not cutoffs or cutoffs != sorted(set(cutoffs)) or cutoffs[0] < 1:
         raise UsageError(f"config: model.adaptive_cutoffs must be increasing positive numbers, "
-                         f"got {m.adaptive_cutoffs!r}")
+                         f"got {_shown(m.adaptive_cutoffs)}")
     if m.tie_weights and m.embedding_size != m.hidden_size:
         raise UsageError(f"config: model.tie_weights needs model.embedding_size == model.hidden_size "
                          f"(got {m.embedding_size} and {m.hidden_size})")

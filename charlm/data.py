@@ -577,26 +577,60 @@ def _sync(out: BinaryIO) -> None:
     os.fsync(out.fileno())
 
 
+_BUILDS: dict[Path, int] = {}  # cache entries this process is writing: the descriptor of its lock on each
+
+
+def _lock_build(tmp: Path) -> None:
+    """Hold a lock on the folder a cache entry is written in, while it is written: `_clear_stale` of another
+    process (of any PID namespace, or host on a shared file system) then leaves it alone."""
+    try:
+        import fcntl
+
+        fd = os.open(tmp, os.O_RDONLY)
+    except (ImportError, OSError):  # no flock (Windows): stale folders are then never cleared
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        os.close(fd)
+        return
+    _BUILDS[tmp] = fd
+
+
+def _unlock_build(tmp: Path) -> None:
+    fd = _BUILDS.pop(tmp, None)
+    if fd is not None:
+        os.close(fd)
+
+
 def _clear_stale(folder: Path) -> None:
-    """Remove what a process of this host, killed while writing this cache entry, left (`.tmp-HOST-PID` of a
-    PID that is gone); another host's, on a shared file system, are left alone."""
-    host = socket.gethostname()
+    """Remove the folders that a process killed while it wrote this cache entry left: those whose lock
+    (`_lock_build`) nobody holds. Where the lock cannot be taken or tested, nothing is removed."""
+    try:
+        import fcntl
+    except ImportError:
+        return
     for stray in folder.glob(".tmp-*"):
-        where, _, pid = stray.name[len(".tmp-"):].rpartition("-")
-        if where != host:
+        try:
+            fd = os.open(stray, os.O_RDONLY)
+        except OSError:
             continue
         try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:  # no such process: its files are dead
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: a build in progress (or a file system without locks)
+            os.close(fd)
+            continue
+        try:
             shutil.rmtree(stray, ignore_errors=True)
-        except (ValueError, OSError):  # not a PID, or one that lives (another user's, even)
-            pass
+        finally:
+            os.close(fd)
 
 
 def _discard(tmp: Path) -> None:
     """Remove a cache entry's unfinished files, and the entry's folder if nothing else is in it (another
     process writing the same entry keeps it: rmdir refuses a folder that is not empty)."""
     shutil.rmtree(tmp, ignore_errors=True)
+    _unlock_build(tmp)
     try:
         tmp.parent.rmdir()
     except OSError:
@@ -647,7 +681,7 @@ def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextC
     cut = size if val is not None else split_point(corpus, cfg.val_fraction, cfg.encoding)
     total = size + (val.stat().st_size if val is not None else 0)
     bar = _progress_bar(total * (2 if codec is None else 1), show_progress)
-    tmp = folder / f".tmp-{socket.gethostname()}-{os.getpid()}"  # the host too: a cache may be shared
+    tmp = folder / f".tmp-{socket.gethostname()}-{os.getpid()}"  # the host too: one name per writer
     try:
         folder.mkdir(parents=True, exist_ok=True)
         _clear_stale(folder)
@@ -659,6 +693,7 @@ def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextC
         if codec is None:
             codec = build_vocabulary(count_vocabulary(corpus, cfg, 0, cut, bar.update), cfg)
         tmp.mkdir(parents=True, exist_ok=True)
+        _lock_build(tmp)
         with open(tmp / "train.bin", "wb") as out:
             train_enc = encode_to_file(corpus, cfg, codec, 0, cut, out, bar.update)
             _sync(out)
@@ -693,15 +728,16 @@ def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextC
     meta = {"format": CACHE_FORMAT, "dtype": str(train_enc.dtype).replace("torch.", ""),
             "train_tokens": train_enc.tokens + 1, "val_tokens": val_tokens,
             "train_chars": train_enc.chars, "val_chars": val_enc.chars, "train_unk": train_enc.unk,
-            "val_unk": val_enc.unk, "corpus_sha256": digest,
-            # checked when the entry is used again (a file damaged or changed since is rebuilt, not trained on)
-            "train_sha256": file_sha256(tmp / "train.bin"), "val_sha256": file_sha256(tmp / "val.bin")}
+            "val_unk": val_enc.unk, "corpus_sha256": digest}
     try:
+        # checked when the entry is used again (a file damaged or changed since is rebuilt, not trained on)
+        meta["train_sha256"], meta["val_sha256"] = file_sha256(tmp / "train.bin"), file_sha256(tmp / "val.bin")
         (tmp / "vocab.json").write_text(codec.to_json(), encoding="utf-8")
         (tmp / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
         for name in ("train.bin", "val.bin", "vocab.json", "meta.json"):  # meta.json last: it marks the entry done
             os.replace(tmp / name, folder / name)
         tmp.rmdir()
+        _unlock_build(tmp)
     except OSError as exc:  # a disk that filled up at the last moment: as above, nothing half-written stays
         _discard(tmp)
         raise RunFailure(f"could not write token files in {folder} ({exc.strerror or exc}); free some space "

@@ -35,7 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .config import SAVED_BEFORE, Config, dump_yaml, unread_settings
+from .config import SAVED_BEFORE, Config, dump_yaml, is_resolved_config, unread_settings
 from .data import (Splits, batchify, check_text_file, check_trainable, check_vocabulary, eval_streams,
                    fresh_windows, line_starts, prepare, split_point, window, windows_per_epoch)
 from .errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, RunFailure, UsageError, is_out_of_memory
@@ -250,14 +250,17 @@ def check_new_run_dir(run_dir: Path) -> None:
 
 
 def _started_here_before(run_dir: Path) -> bool:
-    """Whether the folder's metrics.jsonl is a run's: empty (a run writes it first, before its config.yaml and
-    vocab.json) or holding a start record. Such a run stopped before its first checkpoint, and a new run
-    replaces its files; a folder of the user's own files is left alone."""
-    path = run_dir / METRICS_FILE
+    """Whether the folder's files are a run's: a metrics.jsonl with a start record, or an empty one (a run
+    writes it first, before its config.yaml and vocab.json) beside no config.yaml or a whole resolved one.
+    Such a run stopped before its first checkpoint, and a new run replaces its files; a folder of the user's
+    own files is left alone."""
     try:
-        return path.stat().st_size == 0 or read_metrics(run_dir).start is not None
+        if read_metrics(run_dir).start is not None:
+            return True
+        empty = (run_dir / METRICS_FILE).stat().st_size == 0
     except (OSError, UsageError):  # no metrics.jsonl
         return False
+    return empty and is_resolved_config(run_dir / ckpt.CONFIG_FILE)
 
 
 def _check_writable(run_dir: Path) -> None:

@@ -280,28 +280,31 @@ def test_a_config_whose_aliases_nest_a_huge_list_is_refused_in_one_short_line(cl
     assert len(line) < 300
 
 
-def test_a_token_cache_entry_left_by_a_killed_process_of_this_host_is_cleared(write_corpus, tmp_path):
-    """Catches: `.tmp-PID` folders that kill -9 left in the token cache staying there for good."""
-    import socket
-    import subprocess
-    import sys
+def test_a_token_cache_folder_left_by_a_killed_process_is_cleared_and_one_being_written_is_not(write_corpus,
+                                                                                                 tmp_path):
+    """Catches: `.tmp-*` folders that kill -9 left in the token cache staying there for good; and (a second
+    review) a PID-based check that removed a live writer's folder from another PID namespace (a container
+    with the host's name): what decides is the writer's lock on its folder."""
+    import fcntl
 
     from charlm import data
     from charlm.config import DataConfig
 
     corpus = write_corpus(TINY_TEXT)
-    splits = data.prepare(DataConfig(), corpus, cache_dir=tmp_path / "cache")
-    entry = splits.cache
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()  # a PID that has ended
-    dead = entry / f".tmp-{socket.gethostname()}-{gone}"
-    elsewhere = entry / f".tmp-another-host-{gone}"
-    for stray in (dead, elsewhere):
+    entry = data.prepare(DataConfig(), corpus, cache_dir=tmp_path / "cache").cache
+    dead, alive = entry / ".tmp-somehost-1", entry / ".tmp-somehost-2"
+    for stray in (dead, alive):
         stray.mkdir()
         (stray / "train.bin").write_bytes(b"partial")
-    (entry / "meta.json").unlink()  # the entry is built again
-    data.prepare(DataConfig(), corpus, cache_dir=tmp_path / "cache")
-    assert not dead.exists() and elsewhere.exists() and (entry / "meta.json").exists()
+    held = os.open(alive, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)  # as the process writing it holds it
+    try:
+        (entry / "meta.json").unlink()  # the entry is built again
+        data.prepare(DataConfig(), corpus, cache_dir=tmp_path / "cache")
+    finally:
+        os.close(held)
+    assert not dead.exists() and (alive / "train.bin").exists() and (entry / "meta.json").exists()
+    assert data._BUILDS == {}  # this process let go of its own lock
 
 
 def test_a_disk_that_fills_while_a_token_cache_entry_is_finished_leaves_nothing_half_written(write_corpus, tmp_path,
@@ -381,3 +384,49 @@ def test_a_run_folder_removed_while_the_run_trains_stops_it_with_exit_1(write_co
     with pytest.raises(RunFailure, match="was removed while the run trained"):
         train_module.train(tiny_config(train__max_steps=20), write_corpus(TINY_TEXT), out=run, show_progress=False)
     assert not run.exists()
+
+
+def test_an_empty_metrics_file_beside_the_users_own_config_is_still_the_users_folder(cli, write_corpus, tmp_path):
+    """Catches (a second review): an empty metrics.jsonl taken alone as a run's, so that a folder holding the
+    user's config.yaml and an empty metrics.jsonl was trained into and the config replaced."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("my: own notes\n", encoding="utf-8")
+    (folder / "metrics.jsonl").write_text("", encoding="utf-8")
+    one_error_line(cli("train", "-c", TINY_CONFIG, "--corpus", write_corpus(TINY_TEXT), "--out", folder,
+                       "--max-steps", 2, "--quiet"), "already holds config.yaml, metrics.jsonl")
+    assert (folder / "config.yaml").read_text(encoding="utf-8") == "my: own notes\n"
+
+
+def test_a_checkpoint_link_to_an_unmounted_disk_is_moved_aside_by_the_next_save(write_corpus, tmp_path):
+    """Catches (a second review): a dangling link in place of best/ or last/ (its disk unmounted) made every
+    save fail with 'Not a directory', since exists() is false for it and it was never moved aside."""
+    import shutil
+
+    from charlm.train import train
+
+    from conftest import tiny_config
+
+    corpus, run = write_corpus(TINY_TEXT), tmp_path / "run"
+    train(tiny_config(train__max_steps=4), corpus, out=run, show_progress=False)
+    shutil.rmtree(run / "best")
+    (run / "best").symlink_to(tmp_path / "gone" / "best")
+    result = train(tiny_config(train__max_steps=8), None, resume=run, show_progress=False)
+    assert result.steps == 8 and (run / "best").is_dir() and not (run / "best").is_symlink()
+    assert summarize(run).status == "done"
+
+
+def test_a_second_signal_while_the_import_is_held_ends_the_process_at_once():
+    """Catches (a second review): every signal held while torch is imported, so that Ctrl-C did nothing until
+    an import on a stalled disk finished: the second one ends charlm's own process, as killed by it."""
+    import signal as signals
+    import subprocess
+    import sys
+
+    code = ("import os, signal, time; from charlm import cli; cli._console['on'] = True; "
+            "signal.signal(signal.SIGTERM, cli._on_signal)\n"
+            "with cli._holding_signals():\n"
+            "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.2); print('held', flush=True)\n"
+            "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(5); print('not ended')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == -signals.SIGTERM and out.stdout == "held\n", (out.returncode, out.stdout, out.stderr)
