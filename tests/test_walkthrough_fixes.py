@@ -234,18 +234,22 @@ def test_a_signal_while_torch_is_imported_is_held_back_and_raised_after():
         cli_module._on_signal(signals.SIGINT, None)  # outside the block, raised at once as before
 
 
-def test_after_the_first_signal_charlms_own_process_lets_a_second_one_end_it(tmp_path):
-    """Catches: the raising handler left in place after 'interrupted ... saved', so that a second SIGINT in the
-    interpreter's teardown printed a traceback from an atexit callback, or a second error line."""
+def _python(code: str):
+    """`code` run by a Python process of its own (signal handlers are the process's)."""
     import subprocess
     import sys
 
-    code = ("import signal; from charlm import cli; signal.signal(signal.SIGTERM, cli._on_signal); "
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_after_the_first_signal_charlms_own_process_lets_a_second_one_end_it(tmp_path):
+    """Catches: the raising handler left in place after 'interrupted ... saved', so that a second SIGINT in the
+    interpreter's teardown printed a traceback from an atexit callback, or a second error line."""
+    out = _python("import signal; from charlm import cli; signal.signal(signal.SIGTERM, cli._on_signal); "
             "signal.signal(signal.SIGINT, cli._on_signal); cli._signals_end_the_process(); "
             "a = signal.getsignal(signal.SIGTERM); cli._console['on'] = True; cli._signals_end_the_process(); "
             "print(a is signal.SIG_DFL, signal.getsignal(signal.SIGINT) is signal.SIG_DFL, "
             "signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["False", "True", "True"], out.stderr
 
 
@@ -420,13 +424,10 @@ def test_a_second_signal_while_the_import_is_held_ends_the_process_at_once():
     """Catches (a second review): every signal held while torch is imported, so that Ctrl-C did nothing until
     an import on a stalled disk finished: the second one ends charlm's own process, as killed by it."""
     import signal as signals
-    import subprocess
-    import sys
 
-    code = ("import os, signal, time; from charlm import cli; cli._console['on'] = True; "
+    out = _python("import os, signal, time; from charlm import cli; cli._console['on'] = True; "
             "signal.signal(signal.SIGTERM, cli._on_signal)\n"
             "with cli._holding_signals():\n"
             "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.2); print('held', flush=True)\n"
             "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(5); print('not ended')\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == -signals.SIGTERM and out.stdout == "held\n", (out.returncode, out.stdout, out.stderr)
