@@ -246,10 +246,10 @@ def test_after_the_first_signal_charlms_own_process_lets_a_second_one_end_it(tmp
     """Catches: the raising handler left in place after 'interrupted ... saved', so that a second SIGINT in the
     interpreter's teardown printed a traceback from an atexit callback, or a second error line."""
     out = _python("import signal; from charlm import cli; signal.signal(signal.SIGTERM, cli._on_signal); "
-            "signal.signal(signal.SIGINT, cli._on_signal); cli._signals_end_the_process(); "
-            "a = signal.getsignal(signal.SIGTERM); cli._console['on'] = True; cli._signals_end_the_process(); "
-            "print(a is signal.SIG_DFL, signal.getsignal(signal.SIGINT) is signal.SIG_DFL, "
-            "signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)")
+                  "signal.signal(signal.SIGINT, cli._on_signal); cli._signals_end_the_process(); "
+                  "a = signal.getsignal(signal.SIGTERM); cli._console['on'] = True; cli._signals_end_the_process(); "
+                  "print(a is signal.SIG_DFL, signal.getsignal(signal.SIGINT) is signal.SIG_DFL, "
+                  "signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)")
     assert out.stdout.split() == ["False", "True", "True"], out.stderr
 
 
@@ -426,8 +426,8 @@ def test_a_second_signal_while_the_import_is_held_ends_the_process_at_once():
     import signal as signals
 
     out = _python("import os, signal, time; from charlm import cli; cli._console['on'] = True; "
-            "signal.signal(signal.SIGTERM, cli._on_signal)\n"
-            "with cli._holding_signals():\n"
-            "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.2); print('held', flush=True)\n"
-            "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(5); print('not ended')\n")
+                  "signal.signal(signal.SIGTERM, cli._on_signal)\n"
+                  "with cli._holding_signals():\n"
+                  "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.2); print('held', flush=True)\n"
+                  "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(5); print('not ended')\n")
     assert out.returncode == -signals.SIGTERM and out.stdout == "held\n", (out.returncode, out.stdout, out.stderr)
