@@ -33,7 +33,8 @@ from safetensors.torch import load_file, save_file
 
 from . import config as config_mod
 from .errors import RunFailure, UsageError
-from .runs import METRICS_FILE, CHECKPOINT_NAMES, checkpoint_folder_holding, is_checkpoint_folder, read_metrics
+from .runs import (METRICS_FILE, CHECKPOINT_NAMES, checkpoint_folder_holding, is_checkpoint_folder,
+                   plain_file_name, read_metrics)
 from .runtime import file_sha256
 from .tokenizer import TextCodec
 
@@ -319,7 +320,7 @@ def verify(folder: Path, manifest: dict) -> None:
     if not isinstance(files, dict) or MODEL_FILE not in files:
         raise Damaged(f"checkpoint {folder}: {MANIFEST_FILE} lists no {MODEL_FILE}")
     for name, digest in files.items():
-        if "/" in name or "\\" in name or name.startswith("."):
+        if not plain_file_name(name):
             raise UsageError(f"checkpoint {folder}: {MANIFEST_FILE} names an unexpected file {name!r}")
         path = folder / name
         if not path.exists():

@@ -136,7 +136,6 @@ class Config:
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 
 
-
 _SHOWN = reprlib.Repr()
 _SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxdict, _SHOWN.maxstring, _SHOWN.maxother = 2, 4, 4, 60, 60
 

@@ -571,6 +571,11 @@ class Splits:
     val_sha256: str | None = None  # the --val file's; None where the validation part is cut from the corpus
 
 
+def _cache_write_failure(folder: Path, exc: OSError) -> RunFailure:
+    return RunFailure(f"could not write token files in {folder} ({exc.strerror or exc}); free some space or "
+                      f"pass --cache-dir DIR")
+
+
 def _sync(out: BinaryIO) -> None:
     """A token file on the disk before meta.json, which marks its entry done, is renamed in."""
     out.flush()
@@ -711,8 +716,7 @@ def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextC
             _sync(out)
     except OSError as exc:  # a full disk or a folder that vanished: nothing half-written stays behind
         _discard(tmp)
-        raise RunFailure(f"could not write token files in {folder} ({exc.strerror or exc}); free some space "
-                         f"or pass --cache-dir DIR") from None
+        raise _cache_write_failure(folder, exc) from None
     except BaseException:
         _discard(tmp)
         raise
@@ -740,8 +744,7 @@ def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextC
         _unlock_build(tmp)
     except OSError as exc:  # a disk that filled up at the last moment: as above, nothing half-written stays
         _discard(tmp)
-        raise RunFailure(f"could not write token files in {folder} ({exc.strerror or exc}); free some space "
-                         f"or pass --cache-dir DIR") from None
+        raise _cache_write_failure(folder, exc) from None
     dtype = train_enc.dtype
     return Splits(codec, map_tokens(folder / "train.bin", dtype, meta["train_tokens"]),
                   map_tokens(folder / "val.bin", dtype, val_tokens) if val_tokens else None,

@@ -273,13 +273,18 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> RNNLM:
     return RNNLM(cfg, vocab_size)
 
 
-def detach_state(state: State | None) -> State | None:
-    """Cut the graph between windows of truncated BPTT, keeping the values."""
+def map_state(state, fn):
+    """`fn` applied to a recurrent state: (layers, B, H), or each of the LSTM's pair (h, c); None stays None."""
     if state is None:
         return None
-    if isinstance(state, tuple):
-        return tuple(s.detach() for s in state)
-    return state.detach()
+    if isinstance(state, (tuple, list)):
+        return tuple(fn(s) for s in state)
+    return fn(state)
+
+
+def detach_state(state: State | None) -> State | None:
+    """Cut the graph between windows of truncated BPTT, keeping the values."""
+    return map_state(state, Tensor.detach)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -328,19 +328,19 @@ def _damaged_checkpoints(run_dir: Path, manifests: dict[str, dict | None]) -> li
         files = manifest.get("files")
         for f in files if isinstance(files, dict) else ():
             if not _checkpoint_file_there(run_dir / name, f):
-                problems.append(f"no {name}/{f}" if _plain_name(f) else f"{name}/{MANIFEST_FILE} names an "
+                problems.append(f"no {name}/{f}" if plain_file_name(f) else f"{name}/{MANIFEST_FILE} names an "
                                 f"unexpected file {f!r}")
                 break
     return problems
 
 
-def _plain_name(name) -> bool:
-    """A file name a manifest may list: in its own folder, not hidden (as checkpoint.verify requires)."""
+def plain_file_name(name) -> bool:
+    """A file name a checkpoint's manifest may list: in its own folder, not hidden."""
     return isinstance(name, str) and bool(name) and not ("/" in name or "\\" in name or name.startswith("."))
 
 
 def _checkpoint_file_there(folder: Path, name) -> bool:
-    if not _plain_name(name):
+    if not plain_file_name(name):
         return False
     try:
         return (folder / name).is_file()

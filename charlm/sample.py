@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .config import MAX_SEED
 from .errors import UsageError
-from .model import RNNLM
+from .model import RNNLM, map_state
 from .score import LOGIT_BUDGET
 from .stepper import Stepper
 from .tokenizer import EOS_ID, UNK_ID, TextCodec
@@ -147,11 +147,7 @@ def _read_prime(model: RNNLM, prime_ids: list[int], device: torch.device | str, 
 def _rows(primed, n: int):
     """The prime's logits and state repeated for n samples."""
     logits, state = primed
-    if isinstance(state, tuple):
-        state = tuple(s.expand(-1, n, -1).contiguous() for s in state)
-    else:
-        state = state.expand(-1, n, -1).contiguous()
-    return logits.expand(n, -1).contiguous(), state
+    return logits.expand(n, -1).contiguous(), map_state(state, lambda s: s.expand(-1, n, -1).contiguous())
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ import torch
 
 from .errors import UsageError
 from .data import char_count, encode, eval_streams, read_text
-from .model import RNNLM, perplexity, stream_nll
+from .model import RNNLM, map_state, perplexity, stream_nll
 from .tokenizer import EOS, EOS_ID, UNK, UNK_ID, TextCodec
 
 LN10 = math.log(10.0)
@@ -92,20 +92,13 @@ def _batch_logprobs(model: RNNLM, rows: torch.Tensor, lengths: list[int], device
         while lengths[gone] <= begin:
             gone += 1
         if gone > first and state is not None:
-            state = _rows_from(state, gone - first)
+            state = map_state(state, lambda s: s[:, gone - first:].contiguous())  # the rows still reading
         first = gone
         end = min(begin + steps, rows.shape[1] - 1)
         nll, state = model(rows[first:, begin:end].to(device), state, targets=rows[first:, begin + 1:end + 1].to(device))
         for r, row in enumerate((-nll).double().cpu().tolist(), start=first):
             out[r] += row[:max(0, lengths[r] - begin)]
     return out
-
-
-def _rows_from(state, k: int):
-    """The state of the rows from the k-th on: (layers, B, H), or a pair of them for the LSTM."""
-    if isinstance(state, tuple):
-        return tuple(s[:, k:].contiguous() for s in state)
-    return state[:, k:].contiguous()
 
 
 @dataclass

@@ -40,7 +40,7 @@ from .data import (Splits, batchify, check_text_file, check_trainable, check_voc
                    fresh_windows, line_starts, prepare, split_point, window, windows_per_epoch)
 from .errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, RunFailure, UsageError, is_out_of_memory
 from .model import (EvaluationStopped, RNNLM, adaptive_cutoffs, build_model, check_new_model, count_parameters,
-                    detach_state, perplexity, stream_nll)
+                    detach_state, map_state, perplexity, stream_nll)
 from .runs import METRICS_FILE, check_room_for_a_new_run, read_metrics, run_folder_of
 from .runtime import Distributed, file_sha256, init_distributed, is_terminal, seed_everything
 from .tokenizer import unsegmented_cjk
@@ -183,14 +183,6 @@ class _Signals:
         finally:
             for sig, old in self._old.items():
                 signal.signal(sig, old)
-
-
-def _map_state(state, fn):
-    if state is None:
-        return None
-    if isinstance(state, (tuple, list)):
-        return tuple(fn(s) for s in state)
-    return fn(state)
 
 
 def _differences(old: Config, new: Config) -> list[tuple[str, object, object]]:
@@ -675,7 +667,7 @@ def _restore(resume: Path, state: dict, optimizer: torch.optim.Optimizer, device
                 group.update(fused=optimizer.defaults.get("fused"), foreach=optimizer.defaults.get("foreach"))
         optimizer.load_state_dict(saved)
         p = Progress(**state["progress"])
-        hidden = _map_state(state.get("hidden"), lambda s: s[:, rows].to(device))
+        hidden = map_state(state.get("hidden"), lambda s: s[:, rows].to(device))
         ranks = state.get("rng_ranks")  # every rank's generators, saved by a torchrun job
         world, rank = (dist.world, dist.rank) if dist is not None else (1, 0)
         rng_cpu, rng_cuda = ((ranks[rank]["cpu"], ranks[rank]["cuda"]) if ranks and len(ranks) == world
@@ -824,7 +816,7 @@ class _Loop:
             x = torch.cat([x, fresh_x[dist.rank::dist.world]])
             y = torch.cat([y, fresh_y[dist.rank::dist.world]])
             rows = x.shape[0] - streams
-            hidden = _map_state(hidden, lambda s: torch.cat([s, s.new_zeros(s.shape[0], rows, *s.shape[2:])], 1))
+            hidden = map_state(hidden, lambda s: torch.cat([s, s.new_zeros(s.shape[0], rows, *s.shape[2:])], 1))
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         try:
             with self.autocast:
@@ -832,7 +824,7 @@ class _Loop:
                 # the mean over the global batch's rows (streams and fresh rows): DDP averages the ranks'
                 # gradients, so each rank's sum counts against a W-th of them (its mean where shares are equal)
                 loss = nll.float().sum() / (self.global_rows * y.shape[1] / dist.world)
-            self.hidden = _map_state(hidden, lambda s: s[:, :streams])  # the streams' state goes on; fresh rows end
+            self.hidden = map_state(hidden, lambda s: s[:, :streams])  # the streams' state goes on; fresh rows end
             if not torch.isfinite(loss):
                 raise _NonFinite("loss")
             self.optimizer.zero_grad(set_to_none=True)
@@ -957,7 +949,7 @@ class _Loop:
             raise self._fail(p.step, f"weight {bad} became NaN or infinite (try a lower train.lr or train.clip)")
         last = name == "last"
         # cloned: in one process the streams' state is a view of the (L, B + k, H) state of the last window
-        full_hidden = _map_state(self.hidden, lambda s: dist.gather_batch(s.detach()).cpu().clone()) if last else None
+        full_hidden = map_state(self.hidden, lambda s: dist.gather_batch(s.detach()).cpu().clone()) if last else None
         rng_ranks = dist.gather_objects(
             {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
         ) if last and dist.enabled else None
