@@ -214,12 +214,21 @@ def _figure(x: float, spec: str) -> str:
     return format(x, f"{width}.4g")
 
 
+def _file_path(raw: str) -> Path:
+    """A file option's value as a Path. Path("./-") is Path("-"), which the commands read as standard input;
+    a file that is really named "-" is reached as ./- , so that spelling keeps its folder (made absolute)."""
+    path = Path(raw)
+    return path.absolute() if str(path) == "-" and raw != "-" else path
+
+
 # ---------------------------------------------------------------- train
 @app.command()
 def train(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (sections data, model, train).")] = None,
-    corpus: Annotated[Optional[Path], typer.Option(help="Text file to train on (UTF-8 unless --encoding).")] = None,
-    val: Annotated[Optional[Path], typer.Option(help="Validation text file (default: the last data.val_fraction of the corpus).")] = None,
+    corpus: Annotated[Optional[Path], typer.Option(help="Text file to train on (UTF-8 unless --encoding).",
+                                                   parser=_file_path, metavar="<path>")] = None,
+    val: Annotated[Optional[Path], typer.Option(help="Validation text file (default: the last data.val_fraction of "
+                                                     "the corpus).", parser=_file_path, metavar="<path>")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder to create (default: runs/<corpus name>).")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this folder from its last checkpoint.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N (model.device).")] = None,
@@ -261,7 +270,7 @@ def train(
             from .launch import check_before_launch, run_torchrun
 
             check_before_launch(cfg, corpus, val, nproc, out, resume)
-            raise typer.Exit(run_torchrun(sys.argv[1:], nproc))
+            raise typer.Exit(run_torchrun(sys.argv[1:], nproc, own_process=_console["on"]))
         result = run_training(cfg, corpus, out=out, val=val, resume=resume, show_progress=not quiet,
                               cache_dir=cache_dir, note_changes=f"--config {config}" if config is not None else None)
         if int(os.environ.get("RANK", "0")) != 0:
@@ -401,7 +410,7 @@ def score(
     run_dir: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint folder inside it).")],
     text: Annotated[Optional[list[str]], typer.Argument(help="Sentences to score (default: --file, else stdin).")] = None,
     file: Annotated[Optional[Path], typer.Option("--file", "-f", help="Score every line of this file ('-': "
-                                                 "standard input).")] = None,
+                                                 "standard input).", parser=_file_path, metavar="<path>")] = None,
     per_token: Annotated[bool, typer.Option("--per-token", help="Also give every token's log-probability: log10 "
                                                                 "in the table, natural log in --json.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per sentence.")] = False,
@@ -492,7 +501,7 @@ def _print_scores(results, per_token: bool, as_json: bool, tokenizer) -> None:
 def eval_(
     run_dir: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint folder inside it).")],
     file: Annotated[Path, typer.Option("--file", "-f", help="Text file to evaluate, read as one stream "
-                                                            "(-: standard input).")],
+                                                            "(-: standard input).", parser=_file_path, metavar="<path>")],
     streams: Annotated[int, typer.Option(help="Parallel streams; 1 (default) is the exact likelihood of the file.")] = 1,
     encoding: Annotated[Optional[str], typer.Option(help="Text encoding of --file (default: the run's data.encoding).")] = None,
     errors: Annotated[str, typer.Option(help="Undecodable bytes in --file: strict refuses it, replace substitutes U+FFFD.")] = "strict",

@@ -41,9 +41,11 @@ def check_before_launch(cfg: Config, corpus: Path | None, val: Path | None, npro
                          f"each process takes an equal share of the parallel streams")
 
 
-def run_torchrun(argv: list[str], nproc: int) -> int:
+def run_torchrun(argv: list[str], nproc: int, own_process: bool = False) -> int:
     """`charlm train --nproc N ARGS` as `torchrun --standalone --nproc_per_node N -m charlm train ARGS`;
-    `argv` is the command line after the program name. Returns the exit code."""
+    `argv` is the command line after the program name. Returns the exit code. In charlm's own process
+    (`own_process`), once a signal has been passed on and the workers are done, a later one ends the process
+    at once, as in a run of one process; a caller's process gets its handlers back."""
     args, skip = [], False
     for arg in argv:
         if skip:
@@ -85,7 +87,7 @@ def run_torchrun(argv: list[str], nproc: int) -> int:
             proc.wait()
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_DFL if stopped and own_process else handler)
     if stopped and proc.returncode:
         return EXIT_SIGINT if stopped[0] == signal.SIGINT else EXIT_SIGTERM
     if proc.returncode and not said:  # no worker explained the failure: show torchrun's own report

@@ -94,6 +94,10 @@ class Progress:
     plateau_bad: int = 0
     log_loss_sum: float = 0.0         # training losses since the last metrics line, so that a
     log_loss_count: int = 0           # resumed run writes the same means as an uninterrupted one
+    # the latest periodic validation (step, loss): a run stopped after a check at its last step, before the
+    # end record, does not measure and log that validation again when it resumes
+    checked_step: int = -1
+    checked_loss: float | None = None
 
 
 def learning_rate(cfg: Config, p: Progress, fraction_done: float) -> float:
@@ -722,7 +726,6 @@ class _Loop:
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.t.precision == "bf16" else nullcontext()
         self.signals = _Signals()
         self.last_loss = math.nan       # the last step's loss (all ranks' mean once the loop ends)
-        self.checked: tuple[int, float | None] | None = None  # (step, loss) of the latest periodic validation
         # The periodic checks, and the loss that chooses best/ at the end, read the first eval_tokens of the
         # split where that is shorter than the split (`sliced`), else all of it; `measuring` says which, as
         # Progress.best_val_tokens does.
@@ -734,6 +737,10 @@ class _Loop:
         self.reading = None if splits.val is None else f"{splits.val_sha256 or 'corpus'}/{self.t.eval_batch_size}"
         if p.best_val_text is None:  # a new run, or a trainer state saved before this was kept
             p.best_val_text = self.reading
+        if (p.best_val_text, p.best_val_tokens) != (self.reading, self.measuring):
+            # a resume that reads another text, or another part of it: the saved check does not stand for this
+            # run's (a periodic check leaves best_val_text and best_val_tokens as what it measured)
+            p.checked_step, p.checked_loss = -1, None
         self.log = _Log(run_dir / METRICS_FILE if dist.is_main else None, p.step if resumed else None)
 
     def run(self) -> TrainResult:
@@ -876,7 +883,7 @@ class _Loop:
         the checkpoints after it; its time counts in the elapsed time."""
         p = self.p
         val_loss = self._validate(self.t.eval_tokens)
-        self.checked = (p.step, val_loss)
+        p.checked_step, p.checked_loss = p.step, val_loss
         if val_loss is not None and self.show_progress and not self.interactive:
             scope = f" (on {_slice_words(self.measuring)})" if self.sliced else ""
             print(f"step {p.step} val_loss {val_loss:.4f}{scope}", file=self.log_stream, flush=True)
@@ -887,7 +894,7 @@ class _Loop:
         """The validation loss on the whole split at the end of the run, and the last checkpoints. A periodic
         check at this very step has measured (and logged, and saved) what the final one would measure again:
         the whole split when no eval_tokens slice is shorter, else the slice."""
-        at_end = self.checked[1] if self.checked is not None and self.checked[0] == self.p.step else None
+        at_end = self.p.checked_loss if self.p.checked_step == self.p.step else None
         if at_end is not None and not self.sliced:
             self._save("last", at_end)  # as after a final validation: the elapsed time now includes the check's
             return at_end

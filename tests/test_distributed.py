@@ -461,3 +461,24 @@ def test_check_before_launch_lets_a_resume_continue_the_corpus_s_default_run(tmp
     run = tmp_path / "runs" / "corpus"
     (run / "last").mkdir(parents=True)  # the run started earlier with the default --out
     check_before_launch(load_config(None, ["train.batch_size=4"], {}), corpus, None, 2, None, resume=run)
+
+
+# Kills launch.py's SIG_DFL after a signal: in charlm's own process, a second Ctrl-C while the launcher exits
+# raised in the restored handler (a traceback or a second line) instead of ending the process.
+@pytest.mark.parametrize("own_process", [True, False])
+def test_after_a_signal_the_launcher_lets_a_second_one_end_its_own_process(monkeypatch, own_process):
+    from charlm import launch
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    fake = _FakeTorchrun(130, None)
+    monkeypatch.setattr(launch.subprocess, "Popen", fake)
+    monkeypatch.setattr(launch, "relay_worker_stderr",
+                        lambda stream, signalled=None: (signal.raise_signal(signal.SIGINT), (None, False, []))[1])
+    try:
+        code = launch.run_torchrun(["train", "--corpus", "c.txt", "--nproc", "2"], 2, own_process=own_process)
+        after = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+    assert code == 130 and fake.sent == [signal.SIGINT]
+    assert after == ((signal.SIG_DFL, signal.SIG_DFL) if own_process else before)

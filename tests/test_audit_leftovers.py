@@ -1,0 +1,72 @@
+"""What the audits of 2026-12-07 left open, mended the session after: each test fails on the code before its fix."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import PROJECT_ROOT, TINY_TEXT
+from test_cli import cli, json_lines  # noqa: F401 (cli is a fixture)
+
+TINY_CONFIG = PROJECT_ROOT / "configs" / "tiny.yaml"
+
+
+def test_a_file_named_dash_is_reached_as_dot_slash_dash(cli, tiny_run, tmp_path, monkeypatch):
+    """Catches: Typer's Path turns `./-` into `-`, so `score -f ./-` and `eval -f ./-` read standard input
+    (and waited on a terminal) instead of the file named '-', and `train --corpus ./-` was refused."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "-").write_text("the cat sat\na dog\n", encoding="utf-8")
+    scored = cli("score", tiny_run["run_dir"], "-f", "./-", "--json", input="something else\n")
+    assert scored.exit_code == 0, scored.output
+    assert [r["text"] for r in json_lines(scored.stdout)] == ["the cat sat", "a dog"]
+    evaluated = cli("eval", tiny_run["run_dir"], "-f", "./-", "--json", input="something else\n")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.stdout)["tokens"] == len("the cat sat\na dog\n")
+    (tmp_path / "-").write_text(TINY_TEXT, encoding="utf-8")
+    trained = cli("train", "-c", TINY_CONFIG, "--corpus", "./-", "--out", tmp_path / "run", "--max-steps", 2,
+                  "--quiet")
+    assert trained.exit_code == 0, trained.output
+    assert (tmp_path / "run" / "best").is_dir()
+    # `-` alone is still standard input
+    piped = cli("score", tiny_run["run_dir"], "-f", "-", "--json", input="a dog\n")
+    assert [r["text"] for r in json_lines(piped.stdout)] == ["a dog"]
+
+
+def _val_lines(run_dir):
+    return [r for r in json_lines((run_dir / "metrics.jsonl").read_text(encoding="utf-8")) if "val_loss" in r and "event" not in r]
+
+
+def test_a_run_stopped_after_its_last_check_resumes_without_a_second_validation_line(cli, write_corpus, tmp_path):
+    """Catches: a run killed after the periodic check at its last step, before the end record, measured and
+    logged the same whole-split validation again when resumed (the check was kept in memory only)."""
+    corpus, run_dir = write_corpus(TINY_TEXT), tmp_path / "run"
+    args = ("-c", TINY_CONFIG, "--max-steps", 4, "--set", "train.eval_interval=2")
+    assert cli("train", *args, "--corpus", corpus, "--out", run_dir, "--quiet").exit_code == 0
+    before = _val_lines(run_dir)
+    assert [r["step"] for r in before] == [2, 4] and not before[-1]["val_slice"]
+    # what a kill -9 between that check and the end record leaves: no end record
+    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    assert json.loads(lines[-1])["event"] == "end"
+    (run_dir / "metrics.jsonl").write_text("".join(lines[:-1]), encoding="utf-8")
+    resumed = cli("train", "--resume", run_dir, "--quiet", "--json")
+    assert resumed.exit_code == 0, resumed.output
+    assert _val_lines(run_dir) == before
+    assert json.loads(resumed.stdout)["val_loss"] == before[-1]["val_loss"]
+    records = json_lines((run_dir / "metrics.jsonl").read_text(encoding="utf-8"))
+    assert [r.get("event") for r in records[-2:]] == ["resume", "end"]
+
+
+def test_a_resume_that_reads_another_validation_text_measures_it(cli, write_corpus, tmp_path):
+    """The saved check stands only for the text it read: a resume with another --val validates afresh."""
+    corpus, run_dir = write_corpus(TINY_TEXT), tmp_path / "run"
+    val = write_corpus("the dog sat on the cat.\n" * 4, "val.txt")
+    other = write_corpus("a dog and a cat.\n" * 4, "other.txt")
+    args = ("-c", TINY_CONFIG, "--max-steps", 4, "--set", "train.eval_interval=2")
+    assert cli("train", *args, "--corpus", corpus, "--val", val, "--out", run_dir, "--quiet").exit_code == 0
+    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    (run_dir / "metrics.jsonl").write_text("".join(lines[:-1]), encoding="utf-8")
+    before = _val_lines(run_dir)
+    resumed = cli("train", "--resume", run_dir, "--val", other, "--quiet", "--json")
+    assert resumed.exit_code == 0, resumed.output
+    after = _val_lines(run_dir)
+    assert after[:-1] == before and after[-1]["step"] == 4 and after[-1]["val_loss"] != before[-1]["val_loss"]
+    assert json.loads(resumed.stdout)["val_loss"] == after[-1]["val_loss"]
