@@ -70,3 +70,39 @@ def test_a_resume_that_reads_another_validation_text_measures_it(cli, write_corp
     after = _val_lines(run_dir)
     assert after[:-1] == before and after[-1]["step"] == 4 and after[-1]["val_loss"] != before[-1]["val_loss"]
     assert json.loads(resumed.stdout)["val_loss"] == after[-1]["val_loss"]
+
+
+def test_a_signal_during_the_final_save_lets_the_save_finish_and_the_run_end_as_done(tmp_path, monkeypatch):
+    """The audit's question, answered as designed: a signal that comes while the end of a run saves its
+    checkpoints neither cuts a checkpoint short nor turns a finished run into an interrupted one: the run has
+    done its budget, both checkpoints hold its last step, and the command ends at once, with exit 0."""
+    import signal
+
+    import yaml
+
+    from charlm import checkpoint as ckpt
+    from charlm import train as train_mod
+    from charlm.checkpoint import load_checkpoint
+    from charlm.config import load_config
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TINY_TEXT, encoding="utf-8")
+    raw = yaml.safe_load(TINY_CONFIG.read_text(encoding="utf-8"))
+    raw["train"].update(max_steps=6, eval_interval=0)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    original, saved = ckpt.save_checkpoint, []
+
+    def interrupted_save(run_dir, name, *args, **kwargs):
+        if not saved:
+            signal.raise_signal(signal.SIGINT)  # caught by the trainer's handler: the save goes on
+        saved.append(name)
+        return original(run_dir, name, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", interrupted_save)
+    handler = signal.getsignal(signal.SIGINT)
+    result = train_mod.train(load_config(config), corpus, tmp_path / "run", show_progress=False)
+    assert result.stopped_by == "max_steps" and result.steps == 6 and saved == ["best", "last"]
+    assert signal.getsignal(signal.SIGINT) is handler  # the trainer's handler is gone with the run
+    for name in saved:
+        assert load_checkpoint(tmp_path / "run", name).manifest["step"] == 6
