@@ -105,8 +105,9 @@ class BenchResult:
     parameters: int
     threads: int
     products: str  # products.backend(): "onednn" where the custom cells send their larger float32 CPU products
-    native: str  # native.status(): "on" where the custom cells' step kernels of native.c run, else why not
-    # (both "-" for torch's modules, which use neither, and on CUDA)
+    # native.status() for this cell: "on" where the custom cells' kernels of native.c run (whole time loops,
+    # or per step and why), else why not; both "-" for torch's modules, which use neither, and on CUDA
+    native: str
     train_tokens_per_s: float
     infer_tokens_per_s: float
     sample_tokens_per_s: float
@@ -277,7 +278,9 @@ def run_bench(s: BenchSettings, progress: Callable[[str], None] | None = None) -
             x.cell, x.impl, str(device), s.hidden_size, s.embedding_size, s.layers, s.batch_size, s.seq_len,
             s.vocab_size, count_parameters(x.model), torch.get_num_threads(),
             # both describe the custom cells' CPU path; torch's modules and CUDA use neither
-            *((products.backend(), native.status()) if device.type == "cpu" and x.impl == "custom" else ("-", "-")),
+            *((products.backend(), native.status(s.seq_len, (s.batch_size, s.hidden_size) if x.cell == "lstm"
+                                                 else None))
+              if device.type == "cpu" and x.impl == "custom" else ("-", "-")),
             med["train"], med["infer"],
             med["sample"], peak, MEMORY_MEASURE[device.type], train_rounds=rounds[(i, "train")],
             infer_rounds=rounds[(i, "infer")], sample_rounds=rounds[(i, "sample")]))

@@ -54,9 +54,6 @@ from . import native
 from .products import Repeated, linear, mm, torch_products, weight_grad
 
 _aten = torch.ops.aten
-# From this many steps a GRU or RNN layer's whole time loop runs in native.c: laying W_hh out for MKL costs about
-# one step's product, and each step then saves torch's dispatch and Python's loop (docs/benchmarks.md).
-_LOOP_MIN_STEPS = 8
 
 
 def _dsigmoid(grad: Tensor, y: Tensor, out: Tensor | None = None) -> Tensor:
@@ -135,7 +132,7 @@ def _whole_loop(T: int, fits: bool, lstm: tuple[int, int] | None = None) -> bool
     the buffers (`fits`, from _native_fits), a packed product is there (for an LSTM of `lstm` = (B, H),
     native.c's own, or MKL's in a loop split by rows: native.lstm_loops), and the window is long enough to
     repay laying W_hh out."""
-    return fits and T >= _LOOP_MIN_STEPS and (native.lstm_loops(*lstm) if lstm else native.loops())
+    return fits and T >= native.LOOP_MIN_STEPS and (native.lstm_loops(*lstm) if lstm else native.loops())
 
 
 def _loop_products(loop: bool):

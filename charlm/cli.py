@@ -315,7 +315,7 @@ def sample(
     allow_unk: Annotated[bool, typer.Option("--allow-unk", help="Let <unk> be sampled (masked by default).")] = False,
     checkpoint: Annotated[Optional[str], typer.Option(help="best or last (default: best, else last; or the "
                                                           "checkpoint folder named).")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per sample, with its log-probability under the model (temperature 1, untruncated).")] = False,
 ) -> None:
     """Generate text from a trained model, stopping at <eos> or --max-length.
@@ -422,7 +422,7 @@ def score(
                                              "replace substitutes U+FFFD.")] = "strict",
     checkpoint: Annotated[Optional[str], typer.Option(help="best or last (default: best, else last; or the "
                                                           "checkpoint folder named).")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "cpu",
 ) -> None:
     """Give each sentence its probability: log P(tokens + <eos>), from a fresh start.
 
@@ -507,7 +507,7 @@ def eval_(
     errors: Annotated[str, typer.Option(help="Undecodable bytes in --file: strict refuses it, replace substitutes U+FFFD.")] = "strict",
     checkpoint: Annotated[Optional[str], typer.Option(help="best or last (default: best, else last; or the "
                                                           "checkpoint folder named).")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Corpus-level loss, perplexity and bits per character of a text file.
@@ -605,7 +605,7 @@ def info(
 # ---------------------------------------------------------------- runs
 @app.command()
 def runs(
-    folder: Annotated[Path, typer.Argument(help="Folder to search for run folders (a run folder itself is fine).")] = Path("runs"),
+    folder: Annotated[Path, typer.Argument(help="Folder to search for run folders (a run folder, or its best/ or last/, lists that run).")] = Path("runs"),
     sort: Annotated[str, typer.Option(help="Column to sort by: name, status, level, cell, impl, size (the hidden "
                                             "size), parameters, steps, val_loss, bpc, time (also layers, "
                                             "hidden_size); a leading '-' sorts descending.")] = "name",
@@ -811,9 +811,11 @@ def _print_bench(results, gen, sco, markdown: bool) -> None:
 
     if results:
         r0 = results[0]
-        custom = next((r for r in results if r.products != "-"), None)  # the custom cells' CPU path, if measured
-        products = (f", custom cells: {custom.products} products, native kernels {custom.native}"
-                    if custom is not None else "")
+        custom = [r for r in results if r.products != "-"]  # the custom cells' CPU path, if measured
+        kernels = {r.cell: r.native for r in custom}
+        kernels = (next(iter(kernels.values())) if len(set(kernels.values())) == 1  # an LSTM's may differ
+                   else "; ".join(f"{cell} {state}" for cell, state in kernels.items()))
+        products = f", custom cells: {custom[0].products} products, native kernels {kernels}" if custom else ""
         rounds = len(r0.train_rounds)
         rounds = "the median of 1 round" if rounds == 1 else f"medians of {rounds} rounds"
         threads = f"{r0.threads} thread" + ("s" if r0.threads != 1 else "")

@@ -65,6 +65,10 @@ from torch import Tensor
 from .runtime import amd_avx512, cpuinfo
 
 SOURCE = Path(__file__).with_name("native.c")
+# From this many steps a layer's whole time loop runs in native.c (cells_fast._whole_loop): laying W_hh out for
+# MKL costs about one step's product, and each step then saves torch's dispatch and Python's loop
+# (docs/benchmarks.md).
+LOOP_MIN_STEPS = 8
 # -fno-trapping-math lets GCC turn the clamps of native.c's exponential into vector blends on every
 # target (the floating-point exception flags, which it would otherwise preserve, are never read)
 _BASE_FLAGS = ["-O3", "-std=c99", "-fno-trapping-math", "-fPIC", "-shared"]
@@ -269,14 +273,19 @@ def why_not() -> str:
     return _why_not
 
 
-def status() -> str:
+def status(window: int | None = None, lstm: tuple[int, int] | None = None) -> str:
     """'on (time loops, MKL's product)', 'on (time loops, charlm's product)', 'on (per step: reason)' or
-    'off (reason)', for the benchmark's header."""
+    'off (reason)', for the benchmark: for a window of `window` steps, and for an LSTM layer of
+    `lstm` = (B, H), whose loop has conditions of its own (lstm_loops)."""
     if kernels() is None:
         return why_not()
-    if loops():
-        return f"on (time loops, {'MKL' if gemm_is_mkl() else 'charlm'}'s product)"
-    return f"on (per step: {_loops_off()})"
+    if not loops():
+        return f"on (per step: {_loops_off()})"
+    if window is not None and window < LOOP_MIN_STEPS:
+        return f"on (per step: a window of fewer than {LOOP_MIN_STEPS} steps)"
+    if lstm is not None and not lstm_loops(*lstm):
+        return "on (per step: an LSTM loops beside MKL's product only split by rows, with W_hh of 1 MiB or less)"
+    return f"on (time loops, {'MKL' if gemm_is_mkl() else 'charlm'}'s product)"
 
 
 def usable(*tensors: Tensor) -> bool:

@@ -187,6 +187,8 @@ def find_runs(folder: Path) -> list[Path]:
         raise UsageError(f"{folder} is not a folder")
     if is_run_dir(folder):
         return [folder]
+    if folder.name in CHECKPOINTS and is_checkpoint_folder(folder) and is_run_dir(folder.parent):
+        return [folder.parent]  # runs/x/best: the run that holds it, as every other command reads it
     found = []
     for root, dirs, _ in os.walk(folder):
         here = Path(root)

@@ -106,3 +106,14 @@ def test_a_signal_during_the_final_save_lets_the_save_finish_and_the_run_end_as_
     assert signal.getsignal(signal.SIGINT) is handler  # the trainer's handler is gone with the run
     for name in saved:
         assert load_checkpoint(tmp_path / "run", name).manifest["step"] == 6
+
+
+def test_runs_of_a_checkpoint_folder_lists_the_run_that_holds_it(cli, tiny_run):
+    """Catches: `charlm runs runs/x/best` answered 'no runs under runs/x/best' with exit 0, where every other
+    command reads that folder as its run."""
+    whole = json_lines(cli("runs", tiny_run["run_dir"], "--json").stdout)
+    assert len(whole) == 1
+    for name in ("best", "last"):
+        listed = cli("runs", tiny_run["run_dir"] / name, "--json")
+        assert listed.exit_code == 0, listed.output
+        assert json_lines(listed.stdout) == whole

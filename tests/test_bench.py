@@ -67,7 +67,7 @@ def test_bench_command_prints_json_lines_with_the_documented_keys():
                 "infer_ratio", "sample_ratio", "peak_memory_bytes", "memory_measure"):
         assert key in records[0]
     assert records[0]["products"] in ("onednn", "default")  # which library ran the CPU products
-    assert records[0]["native"] == native.status()          # whether native.c's step kernels ran
+    assert records[0]["native"] == native.status(3)         # whether native.c's kernels ran, for a window of 3
     assert records[1]["products"] == records[1]["native"] == "-"  # torch's modules use neither
 
 
@@ -196,3 +196,23 @@ def test_peak_training_memory_is_the_peak_not_what_is_left_at_the_end(impl):
     peaks = [bench.peak_training_memory(subject) for _ in range(3)]  # the first profiled step keeps a little
     # every step had at least its (B, T) float32 losses live at once, besides the activations behind them
     assert min(peaks) >= TINY["batch_size"] * TINY["seq_len"] * 4, peaks
+
+
+def test_the_native_label_is_each_cells_own(monkeypatch):
+    """Catches: one process-wide label, 'time loops', on an LSTM row whose layer stepped from Python (beside
+    MKL's product its loop runs only split by rows), and on a window too short for any loop."""
+    monkeypatch.setattr(native, "kernels", lambda: object())
+    monkeypatch.setattr(native, "loops", lambda: True)
+    monkeypatch.setattr(native, "gemm_is_mkl", lambda: True)
+    monkeypatch.setattr(native, "lstm_loops", lambda B, H: B > 1)
+    assert native.status(64) == native.status(64, (32, 64)) == "on (time loops, MKL's product)"
+    assert native.status(64, (1, 64)).startswith("on (per step: an LSTM loops beside MKL's product only split")
+    assert native.status(native.LOOP_MIN_STEPS - 1).startswith("on (per step: a window of fewer than")
+    monkeypatch.undo()  # this host's own kernels for the rows
+    result = CliRunner().invoke(app, ["bench", "--cells", "gru,lstm", "--impls", "custom", "--json",
+                                      *TINY_FLAGS[:4], "--batch-size", "1", "--seq-len", "8", *TINY_FLAGS[-7:]])
+    assert result.exit_code == 0, result.output
+    labels = {r["cell"]: r["native"] for r in map(json.loads, result.stdout.splitlines())}
+    assert labels == {"gru": native.status(8), "lstm": native.status(8, (1, 8))}
+    if native.loops() and native.gemm_is_mkl():  # where the GRU's loop runs beside MKL's, one LSTM row steps
+        assert labels["gru"] != labels["lstm"]

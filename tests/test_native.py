@@ -209,8 +209,8 @@ def test_loop_parts_gives_one_block_per_thread_of_eight_rows_or_more_with_mkl():
 
 @pytest.mark.skipif(not native.loops(), reason="native time loops off")
 def test_a_short_window_steps_from_python(monkeypatch):
-    # Below cells_fast._LOOP_MIN_STEPS, laying W_hh out for MKL would cost more than the loop saves.
-    x, h0, c0, weights = _inputs(1, T=cells_fast._LOOP_MIN_STEPS - 1, B=2, E=3, H=4, scale=0.5)
+    # Below native.LOOP_MIN_STEPS, laying W_hh out for MKL would cost more than the loop saves.
+    x, h0, c0, weights = _inputs(1, T=native.LOOP_MIN_STEPS - 1, B=2, E=3, H=4, scale=0.5)
     calls = _recording(monkeypatch, STEP_KERNELS + LOOPS + LSTM_LOOPS)
     short = _lstm_and_gru_layers(x, h0, c0, weights)
     assert set(calls) == set(STEP_KERNELS)
