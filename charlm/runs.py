@@ -187,8 +187,10 @@ def find_runs(folder: Path) -> list[Path]:
         raise UsageError(f"{folder} is not a folder")
     if is_run_dir(folder):
         return [folder]
-    if folder.name in CHECKPOINTS and is_checkpoint_folder(folder) and is_run_dir(folder.parent):
-        return [folder.parent]  # runs/x/best: the run that holds it, as every other command reads it
+    named = Path(os.path.abspath(folder))  # `.` inside best/ names best/ too
+    if named.name in CHECKPOINTS and is_checkpoint_folder(folder) and is_run_dir(folder / ".."):
+        # runs/x/best: the run that holds it, as every other command reads it
+        return [folder.parent if folder.name == named.name else Path(os.path.normpath(folder / ".."))]
     found = []
     for root, dirs, _ in os.walk(folder):
         here = Path(root)
@@ -307,11 +309,14 @@ def list_runs(folder: Path, sort: str = "name") -> list[RunSummary]:
 
 
 def _display_name(path: Path, folder: Path) -> str:
+    """A run's name in the listing of `folder`: its path below the folder, or its own name where `folder` is
+    the run (or its best/ or last/)."""
+    if path == folder or path == folder.parent or path == Path(os.path.normpath(folder / "..")):
+        return os.path.basename(os.path.abspath(path))  # `charlm runs .` in a run folder: the folder's own name
     try:
-        rel = path.relative_to(folder)
+        return path.relative_to(folder).as_posix()
     except ValueError:
-        rel = path
-    return path.name if str(rel) == "." else rel.as_posix()
+        return path.as_posix()
 
 
 def _damaged_checkpoints(run_dir: Path, manifests: dict[str, dict | None]) -> list[str]:
