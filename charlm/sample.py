@@ -74,16 +74,14 @@ def next_token_distribution(logits: Tensor, temperature: float, top_k: int, top_
 
 @dataclass
 class _Prime:
-    text: str              # as typed
-    last_token: str | None  # its last word (word level), when the continuation may need a space after it
+    text: str                # as typed
+    context: tuple[str, ...]  # its last two words (word level), which the continuation's spacing goes on from:
+    # a space after the prime or not, and a number cut by it ("at 10" + ":30") written as one
 
-    def before(self, ids: list[int], codec: TextCodec) -> str:
-        """The prime and what joins it to the continuation `ids` (a space or nothing)."""
-        if self.last_token is None or not ids or ids[0] == EOS_ID:
-            return self.text
-        first = codec.vocab.tokens[ids[0]]
-        glued = codec.tokenizer.join([self.last_token, first]) == self.last_token + first
-        return self.text if glued else self.text + " "
+    def continued(self, ids: list[int], codec: TextCodec) -> tuple[str, str]:
+        """(the prime and the continuation `ids` as one text, the continuation's own text)."""
+        joined = codec.decode(ids, self.context)
+        return self.text + joined, joined[1:] if self.context and joined.startswith(" ") else joined
 
 
 # Tokens are kept in blocks of this many steps (and plain sampling draws its noise a block at a time).
@@ -117,12 +115,12 @@ def iter_samples(model: RNNLM, codec: TextCodec, prime: str = "", max_length: in
             prime_ids.append(EOS_ID)
     # The prime is shown as it was typed (not as its tokens: an unknown character stays itself, not
     # "<unk>"); at word level the tokenizer's spacing rule decides whether a space joins it to the
-    # continuation, from the prime's last token (none after a final newline or space).
+    # continuation, and how it goes on, from the prime's last two tokens (none after a final newline or space).
     last_line = prime_lines[-1] if prime_lines and not prime.endswith("\n") else ""
     last_words = (codec.tokenizer.split(last_line) if codec.tokenizer.level == "word" and last_line
                   and not last_line[-1].isspace() else [])
     shown = prime[:-1] if prime.endswith("\r") else prime  # a line end the tokenizer drops too ("a\r")
-    shown_prime = _Prime(shown, last_words[-1] if last_words else None)
+    shown_prime = _Prime(shown, tuple(last_words[-2:]))
     prime_unk = sum(1 for i in prime_ids if i == UNK_ID)
     primed = _read_prime(model, prime_ids, device)
     for first in range(0, num_samples, GROUP):
@@ -170,8 +168,8 @@ def _group(model: RNNLM, codec: TextCodec, primed, prime: _Prime, prime_unk: int
         ids_b = ids[b, : int(lengths[b])].tolist()
         stopped = "eos" if ids_b and ids_b[-1] == EOS_ID else "max_length"
         body = ids_b[:-1] if stopped == "eos" else ids_b
-        generated = codec.decode(body)
-        samples.append(Sample(prime.before(body, codec) + generated, generated, codec.vocab.decode(ids_b),
+        text, generated = prime.continued(body, codec)
+        samples.append(Sample(text, generated, codec.vocab.decode(ids_b),
                               float(logprob[b]), stopped, prime_unk))
     return samples
 

@@ -16,7 +16,7 @@ import json
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
@@ -130,15 +130,17 @@ class Tokenizer:
         for piece in _pieces(line):
             yield from (piece.split() if self.word_split == "space" else _WORD_RE.findall(piece))
 
-    def join(self, tokens: Iterable[str]) -> str:
-        """Text from tokens, such that `split(join(t)) == t` for tokens that `split` produces."""
+    def join(self, tokens: Iterable[str], context: Sequence[str] = ()) -> str:
+        """Text from tokens, such that `split(join(t)) == t` for tokens that `split` produces. `context`: the
+        tokens of the line written just before these (a prime's); the text then continues it, beginning with
+        the space that joins the two, if any, and spaced as if it had been joined with them (10 + :30)."""
         tokens = list(tokens)
         if self.level == "char":
             return "".join(tokens)
         if self.word_split == "space":
-            return " ".join(tokens)
+            return (" " if context and tokens else "") + " ".join(tokens)
         out: list[str] = []
-        before = prev = None
+        before, prev = ([None, None] + list(context[-2:]))[-2:]
         for tok in tokens:
             if prev is not None and _spaced(before, prev, tok):
                 out.append(" ")
@@ -230,16 +232,17 @@ class TextCodec:
             ids.append(EOS_ID)
         return Encoded(ids, sum(1 for i in ids if i == UNK_ID), len(lines))
 
-    def decode(self, ids: Iterable[int]) -> str:
-        """Text of ids; `<eos>` becomes a newline."""
+    def decode(self, ids: Iterable[int], context: Sequence[str] = ()) -> str:
+        """Text of ids; `<eos>` becomes a newline. `context`: the tokens written before them on their first
+        line (Tokenizer.join)."""
         out, line = [], []
         for i in ids:
             if i == EOS_ID:
-                out.append(self.tokenizer.join(line) + "\n")
-                line = []
+                out.append(self.tokenizer.join(line, context) + "\n")
+                line, context = [], ()
             else:
                 line.append(self.vocab.tokens[i])
-        out.append(self.tokenizer.join(line))
+        out.append(self.tokenizer.join(line, context))
         return "".join(out)
 
     def save(self, path: Path) -> None:

@@ -245,9 +245,12 @@ def test_prime_is_kept_in_front_of_the_generated_text():
     ("春眠", "不", "春眠不"),                  # no space between CJK characters
     ("the cat\n", "sat", "the cat\nsat"),     # a new line after the prime
     ("the cat\r", "sat", "the cat sat"),         # a final CR ends the line for the tokenizer: not shown
+    ("at 10:", "30", "at 10:30"),             # a number cut by the prime's end stays one (it read "10: 30")
+    ("costs $3.", "14", "costs $3.14"),       # (it read "$3. 14")
+    ("in 1999,", "100", "in 1999, 100"),      # not a thousands comma
 ])
 def test_a_word_level_prime_joins_its_continuation_as_the_tokenizer_joins_words(prime, first, text):
-    vocab = Vocabulary([UNK, EOS, "the", "cat", "sat", ".", "春", "眠", "不"])
+    vocab = Vocabulary([UNK, EOS, "the", "cat", "sat", ".", "春", "眠", "不", "30", "14", "100"])
     codec = TextCodec(Tokenizer("word", lowercase=True), vocab)
     model = random_model("gru", vocab_size=len(vocab))
     with torch.no_grad():  # the continuation is `first` alone: then <eos>
@@ -255,7 +258,7 @@ def test_a_word_level_prime_joins_its_continuation_as_the_tokenizer_joins_words(
         model.decoder.bias.fill_(-50.0)
         model.decoder.bias[vocab.id(first)] = 50.0
     (s,) = generate(model, codec, prime=prime, max_length=1, temperature=0.0)
-    assert s.tokens == [first] and s.text == text
+    assert s.tokens == [first] and s.text == text and s.generated == first
 
 
 def test_prime_conditions_the_continuation_like_the_score():

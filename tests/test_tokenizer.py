@@ -352,3 +352,18 @@ def test_vocabulary_ties_are_ordered_by_code_point_not_by_first_appearance():
 # Kills tokenizer.py:236 (char-level count_tokens ignoring `lowercase`: upper-case letters in the vocabulary).
 def test_char_level_counts_lowercase_the_text_when_asked():
     assert count_tokens(Tokenizer("char", lowercase=True), "AbA\nB\n") == Counter({"a": 2, "b": 2})
+
+
+@pytest.mark.parametrize("split", ["punct", "space"])
+def test_join_with_a_context_continues_it_as_one_join_of_both(split):
+    """join(tokens, context) is what join(context + tokens) adds after join(context): the joining space, and
+    numbers cut between the two written as one (a sample's continuation of its prime)."""
+    tokenizer = Tokenizer("word", word_split=split)
+    lines = ["the train leaves at 10:30 and costs $3.14 , or 1,000 yen .", "a b", "in 1999, 100 people"]
+    for line in lines:
+        tokens = tokenizer.split(line)
+        for cut in range(len(tokens) + 1):
+            head, tail = tokens[:cut], tokens[cut:]
+            whole, start = tokenizer.join(tokens), tokenizer.join(head)
+            assert start + tokenizer.join(tail, context=head) == whole, (split, cut)
+    assert Tokenizer("char").join(list("bc"), context=["a"]) == "bc"
