@@ -75,8 +75,9 @@ def next_token_distribution(logits: Tensor, temperature: float, top_k: int, top_
 @dataclass
 class _Prime:
     text: str                # as typed
-    context: tuple[str, ...]  # its last two words (word level), which the continuation's spacing goes on from:
-    # a space after the prime or not, and a number cut by it ("at 10" + ":30") written as one
+    context: tuple[str, ...]  # the words of its last line (word level), which the continuation's spacing goes
+    # on from: a space after the prime or not, a number cut by it ("at 10" + ":30") written as one, and
+    # whether a straight quote opens or closes
 
     def continued(self, ids: list[int], codec: TextCodec) -> tuple[str, str]:
         """(the prime and the continuation `ids` as one text, the continuation's own text)."""
@@ -120,7 +121,7 @@ def iter_samples(model: RNNLM, codec: TextCodec, prime: str = "", max_length: in
     last_words = (codec.tokenizer.split(last_line) if codec.tokenizer.level == "word" and last_line
                   and not last_line[-1].isspace() else [])
     shown = prime[:-1] if prime.endswith("\r") else prime  # a line end the tokenizer drops too ("a\r")
-    shown_prime = _Prime(shown, tuple(last_words[-2:]))
+    shown_prime = _Prime(shown, tuple(last_words))
     prime_unk = sum(1 for i in prime_ids if i == UNK_ID)
     primed = _read_prime(model, prime_ids, device)
     for first in range(0, num_samples, GROUP):

@@ -37,8 +37,13 @@ _CJK = ("\u2e80-\u2fff\u3001-\u303f\u3040-\u30ff\u3100-\u312f\u3190-\u31ff\u3400
 # character; then a word (letters and digits, with inner apostrophes: "don't");
 # then any other single non-space character (punctuation, symbols, emoji).
 _WORD_RE = re.compile(rf"<unk>|[{_CJK}]|[^\W{_CJK}]+(?:['’][^\W{_CJK}]+)*|[^\s{_CJK}]")
-_NO_SPACE_BEFORE = set(".,;:!?)]}%'’”»…")
+_NO_SPACE_BEFORE = set(".,;:!?)]}%’”»…")
 _NO_SPACE_AFTER = set("([{¿¡“‘«")
+# Straight quotes do not say whether they open or close: the count in the line so far does (Tokenizer.join).
+# A ' between two words is taken as a quote by that count too, so an elision ("o' the") may read "o 'the".
+_STRAIGHT_QUOTES = ("\"", "'")
+_JOINERS = ("-", "/")          # between two words or numbers: no space (well-known, 2024-01-05, and/or)
+_CURRENCY = set("$£€¥#")        # before a number: no space ($3.14, #1)
 _IS_CJK = re.compile(rf"^[{_CJK}]$")
 _HAS_CJK_RUN = re.compile(rf"[{_CJK}]{{4}}")  # four CJK characters in a row: more than a word, as a rule
 
@@ -85,11 +90,17 @@ def normalize(text: str, lowercase: bool = False) -> str:
     return unicodedata.normalize("NFC", text.lower()) if lowercase else text
 
 
-def _spaced(before: str | None, prev: str, tok: str) -> bool:
-    """Whether word-level text puts a space between the tokens `prev` and `tok` (`before` precedes `prev`).
-    Each rule leaves out only a space that `split` does not need: CJK characters and punctuation are tokens
-    of their own whatever follows them, so `split(join(t)) == t` holds."""
+def _spaced(before: str | None, prev: str, tok: str, after: str | None = None) -> bool:
+    """Whether word-level text puts a space between the tokens `prev` and `tok` (`before` precedes `prev`,
+    `after` follows `tok`; straight quotes are Tokenizer.join's). Each rule leaves out only a space that
+    `split` does not need: CJK characters and punctuation are tokens of their own whatever follows them, so
+    `split(join(t)) == t` holds."""
     if tok[0] in _NO_SPACE_BEFORE or prev[-1] in _NO_SPACE_AFTER:
+        return False
+    if (tok in _JOINERS and prev[-1].isalnum() and after is not None and after[0].isalnum()) or (
+            prev in _JOINERS and before is not None and before[-1].isalnum() and tok[0].isalnum()):
+        return False
+    if prev in _CURRENCY and tok[0].isdigit():
         return False
     cjk_prev, cjk_tok = bool(_IS_CJK.match(prev)), bool(_IS_CJK.match(tok))
     if (cjk_prev and cjk_tok) or _IS_WIDE_PUNCT.match(prev) or _IS_WIDE_PUNCT.match(tok):
@@ -105,6 +116,17 @@ def _spaced(before: str | None, prev: str, tok: str) -> bool:
             return not (len(before) <= 2 and len(tok) == 2)
         return not (len(before) <= 3 and before[0] != "0" and len(tok) == 3)
     return True
+
+
+def _opens(quote: str, prev: str | None, after: str | None, seen: int) -> bool:
+    """Whether a straight quote between the tokens `prev` and `after` opens (no space after it) rather than
+    closes (no space before it), `seen` of the same quote having come before it in the line: where the count
+    is even, unless nothing follows it; a ' also where a word follows it but none precedes it (and the
+    reverse: it closes)."""
+    if after is None:
+        return False
+    word_before, word_after = prev is not None and prev[-1].isalnum(), after[0].isalnum()
+    return seen % 2 == 0 if quote == '"' or word_before == word_after else word_after
 
 
 @dataclass
@@ -141,11 +163,23 @@ class Tokenizer:
             return (" " if context and tokens else "") + " ".join(tokens)
         out: list[str] = []
         before, prev = ([None, None] + list(context[-2:]))[-2:]
-        for tok in tokens:
-            if prev is not None and _spaced(before, prev, tok):
+        seen = {q: sum(1 for t in context if t == q) for q in _STRAIGHT_QUOTES}  # straight quotes so far
+        # whether prev is a straight quote that opens (the context's last token: as the first token decides)
+        opened = prev in _STRAIGHT_QUOTES and _opens(prev, before, tokens[0] if tokens else None, seen[prev] - 1)
+        for i, tok in enumerate(tokens):
+            after = tokens[i + 1] if i + 1 < len(tokens) else None
+            if tok in _STRAIGHT_QUOTES:
+                opens = _opens(tok, prev, after, seen[tok])
+                seen[tok] += 1
+                space = prev is not None and not opened and opens and prev[-1] not in _NO_SPACE_AFTER \
+                    and not _IS_WIDE_PUNCT.match(prev)
+            else:
+                opens = False
+                space = prev is not None and not opened and _spaced(before, prev, tok, after)
+            if space:
                 out.append(" ")
             out.append(tok)
-            before, prev = prev, tok
+            opened, before, prev = opens, prev, tok
         return "".join(out)
 
     def lines(self, text: str) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import unicodedata
 from collections import Counter
 
@@ -356,14 +357,33 @@ def test_char_level_counts_lowercase_the_text_when_asked():
 
 @pytest.mark.parametrize("split", ["punct", "space"])
 def test_join_with_a_context_continues_it_as_one_join_of_both(split):
-    """join(tokens, context) is what join(context + tokens) adds after join(context): the joining space, and
-    numbers cut between the two written as one (a sample's continuation of its prime)."""
+    """join(tail, context=head) is how join(head + tail) ends: the joining space, numbers cut between the two
+    written as one, straight quotes counted over both (a sample's continuation of its prime, shown as typed)."""
     tokenizer = Tokenizer("word", word_split=split)
-    lines = ["the train leaves at 10:30 and costs $3.14 , or 1,000 yen .", "a b", "in 1999, 100 people"]
-    for line in lines:
-        tokens = tokenizer.split(line)
-        for cut in range(len(tokens) + 1):
+    lines = ["the train leaves at 10:30 and costs $3.14 , or 1,000 yen .", "a b", "in 1999, 100 people",
+             'he said "well-known" and \'tis o\' the night']
+    pool = ["a", "word", "3", "14", '"', "'", "-", "/", "$", ".", ",", ":", "(", "“", "”", "中", "，", "—", "1999"]
+    rng = random.Random(0)
+    cases = [tokenizer.split(line) for line in lines] + [rng.choices(pool, k=rng.randint(2, 8)) for _ in range(3000)]
+    for tokens in cases:
+        whole = tokenizer.join(tokens)
+        assert tokenizer.split(whole) == tokens or split == "space"
+        for cut in range(1, len(tokens)):
             head, tail = tokens[:cut], tokens[cut:]
-            whole, start = tokenizer.join(tokens), tokenizer.join(head)
-            assert start + tokenizer.join(tail, context=head) == whole, (split, cut)
+            end = tokenizer.join(tail, context=head)
+            assert whole.endswith(end) and (end.startswith(" ") or not whole[:-len(end)].endswith(" ")), \
+                (tokens, cut)
     assert Tokenizer("char").join(list("bc"), context=["a"]) == "bc"
+
+
+def test_word_level_join_writes_hyphens_slashes_currency_and_straight_quotes_as_text_does():
+    """Catches: 'well - known', 'and / or', '$ 3.14', an opening ' glued to the word before it ("or' x'") and
+    a straight " spaced on both sides; the spacing is a guess from the tokens, and split(join(t)) == t."""
+    tok = Tokenizer("word")
+    for text in ["A well-known e-mail costs $3.14 and/or 'elsewhere' today.", 'he said "hello there" and left',
+                 "and 'tis o' the night", "between 1999-2000, call 555-1234 or #1", '("hi")', "it's done",
+                 'say "" ok']:
+        tokens = tok.split(text)
+        assert tok.join(tokens) == text and tok.split(tok.join(tokens)) == tokens
+    assert tok.join(tok.split("x - 5")) == "x-5"  # a spaced hyphen between words reads as a hyphen
+    assert tok.join(tok.split("and - y")) == "and-y"
