@@ -264,7 +264,11 @@ def train(
         if resume is not None and config is None:
             from .checkpoint import CONFIG_FILE, find_checkpoint
             from .runs import run_folder_of
-            base = find_checkpoint(run_folder_of(resume, "--resume", names=("last",)), "last") / CONFIG_FILE
+            from .train import check_run_folder_free
+
+            run_folder = run_folder_of(resume, "--resume", names=("last",))
+            check_run_folder_free(run_folder)  # a run still training, before its first checkpoint: say so
+            base = find_checkpoint(run_folder, "last") / CONFIG_FILE
         cfg = load_config(config, set_, extra, base=base)
         if nproc > 1:
             from .launch import check_before_launch, run_torchrun

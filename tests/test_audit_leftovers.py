@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+
+import pytest
 
 from conftest import PROJECT_ROOT, TINY_TEXT
 from test_cli import cli, json_lines  # noqa: F401 (cli is a fixture)
@@ -117,3 +120,24 @@ def test_runs_of_a_checkpoint_folder_lists_the_run_that_holds_it(cli, tiny_run):
         listed = cli("runs", tiny_run["run_dir"] / name, "--json")
         assert listed.exit_code == 0, listed.output
         assert json_lines(listed.stdout) == whole
+
+
+def test_a_resume_of_a_run_still_training_before_its_first_checkpoint_says_so(cli, write_corpus, tmp_path):
+    """Catches: `--resume RUN` while RUN trains but has saved nothing yet was told 'RUN holds no checkpoint yet
+    ... a run saves one at each validation check', as if the run had died: the lock is checked first now."""
+    pytest.importorskip("fcntl")  # no run folder locks without flock (Windows)
+    from charlm.train import lock_run_folder
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("", encoding="utf-8")  # what a run writes first
+    held: list[int] = []
+    lock_run_folder(run_dir, held)  # as the training process holds it
+    try:
+        assert held
+        result = cli("train", "--resume", run_dir, "--max-steps", 2)
+    finally:
+        for fd in held:
+            os.close(fd)
+    assert result.exit_code == 2 and "is being trained by another charlm process right now" in result.stderr
+    assert "no checkpoint yet" in cli("train", "--resume", run_dir, "--max-steps", 2).stderr  # once it is free
