@@ -541,8 +541,8 @@ def eval_(
         _out(f"perplexity      {_figure(r.perplexity, '.3f')}")
         _out(f"bits per token  {r.bits_per_token:.4f}")
         _out(f"bits per char   {r.bits_per_char:.4f}")
-        if streams > 1:
-            _out(f"streams         at most {streams}, read side by side, each after the first from a fresh state: "
+        if not r.exact:
+            _out(f"streams         {r.streams}, read side by side, each after the first from a fresh state: "
                  f"not the exact likelihood of the file")
 
 

@@ -137,6 +137,8 @@ class CorpusEval:
     characters: int
     lines: int
     oov: int
+    streams: int             # the streams read side by side (at most --streams; fewer for a short file)
+    exact: bool              # one stream: the exact likelihood of the file
 
 
 def evaluate_file(model: RNNLM, codec: TextCodec, path: Path, streams: int = 1, encoding: str = "utf-8",
@@ -151,4 +153,5 @@ def evaluate_file(model: RNNLM, codec: TextCodec, path: Path, streams: int = 1, 
     chars = char_count(text, codec.tokenizer.lowercase)
     loss = total / count
     return CorpusEval(str(path), loss, perplexity(loss), loss / LN2, total / max(chars, 1) / LN2,
-                      count, chars, len(codec.tokenizer.lines(text)), int((ids == UNK_ID).sum()))
+                      count, chars, len(codec.tokenizer.lines(text)), int((ids == UNK_ID).sum()), rows.shape[0],
+                      rows.shape[0] == 1)

@@ -678,9 +678,15 @@ def test_eval_table_gives_the_figures_of_its_json(cli, write_corpus, tmp_path):
         f"bits per token  {record['bits_per_token']:.4f}",
         f"bits per char   {record['bits_per_char']:.4f}",
     ]
+    assert (record["streams"], record["exact"]) == (1, True)
     streams = cli("eval", out, "--file", corpus, "--streams", 3).stdout.splitlines()
-    assert streams[-1] == ("streams         at most 3, read side by side, each after the first from a fresh "
+    assert streams[-1] == ("streams         3, read side by side, each after the first from a fresh "
                            "state: not the exact likelihood of the file")
+    side_by_side = json.loads(cli("eval", out, "--file", corpus, "--streams", 3, "--json").stdout)
+    assert (side_by_side["streams"], side_by_side["exact"]) == (3, False)  # --json says so too
+    # more streams asked than the file can fill: the figure is what was read
+    many = json.loads(cli("eval", out, "--file", corpus, "--streams", 10 ** 6, "--json").stdout)
+    assert 1 < many["streams"] <= record["tokens"] < 10 ** 6 and not many["exact"]
 
 
 def test_figure_keeps_the_column_width_in_exponent_form():
