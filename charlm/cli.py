@@ -468,6 +468,17 @@ def score(
         _print_scores(results, per_token, as_json, codec.tokenizer)
 
 
+def _written(tokenizer, text: str, tokens: list[str]) -> list[str]:
+    """Each scored token as the text writes it ("The" where a lowercasing run scored "the", the word that
+    became <unk>), the closing <eos> last; where normalising the text changed how it splits, as it reads."""
+    from .tokenizer import Tokenizer
+
+    read = tokenizer.split(text)
+    as_typed = Tokenizer(tokenizer.level, False, tokenizer.word_split).split(text) if tokenizer.lowercase else read
+    words = as_typed if len(as_typed) == len(read) else read
+    return words + tokens[len(words):]
+
+
 def _names_a_file(text: str) -> bool:
     try:
         return "\n" not in text and Path(text).is_file()
@@ -485,10 +496,11 @@ def _print_scores(results, per_token: bool, as_json: bool, tokenizer) -> None:
                       "bits_per_token": r.bits_per_token}
             if per_token:
                 record["token_logprobs"] = [[t, lp] for t, lp in zip(r.tokens, r.token_logprobs)]
+                record["written"] = _written(tokenizer, r.text, r.tokens)
             _out(json.dumps(record, ensure_ascii=False))
             continue
-        if per_token:  # an out-of-vocabulary token shown as the text has it, then <unk>, as it was scored
-            words = tokenizer.split(r.text) + [r.tokens[-1]]
+        if per_token:  # a token shown as the text has it, then as it was scored where that differs (<unk>)
+            words = _written(tokenizer, r.text, r.tokens)
             _out("\t".join(f"{t if w == t else f'{w}({t})'}={lp / LN10:.4f}"
                            for w, t, lp in zip(words, r.tokens, r.token_logprobs)))
         _out(f"ln P {r.logprob:10.4f}  log10 P {r.log10prob:9.4f}  tokens {len(r.tokens):4d}  OOV {r.oov:3d}  "

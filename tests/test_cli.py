@@ -181,6 +181,22 @@ def test_score_per_token_shows_an_unknown_token_as_the_text_has_it(cli, tiny_run
     assert [c.split("=")[0] for c in cells] == ["t", "h", "e", " ", "你(<unk>)", ".", "<eos>"]
     record = json_lines(cli("score", tiny_run["run_dir"], "the 你.", "--per-token", "--json").stdout)[0]
     assert [t for t, _ in record["token_logprobs"]][4] == "<unk>"
+    assert record["written"] == ["t", "h", "e", " ", "你", ".", "<eos>"]  # and, since 2026-12-07, as written
+
+
+def test_score_per_token_shows_a_lowercased_word_as_the_text_has_it(cli, write_corpus, tmp_path):
+    """Catches: a data.lowercase run's per-token table showing `the` for `The`, and its JSON losing the word
+    that became <unk> (only `<unk>` was there)."""
+    run = tmp_path / "run"
+    trained = cli("train", "--config", TINY_CONFIG, "--corpus", write_corpus(TINY_TEXT), "--out", run,
+                  "--max-steps", 2, "--set", "data.level=word", "--set", "data.lowercase=true",
+                  "--set", "train.seq_len=4", "--quiet")
+    assert trained.exit_code == 0, trained.output
+    table = cli("score", run, "The Cat sat zebra", "--per-token").stdout.splitlines()[0].split("\t")
+    assert [c.split("=")[0] for c in table] == ["The(the)", "Cat(cat)", "sat", "zebra(<unk>)", "<eos>"]
+    record = json_lines(cli("score", run, "The Cat sat zebra", "--per-token", "--json").stdout)[0]
+    assert [t for t, _ in record["token_logprobs"]] == ["the", "cat", "sat", "<unk>", "<eos>"]
+    assert record["written"] == ["The", "Cat", "sat", "zebra", "<eos>"]
 
 
 def test_eval_json_matches_the_library(cli, tiny_run):
