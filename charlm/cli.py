@@ -301,7 +301,8 @@ def train(
             _out(f"val loss        {_figure(result.val_loss, '.4f')} nats/token, perplexity "
                  f"{_figure(result.val_perplexity, '.2f')}, {_figure(result.val_bits_per_char, '.4f')} bits/char "
                  f"({best})")
-        _out(f"tokens/second   {result.tokens_per_second:,.0f}")
+        _out(f"tokens/second   {result.tokens_per_second:,.0f}" if result.train_loss is not None
+             else "tokens/second   - (no step run)")
         _out(f"parameters      {result.parameters:,}")
 
 
@@ -503,11 +504,13 @@ def _print_scores(results, per_token: bool, as_json: bool, tokenizer) -> None:
             words = _written(tokenizer, r.text, r.tokens)
             _out("\t".join(f"{t if w == t else f'{w}({t})'}={lp / LN10:.4f}"
                            for w, t, lp in zip(words, r.tokens, r.token_logprobs)))
-        _out(f"ln P {r.logprob:10.4f}  log10 P {r.log10prob:9.4f}  tokens {len(r.tokens):4d}  OOV {r.oov:3d}  "
-             f"ppl {_figure(r.perplexity, '9.3f')}  bits/token {r.bits_per_token:6.3f}  | {r.text}")
+        _out(f"ln P {_figure(r.logprob, '10.4f')}  log10 P {_figure(r.log10prob, '9.4f')}  tokens {len(r.tokens):4d}  "
+             f"OOV {r.oov:3d}  ppl {_figure(r.perplexity, '9.3f')}  bits/token {_figure(r.bits_per_token, '6.3f')}  "
+             f"| {r.text}")
     if not as_json and results:
         t = score_totals(results)
-        _out(f"Total: ln P {t.logprob:.4f}  log10 P {t.log10prob:.4f}  tokens {t.tokens}  OOV {t.oov}")
+        _out(f"Total: ln P {_figure(t.logprob, '.4f')}  log10 P {_figure(t.log10prob, '.4f')}  tokens {t.tokens}  "
+             f"OOV {t.oov}")
         _out(f"Perplexity including OOVs: {_figure(t.perplexity, '.4f')}")
         _out(f"Perplexity excluding OOVs: {_figure(t.perplexity_no_oov, '.4f')}")
 

@@ -141,3 +141,39 @@ def test_a_resume_of_a_run_still_training_before_its_first_checkpoint_says_so(cl
             os.close(fd)
     assert result.exit_code == 2 and "is being trained by another charlm process right now" in result.stderr
     assert "no checkpoint yet" in cli("train", "--resume", run_dir, "--max-steps", 2).stderr  # once it is free
+
+
+def test_a_diverged_models_score_table_stays_readable(cli, tiny_run, monkeypatch):
+    """Catches: `ln P -1566670577542003381980257140604928.0000` in the score table of a run whose loss blew up
+    (its perplexity column already went to exponent form)."""
+    import math
+
+    from charlm import score as score_mod
+
+    real = score_mod.score_sentences
+
+    def blown_up(*args, **kwargs):
+        out = []
+        for r in real(*args, **kwargs):
+            lps = [lp * 1e32 for lp in r.token_logprobs]
+            total = math.fsum(lps)
+            out.append(score_mod.SentenceScore(r.text, r.tokens, lps, total, total / math.log(10), r.oov,
+                                               math.inf, math.inf, -total / len(lps) / math.log(2)))
+        return out
+
+    monkeypatch.setattr(score_mod, "score_sentences", blown_up)
+    result = cli("score", tiny_run["run_dir"], "the cat sat.")
+    assert result.exit_code == 0, result.output
+    assert max(len(word) for word in result.stdout.split()) < 16, result.stdout
+    assert "e+3" in result.stdout.splitlines()[0]
+
+
+def test_a_resume_with_no_step_left_shows_no_speed(cli, tiny_run, tmp_path):
+    """Catches: `tokens/second   0` after a resume that had nothing left to train."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run_dir"], run)
+    result = cli("train", "--resume", run)
+    assert result.exit_code == 0, result.output
+    assert "tokens/second   - (no step run)" in result.stdout.splitlines()
