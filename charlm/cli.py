@@ -705,6 +705,8 @@ def plot(
             _err_note(f"{out} was there before and is replaced (--out FILE writes another)")
         for name in result.skipped:
             _err_note(f"{name}: no steps logged yet, left out")
+        for name in result.repeated:
+            _err_note(f"{name}: the same run as a folder named before it, drawn once")
         if result.glyphs_missing:
             from .plot import font_list_cache
 
@@ -723,7 +725,8 @@ def _err_note(message: str) -> None:
 @app.command()
 def export(
     run_dir: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint folder inside it).")],
-    out: Annotated[Path, typer.Option(help="File to write (e.g. model.pt or model.onnx).")],
+    out: Annotated[Path, typer.Option(help="File to write (e.g. model.pt or model.onnx; one already there is "
+                                           "replaced, with a note).")],
     format_: Annotated[Optional[str], typer.Option("--format", help="torchscript, or onnx (needs pip install "
                                                       "'charlm[export]'); default: onnx for an --out ending in "
                                                       ".onnx, else torchscript.")] = None,
@@ -740,7 +743,10 @@ def export(
     with _errors():
         from .export import export_model
 
+        replaced = out.is_file()  # said once the file is written, not if the export is refused
         r = export_model(run_dir, format_, out, _which(checkpoint))
+        if replaced:
+            _err_note(f"{out} was there before and is replaced (--out FILE writes another)")
         if as_json:
             _out(json.dumps(asdict(r)))
             return

@@ -15,8 +15,9 @@ no global backend is switched in the caller's process.
 from __future__ import annotations
 
 import math
+import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UsageError
@@ -35,6 +36,7 @@ class PlotResult:
     width: int             # pixels
     height: int
     glyphs_missing: bool = False  # a label has characters that no installed font draws (shown as boxes)
+    repeated: list[str] = field(default_factory=list)  # folders named again (runs/x and runs/x/best): drawn once
 
 
 @dataclass
@@ -112,7 +114,13 @@ def plot_runs(run_dirs: list[Path], out: Path, dpi: int = 100) -> PlotResult:
     absent = next((path for path in run_dirs if not Path(path).exists()), None)
     if absent is not None:
         raise UsageError(f"run folder not found: {absent}")
-    run_dirs = [run_folder_of(Path(path), "plot") for path in run_dirs]  # runs/x/best -> runs/x
+    named, run_dirs, repeated = run_dirs, [], []
+    for path in named:
+        run = run_folder_of(Path(path), "plot")  # runs/x/best -> runs/x
+        if any(os.path.samefile(run, other) for other in run_dirs):
+            repeated.append(str(path))
+        else:
+            run_dirs.append(run)
     for path, label in zip(run_dirs, _labels(run_dirs)):
         metrics = read_metrics(path)  # UsageError if the folder has no metrics.jsonl
         if not metrics.train and not metrics.val:
@@ -140,7 +148,7 @@ def plot_runs(run_dirs: list[Path], out: Path, dpi: int = 100) -> PlotResult:
         if w not in missing:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return PlotResult(str(out), [c.label for c in curves], skipped,
-                      int(round(width_in * dpi)), int(round(height_in * dpi)), bool(missing))
+                      int(round(width_in * dpi)), int(round(height_in * dpi)), bool(missing), repeated)
 
 
 def _periodic_and_whole(records: list[dict]) -> tuple[list[dict], list[dict]]:

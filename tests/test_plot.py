@@ -334,3 +334,13 @@ def test_checks_on_two_slice_sizes_are_two_curves(tmp_path, monkeypatch):
     steps = figures[0].axes[0]
     dashed = [list(line.get_xdata()) for line in steps.lines if line.get_linestyle() == "--"]
     assert dashed == [[1, 2], [3, 4]]
+
+
+def test_a_run_named_twice_is_drawn_once_with_a_note(tmp_path):
+    """Catches: `charlm plot runs/x runs/x/best` drawing two identical curves under one label ("2 runs")."""
+    pytest.importorskip("matplotlib")
+    run, out = make_run(tmp_path, "lstm"), tmp_path / "curves.png"
+    result = CliRunner().invoke(app, ["plot", str(run), str(run / "best"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "(1200x" in result.stdout and "1 run)" in result.stdout
+    assert result.stderr == f"charlm: note: {run / 'best'}: the same run as a folder named before it, drawn once\n"
