@@ -905,6 +905,11 @@ def main() -> None:
                 message = message.replace(f"'{param.name}'", param.name.upper())  # RUN_DIR, as the help shows it
             if getattr(exc, "option_name", None) == "--debug" and ctx is not None and ctx.parent is not None:
                 message += f"; --debug goes before the command: charlm --debug {ctx.info_name} ..."  # not after it
+            option = getattr(exc, "option_name", None) or ""
+            if (type(exc).__name__ == "NoSuchOption" and ctx is not None and ctx.info_name == "score"
+                    and (not option.startswith("--") or " " in option)):  # a sentence, not a mistyped option
+                sentence = next((a for a in sys.argv[1:] if a.startswith(option.strip())), option)
+                message += f"; a sentence that begins with '-' goes after --: charlm score RUN -- '{sentence}'"
             _err(f"{message} (see {where} -h)")
         sys.exit(exc.exit_code)
     except BrokenPipeError:

@@ -497,6 +497,11 @@ def test_ascii_terminal_gets_escapes_not_a_crash(tmp_path):
     # Click raises this one without a context: the help named is still the command's, not charlm's
     (("train", "--corpus"), "Option '--corpus' requires an argument", "charlm train -h"),
     (("--debug", "score", "runs/x", "--file"), "Option '--file' requires an argument", "charlm score -h"),
+    # a sentence that begins with '-' read as an option: where it goes instead (2026-12-07)
+    (("score", "runs/x", "-5 degrees"), "a sentence that begins with '-' goes after --: charlm score RUN -- "
+                                        "'-5 degrees'", "charlm score -h"),
+    (("score", "runs/x", "--per-tokn"), "No such option: --per-tokn (Possible options: --per-token) (see",
+     "charlm score -h"),  # a mistyped option is not told so
 ])
 def test_bad_command_line_is_one_line_and_exit_2(args, fragment, help):
     """Click's own usage errors too: one line naming the option, exit 2 (through the real entry point)."""
