@@ -520,7 +520,8 @@ def _print_scores(results, per_token: bool, as_json: bool, tokenizer) -> None:
 def eval_(
     run_dir: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint folder inside it).")],
     file: Annotated[Path, typer.Option("--file", "-f", help="Text file to evaluate, read as one stream "
-                                                            "(-: standard input).", parser=_file_path, metavar="<path>")],
+                                                            "(-: standard input).", parser=_file_path,
+                                       metavar="<path>")],
     streams: Annotated[int, typer.Option(help="Parallel streams; 1 (default) is the exact likelihood of the file.")] = 1,
     encoding: Annotated[Optional[str], typer.Option(help="Text encoding of --file (default: the run's data.encoding).")] = None,
     errors: Annotated[str, typer.Option(help="Undecodable bytes in --file: strict refuses it, replace substitutes U+FFFD.")] = "strict",
@@ -562,6 +563,7 @@ def eval_(
 
 
 # ---------------------------------------------------------------- info
+_INFO_TOKENS = 20  # the vocabulary's first tokens that info shows
 _INFO_FORMATS = {"epoch": (".2f", ""), "val_loss": (".4f", " nats/token"), "elapsed": (".1f", " s")}
 
 
@@ -600,7 +602,8 @@ def info(
             val_loss, on_slice = whole, False
         run = summarize(saved.folder.parent)  # the run's own steps and time: best/ may lie far behind them
         record = {"checkpoint": str(saved.folder), "parameters": count_parameters(model),
-                  "vocab_size": len(codec.vocab), "level": codec.tokenizer.level, "step": m.get("step"),
+                  "vocab_size": len(codec.vocab), "vocab_first": codec.vocab.tokens[:_INFO_TOKENS],
+                  "level": codec.tokenizer.level, "step": m.get("step"),
                   "epoch": m.get("epoch"), "val_loss": val_loss, "val_slice": on_slice,
                   "elapsed": m.get("elapsed"), "run_steps": run.steps, "run_elapsed": run.elapsed,
                   "config": saved.cfg.to_dict()}
@@ -616,6 +619,10 @@ def info(
             if key == "elapsed" and run.elapsed is not None and record["step"] != run.steps:
                 value += f" (the run trained {_info_value(key, run.elapsed)})"
             _out(f"{key:15s} {value}")
+            if key == "vocab_size":  # which tokens: the specials, then the most frequent (JSON quotes a space)
+                more = len(codec.vocab) - _INFO_TOKENS
+                _out(f"{'vocabulary':15s} {json.dumps(record['vocab_first'], ensure_ascii=False)}"
+                     + (f" and {more:,} more (vocab.json holds them all)" if more > 0 else ""))
         _out("config:")
         for line in dump_yaml(saved.cfg).splitlines():
             _out(f"  {line}")
@@ -624,7 +631,8 @@ def info(
 # ---------------------------------------------------------------- runs
 @app.command()
 def runs(
-    folder: Annotated[Path, typer.Argument(help="Folder to search for run folders (a run folder, or its best/ or last/, lists that run).")] = Path("runs"),
+    folder: Annotated[Path, typer.Argument(help="Folder to search for run folders (a run folder, or its best/ or "
+                                                "last/, lists that run).")] = Path("runs"),
     sort: Annotated[str, typer.Option(help="Column to sort by: name, status, level, cell, impl, size (the hidden "
                                             "size), parameters, steps, val_loss, bpc, time (also layers, "
                                             "hidden_size); a leading '-' sorts descending.")] = "name",

@@ -35,7 +35,8 @@ def test_a_file_named_dash_is_reached_as_dot_slash_dash(cli, tiny_run, tmp_path,
 
 
 def _val_lines(run_dir):
-    return [r for r in json_lines((run_dir / "metrics.jsonl").read_text(encoding="utf-8")) if "val_loss" in r and "event" not in r]
+    records = json_lines((run_dir / "metrics.jsonl").read_text(encoding="utf-8"))
+    return [r for r in records if "val_loss" in r and "event" not in r]
 
 
 def test_a_run_stopped_after_its_last_check_resumes_without_a_second_validation_line(cli, write_corpus, tmp_path):

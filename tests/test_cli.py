@@ -216,6 +216,7 @@ def test_info_json_describes_the_run(cli, tiny_run):
     record = json.loads(result.stdout)
     vocab = json.loads((tiny_run["run_dir"] / "vocab.json").read_text())["tokens"]
     assert record["vocab_size"] == len(vocab)
+    assert record["vocab_first"] == vocab[:20]  # the specials, then the most frequent (all 16 here)
     assert record["parameters"] == tiny_run["result"].parameters
     assert record["level"] == "char" and record["config"]["model"]["hidden_size"] == 32
     assert record["val_loss"] == pytest.approx(tiny_run["result"].best_val_loss)
@@ -234,8 +235,10 @@ def test_info_table_rounds_its_numbers(cli, tiny_run):
 
     for key, value, shown in INFO_TABLE_SAMPLES:  # fixed values: a formatting check, not a measurement
         assert _info_value(key, value) == shown, key
-    lines = dict(line.split(None, 1) for line in cli("info", tiny_run["run_dir"]).stdout.splitlines()[:8])
+    head = cli("info", tiny_run["run_dir"]).stdout.split("\nconfig:")[0]  # the lines above the config
+    lines = dict(line.split(None, 1) for line in head.splitlines())
     record = json.loads(cli("info", tiny_run["run_dir"], "--json").stdout)
+    assert record["vocab_size"] <= 20 and lines["vocabulary"] == json.dumps(record["vocab_first"])
     assert lines["epoch"] == f"{record['epoch']:.2f}" and lines["val_loss"] == _info_value("val_loss",
                                                                                           record["val_loss"])
 

@@ -156,7 +156,8 @@ def test_export_takes_its_format_from_the_name_and_refuses_a_contradiction(tmp_p
     assert pt.exit_code == 0 and json.loads(pt.stdout)["format"] == "torchscript" and pt.stderr == ""
     again = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "m.pt"), "--json"])
     assert again.exit_code == 0  # a file replaced gets a note, as plot's picture does
-    assert again.stderr == f"charlm: note: {tmp_path / 'm.pt'} was there before and is replaced (--out FILE writes another)\n"
+    assert again.stderr == (f"charlm: note: {tmp_path / 'm.pt'} was there before and is replaced "
+                            f"(--out FILE writes another)\n")
     for name, fmt, other in (("m.onnx", "torchscript", "onnx"), ("m.pt", "onnx", "torchscript")):
         bad = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / f"x-{name}"), "--format", fmt])
         assert bad.exit_code == 2 and f"pass --format {other}" in bad.stderr, bad.stderr

@@ -142,7 +142,8 @@ def test_train_says_when_best_holds_the_final_model_and_info_gives_the_runs_own_
     record = json.loads(cli("info", tmp_path / "behind", "--json").stdout)
     assert record["run_steps"] == 40 and record["step"] < 40
     assert f"(best/ (step {record['step']:,}) chosen at" in behind.stdout
-    table = dict(line.split(None, 1) for line in cli("info", tmp_path / "behind").stdout.splitlines()[:8])
+    head = cli("info", tmp_path / "behind").stdout.split("\nconfig:")[0]  # the lines above the config
+    table = dict(line.split(None, 1) for line in head.splitlines())
     assert table["step"] == f"{record['step']:,} (this checkpoint's; the run went on to step 40)"
     assert table["elapsed"].endswith(f"(the run trained {record['run_elapsed']:.1f} s)")
 
