@@ -224,8 +224,10 @@ def summarize(run_dir: Path, name: str | None = None) -> RunSummary:
 
     try:
         raw = yaml.safe_load((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
-        model = raw.get("model") or {}
-        data = raw.get("data") or {}
+        model, data = raw.get("model"), raw.get("data")
+        if not isinstance(model, dict) or not isinstance(data, dict):  # a run writes every section: cut short
+            problems.append(f"{CONFIG_FILE} without its data and model sections")
+            model, data = model if isinstance(model, dict) else {}, data if isinstance(data, dict) else {}
         s.cell, s.impl = model.get("cell"), model.get("impl")
         s.layers, s.hidden_size = _int(model.get("layers")), _int(model.get("hidden_size"))
         s.level = data.get("level")

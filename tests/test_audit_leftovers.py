@@ -178,3 +178,16 @@ def test_a_resume_with_no_step_left_shows_no_speed(cli, tiny_run, tmp_path):
     result = cli("train", "--resume", run)
     assert result.exit_code == 0, result.output
     assert "tokens/second   - (no step run)" in result.stdout.splitlines()
+
+
+@pytest.mark.parametrize("text", ["train:\n", "::\n", "model: 5\n", "data:\n  level: char\n"])
+def test_runs_lists_a_run_whose_config_lost_its_sections_as_broken(cli, tiny_run, tmp_path, text):
+    """Catches: a config.yaml cut short after `train:` (or one that parses to some other mapping) listed as
+    `done`, with '-' in its columns and no word of why."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run_dir"], run)
+    (run / "config.yaml").write_text(text, encoding="utf-8")
+    (record,) = json_lines(cli("runs", run, "--json").stdout)
+    assert record["status"] == "broken" and "config.yaml" in record["problem"]
