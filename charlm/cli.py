@@ -351,7 +351,11 @@ def sample(
             sys.stdout.flush()
             ended_at_once += not s.generated and s.stopped_at == "eos"
         which = "the sample" if num_samples == 1 else f"{ended_at_once} of {num_samples} samples"
-        if ended_at_once and prime:
+        if ended_at_once and len(codec.vocab) <= 2 and not allow_unk:  # <unk> and <eos> only: nothing to draw
+            _err_note(f"{which} {'is' if num_samples == 1 else 'are'} empty: the run's vocabulary holds only <eos> "
+                      f"and <unk> (its data.min_freq is above every token's count), so <eos> is all there is to "
+                      f"draw; train again with a lower data.min_freq")
+        elif ended_at_once and prime:
             _err_note(f"{which} ended right after --prime: the model closed the line there (a prime that starts a "
                       f"line the model would go on with, such as the first words of a sentence, gives more)")
         elif ended_at_once:  # the model learned that lines may be empty (a blank line between paragraphs)

@@ -191,3 +191,15 @@ def test_runs_lists_a_run_whose_config_lost_its_sections_as_broken(cli, tiny_run
     (run / "config.yaml").write_text(text, encoding="utf-8")
     (record,) = json_lines(cli("runs", run, "--json").stdout)
     assert record["status"] == "broken" and "config.yaml" in record["problem"]
+
+
+def test_an_empty_sample_of_a_vocabulary_of_specials_says_why(cli, write_corpus, tmp_path):
+    """Catches: a run whose data.min_freq left only <unk> and <eos> sampling '' with the note that a corpus
+    with blank lines may end a line at once, where <eos> was the only token it could draw."""
+    run = tmp_path / "run"
+    trained = cli("train", "-c", TINY_CONFIG, "--corpus", write_corpus(TINY_TEXT), "--out", run, "--max-steps", 2,
+                  "--set", "data.min_freq=100000", "--quiet")
+    assert trained.exit_code == 0, trained.output
+    result = cli("sample", run, "--seed", 1)
+    assert result.exit_code == 0 and result.stdout == "\n"
+    assert "vocabulary holds only <eos> and <unk>" in result.stderr and "blank lines" not in result.stderr
