@@ -267,7 +267,8 @@ def train(
             from .train import check_run_folder_free
 
             run_folder = run_folder_of(resume, "--resume", names=("last",))
-            check_run_folder_free(run_folder)  # a run still training, before its first checkpoint: say so
+            if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone: it locks the folder next
+                check_run_folder_free(run_folder)  # a run still training, before its first checkpoint: say so
             base = find_checkpoint(run_folder, "last") / CONFIG_FILE
         cfg = load_config(config, set_, extra, base=base)
         if nproc > 1:
@@ -476,12 +477,13 @@ def score(
 def _written(tokenizer, text: str, tokens: list[str]) -> list[str]:
     """Each scored token as the text writes it ("The" where a lowercasing run scored "the", the word that
     became <unk>), the closing <eos> last; where normalising the text changed how it splits, as it reads."""
-    from .tokenizer import Tokenizer
+    from .tokenizer import Tokenizer, normalize
 
     read = tokenizer.split(text)
     as_typed = Tokenizer(tokenizer.level, False, tokenizer.word_split).split(text) if tokenizer.lowercase else read
-    words = as_typed if len(as_typed) == len(read) else read
-    return words + tokens[len(words):]
+    if len(as_typed) == len(read):  # each typed token where it lowers to the one read (not "İ", which grows)
+        read = [t if normalize(t, True) == r else r for t, r in zip(as_typed, read)]
+    return read + tokens[len(read):]
 
 
 def _names_a_file(text: str) -> bool:
@@ -506,7 +508,7 @@ def _print_scores(results, per_token: bool, as_json: bool, tokenizer) -> None:
             continue
         if per_token:  # a token shown as the text has it, then as it was scored where that differs (<unk>)
             words = _written(tokenizer, r.text, r.tokens)
-            _out("\t".join(f"{t if w == t else f'{w}({t})'}={lp / LN10:.4f}"
+            _out("\t".join(f"{t if w == t else f'{w}({t})'}={_figure(lp / LN10, '.4f')}"
                            for w, t, lp in zip(words, r.tokens, r.token_logprobs)))
         _out(f"ln P {_figure(r.logprob, '10.4f')}  log10 P {_figure(r.log10prob, '9.4f')}  tokens {len(r.tokens):4d}  "
              f"OOV {r.oov:3d}  ppl {_figure(r.perplexity, '9.3f')}  bits/token {_figure(r.bits_per_token, '6.3f')}  "
@@ -920,8 +922,12 @@ def main() -> None:
             option = getattr(exc, "option_name", None) or ""
             if (type(exc).__name__ == "NoSuchOption" and ctx is not None and ctx.info_name == "score"
                     and (not option.startswith("--") or " " in option)):  # a sentence, not a mistyped option
-                sentence = next((a for a in sys.argv[1:] if a.startswith(option.strip())), option)
-                message += f"; a sentence that begins with '-' goes after --: charlm score RUN -- '{sentence}'"
+                import shlex
+
+                # the sentence: an argument that begins with '-' and holds a space, else the one read as the option
+                words = [a for a in sys.argv[2:] if a.startswith("-") and a != "--"]
+                sentence = next((a for a in words if " " in a), next((a for a in words if option.strip() in a), option))
+                message += f"; a sentence that begins with '-' goes after --: charlm score RUN -- {shlex.quote(sentence)}"
             _err(f"{message} (see {where} -h)")
         sys.exit(exc.exit_code)
     except BrokenPipeError:

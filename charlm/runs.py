@@ -188,9 +188,10 @@ def find_runs(folder: Path) -> list[Path]:
     if is_run_dir(folder):
         return [folder]
     named = Path(os.path.abspath(folder))  # `.` inside best/ names best/ too
-    if named.name in CHECKPOINTS and is_checkpoint_folder(folder) and is_run_dir(folder / ".."):
-        # runs/x/best: the run that holds it, as every other command reads it
-        return [folder.parent if folder.name == named.name else Path(os.path.normpath(folder / ".."))]
+    parent = (Path(os.path.realpath(folder)).parent if folder.is_symlink()  # a link to runs/x/best: runs/x
+              else folder.parent if folder.name == named.name else Path(os.path.normpath(folder / "..")))
+    if named.name in CHECKPOINTS and is_checkpoint_folder(folder) and is_run_dir(parent):
+        return [parent]  # runs/x/best: the run that holds it, as every other command reads it
     found = []
     for root, dirs, _ in os.walk(folder):
         here = Path(root)
@@ -313,12 +314,12 @@ def list_runs(folder: Path, sort: str = "name") -> list[RunSummary]:
 def _display_name(path: Path, folder: Path) -> str:
     """A run's name in the listing of `folder`: its path below the folder, or its own name where `folder` is
     the run (or its best/ or last/)."""
-    if path == folder or path == folder.parent or path == Path(os.path.normpath(folder / "..")):
-        return os.path.basename(os.path.abspath(path))  # `charlm runs .` in a run folder: the folder's own name
     try:
-        return path.relative_to(folder).as_posix()
-    except ValueError:
-        return path.as_posix()
+        rel = path.relative_to(folder).as_posix()
+    except ValueError:  # the run that holds the checkpoint folder named
+        rel = "."
+    above = rel == "." or rel.split("/")[0] == ".."  # the folder named, or the run above its best/ (`runs .`)
+    return os.path.basename(os.path.abspath(path)) if above else rel
 
 
 def _damaged_checkpoints(run_dir: Path, manifests: dict[str, dict | None]) -> list[str]:

@@ -75,13 +75,20 @@ def next_token_distribution(logits: Tensor, temperature: float, top_k: int, top_
 @dataclass
 class _Prime:
     text: str                # as typed
-    context: tuple[str, ...]  # the words of its last line (word level), which the continuation's spacing goes
-    # on from: a space after the prime or not, a number cut by it ("at 10" + ":30") written as one, and
-    # whether a straight quote opens or closes
+    last_line: str           # its last line as typed, where the continuation goes on (word level)
+    context: tuple[str, ...]  # that line's words, which the continuation's spacing goes on from: a space after
+    # the prime or not, a number cut by it ("at 10" + ":30") written as one, and whether a straight quote opens
 
     def continued(self, ids: list[int], codec: TextCodec) -> tuple[str, str]:
-        """(the prime and the continuation `ids` as one text, the continuation's own text)."""
+        """(the prime and the continuation `ids` as one text, the continuation's own text). The prime is as
+        typed, which the join cannot see: where the two would read as other tokens ("dogs'" + "bone" as
+        "dogs'bone", a quote counted as opening that was typed closing), a space parts them."""
         joined = codec.decode(ids, self.context)
+        if self.context and not joined.startswith(" "):
+            first = ids[:ids.index(EOS_ID)] if EOS_ID in ids else ids
+            line = joined.split("\n", 1)[0]
+            if codec.tokenizer.split(self.last_line + line) != [*self.context, *codec.vocab.decode(first)]:
+                joined = " " + joined
         return self.text + joined, joined[1:] if self.context and joined.startswith(" ") else joined
 
 
@@ -121,7 +128,7 @@ def iter_samples(model: RNNLM, codec: TextCodec, prime: str = "", max_length: in
     last_words = (codec.tokenizer.split(last_line) if codec.tokenizer.level == "word" and last_line
                   and not last_line[-1].isspace() else [])
     shown = prime[:-1] if prime.endswith("\r") else prime  # a line end the tokenizer drops too ("a\r")
-    shown_prime = _Prime(shown, tuple(last_words))
+    shown_prime = _Prime(shown, last_line, tuple(last_words))
     prime_unk = sum(1 for i in prime_ids if i == UNK_ID)
     primed = _read_prime(model, prime_ids, device)
     for first in range(0, num_samples, GROUP):

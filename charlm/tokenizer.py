@@ -118,6 +118,11 @@ def _spaced(before: str | None, prev: str, tok: str, after: str | None = None) -
     return True
 
 
+def _composes(a: str, b: str) -> bool:
+    """Whether NFC joins the characters a and b (a letter and a combining mark that follows it)."""
+    return unicodedata.normalize("NFC", a + b) != a + b
+
+
 def _opens(quote: str, prev: str | None, after: str | None, seen: int) -> bool:
     """Whether a straight quote between the tokens `prev` and `after` opens (no space after it) rather than
     closes (no space before it), `seen` of the same quote having come before it in the line: where the count
@@ -176,6 +181,8 @@ class Tokenizer:
             else:
                 opens = False
                 space = prev is not None and not opened and _spaced(before, prev, tok, after)
+            if not space and prev is not None and _composes(prev[-1], tok[0]):
+                space = True  # か + U+3099 would be read back as が: one token, not two
             if space:
                 out.append(" ")
             out.append(tok)

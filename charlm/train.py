@@ -94,10 +94,12 @@ class Progress:
     plateau_bad: int = 0
     log_loss_sum: float = 0.0         # training losses since the last metrics line, so that a
     log_loss_count: int = 0           # resumed run writes the same means as an uninterrupted one
-    # the latest periodic validation (step, loss): a run stopped after a check at its last step, before the
-    # end record, does not measure and log that validation again when it resumes
+    # the latest periodic validation (step, loss), and the final one at the end of the run: a run stopped
+    # after either, before its end record, does not measure and log that validation again when it resumes
     checked_step: int = -1
     checked_loss: float | None = None
+    final_step: int = -1
+    final_loss: float | None = None
 
 
 def learning_rate(cfg: Config, p: Progress, fraction_done: float) -> float:
@@ -738,9 +740,9 @@ class _Loop:
         if p.best_val_text is None:  # a new run, or a trainer state saved before this was kept
             p.best_val_text = self.reading
         if (p.best_val_text, p.best_val_tokens) != (self.reading, self.measuring):
-            # a resume that reads another text, or another part of it: the saved check does not stand for this
-            # run's (a periodic check leaves best_val_text and best_val_tokens as what it measured)
-            p.checked_step, p.checked_loss = -1, None
+            # a resume that reads another text, or another part of it: the saved checks do not stand for this
+            # run's (a check leaves best_val_text and best_val_tokens as what it measured)
+            p.checked_step, p.checked_loss, p.final_step, p.final_loss = -1, None, -1, None
         self.log = _Log(run_dir / METRICS_FILE if dist.is_main else None, p.step if resumed else None)
 
     def run(self) -> TrainResult:
@@ -894,13 +896,18 @@ class _Loop:
         """The validation loss on the whole split at the end of the run, and the last checkpoints. A periodic
         check at this very step has measured (and logged, and saved) what the final one would measure again:
         the whole split when no eval_tokens slice is shorter, else the slice."""
-        at_end = self.p.checked_loss if self.p.checked_step == self.p.step else None
+        p = self.p
+        if p.final_step == p.step:  # measured, logged and saved before the resume that finds it here
+            return p.final_loss
+        at_end = p.checked_loss if p.checked_step == p.step else None
         if at_end is not None and not self.sliced:
+            p.final_step, p.final_loss = p.step, at_end
             self._save("last", at_end)  # as after a final validation: the elapsed time now includes the check's
             return at_end
         final_val = self._validate(None, final=True)
         select = final_val if not self.sliced else (
             at_end if at_end is not None else self._validate(self.t.eval_tokens, final=True))
+        p.final_step, p.final_loss = p.step, final_val  # saved in last/'s trainer state by what follows
         self._after_validation(final_val, periodic=False, select=select)
         return final_val
 

@@ -163,10 +163,10 @@ def test_a_diverged_models_score_table_stays_readable(cli, tiny_run, monkeypatch
         return out
 
     monkeypatch.setattr(score_mod, "score_sentences", blown_up)
-    result = cli("score", tiny_run["run_dir"], "the cat sat.")
+    result = cli("score", tiny_run["run_dir"], "the cat sat.", "--per-token")
     assert result.exit_code == 0, result.output
     assert max(len(word) for word in result.stdout.split()) < 16, result.stdout
-    assert "e+3" in result.stdout.splitlines()[0]
+    assert "e+3" in result.stdout.splitlines()[0] and "e+3" in result.stdout.splitlines()[1]
 
 
 def test_a_resume_with_no_step_left_shows_no_speed(cli, tiny_run, tmp_path):
@@ -203,3 +203,71 @@ def test_an_empty_sample_of_a_vocabulary_of_specials_says_why(cli, write_corpus,
     result = cli("sample", run, "--seed", 1)
     assert result.exit_code == 0 and result.stdout == "\n"
     assert "vocabulary holds only <eos> and <unk>" in result.stderr and "blank lines" not in result.stderr
+
+
+@pytest.mark.parametrize("settings, steps", [
+    (("--set", "train.eval_tokens=50"), 4),  # checks on a slice: the final one reads the whole split
+    ((), 5),                                 # a last step that is no check step
+])
+def test_a_run_stopped_after_its_final_validation_resumes_without_logging_it_again(cli, write_corpus, tmp_path,
+                                                                                   settings, steps):
+    """Catches (second review): only the periodic check was kept, so a run with train.eval_tokens (both shipped
+    configs) or a last step off the interval logged its whole-split final validation twice after the resume."""
+    corpus, run_dir = write_corpus(TINY_TEXT * 3), tmp_path / "run"
+    args = ("-c", TINY_CONFIG, "--max-steps", steps, "--set", "train.eval_interval=2", *settings)
+    assert cli("train", *args, "--corpus", corpus, "--out", run_dir, "--quiet").exit_code == 0
+    before = _val_lines(run_dir)
+    assert before[-1]["step"] == steps and before[-1]["val_slice"] is False
+    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    (run_dir / "metrics.jsonl").write_text("".join(lines[:-1]), encoding="utf-8")  # the end record lost
+    resumed = cli("train", "--resume", run_dir, "--quiet", "--json")
+    assert resumed.exit_code == 0, resumed.output
+    assert _val_lines(run_dir) == before
+    assert json.loads(resumed.stdout)["val_loss"] == before[-1]["val_loss"]
+
+
+def test_a_worker_of_nproc_leaves_the_lock_check_to_rank_0(cli, tmp_path, monkeypatch):
+    """Catches (second review): every torchrun worker checked the lock before resuming, so a worker that lagged
+    behind rank 0's lock (NCCL's start does not wait) refused the job as 'being trained by another process'."""
+    pytest.importorskip("fcntl")
+    from charlm.train import lock_run_folder
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("", encoding="utf-8")
+    held: list[int] = []
+    lock_run_folder(run_dir, held)  # rank 0's lock
+    monkeypatch.setenv("RANK", "1")
+    try:
+        result = cli("train", "--resume", run_dir, "--max-steps", 2)
+    finally:
+        for fd in held:
+            os.close(fd)
+    assert result.exit_code == 2 and "being trained" not in result.stderr and "no checkpoint yet" in result.stderr
+
+
+def test_runs_of_a_checkpoint_folder_named_as_dot_or_through_a_link(cli, tiny_run, tmp_path, monkeypatch):
+    """`runs .` inside best/ and `runs LINK` for a link to a run's best/ list that run, under its own name."""
+    expected = json_lines(cli("runs", tiny_run["run_dir"], "--json").stdout)[0]["name"]
+    monkeypatch.chdir(tiny_run["run_dir"] / "best")
+    assert [r["name"] for r in json_lines(cli("runs", ".", "--json").stdout)] == [expected]
+    link = tmp_path / "scratch" / "best"
+    link.parent.mkdir()
+    link.symlink_to(tiny_run["run_dir"] / "best")
+    (record,) = json_lines(cli("runs", link, "--json").stdout)
+    assert record["name"] == expected and record["status"] == "done"
+
+
+def test_per_token_written_forms_follow_each_token_not_only_the_count():
+    """Catches (second review): lowering that grows one token and shrinks another kept the counts equal, and
+    the typed tokens were shown against the wrong ones."""
+    from charlm.cli import _written
+    from charlm.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer("char", lowercase=True)
+    text = "İT\u0308"  # İ lowers to two characters, T + U+0308 lowers and composes to one
+    tokens = tokenizer.split(text) + ["<eos>"]
+    assert len(tokens) == 4
+    assert _written(tokenizer, text, tokens) == tokens  # no typed token lowers to the one at its place
+    word = Tokenizer("word", lowercase=True)
+    assert _written(word, "The Cat", ["the", "cat", "<eos>"]) == ["The", "Cat", "<eos>"]

@@ -500,6 +500,9 @@ def test_ascii_terminal_gets_escapes_not_a_crash(tmp_path):
     # a sentence that begins with '-' read as an option: where it goes instead (2026-12-07)
     (("score", "runs/x", "-5 degrees"), "a sentence that begins with '-' goes after --: charlm score RUN -- "
                                         "'-5 degrees'", "charlm score -h"),
+    (("score", "runs/x", "-hot day"), "No such option: -o; a sentence that begins with '-' goes after --: charlm "
+                                      "score RUN -- '-hot day'", "charlm score -h"),  # -h read, then -o refused
+    (("score", "runs/x", "-it's"), "charlm score RUN -- '-it'\"'\"'s'", "charlm score -h"),  # quoted for a shell
     (("score", "runs/x", "--per-tokn"), "No such option: --per-tokn (Possible options: --per-token) (see",
      "charlm score -h"),  # a mistyped option is not told so
 ])

@@ -248,9 +248,16 @@ def test_prime_is_kept_in_front_of_the_generated_text():
     ("at 10:", "30", "at 10:30"),             # a number cut by the prime's end stays one (it read "10: 30")
     ("costs $3.", "14", "costs $3.14"),       # (it read "$3. 14")
     ("in 1999,", "100", "in 1999, 100"),      # not a thousands comma
+    # a quote typed closing, which the count in the line would open: a space keeps the tokens apart (the
+    # join alone gave "dogs'bone", read back as one word)
+    ("the dogs'", "bone", "the dogs' bone"),
+    ("five o'", "clock", "five o' clock"),
+    ("say '", "tis", "say 'tis"),             # typed opening: the count agrees, no space
+    ("か", "\u3099", "か \u3099"),             # a mark NFC would compose with the prime's last letter
 ])
 def test_a_word_level_prime_joins_its_continuation_as_the_tokenizer_joins_words(prime, first, text):
-    vocab = Vocabulary([UNK, EOS, "the", "cat", "sat", ".", "春", "眠", "不", "30", "14", "100"])
+    vocab = Vocabulary([UNK, EOS, "the", "cat", "sat", ".", "春", "眠", "不", "30", "14", "100", "bone", "clock",
+                        "tis", "\u3099"])
     codec = TextCodec(Tokenizer("word", lowercase=True), vocab)
     model = random_model("gru", vocab_size=len(vocab))
     with torch.no_grad():  # the continuation is `first` alone: then <eos>

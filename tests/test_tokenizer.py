@@ -363,7 +363,7 @@ def test_join_with_a_context_continues_it_as_one_join_of_both(split):
     lines = ["the train leaves at 10:30 and costs $3.14 , or 1,000 yen .", "a b", "in 1999, 100 people",
              'he said "well-known" and \'tis o\' the night']
     pool = ["a", "word", "3", "14", '"', "'", "-", "/", "$", ".", ",", ":", "(", "“", "”", "中", "，", "—",
-            "1999"]
+            "1999", "か", "\u3099"]  # a kana and the sound mark that NFC composes with it
     rng = random.Random(0)
     cases = [tokenizer.split(line) for line in lines] + [rng.choices(pool, k=rng.randint(2, 8)) for _ in range(3000)]
     for tokens in cases:
