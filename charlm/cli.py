@@ -955,7 +955,11 @@ def _exit(code: int) -> None:
     called without an active exception") in C++ teardown after its last Python line, with the process group
     already destroyed, and torchrun reported the whole job failed (tests/test_distributed.py, about one run
     in 25 on the Zen 4 host of 2026-12-06). A rank that failed keeps the usual exit: one that left at once
-    after a peer's death could reach torchrun first and be named as the worker that failed first."""
+    after a peer's death could reach torchrun first and be named as the worker that failed first.
+
+    The command's work is done: a signal from here on (torchrun ending a rank that failed, a late Ctrl-C)
+    ends the process as that signal does, not with a traceback from an atexit function it interrupted."""
+    _signals_end_the_process()
     if code != 0 or int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:  # runtime.world_size(), without torch's import
         sys.exit(code)
     atexit._run_exitfuncs()

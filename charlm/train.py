@@ -967,6 +967,10 @@ class _Loop:
         rng_ranks = dist.gather_objects(
             {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
         ) if last and dist.enabled else None
+        # the training losses since the last metrics line are each rank's own: saved as the ranks' mean, which
+        # every rank restores, so that the first line after a resume (on any number of processes) has the
+        # global mean an uninterrupted run logs (rank 0's alone gave that line rank 0's half of the batch)
+        loss_sum = dist.sum([p.log_loss_sum])[0] / dist.world if last and dist.enabled else p.log_loss_sum
         if not dist.is_main:
             return
         if not self.run_dir.is_dir():  # removed while the run trained: a save would make a folder of two
@@ -976,7 +980,8 @@ class _Loop:
                 "val_slice": val_loss is not None and on_slice, "elapsed": p.elapsed, "parameters": self.n_params}
         state = None
         if last:
-            state = {"format": TRAINER_FORMAT, "progress": asdict(p), "optimizer": self.optimizer.state_dict(),
+            state = {"format": TRAINER_FORMAT, "progress": {**asdict(p), "log_loss_sum": loss_sum},
+                     "optimizer": self.optimizer.state_dict(),
                      "hidden": full_hidden, "rng_cpu": torch.get_rng_state(), "rng_ranks": rng_ranks,
                      "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                      # absolute, so that a resume from another working folder finds them

@@ -271,3 +271,25 @@ def test_per_token_written_forms_follow_each_token_not_only_the_count():
     assert _written(tokenizer, text, tokens) == tokens  # no typed token lowers to the one at its place
     word = Tokenizer("word", lowercase=True)
     assert _written(word, "The Cat", ["the", "cat", "<eos>"]) == ["The", "Cat", "<eos>"]
+
+
+def test_once_a_command_is_done_a_signal_ends_the_process_without_a_traceback(tmp_path, monkeypatch):
+    """Catches (distributed audit): a rank that failed got torchrun's SIGTERM while its atexit functions ran,
+    with charlm's raising handler still in place: 'Exception ignored in atexit callback' and a traceback. A
+    late Ctrl-C after a run's end record did the same in one process."""
+    import signal
+    import sys
+
+    from charlm import cli as cli_mod
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(sys, "argv", ["charlm", "runs", str(tmp_path)])
+    try:
+        with pytest.raises(SystemExit) as done:
+            cli_mod.main()
+        after = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+        cli_mod._console["on"] = False
+    assert done.value.code == 0 and after == (signal.SIG_DFL, signal.SIG_DFL)

@@ -482,3 +482,23 @@ def test_after_a_signal_the_launcher_lets_a_second_one_end_its_own_process(monke
         signal.signal(signal.SIGTERM, before[1])
     assert code == 130 and fake.sent == [signal.SIGINT]
     assert after == ((signal.SIG_DFL, signal.SIG_DFL) if own_process else before)
+
+
+# Kills train.py's saved loss_sum (the ranks' mean of the losses since the last metrics line): with rank 0's
+# own sum saved and restored on every rank, the first train_loss line after a resume counted rank 0's half
+# of the batch only for the steps before the stop.
+def test_a_two_process_run_stopped_between_two_log_lines_resumes_to_the_same_train_losses(setup, two_process_run):
+    tmp, corpus, config = setup
+    first = charlm(["--config", str(config), "--corpus", str(corpus), "--out", str(tmp / "mid"),
+                    "--max-steps", "3"], tmp, nproc=2)  # log_interval 5: stopped inside the first interval
+    assert first.returncode == 0, first.stderr
+    second = charlm(["--resume", str(tmp / "mid"), "--max-steps", "10"], tmp, nproc=2)
+    assert second.returncode == 0, second.stderr
+
+    def train_losses(run):
+        records = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        return [(r["step"], r["train_loss"]) for r in records if r.get("train_loss") is not None and "event" not in r]
+
+    whole, resumed = train_losses(two_process_run), train_losses(tmp / "mid")
+    assert [s for s, _ in resumed] == [s for s, _ in whole] == [5, 10]
+    assert [loss for _, loss in resumed] == pytest.approx([loss for _, loss in whole], rel=1e-5)
