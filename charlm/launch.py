@@ -19,6 +19,7 @@ from .config import Config
 from .data import check_text_file, empty_corpus, is_blank
 from .errors import EXIT_FAILURE, EXIT_SIGINT, EXIT_SIGTERM, UsageError
 from .runs import run_folder_of
+from .runtime import terminal_columns
 from .train import check_new_run_dir, check_run_folder_free, new_run_dir
 
 
@@ -63,7 +64,8 @@ def run_torchrun(argv: list[str], nproc: int, own_process: bool = False) -> int:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, set here so that it does not announce it
     if sys.stderr.isatty() and not debug:  # the workers' stderr is a pipe to this process: rank 0 still
-        env["CHARLM_STDERR_IS_TERMINAL"] = "1"  # draws its bar
+        env["CHARLM_STDERR_IS_TERMINAL"] = "1"  # draws its bar, as wide as this terminal (a pipe has no width)
+        env["CHARLM_COLUMNS"] = str(terminal_columns(sys.stderr))
     stopped: list[int] = []
     running: list[subprocess.Popen] = []
 

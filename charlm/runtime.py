@@ -7,6 +7,7 @@ import hashlib
 import os
 import platform
 import re
+import shutil
 import sys
 from datetime import timedelta
 from functools import cache
@@ -24,6 +25,23 @@ def file_sha256(path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def terminal_columns(stream) -> int:
+    """The width of the terminal that `stream` shows on (COLUMNS, else 80, where it cannot be read)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return shutil.get_terminal_size().columns
+
+
+def bar_width() -> dict:
+    """tqdm's width settings: the launcher's terminal width for a worker of `charlm train --nproc`, whose
+    stderr is a pipe (tqdm would draw it 100 wide and leave a stale line at each redraw), else the stream's
+    own width, followed as it changes."""
+    columns = os.environ.get("CHARLM_COLUMNS", "")
+    # one column short of the width, as tqdm takes a terminal's (a full-width line wraps on some terminals)
+    return {"ncols": int(columns) - 1} if columns.isdigit() and int(columns) > 1 else {"dynamic_ncols": True}
 
 
 def is_terminal(stream) -> bool:

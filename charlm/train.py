@@ -42,7 +42,7 @@ from .errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, RunFailure, UsageErr
 from .model import (EvaluationStopped, RNNLM, adaptive_cutoffs, build_model, check_new_model, count_parameters,
                     detach_state, map_state, perplexity, stream_nll)
 from .runs import METRICS_FILE, check_room_for_a_new_run, read_metrics, run_folder_of
-from .runtime import Distributed, file_sha256, init_distributed, is_terminal, seed_everything
+from .runtime import Distributed, bar_width, file_sha256, init_distributed, is_terminal, seed_everything
 from .tokenizer import unsegmented_cjk
 
 TRAINER_FORMAT = 1
@@ -754,7 +754,7 @@ class _Loop:
         else:
             self.log.write({"event": "resume", "step": p.step, "device": str(self.device)})
         self._note_best_replaced()
-        self.bar = tqdm(total=t.max_steps, initial=p.step, unit="step", file=self.log_stream, dynamic_ncols=True,
+        self.bar = tqdm(total=t.max_steps, initial=p.step, unit="step", file=self.log_stream, **bar_width(),
                         disable=not self.interactive, leave=True)
         self.net.train()
         stopped_by, final_val = None, None

@@ -356,7 +356,7 @@ class _FakeTorchrun:
         self.returncode_at_end, self.on_start, self.sent = returncode, on_start, []
 
     def __call__(self, cmd, **kwargs):
-        self.returncode, self.stderr = None, None
+        self.returncode, self.stderr, self.env = None, None, kwargs.get("env")
         if self.on_start:
             self.on_start()
         return self
@@ -502,3 +502,34 @@ def test_a_two_process_run_stopped_between_two_log_lines_resumes_to_the_same_tra
     whole, resumed = train_losses(two_process_run), train_losses(tmp / "mid")
     assert [s for s, _ in resumed] == [s for s, _ in whole] == [5, 10]
     assert [loss for _, loss in resumed] == pytest.approx([loss for _, loss in whole], rel=1e-5)
+
+
+# Kills launch.py's CHARLM_COLUMNS and runtime.bar_width: rank 0's bar, drawn into a pipe, had no width to read
+# (tqdm drew it 97 wide on an 80-column terminal, and each redraw left a line behind).
+def test_the_workers_bar_takes_the_launchers_terminal_width(monkeypatch):
+    from charlm import launch, runtime
+
+    class Terminal:
+        def isatty(self):
+            return True
+
+        def fileno(self):
+            raise OSError("not a real terminal")
+
+        def write(self, text):
+            return len(text)
+
+        def flush(self):
+            pass
+
+    fake = _FakeTorchrun(0, None)
+    monkeypatch.setattr(launch.subprocess, "Popen", fake)
+    monkeypatch.setattr(launch, "relay_worker_stderr", lambda stream, signalled=None: (None, False, []))
+    monkeypatch.setattr(launch.sys, "stderr", Terminal())
+    monkeypatch.setenv("COLUMNS", "80")
+    assert launch.run_torchrun(["train", "--corpus", "c.txt", "--nproc", "2"], 2) == 0
+    assert fake.env["CHARLM_STDERR_IS_TERMINAL"] == "1" and fake.env["CHARLM_COLUMNS"] == "80"
+    monkeypatch.setenv("CHARLM_COLUMNS", "80")
+    assert runtime.bar_width() == {"ncols": 79}  # as the worker draws it
+    monkeypatch.delenv("CHARLM_COLUMNS")
+    assert runtime.bar_width() == {"dynamic_ncols": True}  # one process: the stream's own width
