@@ -926,8 +926,10 @@ def main() -> None:
 
                 # the sentence: an argument that begins with '-' and holds a space, else the one read as the option
                 words = [a for a in sys.argv[2:] if a.startswith("-") and a != "--"]
-                sentence = next((a for a in words if " " in a), next((a for a in words if option.strip() in a), option))
-                message += f"; a sentence that begins with '-' goes after --: charlm score RUN -- {shlex.quote(sentence)}"
+                sentence = next((a for a in words if " " in a),
+                                next((a for a in words if option.strip() in a), option))
+                message += (f"; a sentence that begins with '-' goes after --: "
+                            f"charlm score RUN -- {shlex.quote(sentence)}")
             _err(f"{message} (see {where} -h)")
         sys.exit(exc.exit_code)
     except BrokenPipeError:

@@ -123,7 +123,8 @@ def iter_samples(model: RNNLM, codec: TextCodec, prime: str = "", max_length: in
             prime_ids.append(EOS_ID)
     # The prime is shown as it was typed (not as its tokens: an unknown character stays itself, not
     # "<unk>"); at word level the tokenizer's spacing rule decides whether a space joins it to the
-    # continuation, and how it goes on, from the prime's last two tokens (none after a final newline or space).
+    # continuation, and how it goes on, from the words of the prime's last line (none after a final newline
+    # or space).
     last_line = prime_lines[-1] if prime_lines and not prime.endswith("\n") else ""
     last_words = (codec.tokenizer.split(last_line) if codec.tokenizer.level == "word" and last_line
                   and not last_line[-1].isspace() else [])
