@@ -95,9 +95,18 @@ class Distributed:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def barrier(self) -> None:
+    def barrier(self, group=None) -> None:
         if self.enabled:
-            torch.distributed.barrier()
+            torch.distributed.barrier(group=group)
+
+    def patient_group(self):
+        """A gloo group of every rank whose collectives wait as long as they must (a week): for the wait on
+        the first process of each machine while it tokenizes the corpus, which for a large one takes longer
+        than CHARLM_DIST_TIMEOUT (that timeout is meant for a rank that is stuck). Every rank makes it at
+        once, before the wait: made during it, its own set-up would wait under the short timeout."""
+        if not self.enabled:
+            return None
+        return torch.distributed.new_group(backend="gloo", timeout=timedelta(days=7))
 
     def sum(self, values: list[float]) -> list[float]:
         """Element-wise sum over ranks, in float64."""

@@ -492,10 +492,11 @@ def _read_corpus(cfg: Config, corpus: Path, val: Path | None, resume: Path | Non
                          f"{cfg.data.val_fraction:g}), and --val would make all of the corpus training text; resume "
                          f"without --val (`charlm eval {resume} --file {val}` measures the model on that file)")
     splits = None
+    patient = dist.patient_group()  # the others wait for the tokenizer as long as it takes
     if dist.local_rank == 0:
         splits = prepare(cfg.data, corpus, val, cache_dir=cache_dir, show_progress=show_progress,
                          corpus_sha256=digest)
-    dist.barrier()
+    dist.barrier(patient)
     if dist.local_rank != 0:
         splits = prepare(cfg.data, corpus, val, cache_dir=cache_dir, corpus_sha256=digest)
     if saved is not None:  # the run's vocabulary must be the one this corpus builds

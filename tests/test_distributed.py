@@ -533,3 +533,49 @@ def test_the_workers_bar_takes_the_launchers_terminal_width(monkeypatch):
     assert runtime.bar_width() == {"ncols": 79}  # as the worker draws it
     monkeypatch.delenv("CHARLM_COLUMNS")
     assert runtime.bar_width() == {"dynamic_ncols": True}  # one process: the stream's own width
+
+
+PATIENT = """
+import os, sys, time
+from datetime import timedelta
+import torch
+from charlm.runtime import Distributed
+
+rank, patient = int(sys.argv[1]), sys.argv[2] == "patient"
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[3])
+print("ready", flush=True)
+sys.stdin.readline()  # both imported: the 1 s timeout starts together
+torch.distributed.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=1))
+dist = Distributed(rank, 2, rank)
+group = dist.patient_group() if patient else None
+if rank == 0:
+    time.sleep(3)  # the first process of the machine, tokenizing a large corpus
+try:
+    dist.barrier(group)
+    print("passed")
+except RuntimeError:
+    print("timed out")
+"""
+
+
+# Kills runtime.Distributed.patient_group (and train.py's wait on it): the other ranks waited for the tokenizer
+# under CHARLM_DIST_TIMEOUT, so a corpus that took longer to tokenize could never start under --nproc.
+@pytest.mark.parametrize("mode, expected", [("patient", "passed"), ("plain", "timed out")])
+def test_the_wait_for_the_tokenizer_outlasts_the_collective_timeout(tmp_path, mode, expected):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    script = tmp_path / "patient.py"
+    script.write_text(PATIENT, encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(script), str(rank), mode, port], env=env, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+             for rank in (0, 1)]
+    assert [p.stdout.readline().strip() for p in procs] == ["ready", "ready"]
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    outs = [p.communicate(timeout=120)[0].strip().splitlines() for p in procs]
+    assert [o[-1] if o else "" for o in outs] == [expected, expected]  # the plain barrier: the timeout is real
