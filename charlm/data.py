@@ -48,7 +48,8 @@ from .config import DataConfig
 from .errors import EncodingMismatch, RunFailure, UsageError
 from .runs import is_run_dir
 from .runtime import file_sha256, is_terminal
-from .tokenizer import EOS_ID, UNK_ID, SPECIALS, TextCodec, Tokenizer, Vocabulary, count_tokens, normalize
+from .tokenizer import (EOS_ID, UNK_ID, SPECIALS, TextCodec, Tokenizer, Vocabulary, count_tokens, normalises_across,
+                        normalize)
 
 BLOCK_BYTES = 8 << 20   # read the corpus 8 MiB at a time (characters) ...
 WORD_BLOCK_BYTES = 1 << 20  # ... or 1 MiB (words: a token as a Python string costs ~50 bytes while it is counted)
@@ -320,8 +321,7 @@ def _composes(text: str, i: int) -> bool:
     NFC joins Hangul jamo (L + V, then the syllable + T) and some vowel signs, and lowercasing (data.lowercase)
     writes a capital sigma as final or not by what follows it. A cut before text[i] would change the tokens."""
     a, b = text[max(i - 8, 0):i], text[i:i + 8]
-    whole = normalize(a + b)
-    return whole != normalize(a) + normalize(b) or normalize(a + b, True) != normalize(a, True) + normalize(b, True)
+    return normalises_across(a, b) or normalises_across(a, b, True)
 
 
 def iter_text(path: Path, start: int = 0, end: int | None = None, encoding: str = "utf-8",

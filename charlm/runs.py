@@ -187,11 +187,9 @@ def find_runs(folder: Path) -> list[Path]:
         raise UsageError(f"{folder} is not a folder")
     if is_run_dir(folder):
         return [folder]
-    named = Path(os.path.abspath(folder))  # `.` inside best/ names best/ too
-    parent = (Path(os.path.realpath(folder)).parent if folder.is_symlink()  # a link to runs/x/best: runs/x
-              else folder.parent if folder.name == named.name else Path(os.path.normpath(folder / "..")))
-    if named.name in CHECKPOINTS and is_checkpoint_folder(folder) and is_run_dir(parent):
-        return [parent]  # runs/x/best: the run that holds it, as every other command reads it
+    real = Path(os.path.realpath(folder))  # runs/x/best named as such, as `.` inside it, or through a link
+    if real.name in CHECKPOINTS and is_checkpoint_folder(real) and is_run_dir(real.parent):
+        return [real.parent]  # the run that holds it, as every other command reads it
     found = []
     for root, dirs, _ in os.walk(folder):
         here = Path(root)
@@ -318,8 +316,7 @@ def _display_name(path: Path, folder: Path) -> str:
         rel = path.relative_to(folder).as_posix()
     except ValueError:  # the run that holds the checkpoint folder named
         rel = "."
-    above = rel == "." or rel.split("/")[0] == ".."  # the folder named, or the run above its best/ (`runs .`)
-    return os.path.basename(os.path.abspath(path)) if above else rel
+    return os.path.basename(os.path.abspath(path)) if rel == "." else rel  # `runs .` in a run: its own name
 
 
 def _damaged_checkpoints(run_dir: Path, manifests: dict[str, dict | None]) -> list[str]:

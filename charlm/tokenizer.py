@@ -118,9 +118,11 @@ def _spaced(before: str | None, prev: str, tok: str, after: str | None = None) -
     return True
 
 
-def _composes(a: str, b: str) -> bool:
-    """Whether NFC joins the characters a and b (a letter and a combining mark that follows it)."""
-    return unicodedata.normalize("NFC", a + b) != a + b
+def normalises_across(a: str, b: str, lowercase: bool = False) -> bool:
+    """Whether normalising a + b gives other text than normalising each (NFC composing a letter with the mark
+    after it, or Hangul jamo; lowercasing, a capital sigma written final or not by what follows it): a cut, or
+    a space, between the two changes the tokens."""
+    return normalize(a + b, lowercase) != normalize(a, lowercase) + normalize(b, lowercase)
 
 
 def _opens(quote: str, prev: str | None, after: str | None, seen: int) -> bool:
@@ -181,7 +183,7 @@ class Tokenizer:
             else:
                 opens = False
                 space = prev is not None and not opened and _spaced(before, prev, tok, after)
-            if not space and prev is not None and _composes(prev[-1], tok[0]):
+            if not space and prev is not None and normalises_across(prev[-1], tok[0]):
                 space = True  # か + U+3099 would be read back as が: one token, not two
             if space:
                 out.append(" ")
