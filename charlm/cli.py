@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import traceback
+import unicodedata
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -486,6 +487,18 @@ def _written(tokenizer, text: str, tokens: list[str]) -> list[str]:
     return read + tokens[len(read):]
 
 
+TABLE_TEXT_CHARS = 300  # the score table echoes at most this much of a sentence; --json gives it whole
+
+
+def _shown(text: str, limit: int | None = TABLE_TEXT_CHARS) -> str:
+    """`text` as the score table echoes it: control characters written as escapes (a terminal escape sequence
+    in a scored file does not reach the terminal, a tab token does not split the tab-separated --per-token
+    line), and a line longer than `limit` cut, with its length."""
+    cut = text if limit is None or len(text) <= limit else text[:limit]
+    shown = "".join(repr(c)[1:-1] if unicodedata.category(c) == "Cc" else c for c in cut)
+    return shown if cut is text else f"{shown}... ({len(text):,} characters in all)"
+
+
 def _names_a_file(text: str) -> bool:
     try:
         return "\n" not in text and Path(text).is_file()
@@ -508,11 +521,11 @@ def _print_scores(results, per_token: bool, as_json: bool, tokenizer) -> None:
             continue
         if per_token:  # a token shown as the text has it, then as it was scored where that differs (<unk>)
             words = _written(tokenizer, r.text, r.tokens)
-            _out("\t".join(f"{t if w == t else f'{w}({t})'}={_figure(lp / LN10, '.4f')}"
+            _out("\t".join(f"{_shown(t, None) if w == t else f'{_shown(w, None)}({t})'}={_figure(lp / LN10, '.4f')}"
                            for w, t, lp in zip(words, r.tokens, r.token_logprobs)))
         _out(f"ln P {_figure(r.logprob, '10.4f')}  log10 P {_figure(r.log10prob, '9.4f')}  tokens {len(r.tokens):4d}  "
              f"OOV {r.oov:3d}  ppl {_figure(r.perplexity, '9.3f')}  bits/token {_figure(r.bits_per_token, '6.3f')}  "
-             f"| {r.text}")
+             f"| {_shown(r.text)}")
     if not as_json and results:
         t = score_totals(results)
         _out(f"Total: ln P {_figure(t.logprob, '.4f')}  log10 P {_figure(t.log10prob, '.4f')}  tokens {t.tokens}  "

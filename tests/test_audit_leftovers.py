@@ -293,3 +293,21 @@ def test_once_a_command_is_done_a_signal_ends_the_process_without_a_traceback(tm
         signal.signal(signal.SIGTERM, before[1])
         cli_mod._console["on"] = False
     assert done.value.code == 0 and after == (signal.SIG_DFL, signal.SIG_DFL)
+
+
+def test_the_score_table_escapes_control_characters_and_cuts_a_long_line(cli, tiny_run):
+    """Catches: the table echoed each sentence raw and whole, so a scored file's terminal escape sequence
+    reached the terminal, a tab token split the tab-separated --per-token line, and a line of a megabyte
+    was printed whole on its row; --json keeps the text as it is."""
+    run = tiny_run["run_dir"]
+    table = cli("score", run, "a \x1b[31mred\x1b[0m\tcat", "--per-token")
+    assert table.exit_code == 0, table.output
+    assert "\x1b" not in table.stdout
+    per_token, row = table.stdout.splitlines()[:2]
+    assert row.endswith("| a \\x1b[31mred\\x1b[0m\\tcat")
+    assert len(per_token.split("\t")) == len("a \x1b[31mred\x1b[0m\tcat") + 1  # one cell a token, <eos> too
+    long = "the cat sat " * 1000
+    cut = cli("score", run, long).stdout.splitlines()[0]
+    assert cut.endswith(f"| {long[:300]}... ({len(long):,} characters in all)")
+    whole = cli("score", run, long, "a \x1b", "--json")
+    assert [r["text"] for r in json_lines(whole.stdout)] == [long, "a \x1b"]
