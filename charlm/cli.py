@@ -26,6 +26,22 @@ import typer
 from . import __version__
 from .errors import EXIT_FAILURE, EXIT_SIGINT, EXIT_SIGTERM, CharlmError, is_out_of_memory
 
+class _Command(typer.core.TyperCommand):
+    """Typer's command, with the usage line Click and the READMEs write: `charlm score [OPTIONS] RUN_DIR
+    [TEXT]...`, where Typer 0.2x writes a required argument as `{run_dir}`, which reads as a set to pick
+    from, or as braces to type."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name != "argument":
+                pieces += param.get_usage_pieces(ctx)
+                continue
+            name = (param.metavar or param.name.upper()).removesuffix("...")
+            pieces.append((name if param.required else f"[{name}]") + ("..." if param.nargs != 1 else ""))
+        return pieces
+
+
 app = typer.Typer(add_completion=True, no_args_is_help=True, rich_markup_mode=None,
                   help="Train, sample and score character- and word-level RNN / GRU / LSTM language models.",
                   context_settings={"help_option_names": ["-h", "--help"]})
@@ -223,7 +239,7 @@ def _file_path(raw: str) -> Path:
 
 
 # ---------------------------------------------------------------- train
-@app.command()
+@app.command(cls=_Command)
 def train(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (sections data, model, train).")] = None,
     corpus: Annotated[Optional[Path], typer.Option(help="Text file to train on (UTF-8 unless --encoding).",
@@ -309,9 +325,9 @@ def train(
 
 
 # ---------------------------------------------------------------- sample
-@app.command()
+@app.command(cls=_Command)
 def sample(
-    run_dir: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint folder inside it).")],
+    run_dir: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint folder inside it).", metavar="RUN_DIR")],
     prime: Annotated[str, typer.Option(help="Text to start from; generation continues it.")] = "",
     max_length: Annotated[int, typer.Option(help="Stop after this many generated tokens.")] = 500,
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 1.0,
@@ -416,10 +432,10 @@ def _which(checkpoint: str | None) -> str | None:
 
 
 # ---------------------------------------------------------------- score
-@app.command()
+@app.command(cls=_Command)
 def score(
-    run_dir: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint folder inside it).")],
-    text: Annotated[Optional[list[str]], typer.Argument(help="Sentences to score (default: --file, else stdin).")] = None,
+    run_dir: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint folder inside it).", metavar="RUN_DIR")],
+    text: Annotated[Optional[list[str]], typer.Argument(metavar="TEXT...", help="Sentences to score (default: --file, else stdin).")] = None,
     file: Annotated[Optional[Path], typer.Option("--file", "-f", help="Score every line of this file ('-': "
                                                  "standard input).", parser=_file_path, metavar="<path>")] = None,
     per_token: Annotated[bool, typer.Option("--per-token", help="Also give every token's log-probability: log10 "
@@ -535,9 +551,9 @@ def _print_scores(results, per_token: bool, as_json: bool, tokenizer) -> None:
 
 
 # ---------------------------------------------------------------- eval
-@app.command("eval")
+@app.command("eval", cls=_Command)
 def eval_(
-    run_dir: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint folder inside it).")],
+    run_dir: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint folder inside it).", metavar="RUN_DIR")],
     file: Annotated[Path, typer.Option("--file", "-f", help="Text file to evaluate, read as one stream "
                                                             "(-: standard input).", parser=_file_path,
                                        metavar="<path>")],
@@ -598,9 +614,9 @@ def _info_value(key: str, value) -> str:
     return str(value)
 
 
-@app.command()
+@app.command(cls=_Command)
 def info(
-    run_dir: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint folder inside it).")],
+    run_dir: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint folder inside it).", metavar="RUN_DIR")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Describe a run: config, parameters, vocabulary, steps, best validation loss, training time.
@@ -648,9 +664,9 @@ def info(
 
 
 # ---------------------------------------------------------------- runs
-@app.command()
+@app.command(cls=_Command)
 def runs(
-    folder: Annotated[Path, typer.Argument(help="Folder to search for run folders (a run folder, or its best/ or "
+    folder: Annotated[Path, typer.Argument(metavar="FOLDER", help="Folder to search for run folders (a run folder, or its best/ or "
                                                 "last/, lists that run).")] = Path("runs"),
     sort: Annotated[str, typer.Option(help="Column to sort by: name, status, level, cell, impl, size (the hidden "
                                             "size), parameters, steps, val_loss, bpc, time (also layers, "
@@ -711,9 +727,9 @@ def _print_runs(summaries) -> None:
 
 
 # ---------------------------------------------------------------- plot
-@app.command()
+@app.command(cls=_Command)
 def plot(
-    run_dirs: Annotated[list[Path], typer.Argument(help="One or more run folders, drawn on one figure.")],
+    run_dirs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR...", help="One or more run folders, drawn on one figure.")],
     out: Annotated[Path, typer.Option(help="PNG file to write (one already there is replaced, with a note).")] = Path(
         "curves.png"),
 ) -> None:
@@ -749,9 +765,9 @@ def _err_note(message: str) -> None:
 
 
 # ---------------------------------------------------------------- export
-@app.command()
+@app.command(cls=_Command)
 def export(
-    run_dir: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint folder inside it).")],
+    run_dir: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint folder inside it).", metavar="RUN_DIR")],
     out: Annotated[Path, typer.Option(help="File to write (e.g. model.pt or model.onnx; one already there is "
                                            "replaced, with a note).")],
     format_: Annotated[Optional[str], typer.Option("--format", help="torchscript, or onnx (needs pip install "
@@ -788,7 +804,7 @@ def export(
 
 
 # ---------------------------------------------------------------- bench
-@app.command()
+@app.command(cls=_Command)
 def bench(
     cells: Annotated[str, typer.Option(help="Cells to measure, comma-separated: rnn,gru,lstm.")] = "rnn,gru,lstm",
     impls: Annotated[str, typer.Option(help="Implementations, comma-separated: custom, torch, and reference "
@@ -929,7 +945,8 @@ def main() -> None:
             message = exc.format_message()
             param = getattr(exc, "param", None)
             if type(exc).__name__ == "MissingParameter" and getattr(param, "param_type_name", "") == "argument":
-                message = message.replace(f"'{param.name}'", param.name.upper())  # RUN_DIR, as the help shows it
+                shown = (param.metavar or param.name.upper()).removesuffix("...")  # RUN_DIR, as the help shows it
+                message = message.replace(f"'{param.name}'", shown).replace(f"'{param.metavar}'", shown)
             if getattr(exc, "option_name", None) == "--debug" and ctx is not None and ctx.parent is not None:
                 message += f"; --debug goes before the command: charlm --debug {ctx.info_name} ..."  # not after it
             option = getattr(exc, "option_name", None) or ""

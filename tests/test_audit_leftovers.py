@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 from conftest import PROJECT_ROOT, TINY_TEXT
+from helpers_reliability import child_env
 from test_cli import cli, json_lines  # noqa: F401 (cli is a fixture)
 
 TINY_CONFIG = PROJECT_ROOT / "configs" / "tiny.yaml"
@@ -311,3 +314,22 @@ def test_the_score_table_escapes_control_characters_and_cuts_a_long_line(cli, ti
     assert cut.endswith(f"| {long[:300]}... ({len(long):,} characters in all)")
     whole = cli("score", run, long, "a \x1b", "--json")
     assert [r["text"] for r in json_lines(whole.stdout)] == [long, "a \x1b"]
+
+
+@pytest.mark.parametrize("command, usage", [
+    ("sample", "sample [OPTIONS] RUN_DIR"), ("score", "score [OPTIONS] RUN_DIR [TEXT]..."),
+    ("eval", "eval [OPTIONS] RUN_DIR"), ("runs", "runs [OPTIONS] [FOLDER]"),
+    ("plot", "plot [OPTIONS] RUN_DIR..."), ("train", "train [OPTIONS]")])
+def test_usage_lines_name_the_arguments_as_the_readme_does(command, usage):
+    """Catches: Typer 0.2x wrote a required argument as `{run_dir}` (a set to pick from, or braces to type)
+    and the sentences as `[text]...`, where the READMEs write `charlm score RUN_DIR [TEXT ...]`."""
+    shown = subprocess.run([sys.executable, "-m", "charlm", command, "-h"], capture_output=True, text=True,
+                           env=child_env(), cwd=PROJECT_ROOT, timeout=120)
+    assert shown.returncode == 0
+    assert shown.stdout.splitlines()[0] == f"Usage: python -m charlm {usage}"  # the console script says charlm
+    if command not in ("train", "runs"):  # the missing argument named as the usage line names it
+        missing = subprocess.run([sys.executable, "-m", "charlm", command], capture_output=True, text=True,
+                                 env=child_env(), cwd=PROJECT_ROOT, timeout=120)
+        name = usage.split("] ")[1].split(" ")[0].strip("[].")
+        assert (missing.returncode, missing.stderr) == (2, f"charlm: error: Missing argument {name}. "
+                                                           f"(see python -m charlm {command} -h)\n")
