@@ -735,7 +735,7 @@ def plot(
 ) -> None:
     """Draw training and validation loss (and bits per character) against steps and time, as a PNG.
 
-    Needs matplotlib: pip install 'charlm[plot]'.
+    Needs matplotlib: pip install matplotlib.
 
     Example: charlm plot runs/lstm runs/gru --out curves.png
     """
@@ -770,8 +770,8 @@ def export(
     run_dir: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint folder inside it).", metavar="RUN_DIR")],
     out: Annotated[Path, typer.Option(help="File to write (e.g. model.pt or model.onnx; one already there is "
                                            "replaced, with a note).")],
-    format_: Annotated[Optional[str], typer.Option("--format", help="torchscript, or onnx (needs pip install "
-                                                      "'charlm[export]'); default: onnx for an --out ending in "
+    format_: Annotated[Optional[str], typer.Option("--format", help="torchscript, or onnx (needs onnx and "
+                                                      "onnxruntime); default: onnx for an --out ending in "
                                                       ".onnx, else torchscript.")] = None,
     checkpoint: Annotated[Optional[str], typer.Option(help="best or last (default: best, else last; or the "
                                                           "checkpoint folder named).")] = None,

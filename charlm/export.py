@@ -13,7 +13,7 @@ Two formats:
 - TorchScript (`torch.jit.trace` of the step; load with `torch.jit.load`),
   the vocabulary and settings stored inside as the extra file `charlm.json`;
 - ONNX (the TorchScript-based `torch.onnx.export`, needs the optional extra
-  `pip install 'charlm[export]'`), the same JSON in the model's metadata under
+  `pip install 'onnx>=1.15' 'onnxruntime>=1.17'`), the same JSON in the model's metadata under
   the key `charlm`.
 
 Tracing a step with T = 1 records the custom cells' Python loops unrolled
@@ -43,7 +43,7 @@ EXPORT_FORMAT = 1
 METADATA_KEY = "charlm"          # ONNX metadata key; TorchScript extra file is charlm.json
 EXTRA_FILE = "charlm.json"
 FORMATS = ("torchscript", "onnx")
-INSTALL_HINT = "pip install 'charlm[export]'"
+INSTALL_HINT = "pip install 'onnx>=1.15' 'onnxruntime>=1.17'"  # not 'charlm[export]': PyPI's charlm is another project
 ONNX_OPSET = 17
 
 

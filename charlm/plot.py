@@ -7,7 +7,8 @@ drawn when there is something to put in it, is bits per character: the
 validation `val_bpc` of every run, and the training loss / ln 2 of char-level
 runs (where a token is a character).
 
-matplotlib is an optional extra (`pip install 'charlm[plot]'`). The figure is
+matplotlib is an optional extra (`pip install -e '.[plot]'` in charlm's folder, or
+`pip install matplotlib`; PyPI's package named charlm is another project). The figure is
 drawn with the Agg canvas directly, not through pyplot, so no window opens and
 no global backend is switched in the caller's process.
 """
@@ -25,7 +26,7 @@ from .runs import (Metrics, checkpoint_folder_holding, read_metrics, run_folder_
                    summarize)
 
 LN2 = math.log(2.0)
-INSTALL_HINT = "pip install 'charlm[plot]'"
+INSTALL_HINT = "pip install 'matplotlib>=3.7'"  # not 'charlm[plot]': PyPI's charlm is another project
 
 
 @dataclass

@@ -333,3 +333,17 @@ def test_usage_lines_name_the_arguments_as_the_readme_does(command, usage):
         name = usage.split("] ")[1].split(" ")[0].strip("[].")
         assert (missing.returncode, missing.stderr) == (2, f"charlm: error: Missing argument {name}. "
                                                            f"(see python -m charlm {command} -h)\n")
+
+
+def test_no_install_hint_asks_pip_for_the_package_named_charlm_on_pypi():
+    """Catches: `plot` without matplotlib, `export --format onnx` without onnx and the READMEs said
+    `pip install 'charlm[plot]'`, which fetches PyPI's package named charlm, another project, in place of
+    this one; the hints name what is missing, and the READMEs install the extras from charlm's folder."""
+    from charlm import export, plot
+
+    assert plot.INSTALL_HINT == "pip install 'matplotlib>=3.7'"
+    assert export.INSTALL_HINT == "pip install 'onnx>=1.15' 'onnxruntime>=1.17'"
+    for path in [*(PROJECT_ROOT / "charlm").glob("*.py"), *PROJECT_ROOT.glob("README*.md"),
+                 *(PROJECT_ROOT / "docs").glob("*.md")]:
+        text = path.read_text(encoding="utf-8")
+        assert "install 'charlm[" not in text and 'install "charlm[' not in text, path.name

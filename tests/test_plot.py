@@ -119,7 +119,7 @@ def test_plot_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["plot", str(run), "--out", str(tmp_path / "c.png")])
     assert result.exit_code == 2
     assert result.stderr.strip() == ("charlm: error: charlm plot needs matplotlib, which is not installed: "
-                                     "pip install 'charlm[plot]'")
+                                     "pip install 'matplotlib>=3.7'")
 
 
 
