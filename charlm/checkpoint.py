@@ -18,6 +18,7 @@ before any weight is used, and refuses non-finite weights.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -409,11 +410,25 @@ def _is_tied_alias(model: torch.nn.Module, key: str) -> bool:
     return key == "decoder.weight" and getattr(model, "cfg", None) is not None and model.cfg.tie_weights
 
 
-def load_run(path: Path, device: torch.device | str = "cpu", which: str | None = None):
-    """A ready model (eval mode, on `device`), its TextCodec and Checkpoint, from a run or checkpoint folder."""
+def load_run(path: Path, device: torch.device | str = "cpu", which: str | None = None, impl: str | None = None):
+    """A ready model (eval mode, on `device`), its TextCodec and Checkpoint, from a run or checkpoint folder.
+
+    `impl` ('custom' or 'torch') builds the run's model on the other implementation: the weights have torch's
+    names either way, so the hand-written cells of a trained model can be checked against torch.nn's. nn.GRU's
+    weights are read by the custom GRU's torch form; a classic-form GRU has no torch counterpart and is
+    refused."""
     from .model import build_model  # model sits above checkpoint in the import order
 
     saved = load_checkpoint(path, which)
-    model = build_model(saved.cfg.model, len(saved.codec.vocab))
+    model_cfg = saved.cfg.model
+    if impl is not None and impl != model_cfg.impl:
+        if impl not in ("custom", "torch"):
+            raise UsageError(f"--impl must be custom or torch, got '{impl}'")
+        if model_cfg.cell == "gru" and model_cfg.impl == "custom" and model_cfg.gru_form == "classic":
+            raise UsageError(f"{path}: --impl torch: this run's GRU is the classic form (gru_form: classic), which "
+                             f"nn.GRU does not compute; a run trained with gru_form: torch can be read by either")
+        model_cfg = dataclasses.replace(model_cfg, impl=impl, gru_form="torch" if model_cfg.cell == "gru" else
+                                        model_cfg.gru_form)
+    model = build_model(model_cfg, len(saved.codec.vocab))
     load_weights(model, saved.tensors, saved.folder)
     return model.to(device).eval(), saved.codec, saved

@@ -339,6 +339,8 @@ def sample(
     checkpoint: Annotated[Optional[str], typer.Option(help="best or last (default: best, else last; or the "
                                                           "checkpoint folder named).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "cpu",
+    impl: Annotated[Optional[str], typer.Option(help="Read the run on custom or torch cells (default: the run's "
+                                                     "own), to check one against the other.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per sample, with its log-probability under the model (temperature 1, untruncated).")] = False,
 ) -> None:
     """Generate text from a trained model, stopping at <eos> or --max-length.
@@ -351,7 +353,7 @@ def sample(
 
         check_options(max_length, temperature, top_k, top_p, num_samples, seed)
         dev = resolve_device(device)
-        model, codec, _ = _load(run_dir, dev, checkpoint)
+        model, codec, _ = _load(run_dir, dev, checkpoint, impl)
         samples = iter_samples(model, codec, prime, max_length, temperature, top_k, top_p, num_samples, seed,
                                allow_unk, dev)
         ended_at_once = 0  # samples whose first token was <eos>: nothing generated
@@ -388,11 +390,11 @@ def _check_errors(errors: str) -> None:
         raise UsageError(f"--errors must be strict or replace, got '{errors}'")
 
 
-def _load(run_dir: Path, device, checkpoint: str | None):
+def _load(run_dir: Path, device, checkpoint: str | None, impl: str | None = None):
     """load_run, with a note on stderr when a run without best/ answers from last/ (`--checkpoint` not given)."""
     from .checkpoint import is_checkpoint_folder, load_run, why_no_best
 
-    loaded = load_run(run_dir, device, _which(checkpoint))
+    loaded = load_run(run_dir, device, _which(checkpoint), impl)
     folder = loaded[2].folder
     if checkpoint is None and not is_checkpoint_folder(Path(run_dir)) and folder.name.startswith("last"):
         _err_note(f"{run_dir}: {why_no_best(run_dir)}; reading {folder.name}/")
@@ -450,6 +452,8 @@ def score(
     checkpoint: Annotated[Optional[str], typer.Option(help="best or last (default: best, else last; or the "
                                                           "checkpoint folder named).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "cpu",
+    impl: Annotated[Optional[str], typer.Option(help="Read the run on custom or torch cells (default: the run's "
+                                                     "own), to check one against the other.")] = None,
 ) -> None:
     """Give each sentence its probability: log P(tokens + <eos>), from a fresh start.
 
@@ -467,7 +471,7 @@ def score(
             raise UsageError("give the sentences to score as arguments or as --file, not both")
         _check_errors(errors)
         dev = resolve_device(device)
-        model, codec, saved = _load(run_dir, dev, checkpoint)
+        model, codec, saved = _load(run_dir, dev, checkpoint, impl)
         if file is not None and str(file) == "-":  # the usual name of standard input
             file = None
         if not text and file is None and sys.stdin.isatty():
@@ -563,6 +567,8 @@ def eval_(
     checkpoint: Annotated[Optional[str], typer.Option(help="best or last (default: best, else last; or the "
                                                           "checkpoint folder named).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "cpu",
+    impl: Annotated[Optional[str], typer.Option(help="Read the run on custom or torch cells (default: the run's "
+                                                     "own), to check one against the other.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Corpus-level loss, perplexity and bits per character of a text file.
@@ -578,7 +584,7 @@ def eval_(
             raise UsageError(f"--streams must be at least 1, got {streams}")
         _check_errors(errors)
         dev = resolve_device(device)
-        model, codec, saved = _load(run_dir, dev, checkpoint)
+        model, codec, saved = _load(run_dir, dev, checkpoint, impl)
         if str(file) == "-" and sys.stdin.isatty():
             print("charlm: reading the text to evaluate from standard input (end with Ctrl-D)", file=sys.stderr)
         r = evaluate_file(model, codec, file, streams, encoding or saved.cfg.data.encoding, errors, dev)

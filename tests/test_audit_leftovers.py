@@ -347,3 +347,38 @@ def test_no_install_hint_asks_pip_for_the_package_named_charlm_on_pypi():
                  *(PROJECT_ROOT / "docs").glob("*.md")]:
         text = path.read_text(encoding="utf-8")
         assert "install 'charlm[" not in text and 'install "charlm[' not in text, path.name
+
+
+@pytest.mark.parametrize("settings", [("model.cell=lstm", "model.impl=torch"), ("model.cell=rnn", "model.impl=custom"),
+                                      ("model.cell=gru", "model.impl=custom", "model.gru_form=torch"),
+                                      ("model.cell=gru", "model.impl=torch")])
+def test_a_trained_run_reads_the_same_on_custom_and_torch_cells(cli, write_corpus, tmp_path, settings):
+    """Catches: a learner could not check a trained model's hand-written cells against torch.nn's without
+    writing Python (the config of a run is sealed by its checksum): eval, score and sample take --impl."""
+    corpus, run = write_corpus(TINY_TEXT), tmp_path / "run"
+    sets = [a for s in settings for a in ("--set", s)]
+    assert cli("train", "-c", TINY_CONFIG, "--corpus", corpus, "--out", run, "--max-steps", 5, "--quiet",
+               *sets).exit_code == 0
+    losses = {impl: json.loads(cli("eval", run, "-f", corpus, "--json", "--impl", impl).stdout)["loss"]
+              for impl in ("custom", "torch")}
+    assert losses["custom"] == pytest.approx(losses["torch"], abs=1e-5)
+    scores = {impl: json_lines(cli("score", run, "the cat sat", "--json", "--impl", impl).stdout)[0]["logprob"]
+              for impl in ("custom", "torch")}
+    assert scores["custom"] == pytest.approx(scores["torch"], abs=1e-5)
+    sampled = cli("sample", run, "--impl", "torch" if "model.impl=custom" in settings else "custom", "--seed", 1,
+                  "--max-length", 20)
+    assert sampled.exit_code == 0, sampled.output
+
+
+def test_impl_refuses_what_the_other_cells_cannot_compute(cli, write_corpus, tmp_path):
+    """The classic-form GRU (the custom default) has no nn.GRU counterpart: --impl torch is refused in one
+    line, not answered with another model's probabilities; a misspelt impl too."""
+    corpus, run = write_corpus(TINY_TEXT), tmp_path / "run"
+    assert cli("train", "-c", TINY_CONFIG, "--corpus", corpus, "--out", run, "--max-steps", 2, "--quiet",
+               "--set", "model.cell=gru", "--set", "model.impl=custom").exit_code == 0
+    for impl, fragment in (("torch", "the classic form (gru_form: classic), which nn.GRU does not compute"),
+                           ("tf", "--impl must be custom or torch, got 'tf'")):
+        refused = cli("eval", run, "-f", corpus, "--impl", impl)
+        assert refused.exit_code == 2 and fragment in refused.stderr and not refused.stdout
+        assert len(refused.stderr.splitlines()) == 1
+    assert cli("eval", run, "-f", corpus, "--impl", "custom").exit_code == 0  # its own: nothing to refuse
