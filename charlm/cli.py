@@ -231,23 +231,31 @@ def _figure(x: float, spec: str) -> str:
     return format(x, f"{width}.4g")
 
 
+def _path(raw: str) -> Path:
+    """A path argument or option as a Path; an empty one is refused: Path("") is ".", so `--out "$RUN"` with
+    RUN unset trained into the current folder, and `charlm sample ""` looked for a checkpoint there."""
+    if raw == "":
+        raise typer.BadParameter("an empty path (is a shell variable unset?)")
+    return Path(raw)
+
+
 def _file_path(raw: str) -> Path:
     """A file option's value as a Path. Path("./-") is Path("-"), which the commands read as standard input;
     a file that is really named "-" is reached as ./- , so that spelling keeps its folder (made absolute)."""
-    path = Path(raw)
+    path = _path(raw)
     return path.absolute() if str(path) == "-" and raw != "-" else path
 
 
 # ---------------------------------------------------------------- train
 @app.command(cls=_Command)
 def train(
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (sections data, model, train).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", parser=_path, help="YAML config file (sections data, model, train).")] = None,
     corpus: Annotated[Optional[Path], typer.Option(help="Text file to train on (UTF-8 unless --encoding).",
                                                    parser=_file_path, metavar="<path>")] = None,
     val: Annotated[Optional[Path], typer.Option(help="Validation text file (default: the last data.val_fraction of "
                                                      "the corpus).", parser=_file_path, metavar="<path>")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Run folder to create (default: runs/<corpus name>).")] = None,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this folder from its last checkpoint.")] = None,
+    out: Annotated[Optional[Path], typer.Option(parser=_path, help="Run folder to create (default: runs/<corpus name>).")] = None,
+    resume: Annotated[Optional[Path], typer.Option(parser=_path, help="Continue the run in this folder from its last checkpoint.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N (model.device).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed (train.seed).")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps (train.max_steps).")] = None,
@@ -256,7 +264,7 @@ def train(
     encoding: Annotated[Optional[str], typer.Option(help="Text encoding of the corpus, e.g. latin-1 (data.encoding).")] = None,
     errors: Annotated[Optional[str], typer.Option(help="Undecodable bytes: strict refuses the file, replace substitutes U+FFFD (data.errors).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", metavar="<section.field=value>", help="Override a config field: section.field=value (repeatable).")] = None,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Folder for token files, reused while the corpus and tokenizer settings are unchanged (default: $CHARLM_CACHE_DIR, else .charlm-cache).")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(parser=_path, help="Folder for token files, reused while the corpus and tokenizer settings are unchanged (default: $CHARLM_CACHE_DIR, else .charlm-cache).")] = None,
     nproc: Annotated[int, typer.Option(help="Train data-parallel on this many local processes (launches torchrun).")] = 1,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or log lines.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
@@ -327,7 +335,7 @@ def train(
 # ---------------------------------------------------------------- sample
 @app.command(cls=_Command)
 def sample(
-    run_dir: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint folder inside it).", metavar="RUN_DIR")],
+    run_dir: Annotated[Path, typer.Argument(parser=_path, help="Run folder (or a checkpoint folder inside it).", metavar="RUN_DIR")],
     prime: Annotated[str, typer.Option(help="Text to start from; generation continues it.")] = "",
     max_length: Annotated[int, typer.Option(help="Stop after this many generated tokens.")] = 500,
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 1.0,
@@ -436,7 +444,7 @@ def _which(checkpoint: str | None) -> str | None:
 # ---------------------------------------------------------------- score
 @app.command(cls=_Command)
 def score(
-    run_dir: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint folder inside it).", metavar="RUN_DIR")],
+    run_dir: Annotated[Path, typer.Argument(parser=_path, help="Run folder (or a checkpoint folder inside it).", metavar="RUN_DIR")],
     text: Annotated[Optional[list[str]], typer.Argument(metavar="TEXT...", help="Sentences to score (default: --file, else stdin).")] = None,
     file: Annotated[Optional[Path], typer.Option("--file", "-f", help="Score every line of this file ('-': "
                                                  "standard input).", parser=_file_path, metavar="<path>")] = None,
@@ -557,7 +565,7 @@ def _print_scores(results, per_token: bool, as_json: bool, tokenizer) -> None:
 # ---------------------------------------------------------------- eval
 @app.command("eval", cls=_Command)
 def eval_(
-    run_dir: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint folder inside it).", metavar="RUN_DIR")],
+    run_dir: Annotated[Path, typer.Argument(parser=_path, help="Run folder (or a checkpoint folder inside it).", metavar="RUN_DIR")],
     file: Annotated[Path, typer.Option("--file", "-f", help="Text file to evaluate, read as one stream "
                                                             "(-: standard input).", parser=_file_path,
                                        metavar="<path>")],
@@ -622,7 +630,7 @@ def _info_value(key: str, value) -> str:
 
 @app.command(cls=_Command)
 def info(
-    run_dir: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint folder inside it).", metavar="RUN_DIR")],
+    run_dir: Annotated[Path, typer.Argument(parser=_path, help="Run folder (or a checkpoint folder inside it).", metavar="RUN_DIR")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Describe a run: config, parameters, vocabulary, steps, best validation loss, training time.
@@ -672,7 +680,7 @@ def info(
 # ---------------------------------------------------------------- runs
 @app.command(cls=_Command)
 def runs(
-    folder: Annotated[Path, typer.Argument(metavar="FOLDER", help="Folder to search for run folders (a run folder, or its best/ or "
+    folder: Annotated[Path, typer.Argument(parser=_path, metavar="FOLDER", help="Folder to search for run folders (a run folder, or its best/ or "
                                                 "last/, lists that run).")] = Path("runs"),
     sort: Annotated[str, typer.Option(help="Column to sort by: name, status, level, cell, impl, size (the hidden "
                                             "size), parameters, steps, val_loss, bpc, time (also layers, "
@@ -735,8 +743,8 @@ def _print_runs(summaries) -> None:
 # ---------------------------------------------------------------- plot
 @app.command(cls=_Command)
 def plot(
-    run_dirs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR...", help="One or more run folders, drawn on one figure.")],
-    out: Annotated[Path, typer.Option(help="PNG file to write (one already there is replaced, with a note).")] = Path(
+    run_dirs: Annotated[list[Path], typer.Argument(parser=_path, metavar="RUN_DIR...", help="One or more run folders, drawn on one figure.")],
+    out: Annotated[Path, typer.Option(parser=_path, help="PNG file to write (one already there is replaced, with a note).")] = Path(
         "curves.png"),
 ) -> None:
     """Draw training and validation loss (and bits per character) against steps and time, as a PNG.
@@ -773,8 +781,8 @@ def _err_note(message: str) -> None:
 # ---------------------------------------------------------------- export
 @app.command(cls=_Command)
 def export(
-    run_dir: Annotated[Path, typer.Argument(help="Run folder (or a checkpoint folder inside it).", metavar="RUN_DIR")],
-    out: Annotated[Path, typer.Option(help="File to write (e.g. model.pt or model.onnx; one already there is "
+    run_dir: Annotated[Path, typer.Argument(parser=_path, help="Run folder (or a checkpoint folder inside it).", metavar="RUN_DIR")],
+    out: Annotated[Path, typer.Option(parser=_path, help="File to write (e.g. model.pt or model.onnx; one already there is "
                                            "replaced, with a note).")],
     format_: Annotated[Optional[str], typer.Option("--format", help="torchscript, or onnx (needs onnx and "
                                                       "onnxruntime); default: onnx for an --out ending in "

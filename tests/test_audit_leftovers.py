@@ -382,3 +382,20 @@ def test_impl_refuses_what_the_other_cells_cannot_compute(cli, write_corpus, tmp
         assert refused.exit_code == 2 and fragment in refused.stderr and not refused.stdout
         assert len(refused.stderr.splitlines()) == 1
     assert cli("eval", run, "-f", corpus, "--impl", "custom").exit_code == 0  # its own: nothing to refuse
+
+
+@pytest.mark.parametrize("args, name", [
+    (("train", "--corpus", "CORPUS", "--out", ""), "'--out'"), (("train", "--corpus", ""), "'--corpus'"),
+    (("train", "--resume", ""), "'--resume'"), (("sample", ""), "'RUN_DIR'"), (("score", "", "a cat"), "'RUN_DIR'"),
+    (("eval", "RUN", "-f", ""), "'--file' / '-f'"), (("runs", ""), "'FOLDER'"), (("info", ""), "'RUN_DIR'")])
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(cli, tiny_run, write_corpus, tmp_path,
+                                                                 monkeypatch, args, name):
+    """Catches: Path("") is ".", so `--out "$RUN"` with RUN unset trained into the current folder, and
+    `charlm sample "$RUN"` said that '.' held no checkpoint."""
+    monkeypatch.chdir(tmp_path)
+    corpus = write_corpus(TINY_TEXT)
+    args = [corpus if a == "CORPUS" else tiny_run["run_dir"] if a == "RUN" else a for a in args]
+    refused = cli(*args)
+    assert refused.exit_code == 2 and not refused.stdout
+    assert f"Invalid value for {name}: an empty path (is a shell variable unset?)" in refused.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in [corpus] if p.parent == tmp_path)
