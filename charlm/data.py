@@ -569,6 +569,7 @@ class Splits:
     corpus_sha256: str
     cache: Path | None = None
     val_sha256: str | None = None  # the --val file's; None where the validation part is cut from the corpus
+    val_unk: int = 0               # validation tokens outside the vocabulary, read as <unk>
 
 
 def _cache_write_failure(folder: Path, exc: OSError) -> RunFailure:
@@ -679,7 +680,7 @@ def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextC
             dtype = getattr(torch, meta["dtype"])
             return Splits(cached, map_tokens(folder / "train.bin", dtype, meta["train_tokens"]),
                           map_tokens(folder / "val.bin", dtype, meta["val_tokens"]) if meta["val_tokens"] else None,
-                          meta["train_chars"], meta["val_chars"], digest, folder, val_digest)
+                          meta["train_chars"], meta["val_chars"], digest, folder, val_digest, meta["val_unk"])
         except (OSError, ValueError, KeyError, UsageError, RuntimeError):
             pass  # a damaged cache entry is rebuilt below
     size = corpus.stat().st_size
@@ -748,7 +749,7 @@ def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextC
     dtype = train_enc.dtype
     return Splits(codec, map_tokens(folder / "train.bin", dtype, meta["train_tokens"]),
                   map_tokens(folder / "val.bin", dtype, val_tokens) if val_tokens else None,
-                  train_enc.chars, val_enc.chars, digest, folder, val_digest)
+                  train_enc.chars, val_enc.chars, digest, folder, val_digest, val_enc.unk)
 
 
 def check_vocabulary(saved: TextCodec, fresh: TextCodec, corpus: Path) -> None:

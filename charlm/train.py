@@ -70,6 +70,7 @@ class TrainResult:
 
 
 UNKNOWN_MEASURE = -1
+VAL_UNK_NOTE = 0.5  # a validation text with more of its tokens outside the vocabulary than this gets a note
 
 
 @dataclass
@@ -536,6 +537,11 @@ def _note_data(cfg: Config, splits: Splits, corpus: Path, val: Path | None, log_
               "word_split space splits at spaces only, and charlm does not segment such text, so a whole clause "
               "is one word; segment the corpus first, or use word_split punct (each character a word) or data."
               "level char", file=log_stream)
+    if splits.val is not None and splits.val_unk > VAL_UNK_NOTE * (len(splits.val) - 1):  # <eos> first, not read
+        print(f"charlm: note: {splits.val_unk / (len(splits.val) - 1):.0%} of the validation text's tokens are not in "
+              f"the training text's vocabulary and are read as <unk>: its loss says little about the model; is "
+              f"{'--val ' + str(val) if val is not None else 'the end of the corpus'} text of the same kind as "
+              f"{corpus}?", file=log_stream)
     if val is not None and _same_file(Path(val), Path(corpus)):
         print(f"charlm: note: --val {val} is the corpus itself: validation then measures text the model trains "
               f"on, not how it does on new text", file=log_stream)

@@ -399,3 +399,19 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(cli, tiny_run, 
     assert refused.exit_code == 2 and not refused.stdout
     assert f"Invalid value for {name}: an empty path (is a shell variable unset?)" in refused.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in [corpus] if p.parent == tmp_path)
+
+
+def test_a_validation_text_mostly_outside_the_vocabulary_gets_a_note(cli, write_corpus, tmp_path):
+    """Catches: --val of English text on a Chinese corpus trained and reported a validation loss of mostly
+    <unk> tokens without a word, though eval and score count them."""
+    corpus = write_corpus("床前明月光，疑是地上霜。\n举头望明月，低头思故乡。\n" * 40, name="zh.txt")
+    english = write_corpus("the cat sat on the mat\n" * 10, name="en.txt")
+    trained = cli("train", "-c", TINY_CONFIG, "--corpus", corpus, "--val", english, "--out", tmp_path / "a",
+                  "--max-steps", 2, "--quiet")
+    assert trained.exit_code == 0, trained.output
+    assert (f"charlm: note: 96% of the validation text's tokens are not in the training text's vocabulary and are "
+            f"read as <unk>: its loss says little about the model; is --val {english} text of the same kind as "
+            f"{corpus}?") in trained.stderr  # 220 of the 230 tokens: the 10 line ends are known
+    same_kind = cli("train", "-c", TINY_CONFIG, "--corpus", corpus, "--val", corpus, "--out", tmp_path / "b",
+                    "--max-steps", 2, "--quiet")
+    assert same_kind.exit_code == 0 and "<unk>" not in same_kind.stderr
