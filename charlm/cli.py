@@ -26,6 +26,7 @@ import typer
 from . import __version__
 from .errors import EXIT_FAILURE, EXIT_SIGINT, EXIT_SIGTERM, CharlmError, is_out_of_memory
 
+
 class _Command(typer.core.TyperCommand):
     """Typer's command, with the usage line Click and the READMEs write: `charlm score [OPTIONS] RUN_DIR
     [TEXT]...`, where Typer 0.2x writes a required argument as `{run_dir}`, which reads as a set to pick
