@@ -310,7 +310,7 @@ def train(
             _out(json.dumps(asdict(result)))
             return
         _out(f"run folder      {result.run_dir}")
-        _out(f"steps           {result.steps} ({result.epochs:.2f} epochs, {result.elapsed:.1f} s, stopped by {result.stopped_by})")
+        _out(f"steps           {result.steps:,} ({result.epochs:.2f} epochs, {result.elapsed:.1f} s, stopped by {result.stopped_by})")
         _out(f"train loss      {_figure(result.train_loss, '.4f')}" if result.train_loss is not None
              else f"train loss      - (no step left to run: {_limit_advice(result.stopped_by, cfg.train)})")
         if result.val_loss is not None:
