@@ -65,7 +65,9 @@ def _main(
 
 
 def _err(message: str) -> None:
-    print(f"charlm: error: {message}", file=sys.stderr, flush=True)
+    # one write (print makes two): the lines of the processes of --nproc, on one pipe, never interleave
+    sys.stderr.write(f"charlm: error: {message}\n")
+    sys.stderr.flush()
 
 
 class _Terminated(BaseException):

@@ -20,12 +20,14 @@ from .data import check_text_file, empty_corpus, is_blank
 from .errors import EXIT_FAILURE, EXIT_SIGINT, EXIT_SIGTERM, UsageError
 from .runs import run_folder_of
 from .runtime import terminal_columns
-from .train import check_new_run_dir, check_run_folder_free, new_run_dir
+from .train import check_new_run_dir, check_run_folder_free, check_writable, new_run_dir
 
 
 def check_before_launch(cfg: Config, corpus: Path | None, val: Path | None, nproc: int,
                         out: Path | None = None, resume: Path | None = None) -> None:
-    """What would fail in every worker, found once, before torchrun starts."""
+    """What would fail in every worker, or in rank 0 alone while the others wait for it (a run folder that
+    cannot be written: a real write, whose probe and folders are removed again), found once, before torchrun
+    starts."""
     for path in (corpus, val):
         if path is not None:
             check_text_file(path, cfg.data.encoding)
@@ -35,8 +37,12 @@ def check_before_launch(cfg: Config, corpus: Path | None, val: Path | None, npro
         run_dir = new_run_dir(out, corpus)
         check_new_run_dir(run_dir)
         check_run_folder_free(run_dir)
+        check_writable(run_dir, keep=False)
     if resume is not None:
-        check_run_folder_free(run_folder_of(Path(resume), "--resume", names=("last",)))
+        run_dir = run_folder_of(Path(resume), "--resume", names=("last",))
+        check_run_folder_free(run_dir)
+        if run_dir.is_dir():  # a missing one: the workers say so
+            check_writable(run_dir, keep=False)
     if cfg.train.batch_size % nproc:
         raise UsageError(f"train.batch_size {cfg.train.batch_size} must be a multiple of --nproc {nproc}: "
                          f"each process takes an equal share of the parallel streams")

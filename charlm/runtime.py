@@ -9,13 +9,14 @@ import platform
 import re
 import shutil
 import sys
+from contextlib import contextmanager
 from datetime import timedelta
 from functools import cache
 from pathlib import Path
 
 import torch
 
-from .errors import UsageError
+from .errors import CharlmError, UsageError
 
 
 def file_sha256(path) -> str:
@@ -107,6 +108,32 @@ class Distributed:
         if not self.enabled:
             return None
         return torch.distributed.new_group(backend="gloo", timeout=timedelta(days=7))
+
+    @contextmanager
+    def together(self, group=None):
+        """A block that some ranks do alone (rank 0 makes and locks the run folder, the first process of each
+        machine tokenizes), left by every rank together: a CharlmError raised in it on any rank is raised on
+        every rank (the lowest rank's, where several failed). The others would otherwise wait for it in their
+        next collective and fail there with a broken connection (gloo's line reaching the user before
+        charlm's) or hang until torchrun kills them; now each says the same line, which the launcher shows
+        once, with its exit code."""
+        error = None
+        try:
+            yield
+        except CharlmError as exc:
+            if not self.enabled:
+                raise
+            error = exc
+        if not self.enabled:
+            return
+        errors = [None] * self.world
+        torch.distributed.all_gather_object(errors, None if error is None else (error.message, error.exit_code),
+                                            group=group)
+        first = next((rank for rank, found in enumerate(errors) if found is not None), None)
+        if first == self.rank:
+            raise error
+        if first is not None:
+            raise CharlmError(*errors[first])
 
     def sum(self, values: list[float]) -> list[float]:
         """Element-wise sum over ranks, in float64."""

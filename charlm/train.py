@@ -262,9 +262,11 @@ def _started_here_before(run_dir: Path) -> bool:
     return empty and is_resolved_config(run_dir / ckpt.CONFIG_FILE)
 
 
-def _check_writable(run_dir: Path) -> None:
-    """Fail before training, not at the first checkpoint, when the run folder cannot be written."""
+def check_writable(run_dir: Path, keep: bool = True) -> None:
+    """Fail before training, not at the first checkpoint, when the run folder cannot be written. `keep=False`
+    (`--nproc`, before its workers start) removes the folders that the check made, leaving nothing behind."""
     probe = run_dir / f".write-test-{os.getpid()}"
+    made = [] if keep else [folder for folder in (run_dir, *run_dir.parents) if not folder.exists()]
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(probe, "wb") as fh:
@@ -279,6 +281,11 @@ def _check_writable(run_dir: Path) -> None:
             probe.unlink(missing_ok=True)
         except OSError:
             pass
+        for folder in made:  # the deepest first; one that another process has filled meanwhile stays
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
 
 
 def lock_run_folder(run_dir: Path, held: list[int]) -> None:
@@ -461,10 +468,10 @@ def _open_resume(cfg: Config, resume: Path, out: Path | None, corpus: Path | Non
     if out is not None and Path(out).absolute() != resume.absolute():
         raise UsageError(f"--resume continues {resume} in its own folder, and --out names another ({out}): "
                          f"drop --out (to branch the run, copy its folder and resume the copy)")
-    if dist.is_main:
-        lock_run_folder(resume, locks)  # before recover(), which may move a checkpoint that the other saves
-        ckpt.recover(resume)
-    dist.barrier()
+    with dist.together():  # the others wait for rank 0's lock, and fail with its error
+        if dist.is_main:
+            lock_run_folder(resume, locks)  # before recover(), which may move a checkpoint that the other saves
+            ckpt.recover(resume)
     saved, trainer_state = _resume_state(resume, cfg)
     if corpus is None:
         corpus = Path(trainer_state["corpus"])
@@ -494,10 +501,10 @@ def _read_corpus(cfg: Config, corpus: Path, val: Path | None, resume: Path | Non
                          f"without --val (`charlm eval {resume} --file {val}` measures the model on that file)")
     splits = None
     patient = dist.patient_group()  # the others wait for the tokenizer as long as it takes
-    if dist.local_rank == 0:
-        splits = prepare(cfg.data, corpus, val, cache_dir=cache_dir, show_progress=show_progress,
-                         corpus_sha256=digest)
-    dist.barrier(patient)
+    with dist.together(patient):  # and fail with its error (a token cache that cannot be written)
+        if dist.local_rank == 0:
+            splits = prepare(cfg.data, corpus, val, cache_dir=cache_dir, show_progress=show_progress,
+                             corpus_sha256=digest)
     if dist.local_rank != 0:
         splits = prepare(cfg.data, corpus, val, cache_dir=cache_dir, corpus_sha256=digest)
     if saved is not None:  # the run's vocabulary must be the one this corpus builds
@@ -564,20 +571,22 @@ def _train(cfg, corpus, out, val, resume, show_progress, log_stream, cache_dir, 
     if resume is None:
         check_text_file(Path(corpus), cfg.data.encoding)  # first: a mistyped corpus is not "a run is there"
         check_new_run_dir(run_dir)
-    if dist.is_main:
-        try:  # made here, not only missing a moment ago: a run refused by another's lock removes no folder
-            run_dir.mkdir(parents=True)
-            created.append(run_dir)
-        except OSError:  # there already, or cannot be made: _check_writable says why
-            pass
-        _check_writable(run_dir)
-        if resume is None:
-            lock_run_folder(run_dir, locks)
-            ckpt.recover(run_dir)
     t = cfg.train
+    # alike on every rank: refused before rank 0 makes the run folder
     if t.batch_size % dist.world:
         raise UsageError(f"train.batch_size {t.batch_size} must be a multiple of the number of processes "
                          f"({dist.world}): each takes an equal share of the parallel streams")
+    with dist.together():  # only rank 0 writes the run folder: the others fail with its error, not later
+        if dist.is_main:
+            try:  # made here, not only missing a moment ago: a run refused by another's lock removes no folder
+                run_dir.mkdir(parents=True)
+                created.append(run_dir)
+            except OSError:  # there already, or cannot be made: check_writable says why
+                pass
+            check_writable(run_dir)
+            if resume is None:
+                lock_run_folder(run_dir, locks)
+                ckpt.recover(run_dir)
     seed_everything(t.seed)
 
     splits = _read_corpus(cfg, Path(corpus), Path(val) if val else None, resume, saved, trainer_state, cache_dir,
@@ -631,8 +640,9 @@ def _build(cfg: Config, splits: Splits, saved, trainer_state, resume: Path | Non
     if dist.enabled:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = _make_optimizer(cfg, model)
-    if dist.is_main:
-        _check_space(run_dir, model)
+    with dist.together():
+        if dist.is_main:
+            _check_space(run_dir, model)
     if trainer_state is None:
         _seed_by_rank(dist, device)
     else:

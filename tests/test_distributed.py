@@ -579,3 +579,43 @@ def test_the_wait_for_the_tokenizer_outlasts_the_collective_timeout(tmp_path, mo
         p.stdin.flush()
     outs = [p.communicate(timeout=120)[0].strip().splitlines() for p in procs]
     assert [o[-1] if o else "" for o in outs] == [expected, expected]  # the plain barrier: the timeout is real
+
+
+# Kills runtime.Distributed.together (and its uses in train.py): a bad input that only rank 0 (the run folder)
+# or only the first process of a machine (the token cache) finds ended that process alone; the others, waiting
+# for it in a collective, failed with gloo's "Connection closed by peer", a line that could reach the user
+# first (and with its exit code 1), or hung until torchrun killed them 30 s later. Also cli._err's one write:
+# printed in two, the ranks' lines were now and then glued into one on the pipe they share.
+@pytest.mark.parametrize("case", ["out", "cache"])
+def test_a_bad_input_found_by_rank_0_alone_is_every_rank_s_error(setup, case):
+    tmp, corpus, config = setup
+    a_file = tmp / "a-file"
+    a_file.write_text("not a folder\n", encoding="utf-8")
+    args, line = {"out": (["--out", str(a_file / "run")], "charlm: error: cannot write to run folder"),
+                  "cache": (["--out", str(tmp / "cacheless"), "--cache-dir", str(a_file / "cache")],
+                            "charlm: error: cannot create the token cache folder")}[case]
+    result = charlm(["--config", str(config), "--corpus", str(corpus), "--max-steps", "2", *args], tmp, nproc=2)
+    errors = re.findall(r"charlm: [^\n]*", result.stderr)
+    assert len(errors) == 2 and errors[0] == errors[1] and errors[0].startswith(line), result.stderr
+    assert "Connection closed" not in result.stderr and "forcefully" not in result.stderr, result.stderr
+    if case == "cache":  # under the launcher: its one line, exit 2; the run folder rank 0 had made is gone
+        launched = train_nproc(["--config", str(config), "--corpus", str(corpus), *args], tmp)
+        assert launched.returncode == 2, launched.stderr
+        assert launched.stderr.strip().splitlines() == [errors[0]], launched.stderr
+        assert not (tmp / "cacheless").exists()
+
+
+# Kills launch.py's check_writable: an --out that cannot be written reached the workers, where rank 0 alone finds it.
+def test_check_before_launch_tries_a_real_write_of_the_run_folder_and_leaves_nothing(tmp_path):
+    from charlm.config import load_config
+    from charlm.errors import UsageError
+    from charlm.launch import check_before_launch
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat.\n" * 20, encoding="utf-8")
+    cfg = load_config(None, ["train.batch_size=4"], {})
+    (tmp_path / "a-file").write_text("x", encoding="utf-8")  # refused by a real write, also as root
+    with pytest.raises(UsageError, match="cannot write to run folder .*a-file/run .*Not a directory"):
+        check_before_launch(cfg, corpus, None, 2, tmp_path / "a-file" / "run")
+    check_before_launch(cfg, corpus, None, 2, tmp_path / "new" / "deeper" / "run")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "corpus.txt"]  # no folder, no probe left

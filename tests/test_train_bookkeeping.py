@@ -87,7 +87,7 @@ def test_training_again_into_a_run_folder_that_failed_before_its_first_checkpoin
     assert read_metrics(run).failed is None and summarize(run).status == "done"
 
 
-# Kills train.py:261 (the write probe's unlink dropped in _check_writable: a resume, whose recover() runs before
+# Kills train.py:261 (the write probe's unlink dropped in check_writable: a resume, whose recover() runs before
 # the probe, left a `.write-test-PID` file in the run folder) and train.py:408 (`ckpt.recover(resume)` dropped:
 # what a crashed process left, a half-written checkpoint folder and a temporary text file, stayed in the run
 # folder for ever, the folder holding a checkpoint's worth of dead bytes).
