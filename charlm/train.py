@@ -149,9 +149,8 @@ def evaluate(model: RNNLM, ids: torch.Tensor, streams: int, device, max_tokens: 
              dist: Distributed | None = None, should_stop: Callable[[], bool] | None = None) -> float:
     """Mean negative log-likelihood (nats per token) of a stream, `<eos>` first.
 
-    Under torchrun the streams are shared out between ranks and the sums all-reduced (there a signal
-    waits for the end of the evaluation, since every rank must reach the all-reduce); on one process
-    `should_stop` can cut it short (EvaluationStopped).
+    Under torchrun the streams are shared out between ranks and the sums all-reduced. `should_stop` can cut
+    it short (EvaluationStopped); under torchrun on every rank at the same window, when any rank's says yes.
     """
     if reads_a_slice(ids, max_tokens):
         ids = ids[: max_tokens + 1]
@@ -161,10 +160,39 @@ def evaluate(model: RNNLM, ids: torch.Tensor, streams: int, device, max_tokens: 
         total, count = stream_nll(model, rows, mask, device=device, should_stop=should_stop)
     else:
         mine = list(range(dist.rank, rows.shape[0], dist.world))
+        agreed = _AgreedStop(dist, should_stop) if should_stop is not None else None
         if mine:
-            total, count = stream_nll(model, rows[mine], mask[mine], device=device)
+            total, count = stream_nll(model, rows[mine], mask[mine], device=device,
+                                      should_stop=agreed.reading if agreed else None)
+        if agreed:
+            agreed.drain()
         total, count = dist.sum([total, float(count)])
     return total / max(count, 1)
+
+
+class _AgreedStop:
+    """`should_stop` for an evaluation shared out between ranks: each asks before each of its windows, and
+    the ranks sum their flags, so that all stop at the same check. A rank's share may take fewer windows
+    than another's (or none): once it has read it, it keeps answering the others' checks (`drain`) until
+    no rank reads any more, so that every check is met by every rank."""
+
+    def __init__(self, dist: Distributed, should_stop: Callable[[], bool]):
+        self.dist, self.should_stop = dist, should_stop
+
+    def _check(self, reading: bool) -> tuple[bool, float]:
+        stops, readers = self.dist.sum([float(self.should_stop()), float(reading)])
+        return stops > 0, readers
+
+    def reading(self) -> bool:
+        return self._check(True)[0]
+
+    def drain(self) -> None:
+        while True:
+            stop, readers = self._check(False)
+            if stop:
+                raise EvaluationStopped
+            if not readers:
+                return
 
 
 class _Signals:
@@ -937,6 +965,8 @@ class _Loop:
             return evaluate(self.model, self.splits.val, self.t.eval_batch_size, self.device, limit, self.dist,
                             should_stop=(lambda: self.signals.received is not None) if final else None)
         except EvaluationStopped:
+            # all ranks stopped at the same window (_AgreedStop); the signal may have reached some only
+            self.signals.received = self._agreed_signal()
             self._interrupted("during the final validation ")
 
     def _after_validation(self, val_loss: float | None, periodic: bool, select: float | None = None,

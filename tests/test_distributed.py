@@ -581,6 +581,55 @@ def test_the_wait_for_the_tokenizer_outlasts_the_collective_timeout(tmp_path, mo
     assert [o[-1] if o else "" for o in outs] == [expected, expected]  # the plain barrier: the timeout is real
 
 
+FINAL_SIGINT = """
+import os, signal, time
+if os.environ.get("RANK") == "0":
+    import charlm.train
+    original = charlm.train._Loop._final_check
+
+    def final_check(self):
+        # Ctrl-C as the final validation starts: it reaches the launcher alone (torchrun, the launcher's child,
+        # has a session of its own), which passes it on to torchrun and torchrun to the workers
+        with open(f"/proc/{os.getppid()}/stat") as fh:
+            launcher = int(fh.read().rsplit(")", 1)[1].split()[1])
+        os.kill(launcher, signal.SIGINT)
+        deadline = time.time() + 60
+        while self.signals.received is None and time.time() < deadline:
+            time.sleep(0.05)
+        return original(self)
+
+    charlm.train._Loop._final_check = final_check
+"""
+
+
+# Kills train.py's _AgreedStop (the final validation under --nproc was not cut short by a signal: it ran to its
+# end, the workers exited 0 as if nothing had happened, and the launcher exited 130 with nothing on stderr).
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="the hook finds the launcher through /proc")
+def test_nproc_interrupted_during_the_final_validation_saves_and_says_so_as_one_process_does(setup):
+    tmp, corpus, config = setup
+    hook = tmp / "final-sigint-hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(FINAL_SIGINT, encoding="utf-8")
+    out = tmp / "final-sigint"
+    env = {**os.environ, "CHARLM_DIST_TIMEOUT": "60",
+           "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
+    env.pop("OMP_NUM_THREADS", None)
+    result = subprocess.run([sys.executable, "-m", "charlm", "train", "--config", str(config), "--corpus",
+                             str(corpus), "--out", str(out), "--max-steps", "6", "--quiet", "--nproc", "2",
+                             "--set", "train.eval_interval=0", "--set", "train.eval_batch_size=1"],
+                            cwd=tmp, env=env, capture_output=True, text=True, timeout=240)  # rank 1 reads none
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.startswith("charlm: error: interrupted by SIGINT during the final validation at step 6; "
+                                    f"saved {out / 'last'}"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert json.loads((out / "last" / "manifest.json").read_text(encoding="utf-8"))["step"] == 6
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert not any(r.get("event") == "end" or "val_loss" in r for r in records)  # the run is not done
+    resumed = charlm(["--resume", str(out), "--json"], tmp)  # nothing left to train: the final validation
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["steps"] == 6 and json.loads(resumed.stdout)["val_loss"] is not None
+
+
 # Kills runtime.Distributed.together (and its uses in train.py): a bad input that only rank 0 (the run folder)
 # or only the first process of a machine (the token cache) finds ended that process alone; the others, waiting
 # for it in a collective, failed with gloo's "Connection closed by peer", a line that could reach the user
