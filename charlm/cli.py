@@ -1,7 +1,7 @@
 """The command-line tool: parse, call one library function, print.
 
 Every command turns a `CharlmError` into one line on stderr and its exit
-code (0 ok, 1 failure while running, 2 bad input, 130 SIGINT, 143 SIGTERM);
+code (0 ok, 1 failure while running, 2 bad input, 129 SIGHUP, 130 SIGINT, 143 SIGTERM);
 `--debug` shows the traceback instead. torch is imported inside the commands,
 so `charlm --help` answers at once.
 """
@@ -24,7 +24,8 @@ from typing import Annotated, Callable, Optional
 import typer
 
 from . import __version__
-from .errors import EXIT_FAILURE, EXIT_SIGINT, EXIT_SIGTERM, CharlmError, is_out_of_memory
+from .errors import (EXIT_FAILURE, EXIT_SIGHUP, EXIT_SIGINT, EXIT_SIGNALS, EXIT_SIGTERM, SIGHUP, CharlmError,
+                     caught_signals, is_out_of_memory)
 
 
 class _Command(typer.core.TyperCommand):
@@ -65,9 +66,13 @@ def _main(
 
 
 def _err(message: str) -> None:
-    # one write (print makes two): the lines of the processes of --nproc, on one pipe, never interleave
-    sys.stderr.write(f"charlm: error: {message}\n")
-    sys.stderr.flush()
+    try:  # one write (print makes two): the lines of the processes of --nproc, on one pipe, never interleave
+        sys.stderr.write(f"charlm: error: {message}\n")
+        sys.stderr.flush()
+    except OSError:  # a terminal that hung up (EIO) or a reader gone: the exit code still tells
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stderr.fileno())  # and Python's flush at exit does not fail (exit 120)
+        os.close(devnull)
 
 
 class _Terminated(BaseException):
@@ -79,12 +84,16 @@ class _Interrupted(BaseException):
     'Aborted!' and exit 1 while the command line is being parsed."""
 
 
+class _HungUp(BaseException):
+    """SIGHUP (the terminal was closed) outside the training loop: unwinds like SIGTERM, exits 129."""
+
+
 _held: dict = {"on": False, "signals": []}  # while torch is imported, a signal is held back (_holding_signals)
 _console: dict = {"on": False}  # the process is charlm's own (main), not a caller's that runs a command in it
 
 
 def _signal_error(signum) -> BaseException:
-    return _Terminated() if signum == signal.SIGTERM else _Interrupted()
+    return _Terminated() if signum == signal.SIGTERM else _HungUp() if signum == SIGHUP else _Interrupted()
 
 
 def _on_signal(signum, frame) -> None:
@@ -99,7 +108,7 @@ def _on_signal(signum, frame) -> None:
 
 @contextmanager
 def _holding_signals():
-    """Hold SIGINT / SIGTERM back while the block runs, then raise the first that came. Raised inside
+    """Hold SIGINT / SIGTERM / SIGHUP back while the block runs, then raise the first that came. Raised inside
     `import torch`, an exception is swallowed or turned into another by the import machinery and numpy's
     (a run then trained to its end and exited 0, or failed with a RecursionError)."""
     _held["on"], _held["signals"] = True, []
@@ -118,7 +127,7 @@ def _signals_end_the_process() -> None:
     if not _console["on"]:
         return
     try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in caught_signals():
             signal.signal(sig, signal.SIG_DFL)
     except ValueError:  # not the main thread
         pass
@@ -163,7 +172,7 @@ def _errors(memory: str | Callable[[], str] = _NOT_FIT):
         keep_freed_memory()  # big buffers are reused, not page-faulted in at every step
         yield
     except CharlmError as exc:
-        if exc.exit_code in (EXIT_SIGINT, EXIT_SIGTERM):
+        if exc.exit_code in EXIT_SIGNALS:
             _signals_end_the_process()
         raise _fail(exc.message, exc.exit_code) from None
     except BrokenPipeError:
@@ -177,6 +186,9 @@ def _errors(memory: str | Callable[[], str] = _NOT_FIT):
     except _Terminated:
         _signals_end_the_process()
         raise _fail("terminated", EXIT_SIGTERM) from None
+    except _HungUp:
+        _signals_end_the_process()
+        raise _fail("hung up", EXIT_SIGHUP) from None
     except (typer.Exit, typer.Abort, SystemExit):
         raise
     except Exception as exc:  # a bug or an environment failure: still one line, the traceback with --debug
@@ -945,7 +957,7 @@ def main() -> None:
             pass
     _console["on"] = True
     try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in caught_signals():
             signal.signal(sig, _on_signal)
     except ValueError:  # not the main thread
         pass
@@ -991,6 +1003,10 @@ def main() -> None:
         _signals_end_the_process()
         _err("terminated")
         sys.exit(EXIT_SIGTERM)
+    except _HungUp:
+        _signals_end_the_process()
+        _err("hung up")
+        sys.exit(EXIT_SIGHUP)
     except typer.Abort:
         _err("aborted")
         sys.exit(EXIT_FAILURE)

@@ -2,16 +2,37 @@
 
 `cli` turns it into a single line on stderr and the exit code it carries:
 0 success, 1 a failure while running (NaN, out of memory, disk full),
-2 a usage error or bad input, 130 interrupted (SIGINT), 143 terminated (SIGTERM).
+2 a usage error or bad input, 129 hung up (SIGHUP: the terminal was closed),
+130 interrupted (SIGINT), 143 terminated (SIGTERM): 128 + the signal's number, as a shell shows a process
+that the signal ended.
 """
 
 from __future__ import annotations
 
+import signal
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_SIGHUP = 129
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
+EXIT_SIGNALS = (EXIT_SIGHUP, EXIT_SIGINT, EXIT_SIGTERM)
+
+# The signals that stop charlm at a clean point (a run saves first); no SIGHUP on Windows.
+SIGHUP = getattr(signal, "SIGHUP", None)
+STOP_SIGNALS = tuple(sig for sig in (signal.SIGINT, signal.SIGTERM, SIGHUP) if sig is not None)
+
+
+def caught_signals() -> list[int]:
+    """The STOP_SIGNALS that charlm's handlers take, all but a SIGHUP that is ignored: nohup's, whose run is
+    meant to outlive its terminal."""
+    return [sig for sig in STOP_SIGNALS if sig != SIGHUP or signal.getsignal(sig) != signal.SIG_IGN]
+
+
+def signal_exit_code(signum: int) -> int:
+    """The exit code of a command that a signal stopped (128 + its number)."""
+    return {signal.SIGINT: EXIT_SIGINT, signal.SIGTERM: EXIT_SIGTERM}.get(signum, EXIT_SIGHUP)
 
 
 class CharlmError(Exception):
@@ -48,7 +69,7 @@ class RunFailure(CharlmError):
 
 
 class Interrupted(CharlmError):
-    """Training was stopped by a signal after saving a checkpoint (exit 130 or 143)."""
+    """Training was stopped by a signal after saving a checkpoint (exit 129, 130 or 143)."""
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

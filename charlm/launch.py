@@ -3,7 +3,7 @@
 The launcher checks what it can once (the config, the files, the batch's split) before any worker
 starts, then runs `torchrun --standalone -m charlm train ...` and stands between the workers' stderr
 and the user's: the workers' lines pass through as they come, torchrun's own report of a failure does
-not, and the exit code is the workers' (2 for a bad input, 130 / 143 after a signal), not torchrun's 1.
+not, and the exit code is the workers' (2 for a bad input, 129 / 130 / 143 after a signal), not torchrun's 1.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from pathlib import Path
 
 from .config import Config
 from .data import check_text_file, empty_corpus, is_blank
-from .errors import EXIT_FAILURE, EXIT_SIGINT, EXIT_SIGTERM, UsageError
+from .errors import EXIT_FAILURE, UsageError, caught_signals, signal_exit_code
 from .runs import run_folder_of
-from .runtime import terminal_columns
+from .runtime import terminal_columns, to_devnull
 from .train import check_new_run_dir, check_run_folder_free, check_writable, new_run_dir
 
 
@@ -76,14 +76,16 @@ def run_torchrun(argv: list[str], nproc: int, own_process: bool = False) -> int:
     running: list[subprocess.Popen] = []
 
     def on_signal(signum, frame):
-        # torchrun runs in a session of its own, so Ctrl-C reaches this process alone: it is passed on
-        # once, torchrun passes it to the workers, they save and stop, and this process keeps relaying
-        # their lines until they are done.
+        # torchrun runs in a session of its own, so Ctrl-C, or the SIGHUP of a terminal that was closed,
+        # reaches this process alone: it is passed on once, torchrun passes it to the workers, they save
+        # and stop, and this process keeps relaying their lines (to /dev/null once the terminal is gone)
+        # until they are done. Left to its default, SIGHUP ended this process alone, and the workers
+        # trained on, holding the run's lock.
         if signum not in stopped and running:
             running[0].send_signal(signum)
         stopped.append(signum)
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, on_signal) for sig in caught_signals()}  # not a SIGHUP under nohup
     try:
         with subprocess.Popen(cmd, stderr=None if debug else subprocess.PIPE, env=env,
                               start_new_session=True) as proc:
@@ -97,18 +99,32 @@ def run_torchrun(argv: list[str], nproc: int, own_process: bool = False) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, signal.SIG_DFL if stopped and own_process else handler)
     if stopped and proc.returncode:
-        return EXIT_SIGINT if stopped[0] == signal.SIGINT else EXIT_SIGTERM
+        return signal_exit_code(stopped[0])
     if proc.returncode and not said:  # no worker explained the failure: show torchrun's own report
-        sys.stderr.buffer.write(b"".join(held))
+        write_stderr(b"".join(held))
     elif proc.returncode and worker_code != 2:  # not a bad input: say which worker failed first, and how
         first = re.search(rb"exitcode: (-?\d+)\) local_rank: (\d+)", b"".join(held))
         if first:
             code, rank = int(first.group(1)), int(first.group(2))
             how = f"was killed by signal {-code}" if code < 0 else f"failed first, with exit code {code}"
-            print(f"charlm: error: torchrun: the worker of local rank {rank} {how}", file=sys.stderr)
-    sys.stderr.flush()
+            write_stderr(f"charlm: error: torchrun: the worker of local rank {rank} {how}\n".encode())
     code = worker_code if proc.returncode and said and worker_code and worker_code > 0 else proc.returncode
     return EXIT_FAILURE if code < 0 else code  # torchrun killed by a signal
+
+
+def write_stderr(data: bytes) -> None:
+    """Write to stderr at once. Where that fails (EIO from a terminal that hung up, EPIPE from a reader that
+    went away), stderr goes to /dev/null: the workers' lines are still read and dropped, so that no worker
+    blocks on a full pipe, or fails on a closed one, while it saves."""
+    out = sys.stderr.buffer
+    try:
+        out.write(data)
+        out.flush()
+    except OSError:
+        try:
+            to_devnull(out.fileno())
+        except (OSError, ValueError):  # not a descriptor (a test's buffer)
+            pass
 
 
 def relay_worker_stderr(stream, signalled=lambda: False) -> tuple[int | None, bool, list[bytes]]:
@@ -118,7 +134,7 @@ def relay_worker_stderr(stream, signalled=lambda: False) -> tuple[int | None, bo
     error line, and the lines held back."""
     own = re.compile(rb"^[WEI]\d{4} .*torch/distributed/")
     code = re.compile(rb"exitcode\s*:?\s*(-?\d+)")
-    out, seen, held, pending = sys.stderr.buffer, set(), [], b""
+    seen, held, pending = set(), [], b""
     failed = quiet = after_cr = said = False
     worker_code = None
 
@@ -140,8 +156,7 @@ def relay_worker_stderr(stream, signalled=lambda: False) -> tuple[int | None, bo
                 return
             seen.add(line.strip())
             said = said or line.startswith(b"charlm: error:")
-        out.write(line)
-        out.flush()
+        write_stderr(line)
 
     # A progress bar's frame has no end of its own: a line written after it starts on the same line.
     glued = re.compile(rb"(?<=.)(?=charlm: |[WEI]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ torch/distributed/)")

@@ -7,6 +7,7 @@ import hashlib
 import os
 import platform
 import re
+import select
 import shutil
 import sys
 from contextlib import contextmanager
@@ -43,6 +44,34 @@ def bar_width() -> dict:
     columns = os.environ.get("CHARLM_COLUMNS", "")
     # one column short of the width, as tqdm takes a terminal's (a full-width line wraps on some terminals)
     return {"ncols": int(columns) - 1} if columns.isdigit() and int(columns) > 1 else {"dynamic_ncols": True}
+
+
+def to_devnull(fd: int) -> None:
+    """Point descriptor `fd` at /dev/null: its terminal hung up or its reader went away, so every write to it
+    fails (EIO, EPIPE), and the process still has a checkpoint to save and a clean exit to make (Python's
+    own flush at exit would fail too, and turn the exit code into 120)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+def silence_dead_outputs() -> None:
+    """After a hang-up: stdout and stderr whose terminal (or pipe's reader) is gone go to /dev/null. poll()
+    tells without writing (POLLERR or POLLHUP), so a SIGHUP sent by hand to a live terminal keeps its lines."""
+    poll = getattr(select, "poll", None)
+    if poll is None:  # Windows: no SIGHUP either
+        return
+    for fd in (1, 2):
+        try:
+            poller = poll()
+            poller.register(fd, select.POLLOUT)
+            gone = any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+            if gone:
+                to_devnull(fd)
+        except (OSError, ValueError):
+            pass
 
 
 def is_terminal(stream) -> bool:

@@ -38,11 +38,13 @@ from . import checkpoint as ckpt
 from .config import SAVED_BEFORE, Config, dump_yaml, is_resolved_config, unread_settings
 from .data import (Splits, batchify, check_text_file, check_trainable, check_vocabulary, eval_streams,
                    fresh_windows, line_starts, prepare, split_point, window, windows_per_epoch)
-from .errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, RunFailure, UsageError, is_out_of_memory
+from .errors import (SIGHUP, STOP_SIGNALS, Interrupted, RunFailure, UsageError, caught_signals, is_out_of_memory,
+                     signal_exit_code)
 from .model import (EvaluationStopped, RNNLM, adaptive_cutoffs, build_model, check_new_model, count_parameters,
                     detach_state, map_state, perplexity, stream_nll)
 from .runs import METRICS_FILE, check_room_for_a_new_run, read_metrics, run_folder_of
-from .runtime import Distributed, bar_width, file_sha256, init_distributed, is_terminal, seed_everything
+from .runtime import (Distributed, bar_width, file_sha256, init_distributed, is_terminal, seed_everything,
+                      silence_dead_outputs)
 from .tokenizer import unsegmented_cjk
 
 TRAINER_FORMAT = 1
@@ -196,20 +198,26 @@ class _AgreedStop:
 
 
 class _Signals:
-    """Turns the first SIGINT / SIGTERM into a flag the loop checks; later ones wait for the save."""
+    """Turns the first SIGINT / SIGTERM / SIGHUP into a flag the loop checks; later ones wait for the save.
+
+    SIGHUP (the terminal was closed) stops the run as SIGTERM does, unless it is ignored (nohup), and first
+    sends stdout and stderr to /dev/null where their terminal is gone: a write there would fail with EIO
+    and end the run before it saves."""
 
     def __init__(self):
         self.received: int | None = None
         self._old = {}
 
     def _handler(self, signum, frame):
+        if signum == SIGHUP:
+            silence_dead_outputs()
         if self.received is None:
             self.received = signum
 
     @contextmanager
     def installed(self):
         try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in caught_signals():  # not a SIGHUP under nohup
                 self._old[sig] = signal.signal(sig, self._handler)
         except ValueError:  # not the main thread: leave signals alone
             pass
@@ -839,11 +847,11 @@ class _Loop:
         rank just after them would stop it a step before the others, left waiting in a collective."""
         stop_signal, p, dist = self.signals.received, self.p, self.dist
         if dist.enabled:
-            interrupts, terms, elapsed = dist.sum([float(stop_signal == signal.SIGINT),
-                                                   float(stop_signal == signal.SIGTERM),
-                                                   p.elapsed if dist.is_main else 0.0])
+            *counts, elapsed = dist.sum([*(float(stop_signal == sig) for sig in STOP_SIGNALS),
+                                         p.elapsed if dist.is_main else 0.0])
             p.elapsed = elapsed
-            stop_signal = signal.SIGINT if interrupts else (signal.SIGTERM if terms else None)
+            # SIGINT before SIGTERM before SIGHUP, where the ranks received different ones
+            stop_signal = next((sig for sig, count in zip(STOP_SIGNALS, counts) if count), None)
         return stop_signal
 
     def _limit_reached(self) -> str | None:
@@ -1039,10 +1047,10 @@ class _Loop:
 
     def _interrupted(self, where: str = "") -> NoReturn:
         self._save("last", None)
-        sigint = self.signals.received == signal.SIGINT
-        raise Interrupted(f"interrupted by {'SIGINT' if sigint else 'SIGTERM'} {where}at step {self.p.step}; saved "
+        received = self.signals.received
+        raise Interrupted(f"interrupted by {signal.Signals(received).name} {where}at step {self.p.step}; saved "
                           f"{self.run_dir / 'last'} (continue with --resume {self.run_dir})",
-                          EXIT_SIGINT if sigint else EXIT_SIGTERM)
+                          signal_exit_code(received))
 
     def _fail(self, step: int, what: str) -> RunFailure:
         """The error that stops the run, recorded in metrics.jsonl first (so that `runs` and `info` can tell a

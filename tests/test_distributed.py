@@ -581,6 +581,113 @@ def test_the_wait_for_the_tokenizer_outlasts_the_collective_timeout(tmp_path, mo
     assert [o[-1] if o else "" for o in outs] == [expected, expected]  # the plain barrier: the timeout is real
 
 
+def _processes_naming(marker: str) -> list[int]:
+    """The processes whose command line names `marker` (a test's own run folder), this one left out."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                line = fh.read()
+        except OSError:
+            continue
+        if int(pid) != os.getpid() and marker.encode() in line and b"charlm" in line:
+            found.append(int(pid))
+    return found
+
+
+# Kills launch.py's SIGHUP handler (left to its default, SIGHUP ended the launcher alone: torchrun and the
+# workers, in a session of their own, trained on and held the run's lock), its relay's writes to a terminal
+# that is gone (EIO ended the relay, and the workers then failed on a closed pipe), and train.py's SIGHUP in
+# _Signals (a run of one process died at once, unsaved; the workers died when torchrun passed SIGHUP on).
+@pytest.mark.skipif(not os.path.isdir("/proc") or not hasattr(signal, "SIGHUP"), reason="Linux: a pty and /proc")
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_closed_terminal_stops_the_run_at_a_clean_point_saves_it_and_lets_go_of_it(setup, nproc):
+    """The command runs in a terminal of its own (a pty, its controlling terminal, as a shell's job has);
+    closing the pty's master is what closing a terminal window does: the kernel sends SIGHUP, and every
+    write to the terminal fails with EIO from then on, the stop's own line included."""
+    import fcntl
+    import termios
+    import time
+
+    tmp, corpus, config = setup
+    out = tmp / f"hung-up-{nproc}"
+    master, terminal = os.openpty()
+
+    def own_terminal():
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    env = {**os.environ, "CHARLM_DIST_TIMEOUT": "60"}
+    env.pop("OMP_NUM_THREADS", None)
+    args = ["--config", str(config), "--corpus", str(corpus), "--out", str(out), "--max-time", "120", "--quiet",
+            "--set", "train.log_interval=1", "--set", "train.eval_interval=0"]  # no save but the stop's
+    proc = subprocess.Popen([sys.executable, "-m", "charlm", "train", *args,
+                             *(["--nproc", str(nproc)] if nproc > 1 else [])],
+                            cwd=tmp, env=env, stdin=terminal, stdout=terminal, stderr=terminal,
+                            preexec_fn=own_terminal)
+    os.close(terminal)
+    try:
+        metrics, deadline = out / "metrics.jsonl", time.time() + 90
+        while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("train_loss") >= 3):
+            time.sleep(0.2)
+        os.close(master)  # the terminal is closed
+        master = None
+        code = proc.wait(timeout=120)
+        time.sleep(0.5)  # torchrun reaps its workers before it exits; a moment for /proc to catch up
+        left = _processes_naming(str(out))
+    finally:
+        if master is not None:
+            os.close(master)
+        for pid in _processes_naming(str(out)):  # the old code's: torchrun and the workers, still training
+            os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 129, code
+    assert left == []
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the run's lock is free
+    finally:
+        os.close(fd)
+    saved = json.loads((out / "last" / "manifest.json").read_text(encoding="utf-8"))
+    state = torch.load(out / "last" / "trainer.pt", weights_only=True)
+    assert saved["step"] >= 3 and state["progress"]["step"] == saved["step"]
+
+
+# Kills launch.py's write_stderr (a write to stderr that failed, EIO from a terminal that hung up, ended the relay:
+# torchrun's pipe was closed, and a worker that wrote its stop line then failed on it).
+def test_the_relay_reads_the_workers_lines_to_their_end_when_the_terminal_is_gone(monkeypatch):
+    import io
+    import threading
+
+    from charlm import launch
+
+    master, terminal = os.openpty()
+    os.close(master)  # hung up: a write to `terminal` fails with EIO
+    dead = io.TextIOWrapper(io.FileIO(terminal, "w"))
+    read, write = os.pipe()
+    lines = [b"charlm: error: interrupted by SIGHUP at step 7; saved run/last\n"] + [b"x" * 99 + b"\n"] * 2000
+
+    def feed():  # 200 kB: more than a pipe holds, so a relay that stopped reading would leave this blocked
+        for line in lines:
+            os.write(write, line)
+        os.close(write)
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    monkeypatch.setattr(sys, "stderr", dead)
+    with os.fdopen(read, "rb") as stream:
+        _, said, _ = launch.relay_worker_stderr(stream)
+    feeder.join(timeout=10)
+    assert said and not feeder.is_alive()
+    dead.write("after the relay\n")
+    dead.flush()  # the descriptor now goes to /dev/null: nothing fails at exit either
+    monkeypatch.undo()
+    dead.close()
+
+
 FINAL_SIGINT = """
 import os, signal, time
 if os.environ.get("RANK") == "0":

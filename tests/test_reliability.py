@@ -106,12 +106,16 @@ def test_kill_9_while_saving_never_loses_the_newest_complete_checkpoint(tmp_path
 
 
 # ---------------------------------------------------------------- SIGINT / SIGTERM
-@pytest.mark.parametrize("signum,code,name", [(signal.SIGINT, 130, "SIGINT"), (signal.SIGTERM, 143, "SIGTERM")])
+@pytest.mark.parametrize("signum,code,name", [(signal.SIGINT, 130, "SIGINT"), (signal.SIGTERM, 143, "SIGTERM"),
+                                               (getattr(signal, "SIGHUP", None), 129, "SIGHUP")])
 def test_signal_during_training_saves_a_checkpoint_and_exits_130_or_143(tmp_path, signum, code, name):
     """No periodic save (eval_interval 0): the checkpoint can only come from the signal handler.
 
-    A second signal follows the first at once, while the checkpoint is being written.
+    A second signal follows the first at once, while the checkpoint is being written. SIGHUP (a closed
+    terminal; here sent by hand, the stderr pipe still read) stops the run as SIGTERM does, exit 129.
     """
+    if signum is None:
+        pytest.skip("no SIGHUP on this system")
     corpus = write_corpus(tmp_path, lines=600)
     config = write_config(tmp_path, train__eval_interval=0, train__log_interval=1, train__max_steps=100_000)
     run = tmp_path / "run"
@@ -504,6 +508,22 @@ def test_out_of_memory_is_recognised_in_every_form_the_docstring_names():
                 RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")):
         assert is_out_of_memory(exc), exc
     assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
+# Kills errors.caught_signals's SIG_IGN test (cli's, launch's and _Signals's handlers): under nohup (SIGHUP
+# ignored) charlm's handler replaced the ignore, and a run meant to outlive its terminal stopped with it.
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this system")
+def test_under_nohup_sighup_stays_ignored():
+    code = ("import signal; signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+            "from charlm import errors, train\n"
+            "print(signal.SIGHUP in errors.caught_signals())\n"
+            "with train._Signals().installed():\n"
+            "    print(signal.getsignal(signal.SIGHUP) is signal.SIG_IGN)\n"
+            "signal.signal(signal.SIGHUP, signal.SIG_DFL)\n"
+            "print(signal.SIGHUP in errors.caught_signals())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         env=child_env())
+    assert out.stdout.split() == ["False", "True", "True"], out.stderr
 
 
 def test_a_second_signal_does_not_replace_the_one_being_handled():
