@@ -57,6 +57,35 @@ def to_devnull(fd: int) -> None:
         os.close(devnull)
 
 
+class LogStream:
+    """The stream a run writes its progress to, whose failed writes do not end the run. Where a write fails
+    (`charlm train ... 2>&1 | head` once head has read its lines: EPIPE; a terminal that hung up: EIO; a log
+    on a full disk), the stream's descriptor goes to /dev/null and the run trains on, saves and exits as it
+    would have: before, the write's error ended the run with exit 1, no message and nothing saved."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._guarded(self._stream.write, text, default=len(text))
+
+    def flush(self) -> None:
+        self._guarded(self._stream.flush)
+
+    def _guarded(self, call, *args, default=None):
+        try:
+            return call(*args)
+        except (OSError, ValueError):  # ValueError: a stream that was closed
+            try:
+                to_devnull(self._stream.fileno())
+            except (OSError, ValueError, AttributeError):  # not a descriptor (a test's buffer): writes are dropped
+                self._stream = open(os.devnull, "w", encoding="utf-8")
+            return default
+
+    def __getattr__(self, name):  # isatty, fileno, encoding... as the stream's
+        return getattr(self._stream, name)
+
+
 def silence_dead_outputs() -> None:
     """After a hang-up: stdout and stderr whose terminal (or pipe's reader) is gone go to /dev/null. poll()
     tells without writing (POLLERR or POLLHUP), so a SIGHUP sent by hand to a live terminal keeps its lines."""

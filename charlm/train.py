@@ -43,8 +43,8 @@ from .errors import (SIGHUP, STOP_SIGNALS, Interrupted, RunFailure, UsageError, 
 from .model import (EvaluationStopped, RNNLM, adaptive_cutoffs, build_model, check_new_model, count_parameters,
                     detach_state, map_state, perplexity, stream_nll)
 from .runs import METRICS_FILE, check_room_for_a_new_run, read_metrics, run_folder_of
-from .runtime import (Distributed, bar_width, file_sha256, init_distributed, is_terminal, seed_everything,
-                      silence_dead_outputs)
+from .runtime import (Distributed, LogStream, bar_width, file_sha256, init_distributed, is_terminal,
+                      seed_everything, silence_dead_outputs)
 from .tokenizer import unsegmented_cjk
 
 TRAINER_FORMAT = 1
@@ -469,7 +469,7 @@ def train(cfg: Config, corpus: Path | None, out: Path | None = None, val: Path |
     """Train a model on `corpus` into the run folder `out` (or continue the run `resume`). `note_changes`
     names where a resume's config came from (`--config FILE`): a note then says what it changes of the
     run's, once the resume has passed its checks."""
-    log_stream = log_stream or sys.stderr
+    log_stream = LogStream(log_stream or sys.stderr)  # a progress line that cannot be written does not end the run
     dist, device = init_distributed(cfg.model.device)
     created: list[Path] = []  # the run folder, if this call made it
     locks: list[int] = []  # rank 0's lock on the run folder (lock_run_folder)

@@ -415,3 +415,18 @@ def test_a_validation_text_mostly_outside_the_vocabulary_gets_a_note(cli, write_
     same_kind = cli("train", "-c", TINY_CONFIG, "--corpus", corpus, "--val", corpus, "--out", tmp_path / "b",
                     "--max-steps", 2, "--quiet")
     assert same_kind.exit_code == 0 and "<unk>" not in same_kind.stderr
+
+
+def test_a_progress_pipe_that_closes_does_not_end_the_run(write_corpus, tmp_path):
+    """Catches: `charlm train ... 2>&1 | head -2` ended the run with exit 1 once head had its lines: the next
+    progress line's EPIPE was an error, and nothing was saved (no last/, no best/, no end record)."""
+    corpus, run = write_corpus(TINY_TEXT), tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "charlm", "train", "-c", str(TINY_CONFIG), "--corpus", str(corpus),
+                             "--out", str(run), "--max-steps", "300", "--set", "train.log_interval=1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=child_env(), cwd=PROJECT_ROOT)
+    assert proc.stderr.readline().startswith(b"step 1 ")
+    proc.stderr.close()  # the reader goes away, as head does
+    assert proc.wait(timeout=120) == 0
+    records = json_lines((run / "metrics.jsonl").read_text(encoding="utf-8"))
+    assert records[-1]["event"] == "end" and records[-1]["steps"] == 300
+    assert (run / "best" / "model.safetensors").is_file() and (run / "last" / "model.safetensors").is_file()
