@@ -24,8 +24,8 @@ from typing import Annotated, Callable, Optional
 import typer
 
 from . import __version__
-from .errors import (EXIT_FAILURE, EXIT_SIGHUP, EXIT_SIGINT, EXIT_SIGNALS, EXIT_SIGTERM, SIGHUP, CharlmError,
-                     caught_signals, is_out_of_memory)
+from .errors import (EXIT_FAILURE, EXIT_SIGINT, EXIT_SIGNALS, SIGHUP, CharlmError, StopSignal, caught_signals,
+                     is_out_of_memory, signal_exit_code)
 
 
 class _Command(typer.core.TyperCommand):
@@ -75,25 +75,17 @@ def _err(message: str) -> None:
         os.close(devnull)
 
 
-class _Terminated(BaseException):
-    """SIGTERM outside the training loop (which saves first): unwinds like Ctrl-C, exits 143."""
-
-
-class _Interrupted(BaseException):
-    """SIGINT outside the training loop. Not a KeyboardInterrupt, which Click would turn into
-    'Aborted!' and exit 1 while the command line is being parsed."""
-
-
-class _HungUp(BaseException):
-    """SIGHUP (the terminal was closed) outside the training loop: unwinds like SIGTERM, exits 129."""
-
-
 _held: dict = {"on": False, "signals": []}  # while torch is imported, a signal is held back (_holding_signals)
 _console: dict = {"on": False}  # the process is charlm's own (main), not a caller's that runs a command in it
 
 
 def _signal_error(signum) -> BaseException:
-    return _Terminated() if signum == signal.SIGTERM else _HungUp() if signum == SIGHUP else _Interrupted()
+    """What a stop signal raises outside the training loop (which saves first): the command unwinds."""
+    return StopSignal(signum)
+
+
+def _stop_word(signum: int) -> str:
+    return {signal.SIGTERM: "terminated", SIGHUP: "hung up"}.get(signum, "interrupted")
 
 
 def _on_signal(signum, frame) -> None:
@@ -180,15 +172,12 @@ def _errors(memory: str | Callable[[], str] = _NOT_FIT):
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         raise typer.Exit(0) from None
-    except (KeyboardInterrupt, _Interrupted):
+    except KeyboardInterrupt:
         _signals_end_the_process()
         raise _fail("interrupted", EXIT_SIGINT) from None
-    except _Terminated:
+    except StopSignal as exc:
         _signals_end_the_process()
-        raise _fail("terminated", EXIT_SIGTERM) from None
-    except _HungUp:
-        _signals_end_the_process()
-        raise _fail("hung up", EXIT_SIGHUP) from None
+        raise _fail(_stop_word(exc.signum), signal_exit_code(exc.signum)) from None
     except (typer.Exit, typer.Abort, SystemExit):
         raise
     except Exception as exc:  # a bug or an environment failure: still one line, the traceback with --debug
@@ -995,18 +984,10 @@ def main() -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         sys.exit(0)
-    except _Interrupted:  # while the command line was parsed, before a command ran
+    except StopSignal as exc:  # while the command line was parsed, before a command ran
         _signals_end_the_process()
-        _err("interrupted")
-        sys.exit(EXIT_SIGINT)
-    except _Terminated:
-        _signals_end_the_process()
-        _err("terminated")
-        sys.exit(EXIT_SIGTERM)
-    except _HungUp:
-        _signals_end_the_process()
-        _err("hung up")
-        sys.exit(EXIT_SIGHUP)
+        _err(_stop_word(exc.signum))
+        sys.exit(signal_exit_code(exc.signum))
     except typer.Abort:
         _err("aborted")
         sys.exit(EXIT_FAILURE)

@@ -68,6 +68,16 @@ class RunFailure(CharlmError):
         super().__init__(message, EXIT_FAILURE)
 
 
+class StopSignal(BaseException):
+    """A stop signal that came where no loop turns it into a flag (the command line's handler raises it):
+    the command unwinds at once. A BaseException, as KeyboardInterrupt is, so that no `except Exception`
+    swallows it; not a KeyboardInterrupt, which Click turns into 'Aborted!' and exit 1."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 class Interrupted(CharlmError):
     """Training was stopped by a signal after saving a checkpoint (exit 129, 130 or 143)."""
 

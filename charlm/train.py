@@ -38,11 +38,11 @@ from . import checkpoint as ckpt
 from .config import SAVED_BEFORE, Config, dump_yaml, is_resolved_config, unread_settings
 from .data import (Splits, batchify, check_text_file, check_trainable, check_vocabulary, eval_streams,
                    fresh_windows, line_starts, prepare, split_point, window, windows_per_epoch)
-from .errors import (SIGHUP, STOP_SIGNALS, Interrupted, RunFailure, UsageError, caught_signals, is_out_of_memory,
-                     signal_exit_code)
+from .errors import (SIGHUP, STOP_SIGNALS, Interrupted, RunFailure, StopSignal, UsageError, caught_signals,
+                     is_out_of_memory, signal_exit_code)
 from .model import (EvaluationStopped, RNNLM, adaptive_cutoffs, build_model, check_new_model, count_parameters,
                     detach_state, map_state, perplexity, stream_nll)
-from .runs import METRICS_FILE, check_room_for_a_new_run, read_metrics, run_folder_of
+from .runs import CHECKPOINT_NAMES, METRICS_FILE, check_room_for_a_new_run, read_metrics, run_folder_of
 from .runtime import (Distributed, LogStream, bar_width, file_sha256, init_distributed, is_terminal,
                       seed_everything, silence_dead_outputs)
 from .tokenizer import unsegmented_cjk
@@ -481,12 +481,17 @@ def train(cfg: Config, corpus: Path | None, out: Path | None = None, val: Path |
         # success: after a failure the other ranks may be inside a collective that this would not match.
         dist.barrier()
         return result
-    except BaseException:
+    except BaseException as exc:
         for folder in created:  # a run that failed before writing anything leaves no empty folder behind
             try:
                 folder.rmdir()  # only if empty: a started run keeps its metrics and checkpoints
             except OSError:
                 pass
+        run_dir = created[0] if created else new_run_dir(out, corpus) if resume is None and corpus else None
+        if isinstance(exc, StopSignal) and run_dir is not None and not any((run_dir / name).exists() for name in CHECKPOINT_NAMES):
+            # a Ctrl-C while the corpus is read: the loop, which saves first, had not begun
+            raise Interrupted(f"interrupted by {signal.Signals(exc.signum).name} before the run's first step: "
+                              f"nothing was saved (run the command again)", signal_exit_code(exc.signum)) from None
         raise
     finally:
         for fd in locks:

@@ -430,3 +430,34 @@ def test_a_progress_pipe_that_closes_does_not_end_the_run(write_corpus, tmp_path
     records = json_lines((run / "metrics.jsonl").read_text(encoding="utf-8"))
     assert records[-1]["event"] == "end" and records[-1]["steps"] == 300
     assert (run / "best" / "model.safetensors").is_file() and (run / "last" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_signal_before_the_first_step_says_that_nothing_was_saved(cli, write_corpus, tmp_path, monkeypatch,
+                                                                    resume):
+    """Catches: a Ctrl-C while a new run read its corpus said only 'interrupted', though the README promises
+    that a stopped run saves last/ for --resume, and the folder was gone; a resume keeps the plain word (its
+    last/ is as it was)."""
+    import signal
+
+    from charlm import train as train_mod
+    from charlm.errors import StopSignal
+
+    corpus, run = write_corpus(TINY_TEXT), tmp_path / "run"
+    if resume:
+        assert cli("train", "-c", TINY_CONFIG, "--corpus", corpus, "--out", run, "--max-steps", 2,
+                   "--quiet").exit_code == 0
+
+    def stopped(*args, **kwargs):  # what the command line's handler raises for a Ctrl-C there
+        raise StopSignal(signal.SIGINT)
+
+    monkeypatch.setattr(train_mod, "prepare", stopped)
+    args = ("--resume", run, "--max-steps", 4) if resume else ("-c", TINY_CONFIG, "--corpus", corpus, "--out", run)
+    result = cli("train", *args, "--quiet")
+    assert result.exit_code == 130
+    if resume:
+        assert "before the run's first step" not in result.stderr and (run / "last").is_dir()
+    else:
+        assert result.stderr == ("charlm: error: interrupted by SIGINT before the run's first step: nothing was "
+                                 "saved (run the command again)\n")
+        assert not run.exists()

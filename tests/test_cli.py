@@ -429,12 +429,15 @@ def test_a_run_that_diverged_gets_a_note_and_its_figures_stay_short(cli, write_c
     calm = cli("train", "--config", TINY_CONFIG, "--corpus", write_corpus(TINY_TEXT), "--out", tmp_path / "calm",
                "--max-steps", 2, "--quiet")
     assert calm.exit_code == 0 and calm.stderr == ""  # an untrained model scores about ln V: no note
-    # validation text unlike the corpus (all <unk>) scores far above ln V while training goes well: no note
+    # validation text unlike the corpus (all <unk>) scores far above ln V while training goes well: no note of
+    # divergence, only the one on the <unk> tokens
     unlike = tmp_path / "unlike.txt"
     unlike.write_text("今天天气很好，我们去公园散步。\n" * 20, encoding="utf-8")
     apart = cli("train", "--config", TINY_CONFIG, "--corpus", write_corpus(TINY_TEXT), "--val", unlike,
                 "--out", tmp_path / "apart", "--max-steps", 60, "--quiet", "--json")
-    assert apart.exit_code == 0 and apart.stderr == "", apart.stderr
+    assert apart.exit_code == 0 and "the model has diverged" not in apart.stderr, apart.stderr
+    assert apart.stderr.startswith("charlm: note: 94% of the validation text's tokens are not in the training "
+                                   "text's vocabulary") and len(apart.stderr.splitlines()) == 1
     assert json.loads(apart.stdout)["val_loss"] > math.log(vocab) + 1
     # a loss of 1e37 (as a run of SGD at lr 1e6 gives) is printed in exponent form in `runs`
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -619,13 +622,18 @@ def test_train_refuses_nproc_below_one(cli, write_corpus, tmp_path):
 
 
 def test_an_interrupt_or_termination_inside_a_command_is_130_or_143_in_one_line(cli, tiny_run, monkeypatch):
-    """Catches: _errors() mapping Ctrl-C (KeyboardInterrupt, _Interrupted) or SIGTERM (_Terminated) inside a
-    running command to the wrong exit code or message (only the parse-time path in main() was tested)."""
-    from charlm import cli as cli_module
-    from charlm import score as score_module
+    """Catches: _errors() mapping Ctrl-C (KeyboardInterrupt, or the StopSignal its handler raises), SIGTERM or
+    SIGHUP inside a running command to the wrong exit code or message (only the parse-time path in main() was
+    tested)."""
+    import signal
 
-    for raised, code, word in ((KeyboardInterrupt, 130, "interrupted"), (cli_module._Interrupted, 130, "interrupted"),
-                               (cli_module._Terminated, 143, "terminated")):
+    from charlm import score as score_module
+    from charlm.errors import StopSignal
+
+    for raised, code, word in ((KeyboardInterrupt, 130, "interrupted"),
+                               (lambda: StopSignal(signal.SIGINT), 130, "interrupted"),
+                               (lambda: StopSignal(signal.SIGTERM), 143, "terminated"),
+                               (lambda: StopSignal(signal.SIGHUP), 129, "hung up")):
         def stop(*args, raised=raised, **kwargs):
             raise raised()
         monkeypatch.setattr(score_module, "score_sentences", stop)
