@@ -303,8 +303,8 @@ def train(
         if nproc > 1:
             from .launch import check_before_launch, run_torchrun
 
-            check_before_launch(cfg, corpus, val, nproc, out, resume)
-            raise typer.Exit(run_torchrun(sys.argv[1:], nproc, own_process=_console["on"]))
+            run_dir = check_before_launch(cfg, corpus, val, nproc, out, resume)
+            raise typer.Exit(run_torchrun(sys.argv[1:], nproc, own_process=_console["on"], run_dir=run_dir))
         result = run_training(cfg, corpus, out=out, val=val, resume=resume, show_progress=not quiet,
                               cache_dir=cache_dir, note_changes=f"--config {config}" if config is not None else None)
         if int(os.environ.get("RANK", "0")) != 0:

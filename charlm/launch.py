@@ -8,26 +8,29 @@ not, and the exit code is the workers' (2 for a bad input, 129 / 130 / 143 after
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from .config import Config
 from .data import check_text_file, empty_corpus, is_blank
 from .errors import EXIT_FAILURE, UsageError, caught_signals, signal_exit_code
-from .runs import run_folder_of
+from .runs import METRICS_FILE, run_folder_of
 from .runtime import terminal_columns, to_devnull
 from .train import check_new_run_dir, check_run_folder_free, check_writable, new_run_dir
 
 
 def check_before_launch(cfg: Config, corpus: Path | None, val: Path | None, nproc: int,
-                        out: Path | None = None, resume: Path | None = None) -> None:
+                        out: Path | None = None, resume: Path | None = None) -> Path | None:
     """What would fail in every worker, or in rank 0 alone while the others wait for it (a run folder that
     cannot be written: a real write, whose probe and folders are removed again), found once, before torchrun
-    starts."""
+    starts. Returns the run folder (None where the workers will say why there is none)."""
+    run_dir = None
     for path in (corpus, val):
         if path is not None:
             check_text_file(path, cfg.data.encoding)
@@ -46,13 +49,18 @@ def check_before_launch(cfg: Config, corpus: Path | None, val: Path | None, npro
     if cfg.train.batch_size % nproc:
         raise UsageError(f"train.batch_size {cfg.train.batch_size} must be a multiple of --nproc {nproc}: "
                          f"each process takes an equal share of the parallel streams")
+    return run_dir
 
 
-def run_torchrun(argv: list[str], nproc: int, own_process: bool = False) -> int:
+def run_torchrun(argv: list[str], nproc: int, own_process: bool = False, run_dir: Path | None = None) -> int:
     """`charlm train --nproc N ARGS` as `torchrun --standalone --nproc_per_node N -m charlm train ARGS`;
     `argv` is the command line after the program name. Returns the exit code. In charlm's own process
     (`own_process`), once a signal has been passed on and the workers are done, a later one ends the process
-    at once, as in a run of one process; a caller's process gets its handlers back."""
+    at once, as in a run of one process; a caller's process gets its handlers back. A signal that came while
+    the workers finished their run (its final saves, which a signal does not cut short) leaves torchrun's exit
+    code non-zero: `run_dir`'s end record, written since the launch, tells that the run is done (exit 0, as
+    one process exits)."""
+    launched = time.time()
     args, skip = [], False
     for arg in argv:
         if skip:
@@ -99,7 +107,7 @@ def run_torchrun(argv: list[str], nproc: int, own_process: bool = False) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, signal.SIG_DFL if stopped and own_process else handler)
     if stopped and proc.returncode:
-        return signal_exit_code(stopped[0])
+        return 0 if run_dir is not None and ended_since(run_dir, launched) else signal_exit_code(stopped[0])
     if proc.returncode and not said:  # no worker explained the failure: show torchrun's own report
         write_stderr(b"".join(held))
     elif proc.returncode and worker_code != 2:  # not a bad input: say which worker failed first, and how
@@ -110,6 +118,20 @@ def run_torchrun(argv: list[str], nproc: int, own_process: bool = False) -> int:
             write_stderr(f"charlm: error: torchrun: the worker of local rank {rank} {how}\n".encode())
     code = worker_code if proc.returncode and said and worker_code and worker_code > 0 else proc.returncode
     return EXIT_FAILURE if code < 0 else code  # torchrun killed by a signal
+
+
+def ended_since(run_dir: Path, since: float) -> bool:
+    """Whether the run's metrics log ends with its end record, written after `since` (a time.time())."""
+    log = Path(run_dir) / METRICS_FILE
+    try:
+        if log.stat().st_mtime < since:
+            return False
+        with open(log, "rb") as fh:
+            fh.seek(max(fh.seek(0, os.SEEK_END) - 65536, 0))
+            last = fh.read().rstrip(b"\n").rsplit(b"\n", 1)[-1]
+        return json.loads(last).get("event") == "end"
+    except (OSError, ValueError, AttributeError):  # no log, a line cut short, a record that is not an object
+        return False
 
 
 def write_stderr(data: bytes) -> None:

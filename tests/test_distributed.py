@@ -737,6 +737,52 @@ def test_nproc_interrupted_during_the_final_validation_saves_and_says_so_as_one_
     assert json.loads(resumed.stdout)["steps"] == 6 and json.loads(resumed.stdout)["val_loss"] is not None
 
 
+FINAL_SAVE_SIGINT = """
+import os, signal, time
+if os.environ.get("RANK") == "0":
+    import charlm.train
+    original = charlm.train._Loop._save
+
+    def save(self, name, *args, **kwargs):
+        # Ctrl-C as the run's end saves its first checkpoint (eval_interval 0: there is no other save)
+        if not getattr(self, "_hooked", False):
+            self._hooked = True
+            with open(f"/proc/{os.getppid()}/stat") as fh:
+                launcher = int(fh.read().rsplit(")", 1)[1].split()[1])
+            os.kill(launcher, signal.SIGINT)
+            deadline = time.time() + 60
+            while self.signals.received is None and time.time() < deadline:
+                time.sleep(0.05)
+        return original(self, name, *args, **kwargs)
+
+    charlm.train._Loop._save = save
+"""
+
+
+# Kills launch.ended_since: a signal while the workers saved the end of a complete run (the saves go on, and
+# the workers exit 0) left torchrun's exit code non-zero, and the launcher exited 130 with nothing on stderr.
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="the hook finds the launcher through /proc")
+def test_nproc_signalled_during_the_final_saves_ends_done_as_one_process_does(setup):
+    tmp, corpus, config = setup
+    hook = tmp / "final-save-hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(FINAL_SAVE_SIGINT, encoding="utf-8")
+    out = tmp / "final-save"
+    env = {**os.environ, "CHARLM_DIST_TIMEOUT": "60",
+           "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
+    env.pop("OMP_NUM_THREADS", None)
+    result = subprocess.run([sys.executable, "-m", "charlm", "train", "--config", str(config), "--corpus",
+                             str(corpus), "--out", str(out), "--max-steps", "6", "--quiet", "--nproc", "2",
+                             "--set", "train.eval_interval=0", "--json"],
+                            cwd=tmp, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["steps"] == 6 and "charlm: error" not in result.stderr, result.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert records[-1]["event"] == "end"
+    for name in ("best", "last"):
+        assert json.loads((out / name / "manifest.json").read_text(encoding="utf-8"))["step"] == 6
+
+
 # Kills runtime.Distributed.together (and its uses in train.py): a bad input that only rank 0 (the run folder)
 # or only the first process of a machine (the token cache) finds ended that process alone; the others, waiting
 # for it in a collective, failed with gloo's "Connection closed by peer", a line that could reach the user
