@@ -70,9 +70,12 @@ def _err(message: str) -> None:
         sys.stderr.write(f"charlm: error: {message}\n")
         sys.stderr.flush()
     except OSError:  # a terminal that hung up (EIO) or a reader gone: the exit code still tells
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stderr.fileno())  # and Python's flush at exit does not fail (exit 120)
-        os.close(devnull)
+        try:  # and Python's flush at exit does not fail (exit 120); not runtime.to_devnull, which imports torch
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stderr.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):  # no descriptor (a test's buffer)
+            pass
 
 
 _held: dict = {"on": False, "signals": []}  # while torch is imported, a signal is held back (_holding_signals)
@@ -253,13 +256,13 @@ def _file_path(raw: str) -> Path:
 # ---------------------------------------------------------------- train
 @app.command(cls=_Command)
 def train(
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", parser=_path, help="YAML config file (sections data, model, train).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", parser=_path, metavar="<path>", help="YAML config file (sections data, model, train).")] = None,
     corpus: Annotated[Optional[Path], typer.Option(help="Text file to train on (UTF-8 unless --encoding).",
                                                    parser=_file_path, metavar="<path>")] = None,
     val: Annotated[Optional[Path], typer.Option(help="Validation text file (default: the last data.val_fraction of "
                                                      "the corpus).", parser=_file_path, metavar="<path>")] = None,
-    out: Annotated[Optional[Path], typer.Option(parser=_path, help="Run folder to create (default: runs/<corpus name>).")] = None,
-    resume: Annotated[Optional[Path], typer.Option(parser=_path, help="Continue the run in this folder from its last checkpoint.")] = None,
+    out: Annotated[Optional[Path], typer.Option(parser=_path, metavar="<path>", help="Run folder to create (default: runs/<corpus name>).")] = None,
+    resume: Annotated[Optional[Path], typer.Option(parser=_path, metavar="<path>", help="Continue the run in this folder from its last checkpoint.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N (model.device).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed (train.seed).")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps (train.max_steps).")] = None,
@@ -268,7 +271,7 @@ def train(
     encoding: Annotated[Optional[str], typer.Option(help="Text encoding of the corpus, e.g. latin-1 (data.encoding).")] = None,
     errors: Annotated[Optional[str], typer.Option(help="Undecodable bytes: strict refuses the file, replace substitutes U+FFFD (data.errors).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", metavar="<section.field=value>", help="Override a config field: section.field=value (repeatable).")] = None,
-    cache_dir: Annotated[Optional[Path], typer.Option(parser=_path, help="Folder for token files, reused while the corpus and tokenizer settings are unchanged (default: $CHARLM_CACHE_DIR, else .charlm-cache).")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(parser=_path, metavar="<path>", help="Folder for token files, reused while the corpus and tokenizer settings are unchanged (default: $CHARLM_CACHE_DIR, else .charlm-cache).")] = None,
     nproc: Annotated[int, typer.Option(help="Train data-parallel on this many local processes (launches torchrun).")] = 1,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or log lines.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
@@ -520,14 +523,18 @@ def _written(tokenizer, text: str, tokens: list[str]) -> list[str]:
 
 
 TABLE_TEXT_CHARS = 300  # the score table echoes at most this much of a sentence; --json gives it whole
+# the bidirectional embeddings, overrides and isolates, which reorder what a terminal shows after them
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 def _shown(text: str, limit: int | None = TABLE_TEXT_CHARS) -> str:
     """`text` as the score table echoes it: control characters written as escapes (a terminal escape sequence
     in a scored file does not reach the terminal, a tab token does not split the tab-separated --per-token
-    line), and a line longer than `limit` cut, with its length."""
+    line, a right-to-left override does not reorder the row), and a line longer than `limit` cut, with its
+    length."""
     cut = text if limit is None or len(text) <= limit else text[:limit]
-    shown = "".join(repr(c)[1:-1] if unicodedata.category(c) == "Cc" else c for c in cut)
+    shown = "".join(f"\\u{ord(c):04x}" if c in _BIDI_CONTROLS else repr(c)[1:-1] if unicodedata.category(c) == "Cc"
+                    else c for c in cut)
     return shown if cut is text else f"{shown}... ({len(text):,} characters in all)"
 
 
@@ -748,12 +755,12 @@ def _print_runs(summaries) -> None:
 @app.command(cls=_Command)
 def plot(
     run_dirs: Annotated[list[Path], typer.Argument(parser=_path, metavar="RUN_DIR...", help="One or more run folders, drawn on one figure.")],
-    out: Annotated[Path, typer.Option(parser=_path, help="PNG file to write (one already there is replaced, with a note).")] = Path(
+    out: Annotated[Path, typer.Option(parser=_path, metavar="<path>", help="PNG file to write (one already there is replaced, with a note).")] = Path(
         "curves.png"),
 ) -> None:
     """Draw training and validation loss (and bits per character) against steps and time, as a PNG.
 
-    Needs matplotlib: pip install matplotlib.
+    Needs matplotlib: pip install 'matplotlib>=3.7'.
 
     Example: charlm plot runs/lstm runs/gru --out curves.png
     """
@@ -786,7 +793,7 @@ def _err_note(message: str) -> None:
 @app.command(cls=_Command)
 def export(
     run_dir: Annotated[Path, typer.Argument(parser=_path, help="Run folder (or a checkpoint folder inside it).", metavar="RUN_DIR")],
-    out: Annotated[Path, typer.Option(parser=_path, help="File to write (e.g. model.pt or model.onnx; one already there is "
+    out: Annotated[Path, typer.Option(parser=_path, metavar="<path>", help="File to write (e.g. model.pt or model.onnx; one already there is "
                                            "replaced, with a note).")],
     format_: Annotated[Optional[str], typer.Option("--format", help="torchscript, or onnx (needs onnx and "
                                                       "onnxruntime); default: onnx for an --out ending in "

@@ -32,7 +32,7 @@ def caught_signals() -> list[int]:
 
 def signal_exit_code(signum: int) -> int:
     """The exit code of a command that a signal stopped (128 + its number)."""
-    return {signal.SIGINT: EXIT_SIGINT, signal.SIGTERM: EXIT_SIGTERM}.get(signum, EXIT_SIGHUP)
+    return 128 + int(signum)
 
 
 class CharlmError(Exception):

@@ -174,9 +174,12 @@ def relay_worker_stderr(stream, signalled=lambda: False) -> tuple[int | None, bo
             held.append(line)
             return
         if line.startswith(b"charlm: "):  # a worker's error, note or stop: each once
-            if line.strip() in seen:
+            # (a failure that rank 0 alone met is every rank's, Distributed.together; only the rank that met it
+            # has the traceback that --debug would show, and says so)
+            key = line.strip().removesuffix(b" (run with --debug for the traceback)")
+            if key in seen:
                 return
-            seen.add(line.strip())
+            seen.add(key)
             said = said or line.startswith(b"charlm: error:")
         write_stderr(line)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CharlmError, UsageError
+from .errors import EXIT_FAILURE, CharlmError, UsageError
 
 
 def file_sha256(path) -> str:
@@ -175,18 +175,22 @@ class Distributed:
         next collective and fail there with a broken connection (gloo's line reaching the user before
         charlm's) or hang until torchrun kills them; now each says the same line, which the launcher shows
         once, with its exit code."""
-        error = None
+        error, said = None, None
         try:
             yield
         except CharlmError as exc:
             if not self.enabled:
                 raise
-            error = exc
+            error, said = exc, (exc.message, exc.exit_code)
+        except Exception as exc:  # a failure (a folder that cannot be read): the others say it as the CLI would
+            if not self.enabled:
+                raise
+            text = str(exc).strip().splitlines()
+            error, said = exc, (f"{type(exc).__name__}: {text[0] if text else ''}", EXIT_FAILURE)
         if not self.enabled:
             return
         errors = [None] * self.world
-        torch.distributed.all_gather_object(errors, None if error is None else (error.message, error.exit_code),
-                                            group=group)
+        torch.distributed.all_gather_object(errors, said, group=group)
         first = next((rank for rank, found in enumerate(errors) if found is not None), None)
         if first == self.rank:
             raise error
@@ -223,7 +227,7 @@ class Distributed:
 
 
 def init_distributed(device_name: str) -> tuple[Distributed, torch.device]:
-    """Join the torchrun job if there is one (gloo on the CPU, nccl on CUDA) and pick this rank's device."""
+    """Join the torchrun job if there is one (gloo on the CPU, NCCL and gloo on CUDA) and pick this rank's device."""
     world = world_size()
     if world <= 1:
         return Distributed(), resolve_device(device_name)
@@ -232,7 +236,10 @@ def init_distributed(device_name: str) -> tuple[Distributed, torch.device]:
     if device.type == "cuda":
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    # on CUDA the gradients go through NCCL, and the small CPU tensors of Distributed.sum / gather_objects / together
+    # (the stop flags, the clock, the losses) through gloo: NCCL takes no CPU tensor. Not yet run on GPUs (no
+    # session has had two).
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     timeout = timedelta(seconds=float(os.environ.get("CHARLM_DIST_TIMEOUT", "300")))
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend, timeout=timeout)

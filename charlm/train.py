@@ -487,8 +487,7 @@ def train(cfg: Config, corpus: Path | None, out: Path | None = None, val: Path |
                 folder.rmdir()  # only if empty: a started run keeps its metrics and checkpoints
             except OSError:
                 pass
-        run_dir = created[0] if created else new_run_dir(out, corpus) if resume is None and corpus else None
-        if isinstance(exc, StopSignal) and run_dir is not None and not any((run_dir / name).exists() for name in CHECKPOINT_NAMES):
+        if isinstance(exc, StopSignal) and _nothing_saved(created, out, corpus, resume):
             # a Ctrl-C while the corpus is read: the loop, which saves first, had not begun
             raise Interrupted(f"interrupted by {signal.Signals(exc.signum).name} before the run's first step: "
                               f"nothing was saved (run the command again)", signal_exit_code(exc.signum)) from None
@@ -497,6 +496,14 @@ def train(cfg: Config, corpus: Path | None, out: Path | None = None, val: Path |
         for fd in locks:
             os.close(fd)
         dist.close()
+
+
+def _nothing_saved(created: list[Path], out: Path | None, corpus: Path | None, resume: Path | None) -> bool:
+    """Whether a new run that stopped holds no checkpoint (a resume always had one)."""
+    if resume is not None or (not created and corpus is None):
+        return False
+    run_dir = created[0] if created else new_run_dir(out, corpus)
+    return not any((run_dir / name).exists() for name in CHECKPOINT_NAMES)
 
 
 def _open_resume(cfg: Config, resume: Path, out: Path | None, corpus: Path | None, val: Path | None,
@@ -585,11 +592,11 @@ def _note_data(cfg: Config, splits: Splits, corpus: Path, val: Path | None, log_
               "word_split space splits at spaces only, and charlm does not segment such text, so a whole clause "
               "is one word; segment the corpus first, or use word_split punct (each character a word) or data."
               "level char", file=log_stream)
-    if splits.val is not None and splits.val_unk > VAL_UNK_NOTE * (len(splits.val) - 1):  # <eos> first, not read
+    if (val is not None and splits.val is not None and len(splits.codec.vocab) > 2  # not a vocabulary cut short
+            and splits.val_unk > VAL_UNK_NOTE * (len(splits.val) - 1)):  # <eos> first, not read
         print(f"charlm: note: {splits.val_unk / (len(splits.val) - 1):.0%} of the validation text's tokens are not in "
               f"the training text's vocabulary and are read as <unk>: its loss says little about the model; is "
-              f"{'--val ' + str(val) if val is not None else 'the end of the corpus'} text of the same kind as "
-              f"{corpus}?", file=log_stream)
+              f"--val {val} text of the same kind as {corpus}?", file=log_stream)
     if val is not None and _same_file(Path(val), Path(corpus)):
         print(f"charlm: note: --val {val} is the corpus itself: validation then measures text the model trains "
               f"on, not how it does on new text", file=log_stream)

@@ -309,6 +309,8 @@ def test_the_score_table_escapes_control_characters_and_cuts_a_long_line(cli, ti
     per_token, row = table.stdout.splitlines()[:2]
     assert row.endswith("| a \\x1b[31mred\\x1b[0m\\tcat")
     assert len(per_token.split("\t")) == len("a \x1b[31mred\x1b[0m\tcat") + 1  # one cell a token, <eos> too
+    reordered = cli("score", run, "abc \u202edcba")  # a right-to-left override, which reorders what follows
+    assert reordered.stdout.splitlines()[0].endswith("| abc \\u202edcba") and "\u202e" not in reordered.stdout
     long = "the cat sat " * 1000
     cut = cli("score", run, long).stdout.splitlines()[0]
     assert cut.endswith(f"| {long[:300]}... ({len(long):,} characters in all)")
@@ -355,10 +357,18 @@ def test_no_install_hint_asks_pip_for_the_package_named_charlm_on_pypi():
 def test_a_trained_run_reads_the_same_on_custom_and_torch_cells(cli, write_corpus, tmp_path, settings):
     """Catches: a learner could not check a trained model's hand-written cells against torch.nn's without
     writing Python (the config of a run is sealed by its checksum): eval, score and sample take --impl."""
+    import torch.nn as nn
+
+    from charlm.checkpoint import load_run
+
     corpus, run = write_corpus(TINY_TEXT), tmp_path / "run"
     sets = [a for s in settings for a in ("--set", s)]
     assert cli("train", "-c", TINY_CONFIG, "--corpus", corpus, "--out", run, "--max-steps", 5, "--quiet",
                *sets).exit_code == 0
+    torch_classes = (nn.RNN, nn.GRU, nn.LSTM)
+    for impl in ("custom", "torch"):  # each built on the cells asked for, whichever the run trained on
+        model = load_run(run, impl=impl)[0]
+        assert isinstance(model.rnn, torch_classes) == (impl == "torch") and model.cfg.impl == impl
     losses = {impl: json.loads(cli("eval", run, "-f", corpus, "--json", "--impl", impl).stdout)["loss"]
               for impl in ("custom", "torch")}
     assert losses["custom"] == pytest.approx(losses["torch"], abs=1e-5)
@@ -415,6 +425,11 @@ def test_a_validation_text_mostly_outside_the_vocabulary_gets_a_note(cli, write_
     same_kind = cli("train", "-c", TINY_CONFIG, "--corpus", corpus, "--val", corpus, "--out", tmp_path / "b",
                     "--max-steps", 2, "--quiet")
     assert same_kind.exit_code == 0 and "<unk>" not in same_kind.stderr
+    # a vocabulary cut short makes <unk> of most of any text: its own note names the setting, not the --val file
+    capped = cli("train", "-c", TINY_CONFIG, "--corpus", corpus, "--val", english, "--out", tmp_path / "c",
+                 "--max-steps", 2, "--quiet", "--set", "data.min_freq=100000")
+    assert capped.exit_code == 0 and "validation text's tokens" not in capped.stderr
+    assert "the vocabulary holds only <eos> and <unk> (data.min_freq 100000: lower it)" in capped.stderr
 
 
 def test_a_progress_pipe_that_closes_does_not_end_the_run(write_corpus, tmp_path):

@@ -170,9 +170,9 @@ def test_batch_not_divisible_by_processes_is_refused(setup):
     assert "multiple of the number of processes" in result.stderr
 
 
-def train_nproc(args, cwd, nproc=2):
+def train_nproc(args, cwd, nproc=2, env=None):
     """`charlm train --nproc N`, which starts torchrun itself."""
-    env = {**os.environ, "CHARLM_DIST_TIMEOUT": "60"}
+    env = {**os.environ, "CHARLM_DIST_TIMEOUT": "60", **(env or {})}
     env.pop("OMP_NUM_THREADS", None)
     return subprocess.run([sys.executable, "-m", "charlm", "train", *args, "--quiet", "--nproc", str(nproc)],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
@@ -735,6 +735,42 @@ def test_nproc_interrupted_during_the_final_validation_saves_and_says_so_as_one_
     resumed = charlm(["--resume", str(out), "--json"], tmp)  # nothing left to train: the final validation
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["steps"] == 6 and json.loads(resumed.stdout)["val_loss"] is not None
+
+
+RECOVER_FAILS = """
+import os
+if os.environ.get("RANK") == "0":
+    import charlm.checkpoint
+
+    def recover(run_dir):
+        raise PermissionError(13, "Permission denied", str(run_dir) + "/last.old")
+
+    charlm.checkpoint.recover = recover
+"""
+
+
+# Kills the `except Exception` of runtime.Distributed.together: a failure that is not one of charlm's errors
+# (an OSError in rank 0's recovery of the run folder) ended rank 0 alone, and rank 1 failed in the collective
+# with gloo's "Connection closed by peer", a line that could reach the user first.
+def test_a_failure_of_rank_0_alone_that_is_not_a_bad_input_is_every_rank_s_too(setup):
+    tmp, corpus, config = setup
+    hook = tmp / "recover-hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(RECOVER_FAILS, encoding="utf-8")
+    env = {"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
+    result = charlm(["--config", str(config), "--corpus", str(corpus), "--out", str(tmp / "recover-fails"),
+                     "--max-steps", "2"], tmp, nproc=2, env=env)
+    assert result.returncode != 0
+    errors = sorted(re.findall(r"charlm: [^\n]*", result.stderr))  # rank 0 adds --debug's hint: its traceback
+    assert len(errors) == 2 and errors[1] == errors[0] + " (run with --debug for the traceback)", result.stderr
+    assert errors[0].startswith("charlm: error: PermissionError: [Errno 13] Permission denied"), result.stderr
+    assert "Connection closed" not in result.stderr, result.stderr
+    launched = train_nproc(["--config", str(config), "--corpus", str(corpus), "--out", str(tmp / "recover-fails-2"),
+                            "--max-steps", "2"], tmp, env=env)  # the launcher shows the one failure once
+    assert launched.returncode == 1, launched.stderr
+    lines = launched.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("charlm: error: PermissionError: [Errno 13]"), launched.stderr
+    assert lines[1].startswith("charlm: error: torchrun: the worker of local rank"), launched.stderr
 
 
 FINAL_SAVE_SIGINT = """
