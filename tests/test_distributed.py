@@ -646,8 +646,6 @@ def test_a_closed_terminal_stops_the_run_at_a_clean_point_saves_it_and_lets_go_o
     assert left == []
     fd = os.open(out, os.O_RDONLY)
     try:
-        import fcntl
-
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the run's lock is free
     finally:
         os.close(fd)
@@ -688,43 +686,59 @@ def test_the_relay_reads_the_workers_lines_to_their_end_when_the_terminal_is_gon
     dead.close()
 
 
-FINAL_SIGINT = """
+# The start of a rank-0 hook that sends Ctrl-C to the launcher: it reaches the launcher alone (torchrun, the
+# launcher's child, has a session of its own), which passes it on to torchrun and torchrun to the workers;
+# `interrupt_launcher(loop)` waits until this rank's trainer has it.
+INTERRUPT_LAUNCHER = """
 import os, signal, time
+
+def interrupt_launcher(loop):
+    with open(f"/proc/{os.getppid()}/stat") as fh:
+        launcher = int(fh.read().rsplit(")", 1)[1].split()[1])
+    os.kill(launcher, signal.SIGINT)
+    deadline = time.time() + 60
+    while loop.signals.received is None and time.time() < deadline:
+        time.sleep(0.05)
+"""
+
+FINAL_SIGINT = INTERRUPT_LAUNCHER + """
 if os.environ.get("RANK") == "0":
     import charlm.train
     original = charlm.train._Loop._final_check
 
-    def final_check(self):
-        # Ctrl-C as the final validation starts: it reaches the launcher alone (torchrun, the launcher's child,
-        # has a session of its own), which passes it on to torchrun and torchrun to the workers
-        with open(f"/proc/{os.getppid()}/stat") as fh:
-            launcher = int(fh.read().rsplit(")", 1)[1].split()[1])
-        os.kill(launcher, signal.SIGINT)
-        deadline = time.time() + 60
-        while self.signals.received is None and time.time() < deadline:
-            time.sleep(0.05)
+    def final_check(self):  # Ctrl-C as the final validation starts
+        interrupt_launcher(self)
         return original(self)
 
     charlm.train._Loop._final_check = final_check
 """
 
 
-# Kills train.py's _AgreedStop (the final validation under --nproc was not cut short by a signal: it ran to its
-# end, the workers exited 0 as if nothing had happened, and the launcher exited 130 with nothing on stderr).
-@pytest.mark.skipif(not os.path.isdir("/proc"), reason="the hook finds the launcher through /proc")
-def test_nproc_interrupted_during_the_final_validation_saves_and_says_so_as_one_process_does(setup):
+def nproc_with_hook(setup, name: str, hook_source: str, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """`charlm train --nproc 2` of 6 steps with no periodic check into tmp/name, `hook_source` loaded by every
+    process (sitecustomize)."""
     tmp, corpus, config = setup
-    hook = tmp / "final-sigint-hook"
+    hook = tmp / f"{name}-hook"
     hook.mkdir(exist_ok=True)
-    (hook / "sitecustomize.py").write_text(FINAL_SIGINT, encoding="utf-8")
-    out = tmp / "final-sigint"
+    (hook / "sitecustomize.py").write_text(hook_source, encoding="utf-8")
+    out = tmp / name
     env = {**os.environ, "CHARLM_DIST_TIMEOUT": "60",
            "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
     env.pop("OMP_NUM_THREADS", None)
     result = subprocess.run([sys.executable, "-m", "charlm", "train", "--config", str(config), "--corpus",
                              str(corpus), "--out", str(out), "--max-steps", "6", "--quiet", "--nproc", "2",
-                             "--set", "train.eval_interval=0", "--set", "train.eval_batch_size=1"],
-                            cwd=tmp, env=env, capture_output=True, text=True, timeout=240)  # rank 1 reads none
+                             "--set", "train.eval_interval=0", *args],
+                            cwd=tmp, env=env, capture_output=True, text=True, timeout=240)
+    return result, out
+
+
+# Kills train.py's _AgreedStop (the final validation under --nproc was not cut short by a signal: it ran to its
+# end, the workers exited 0 as if nothing had happened, and the launcher exited 130 with nothing on stderr).
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="the hook finds the launcher through /proc")
+def test_nproc_interrupted_during_the_final_validation_saves_and_says_so_as_one_process_does(setup):
+    tmp = setup[0]
+    result, out = nproc_with_hook(setup, "final-sigint", FINAL_SIGINT,
+                                  "--set", "train.eval_batch_size=1")  # rank 1 reads none
     assert result.returncode == 130, result.stderr
     assert result.stderr.startswith("charlm: error: interrupted by SIGINT during the final validation at step 6; "
                                     f"saved {out / 'last'}"), result.stderr
@@ -773,8 +787,7 @@ def test_a_failure_of_rank_0_alone_that_is_not_a_bad_input_is_every_rank_s_too(s
     assert lines[1].startswith("charlm: error: torchrun: the worker of local rank"), launched.stderr
 
 
-FINAL_SAVE_SIGINT = """
-import os, signal, time
+FINAL_SAVE_SIGINT = INTERRUPT_LAUNCHER + """
 if os.environ.get("RANK") == "0":
     import charlm.train
     original = charlm.train._Loop._save
@@ -783,12 +796,7 @@ if os.environ.get("RANK") == "0":
         # Ctrl-C as the run's end saves its first checkpoint (eval_interval 0: there is no other save)
         if not getattr(self, "_hooked", False):
             self._hooked = True
-            with open(f"/proc/{os.getppid()}/stat") as fh:
-                launcher = int(fh.read().rsplit(")", 1)[1].split()[1])
-            os.kill(launcher, signal.SIGINT)
-            deadline = time.time() + 60
-            while self.signals.received is None and time.time() < deadline:
-                time.sleep(0.05)
+            interrupt_launcher(self)
         return original(self, name, *args, **kwargs)
 
     charlm.train._Loop._save = save
@@ -799,18 +807,7 @@ if os.environ.get("RANK") == "0":
 # the workers exit 0) left torchrun's exit code non-zero, and the launcher exited 130 with nothing on stderr.
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="the hook finds the launcher through /proc")
 def test_nproc_signalled_during_the_final_saves_ends_done_as_one_process_does(setup):
-    tmp, corpus, config = setup
-    hook = tmp / "final-save-hook"
-    hook.mkdir(exist_ok=True)
-    (hook / "sitecustomize.py").write_text(FINAL_SAVE_SIGINT, encoding="utf-8")
-    out = tmp / "final-save"
-    env = {**os.environ, "CHARLM_DIST_TIMEOUT": "60",
-           "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
-    env.pop("OMP_NUM_THREADS", None)
-    result = subprocess.run([sys.executable, "-m", "charlm", "train", "--config", str(config), "--corpus",
-                             str(corpus), "--out", str(out), "--max-steps", "6", "--quiet", "--nproc", "2",
-                             "--set", "train.eval_interval=0", "--json"],
-                            cwd=tmp, env=env, capture_output=True, text=True, timeout=240)
+    result, out = nproc_with_hook(setup, "final-save", FINAL_SAVE_SIGINT, "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["steps"] == 6 and "charlm: error" not in result.stderr, result.stderr
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
