@@ -73,6 +73,8 @@ class TrainResult:
 
 UNKNOWN_MEASURE = -1
 VAL_UNK_NOTE = 0.5  # a validation text with more of its tokens outside the vocabulary than this gets a note
+FINAL_NOTE_TOKENS = 1_000_000  # a final validation over more tokens than this is announced (about a minute on a CPU)
+BIG_VOCABULARY = 200_000  # a vocabulary larger than this gets a note on what it costs
 
 
 @dataclass
@@ -581,6 +583,13 @@ def _note_data(cfg: Config, splits: Splits, corpus: Path, val: Path | None, log_
         print(f"charlm: note: {corpus} has no line end in its last {cfg.data.val_fraction * 100:g}% to cut a validation "
               f"part at (data.val_fraction); "
               f"training without validation: pass --val FILE to have one", file=log_stream)
+    vocab_size, m = len(splits.codec.vocab), cfg.model
+    if vocab_size > BIG_VOCABULARY and cfg.data.max_size is None:
+        per_token = m.embedding_size + 1 + (0 if m.tie_weights else m.hidden_size)  # an embedding, a bias, an output row
+        print(f"charlm: note: the vocabulary holds {vocab_size:,} tokens: its embedding and output layer take "
+              f"{vocab_size * per_token / 1e6:,.1f}M parameters or so, and every step "
+              f"scores them all; data.max_size (e.g. 50000) or data.min_freq keeps the frequent ones, the others "
+              f"becoming <unk>", file=log_stream)
     if len(splits.codec.vocab) <= 2:  # <eos> and <unk>: every token of the text is <unk>
         d = cfg.data
         cause = (f"data.max_size {d.max_size}: raise it" if d.max_size is not None and d.max_size <= 2
@@ -969,6 +978,11 @@ class _Loop:
             p.final_step, p.final_loss = p.step, at_end
             self._save("last", at_end)  # as after a final validation: the elapsed time now includes the check's
             return at_end
+        if self.show_progress and self.splits.val is not None and len(self.splits.val) > FINAL_NOTE_TOKENS:
+            print(f"charlm: note: the final validation reads the whole split, {len(self.splits.val) - 1:,} tokens in "
+                  f"{self.t.eval_batch_size} stream{'s' if self.t.eval_batch_size > 1 else ''}, after the time "
+                  f"budget, and may take minutes; a smaller data.val_fraction or --val file shortens it",
+                  file=self.log_stream, flush=True)
         final_val = self._validate(None, final=True)
         select = final_val if not self.sliced else (
             at_end if at_end is not None else self._validate(self.t.eval_tokens, final=True))

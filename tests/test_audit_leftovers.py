@@ -476,3 +476,24 @@ def test_a_signal_before_the_first_step_says_that_nothing_was_saved(cli, write_c
         assert result.stderr == ("charlm: error: interrupted by SIGINT before the run's first step: nothing was "
                                  "saved (run the command again)\n")
         assert not run.exists()
+
+
+def test_a_huge_vocabulary_and_a_long_final_validation_are_announced(cli, write_corpus, tmp_path, monkeypatch):
+    """Catches (the scale audit): a corpus of a million distinct words trained a model of 246M parameters
+    without a word, and a final validation of 25M tokens ran for ten minutes after --max-time 30 in silence.
+    The thresholds are lowered here so that a small corpus shows both notes."""
+    from charlm import train as train_mod
+
+    monkeypatch.setattr(train_mod, "BIG_VOCABULARY", 50)
+    monkeypatch.setattr(train_mod, "FINAL_NOTE_TOKENS", 10)
+    corpus = write_corpus(" ".join(f"w{i}" for i in range(80)) + "\n" + TINY_TEXT)
+    trained = cli("train", "-c", TINY_CONFIG, "--corpus", corpus, "--out", tmp_path / "run", "--max-steps", 2,
+                  "--set", "data.level=word")
+    assert trained.exit_code == 0, trained.output
+    vocab = len(json.loads((tmp_path / "run" / "vocab.json").read_text(encoding="utf-8"))["tokens"])
+    assert (f"charlm: note: the vocabulary holds {vocab:,} tokens: its embedding and output layer take "
+            f"{vocab * (16 + 1 + 32) / 1e6:,.1f}M parameters or so") in trained.stderr  # tiny: E 16, H 32
+    assert "charlm: note: the final validation reads the whole split, " in trained.stderr
+    quiet = cli("train", "-c", TINY_CONFIG, "--corpus", corpus, "--out", tmp_path / "q", "--max-steps", 2,
+                "--set", "data.level=word", "--set", "data.max_size=60", "--quiet")
+    assert "vocabulary holds" not in quiet.stderr and "final validation" not in quiet.stderr
