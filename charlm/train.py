@@ -538,6 +538,9 @@ def _read_corpus(cfg: Config, corpus: Path, val: Path | None, resume: Path | Non
                  cache_dir: Path | None, show_progress: bool, dist: Distributed) -> Splits:
     """The corpus (and --val) as token ids, checked to be the run's text on a resume and long enough to train on.
     The first process of each machine tokenizes (or finds the cache); the others then read its token files."""
+    if cache_dir is None and trainer_state is not None and trainer_state.get("cache_dir"):
+        if Path(trainer_state["cache_dir"]).is_dir():  # the run's own cache, not a second copy in the default one
+            cache_dir = Path(trainer_state["cache_dir"])
     digest = file_sha256(check_text_file(corpus, cfg.data.encoding))  # once: also the token cache's key
     if trainer_state is not None and digest != trainer_state["corpus_sha256"]:
         raise UsageError(f"--resume {resume}: corpus {corpus} is not the text this run was trained on "
@@ -1068,7 +1071,9 @@ class _Loop:
                      # absolute, so that a resume from another working folder finds them
                      "corpus": str(Path(self.corpus).absolute()),
                      "val": str(Path(self.val).absolute()) if self.val else None,
-                     "corpus_sha256": self.splits.corpus_sha256}
+                     "corpus_sha256": self.splits.corpus_sha256,
+                     # the token cache's folder, which a resume without --cache-dir reads again
+                     "cache_dir": str(self.splits.cache.parent.absolute()) if self.splits.cache else None}
         ckpt.save_checkpoint(self.run_dir, name, self.model, self.cfg, self.splits.codec, state, info)
 
     def _interrupted(self, where: str = "") -> NoReturn:

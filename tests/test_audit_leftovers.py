@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -517,3 +518,21 @@ def test_the_word_level_reader_searches_only_the_new_text_for_a_cut():
     assert looked and min(looked) >= len(kept)
     looked.clear()
     assert _safe_cut(Counted(kept + "y" * 10), "word", len(kept)) == 0 and len(looked) == 10
+
+
+def test_a_resume_without_cache_dir_reads_the_run_s_own_token_cache(cli, write_corpus, tmp_path, monkeypatch):
+    """Catches (the scale audit): a run trained with --cache-dir and resumed without it tokenized its corpus
+    again into ./.charlm-cache, a second full copy (480 MB and 8 s on a 500 MB corpus), without a word."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CHARLM_CACHE_DIR", raising=False)
+    corpus, run, cache = write_corpus(TINY_TEXT), tmp_path / "run", tmp_path / "elsewhere"
+    assert cli("train", "-c", TINY_CONFIG, "--corpus", corpus, "--out", run, "--max-steps", 2, "--quiet",
+               "--cache-dir", cache).exit_code == 0
+    entries = sorted(p.name for p in cache.iterdir())
+    resumed = cli("train", "--resume", run, "--max-steps", 4, "--quiet")
+    assert resumed.exit_code == 0, resumed.output
+    assert not (tmp_path / ".charlm-cache").exists() and sorted(p.name for p in cache.iterdir()) == entries
+    shutil.rmtree(cache)  # a cache folder that is gone: the default one, as before
+    again = cli("train", "--resume", run, "--max-steps", 6, "--quiet")
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / ".charlm-cache").is_dir()
