@@ -483,11 +483,14 @@ class StreamEncoder:
         return torch.zeros(0, dtype=self.dtype)
 
 
-def encode(codec: TextCodec, text: str) -> Tensor:
-    """All of a text (in memory) as one int64 id stream, `<eos>` first and after every line."""
+def encode(codec: TextCodec, text: str, compact: bool = False) -> Tensor:
+    """All of a text (in memory) as one id stream, `<eos>` first and after every line: int64, or with
+    `compact` in the smallest type that holds the vocabulary (one byte a character at character level, where
+    int64 takes eight: `eval` of a 200 MB file held 5.9 GB)."""
     enc = StreamEncoder(codec)
     body = enc.encode(text) if text else torch.zeros(0, dtype=enc.dtype)
-    return torch.cat([torch.tensor([EOS_ID]), body.long(), enc.finish().long()])
+    dtype = enc.dtype if compact else torch.int64
+    return torch.cat([torch.tensor([EOS_ID], dtype=dtype), body.to(dtype), enc.finish().to(dtype)])
 
 
 def char_count(text: str, lowercase: bool = False) -> int:
@@ -842,6 +845,10 @@ def eval_streams(ids: Tensor, streams: int) -> tuple[Tensor, Tensor]:
     n_targets = ids.numel() - 1
     per_row = max(1, math.ceil(n_targets / max(1, streams)))
     streams = max(1, math.ceil(n_targets / per_row))  # no row left without a target (10 targets in 7 rows of 2: 5 rows)
+    if streams == 1 and n_targets >= 1:  # the stream itself, not a copy of it
+        mask = torch.ones(1, ids.numel(), dtype=torch.bool)
+        mask[0, 0] = False
+        return ids.view(1, -1), mask
     rows = torch.full((streams, per_row + 1), EOS_ID, dtype=ids.dtype)
     mask = torch.zeros(streams, per_row + 1, dtype=torch.bool)
     for s in range(streams):

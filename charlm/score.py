@@ -145,7 +145,7 @@ def evaluate_file(model: RNNLM, codec: TextCodec, path: Path, streams: int = 1, 
                   errors: str = "strict", device: torch.device | str = "cpu") -> CorpusEval:
     """The whole file as one stream, `<eos>` first, the state carried across lines (as in validation)."""
     text = read_text(path, encoding, errors)
-    ids = encode(codec, text)
+    ids = encode(codec, text, compact=True)  # ids of the vocabulary's own size: stream_nll widens each window
     if ids.numel() < 2:
         raise UsageError(f"{'standard input' if str(path) == '-' else path} holds no text to evaluate")
     rows, mask = eval_streams(ids, streams)
