@@ -143,13 +143,18 @@ def is_blank(path: Path, encoding: str, limit: int) -> bool:
 
 
 def _decode_error(name, offset: int, byte: bytes, encoding: str, head: bytes = b"",
-                  around: bytes = b"") -> UsageError:
+                  around: bytes = b"", read_before: bool = False) -> UsageError:
     """The message for an undecodable byte. `head` (the file's first bytes) and `around` (the bytes about the
-    bad one) may show what went wrong: a damaged UTF-8 file, or a file in another encoding."""
+    bad one) may show what went wrong: a damaged UTF-8 file, or a file in another encoding. `read_before`:
+    letters outside ASCII were read in `encoding` before the bad byte."""
     where = f"{name} is not valid {encoding}: byte offset {offset} ({byte!r})"
     if _utf8_mark(encoding) and _mostly_utf8(around):
         return UsageError(f"{where}; the text about it is UTF-8, so the file is damaged, cut off mid-character "
                           f"or mixes encodings there: --errors replace substitutes the bad bytes")
+    if _utf8_mark(encoding) and read_before:  # cp1252 would misread the UTF-8 letters before it
+        return UsageError(f"{where}; the text before it has letters in UTF-8, so the file mixes encodings: "
+                          f"--errors replace substitutes the bad bytes (naming another encoding would misread "
+                          f"those letters)")
     other = _reads_as(head if not head.isascii() else around, encoding)
     hint = (f"it reads as {other}: pass --encoding {other}" if other else
             "pass --encoding to name its encoding (cp1252 for Western European text saved on Windows, gb18030 "
@@ -168,7 +173,21 @@ def _file_decode_error(path: Path, at: int, encoding: str) -> UsageError:
         fh.seek(max(at - 32768, 0))
         around = fh.read(65536)
     byte = around[min(at, 32768):min(at, 32768) + 1]
-    return _decode_error(path, at, byte, encoding, head, around)
+    return _decode_error(path, at, byte, encoding, head, around, _non_ascii_before(path, at))
+
+
+def _non_ascii_before(path: Path, at: int) -> bool:
+    """Whether bytes [0, at) of a file hold any byte outside ASCII: read without error, they are then letters
+    of the encoding the file was read in, which naming another encoding would misread."""
+    with open(path, "rb") as fh:
+        while at > 0:
+            block = fh.read(min(at, 1 << 20))
+            if not block:
+                return False
+            if not block.isascii():
+                return True
+            at -= len(block)
+    return False
 
 
 def _mostly_utf8(data: bytes) -> bool:

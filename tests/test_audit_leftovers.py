@@ -553,3 +553,17 @@ def test_eval_holds_its_file_as_compact_ids_read_in_place():
     assert mask.tolist() == [[False] + [True] * (ids.numel() - 1)]
     many, _ = eval_streams(ids, 3)  # several streams: the rows as before
     assert many.shape[0] == 3 and many.dtype == torch.uint8
+
+
+def test_a_utf8_file_with_one_latin1_line_is_not_told_to_read_as_cp1252(cli, tmp_path):
+    """Catches (the scale audit): a large UTF-8 file with one Latin-1 line far from its other letters was told
+    'it reads as cp1252: pass --encoding cp1252', which would misread every UTF-8 letter before it."""
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_bytes(("café crème\n" + "plain ascii line\n" * 10000).encode("utf-8") + "naïve\n".encode("latin-1"))
+    refused = cli("train", "-c", TINY_CONFIG, "--corpus", mixed, "--out", tmp_path / "run", "--max-steps", 1)
+    assert refused.exit_code == 2 and "cp1252" not in refused.stderr
+    assert "the text before it has letters in UTF-8, so the file mixes encodings: --errors replace" in refused.stderr
+    latin = tmp_path / "latin.txt"  # a Latin-1 file, ASCII up to its first accented letter: the hint stays
+    latin.write_bytes(("plain\n" * 100).encode() + "naïve café\n".encode("latin-1"))
+    told = cli("train", "-c", TINY_CONFIG, "--corpus", latin, "--out", tmp_path / "run2", "--max-steps", 1)
+    assert told.exit_code == 2 and "pass --encoding cp1252" in told.stderr
