@@ -177,9 +177,13 @@ def _file_decode_error(path: Path, at: int, encoding: str) -> UsageError:
 
 
 def _non_ascii_before(path: Path, at: int) -> bool:
-    """Whether bytes [0, at) of a file hold any byte outside ASCII: read without error, they are then letters
-    of the encoding the file was read in, which naming another encoding would misread."""
+    """Whether bytes [0, at) of a file hold any byte outside ASCII (a UTF-8 byte-order mark aside): read without
+    error, they are then letters of the encoding the file was read in, which naming another would misread."""
     with open(path, "rb") as fh:
+        if fh.read(3) == codecs.BOM_UTF8:
+            at -= 3
+        else:
+            fh.seek(0)
         while at > 0:
             block = fh.read(min(at, 1 << 20))
             if not block:

@@ -567,3 +567,6 @@ def test_a_utf8_file_with_one_latin1_line_is_not_told_to_read_as_cp1252(cli, tmp
     latin.write_bytes(("plain\n" * 100).encode() + "naïve café\n".encode("latin-1"))
     told = cli("train", "-c", TINY_CONFIG, "--corpus", latin, "--out", tmp_path / "run2", "--max-steps", 1)
     assert told.exit_code == 2 and "pass --encoding cp1252" in told.stderr
+    latin.write_bytes(b"\xef\xbb\xbf" + latin.read_bytes())  # a byte-order mark is no letter read before
+    marked = cli("train", "-c", TINY_CONFIG, "--corpus", latin, "--out", tmp_path / "run3", "--max-steps", 1)
+    assert marked.exit_code == 2 and "the text before it has letters" not in marked.stderr
