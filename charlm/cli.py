@@ -25,7 +25,7 @@ import typer
 
 from . import __version__
 from .errors import (EXIT_FAILURE, EXIT_SIGINT, EXIT_SIGNALS, SIGHUP, CharlmError, StopSignal, caught_signals,
-                     is_out_of_memory, signal_exit_code)
+                     is_out_of_memory, signal_exit_code, to_devnull)
 
 
 class _Command(typer.core.TyperCommand):
@@ -70,10 +70,8 @@ def _err(message: str) -> None:
         sys.stderr.write(f"charlm: error: {message}\n")
         sys.stderr.flush()
     except OSError:  # a terminal that hung up (EIO) or a reader gone: the exit code still tells
-        try:  # and Python's flush at exit does not fail (exit 120); not runtime.to_devnull, which imports torch
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stderr.fileno())
-            os.close(devnull)
+        try:  # and Python's flush at exit does not fail (exit 120)
+            to_devnull(sys.stderr.fileno())
         except (OSError, ValueError, AttributeError):  # no descriptor (a test's buffer)
             pass
 
@@ -171,9 +169,7 @@ def _errors(memory: str | Callable[[], str] = _NOT_FIT):
             _signals_end_the_process()
         raise _fail(exc.message, exc.exit_code) from None
     except BrokenPipeError:
-        # The reader went away (`charlm sample | head -1`): stop quietly.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        to_devnull(sys.stdout.fileno())  # the reader went away (`charlm sample | head -1`): stop quietly
         raise typer.Exit(0) from None
     except KeyboardInterrupt:
         _signals_end_the_process()
@@ -988,8 +984,7 @@ def main() -> None:
             _err(f"{message} (see {where} -h)")
         sys.exit(exc.exit_code)
     except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        to_devnull(sys.stdout.fileno())
         sys.exit(0)
     except StopSignal as exc:  # while the command line was parsed, before a command ran
         _signals_end_the_process()

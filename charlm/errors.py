@@ -9,6 +9,7 @@ that the signal ended.
 
 from __future__ import annotations
 
+import os
 import signal
 
 EXIT_OK = 0
@@ -91,3 +92,14 @@ def is_out_of_memory(exc: BaseException) -> bool:
     text = str(exc).lower()
     return any(words in text for words in ("out of memory", "can't allocate memory", "cannot allocate memory",
                                            "not enough memory"))
+
+
+def to_devnull(fd: int) -> None:
+    """Point descriptor `fd` at /dev/null: its terminal hung up or its reader went away, so every write to it
+    fails (EIO, EPIPE), and the process still has a checkpoint to save and a clean exit to make (Python's
+    own flush at exit would fail too, and turn the exit code into 120)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)

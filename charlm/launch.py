@@ -19,9 +19,9 @@ from pathlib import Path
 
 from .config import Config
 from .data import check_text_file, empty_corpus, is_blank
-from .errors import EXIT_FAILURE, UsageError, caught_signals, signal_exit_code
+from .errors import EXIT_FAILURE, UsageError, caught_signals, signal_exit_code, to_devnull
 from .runs import METRICS_FILE, run_folder_of
-from .runtime import terminal_columns, to_devnull
+from .runtime import terminal_columns
 from .train import check_new_run_dir, check_run_folder_free, check_writable, new_run_dir
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import EXIT_FAILURE, CharlmError, UsageError
+from .errors import EXIT_FAILURE, CharlmError, UsageError, to_devnull
 
 
 def file_sha256(path) -> str:
@@ -44,17 +44,6 @@ def bar_width() -> dict:
     columns = os.environ.get("CHARLM_COLUMNS", "")
     # one column short of the width, as tqdm takes a terminal's (a full-width line wraps on some terminals)
     return {"ncols": int(columns) - 1} if columns.isdigit() and int(columns) > 1 else {"dynamic_ncols": True}
-
-
-def to_devnull(fd: int) -> None:
-    """Point descriptor `fd` at /dev/null: its terminal hung up or its reader went away, so every write to it
-    fails (EIO, EPIPE), and the process still has a checkpoint to save and a clean exit to make (Python's
-    own flush at exit would fail too, and turn the exit code into 120)."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, fd)
-    finally:
-        os.close(devnull)
 
 
 class LogStream:
