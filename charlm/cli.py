@@ -471,10 +471,10 @@ def score(
     Example: charlm score runs/shakespeare "To be, or not to be." --per-token
     """
     with _errors(_memory_advice([("smaller --batch-size", batch_size, 1)])):
-        from .data import decode, read_text
+        from .data import read_pieces
         from .errors import UsageError
         from .runtime import resolve_device
-        from .score import score_sentences
+        from .score import RunningTotals, line_chunks, score_sentences
 
         if batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
@@ -485,25 +485,37 @@ def score(
         model, codec, saved = _load(run_dir, dev, checkpoint, impl)
         if file is not None and str(file) == "-":  # the usual name of standard input
             file = None
-        if not text and file is None and sys.stdin.isatty():
+        typed = not text and file is None and sys.stdin.isatty()
+        if typed:
             print("charlm: reading sentences from standard input, one a line (end with Ctrl-D)", file=sys.stderr)
         if text:
             named = next((t for t in text if _names_a_file(t)), None)
             if named is not None:  # `score RUN FILE`: the -f forgotten, or a sentence that is also a file name
                 print(f"charlm: note: '{named}' is scored as a sentence; to score the lines of the file {named}, "
                       f"use --file {named}", file=sys.stderr)
-            sentences = [line for t in text for line in (codec.tokenizer.lines(t) or [""])]
-        elif file is not None:
-            sentences = codec.tokenizer.lines(read_text(file, encoding or saved.cfg.data.encoding, errors))
+            chunks = iter([[line for t in text for line in (codec.tokenizer.lines(t) or [""])]])
         else:
-            # text typed or piped in, as the arguments are: in the terminal's encoding, not the corpus's (a run
-            # trained on a cp1252 file read a piped 'thé' as 'thÃ©')
-            sentences = codec.tokenizer.lines(decode(sys.stdin.buffer.read(), "standard input",
-                                                     encoding or sys.stdin.encoding or "utf-8", errors))
-        if not sentences:  # as `charlm eval` does: an empty input is more likely a mistake than a request
+            # a file in the run's encoding; text typed or piped in, as the arguments are, in the terminal's, not the
+            # corpus's (a run trained on a cp1252 file read a piped 'thé' as 'thÃ©'). Read and scored a batch of
+            # lines at a time, each printed before the next is read; typed lines one by one, as they come.
+            source, default = (file, saved.cfg.data.encoding) if file is not None else (
+                Path("-"), sys.stdin.encoding or "utf-8")
+            chunks = line_chunks(read_pieces(source, encoding or default, errors, codec.tokenizer.level, typed),
+                                 each_piece=typed)
+        totals = RunningTotals()
+        for sentences in chunks:
+            results = score_sentences(model, codec, sentences, batch_size, dev)
+            _print_scores(results, per_token, as_json, codec.tokenizer)
+            sys.stdout.flush()  # a batch's results reach a pipe before the next batch is read
+            totals.add(results)
+        if not totals.sentences:  # as `charlm eval` does: an empty input is more likely a mistake than a request
             raise UsageError(f"{file if file is not None else 'standard input'} holds no lines to score")
-        results = score_sentences(model, codec, sentences, batch_size, dev)
-        _print_scores(results, per_token, as_json, codec.tokenizer)
+        if not as_json:
+            t = totals.totals()
+            _out(f"Total: ln P {_figure(t.logprob, '.4f')}  log10 P {_figure(t.log10prob, '.4f')}  tokens {t.tokens}  "
+                 f"OOV {t.oov}")
+            _out(f"Perplexity including OOVs: {_figure(t.perplexity, '.4f')}")
+            _out(f"Perplexity excluding OOVs: {_figure(t.perplexity_no_oov, '.4f')}")
 
 
 def _written(tokenizer, text: str, tokens: list[str]) -> list[str]:
@@ -542,7 +554,8 @@ def _names_a_file(text: str) -> bool:
 
 
 def _print_scores(results, per_token: bool, as_json: bool, tokenizer) -> None:
-    from .score import LN10, score_totals
+    """Each sentence's line of the score table, or its JSON object; the totals follow the last batch."""
+    from .score import LN10
 
     for r in results:
         if as_json:
@@ -561,12 +574,6 @@ def _print_scores(results, per_token: bool, as_json: bool, tokenizer) -> None:
         _out(f"ln P {_figure(r.logprob, '10.4f')}  log10 P {_figure(r.log10prob, '9.4f')}  tokens {len(r.tokens):4d}  "
              f"OOV {r.oov:3d}  ppl {_figure(r.perplexity, '9.3f')}  bits/token {_figure(r.bits_per_token, '6.3f')}  "
              f"| {_shown(r.text)}")
-    if not as_json and results:
-        t = score_totals(results)
-        _out(f"Total: ln P {_figure(t.logprob, '.4f')}  log10 P {_figure(t.log10prob, '.4f')}  tokens {t.tokens}  "
-             f"OOV {t.oov}")
-        _out(f"Perplexity including OOVs: {_figure(t.perplexity, '.4f')}")
-        _out(f"Perplexity excluding OOVs: {_figure(t.perplexity_no_oov, '.4f')}")
 
 
 # ---------------------------------------------------------------- eval

@@ -39,7 +39,7 @@ from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -56,6 +56,7 @@ WORD_BLOCK_BYTES = 1 << 20  # ... or 1 MiB (words: a token as a Python string co
 # Characters held back at most while the text read so far has no safe place to end. A full block has more
 # characters than this, so only a whole block without one (nothing but combining marks) is passed on uncut.
 MAX_CARRY = 1 << 20
+HEAD_BYTES = 65536  # what read_pieces reads first, to refuse a binary stream before reading on
 CACHE_FORMAT = 5  # 2: U+3000 is white space at word level (it was a token); 3: a UTF-8 mark is not text;
 #                 4: a block of a long line no longer ends where NFC or lowercasing joins across the cut;
 #                 5: lowercased text is composed again (tokenizer.normalize), at character level too; meta.json
@@ -87,11 +88,17 @@ def _wide_codec(path: Path, encoding: str) -> tuple[str, int] | None:
     and the length of the mark at the file's start (0 if none); None for any other encoding. Python's
     incremental decoders need the order named: without it they refuse a file without a mark, and read a
     part that starts after the mark in the machine's order."""
+    if not _is_wide(encoding):
+        return None
+    with open(path, "rb") as fh:
+        return _wide_codec_of(fh.read(4), encoding)
+
+
+def _wide_codec_of(head: bytes, encoding: str) -> tuple[str, int] | None:
+    """_wide_codec for a file whose first bytes are `head`."""
     name = _codec_name(encoding) or ""
     if not name.startswith(("utf-16", "utf-32")):
         return None
-    with open(path, "rb") as fh:
-        head = fh.read(4)
     if not name.endswith(("-le", "-be")):
         name += "-be" if head.startswith("\ufeff".encode(name + "-be")) else "-le"
     mark = "\ufeff".encode(name)
@@ -300,19 +307,78 @@ def decode(raw: bytes, name: str, encoding: str = "utf-8", errors: str = "strict
 
 
 def read_text(path: Path, encoding: str = "utf-8", errors: str = "strict") -> str:
-    """Read a whole (small) text file; a decoding error names the byte offset and how to proceed. The file
-    is opened once, so a pipe (`--file <(...)`, /dev/stdin) is read whole too, and so is `-`, standard input."""
+    """Read a whole (small) text file, or standard input ('-'): read_pieces joined."""
+    return "".join(read_pieces(path, encoding, errors))
+
+
+def read_pieces(path: Path, encoding: str = "utf-8", errors: str = "strict", level: str = "char",
+                interactive: bool = False) -> Iterator[str]:
+    """The text of a file, or of standard input ('-'), in pieces that end at safe places, as iter_text gives a
+    corpus's: memory holds a block at a time, however large the file. It is opened and read once, so a pipe
+    (`--file <(...)`, /dev/stdin) is read as a file is. A head of NUL bytes is refused before the rest is read
+    (/dev/zero); an undecodable byte names its offset and what to do. A piece is what one read gives (up to a
+    block): a slow pipe's lines are passed on as they come. `interactive` (a terminal): the first piece too,
+    a line as it is typed, without waiting for the 64 KiB that the binary check reads of any other input."""
     stdin = str(path) == "-"
+    name = "standard input" if stdin else str(path)
     path = path if stdin else _existing_file(path)
+    if _codec_name(encoding) is None:  # unknown, or not a text encoding (hex, base64, zlib...)
+        raise unknown_encoding(encoding)
     try:
         with nullcontext(sys.stdin.buffer) if stdin else open(path, "rb") as fh:
-            head = fh.read(65536)
-            if _looks_wide_or_binary(head, encoding):  # refused before the rest is read (/dev/zero)
-                raise _binary_error("standard input" if stdin else path, head[:4])
-            raw = head + fh.read()
+            yield from _stream_pieces(fh, name, encoding, errors, level, interactive)
     except OSError as exc:
-        raise UsageError(f"cannot read {'standard input' if stdin else path}: {exc.strerror or exc}") from None
-    return decode(raw, "standard input" if stdin else str(path), encoding, errors)
+        raise UsageError(f"cannot read {name}: {exc.strerror or exc}") from None
+
+
+def _stream_pieces(fh: BinaryIO, name: str, encoding: str, errors: str, level: str,
+                   interactive: bool) -> Iterator[str]:
+    # the head whole (a binary stream is refused on 64 KiB), except from a terminal; then what a read gives, not
+    # a full block: a pipe's lines are scored as they come, and a file's blocks are full anyway
+    head = fh.read1(HEAD_BYTES) if interactive else fh.read(HEAD_BYTES)
+    read = fh.read1
+    if _looks_wide_or_binary(head, encoding):
+        raise _binary_error(name, head[:4])
+    codec, skip = encoding, 0
+    wide = _wide_codec_of(head, encoding)
+    if wide:  # the byte order named, the byte-order mark skipped
+        codec, skip = wide
+    elif _utf8_mark(encoding) and head.startswith(codecs.BOM_UTF8):  # a mark is not text
+        codec, skip = "utf-8", len(codecs.BOM_UTF8)
+    decoder = codecs.getincrementaldecoder(codec)(errors=errors)
+    block_size = BLOCK_BYTES if level == "char" else WORD_BLOCK_BYTES
+    block, offset, final = head[skip:], skip, not head  # offset: where `block` starts in the file
+    seen, non_ascii = b"", False             # the 64 KiB read before `block`; whether any of it was not ASCII
+    carry = ""
+    while True:
+        pending = len(decoder.getstate()[0])  # bytes of the last block kept back (a character cut in two)
+        try:
+            text = carry + decoder.decode(block, final=final)
+        except UnicodeDecodeError as exc:
+            at = offset - pending + exc.start
+            near = seen + block
+            if len(block) - (at - offset) < 32768:  # the bytes after the bad one, for the message
+                near += read(32768)
+            near_start = offset - len(seen)
+            around = near[max(at - 32768 - near_start, 0):at + 32768 - near_start]
+            before = non_ascii or not block[:max(at - offset, 0)].isascii()
+            raise _decode_error(name, at, near[at - near_start:at - near_start + 1], encoding, head, around,
+                                before) from None
+        except UnicodeError as exc:  # not tied to a byte
+            raise UsageError(f"{name} is not valid {encoding}: {exc}") from None
+        if final:
+            if text:
+                yield text
+            return
+        cut = _safe_cut(text, level, len(carry))
+        if cut:
+            yield text[:cut]
+        carry = text[cut:]
+        non_ascii = non_ascii or not block.isascii()
+        seen = block[-65536:] if len(block) >= 65536 else (seen + block)[-65536:]
+        offset += len(block)
+        block = read(block_size)
+        final = not block
 
 
 def _safe_cut(text: str, level: str, scanned: int = 0) -> int:
@@ -514,6 +580,39 @@ def encode(codec: TextCodec, text: str, compact: bool = False) -> Tensor:
     body = enc.encode(text) if text else torch.zeros(0, dtype=enc.dtype)
     dtype = enc.dtype if compact else torch.int64
     return torch.cat([torch.tensor([EOS_ID], dtype=dtype), body.to(dtype), enc.finish().to(dtype)])
+
+
+_ARRAY_TYPES = {torch.uint8: "B", torch.uint16: "H", torch.int32: "i"}  # array codes of storage_dtype's types
+
+
+@dataclass
+class EncodedText:
+    ids: Tensor      # `<eos>` first and after every line, in the vocabulary's smallest type (as encode's compact)
+    chars: int       # as char_count counts them
+    lines: int
+    unk: int
+
+
+def encode_pieces(codec: TextCodec, pieces: Iterable[str]) -> EncodedText:
+    """The text of `pieces` (read_pieces) as encode(..., compact=True) gives it whole, built piece by piece:
+    memory holds the ids (a byte a character at character level) and one piece, never the text, which as a
+    Python string and its normalised copy took about 12 bytes a character in `eval`."""
+    enc = StreamEncoder(codec)
+    ids = array(_ARRAY_TYPES[enc.dtype])
+    lines = 0
+
+    def put(part: Tensor) -> None:
+        nonlocal lines
+        if part.numel():
+            start = len(ids)
+            ids.frombytes(bytes(part.numel() * ids.itemsize))  # grows in place; the view below is gone before
+            torch.frombuffer(ids, dtype=enc.dtype)[start:].copy_(part)  # the next growth, which it would forbid
+            lines += int((part == EOS_ID).sum())
+    put(torch.tensor([EOS_ID], dtype=enc.dtype))
+    for piece in pieces:
+        put(enc.encode(piece))
+    put(enc.finish())
+    return EncodedText(torch.frombuffer(ids, dtype=enc.dtype), enc.chars, lines - 1, enc.unk)
 
 
 def char_count(text: str, lowercase: bool = False) -> int:

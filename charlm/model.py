@@ -156,6 +156,16 @@ class RNNLM(nn.Module):
             return int(self.decoder.cutoffs[0]) + len(self.decoder.cutoffs) - 1
         return self.vocab_size
 
+    @property
+    def position_width(self) -> int:
+        """Floats a forward pass without gradients holds at most for each position of a window: a recurrent
+        layer's gate pre-activations (the whole window's, computed before its time loop), its input and its output;
+        then the last layer's output, the scores and their log-softmax. At character level the gates fill the
+        memory, not the scores (4 x 256 floats against 2 x 66 for the GRU of the shipped config)."""
+        gates = {"rnn": 1, "gru": 3, "lstm": 4}[self.cfg.cell]
+        hidden, into = self.cfg.hidden_size, max(self.cfg.embedding_size, self.cfg.hidden_size)
+        return max((gates + 1) * hidden + into, hidden + 2 * self.output_width)
+
     def init_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
         h = torch.zeros(self.cfg.layers, batch_size, self.cfg.hidden_size, device=device)
         return (h, h.clone()) if self.cfg.cell == "lstm" else h
@@ -305,11 +315,12 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, MAX_LOG_PERPLEXITY))
 
 
-# Scores a `stream_nll` pass holds at once (2^27 floats, 512 MiB, about twice that with their log-softmax):
-# beyond it the streams are read in shorter windows, and beyond one step of them in groups of rows. Training's
-# validation does not reach it with the shipped configs, nor with a full softmax over 13,777 words at their
-# 10 streams (2^25.1), so such runs read their split as before; `charlm eval --streams 1000` at that
-# vocabulary took 7.1 GB, 1.9 GB within it.
+# Floats a `stream_nll` window holds at once (2^27, 512 MiB), counted by RNNLM.position_width: its scores, their
+# log-softmax, and a layer's gates and states. Beyond it the streams are read in shorter windows, and beyond one
+# step of them in groups of rows. Training's validation does not reach it with the shipped configs, nor with a
+# full softmax over 13,777 words at their 10 streams (2^25.7), so such runs read their split as before. Counting
+# scores alone, `charlm eval --streams 1000` at that vocabulary took 1.9 GB (7.1 GB before any budget), and
+# `--streams 8000` of the character-level GRU 256 took 10.1 GB, all of it gates and states.
 STREAM_LOGIT_BUDGET = 1 << 27
 
 
@@ -322,13 +333,13 @@ def stream_nll(model: RNNLM, rows: Tensor, mask: Tensor, window: int = 256,
 
     rows (S, L) and mask (S, L) come from `data.eval_streams`; the state is
     carried from window to window, so the result does not depend on `window`
-    (up to float rounding). At most `budget` scores are held at once: windows
-    shrink, and rows are read in groups, where all S rows would hold more.
+    (up to float rounding). At most `budget` floats (`position_width` a position read) are held at once:
+    windows shrink, and rows are read in groups, where all S rows would hold more.
     `should_stop` is asked before each window; when it says yes, EvaluationStopped is raised.
     """
     was_training = model.training
     model.eval()
-    width = model.output_width
+    width = model.position_width
     steps = max(1, min(window, budget // (rows.shape[0] * width)))
     group = max(1, min(rows.shape[0], budget // (steps * width)))
     total, count = 0.0, 0

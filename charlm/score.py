@@ -12,12 +12,13 @@ from __future__ import annotations
 import math
 from array import array
 from dataclasses import dataclass
+from typing import Iterable, Iterator
 from pathlib import Path
 
 import torch
 
 from .errors import UsageError
-from .data import char_count, encode, eval_streams, read_text
+from .data import encode_pieces, eval_streams, read_pieces
 from .model import RNNLM, map_state, perplexity, stream_nll
 from .tokenizer import EOS, EOS_ID, UNK, UNK_ID, TextCodec
 
@@ -112,13 +113,77 @@ class ScoreTotals:
     perplexity_no_oov: float
 
 
+class RunningTotals:
+    """The totals of sentences scored a batch at a time (`score` of a large file prints each batch's lines as it
+    goes): sixteen bytes a sentence are kept, not its results."""
+
+    def __init__(self) -> None:
+        self.logprobs = array("d")   # each sentence's ln P
+        self.known = array("d")      # each sentence's sum over its tokens inside the vocabulary
+        self.tokens = self.known_tokens = self.oov = 0
+
+    def add(self, results: Iterable[SentenceScore]) -> RunningTotals:
+        for r in results:
+            known = _known_logprobs(r.token_logprobs, r.tokens)
+            self.logprobs.append(r.logprob)
+            self.known.append(r.logprob if known is r.token_logprobs else math.fsum(known))
+            self.tokens += len(r.token_logprobs)
+            self.known_tokens += len(known)
+            self.oov += r.oov
+        return self
+
+    @property
+    def sentences(self) -> int:
+        return len(self.logprobs)
+
+    def totals(self) -> ScoreTotals:
+        total = math.fsum(self.logprobs)
+        return ScoreTotals(total, total / LN10, self.tokens, self.oov, perplexity(-total / self.tokens),
+                           perplexity(-math.fsum(self.known) / self.known_tokens))
+
+
 def score_totals(results: list[SentenceScore]) -> ScoreTotals:
     """Totals of one or more sentences' scores."""
-    total = math.fsum(r.logprob for r in results)
-    tokens = sum(len(r.token_logprobs) for r in results)
-    known = [lp for r in results for lp in _known_logprobs(r.token_logprobs, r.tokens)]
-    return ScoreTotals(total, total / LN10, tokens, sum(r.oov for r in results), perplexity(-total / tokens),
-                       perplexity(-math.fsum(known) / len(known)))
+    return RunningTotals().add(results).totals()
+
+
+# `score` of a file or standard input scores its lines this many at a time, or fewer where they hold more than
+# SCORE_CHUNK_CHARS characters: it prints a batch's results before it reads on (one million lines held 2.6 GB
+# of results and printed the first after 47 s). The lines of a batch are sorted by length to fill the batches.
+SCORE_CHUNK_LINES = 8192
+SCORE_CHUNK_CHARS = 1 << 20
+
+
+def line_chunks(pieces: Iterable[str], each_piece: bool = False) -> Iterator[list[str]]:
+    """The lines of the text that `pieces` hold (read_pieces), split as Tokenizer.lines splits the whole text, in
+    lists of at most SCORE_CHUNK_LINES lines or about SCORE_CHUNK_CHARS characters. `each_piece`: a list as soon
+    as a piece ends one or more lines (a terminal, whose lines are scored as they are typed)."""
+    chunk: list[str] = []
+    size = 0
+    part: list[str] = []  # a line begun but not ended yet, in pieces (a long line comes in many)
+    for piece in pieces:
+        lines = piece.split("\n")
+        if len(lines) == 1:
+            part.append(piece)
+            continue
+        if part:
+            lines[0] = "".join(part) + lines[0]
+        tail = lines.pop()
+        part = [tail] if tail else []
+        for line in lines:
+            chunk.append(line[:-1] if line.endswith("\r") else line)
+            size += len(line)
+            if len(chunk) >= SCORE_CHUNK_LINES or size >= SCORE_CHUNK_CHARS:
+                yield chunk
+                chunk, size = [], 0
+        if each_piece and chunk:
+            yield chunk
+            chunk, size = [], 0
+    if part:
+        line = "".join(part)
+        chunk.append(line[:-1] if line.endswith("\r") else line)
+    if chunk:
+        yield chunk
 
 
 def _known_logprobs(logprobs: list[float], tokens: list[str]) -> list[float]:
@@ -143,15 +208,13 @@ class CorpusEval:
 
 def evaluate_file(model: RNNLM, codec: TextCodec, path: Path, streams: int = 1, encoding: str = "utf-8",
                   errors: str = "strict", device: torch.device | str = "cpu") -> CorpusEval:
-    """The whole file as one stream, `<eos>` first, the state carried across lines (as in validation)."""
-    text = read_text(path, encoding, errors)
-    ids = encode(codec, text, compact=True)  # ids of the vocabulary's own size: stream_nll widens each window
-    if ids.numel() < 2:
+    """The whole file as one stream, `<eos>` first, the state carried across lines (as in validation). The text is
+    read piece by piece: memory holds its ids (a byte a character at character level), not the text."""
+    text = encode_pieces(codec, read_pieces(path, encoding, errors, codec.tokenizer.level))
+    if text.ids.numel() < 2:
         raise UsageError(f"{'standard input' if str(path) == '-' else path} holds no text to evaluate")
-    rows, mask = eval_streams(ids, streams)
+    rows, mask = eval_streams(text.ids, streams)  # stream_nll widens each window of the compact ids
     total, count = stream_nll(model, rows, mask, device=device)
-    chars = char_count(text, codec.tokenizer.lowercase)
     loss = total / count
-    return CorpusEval(str(path), loss, perplexity(loss), loss / LN2, total / max(chars, 1) / LN2,
-                      count, chars, len(codec.tokenizer.lines(text)), int((ids == UNK_ID).sum()), rows.shape[0],
-                      rows.shape[0] == 1)
+    return CorpusEval(str(path), loss, perplexity(loss), loss / LN2, total / max(text.chars, 1) / LN2,
+                      count, text.chars, text.lines, text.unk, rows.shape[0], rows.shape[0] == 1)

@@ -54,6 +54,30 @@ def test_fast_char_encoder_matches_encode_text(text, lowercase):
     assert fast[1:].tolist() == codec.encode_text(text).ids
 
 
+@pytest.mark.parametrize("level", ["char", "word"])
+@pytest.mark.parametrize("lowercase", [False, True])
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-16", "utf-8-sig"])
+def test_a_file_read_in_pieces_encodes_as_its_whole_text(tmp_path, monkeypatch, level, lowercase, encoding):
+    """`eval` reads its file piece by piece (read_pieces, encode_pieces) instead of as one string: the ids, the
+    characters, lines and unknown tokens it counts are those of the whole text, wherever the blocks end (here
+    every few bytes: inside a CRLF, a UTF-16 unit, a combining sequence, a word)."""
+    text = "".join(TRICKY) + "Σίσυφος ΣΟΦΟΣ\nHangul \u1100\u1161\u11a8 jamo\n" + "word " * 40 + "\r\n\r"
+    tokenizer = Tokenizer(level, lowercase=lowercase)
+    codec = TextCodec(tokenizer, Vocabulary.build(count_tokens(tokenizer, text[: len(text) // 2])))
+    path = tmp_path / "t.txt"
+    path.write_bytes(text.encode(encoding))
+    whole = encode(codec, text, compact=True)
+    for block in (3, 7, 64, 1 << 20):
+        monkeypatch.setattr(data, "BLOCK_BYTES", block)
+        monkeypatch.setattr(data, "WORD_BLOCK_BYTES", block)
+        monkeypatch.setattr(data, "HEAD_BYTES", block)
+        got = data.encode_pieces(codec, data.read_pieces(path, encoding, level=level))
+        assert got.ids.dtype == whole.dtype and torch.equal(got.ids, whole), block
+        assert got.chars == char_count(text, lowercase)
+        assert got.lines == len(tokenizer.lines(text))
+        assert got.unk == int((whole == UNK_ID).sum()) > 0
+
+
 def test_fast_char_encoder_matches_on_a_vocabulary_with_every_character():
     text = "".join(TRICKY)
     codec = char_codec_from(text)
@@ -377,7 +401,8 @@ def test_a_file_with_many_bad_bytes_among_its_utf8_is_not_called_damaged(tmp_pat
     many_bad.write_bytes(" ".join(["caf\u00e9"] * 10).encode("utf-8") + b" \xff \xfe \xff \xfe \xff\n")  # 10 good, 5 bad
     with pytest.raises(UsageError) as info:
         read_text(many_bad)
-    assert "damaged" not in info.value.message and "--encoding" in info.value.message
+    # not damaged UTF-8, and not another encoding either: the UTF-8 letters before the bad bytes say it mixes two
+    assert "damaged" not in info.value.message and "mixes encodings" in info.value.message
     few_bad = tmp_path / "few.txt"
     few_bad.write_bytes(" ".join(["caf\u00e9"] * 12).encode("utf-8") + b" \xff \xfe \xff\n")  # 12 good, 3 bad
     with pytest.raises(UsageError, match="damaged"):
