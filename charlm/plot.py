@@ -5,7 +5,9 @@ loss (the mean over each logging interval), a dashed line with dots the
 validation loss. The top row is the loss in nats per token; the bottom row,
 drawn when there is something to put in it, is bits per character: the
 validation `val_bpc` of every run, and the training loss / ln 2 of char-level
-runs (where a token is a character).
+runs (where a token is a character). A long run's training curve is drawn
+from at most a few thousand of its lines, chosen so that it covers the pixels
+that every line would (`runs.TrainingCurve`); every validation line is drawn.
 
 matplotlib is an optional extra (`pip install -e '.[plot]'` in charlm's folder, or
 `pip install matplotlib`; PyPI's package named charlm is another project). The figure is
@@ -124,7 +126,7 @@ def plot_runs(run_dirs: list[Path], out: Path, dpi: int = 100) -> PlotResult:
             run_dirs.append(run)
     for path, label in zip(run_dirs, _labels(run_dirs)):
         metrics = read_metrics(path)  # UsageError if the folder has no metrics.jsonl
-        if not metrics.train and not metrics.val:
+        if not metrics.train_lines and not metrics.val:
             skipped.append(label)
             continue
         curves.append(_Curves(label, summarize(path).level, metrics))

@@ -54,47 +54,137 @@ CHECKPOINTS = ("best", "last")
 
 @dataclass
 class Metrics:
-    """The lines of a metrics.jsonl, sorted by kind. Each record is the JSON object as written."""
+    """The lines of a metrics.jsonl, sorted by kind: the validation lines and the events as the JSON objects
+    written. The training lines of a long run are many (100,000 for 2,000,000 steps logged every 20), so
+    they are not all kept: `train` holds those that a plot draws (TrainingCurve), and the figures that
+    `runs` takes from all of them are gathered as the file is read."""
 
-    train: list[dict] = field(default_factory=list)   # lines with train_loss
-    val: list[dict] = field(default_factory=list)     # lines with val_loss
+    train: list[dict] = field(default_factory=list)   # lines with a finite train_loss, as their step, elapsed
+                                                       # and train_loss: every one of a log of up to
+                                                       # 2 * CURVE_STRETCHES, a selection of a longer one
+    val: list[dict] = field(default_factory=list)     # lines with val_loss (and no train_loss): all of them
     start: dict | None = None                          # {"event": "start", ...}
     end: dict | None = None                            # {"event": "end", ...}: the run finished
     failed: dict | None = None                         # {"event": "failed", "step", "error"}: it stopped on an error
     bad_lines: int = 0                                 # lines that are not JSON objects (a torn last line)
+    train_lines: int = 0                               # lines with train_loss (NaN too), all of them
+    train_step: int | None = None                      # the furthest step of those lines, and their longest elapsed
+    train_elapsed: float | None = None                 # (both as max() over them gives it: see _further)
+
+
+# A long log's training lines are cut into at most this many stretches (at least half as many), each drawn by
+# four of its lines: finer than the pixels of a plot's panel, which is about 500 wide.
+CURVE_STRETCHES = 1024
+
+
+class TrainingCurve:
+    """The training lines that a plot draws: at most 4 * CURVE_STRETCHES of them, however long the log.
+
+    The lines are cut into stretches of consecutive lines, as many lines in each (a power of two, which
+    doubles whenever the stretches fill up: two neighbours become one), and each stretch keeps its first
+    line, its last, and those with its lowest and its highest loss. Where a stretch is narrower than a
+    pixel, a line through these four covers the same pixels as one through all of its lines (the band that
+    the noise of the loss draws, every spike, the first and the last point); a mean per stretch would draw
+    a smoother curve than the run had. A log of up to 2 * CURVE_STRETCHES lines keeps every line."""
+
+    def __init__(self, stretches: int = CURVE_STRETCHES):
+        self.limit = stretches - stretches % 2  # even: they are merged in pairs
+        self.width = 1                          # lines in each stretch: the last one may hold fewer
+        self.count = 0                          # lines added
+        self.stretches: list[list[tuple]] = []  # [first, lowest, highest, last], each (index, loss, step, elapsed)
+
+    def add(self, loss: float, step, elapsed) -> None:
+        """The next line: its finite train_loss, and its step and elapsed as written."""
+        point = (self.count, loss, step, elapsed)
+        if self.count == len(self.stretches) * self.width:  # the last stretch is full
+            if len(self.stretches) == self.limit:
+                self._merge_pairs()
+            self.stretches.append([point, point, point, point])
+        else:
+            stretch = self.stretches[-1]
+            if loss < stretch[1][1]:
+                stretch[1] = point
+            if loss > stretch[2][1]:
+                stretch[2] = point
+            stretch[3] = point
+        self.count += 1
+
+    def _merge_pairs(self) -> None:
+        pairs = zip(self.stretches[0::2], self.stretches[1::2])
+        self.stretches = [[a[0], min(a[1], b[1], key=_loss), max(a[2], b[2], key=_loss), b[3]] for a, b in pairs]
+        self.width *= 2
+
+    def records(self) -> list[dict]:
+        """The kept lines in the order of the file, each as {"step", "elapsed", "train_loss"}."""
+        kept = []
+        for stretch in self.stretches:
+            points = {point[0]: point for point in stretch}  # one line may be both first and lowest
+            kept += [{"step": step, "elapsed": elapsed, "train_loss": loss}
+                     for _, loss, step, elapsed in (points[index] for index in sorted(points))]
+        return kept
+
+
+def _loss(point: tuple) -> float:
+    return point[1]
 
 
 def read_metrics(run_dir: Path) -> Metrics:
-    """Parse RUN_DIR/metrics.jsonl; a missing file raises UsageError, a bad line is counted and skipped."""
+    """Parse RUN_DIR/metrics.jsonl; a missing file raises UsageError, a bad line is counted and skipped.
+
+    The file is read a line at a time, and of the training lines only a TrainingCurve is kept, so a log of
+    millions of lines needs a few megabytes, not its whole text and a dict per line (gigabytes)."""
     path = Path(run_dir) / METRICS_FILE
+    m, curve = Metrics(), TrainingCurve()
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for text in fh:
+                # a line of the file may hold more than one line for str.splitlines, which also breaks at
+                # \x1c, U+2028 and the like (in a hand-edited file): cut where it cuts the whole text, so
+                # that the lines, bad ones included, and thus the summary, do not depend on how it is read
+                for line in text.splitlines():
+                    _read_line(line, m, curve)
     except FileNotFoundError:
         raise UsageError(f"{run_dir} has no {METRICS_FILE}: is it a run folder?") from None
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
-    m = Metrics()
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            m.bad_lines += 1
-            continue
-        if not isinstance(record, dict):
-            m.bad_lines += 1
-        elif record.get("event") == "start":
-            m.start = record
-        elif record.get("event") == "end":
-            m.end = record
-        elif record.get("event") == "failed":
-            m.failed = record
-        elif _number(record.get("train_loss")) is not None:
-            m.train.append(record)
-        elif _number(record.get("val_loss")) is not None:
-            m.val.append(record)
+    m.train = curve.records()
     return m
+
+
+def _read_line(line: str, m: Metrics, curve: TrainingCurve) -> None:
+    """Sort one line of metrics.jsonl into `m` (a training line also into `curve`)."""
+    if not line.strip():
+        return
+    try:
+        record = json.loads(line)
+    except ValueError:
+        m.bad_lines += 1
+        return
+    if not isinstance(record, dict):
+        m.bad_lines += 1
+        return
+    event = record.get("event")
+    if event == "start":
+        m.start = record
+    elif event == "end":
+        m.end = record
+    elif event == "failed":
+        m.failed = record
+    elif (loss := _number(record.get("train_loss"))) is not None:
+        m.train_lines += 1
+        m.train_step = _further(m.train_step, _int(record.get("step")))
+        m.train_elapsed = _further(m.train_elapsed, _number(record.get("elapsed")))
+        if math.isfinite(loss):  # a NaN or infinite loss is never drawn
+            curve.add(loss, record.get("step"), record.get("elapsed"))
+    elif _number(record.get("val_loss")) is not None:
+        m.val.append(record)
+
+
+def _further(best, value):
+    """`value` where it is not None and passes `best` (None: no value yet), else `best`. Folded over values
+    in turn, this is max() of those that are not None, with max()'s own comparisons, so that a NaN in a
+    damaged log (which no comparison passes) counts just where max() of a list of them would count it."""
+    return value if value is not None and (best is None or value > best) else best
 
 
 @dataclass
@@ -255,17 +345,17 @@ def summarize(run_dir: Path, name: str | None = None) -> RunSummary:
     if m is not None:
         if m.start:
             s.parameters = _int(m.start.get("parameters")) or s.parameters
-        steps = [_int(r.get("step")) for r in m.train + m.val]
-        times = [_number(r.get("elapsed")) for r in m.train + m.val]
+        # the training lines, the validation lines, the end record, then the checkpoints: in the order of
+        # max() over one list of them all (which a NaN time can tell apart)
+        steps, times = m.train_step, m.train_elapsed
+        for r in m.val:
+            steps, times = _further(steps, _int(r.get("step"))), _further(times, _number(r.get("elapsed")))
         if m.end:
-            steps.append(_int(m.end.get("steps")))
-            times.append(_number(m.end.get("elapsed")))
-        steps = [x for x in steps if x is not None]
-        times = [x for x in times if x is not None]
-        if steps:
-            s.steps = max(steps + ([s.steps] if s.steps is not None else []))
-        if times:
-            s.elapsed = max(times + ([s.elapsed] if s.elapsed is not None else []))
+            steps, times = _further(steps, _int(m.end.get("steps"))), _further(times, _number(m.end.get("elapsed")))
+        if steps is not None:
+            s.steps = _further(steps, s.steps)
+        if times is not None:
+            s.elapsed = _further(times, s.elapsed)
         vals = [r for r in m.val if _number(r.get("val_loss")) is not None and math.isfinite(r["val_loss"])]
         # A check on a slice of the split measures other text than the whole split does, and its loss may be
         # far lower: once the run has a figure for the whole split, the slices step aside.

@@ -344,3 +344,69 @@ def test_a_run_named_twice_is_drawn_once_with_a_note(tmp_path):
     assert result.exit_code == 0, result.output
     assert "(1200x" in result.stdout and "1 run)" in result.stdout
     assert result.stderr == f"charlm: note: {run / 'best'}: the same run as a folder named before it, drawn once\n"
+
+
+def long_log(lines: int) -> list[dict]:
+    """The training lines of a long run (a falling, noisy loss) with a validation line after every 100."""
+    import random
+
+    rng = random.Random(0)
+    records = []
+    for i in range(1, lines + 1):
+        records.append({"step": 20 * i, "elapsed": round(0.05 * i, 3),
+                        "train_loss": 1.2 + 2 * math.exp(-i / 500) + rng.gauss(0, 0.05)})
+        if i % 100 == 0:
+            records.append({"step": 20 * i, "elapsed": round(0.05 * i + 0.01, 3),
+                            "val_loss": 1.3 + 2 * math.exp(-i / 500), "val_bpc": 2.0})
+    return records
+
+
+def test_a_long_log_is_drawn_from_a_bounded_number_of_points_that_keep_its_ends_and_extremes(tmp_path,
+                                                                                           monkeypatch):
+    """Catches: every one of a long run's training lines drawn (100,000 points a curve for 2,000,000 steps
+    logged every 20: seconds of drawing and a gigabyte). The first and last points, the lowest and highest
+    loss and every validation point are still drawn, in every panel."""
+    pytest.importorskip("matplotlib")
+    figures = record_figures(monkeypatch)
+    records = long_log(20_000)
+    train = [r for r in records if "train_loss" in r]
+    run = hand_made_run(tmp_path / "r", "char", records)
+    plot_mod.plot_runs([run], tmp_path / "c.png")
+    (fig,) = figures
+    for ax, x, scale in ((fig.axes[0], "step", 1), (fig.axes[1], "elapsed", 60), (fig.axes[2], "step", 1)):
+        curve, checks = ax.lines[0], ax.lines[1]
+        xs, ys = list(curve.get_xdata()), list(curve.get_ydata())
+        assert len(xs) <= 4_096  # 4 * runs.CURVE_STRETCHES
+        assert xs[0] == pytest.approx(train[0][x] / scale) and xs[-1] == pytest.approx(train[-1][x] / scale)
+        assert len(checks.get_xdata()) == 200
+    losses = [r["train_loss"] for r in train]
+    drawn = list(fig.axes[0].lines[0].get_ydata())
+    assert (min(drawn), max(drawn)) == (min(losses), max(losses))
+    assert max(fig.axes[2].lines[0].get_ydata()) == pytest.approx(max(losses) / math.log(2))
+
+
+def test_the_training_curve_of_a_long_log_covers_the_pixels_that_every_line_would(tmp_path, monkeypatch):
+    """What is drawn of a long log looks as every line would: the curve drawn by plot and the same panel
+    redrawn through all the training lines differ in a few pixels of its edge (a mean per stretch of lines,
+    which smooths away the band of the noise, differs in most of them)."""
+    pytest.importorskip("matplotlib")
+    import numpy as np
+
+    figures = record_figures(monkeypatch)
+    records = long_log(20_000)
+    train = [r for r in records if "train_loss" in r]
+    run = hand_made_run(tmp_path / "r", "word", records)
+    plot_mod.plot_runs([run], tmp_path / "c.png")
+    (fig,) = figures
+
+    def pixels():
+        fig.canvas.draw()
+        return np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(int)
+
+    drawn = pixels()
+    fig.axes[0].lines[0].set_data([r["step"] for r in train], [r["train_loss"] for r in train])
+    every_line = pixels()
+    red, green, blue = every_line[..., 0], every_line[..., 1], every_line[..., 2]
+    curve = (blue > red + 60) & (blue > green + 20)  # the run's colour, C0 (31, 119, 180), where it is solid
+    differ = np.abs(drawn - every_line).sum(axis=-1) > 60
+    assert curve.sum() > 5_000 and differ.sum() < 0.05 * curve.sum(), (differ.sum(), curve.sum())

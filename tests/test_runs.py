@@ -628,3 +628,115 @@ def test_runs_table_right_aligns_its_numeric_columns(tmp_path):
     for row, name in zip(rows, ("long", "short")):
         assert row.startswith(name)
         assert row[:end].endswith(f" {steps[name]}"), (header, row)
+
+
+def _long_log(lines: int, seed: int = 0) -> list[dict]:
+    """The records of a metrics.jsonl as a run writes them: the start record, `lines` training lines (a falling,
+    noisy loss) with a validation line after every 100, and the end record."""
+    import math
+    import random
+
+    rng = random.Random(seed)
+    records = [{"event": "start", "step": 0, "parameters": 100, "vocab_size": 20}]
+    for i in range(1, lines + 1):
+        records.append({"step": 20 * i, "epoch": i / 1000, "elapsed": round(0.05 * i, 3),
+                        "train_loss": 1.2 + 2 * math.exp(-i / 500) + rng.gauss(0, 0.05), "lr": 0.003,
+                        "grad_norm": rng.random(), "tokens_per_second": 1e5 * rng.random()})
+        if i % 100 == 0:
+            records.append({"step": 20 * i, "epoch": i / 1000, "elapsed": round(0.05 * i + 0.01, 3),
+                            "val_loss": 1.3 + 2 * math.exp(-i / 500), "val_bpc": 2.0, "val_slice": False,
+                            "val_tokens": None})
+    return records + [{"event": "end", "steps": 20 * lines, "elapsed": 0.05 * lines + 1}]
+
+
+def test_a_long_log_keeps_a_bounded_part_of_its_training_lines_and_every_check(tmp_path):
+    """Catches: read_metrics keeping a dict for every line of a long run's log (100,000 lines for 2,000,000
+    steps: a gigabyte). What it keeps must still start and end where the log does and hold its extremes."""
+    records = _long_log(20_000)
+    written = [r for r in records if "train_loss" in r]
+    written[7_777]["train_loss"] = 9.0  # a spike in the middle of the run
+    run = _hand_made_run(tmp_path / "r", records, {"step": 1})
+    m = read_metrics(run)
+    assert 2_048 < len(m.train) <= 4_096  # 4 lines of each stretch, at most 4 * runs.CURVE_STRETCHES
+    assert m.train_lines == 20_000 and len(m.val) == 200 and m.start is not None and m.end is not None
+    kept = [(r["step"], r["train_loss"]) for r in m.train]
+    assert kept == sorted(kept)  # in the order of the file
+    assert kept[0] == (written[0]["step"], written[0]["train_loss"])
+    assert kept[-1] == (written[-1]["step"], written[-1]["train_loss"])
+    lowest = min(written, key=lambda r: r["train_loss"])
+    assert (lowest["step"], lowest["train_loss"]) in kept and (written[7_777]["step"], 9.0) in kept
+
+
+def test_each_stretch_of_a_long_curve_keeps_its_first_last_lowest_and_highest_lines():
+    """The rule that TrainingCurve's docstring states, line by line, for a curve made to merge its
+    stretches several times (and a short curve, kept whole)."""
+    import random
+
+    from charlm.runs import TrainingCurve
+
+    rng = random.Random(1)
+    losses = [rng.random() for _ in range(1_000)]
+    curve = TrainingCurve(stretches=8)
+    for step, loss in enumerate(losses):
+        curve.add(loss, step, step / 10)
+    width = curve.width
+    assert 4 <= len(losses) / width <= 8  # between half the stretches and all of them
+    expected = set()
+    for start in range(0, len(losses), width):
+        part = range(start, min(start + width, len(losses)))
+        expected |= {part[0], part[-1], min(part, key=losses.__getitem__), max(part, key=losses.__getitem__)}
+    assert [r["step"] for r in curve.records()] == sorted(expected)
+    assert all(r["train_loss"] == losses[r["step"]] and r["elapsed"] == r["step"] / 10 for r in curve.records())
+
+    short = TrainingCurve(stretches=8)
+    for step, loss in enumerate(losses[:16]):
+        short.add(loss, step, None)
+    assert [r["step"] for r in short.records()] == list(range(16))
+
+
+def test_reading_a_long_log_holds_neither_its_text_nor_a_dict_per_line(tmp_path):
+    """Catches: the whole file read as one string and every line kept as a dict (seven times the file's size
+    in memory). Python's own allocations are counted (tracemalloc), not the process's, and nothing is timed."""
+    import tracemalloc
+
+    run = _hand_made_run(tmp_path / "r", _long_log(40_000), {"step": 1})
+    size = (run / "metrics.jsonl").stat().st_size
+    tracemalloc.start()
+    try:
+        read_metrics(run)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < size / 4, (peak, size)
+
+
+def test_the_summary_of_a_long_log_counts_every_line_not_only_those_kept_for_the_plot(tmp_path):
+    """Catches: the furthest step and the longest time taken from the lines kept for the plot. A line that
+    is neither the first nor the last of its stretch, nor its lowest or highest loss, still counts (a log
+    written out of order, as a hand-made one may be)."""
+    records = _long_log(20_000)
+    run = _hand_made_run(tmp_path / "r", records, {"step": 1})
+    kept = {r["step"] for r in read_metrics(run).train}
+    hidden = next(r for r in records[10_000:] if "train_loss" in r and r["step"] not in kept)
+    hidden["step"], hidden["elapsed"] = 999_999, 99_999.5  # beyond the end record's 400,000 steps, 1,001 s
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    assert 999_999 not in {r["step"] for r in read_metrics(run).train}
+    s = summarize(run)
+    assert (s.status, s.steps, s.elapsed) == ("done", 999_999, 99_999.5)
+
+
+def test_blank_torn_and_odd_lines_give_the_same_summary_read_line_by_line(tmp_path):
+    """The lines as str.splitlines cuts the whole text: CRLF endings, blank lines, a line that U+2028 cuts
+    in two (both halves bad, so its step and time do not count), a byte-order mark, a torn last line."""
+    run = _hand_made_run(tmp_path / "r", [], {"step": 4, "elapsed": 0.5, "parameters": 10})
+    lines = [json.dumps({"event": "start", "parameters": 10}), "", "   ",
+             json.dumps({"step": 2, "elapsed": 1.0, "train_loss": 2.0}),
+             '{"step": 9, "elapsed": 9.0, "train_loss": 1.9, "note": "a\u2028b"}', "[1, 2]",
+             '\ufeff{"step": 8, "elapsed": 8.0, "train_loss": 1.0}',
+             json.dumps({"step": 4, "elapsed": 2.5, "val_loss": 1.5, "val_bpc": 2.1}),
+             json.dumps({"event": "end", "steps": 4, "elapsed": 3.0}), '{"step": 7, "ela']
+    (run / "metrics.jsonl").write_bytes("\r\n".join(lines).encode("utf-8"))
+    m = read_metrics(run)
+    assert (m.bad_lines, len(m.val)) == (5, 1)
+    s = summarize(run)
+    assert (s.status, s.steps, s.elapsed, s.best_val_loss, s.best_val_bpc) == ("done", 4, 3.0, 1.5, 2.1)
