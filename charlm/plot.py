@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UsageError
-from .runs import (Metrics, checkpoint_folder_holding, read_metrics, run_folder_of, slice_and_whole_checks,
-                   summarize)
+from .runs import (Metrics, checkpoint_folder_holding, read_metrics, run_folder_of, run_level,
+                   slice_and_whole_checks)
 
 LN2 = math.log(2.0)
 INSTALL_HINT = "pip install 'matplotlib>=3.7'"  # not 'charlm[plot]': PyPI's charlm is another project
@@ -129,7 +129,7 @@ def plot_runs(run_dirs: list[Path], out: Path, dpi: int = 100) -> PlotResult:
         if not metrics.train_lines and not metrics.val:
             skipped.append(label)
             continue
-        curves.append(_Curves(label, summarize(path).level, metrics))
+        curves.append(_Curves(label, run_level(path), metrics))
     if not curves:
         raise UsageError("plot: no run has logged a step yet (metrics.jsonl holds no loss lines)")
 

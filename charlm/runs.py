@@ -311,19 +311,12 @@ def summarize(run_dir: Path, name: str | None = None) -> RunSummary:
     s = RunSummary(name=name or run_dir.name, path=str(run_dir), status="done")
     problems = []
 
-    try:
-        raw = yaml.safe_load((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
-        model, data = raw.get("model"), raw.get("data")
-        if not isinstance(model, dict) or not isinstance(data, dict):  # a run writes every section: cut short
-            problems.append(f"{CONFIG_FILE} without its data and model sections")
-            model, data = model if isinstance(model, dict) else {}, data if isinstance(data, dict) else {}
-        s.cell, s.impl = model.get("cell"), model.get("impl")
-        s.layers, s.hidden_size = _int(model.get("layers")), _int(model.get("hidden_size"))
-        s.level = data.get("level")
-    except FileNotFoundError:
-        problems.append(f"no {CONFIG_FILE}")
-    except (OSError, ValueError, yaml.YAMLError, AttributeError):
-        problems.append(f"unreadable {CONFIG_FILE}")
+    model, data, problem = _config_sections(run_dir)
+    if problem is not None:
+        problems.append(problem)
+    s.cell, s.impl = model.get("cell"), model.get("impl")
+    s.layers, s.hidden_size = _int(model.get("layers")), _int(model.get("hidden_size"))
+    s.level = data.get("level")
 
     manifests = {name: read_manifest(run_dir, name) for name in CHECKPOINTS}  # each read once
     saved = [m for m in manifests.values() if m is not None]  # best/'s first, as the commands read them
@@ -379,6 +372,27 @@ def summarize(run_dir: Path, name: str | None = None) -> RunSummary:
     if problems:
         s.status, s.problem = "broken", "; ".join(problems)
     return s
+
+
+def _config_sections(run_dir: Path) -> tuple[dict, dict, str | None]:
+    """The model and data sections of a run's config.yaml ({} where it lacks one) and what is wrong with the
+    file, or None."""
+    try:
+        raw = yaml.safe_load((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+        model, data = raw.get("model"), raw.get("data")
+    except FileNotFoundError:
+        return {}, {}, f"no {CONFIG_FILE}"
+    except (OSError, ValueError, yaml.YAMLError, AttributeError):
+        return {}, {}, f"unreadable {CONFIG_FILE}"
+    if isinstance(model, dict) and isinstance(data, dict):
+        return model, data, None
+    problem = f"{CONFIG_FILE} without its data and model sections"  # a run writes every section: cut short
+    return model if isinstance(model, dict) else {}, data if isinstance(data, dict) else {}, problem
+
+
+def run_level(run_dir: Path) -> str | None:
+    """data.level of a run's config.yaml ("char" or "word"), or None where the file does not say."""
+    return _config_sections(Path(run_dir))[1].get("level")
 
 
 def list_runs(folder: Path, sort: str = "name") -> list[RunSummary]:
