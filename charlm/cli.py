@@ -155,14 +155,16 @@ def _sample_memory(num_samples: int, max_length: int, prime: str) -> str:
 
 
 @contextmanager
-def _errors(memory: str | Callable[[], str] = _NOT_FIT):
-    """Map library errors to one stderr line and an exit code (and set up the process for torch); `memory`
-    says what the running command can change when memory runs out."""
+def _errors(memory: str | Callable[[], str] = _NOT_FIT, torch: bool = True):
+    """Map library errors to one stderr line and an exit code (and set up the process for torch, unless
+    `torch` is False: a command that reads only text files, whose run the import of torch would make
+    seconds and 270 MB longer); `memory` says what the running command can change when memory runs out."""
     try:
-        with _holding_signals():
-            from .runtime import keep_freed_memory  # imports torch: here, so that --help stays fast
+        if torch:
+            with _holding_signals():
+                from .runtime import keep_freed_memory  # imports torch: here, so that --help stays fast
 
-        keep_freed_memory()  # big buffers are reused, not page-faulted in at every step
+            keep_freed_memory()  # big buffers are reused, not page-faulted in at every step
         yield
     except CharlmError as exc:
         if exc.exit_code in EXIT_SIGNALS:
@@ -707,7 +709,7 @@ def runs(
 
     Example: charlm runs runs --sort val_loss
     """
-    with _errors():
+    with _errors(torch=False):
         from .runs import list_runs
 
         summaries = list_runs(folder, sort)
