@@ -18,7 +18,9 @@ Corpora may be larger than memory: the text is read in blocks (bounded
 memory, however long a line), the vocabulary counted in one streaming pass,
 and the ids written once to a token file in a cache folder keyed by the
 corpus's SHA-256 and the tokenizer settings. Training reads that file through
-a memory map, in the smallest integer type that holds the vocabulary.
+a memory map, in the smallest integer type that holds the vocabulary; the
+position of every `<eos>`, recorded beside it while tokenizing, tells where
+the fresh rows may start without reading the whole file again.
 """
 
 from __future__ import annotations
@@ -57,10 +59,10 @@ WORD_BLOCK_BYTES = 1 << 20  # ... or 1 MiB (words: a token as a Python string co
 # characters than this, so only a whole block without one (nothing but combining marks) is passed on uncut.
 MAX_CARRY = 1 << 20
 HEAD_BYTES = 65536  # what read_pieces reads first, to refuse a binary stream before reading on
-CACHE_FORMAT = 5  # 2: U+3000 is white space at word level (it was a token); 3: a UTF-8 mark is not text;
+CACHE_FORMAT = 6  # 2: U+3000 is white space at word level (it was a token); 3: a UTF-8 mark is not text;
 #                 4: a block of a long line no longer ends where NFC or lowercasing joins across the cut;
 #                 5: lowercased text is composed again (tokenizer.normalize), at character level too; meta.json
-#                    holds the token files' SHA-256
+#                    holds the token files' SHA-256; 6: starts.bin holds the position of every <eos> of train.bin
 
 
 # ---------------------------------------------------------------- reading text
@@ -661,14 +663,37 @@ def build_codec(cfg: DataConfig, train_text: str) -> TextCodec:
 
 
 def encode_to_file(path: Path, cfg: DataConfig, codec: TextCodec, start: int, end: int, out: BinaryIO,
-                   progress=None) -> StreamEncoder:
-    """Stream-encode bytes [start, end) of a file into `out` (raw ids), `<eos>` first."""
+                   progress=None, starts: BinaryIO | None = None) -> StreamEncoder:
+    """Stream-encode bytes [start, end) of a file into `out` (raw ids), `<eos>` first; and into `starts`, if
+    given, the position in `out` of every `<eos>`, in order, as int64 (how many ids there will be, and so the
+    smallest type that holds a position, is known only at the end: `_narrow` copies them into it)."""
     enc = StreamEncoder(codec)
-    out.write(_to_bytes(torch.tensor([EOS_ID], dtype=enc.dtype)))
+    written = 0  # ids in `out` so far
+
+    def put(ids: Tensor) -> None:
+        nonlocal written
+        out.write(_to_bytes(ids))
+        if starts is not None:
+            starts.write(_to_bytes((ids == EOS_ID).nonzero().flatten() + written))
+        written += ids.numel()
+
+    put(torch.tensor([EOS_ID], dtype=enc.dtype))
     for piece in iter_text(path, start, end, cfg.encoding, cfg.errors, cfg.level, progress):
-        out.write(_to_bytes(enc.encode(piece)))
-    out.write(_to_bytes(enc.finish()))
+        put(enc.encode(piece))
+    put(enc.finish())
     return enc
+
+
+def position_dtype(count: int) -> torch.dtype:
+    """The smallest type of `line_starts` that holds every position of a stream of `count` ids."""
+    return torch.int32 if count - 1 < 2 ** 31 else torch.int64
+
+
+def _narrow(wide: Path, out: BinaryIO, dtype: torch.dtype) -> None:
+    """Copy a file of int64 positions into `out` as `dtype` (which holds them all), 2**20 at a time."""
+    with open(wide, "rb") as fh:
+        while block := fh.read(8 << 20):
+            out.write(_to_bytes(torch.frombuffer(bytearray(block), dtype=torch.int64).to(dtype)))
 
 
 def _to_bytes(t: Tensor) -> bytearray:
@@ -697,6 +722,7 @@ class Splits:
     cache: Path | None = None
     val_sha256: str | None = None  # the --val file's; None where the validation part is cut from the corpus
     val_unk: int = 0               # validation tokens outside the vocabulary, read as <unk>
+    starts: Tensor | None = None   # (lines,) the position of every <eos> of train, in order (memory-mapped)
 
 
 def _cache_write_failure(folder: Path, exc: OSError) -> RunFailure:
@@ -800,14 +826,16 @@ def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextC
     if meta_path.exists():
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            for name in ("train", "val"):  # token files changed underneath would train on other text
+            for name in ("train", "val", "starts"):  # token files changed underneath would train on other text
                 if file_sha256(folder / f"{name}.bin") != meta[f"{name}_sha256"]:
                     raise ValueError(f"{name}.bin does not match its SHA-256")
             cached = TextCodec.load(folder / "vocab.json")
             dtype = getattr(torch, meta["dtype"])
             return Splits(cached, map_tokens(folder / "train.bin", dtype, meta["train_tokens"]),
                           map_tokens(folder / "val.bin", dtype, meta["val_tokens"]) if meta["val_tokens"] else None,
-                          meta["train_chars"], meta["val_chars"], digest, folder, val_digest, meta["val_unk"])
+                          meta["train_chars"], meta["val_chars"], digest, folder, val_digest, meta["val_unk"],
+                          map_tokens(folder / "starts.bin", getattr(torch, meta["starts_dtype"]),
+                                     meta["train_lines"]))
         except (OSError, ValueError, KeyError, UsageError, RuntimeError):
             pass  # a damaged cache entry is rebuilt below
     size = corpus.stat().st_size
@@ -827,9 +855,15 @@ def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextC
             codec = build_vocabulary(count_vocabulary(corpus, cfg, 0, cut, bar.update), cfg)
         tmp.mkdir(parents=True, exist_ok=True)
         _lock_build(tmp)
-        with open(tmp / "train.bin", "wb") as out:
-            train_enc = encode_to_file(corpus, cfg, codec, 0, cut, out, bar.update)
+        with open(tmp / "train.bin", "wb") as out, open(tmp / "starts.int64", "wb") as wide:
+            train_enc = encode_to_file(corpus, cfg, codec, 0, cut, out, bar.update, starts=wide)
             _sync(out)
+        train_lines = (tmp / "starts.int64").stat().st_size // 8
+        starts_dtype = position_dtype(train_enc.tokens + 1)
+        with open(tmp / "starts.bin", "wb") as out:
+            _narrow(tmp / "starts.int64", out, starts_dtype)
+            _sync(out)
+        (tmp / "starts.int64").unlink()
         with open(tmp / "val.bin", "wb") as out:
             if val is not None:
                 try:
@@ -860,13 +894,16 @@ def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextC
     meta = {"format": CACHE_FORMAT, "dtype": str(train_enc.dtype).replace("torch.", ""),
             "train_tokens": train_enc.tokens + 1, "val_tokens": val_tokens,
             "train_chars": train_enc.chars, "val_chars": val_enc.chars, "train_unk": train_enc.unk,
-            "val_unk": val_enc.unk, "corpus_sha256": digest}
+            "val_unk": val_enc.unk, "corpus_sha256": digest,
+            "starts_dtype": str(starts_dtype).replace("torch.", ""), "train_lines": train_lines}
     try:
         # checked when the entry is used again (a file damaged or changed since is rebuilt, not trained on)
-        meta["train_sha256"], meta["val_sha256"] = file_sha256(tmp / "train.bin"), file_sha256(tmp / "val.bin")
+        for name in ("train", "val", "starts"):
+            meta[f"{name}_sha256"] = file_sha256(tmp / f"{name}.bin")
         (tmp / "vocab.json").write_text(codec.to_json(), encoding="utf-8")
         (tmp / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
-        for name in ("train.bin", "val.bin", "vocab.json", "meta.json"):  # meta.json last: it marks the entry done
+        # meta.json last: it marks the entry done
+        for name in ("train.bin", "val.bin", "starts.bin", "vocab.json", "meta.json"):
             os.replace(tmp / name, folder / name)
         tmp.rmdir()
         _unlock_build(tmp)
@@ -876,7 +913,8 @@ def prepare(cfg: DataConfig, corpus: Path, val: Path | None = None, codec: TextC
     dtype = train_enc.dtype
     return Splits(codec, map_tokens(folder / "train.bin", dtype, meta["train_tokens"]),
                   map_tokens(folder / "val.bin", dtype, val_tokens) if val_tokens else None,
-                  train_enc.chars, val_enc.chars, digest, folder, val_digest, val_enc.unk)
+                  train_enc.chars, val_enc.chars, digest, folder, val_digest, val_enc.unk,
+                  map_tokens(folder / "starts.bin", starts_dtype, train_lines))
 
 
 def check_vocabulary(saved: TextCodec, fresh: TextCodec, corpus: Path) -> None:
@@ -928,12 +966,18 @@ def window(rows: Tensor, index: int, seq_len: int) -> tuple[Tensor, Tensor]:
     return rows[:, start:end].long(), rows[:, start + 1:end + 1].long()
 
 
-def line_starts(ids: Tensor, seq_len: int) -> Tensor:
+def line_starts(ids: Tensor, seq_len: int, known: Tensor | None = None) -> Tensor:
     """Positions of the `<eos>` tokens that a line follows and a whole window of `seq_len` (with its targets)
-    can start at: (lines,), read a part at a time (bounded memory on a memory-mapped token file) and kept as
-    int32 where the positions fit (4 bytes a line: 80 MB for a corpus of 20 million lines)."""
+    can start at: (lines,), int32 where the positions fit (4 bytes a line).
+
+    `known`, the position of every `<eos>` of `ids` in order (`Splits.starts`, which the token cache
+    recorded while it tokenized), gives the answer without reading `ids`: its first part, a view found by a
+    binary search. Without it `ids` is read a part at a time, which on a memory-mapped token file brings
+    all of the file into the process's memory (1 GB for a 1 GB character corpus)."""
     last = ids.numel() - seq_len - 1
-    kind = torch.int32 if last < 2 ** 31 else torch.int64
+    if known is not None:
+        return known[: int(torch.searchsorted(known, torch.tensor([last], dtype=known.dtype), right=True))]
+    kind = position_dtype(last + 1)
     parts = [((ids[start:min(start + (1 << 24), last + 1)] == EOS_ID).nonzero().flatten() + start).to(kind)
              for start in range(0, last + 1, 1 << 24)]
     return torch.cat(parts) if parts else torch.zeros(0, dtype=kind)

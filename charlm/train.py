@@ -792,7 +792,7 @@ class _Loop:
         self.p, self.hidden = p, hidden
         # the lines that fresh rows (train.fresh_streams) may start at, for windows of seq_len; a rank takes
         # every world-th of a step's fresh rows, so shares may differ by one (the loss is weighted for it)
-        self.line_starts = line_starts(splits.train, self.t.seq_len) if self.t.fresh_streams else None
+        self.line_starts = line_starts(splits.train, self.t.seq_len, splits.starts) if self.t.fresh_streams else None
         self.global_rows = self.t.batch_size + self.t.fresh_streams  # a step's rows over all processes
         self.device, self.dist, self.resumed = device, dist, resumed
         self.show_progress, self.log_stream = show_progress, log_stream

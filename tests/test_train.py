@@ -270,6 +270,28 @@ def test_the_state_is_carried_from_window_to_window_and_reset_at_each_epoch(writ
         assert (firsts[i][B:] == EOS_ID).all(), f"window {i}: the fresh rows start at a line, after <eos>"
 
 
+def test_fresh_rows_come_from_the_line_starts_that_the_token_cache_recorded(write_corpus, tmp_path, monkeypatch):
+    """Catches: a run scanning its whole memory-mapped token file for line starts at its start (all of the file
+    in memory: a 1 GB corpus peaked at 1.7 GB) where the token cache recorded them; and recorded starts that
+    draw other lines than the scan did: a run trains to the same weights, bit for bit, either way."""
+    corpus, given = write_corpus(TINY_TEXT + "\n\na last line without its end"), []
+    scan = train_module.line_starts
+
+    def recording(ids, seq_len, known=None):
+        given.append(known)
+        return scan(ids, seq_len, known)
+
+    monkeypatch.setattr(train_module, "line_starts", recording)
+    train(tiny_config(train__max_steps=6), corpus, out=tmp_path / "recorded", show_progress=False)
+    assert len(given) == 1 and given[0] is not None and len(given[0]) > 0
+    monkeypatch.setattr(train_module, "line_starts", lambda ids, seq_len, known=None: scan(ids.clone(), seq_len))
+    train(tiny_config(train__max_steps=6), corpus, out=tmp_path / "scanned", show_progress=False)
+    a = load_file(str(tmp_path / "recorded" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "scanned" / "last" / "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
+
+
 def test_best_holds_the_lowest_of_scripted_validations_and_plateau_cuts_the_rate(write_corpus, tmp_path, monkeypatch):
     # A loss that falls and then rises, so that best/ must stay at step 2 while later checks overwrite last/.
     losses = iter([3.0, 1.0, 2.0, 2.5, 2.6, 2.7])
