@@ -27,6 +27,7 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from safetensors import SafetensorError
@@ -69,13 +70,17 @@ def reason(exc: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file so that readers see the old or the new content, never a part."""
+def atomic_write_text(path: Path, text: str | Iterable[str]) -> None:
+    """Write a file so that readers see the old or the new content, never a part; `text` may come in pieces
+    (a generator that reads the old file line by line holds a line at a time)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
+            if isinstance(text, str):
+                fh.write(text)
+            else:
+                fh.writelines(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

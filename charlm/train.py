@@ -388,16 +388,11 @@ class _Log:
         if path is None:
             return
         if resume_step is not None and path.exists():
-            kept = []
-            for ln in path.read_text(encoding="utf-8", errors="replace").splitlines():
-                try:
-                    record = json.loads(ln)
-                except ValueError:
-                    continue  # a partial last line, written when the process was killed
-                if (isinstance(record, dict) and record.get("event") not in ("end", "failed")
-                        and record.get("step", 0) <= resume_step):
-                    kept.append(ln)
-            ckpt.atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+            # read a line at a time and written as it is read: a long run's log (100,000 lines for 2,000,000
+            # steps logged every 20) is never held whole
+            with open(path, encoding="utf-8", errors="replace") as old:
+                ckpt.atomic_write_text(path, (ln + "\n" for line in old for ln in line.splitlines()
+                                              if _logged_by_then(ln, resume_step)))
         elif resume_step is None:
             path.write_text("", encoding="utf-8")
         self.fh = open(path, "a", encoding="utf-8")
@@ -410,6 +405,17 @@ class _Log:
     def close(self) -> None:
         if self.fh is not None:
             self.fh.close()
+
+
+def _logged_by_then(line: str, step: int) -> bool:
+    """Whether a line of metrics.jsonl stays when a run resumes from `step`: a record of that step or before, and
+    not the end or failure of the run that stopped (a partial last line, written when the process was killed,
+    is dropped)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and record.get("event") not in ("end", "failed") and record.get("step", 0) <= step
 
 
 class _NonFinite(Exception):

@@ -465,3 +465,33 @@ def test_an_old_run_resumed_with_a_config_file_is_told_how_to_keep_its_fresh_str
     result = cli("train", "--resume", run, "--config", config, "--set", "train.fresh_streams=0", "--max-steps", 8,
                  "-q")
     assert result.exit_code == 0, result.stderr
+
+
+def test_resume_rewrites_a_long_log_a_line_at_a_time(tmp_path):
+    """Catches: the resume reading all of metrics.jsonl into memory to drop the lines after its step (a long run's
+    log is 100,000 lines and more). The lines kept are those of the step or before, in order, without the end
+    record, a torn line or what a hand edit broke; a U+2028 inside a line splits it, as reading the whole text
+    with str.splitlines did."""
+    import tracemalloc
+
+    from charlm.train import _Log
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"event": "start", "step": 0}), json.dumps({"step": 2, "train_loss": 1.5}),
+             '{"step": 3, "note": "a\u2028b"}', "not json", json.dumps({"step": 4, "val_loss": 1.25}),
+             json.dumps({"step": 6, "train_loss": 1.0}), json.dumps({"event": "end", "steps": 6})]
+    path.write_text("\r\n".join(lines) + '\n{"step": 7, "train_lo', encoding="utf-8")
+    _Log(path, 4).close()
+    assert path.read_text(encoding="utf-8").splitlines() == [lines[0], lines[1], lines[4]]
+
+    filler = json.dumps({"step": 1, "train_loss": 2.0, "elapsed": 0.5, "lr": 0.001}) + "\n"
+    path.write_text(filler * 200_000, encoding="utf-8")  # 12 MB
+    size = path.stat().st_size
+    tracemalloc.start()
+    try:
+        _Log(path, 1).close()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert path.stat().st_size == size
+    assert peak < size / 10, (peak, size)  # the old code held the text, then a list of its lines: several times it
