@@ -769,9 +769,11 @@ def plot(
 
     Example: charlm plot runs/lstm runs/gru --out curves.png
     """
-    with _errors():
-        from .plot import plot_runs
+    with _errors(torch=False):  # a plot reads text files: torch's import would cost it 2.3 s and 270 MB
+        from .plot import plot_runs, warm_up
 
+        with _holding_signals():  # an interrupt inside matplotlib's (and numpy's) import is raised after it
+            warm_up()
         replaced = out.is_file()  # said after the picture is drawn, not if the plot is refused
         result = plot_runs(run_dirs, out)
         if replaced:

@@ -59,6 +59,15 @@ def _matplotlib():
     return Figure, FigureCanvasAgg, Line2D
 
 
+def warm_up() -> None:
+    """Import matplotlib if it is installed (plot_runs says so where it needs it if not): `charlm plot` does it
+    while it holds signals back, since an interrupt inside the import machinery can come out as another error."""
+    try:
+        _matplotlib()
+    except UsageError:
+        pass
+
+
 # Fonts with Chinese characters, tried after matplotlib's own where they are installed (a label may be a
 # Chinese run name); matplotlib takes each glyph from the first font of the list that has it.
 CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Source Han Sans SC", "WenQuanYi Zen Hei",
