@@ -37,6 +37,9 @@ _CJK = ("\u2e80-\u2fff\u3001-\u303f\u3040-\u30ff\u3100-\u312f\u3190-\u31ff\u3400
 # character; then a word (letters and digits, with inner apostrophes: "don't");
 # then any other single non-space character (punctuation, symbols, emoji).
 _WORD_RE = re.compile(rf"<unk>|[{_CJK}]|[^\W{_CJK}]+(?:['’][^\W{_CJK}]+)*|[^\s{_CJK}]")
+# A line end or a token of _WORD_RE: the tokens of many lines in one pass (Tokenizer.iter_split_lines). No
+# token holds white space, so the line ends cut the matches just where a call per line would.
+_LINE_END_OR_WORD_RE = re.compile(r"\n|" + _WORD_RE.pattern)
 _NO_SPACE_BEFORE = set(".,;:!?)]}%’”»…")
 _NO_SPACE_AFTER = set("([{¿¡“‘«")
 # Straight quotes do not say whether they open or close: the count in the line so far does (Tokenizer.join).
@@ -158,6 +161,24 @@ class Tokenizer:
     def _iter_words(self, line: str) -> Iterator[str]:
         for piece in _pieces(line):
             yield from (piece.split() if self.word_split == "space" else _WORD_RE.findall(piece))
+
+    def iter_split_lines(self, text: str, eos: bool = False) -> Iterator[list[str]]:
+        """Word level: the tokens of a text of many lines, those of `split` for each line in turn, and with `eos`
+        an `<eos>` after each line that a '\\n' ends (a last line without one gets none), in lists of about
+        PIECE_CHARS characters' worth. One pass over the whole text instead of a call per line, which cost
+        most of the time on short lines (docs/benchmarks.md, "Word-level tokenizing")."""
+        if self.level != "word":
+            raise ValueError("iter_split_lines splits words; a character line is its own tokens")
+        # normalising the whole text gives what normalising each line does: nothing joins across a '\n'
+        text = normalize(text, self.lowercase)
+        for piece in _pieces(text, PIECE_CHARS):  # cut just after white space: no token, no '\n' cut in two
+            if self.word_split == "space":
+                # a literal <eos> word is the line end it names (README), so a line end may be written as one
+                yield (piece.replace("\n", f" {EOS} ") if eos else piece).split()
+            elif eos:
+                yield [EOS if tok == "\n" else tok for tok in _LINE_END_OR_WORD_RE.findall(piece)]
+            else:
+                yield _WORD_RE.findall(piece)
 
     def join(self, tokens: Iterable[str], context: Sequence[str] = ()) -> str:
         """Text from tokens, such that `split(join(t)) == t` for tokens that `split` produces. `context`: the

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from charlm import data
 from charlm.config import DataConfig
 from charlm.errors import UsageError
 from charlm.tokenizer import EOS_ID, UNK_ID, TextCodec, Tokenizer, Vocabulary
+from test_tokenizer import MANY_LINES, random_texts
 
 # decomposed Hangul (jamo L V T, as macOS writes file names): combining class 0, yet NFC composes them
 # U+0F73 has class 0 but decomposes into marks; a capital sigma lowercases to a final one before a cut
@@ -333,3 +336,31 @@ def test_a_cache_entry_with_damaged_or_missing_line_starts_is_rebuilt(tmp_path, 
         starts.unlink()
     again = data.prepare(cfg, corpus, cache_dir=tmp_path / "cache")
     assert torch.equal(again.starts, expected) and starts.exists()
+
+
+@pytest.mark.parametrize("lowercase", [False, True])
+@pytest.mark.parametrize("word_split", ["punct", "space"])
+def test_word_level_counts_and_ids_are_those_of_a_split_of_each_line(tmp_path, monkeypatch, word_split, lowercase):
+    """The vocabulary pass and the ids pass tokenize a piece of many lines at once (Tokenizer.iter_split_lines):
+    the counts and the ids must be those of `split` line by line over the whole text (TextCodec.encode_text),
+    wherever the blocks cut the text (inside a CRLF, a character, a word's white space). Catches a line end
+    dropped or doubled, or counted as a token."""
+    cfg = DataConfig(level="word", word_split=word_split, lowercase=lowercase, val_fraction=0.0)
+    tokenizer = Tokenizer("word", lowercase=lowercase, word_split=word_split)
+    texts = [MANY_LINES, MANY_LINES * 2 + "\r", "\n\n", "a b\n\nc\n"] + random_texts(40, seed=1)
+    for i, text in enumerate(texts):
+        path = write(tmp_path / f"{i}.txt", text)
+        counts = Counter(t for line in tokenizer.lines(text) for t in tokenizer.split(line))
+        codec = TextCodec(tokenizer, Vocabulary.build(counts, min_freq=2))  # the rarest words <unk>
+        expected = [EOS_ID] + codec.encode_text(text).ids
+        for block in (1, 2, 3, 5, 8, 64, 1 << 20):
+            monkeypatch.setattr(data, "BLOCK_BYTES", block)
+            monkeypatch.setattr(data, "WORD_BLOCK_BYTES", block)
+            size = path.stat().st_size
+            assert data.count_vocabulary(path, cfg, 0, size) == counts, (block, text)
+            out = io.BytesIO()
+            enc = data.encode_to_file(path, cfg, codec, 0, size, out)
+            ids = torch.frombuffer(bytearray(out.getvalue()), dtype=enc.dtype).tolist()
+            assert ids == expected, (block, text)
+            assert enc.unk == expected.count(UNK_ID) and enc.tokens == len(expected) - 1
+        assert data.encode(codec, text).tolist() == expected  # the whole text as one piece

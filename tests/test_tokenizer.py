@@ -9,6 +9,7 @@ from collections import Counter
 
 import pytest
 
+from charlm import tokenizer as tokenizer_module
 from charlm.errors import UsageError
 from charlm.tokenizer import (EOS, EOS_ID, PIECE_CHARS, UNK, UNK_ID, TextCodec, Tokenizer, Vocabulary,
                               count_tokens, normalize)
@@ -388,3 +389,58 @@ def test_word_level_join_writes_hyphens_slashes_currency_and_straight_quotes_as_
         assert tok.join(tokens) == text and tok.split(tok.join(tokens)) == tokens
     assert tok.join(tok.split("x - 5")) == "x-5"  # a spaced hyphen between words reads as a hyphen
     assert tok.join(tok.split("and - y")) == "and-y"
+
+
+# ---------------------------------------------------------------- many lines in one pass
+# White space of every kind inside lines (U+3000, U+2028, NEL and U+001F, which str.split cuts at too, a tab),
+# CRLF, a lone CR, empty and blank lines, a literal <unk> and <eos>, apostrophes, CJK, an accent and Hangul jamo
+# that NFC composes, capital sigmas and a dotted capital I that lowercasing changes, no final newline.
+MANY_LINES = ("Hello, world!\r\nÉte\u0301 don't ’tis\n\n中文。 a\u3000b\u2028c\x85d\x1fe\tf\n <unk> <eos> a<eos>b\r"
+              "x\rΟΔΟΣ ΣΑΣ İstanbul\n\u1100\u1161\u11a8 e\u0301\r\n\n  \t \nlast")
+# what random texts are drawn from: the characters above, and words that split differently by mode
+LINE_ALPHABET = ["a", "b", "Σ", "İ", "e", "\u0301", "\u0308", "T", "é", "\u1100", "\u1161", "\u11a8", "中", "。",
+                 "'", "’", ",", "_", "1", "😀", " ", " ", "\u3000", "\u2028", "\x85", "\x1f", "\t", "\n", "\n",
+                 "\r", "<unk>", "<eos>", "don't", "<"]
+
+
+def random_texts(count: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return ["".join(rng.choices(LINE_ALPHABET, k=rng.randint(0, 60))) for _ in range(count)]
+
+
+def split_each_line(tok: Tokenizer, text: str, eos: bool) -> list[str]:
+    """What iter_split_lines gives, the plain way: `split` of each line, and `<eos>` for each '\n'."""
+    out: list[str] = []
+    for i, line in enumerate(text.split("\n")):
+        if eos and i:
+            out.append(EOS)
+        out += tok.split(line)
+    return out
+
+
+@pytest.mark.parametrize("eos", [False, True])
+@pytest.mark.parametrize("lowercase", [False, True])
+@pytest.mark.parametrize("word_split", ["punct", "space"])
+def test_splitting_many_lines_at_once_gives_the_tokens_of_each_line_and_its_eos(monkeypatch, word_split, lowercase,
+                                                                                  eos):
+    """Catches a line end dropped or doubled, a piece cut inside a word, a text not normalised, a literal <eos>
+    read as a line end where it is not one (punct) or the reverse (space)."""
+    tok = Tokenizer("word", lowercase=lowercase, word_split=word_split)
+    texts = [MANY_LINES, MANY_LINES * 3, "", "\n", "\n\n", "a\n", "\na"] + random_texts(300)
+    for piece_chars in (1, 2, 5, 16, PIECE_CHARS):  # the pieces that a long text is split in, cut everywhere
+        monkeypatch.setattr(tokenizer_module, "PIECE_CHARS", piece_chars)
+        for text in texts:
+            got = [t for tokens in tok.iter_split_lines(text, eos) for t in tokens]
+            assert got == split_each_line(tok, text, eos), (piece_chars, text)
+
+
+@pytest.mark.parametrize("word_split", ["punct", "space"])
+def test_splitting_many_lines_at_once_holds_a_piece_of_tokens_at_a_time(monkeypatch, word_split):
+    monkeypatch.setattr(tokenizer_module, "PIECE_CHARS", 12)
+    lists = list(Tokenizer("word", word_split=word_split).iter_split_lines("ab cd\n" * 100, eos=True))
+    assert sum(map(len, lists)) == 300 and max(map(len, lists)) <= 8  # 12 characters and a word
+
+
+def test_splitting_many_lines_at_once_is_for_words_only():
+    with pytest.raises(ValueError):
+        next(Tokenizer("char").iter_split_lines("ab\n"))
