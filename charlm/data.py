@@ -350,10 +350,11 @@ def _stream_pieces(fh: BinaryIO, name: str, encoding: str, errors: str, level: s
     decoder = codecs.getincrementaldecoder(codec)(errors=errors)
     block_size = BLOCK_BYTES if level == "char" else WORD_BLOCK_BYTES
     block, offset, final = head[skip:], skip, not head  # offset: where `block` starts in the file
-    seen, non_ascii = b"", False             # the 64 KiB read before `block`; whether any of it was not ASCII
-    carry = ""
+    seen, non_ascii = b"", False             # the 64 KiB read before `block`; whether any text decoded from the
+    carry = ""                               # bytes before it was not ASCII
     while True:
-        pending = len(decoder.getstate()[0])  # bytes of the last block kept back (a character cut in two)
+        held = decoder.getstate()[0]  # bytes of the last block kept back (a character cut in two)
+        pending = len(held)
         try:
             text = carry + decoder.decode(block, final=final)
         except UnicodeDecodeError as exc:
@@ -376,7 +377,9 @@ def _stream_pieces(fh: BinaryIO, name: str, encoding: str, errors: str, level: s
         if cut:
             yield text[:cut]
         carry = text[cut:]
-        non_ascii = non_ascii or not block.isascii()
+        # the bytes decoded: a character cut at the block's end is not read yet, and may be the bad byte
+        kept = len(decoder.getstate()[0])
+        non_ascii = non_ascii or not (held + block[:len(block) - kept]).isascii()
         seen = block[-65536:] if len(block) >= 65536 else (seen + block)[-65536:]
         offset += len(block)
         block = read(block_size)

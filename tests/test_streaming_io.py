@@ -151,3 +151,22 @@ def test_a_bad_byte_is_named_at_its_offset_in_the_file_whatever_the_blocks(tmp_p
             data.read_text(path, encoding)
         assert f"byte offset {len(prefix) + len(body)} (b'\\x81')" in info.value.message, (block, info.value.message)
         assert "UTF-8" in info.value.message
+
+
+@pytest.mark.parametrize("block", [3, 5, 7, 1 << 20])
+def test_a_bad_byte_gets_the_same_message_wherever_the_blocks_end(tmp_path, monkeypatch, block):
+    """Catches: the bytes of a character cut between two blocks counted as text read before the bad byte. A
+    cp1252 file whose first accented letter (a UTF-8 lead byte) ended a block was said to hold UTF-8 letters
+    before it and to mix encodings, though all before it was ASCII; the corpus reader said what it reads as."""
+    monkeypatch.setattr(data, "HEAD_BYTES", 8)
+    monkeypatch.setattr(data, "BLOCK_BYTES", block)
+    ascii_part = b"x" * (8 + 2 * min(block, 100) - 1)  # the first letter outside ASCII ends the second block
+    path = tmp_path / "cp1252.txt"
+    path.write_bytes(ascii_part + "\u00e9 na\u00efve, d\u00e9j\u00e0 vu, r\u00e9sum\u00e9\n".encode("cp1252") * 50)
+    with pytest.raises(UsageError) as info:
+        data.read_text(path)
+    with pytest.raises(UsageError) as training:  # the corpus reader, which looks at the file again
+        list(data.iter_text(path))
+    assert f"byte offset {len(ascii_part)} (b'\\xe9')" in info.value.message
+    assert info.value.message == training.value.message
+    assert "mixes encodings" not in info.value.message
