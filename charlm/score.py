@@ -113,33 +113,59 @@ class ScoreTotals:
     perplexity_no_oov: float
 
 
-class RunningTotals:
-    """The totals of sentences scored a batch at a time (`score` of a large file prints each batch's lines as it
-    goes): sixteen bytes a sentence are kept, not its results."""
+class ExactSum:
+    """math.fsum of the values added so far, held as a few partial sums instead of the values (Shewchuk's
+    algorithm, the one fsum runs: the partials do not overlap and add up to the exact sum, so fsum of them is
+    fsum of the values). A value that is not finite is kept once, as fsum would see it."""
 
     def __init__(self) -> None:
-        self.logprobs = array("d")   # each sentence's ln P
-        self.known = array("d")      # each sentence's sum over its tokens inside the vocabulary
-        self.tokens = self.known_tokens = self.oov = 0
+        self.partials: list[float] = []
+        self.special: dict[str, float] = {}  # inf, -inf, nan: each at most once
+
+    def add(self, x: float) -> None:
+        if not math.isfinite(x):
+            self.special[repr(x)] = x
+            return
+        i = 0
+        for y in self.partials:
+            if abs(x) < abs(y):
+                x, y = y, x
+            hi = x + y
+            lo = y - (hi - x)
+            if lo:
+                self.partials[i] = lo
+                i += 1
+            x = hi
+        self.partials[i:] = [x]
+
+    def value(self) -> float:
+        return math.fsum(self.partials + list(self.special.values()))
+
+
+class RunningTotals:
+    """The totals of sentences scored a batch at a time (`score` of a large file prints each batch's lines as it
+    goes): a few numbers, however many sentences, not their results."""
+
+    def __init__(self) -> None:
+        self.logprob = ExactSum()    # the sentences' ln P
+        self.known = ExactSum()      # each sentence's sum over its tokens inside the vocabulary
+        self.sentences = self.tokens = self.known_tokens = self.oov = 0
 
     def add(self, results: Iterable[SentenceScore]) -> RunningTotals:
         for r in results:
             known = _known_logprobs(r.token_logprobs, r.tokens)
-            self.logprobs.append(r.logprob)
-            self.known.append(r.logprob if known is r.token_logprobs else math.fsum(known))
+            self.logprob.add(r.logprob)
+            self.known.add(r.logprob if known is r.token_logprobs else math.fsum(known))
+            self.sentences += 1
             self.tokens += len(r.token_logprobs)
             self.known_tokens += len(known)
             self.oov += r.oov
         return self
 
-    @property
-    def sentences(self) -> int:
-        return len(self.logprobs)
-
     def totals(self) -> ScoreTotals:
-        total = math.fsum(self.logprobs)
+        total = self.logprob.value()
         return ScoreTotals(total, total / LN10, self.tokens, self.oov, perplexity(-total / self.tokens),
-                           perplexity(-math.fsum(self.known) / self.known_tokens))
+                           perplexity(-self.known.value() / self.known_tokens))
 
 
 def score_totals(results: list[SentenceScore]) -> ScoreTotals:

@@ -170,3 +170,32 @@ def test_a_bad_byte_gets_the_same_message_wherever_the_blocks_end(tmp_path, monk
     assert f"byte offset {len(ascii_part)} (b'\\xe9')" in info.value.message
     assert info.value.message == training.value.message
     assert "mixes encodings" not in info.value.message
+
+
+def test_running_totals_keep_a_bounded_state_and_the_exact_sums():
+    """Catches: score keeping sixteen bytes for every line it scored (a file of 100 million lines: 1.6 GB),
+    though its memory is said not to grow with the input. The totals stay math.fsum of every sentence's."""
+    import math
+    import random
+    import tracemalloc
+
+    rng = random.Random(0)
+    values = [rng.choice([-1e16, 1e-3, -7.25, 1e16]) * rng.random() for _ in range(5000)]
+    results = [score.SentenceScore("x", ["x", "<eos>"], [v / 2, v / 2], v, 0.0, 0, 1.0, 1.0, 0.0)
+               for v in values]
+    running = score.RunningTotals().add(results[:2500]).add(results[2500:])
+    assert running.totals().logprob == math.fsum(values)
+    assert running.sentences == 5000
+
+    one = score.SentenceScore("a", ["a", "<eos>"], [-1.5, -0.25], -1.75, 0.0, 0, 1.0, 1.0, 0.0)
+    running = score.RunningTotals()
+    running.add([one] * 1000)
+    many = [one] * 200_000
+    tracemalloc.start()
+    try:
+        running.add(many)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 100_000, held  # 3.2 MB where every sentence left two floats behind
+    assert running.totals().logprob == -1.75 * 201_000
