@@ -373,10 +373,9 @@ def _stream_pieces(fh: BinaryIO, name: str, encoding: str, errors: str, level: s
             if text:
                 yield text
             return
-        cut = _safe_cut(text, level, len(carry))
-        if cut:
-            yield text[:cut]
-        carry = text[cut:]
+        piece, carry = _safe_split(text, level, len(carry))
+        if piece:
+            yield piece
         # the bytes decoded: a character cut at the block's end is not read yet, and may be the bad byte
         kept = len(decoder.getstate()[0])
         non_ascii = non_ascii or not (held + block[:len(block) - kept]).isascii()
@@ -384,6 +383,12 @@ def _stream_pieces(fh: BinaryIO, name: str, encoding: str, errors: str, level: s
         offset += len(block)
         block = read(block_size)
         final = not block
+
+
+def _safe_split(text: str, level: str, scanned: int) -> tuple[str, str]:
+    """`text` as the piece that may be passed on now (_safe_cut) and the rest, kept for the next block."""
+    cut = _safe_cut(text, level, scanned)
+    return text[:cut], text[cut:]
 
 
 def _safe_cut(text: str, level: str, scanned: int = 0) -> int:
@@ -464,10 +469,9 @@ def iter_text(path: Path, start: int = 0, end: int | None = None, encoding: str 
                 if text:
                     yield text
                 return
-            cut = _safe_cut(text, level, len(carry))
-            if cut:
-                yield text[:cut]
-            carry = text[cut:]
+            piece, carry = _safe_split(text, level, len(carry))
+            if piece:
+                yield piece
 
 
 def split_point(path: Path, fraction: float, encoding: str = "utf-8") -> int:
