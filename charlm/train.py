@@ -367,17 +367,32 @@ def _check_space(run_dir: Path, model: nn.Module) -> None:
 
     A checkpoint holds the weights and, in last/, the optimizer state (up to two
     more copies for Adam); while one is swapped in, the new and the old copy of
-    last/ and best/ exist at once: about eight copies of the weights in all.
+    last/ and best/ exist at once: about eight copies of the weights in all. The
+    old copies a resumed run finds in place already take their room on the disk,
+    so only the rest is asked for (never less than the four new copies).
     """
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    need = 8 * weights + (1 << 20)
+    held = sum(_bytes_in(run_dir / name) for name in ("last", "best"))
+    need = max(8 * weights - held, 4 * weights) + (1 << 20)
     try:
         free = shutil.disk_usage(run_dir).free
     except OSError:
         return  # cannot tell: the checkpoint writes will report a full disk themselves
     if free < need:
         raise RunFailure(f"not enough disk space in {run_dir}: {free / 2**20:,.1f} MiB free, the checkpoints of "
-                         f"this model need about {need / 2**20:,.1f} MiB; free some space or choose another --out")
+                         f"this model need about {need / 2**20:,.1f} MiB more; free some space or choose another --out")
+
+
+def _bytes_in(folder: Path) -> int:
+    """The size of the plain files directly inside a checkpoint folder (0 if it is none): a link is not followed,
+    since what it points at is not freed when the checkpoint is replaced."""
+    if folder.is_symlink():
+        return 0
+    try:
+        with os.scandir(folder) as entries:
+            return sum(e.stat(follow_symlinks=False).st_size for e in entries if e.is_file(follow_symlinks=False))
+    except OSError:
+        return 0
 
 
 class _Log:

@@ -537,3 +537,21 @@ def test_a_second_signal_does_not_replace_the_one_being_handled():
     s._handler(signal.SIGINT, None)
     s._handler(signal.SIGTERM, None)
     assert s.received == signal.SIGINT
+
+
+def test_a_resume_counts_the_checkpoints_it_will_replace_as_room_already_taken(tmp_path, monkeypatch):
+    """Catches: the space check asking a resumed run for room for eight copies of the weights, as a new run,
+    though last/ and best/ already hold the four old ones that the new copies replace: a run that had trained
+    on a nearly full disk could not go on, though its saves would fit."""
+    run = tmp_path / "run"
+    assert cli("train", "--config", write_config(tmp_path), "--corpus", write_corpus(tmp_path), "--out", run,
+               "-q").exit_code == 0
+    weights = sum(t.numel() * t.element_size() for t in load_checkpoint(run / "last").tensors.values())
+    free = 6 * weights + (1 << 20)  # room for the four new copies of a resume, not for the eight of a new run
+    monkeypatch.setattr(train_mod.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, free))
+    fresh = cli("train", "--config", write_config(tmp_path), "--corpus", write_corpus(tmp_path), "--out",
+                tmp_path / "other", "-q")
+    assert_one_line_error(fresh, 1, "not enough disk space", "MiB free")
+    resumed = cli("train", "--resume", run, "--max-steps", 16, "--json")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert saved_step(run) == 16
