@@ -293,21 +293,6 @@ def _binary_error(name, head: bytes) -> UsageError:
     return UsageError(f"{name} looks like a binary file (it holds NUL bytes), not text")
 
 
-def decode(raw: bytes, name: str, encoding: str = "utf-8", errors: str = "strict") -> str:
-    """Bytes to text; a binary file or an undecodable byte gets a message naming it and what to do."""
-    if _looks_wide_or_binary(raw[:65536], encoding):
-        raise _binary_error(name, raw[:4])
-    skip = len(codecs.BOM_UTF8) if _utf8_mark(encoding) and raw.startswith(codecs.BOM_UTF8) else 0
-    try:
-        return raw[skip:].decode("utf-8" if skip else encoding, errors=errors)
-    except LookupError:
-        raise unknown_encoding(encoding) from None
-    except UnicodeDecodeError as exc:
-        at = skip + exc.start
-        raise _decode_error(name, at, raw[at:at + 1], encoding, raw[:65536],
-                            raw[max(at - 32768, 0):at + 32768]) from None
-
-
 def read_text(path: Path, encoding: str = "utf-8", errors: str = "strict") -> str:
     """Read a whole (small) text file, or standard input ('-'): read_pieces joined."""
     return "".join(read_pieces(path, encoding, errors))
