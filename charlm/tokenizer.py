@@ -166,7 +166,7 @@ class Tokenizer:
         """Word level: the tokens of a text of many lines, those of `split` for each line in turn, and with `eos`
         an `<eos>` after each line that a '\\n' ends (a last line without one gets none), in lists of about
         PIECE_CHARS characters' worth. One pass over the whole text instead of a call per line, which cost
-        most of the time on short lines (docs/benchmarks.md, "Word-level tokenizing")."""
+        most of the time on short lines (docs/benchmarks-history.md, "Word-level tokenizing")."""
         if self.level != "word":
             raise ValueError("iter_split_lines splits words; a character line is its own tokens")
         # normalising the whole text gives what normalising each line does: nothing joins across a '\n'

@@ -3,7 +3,7 @@
 The training and validation lines repeat the shapes of the run's own (the same keys, in the same order),
 with steps and times going on at the run's logging interval and a falling, noisy loss; the run's start
 and end records open and close the file (the end record's steps and elapsed moved to the last line's).
-docs/benchmarks.md ("`runs` and `plot` on long logs") has the figures measured with it.
+docs/benchmarks-history.md ("`runs` and `plot` on long logs") has the figures measured with it.
 
     python scripts/long_metrics_log.py RUN_DIR OUT_DIR [--lines 100000] [--seed 0]
 """
