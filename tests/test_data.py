@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import codecs
+import io
 import os
+import sys
 import threading
+import types
 
 import pytest
 import torch
@@ -77,6 +81,26 @@ def test_a_file_read_in_pieces_encodes_as_its_whole_text(tmp_path, monkeypatch, 
         assert got.lines == len(tokenizer.lines(text))
         assert got.unk == int((whole == UNK_ID).sum()) > 0
 
+
+
+@pytest.mark.parametrize("words, dtype", [(300, torch.uint16), (70_000, torch.int32)])
+def test_a_file_read_in_pieces_encodes_as_its_whole_text_in_two_and_four_byte_ids(tmp_path, monkeypatch, words,
+                                                                                     dtype):
+    """Catches: encode_pieces growing its id array by a byte an id, not the id's size: right at character level
+    (one byte an id), wrong for a word vocabulary of more than 256 words, whose ids take two or four bytes
+    (`eval` of any real word-level model)."""
+    tokenizer = Tokenizer("word")
+    codec = TextCodec(tokenizer, Vocabulary(["<unk>", "<eos>"] + [f"w{i}" for i in range(words)]))
+    text = "".join(f"w{i} w{words - 1 - i} w{i * 7919 % words} unseen\n" for i in range(0, words, max(1, words // 50)))
+    path = tmp_path / "words.txt"
+    path.write_text(text + "w1 no final newline", encoding="utf-8")
+    whole = encode(codec, text + "w1 no final newline", compact=True)
+    assert whole.dtype == dtype
+    for block in (5, 1 << 20):
+        monkeypatch.setattr(data, "WORD_BLOCK_BYTES", block)
+        got = data.encode_pieces(codec, data.read_pieces(path, level="word"))
+        assert got.ids.dtype == dtype and torch.equal(got.ids, whole), block
+        assert got.lines == text.count("\n") + 1 and got.unk == int((whole == UNK_ID).sum()) > 0
 
 def test_fast_char_encoder_matches_on_a_vocabulary_with_every_character():
     text = "".join(TRICKY)
@@ -185,6 +209,46 @@ def test_read_text_refuses_an_endless_binary_stream_from_its_head(tmp_path):
     (outcome,) = _in_a_thread(lambda: read_text(path), 10)  # short: reading it whole would fill the memory
     assert isinstance(outcome, UsageError) and "binary" in outcome.message
 
+
+
+class _Trickle(io.RawIOBase):
+    """A pipe whose reads give a few bytes each, as a slow writer's pipe does."""
+
+    def __init__(self, data: bytes, size: int):
+        self.data, self.size = data, size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        chunk, self.data = self.data[:min(len(buffer), self.size)], self.data[min(len(buffer), self.size):]
+        buffer[:len(chunk)] = chunk
+        return len(chunk)
+
+
+def test_the_binary_check_reads_a_whole_head_from_a_pipe_that_gives_a_few_bytes_a_read(monkeypatch):
+    """Catches: the head that the binary check looks at taken from one read (read1) where the input is no
+    terminal: a pipe whose first read held a line of text had its NUL bytes, which came in the next reads,
+    scored as text. Only a terminal's first line is taken as it comes."""
+    stdin = types.SimpleNamespace(buffer=io.BufferedReader(_Trickle(b"a line of text\n" + bytes(64) + b"\n", 5)))
+    monkeypatch.setattr(sys, "stdin", stdin)
+    with pytest.raises(UsageError, match="binary"):
+        list(data.read_pieces("-"))
+
+
+@pytest.mark.parametrize("level", ["char", "word"])
+def test_read_pieces_drops_a_utf8_byte_order_mark_as_the_corpus_reader_does(tmp_path, monkeypatch, level):
+    """Catches: the UTF-8 byte-order mark that Windows Notepad writes read as text by score and eval (read as
+    utf-8, not utf-8-sig): the first line's first token would be U+FEFF, an <unk>. Training's reader drops it."""
+    path = tmp_path / "marked.txt"
+    text = "first line\nsecond line\n"
+    path.write_bytes(codecs.BOM_UTF8 + text.encode("utf-8"))
+    for block in (2, 1 << 20):
+        monkeypatch.setattr(data, "HEAD_BYTES", max(block, 3))  # the head holds the mark whole, as 64 KiB does
+        monkeypatch.setattr(data, "BLOCK_BYTES", block)
+        monkeypatch.setattr(data, "WORD_BLOCK_BYTES", block)
+        assert "".join(data.read_pieces(path, "utf-8", level=level)) == text
+        assert "".join(iter_text(path, encoding="utf-8", level=level)) == text
 
 @needs_fifos
 def test_a_corpus_must_be_a_regular_file(tmp_path):

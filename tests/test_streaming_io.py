@@ -199,3 +199,63 @@ def test_running_totals_keep_a_bounded_state_and_the_exact_sums():
         tracemalloc.stop()
     assert held < 100_000, held  # 3.2 MB where every sentence left two floats behind
     assert running.totals().logprob == -1.75 * 201_000
+
+
+LETTERS = "d\u00e9j\u00e0 vu caf\u00e9 na\u00efve ".encode("utf-8") * 20  # a hundred UTF-8 letters
+
+
+@pytest.mark.parametrize("raw", [b"x" * 20 + b"\xff" + LETTERS + b"\n", LETTERS + b"\xff" + b"x" * 40 + b"\n"],
+                         ids=["letters after", "letters before"])
+@pytest.mark.parametrize("block", [16, 64, 1 << 20])
+def test_a_bad_byte_among_utf8_letters_is_told_the_file_is_damaged_whatever_the_blocks(tmp_path, monkeypatch, raw, block):
+    """Catches: the bytes about a bad byte, which tell whether the text around it is UTF-8, taken from the block
+    that holds it alone: the letters of the next 32 KiB (read on when the block ends soon after the bad byte)
+    or of the blocks before it (a pipe's reads may be short) left out. The message then advised --encoding
+    cp1252, or said the file mixes encodings, where the corpus reader says it is damaged."""
+    monkeypatch.setattr(data, "HEAD_BYTES", min(block, 8))
+    monkeypatch.setattr(data, "BLOCK_BYTES", block)
+    path = tmp_path / "damaged.txt"
+    path.write_bytes(raw)
+    with pytest.raises(UsageError) as info:
+        data.read_text(path)
+    with pytest.raises(UsageError) as training:  # the corpus reader, which reads the bytes about it again
+        list(data.iter_text(path))
+    at = raw.index(b"\xff")
+    assert f"byte offset {at} (b'\\xff')" in info.value.message
+    assert "the text about it is UTF-8, so the file is damaged" in info.value.message
+    assert info.value.message == training.value.message
+
+
+@pytest.mark.parametrize("values", [
+    [1e16, 1.0, 1e-16],  # a tie that only the last partial breaks: a plain sum of the partials rounds it down
+    [-5.5, float("-inf"), 2.0],
+    [float("nan"), -1.0, float("-inf")],
+    [float("-inf"), -1.0, float("nan")],
+    [float("inf"), 3.0],
+])
+def test_exact_sum_is_math_fsum_of_the_values_added(values):
+    """Catches: ExactSum adding its partials up with a plain sum (wrong in the last bit), or losing a value
+    that is not finite: a sentence of ln P -inf or NaN (a diverged model) must make the total -inf or NaN, as
+    fsum over every sentence did, not leave it out or keep only the last such value."""
+    import math
+
+    total = score.ExactSum()
+    for v in values:
+        total.add(v)
+    expected = math.fsum(values)
+    assert total.value() == expected or (math.isnan(expected) and math.isnan(total.value()))
+
+
+def test_exact_sum_of_both_infinities_fails_as_math_fsum_does():
+    """Catches: ExactSum keeping one infinity for both (the later one), which turned -inf + inf, which has no
+    value and makes fsum raise, into a total."""
+    import math
+
+    for values in ([float("inf"), 1.0, float("-inf")], [float("-inf"), float("inf")]):
+        total = score.ExactSum()
+        for v in values:
+            total.add(v)
+        with pytest.raises(ValueError):
+            math.fsum(values)
+        with pytest.raises(ValueError):
+            total.value()
