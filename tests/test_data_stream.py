@@ -316,6 +316,28 @@ def test_line_starts_past_what_int32_holds_are_kept_as_int64(tmp_path, monkeypat
     assert torch.equal(splits.starts, expected) and torch.equal(again.starts, expected)
 
 
+@pytest.mark.parametrize("length", [126, 127])
+def test_the_line_starts_type_holds_the_last_position_of_the_token_file(tmp_path, monkeypatch, length):
+    """Catches: the type of starts.bin chosen for the number of tokens read (the <eos> written first left out),
+    one short of the ids in train.bin: a token file of exactly one id more than the type holds wrapped its
+    final <eos>'s position (2**31 in int32; faked here with int8, which holds positions up to 127)."""
+    monkeypatch.setattr(data, "position_dtype", lambda count: torch.int8 if count - 1 < 128 else torch.int64)
+    corpus = write(tmp_path / "c.txt", "a" * length + "\n")  # <eos>, the letters, <eos>: length + 2 ids
+    splits = data.prepare(DataConfig(val_fraction=0.0), corpus, cache_dir=tmp_path / "cache")
+    assert splits.train.numel() == length + 2
+    assert splits.starts.dtype == (torch.int8 if length + 1 < 128 else torch.int64)
+    assert splits.starts.tolist() == [0, length + 1]
+
+
+def test_the_line_starts_of_more_lines_than_one_copy_holds_are_all_kept(tmp_path):
+    """Catches: starts.bin copied from the int64 positions in blocks that are not a whole number of them, or its
+    last block dropped: only a corpus of more than 2**20 lines (one block of the copy) shows it."""
+    lines = (1 << 20) + 3
+    corpus = write(tmp_path / "c.txt", "a\n" * lines)
+    splits = data.prepare(DataConfig(val_fraction=0.0), corpus, cache_dir=tmp_path / "cache")
+    assert splits.starts.numel() == lines + 1
+    assert torch.equal(splits.starts.long(), torch.arange(0, 2 * lines + 1, 2))
+
 @pytest.mark.parametrize("damage", ["changed", "missing", "unrecorded"])
 def test_a_cache_entry_with_damaged_or_missing_line_starts_is_rebuilt(tmp_path, damage):
     """Catches: line starts trusted without their SHA-256 (a fresh row drawn at a position that is no line
