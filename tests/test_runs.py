@@ -2,6 +2,7 @@
 
 import io
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -693,6 +694,43 @@ def test_each_stretch_of_a_long_curve_keeps_its_first_last_lowest_and_highest_li
         short.add(loss, step, None)
     assert [r["step"] for r in short.records()] == list(range(16))
 
+
+
+def test_an_odd_number_of_stretches_merges_without_dropping_the_last_one():
+    """Catches: an odd number of stretches used as it is given: merged in pairs, the last stretch had no
+    partner, and its lines (the latest of the log at that point) were lost."""
+    import random
+
+    from charlm.runs import TrainingCurve
+
+    rng = random.Random(2)
+    losses = [rng.random() for _ in range(1_000)]
+    curve = TrainingCurve(stretches=7)
+    for step, loss in enumerate(losses):
+        curve.add(loss, step, None)
+    width = curve.width
+    assert len(losses) / width <= 7
+    expected = set()
+    for start in range(0, len(losses), width):
+        part = range(start, min(start + width, len(losses)))
+        expected |= {part[0], part[-1], min(part, key=losses.__getitem__), max(part, key=losses.__getitem__)}
+    assert [r["step"] for r in curve.records()] == sorted(expected)
+
+
+def test_a_long_log_draws_no_nan_or_infinite_loss_and_keeps_the_spike_after_one(tmp_path):
+    """Catches: a NaN or infinite training loss put into the curve. Made the first line of a stretch, it
+    stood as that stretch's lowest and highest (no comparison passes a NaN; nothing passes infinity), so the
+    spike after it was not kept, and plot (which leaves such points out) drew the stretch without it."""
+    records = _long_log(20_000)
+    written = [r for r in records if "train_loss" in r]
+    written[3_200]["train_loss"], written[3_201]["train_loss"] = float("nan"), 9.0
+    written[6_400]["train_loss"], written[6_401]["train_loss"] = float("inf"), 9.5
+    run = _hand_made_run(tmp_path / "r", records, {"step": 1})
+    m = read_metrics(run)
+    kept = {(r["step"], r["train_loss"]) for r in m.train}
+    assert all(math.isfinite(loss) for _, loss in kept)
+    assert (written[3_201]["step"], 9.0) in kept and (written[6_401]["step"], 9.5) in kept
+    assert m.train_lines == 20_000
 
 def test_reading_a_long_log_holds_neither_its_text_nor_a_dict_per_line(tmp_path):
     """Catches: the whole file read as one string and every line kept as a dict (seven times the file's size
