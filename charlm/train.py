@@ -425,12 +425,16 @@ class _Log:
 def _logged_by_then(line: str, step: int) -> bool:
     """Whether a line of metrics.jsonl stays when a run resumes from `step`: a record of that step or before, and
     not the end or failure of the run that stopped (a partial last line, written when the process was killed,
-    is dropped)."""
+    is dropped; so is a record whose step is no number, as a hand-edited line's may be: it cannot be placed
+    before or after `step`, and comparing it failed the resume with a TypeError)."""
     try:
         record = json.loads(line)
     except ValueError:
         return False
-    return isinstance(record, dict) and record.get("event") not in ("end", "failed") and record.get("step", 0) <= step
+    if not isinstance(record, dict) or record.get("event") in ("end", "failed"):
+        return False
+    at = record.get("step", 0)  # a record without a step (an event) stays
+    return isinstance(at, (int, float)) and not isinstance(at, bool) and at <= step
 
 
 class _NonFinite(Exception):

@@ -291,6 +291,24 @@ def test_resume_drops_a_metrics_line_cut_short_by_a_crash(stopped):
     assert [r["step"] for r in records if "train_loss" in r and "event" not in r] == [2, 4, 6, 8]
 
 
+
+def test_resume_keeps_the_lines_logged_by_its_step_and_drops_the_rest_of_a_hand_edited_log(stopped):
+    """Catches: a resume that failed with a TypeError on a metrics line whose step is no number (null, or text,
+    in a hand-edited log), or on a JSON line that is no object; that kept the failure record of the run that
+    stopped when it came at the step resumed from (`runs` then listed the run going on as failed); or that
+    dropped a line without a step, which no later step replaces."""
+    run, _ = stopped  # last/ at step 6
+    odd = [{"event": "failed", "step": 6, "error": "no space left on device"}, [1, 2], {"note": "by hand"},
+           {"step": None, "train_loss": 1.0}, {"step": "5", "train_loss": 1.0}, {"step": True, "train_loss": 1.0}]
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write("".join(json.dumps(record) + "\n" for record in odd))
+    result = cli("train", "--resume", run, "-q", "--max-steps", "8")
+    assert result.exit_code == 0, result.stderr
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"note": "by hand"} in records and [1, 2] not in records
+    assert not any(r.get("event") == "failed" for r in records)
+    assert [r["step"] for r in records if "train_loss" in r and "event" not in r] == [2, 4, 6, 8]
+
 def test_resume_of_a_checkpoint_folder_continues_its_run(tmp_path):
     """`--resume runs/x/last` (the README lets every command take a checkpoint folder) continues runs/x
     itself, exactly as `--resume runs/x` does, and does not start a second run inside last/."""
