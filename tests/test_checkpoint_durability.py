@@ -6,6 +6,7 @@ Each test names the mutant it kills (file:line as of the mutation audit of 2026-
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from charlm import checkpoint
+from charlm.errors import StopSignal
 from conftest import char_codec, random_model
 from charlm.config import Config
 from helpers_reliability import cli, one_thread, train_run  # noqa: F401
@@ -79,6 +81,42 @@ def test_an_atomic_text_write_syncs_the_new_file_before_it_replaces_the_old_one(
     assert ("fsync", events[publish][1]) in events[:publish], events
     assert ("fsync", str(folder)) in events[publish + 1:], events
 
+
+
+@pytest.mark.parametrize("text", ["new\n", iter(["a line\n", "another\n"])], ids=["text", "pieces"])
+def test_an_atomic_text_write_has_its_bytes_in_the_file_when_it_syncs_it(tmp_path, monkeypatch, text):
+    """Catches: os.fsync before the file object's flush. The text still sat in Python's buffer, so the fsync
+    made an empty file durable; the close flushed it later, but a power cut after the rename could leave
+    config.yaml or a rewritten metrics.jsonl empty."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("old\n", encoding="utf-8")
+    sizes = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        sizes.append(os.fstat(fd).st_size)
+        return real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    checkpoint.atomic_write_text(path, text)
+    written = path.stat().st_size
+    assert written > 0 and sizes[0] == written, sizes
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt(), StopSignal(signal.SIGINT)], ids=["KeyboardInterrupt", "StopSignal"])
+def test_an_atomic_text_write_stopped_by_ctrl_c_leaves_the_old_file_and_no_temporary_one(tmp_path, stop):
+    """Catches: only an Exception cleaned up after. A resume rewrites metrics.jsonl from a generator that reads
+    the old file; a Ctrl-C while it runs raises StopSignal (the command line's handler) or KeyboardInterrupt,
+    neither of them an Exception, and the .metrics.jsonl.tmp-PID file stayed beside the old log."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("old\n", encoding="utf-8")
+
+    def lines():
+        yield "kept\n"
+        raise stop
+    with pytest.raises(type(stop)):
+        checkpoint.atomic_write_text(path, lines())
+    assert path.read_text(encoding="utf-8") == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
 
 # Kills checkpoint.py:221 (find_checkpoint's "last" order ("last", "last.old") -> ("last",)): after a crash
 # between the two renames of a save, only last.old holds the newest checkpoint; `train --resume` (which reads
