@@ -158,7 +158,13 @@ class Repeated:
 
     oneDNN's blocked copy of W where it pays (see _PACK_MIN_WORK), else from
     8 steps up a row-major copy of W^T (15-25 % faster than the transposed
-    view); for fewer, as in sampling's single step, W is used as it is.
+    view); for fewer, as in sampling's single step, W is used as it is. So it
+    is for fewer than 4 rows, where the view is about as fast and the copy,
+    strided, costs a dozen steps (1.1 ms for an LSTM 512's 4 MiB W_hh, whose
+    product of one row is 88 us with the view, 94 with the copy, on the
+    model-167 host of 2026-12-08), unless W holds 1 MiB or less and the
+    window has 128 steps or more (an LSTM 256: 244 us to copy, 2.2 us a step
+    saved).
     """
 
     __slots__ = ("packed", "w_t")
@@ -170,7 +176,7 @@ class Repeated:
         if steps >= _PACK_MIN_STEPS and batch >= _PACK_MIN_BATCH and _worth_it(batch, M, K, _PACK_MIN_WORK) \
                 and _onednn(w):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), batch)
-        elif steps >= 8:
+        elif steps >= 8 and (batch >= 4 or (steps >= 128 and M * K <= 1 << 18)):
             self.w_t = self.w_t.contiguous()
 
     def __call__(self, x: Tensor) -> Tensor:

@@ -179,6 +179,28 @@ def test_small_products_stay_with_torch_where_onednn_costs_more():
     assert Repeated(_randn(768, 256, seed=0), 16, 8).packed is None       # too few steps to repay it
 
 
+@pytest.mark.parametrize("rows, steps, shape, copied", [
+    (1, 64, (2048, 512), False),   # one line of an LSTM 512 scored: the strided copy costs a dozen steps
+    (2, 256, (2048, 512), False),  # nor does it pay back over a long window at this size
+    (1, 64, (1024, 256), False),   # an LSTM 256's 1 MiB: not over a short line
+    (1, 128, (1024, 256), True),   # ... but over a window of 128 steps or more
+    (4, 8, (2048, 512), True),     # four rows or more: from 8 steps, as before
+    (32, 64, (12, 5), True),
+    (32, 4, (12, 5), False),       # too few steps
+])
+def test_the_row_major_copy_of_w_is_made_only_where_it_pays(monkeypatch, rows, steps, shape, copied):
+    """Catches: Repeated copying W^T into row-major order for a batch of one row (one line scored at a time),
+    where the strided copy of an LSTM 512's W_hh took 1.1 ms, more than the window's products gain by it."""
+    monkeypatch.setattr(products, "ONEDNN", False)  # the copy is the layout of the non-oneDNN path
+    w = _randn(*shape, seed=0)
+    r = Repeated(w, rows, steps)
+    assert r.packed is None
+    assert r.w_t.is_contiguous() == copied
+    assert (r.w_t.data_ptr() == w.data_ptr()) == (not copied)  # no copy: the transposed view of W itself
+    h = _randn(rows, shape[1], seed=1)
+    torch.testing.assert_close(r(h), h @ w.t(), atol=1e-4, rtol=1e-4)  # sums of 512 terms of about 1
+
+
 def _backend_with(setting: str | None, machine: str | None = None) -> str:
     """products.backend() in a fresh interpreter with CHARLM_ONEDNN set so (None: unset), on `machine`."""
     code = ("import platform, sys\n"
