@@ -375,7 +375,7 @@ def test_a_long_log_is_drawn_from_a_bounded_number_of_points_that_keep_its_ends_
     (fig,) = figures
     for ax, x, scale in ((fig.axes[0], "step", 1), (fig.axes[1], "elapsed", 60), (fig.axes[2], "step", 1)):
         curve, checks = ax.lines[0], ax.lines[1]
-        xs, ys = list(curve.get_xdata()), list(curve.get_ydata())
+        xs = list(curve.get_xdata())
         assert len(xs) <= 4_096  # 4 * runs.CURVE_STRETCHES
         assert xs[0] == pytest.approx(train[0][x] / scale) and xs[-1] == pytest.approx(train[-1][x] / scale)
         assert len(checks.get_xdata()) == 200
